@@ -1,0 +1,127 @@
+//! Map keys and values shared by Ambit's kernel programs (`ambit-ebpf`) and user space
+//! (the node agent).
+//!
+//! Every type is `#[repr(C)]`, has no padding the kernel could leave uninitialised, and
+//! stores addresses and ports in **network byte order** exactly as the kernel hands them
+//! to the programs, so neither side converts on the hot path. With the `user` feature the
+//! types implement [`aya::Pod`].
+#![no_std]
+
+/// Port of the in-pod outbound capture listener (loopback of each enrolled pod's netns).
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// `AF_INET`, as the kernel reports a socket's family.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the kernel reports a socket's family.
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps, as user space looks them up and pins them.
+pub mod maps {
+    /// netns cookie → [`super::Enrolled`]: the pods whose connections are captured.
+    pub const ENROLLED: &str = "ENROLLED";
+    /// IPv4 CIDRs never captured (LPM trie of [`super::Ipv4Prefix`]).
+    pub const EXCLUDE_V4: &str = "EXCLUDE_V4";
+    /// IPv6 CIDRs never captured (LPM trie of [`super::Ipv6Prefix`]).
+    pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
+    /// Destination ports (network order) never captured.
+    pub const EXCLUDE_PORTS: &str = "EXCLUDE_PORTS";
+    /// socket cookie → [`super::OrigDst`], from `connect()` until the SYN leaves.
+    pub const SOCK_ORIG: &str = "SOCK_ORIG";
+    /// [`super::ConnKey`] → [`super::OrigDst`]: what the agent reads after `accept()`.
+    pub const CONN_ORIG: &str = "CONN_ORIG";
+    /// [`super::CounterKey`] → [`super::Counters`], per CPU.
+    pub const WORKLOAD_COUNTERS: &str = "WORKLOAD_COUNTERS";
+}
+
+/// Names of the programs in the object file.
+pub mod programs {
+    pub const CONNECT4: &str = "ambit_connect4";
+    pub const CONNECT6: &str = "ambit_connect6";
+    pub const SOCK_OPS: &str = "ambit_sock_ops";
+    pub const SKB_INGRESS: &str = "ambit_skb_ingress";
+    pub const SKB_EGRESS: &str = "ambit_skb_egress";
+}
+
+/// Value of `ENROLLED`: what the kernel needs to know about an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrolled {
+    /// The agent's id for the workload (labels metrics; never reused while enrolled).
+    pub workload_id: u32,
+    /// Reserved for per-workload capture flags; zero today.
+    pub flags: u32,
+}
+
+/// An original destination: what the application asked `connect()` for.
+///
+/// IPv4 destinations use `addr[0]` and leave the rest zero; a v4-mapped IPv6 destination
+/// is stored as IPv4, because that is what crosses the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address words in network byte order.
+    pub addr: [u32; 4],
+    /// Port in network byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+}
+
+/// Key of `CONN_ORIG`: identifies a captured connection as the agent sees it after
+/// `accept()` on a pod's outbound listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Cookie of the pod's network namespace.
+    pub netns_cookie: u64,
+    /// The client's (application's) source port, in host byte order.
+    pub src_port: u16,
+    /// Family of the connection on the wire: [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Traffic direction of a counter, as seen from the workload.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Packets the workload received.
+    Ingress = 0,
+    /// Packets the workload sent.
+    Egress = 1,
+}
+
+/// Key of `WORKLOAD_COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub netns_cookie: u64,
+    /// A [`Direction`] as `u32`.
+    pub direction: u32,
+    pub _pad: u32,
+}
+
+/// Value of `WORKLOAD_COUNTERS` (one per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes at the IP layer (the IP header and everything after it).
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+/// Key of the IPv4 exclusion LPM trie (`aya::maps::lpm_trie::Key<Ipv4Prefix>` data).
+pub type Ipv4Prefix = [u8; 4];
+/// Key of the IPv6 exclusion LPM trie.
+pub type Ipv6Prefix = [u8; 16];
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data with explicit padding fields; any bit pattern is valid.
+    unsafe impl aya::Pod for Enrolled {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for Counters {}
+}
