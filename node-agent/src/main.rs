@@ -1,1 +1,85 @@
-fn main(){}
+//! `ambit-agent`: the node agent (`run`) and a client of its enrollment API (`enroll`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ambit_mesh::enroll::{EnrollClient, PodSpec};
+use ambit_node_agent::config::Config;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ambit-agent", version, about = "Ambit node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run(Box<Config>),
+    /// Talk to a running agent's enrollment API.
+    Enroll {
+        /// The agent's enrollment socket.
+        #[arg(long, env = "AMBIT_ENROLL_SOCKET", default_value = "/var/run/ambit/enroll.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        op: EnrollOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollOp {
+    /// Enroll a pod.
+    Add {
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        /// Path of the pod's network namespace.
+        #[arg(long)]
+        netns: String,
+        /// The pod's IPs (repeat for dual stack).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+    },
+    /// Release a pod.
+    Remove {
+        #[arg(long)]
+        uid: String,
+    },
+    /// List enrolled pods (JSON).
+    List,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(config) => {
+            init_tracing(&config);
+            ambit_node_agent::run(*config)
+        }
+        Command::Enroll { socket, op } => {
+            let mut client = EnrollClient::connect(&socket)?;
+            match op {
+                EnrollOp::Add { uid, namespace, name, netns, ips } => {
+                    let pod = client.add(PodSpec { uid, namespace, name, netns, ips })?;
+                    println!("{}", serde_json::to_string_pretty(&pod)?);
+                }
+                EnrollOp::Remove { uid } => client.remove(&uid)?,
+                EnrollOp::List => println!("{}", serde_json::to_string_pretty(&client.list()?)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
+        eprintln!("bad --log filter {:?} ({e}); using info", config.log);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_json { builder.json().init() } else { builder.init() }
+}

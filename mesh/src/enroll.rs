@@ -1,0 +1,165 @@
+//! The node agent's local enrollment API.
+//!
+//! A unix stream socket; each request is one JSON object on one line, answered by one
+//! JSON line. This is the API a CNI plugin calls when a pod starts or stops; the test
+//! harness and the demo call it today (`ambit-agent enroll ...`).
+//!
+//! ```text
+//! {"op":"add","pod":{"uid":"u1","namespace":"default","name":"web-0","netns":"/var/run/netns/web-0","ips":["10.244.1.2"]}}
+//! {"op":"remove","uid":"u1"}
+//! {"op":"list"}
+//! ```
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the agent accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A pod as the enrollment API describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    /// Kubernetes pod UID: the identity of the enrollment.
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// Path of the pod's network namespace (`/var/run/netns/...` or `/proc/<pid>/ns/net`).
+    pub netns: String,
+    /// The pod's IPs (one per family).
+    pub ips: Vec<IpAddr>,
+}
+
+/// A request to the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Enroll a pod: capture its outbound connections.
+    Add { pod: PodSpec },
+    /// Release a pod. Its open connections finish; new ones are no longer captured.
+    Remove { uid: String },
+    /// List enrolled pods.
+    List {},
+}
+
+/// An enrolled pod, as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolledPod {
+    #[serde(flatten)]
+    pub spec: PodSpec,
+    /// The agent's id for the workload (labels metrics and kernel counters).
+    pub workload_id: u32,
+    /// Cookie of the pod's network namespace.
+    pub netns_cookie: u64,
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pods: Vec<EnrolledPod>,
+    },
+    Error { message: String },
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("cannot reach the node agent at {path}: {source} (is `ambit-agent run` up?)")]
+    Connect { path: String, source: io::Error },
+    #[error("talking to the node agent: {0}")]
+    Io(#[from] io::Error),
+    #[error("the node agent sent an unreadable answer: {0}")]
+    BadResponse(serde_json::Error),
+    #[error("the node agent refused: {0}")]
+    Refused(String),
+}
+
+/// A blocking client of the enrollment API.
+#[derive(Debug)]
+pub struct EnrollClient {
+    reader: BufReader<UnixStream>,
+}
+
+impl EnrollClient {
+    /// Connects to the agent's enrollment socket.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, EnrollError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .map_err(|source| EnrollError::Connect { path: path.display().to_string(), source })?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Self { reader: BufReader::new(stream) })
+    }
+
+    /// Sends one request and waits for its answer.
+    pub fn call(&mut self, request: &Request) -> Result<Vec<EnrolledPod>, EnrollError> {
+        let mut line = serde_json::to_vec(request).expect("requests always serialize");
+        line.push(b'\n');
+        self.send_raw(&line)
+    }
+
+    /// Sends raw bytes as a request line (for tests of malformed input) and reads the answer.
+    pub fn send_raw(&mut self, line: &[u8]) -> Result<Vec<EnrolledPod>, EnrollError> {
+        self.reader.get_mut().write_all(line)?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(EnrollError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the node agent closed the connection",
+            )));
+        }
+        match serde_json::from_str(&answer).map_err(EnrollError::BadResponse)? {
+            Response::Ok { pods } => Ok(pods),
+            Response::Error { message } => Err(EnrollError::Refused(message)),
+        }
+    }
+
+    pub fn add(&mut self, pod: PodSpec) -> Result<EnrolledPod, EnrollError> {
+        let uid = pod.uid.clone();
+        self.call(&Request::Add { pod })?
+            .into_iter()
+            .find(|p| p.spec.uid == uid)
+            .ok_or_else(|| EnrollError::Refused("agent did not report the enrolled pod".into()))
+    }
+
+    pub fn remove(&mut self, uid: &str) -> Result<(), EnrollError> {
+        self.call(&Request::Remove { uid: uid.to_owned() }).map(drop)
+    }
+
+    pub fn list(&mut self) -> Result<Vec<EnrolledPod>, EnrollError> {
+        self.call(&Request::List {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request = serde_json::from_str(
+            r#"{"op":"add","pod":{"uid":"u","namespace":"n","name":"p","netns":"/x","ips":["10.0.0.1","fd00::1"]}}"#,
+        )
+        .unwrap();
+        let Request::Add { pod } = r else { panic!() };
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(serde_json::to_string(&Request::List {}).unwrap(), r#"{"op":"list"}"#);
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"list","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"op":"add","pod":{"uid":"u","namespace":"n","name":"p","netns":"/x","ips":["not-an-ip"]}}"#
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! HTTP endpoints: `/metrics` (Prometheus), `/healthz/ready`, and on the localhost admin
+//! listener `/debug/pods` and `/debug/connections` (JSON).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::Agent;
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/metrics` only.
+    Metrics,
+    /// `/healthz/ready` only.
+    Ready,
+    /// Everything, including `/debug/*` (bind it to localhost).
+    Admin,
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, endpoints: Endpoints) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let agent = agent.clone();
+                async move { Ok::<_, Infallible>(route(&agent, endpoints, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    use Endpoints::*;
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match (endpoints, req.uri().path()) {
+        (Metrics | Admin, "/metrics") => Response::builder()
+            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .body(Full::new(Bytes::from(agent.metrics.encode())))
+            .expect("static response parts are valid"),
+        (Ready | Admin, "/healthz/ready") => {
+            if agent.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: eBPF programs not attached\n")
+            }
+        }
+        (Admin, "/debug/pods") => json(&agent.pods.list()),
+        (Admin, "/debug/connections") => json(&agent.recent.snapshot()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,141 @@
+//! The agent's configuration: every flag and environment variable is read here, once,
+//! into [`Config`]; nothing else in the agent reads the environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Where `cargo xtask build-ebpf` leaves the kernel object (relative to the workspace).
+pub const DEFAULT_EBPF_OBJECT: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bpfel-unknown-none/release/ambit-ebpf");
+
+/// `ambit-agent run` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// cgroup-v2 directory holding the pods of this node; the capture and accounting
+    /// programs attach here (never to the root cgroup). The agent itself must run outside it.
+    #[arg(long, env = "AMBIT_POD_CGROUP")]
+    pub pod_cgroup: PathBuf,
+
+    /// Directory on a bpf filesystem where programs' links and maps are pinned, so capture
+    /// fails closed while the agent is down. Mounted at /sys/fs/bpf if needed.
+    #[arg(long, env = "AMBIT_BPFFS_DIR", default_value = "/sys/fs/bpf/ambit")]
+    pub bpffs_dir: PathBuf,
+
+    /// Directory for the agent's state (enrolled pods), read back on restart.
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/run/ambit")]
+    pub state_dir: PathBuf,
+
+    /// Unix socket of the enrollment API (default: <state-dir>/enroll.sock).
+    #[arg(long, env = "AMBIT_ENROLL_SOCKET")]
+    pub enroll_socket: Option<PathBuf>,
+
+    /// The kernel object built by `cargo xtask build-ebpf`.
+    #[arg(long, env = "AMBIT_EBPF_OBJECT", default_value = DEFAULT_EBPF_OBJECT)]
+    pub ebpf_object: PathBuf,
+
+    /// Prometheus `/metrics` listener.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// `/healthz/ready` listener.
+    #[arg(long, env = "AMBIT_READY_ADDR", default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+
+    /// Admin listener (`/debug/...`); keep it on localhost.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Destination CIDRs never captured (repeatable), e.g. 169.254.0.0/16.
+    #[arg(long = "exclude-cidr", env = "AMBIT_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<Cidr>,
+
+    /// Destination ports never captured (repeatable).
+    #[arg(long = "exclude-port", env = "AMBIT_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+
+    /// How long dialing an original destination may take.
+    #[arg(long, env = "AMBIT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Data-plane worker threads.
+    #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,ambit_node_agent=debug`.
+    #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log as JSON lines.
+    #[arg(long, env = "AMBIT_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    /// The enrollment socket path, defaulted from the state directory.
+    pub fn enroll_socket(&self) -> PathBuf {
+        self.enroll_socket.clone().unwrap_or_else(|| self.state_dir.join("enroll.sock"))
+    }
+}
+
+/// An IP prefix, `addr/len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|e| format!("bad CIDR {s:?}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.parse::<u8>().map_err(|e| format!("bad prefix length in {s:?}: {e}"))?,
+            None => max,
+        };
+        if len > max {
+            return Err(format!("bad CIDR {s:?}: prefix length {len} exceeds {max}"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().len, 8);
+        assert_eq!("fd00::1".parse::<Cidr>().unwrap().len, 128);
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3h").is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! The kernel side of the agent: loads Ambit's eBPF object, attaches its programs to the
+//! pods' cgroup, and owns the maps user space reads and writes.
+//!
+//! Links and maps are pinned under `<bpffs-dir>/links` and `<bpffs-dir>/maps`, so they
+//! outlive the agent: while it is down, enrolled pods' connects are still redirected to
+//! the (now absent) in-pod listener and fail fast, instead of silently bypassing the mesh.
+//! A restarted agent reuses the pinned maps and swaps in freshly loaded programs without a
+//! gap: it attaches the new link first (bpf_link cgroup attachments are multi-attach), then replaces the old link's pin.
+//! For that instant both programs run; the second sees an already-redirected (loopback)
+//! destination and leaves it alone, while the accounting programs count those few packets
+//! twice.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ambit_ebpf_common::{
+    ConnKey, CounterKey, Counters, Enrolled, Ipv4Prefix, Ipv6Prefix, OrigDst, maps, programs,
+};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{info, warn};
+
+use crate::config::Cidr;
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Why the datapath could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "eBPF object not found at {0}: build it with `cargo xtask build-ebpf` \
+         (or point --ebpf-object / AMBIT_EBPF_OBJECT at it)"
+    )]
+    MissingObject(PathBuf),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("loading the eBPF object {path}: {source}")]
+    Load { path: PathBuf, source: aya::EbpfError },
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: aya::programs::ProgramError },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Io { what, source }
+}
+
+/// The loaded and attached kernel programs and the maps the agent uses.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    enrolled: Mutex<HashMap<MapData, u64, Enrolled>>,
+    conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    counters: Mutex<PerCpuHashMap<MapData, CounterKey, Counters>>,
+    /// Kept so aya-log records keep flowing (read by [`Datapath::take_logger`]).
+    logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the object at `object`, reusing maps pinned in `pin_dir`, attaches every
+    /// program to `cgroup` (replacing links a previous agent pinned) and applies the
+    /// capture exclusions.
+    pub fn load(
+        object: &Path,
+        cgroup: &Path,
+        pin_dir: &Path,
+        exclude_cidrs: &[Cidr],
+        exclude_ports: &[u16],
+        kernel_log_level: u8,
+    ) -> Result<Self, DatapathError> {
+        if !object.is_file() {
+            return Err(DatapathError::MissingObject(object.to_owned()));
+        }
+        let cgroup_file = File::open(cgroup).map_err(io_err(format!("opening pod cgroup {}", cgroup.display())))?;
+        ensure_bpffs(pin_dir)?;
+        let (map_dir, link_dir) = (pin_dir.join("maps"), pin_dir.join("links"));
+        for dir in [&map_dir, &link_dir] {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            // The programs use no CO-RE relocations; skipping the kernel's BTF saves memory.
+            .btf(None)
+            .default_map_pin_directory(&map_dir)
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+            .load_file(object)
+            .map_err(|source| DatapathError::Load { path: object.to_owned(), source })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("kernel-side logging unavailable: {e}");
+                None
+            }
+        };
+
+        attach_all(&mut ebpf, &cgroup_file, &link_dir)?;
+
+        let mut dp = Self {
+            pin_dir: pin_dir.to_owned(),
+            enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
+            conn_orig: Mutex::new(take_map(&mut ebpf, maps::CONN_ORIG)?),
+            counters: Mutex::new(take_per_cpu(&mut ebpf, maps::WORKLOAD_COUNTERS)?),
+            logger: Mutex::new(logger),
+        };
+        dp.apply_exclusions(&mut ebpf, exclude_cidrs, exclude_ports)?;
+        info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF programs attached");
+        Ok(dp)
+    }
+
+    /// Hands the kernel log reader to a task that polls it (see `lib.rs`).
+    pub fn take_logger(&self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.lock().unwrap().take()
+    }
+
+    fn apply_exclusions(
+        &mut self,
+        ebpf: &mut Ebpf,
+        cidrs: &[Cidr],
+        ports: &[u16],
+    ) -> Result<(), DatapathError> {
+        let mut v4: LpmTrie<MapData, Ipv4Prefix, u8> = take_typed(ebpf, maps::EXCLUDE_V4)?;
+        let mut v6: LpmTrie<MapData, Ipv6Prefix, u8> = take_typed(ebpf, maps::EXCLUDE_V6)?;
+        let mut p: HashMap<MapData, u16, u8> = take_typed(ebpf, maps::EXCLUDE_PORTS)?;
+        // The maps may be pinned from an earlier run with other flags: make them exact.
+        for k in v4.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = v4.remove(&k);
+        }
+        for k in v6.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = v6.remove(&k);
+        }
+        for k in p.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            let _ = p.remove(&k);
+        }
+        let map_err = |map| move |source| DatapathError::Map { map, source };
+        for c in cidrs {
+            match c.addr {
+                std::net::IpAddr::V4(a) => v4
+                    .insert(&Key::new(u32::from(c.len), a.octets()), 1, 0)
+                    .map_err(map_err(maps::EXCLUDE_V4))?,
+                std::net::IpAddr::V6(a) => v6
+                    .insert(&Key::new(u32::from(c.len), a.octets()), 1, 0)
+                    .map_err(map_err(maps::EXCLUDE_V6))?,
+            }
+        }
+        for port in ports {
+            p.insert(port.to_be(), 1, 0).map_err(map_err(maps::EXCLUDE_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Starts capturing the pod whose network namespace has `netns_cookie`.
+    pub fn enroll(&self, netns_cookie: u64, workload_id: u32) -> Result<(), DatapathError> {
+        self.enrolled
+            .lock()
+            .unwrap()
+            .insert(netns_cookie, Enrolled { workload_id, flags: 0 }, 0)
+            .map_err(|source| DatapathError::Map { map: maps::ENROLLED, source })
+    }
+
+    /// Stops capturing the pod and forgets its kernel counters.
+    pub fn unenroll(&self, netns_cookie: u64) {
+        let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
+        let mut counters = self.counters.lock().unwrap();
+        for direction in [0, 1] {
+            let _ = counters.remove(&CounterKey { netns_cookie, direction, _pad: 0 });
+        }
+    }
+
+    /// The netns cookies currently in `ENROLLED`, with their workload ids.
+    pub fn enrolled(&self) -> Vec<(u64, Enrolled)> {
+        self.enrolled.lock().unwrap().iter().filter_map(Result::ok).collect()
+    }
+
+    /// Reads and forgets the original destination of a captured connection.
+    pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+        let mut map = self.conn_orig.lock().unwrap();
+        let orig = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(orig)
+    }
+
+    /// Kernel counters summed over CPUs, per (netns cookie, direction).
+    pub fn counters(&self) -> Vec<(CounterKey, Counters)> {
+        let map = self.counters.lock().unwrap();
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+                    bytes: acc.bytes + c.bytes,
+                    packets: acc.packets + c.packets,
+                });
+                (k, sum)
+            })
+            .collect()
+    }
+
+    /// Detaches every program and removes the pins: capture stops for all pods.
+    pub fn detach(&self) -> Result<(), DatapathError> {
+        let link_dir = self.pin_dir.join("links");
+        for name in ALL_PROGRAMS {
+            let path = link_dir.join(name);
+            if path.exists() {
+                let link = PinnedLink::from_pin(&path)
+                    .map_err(|e| DatapathError::Pin { path: path.clone(), reason: e.to_string() })?;
+                // Dropping the unpinned link (the last reference) detaches it.
+                drop(link.unpin().map_err(io_err(format!("unpinning {}", path.display())))?);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        info!(pins = %self.pin_dir.display(), "eBPF programs detached");
+        Ok(())
+    }
+}
+
+const ALL_PROGRAMS: [&str; 5] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SOCK_OPS,
+    programs::SKB_INGRESS,
+    programs::SKB_EGRESS,
+];
+
+fn attach_all(ebpf: &mut Ebpf, cgroup: &File, link_dir: &Path) -> Result<(), DatapathError> {
+    // With bpf_link (kernel >= 5.7, which aya uses), cgroup attachments are always
+    // multi-attach and the kernel rejects any flag: `Single` is how aya passes none.
+    // Other programs on the same cgroup (another agent, Cilium, ...) keep running.
+    let mode = CgroupAttachMode::Single;
+    let prog_err = |program| move |source| DatapathError::Program { program, source };
+    for name in [programs::CONNECT4, programs::CONNECT6] {
+        let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+    }
+    {
+        let name = programs::SOCK_OPS;
+        let p: &mut SockOps = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+    }
+    for (name, kind) in [
+        (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
+        (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
+    ] {
+        let p: &mut CgroupSkb = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        let id = p.attach(cgroup.as_fd(), kind, mode).map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+    }
+    Ok(())
+}
+
+fn link_err(program: &'static str, e: aya::programs::links::LinkError) -> DatapathError {
+    DatapathError::Pin { path: PathBuf::from(program), reason: format!("link is not an fd link: {e}") }
+}
+
+/// Pins `new` at `path`. If a previous agent pinned a link there, that link stays attached
+/// until the new one is pinned, then is detached: no moment without capture.
+fn pin_replacing(new: FdLink, path: &Path) -> Result<(), DatapathError> {
+    let old = if path.exists() {
+        let old = PinnedLink::from_pin(path)
+            .map_err(|e| DatapathError::Pin { path: path.to_owned(), reason: e.to_string() })?;
+        // Keep the fd: the old program stays attached while we hold it.
+        Some(old.unpin().map_err(io_err(format!("unpinning {}", path.display())))?)
+    } else {
+        None
+    };
+    new.pin(path).map_err(|e| DatapathError::Pin { path: path.to_owned(), reason: e.to_string() })?;
+    if old.is_some() {
+        info!(link = %path.display(), "replaced the previous agent's link");
+    }
+    drop(old);
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, DatapathError> {
+    ebpf.program_mut(name).ok_or_else(|| DatapathError::Io {
+        what: format!("program {name} is missing from the eBPF object (rebuild with `cargo xtask build-ebpf`)"),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })
+}
+
+fn take_typed<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Io {
+        what: format!("map {name} is missing from the eBPF object"),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    take_typed(ebpf, name)
+}
+
+fn take_per_cpu<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuHashMap<MapData, K, V>, DatapathError> {
+    take_typed(ebpf, name)
+}
+
+/// Makes sure `dir` is on a bpf filesystem, mounting one on /sys/fs/bpf if nothing is.
+fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return check_bpffs(dir.parent().unwrap_or(dir));
+    }
+    if !is_bpffs(root) {
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: plain mount(2) with static C strings and no data.
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(DatapathError::Io {
+                what: "mounting a bpf filesystem on /sys/fs/bpf (run as root)".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        info!("mounted bpffs on /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    if is_bpffs(dir) {
+        Ok(())
+    } else {
+        Err(DatapathError::Io {
+            what: format!("{} is not on a bpf filesystem", dir.display()),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        })
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into `st`.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}

@@ -1,0 +1,197 @@
+//! Enrolling and releasing pods, and taking over the pods a previous agent enrolled.
+//!
+//! Order matters for correctness. On enroll the pod's outbound listeners exist *before*
+//! its netns cookie enters the kernel's `ENROLLED` map, so no connect is redirected to a
+//! port nobody listens on. On release the cookie leaves the map first, then the listeners
+//! close; connections already proxied run to their end.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_ebpf_common::OUTBOUND_PORT;
+use ambit_mesh::enroll::{EnrolledPod, PodSpec};
+use ambit_mesh::netns::Netns;
+use socket2::{Domain, Socket, Type};
+use tracing::{info, warn};
+
+use crate::Agent;
+use crate::metrics::WorkloadLabels;
+use crate::pods::Pod;
+
+/// Why an enrollment request was refused. Nothing changed when one is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollmentError {
+    #[error("invalid pod: {0}")]
+    Invalid(String),
+    #[error("pod uid {0:?} is already enrolled")]
+    Duplicate(String),
+    #[error("pod uid {0:?} is not enrolled")]
+    Unknown(String),
+    #[error("network namespace {path:?}: {source}")]
+    Netns { path: String, source: io::Error },
+    #[error("network namespace {path:?} is already enrolled as pod {uid:?}")]
+    NetnsInUse { path: String, uid: String },
+    #[error("opening the outbound listener in pod {uid:?}: {source}")]
+    Listener { uid: String, source: io::Error },
+    #[error("kernel map update failed: {0}")]
+    Datapath(#[from] crate::datapath::DatapathError),
+}
+
+impl Agent {
+    /// Enrolls a pod: opens its in-pod listeners, then starts capturing its connects.
+    pub fn enroll(self: &Arc<Self>, spec: PodSpec) -> Result<EnrolledPod, EnrollmentError> {
+        let _serial = self.enroll_lock.lock().unwrap();
+        validate(&spec)?;
+        if self.pods.get(&spec.uid).is_some() {
+            return Err(EnrollmentError::Duplicate(spec.uid));
+        }
+        let pod = self.open_pod(spec, None)?;
+        let described = pod.describe();
+        if let Err(e) = self.pods.save() {
+            warn!("could not save the state file (a restarted agent will not know this pod): {e}");
+        }
+        info!(uid = %pod.spec.uid, pod = %format!("{}/{}", pod.spec.namespace, pod.spec.name), cookie = pod.netns_cookie, "pod enrolled");
+        Ok(described)
+    }
+
+    /// Releases a pod: new connects are no longer captured, open ones finish.
+    pub fn release(&self, uid: &str) -> Result<(), EnrollmentError> {
+        let _serial = self.enroll_lock.lock().unwrap();
+        let pod = self.pods.get(uid).ok_or_else(|| EnrollmentError::Unknown(uid.to_owned()))?;
+        self.datapath.unenroll(pod.netns_cookie);
+        self.pods.remove(uid);
+        if let Err(e) = self.pods.save() {
+            warn!("could not save the state file: {e}");
+        }
+        info!(uid, "pod released");
+        Ok(())
+    }
+
+    /// Takes over the pods a previous agent enrolled (from the state file), and clears
+    /// kernel entries for pods that no longer exist.
+    pub fn restore(self: &Arc<Self>) -> io::Result<()> {
+        let _serial = self.enroll_lock.lock().unwrap();
+        let saved = match self.pods.load_saved() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("ignoring an unreadable state file: {e}");
+                Default::default()
+            }
+        };
+        self.pods.set_next_workload_id(saved.next_workload_id);
+        let mut kept = HashSet::new();
+        for p in saved.pods {
+            let uid = p.spec.uid.clone();
+            match self.open_pod(p.spec, Some(p.workload_id)) {
+                Ok(pod) => {
+                    if pod.netns_cookie != p.netns_cookie {
+                        info!(uid, "pod's network namespace was recreated; enrolled the new one");
+                    }
+                    kept.insert(pod.netns_cookie);
+                    info!(uid, "took over enrolled pod");
+                }
+                Err(e) => warn!(uid, "dropping a previously enrolled pod: {e}"),
+            }
+        }
+        for (cookie, _) in self.datapath.enrolled() {
+            if !kept.contains(&cookie) {
+                self.datapath.unenroll(cookie);
+                info!(cookie, "removed a stale kernel enrollment");
+            }
+        }
+        self.pods.save()
+    }
+
+    fn open_pod(self: &Arc<Self>, spec: PodSpec, workload_id: Option<u32>) -> Result<Arc<Pod>, EnrollmentError> {
+        let netns_err = |source| EnrollmentError::Netns { path: spec.netns.clone(), source };
+        let netns = Netns::open(&spec.netns).map_err(netns_err)?;
+        let netns_cookie = netns.cookie().map_err(netns_err)?;
+        if let Some(other) = self.pods.by_cookie(netns_cookie) {
+            return Err(EnrollmentError::NetnsInUse { path: spec.netns.clone(), uid: other.spec.uid.clone() });
+        }
+        let listeners = netns
+            .run(open_listeners)
+            .and_then(|r| r)
+            .map_err(|source| EnrollmentError::Listener { uid: spec.uid.clone(), source })?;
+        let workload_id = workload_id.unwrap_or_else(|| self.pods.allocate_workload_id());
+        let pod = Arc::new(Pod {
+            labels: WorkloadLabels { workload: spec.name.clone(), workload_namespace: spec.namespace.clone() },
+            spec,
+            workload_id,
+            netns_cookie,
+            netns: Arc::new(netns),
+        });
+        let tasks = {
+            let _rt = self.data_plane.enter();
+            let mut tasks = Vec::new();
+            for l in listeners {
+                let l = tokio::net::TcpListener::from_std(l)
+                    .map_err(|source| EnrollmentError::Listener { uid: pod.spec.uid.clone(), source })?;
+                tasks.push(self.data_plane.spawn(crate::outbound::serve(self.clone(), pod.clone(), l)));
+            }
+            tasks
+        };
+        // Listeners first, then capture (see the module docs).
+        if let Err(e) = self.datapath.enroll(netns_cookie, workload_id) {
+            tasks.iter().for_each(|t| t.abort());
+            return Err(e.into());
+        }
+        self.pods.insert(pod.clone(), tasks);
+        Ok(pod)
+    }
+}
+
+fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
+    for (field, value) in [("uid", &spec.uid), ("namespace", &spec.namespace), ("name", &spec.name), ("netns", &spec.netns)] {
+        if value.trim().is_empty() {
+            return Err(EnrollmentError::Invalid(format!("{field} is empty")));
+        }
+        if value.len() > 253 && field != "netns" {
+            return Err(EnrollmentError::Invalid(format!("{field} is longer than 253 bytes")));
+        }
+    }
+    if spec.ips.is_empty() {
+        return Err(EnrollmentError::Invalid("ips is empty: a pod needs at least one IP".into()));
+    }
+    if spec.ips.iter().filter(|ip| ip.is_ipv4()).count() > 1 || spec.ips.iter().filter(|ip| ip.is_ipv6()).count() > 1 {
+        return Err(EnrollmentError::Invalid("ips holds more than one address of a family".into()));
+    }
+    if let Some(ip) = spec.ips.iter().find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()) {
+        return Err(EnrollmentError::Invalid(format!("{ip} cannot be a pod IP")));
+    }
+    Ok(())
+}
+
+/// Runs inside the pod's namespace: the outbound listeners on 127.0.0.1:15001 and, if the
+/// pod has IPv6 loopback, [::1]:15001.
+fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
+    let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            io::Error::new(e.kind(), "127.0.0.1 is not available: is the pod's loopback interface up?")
+        } else {
+            e
+        }
+    })?;
+    let mut out = vec![v4];
+    match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+        Ok(v6) => out.push(v6),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Accepted connections in TIME_WAIT from a previous agent must not block the bind.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    s.listen(4096)?;
+    Ok(s.into())
+}

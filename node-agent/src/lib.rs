@@ -1,0 +1,160 @@
+//! Ambit's node agent: captures enrolled pods' TCP connections with eBPF and proxies them.
+//!
+//! Parts, one module each:
+//! - [`config`]: every flag and environment variable, read once;
+//! - [`datapath`]: the kernel programs and maps (load, attach, pin, detach);
+//! - [`pods`], [`enrollment`], [`enroll_server`]: which pods are enrolled, and the local
+//!   API that enrolls them;
+//! - [`outbound`], [`dialer`]: the in-pod outbound listener and the proxying;
+//! - [`metrics`], [`admin`]: Prometheus metrics, readiness and debug endpoints.
+//!
+//! Two runtimes: the data plane (multi-threaded) runs listeners and proxied connections;
+//! a current-thread runtime on its own thread runs the admin, metrics and enrollment
+//! servers, so a burst of control work never stalls forwarding.
+
+pub mod admin;
+pub mod config;
+pub mod datapath;
+pub mod dialer;
+pub mod enroll_server;
+pub mod enrollment;
+pub mod metrics;
+pub mod outbound;
+pub mod pods;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::datapath::Datapath;
+use crate::dialer::NetnsDialer;
+use crate::metrics::Metrics;
+use crate::outbound::RecentConnections;
+use crate::pods::PodRegistry;
+
+/// The agent's shared state.
+#[derive(Debug)]
+pub struct Agent {
+    pub config: Config,
+    pub datapath: Arc<Datapath>,
+    pub pods: Arc<PodRegistry>,
+    pub dialer: NetnsDialer,
+    pub metrics: Metrics,
+    pub recent: RecentConnections,
+    /// True once the programs are attached and enrolled pods are taken over.
+    pub ready: AtomicBool,
+    /// Serialises enroll/release/restore.
+    enroll_lock: Mutex<()>,
+    data_plane: tokio::runtime::Handle,
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then detaches the programs and exits.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.max(1))
+        .thread_name("dataplane")
+        .enable_all()
+        .build()
+        .context("starting the data-plane runtime")?;
+
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    let kernel_log_level = if config.log.contains("debug") || config.log.contains("trace") { 4 } else { 3 };
+    let datapath = Arc::new(Datapath::load(
+        &config.ebpf_object,
+        &config.pod_cgroup,
+        &config.bpffs_dir,
+        &config.exclude_cidrs,
+        &config.exclude_ports,
+        kernel_log_level,
+    )?);
+    let pods = Arc::new(PodRegistry::new(&config.state_dir));
+    let agent = Arc::new(Agent {
+        metrics: Metrics::new(datapath.clone(), pods.clone()),
+        dialer: NetnsDialer::start().context("starting the netns dialer")?,
+        recent: RecentConnections::default(),
+        ready: AtomicBool::new(false),
+        enroll_lock: Mutex::new(()),
+        data_plane: data_plane.handle().clone(),
+        config,
+        datapath,
+        pods,
+    });
+    agent.restore().context("taking over previously enrolled pods")?;
+
+    let control = start_control_plane(agent.clone())?;
+    agent.ready.store(true, Ordering::Release);
+    info!(pods = agent.pods.len(), "node agent ready");
+
+    data_plane.block_on(shutdown_signal())?;
+    info!("shutting down");
+    agent.ready.store(false, Ordering::Release);
+    agent.pods.clear();
+    let _ = std::fs::remove_file(agent.config.enroll_socket());
+    agent.datapath.detach().context("detaching the eBPF programs")?;
+    drop(control);
+    data_plane.shutdown_background();
+    Ok(())
+}
+
+/// The admin, metrics, readiness and enrollment servers, on their own thread and runtime.
+/// Binding happens before this returns, so a bind error stops the agent at start.
+fn start_control_plane(agent: Arc<Agent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let cfg = &agent.config;
+    let (metrics, ready, admin) = rt.block_on(async {
+        let bind = |addr| async move {
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+        };
+        anyhow::Ok((bind(cfg.metrics_addr).await?, bind(cfg.ready_addr).await?, bind(cfg.admin_addr).await?))
+    })?;
+    let enroll_path = cfg.enroll_socket();
+    let enroll = {
+        let _g = rt.enter();
+        enroll_server::bind(&enroll_path).with_context(|| format!("binding {}", enroll_path.display()))?
+    };
+    let logger = agent.datapath.take_logger();
+    Ok(std::thread::Builder::new().name("control".into()).spawn(move || {
+        rt.block_on(async move {
+            use admin::Endpoints;
+            tokio::spawn(admin::serve(metrics, agent.clone(), Endpoints::Metrics));
+            tokio::spawn(admin::serve(ready, agent.clone(), Endpoints::Ready));
+            tokio::spawn(admin::serve(admin, agent.clone(), Endpoints::Admin));
+            tokio::spawn(enroll_server::serve(enroll, agent.clone()));
+            if let Some(logger) = logger {
+                tokio::spawn(forward_kernel_logs(logger));
+            }
+            std::future::pending::<()>().await
+        })
+    })?)
+}
+
+/// Moves aya-log records from the kernel's ring buffer into our log.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open until it is dropped,
+    // which only happens after AsyncFd deregisters it.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!("kernel log reader: {e}"),
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
