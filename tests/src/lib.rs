@@ -1,1 +1,56 @@
+//! A Kubernetes-like cluster simulated on one machine, for Ambit's end-to-end tests, the
+//! demo and the benchmarks.
+//!
+//! Every node and pod is a network namespace this harness creates; nodes hang off a bridge
+//! that lives in a namespace of its own, so nothing is added to the root namespace and no
+//! packet leaves the machine. Every pod also gets a cgroup under a cgroup-v2 subtree this
+//! harness owns, and its processes run there; each node's agent runs in a sibling cgroup
+//! and attaches its programs to that node's pod subtree only.
+//!
+//! | what | address |
+//! |---|---|
+//! | node N | 172.18.0.N/24, fd00:172:18::N/64 |
+//! | pod M on node N | 10.244.N.M/32, fd00:10:244:N::M/128 (M starts at 10) |
+//! | pod gateway (on the node side of each pod's veth) | 169.254.1.1, fe80::1 |
+//!
+//! Names carry a per-run prefix (`ambit-t<pid>x<n>`). [`Cluster`]'s `Drop` kills what it
+//! started (by PID), deletes namespaces, unpins programs and removes cgroups, also when a
+//! test fails or panics; a later run also sweeps what a killed run (dead PID) left behind.
 
+pub mod cluster;
+pub mod process;
+
+pub use cluster::{Cluster, ClusterSpec, Node, Pod};
+pub use process::PodProcess;
+
+/// Fails (never skips) when not root, saying how to run the suite.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test builds network namespaces, cgroups and eBPF programs and needs root: \
+             run the suite as root with `cargo xtask test` (e.g. `sudo -E cargo xtask test`)"
+        );
+    }
+}
+
+/// Path of a binary built from this workspace (`ambit-agent`, `ambit-pod-tool`), next to
+/// the test executable's target directory.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    if let Ok(p) = std::env::var(format!("AMBIT_BIN_{}", name.to_uppercase().replace('-', "_"))) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace first (`cargo build --workspace`, which `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}

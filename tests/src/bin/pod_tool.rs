@@ -1,0 +1,369 @@
+//! `ambit-pod-tool`: the workload the simulated cluster runs inside its pods.
+//!
+//! `serve` accepts on any number of addresses. On each connection it first writes one
+//! line, `peer=<addr> local=<addr>`, saying what it saw (so a client can tell whether its
+//! connection went through the node agent, and where it landed), then reads a mode byte:
+//! `E` echoes everything back until EOF; `S` discards everything and, at EOF, answers
+//! with the byte count as 8 big-endian bytes.
+//!
+//! `client` opens connections, checks what the server saw, and (mode `E`) sends a
+//! deterministic pattern and checks that exactly the same bytes come back. It prints one
+//! JSON line per connection and exits non-zero if any failed. `--hold` waits for a line on
+//! stdin between connecting and sending, so a test can change the world in between.
+//! `rr`, `bulk` and `cps` are the benchmarks' load generators.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept connections (addresses like 10.244.1.2:8080 or 10.244.1.2:20000-20019).
+    Serve {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<String>,
+    },
+    /// Open connections and verify them.
+    Client {
+        /// Targets; connection i uses target i % len.
+        #[arg(long = "connect", required = true)]
+        connect: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        /// Bytes each connection sends (and expects echoed).
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+        /// Wait for a line on stdin after connecting, before sending.
+        #[arg(long)]
+        hold: bool,
+        /// Give up on a connection after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Request/response latency: 1-byte round trips on one connection.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+    },
+    /// Single-stream bulk throughput into a sink.
+    Bulk {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// Connections per second (connect, hello, close), sequentially.
+    Cps {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 2_000)]
+        count: usize,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+}
+
+/// What one client connection observed.
+#[derive(Debug, Serialize)]
+struct ConnReport {
+    index: usize,
+    target: SocketAddr,
+    local: Option<SocketAddr>,
+    server_peer: Option<SocketAddr>,
+    server_local: Option<SocketAddr>,
+    bytes: u64,
+    ok: bool,
+    error: Option<String>,
+    error_kind: Option<String>,
+    elapsed_ms: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        match Cli::parse().cmd {
+            Cmd::Serve { listen } => serve(listen).await,
+            Cmd::Client { connect, conns, bytes, hold, timeout } => {
+                client(connect, conns, bytes, hold, Duration::from_secs(timeout)).await
+            }
+            Cmd::Rr { connect, count } => rr(connect, count).await,
+            Cmd::Bulk { connect, seconds } => bulk(connect, seconds).await,
+            Cmd::Cps { connect, count, seconds } => cps(connect, count, seconds).await,
+        }
+    })
+}
+
+fn expand(spec: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let (ip, ports) = spec.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("bad address {spec}"))?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (a.parse::<u16>()?, b.parse::<u16>()?),
+        None => (ports.parse()?, ports.parse()?),
+    };
+    let ip: std::net::IpAddr = ip.parse()?;
+    Ok((lo..=hi).map(|p| SocketAddr::new(ip, p)).collect())
+}
+
+async fn serve(listen: Vec<String>) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for spec in &listen {
+        for addr in expand(spec)? {
+            let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("bind {addr}: {e}"))?;
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, peer)) = l.accept().await else { continue };
+                    tokio::spawn(async move {
+                        let _ = serve_conn(s, peer).await;
+                    });
+                }
+            }));
+        }
+    }
+    println!("listening");
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+async fn serve_conn(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let local = s.local_addr()?;
+    s.write_all(format!("peer={peer} local={local}\n").as_bytes()).await?;
+    let mode = match s.read_u8().await {
+        Ok(m) => m,
+        Err(_) => return Ok(()), // connect-and-close clients
+    };
+    let (mut r, mut w) = s.split();
+    match mode {
+        b'E' => {
+            tokio::io::copy(&mut r, &mut w).await?;
+            w.shutdown().await?;
+        }
+        b'S' => {
+            let n = tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
+            w.write_all(&n.to_be_bytes()).await?;
+            w.shutdown().await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The byte at `offset` of connection `index`'s pattern (period 251, a prime, so shifted
+/// or dropped chunks are detected).
+fn pattern(index: usize, offset: u64) -> u8 {
+    ((offset + index as u64 * 7) % 251) as u8
+}
+
+async fn connect_hello(target: SocketAddr) -> std::io::Result<(BufReader<TcpStream>, SocketAddr, SocketAddr, SocketAddr)> {
+    let s = TcpStream::connect(target).await?;
+    s.set_nodelay(true)?;
+    let local = s.local_addr()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad hello {line:?}"));
+    let mut peer = None;
+    let mut srv_local = None;
+    for field in line.split_whitespace() {
+        if let Some(v) = field.strip_prefix("peer=") {
+            peer = v.parse().ok();
+        } else if let Some(v) = field.strip_prefix("local=") {
+            srv_local = v.parse().ok();
+        }
+    }
+    Ok((r, local, peer.ok_or_else(bad)?, srv_local.ok_or_else(bad)?))
+}
+
+async fn client(targets: Vec<SocketAddr>, conns: usize, bytes: u64, hold: bool, timeout: Duration) -> anyhow::Result<()> {
+    // All connections are open at once before any sends: the barrier holds them.
+    let barrier = Arc::new(tokio::sync::Barrier::new(conns + usize::from(hold)));
+    let (up_tx, mut up_rx) = tokio::sync::mpsc::channel::<()>(conns.max(1));
+    let mut tasks = Vec::new();
+    for index in 0..conns {
+        let target = targets[index % targets.len()];
+        let barrier = barrier.clone();
+        let up_tx = up_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut rep = ConnReport {
+                index,
+                target,
+                local: None,
+                server_peer: None,
+                server_local: None,
+                bytes,
+                ok: false,
+                error: None,
+                error_kind: None,
+                elapsed_ms: 0.0,
+            };
+            let res = tokio::time::timeout(timeout, async {
+                let hello = connect_hello(target).await;
+                let _ = up_tx.send(()).await;
+                let (r, local, peer, srv_local) = match hello {
+                    Ok(h) => h,
+                    Err(e) => {
+                        barrier.wait().await;
+                        return Err(e);
+                    }
+                };
+                rep.local = Some(local);
+                rep.server_peer = Some(peer);
+                rep.server_local = Some(srv_local);
+                barrier.wait().await;
+                echo_exchange(r, index, bytes).await
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => rep.ok = true,
+                Ok(Err(e)) => {
+                    rep.error_kind = Some(format!("{:?}", e.kind()));
+                    rep.error = Some(e.to_string());
+                }
+                Err(_) => rep.error = Some("timed out".into()),
+            }
+            rep.elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+            rep
+        }));
+    }
+    drop(up_tx);
+    if hold {
+        // Every connection has its hello (or has failed) before we say so.
+        for _ in 0..conns {
+            up_rx.recv().await;
+        }
+        println!("connected");
+        tokio::task::spawn_blocking(|| {
+            let mut l = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut l);
+        })
+        .await?;
+        barrier.wait().await;
+    }
+    let mut failed = 0;
+    for t in tasks {
+        let rep = t.await?;
+        failed += usize::from(!rep.ok);
+        println!("{}", serde_json::to_string(&rep)?);
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {conns} connections failed");
+    }
+    Ok(())
+}
+
+async fn echo_exchange(r: BufReader<TcpStream>, index: usize, bytes: u64) -> std::io::Result<()> {
+    let mut s = r.into_inner();
+    s.write_u8(b'E').await?;
+    let (mut rd, mut wr) = s.into_split();
+    let writer = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        while off < bytes {
+            let n = (bytes - off).min(buf.len() as u64) as usize;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern(index, off + i as u64);
+            }
+            wr.write_all(&buf[..n]).await?;
+            off += n as u64;
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                if *b != pattern(index, off + i as u64) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("echo differs at byte {}", off + i as u64),
+                    ));
+                }
+            }
+            off += n as u64;
+        }
+        if off != bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("echoed {off} of {bytes} bytes"),
+            ));
+        }
+        Ok(())
+    };
+    tokio::try_join!(writer, reader)?;
+    Ok(())
+}
+
+async fn rr(target: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let (r, ..) = connect_hello(target).await?;
+    let mut s = r.into_inner();
+    s.write_u8(b'E').await?;
+    let mut lat = Vec::with_capacity(count);
+    let mut b = [0u8; 1];
+    for i in 0..count + count / 10 {
+        let t = Instant::now();
+        s.write_all(&[i as u8]).await?;
+        s.read_exact(&mut b).await?;
+        if i >= count / 10 {
+            lat.push(t.elapsed().as_nanos() as u64); // the first tenth warms up
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
+    println!("{}", serde_json::json!({"p50_us": pct(0.50), "p99_us": pct(0.99), "count": lat.len()}));
+    Ok(())
+}
+
+async fn bulk(target: SocketAddr, seconds: f64) -> anyhow::Result<()> {
+    let (r, ..) = connect_hello(target).await?;
+    let mut s = r.into_inner();
+    s.write_u8(b'S').await?;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        s.write_all(&buf).await?;
+        sent += buf.len() as u64;
+    }
+    s.shutdown().await?;
+    let acked = s.read_u64().await?; // the sink's count: everything arrived
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(acked == sent, "sink counted {acked} of {sent} bytes");
+    println!("{}", serde_json::json!({"gbit_per_s": sent as f64 * 8.0 / secs / 1e9, "bytes": sent}));
+    Ok(())
+}
+
+async fn cps(target: SocketAddr, count: usize, seconds: f64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut done = 0;
+    while done < count && start.elapsed().as_secs_f64() < seconds {
+        let (r, ..) = connect_hello(target).await?;
+        drop(r);
+        done += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("{}", serde_json::json!({"conns_per_s": done as f64 / secs, "count": done}));
+    Ok(())
+}
