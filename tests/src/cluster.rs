@@ -110,6 +110,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     agent_args: Vec<String>,
     netns_created: Mutex<Vec<String>>,
+    torn_down: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -127,6 +128,7 @@ impl Cluster {
             nodes: Vec::new(),
             agent_args: spec.agent_args.clone(),
             netns_created: Mutex::new(Vec::new()),
+            torn_down: Default::default(),
             prefix,
         };
         // From here on `c` owns what exists: an error drops it, which cleans up.
@@ -385,6 +387,17 @@ pub fn metric_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+impl Cluster {
+    /// Removes everything the cluster created. Idempotent; safe to call from another
+    /// thread (e.g. a signal handler thread) while the cluster is in use.
+    pub fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
         for node in &self.nodes {
             if let Some(mut child) = node.agent.lock().unwrap().take() {
                 let _ = child.kill();
@@ -396,7 +409,7 @@ impl Drop for Cluster {
                 let _ = std::fs::remove_dir_all(&node.state_dir);
             }
         }
-        for ns in self.netns_created.lock().unwrap().iter().rev() {
+        for ns in std::mem::take(&mut *self.netns_created.lock().unwrap()).iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup_tree(&self.cgroup_root);
