@@ -366,3 +366,16 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs writes into `st`.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_object_names_the_build_command() {
+        let err = Datapath::load(Path::new("/nonexistent/ambit-ebpf"), Path::new("/"), Path::new("/sys/fs/bpf/x"), &[], &[], 3)
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cargo xtask build-ebpf") && msg.contains("/nonexistent/ambit-ebpf"), "{msg}");
+    }
+}

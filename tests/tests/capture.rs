@@ -269,3 +269,72 @@ fn sigterm_detaches_programs_cleanly() {
     let (ok, reports) = c.run_client(client, &client_args(&[format!("{}:8080", server.ip4)], 1, 1000)).unwrap();
     assert!(ok && !proxied(&reports[0]), "{reports:?}");
 }
+
+/// Open file descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn resets_propagate_and_connections_leak_nothing() {
+    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (client, server) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = c.start_server(server, &[format!("{}:8080", server.ip4)]).unwrap();
+    c.enroll(client).unwrap();
+    let dst = format!("{}:8080", server.ip4);
+    let agent = c.node(1).agent_pid().unwrap();
+    // Warm up (the runtime allocates what it keeps), then take the baseline.
+    let (ok, _) = c.run_client(client, &client_args(&[dst.clone()], 1, 1000)).unwrap();
+    assert!(ok);
+    let baseline = fd_count(agent);
+
+    // The server aborts: the RST must reach the client through the agent.
+    let mut args = client_args(&[dst.clone()], 20, 0);
+    args.push(s("--expect-reset"));
+    let (ok, reports) = c.run_client(client, &args).unwrap();
+    assert!(ok, "a reset did not propagate: {:?}", reports.iter().find(|r| r["ok"] != true));
+    assert!(reports.iter().all(proxied));
+    // And clean exchanges with half-close (the client shuts down writing first).
+    let (ok, reports) = c.run_client(client, &client_args(&[dst], 50, 10_000)).unwrap();
+    assert!(ok, "{reports:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = c.metrics(1).unwrap();
+        let active = metric_value(&m, "ambit_outbound_active_connections", &[]).unwrap();
+        let fds = fd_count(agent);
+        if active == 0.0 && fds <= baseline {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leak: {active} active connections, {fds} fds (baseline {baseline})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = c.metrics(1).unwrap();
+    let opened = metric_value(&m, "ambit_outbound_connections_opened_total", &[("workload", &client.name)]).unwrap();
+    let closed = metric_value(&m, "ambit_outbound_connections_closed_total", &[("workload", &client.name)]).unwrap();
+    assert_eq!((opened, closed), (71.0, 71.0));
+}
+
+#[test]
+fn excluded_cidrs_and_ports_are_not_captured() {
+    let spec = ClusterSpec {
+        agent_args: vec![s("--exclude-port=9000"), s("--exclude-cidr=10.244.2.11/32"), s("--exclude-cidr=fd00:10:244:2::/64")],
+        ..Default::default()
+    };
+    let c = Cluster::new(spec).unwrap();
+    let client = c.pod(1, 0);
+    let (s1, s2) = (c.pod(2, 0), c.pod(2, 1));
+    let _a = c.start_server(s1, &[format!("{}:8080", s1.ip4), format!("{}:9000", s1.ip4), format!("[{}]:8080", s1.ip6)]).unwrap();
+    let _b = c.start_server(s2, &[format!("{}:8080", s2.ip4)]).unwrap();
+    c.enroll(client).unwrap();
+    for (dst, captured) in [
+        (format!("{}:8080", s1.ip4), true),
+        (format!("{}:9000", s1.ip4), false),
+        (format!("{}:8080", s2.ip4), false),
+        (format!("[{}]:8080", s1.ip6), false),
+    ] {
+        let (ok, reports) = c.run_client(client, &client_args(&[dst.clone()], 1, 1000)).unwrap();
+        assert!(ok, "{dst}: {reports:?}");
+        assert_eq!(proxied(&reports[0]), captured, "{dst}: {}", reports[0]);
+    }
+}

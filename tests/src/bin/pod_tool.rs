@@ -51,6 +51,10 @@ enum Cmd {
         /// Give up on a connection after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Ask the server to reset the connection instead of echoing; the connection
+        /// succeeds only if the reset reaches this client.
+        #[arg(long)]
+        expect_reset: bool,
     },
     /// Request/response latency: 1-byte round trips on one connection.
     Rr {
@@ -107,8 +111,8 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         match Cli::parse().cmd {
             Cmd::Serve { listen } => serve(listen).await,
-            Cmd::Client { connect, conns, bytes, hold, timeout } => {
-                client(connect, conns, bytes, hold, Duration::from_secs(timeout)).await
+            Cmd::Client { connect, conns, bytes, hold, timeout, expect_reset } => {
+                client(connect, conns, bytes, hold, expect_reset, Duration::from_secs(timeout)).await
             }
             Cmd::Rr { connect, count } => rr(connect, count).await,
             Cmd::Bulk { connect, seconds } => bulk(connect, seconds).await,
@@ -158,6 +162,10 @@ async fn serve_conn(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
         Ok(m) => m,
         Err(_) => return Ok(()), // connect-and-close clients
     };
+    if mode == b'R' {
+        // Abort: close with RST.
+        return s.set_zero_linger();
+    }
     let (mut r, mut w) = s.split();
     match mode {
         b'E' => {
@@ -200,7 +208,14 @@ async fn connect_hello(target: SocketAddr) -> std::io::Result<(BufReader<TcpStre
     Ok((r, local, peer.ok_or_else(bad)?, srv_local.ok_or_else(bad)?))
 }
 
-async fn client(targets: Vec<SocketAddr>, conns: usize, bytes: u64, hold: bool, timeout: Duration) -> anyhow::Result<()> {
+async fn client(
+    targets: Vec<SocketAddr>,
+    conns: usize,
+    bytes: u64,
+    hold: bool,
+    expect_reset: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     // All connections are open at once before any sends: the barrier holds them.
     let barrier = Arc::new(tokio::sync::Barrier::new(conns + usize::from(hold)));
     let (up_tx, mut up_rx) = tokio::sync::mpsc::channel::<()>(conns.max(1));
@@ -237,7 +252,7 @@ async fn client(targets: Vec<SocketAddr>, conns: usize, bytes: u64, hold: bool, 
                 rep.server_peer = Some(peer);
                 rep.server_local = Some(srv_local);
                 barrier.wait().await;
-                echo_exchange(r, index, bytes).await
+                if expect_reset { reset_exchange(r).await } else { echo_exchange(r, index, bytes).await }
             })
             .await;
             match res {
@@ -324,6 +339,17 @@ async fn echo_exchange(r: BufReader<TcpStream>, index: usize, bytes: u64) -> std
     };
     tokio::try_join!(writer, reader)?;
     Ok(())
+}
+
+async fn reset_exchange(r: BufReader<TcpStream>) -> std::io::Result<()> {
+    let mut s = r.into_inner();
+    s.write_u8(b'R').await?;
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        Err(e) => Err(e),
+        Ok(n) => Err(std::io::Error::other(format!("expected a reset, read {n} bytes"))),
+    }
 }
 
 async fn rr(target: SocketAddr, count: usize) -> anyhow::Result<()> {
