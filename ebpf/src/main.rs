@@ -13,15 +13,15 @@
 #![no_main]
 
 use ambit_ebpf_common::{
-    AF_INET, AF_INET6, ConnKey, CounterKey, Counters, Direction, Enrolled, Ipv4Prefix,
-    Ipv6Prefix, OUTBOUND_PORT, OrigDst,
+    AF_INET, AF_INET6, ConnKey, CounterKey, Counters, Direction, Enrolled, Ipv4Prefix, Ipv6Prefix,
+    OUTBOUND_PORT, OrigDst,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, LpmTrie, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
@@ -59,8 +59,7 @@ static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65_536, 0);
 static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "WORKLOAD_COUNTERS")]
-static WORKLOAD_COUNTERS: PerCpuHashMap<CounterKey, Counters> =
-    PerCpuHashMap::pinned(32_768, 0);
+static WORKLOAD_COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned(32_768, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -73,12 +72,24 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     if skip_v4(ip, port) {
         return 1;
     }
-    remember(&ctx, &OrigDst { addr: [ip, 0, 0, 0], port, family: AF_INET });
+    remember(
+        &ctx,
+        &OrigDst {
+            addr: [ip, 0, 0, 0],
+            port,
+            family: AF_INET,
+        },
+    );
     unsafe {
         (*sa).user_ip4 = LOOPBACK_V4;
         (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
     }
-    debug!(&ctx, "captured connect4 to {:i}:{}", u32::from_be(ip), u16::from_be(port));
+    debug!(
+        &ctx,
+        "captured connect4 to {:i}:{}",
+        u32::from_be(ip),
+        u16::from_be(port)
+    );
     1
 }
 
@@ -98,7 +109,14 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         if skip_v4(ip[3], port) {
             return 1;
         }
-        remember(&ctx, &OrigDst { addr: [ip[3], 0, 0, 0], port, family: AF_INET });
+        remember(
+            &ctx,
+            &OrigDst {
+                addr: [ip[3], 0, 0, 0],
+                port,
+                family: AF_INET,
+            },
+        );
         unsafe {
             (*sa).user_ip6[3] = LOOPBACK_V4;
             (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
@@ -108,7 +126,14 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
     if skip_v6(ip, port) {
         return 1;
     }
-    remember(&ctx, &OrigDst { addr: ip, port, family: AF_INET6 });
+    remember(
+        &ctx,
+        &OrigDst {
+            addr: ip,
+            port,
+            family: AF_INET6,
+        },
+    );
     unsafe {
         (*sa).user_ip6[0] = 0;
         (*sa).user_ip6[1] = 0;
@@ -131,20 +156,29 @@ pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
     let ptr = ctx.as_ptr();
     // SAFETY: helpers allowed for sock_ops, called with the program's own context.
     let sock_cookie = unsafe { bpf_get_socket_cookie(ptr) };
-    let Some(orig) = (unsafe { SOCK_ORIG.get(&sock_cookie) }).copied() else {
+    let Some(orig) = (unsafe { SOCK_ORIG.get(sock_cookie) }).copied() else {
         return 1;
     };
     let netns_cookie = unsafe { bpf_get_netns_cookie(ptr) };
     let family = if ctx.family() == u32::from(AF_INET6) {
         let r = ctx.remote_ip6();
-        if r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_WORD { AF_INET } else { AF_INET6 }
+        if r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_WORD {
+            AF_INET
+        } else {
+            AF_INET6
+        }
     } else {
         AF_INET
     };
-    let key = ConnKey { netns_cookie, src_port: ctx.local_port() as u16, family, _pad: 0 };
+    let key = ConnKey {
+        netns_cookie,
+        src_port: ctx.local_port() as u16,
+        family,
+        _pad: 0,
+    };
     // Overwrite: a reused client port means the old connection is gone.
-    let _ = CONN_ORIG.insert(&key, &orig, 0);
-    let _ = SOCK_ORIG.remove(&sock_cookie);
+    let _ = CONN_ORIG.insert(key, orig, 0);
+    let _ = SOCK_ORIG.remove(sock_cookie);
     1
 }
 
@@ -164,19 +198,30 @@ pub fn ambit_skb_egress(ctx: SkBuffContext) -> i32 {
 fn count(ctx: &SkBuffContext, direction: Direction) {
     // SAFETY: helper allowed for cgroup_skb, called with the program's own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
+    if unsafe { ENROLLED.get(netns_cookie) }.is_none() {
         return;
     }
-    let key = CounterKey { netns_cookie, direction: direction as u32, _pad: 0 };
+    let key = CounterKey {
+        netns_cookie,
+        direction: direction as u32,
+        _pad: 0,
+    };
     let len = u64::from(ctx.len());
-    match WORKLOAD_COUNTERS.get_ptr_mut(&key) {
+    match WORKLOAD_COUNTERS.get_ptr_mut(key) {
         // Per-CPU values: this CPU is the only writer, plain adds are safe.
         Some(c) => unsafe {
             (*c).bytes += len;
             (*c).packets += 1;
         },
         None => {
-            let _ = WORKLOAD_COUNTERS.insert(&key, &Counters { bytes: len, packets: 1 }, BPF_NOEXIST.into());
+            let _ = WORKLOAD_COUNTERS.insert(
+                key,
+                Counters {
+                    bytes: len,
+                    packets: 1,
+                },
+                BPF_NOEXIST.into(),
+            );
         }
     }
 }
@@ -191,24 +236,24 @@ fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
 fn is_enrolled(ctx: &SockAddrContext) -> bool {
     // SAFETY: helper allowed for cgroup_sock_addr, called with the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    unsafe { ENROLLED.get(&cookie) }.is_some()
+    unsafe { ENROLLED.get(cookie) }.is_some()
 }
 
 /// Loopback, the unspecified address and excluded CIDRs or ports are never captured.
 #[inline(always)]
 fn skip_v4(ip: u32, port: u16) -> bool {
     let first = ip.to_ne_bytes()[0];
-    if first == 127 || ip == 0 || unsafe { EXCLUDE_PORTS.get(&port) }.is_some() {
+    if first == 127 || ip == 0 || unsafe { EXCLUDE_PORTS.get(port) }.is_some() {
         return true;
     }
-    EXCLUDE_V4.get(&Key::new(32, ip.to_ne_bytes())).is_some()
+    EXCLUDE_V4.get(Key::new(32, ip.to_ne_bytes())).is_some()
 }
 
 #[inline(always)]
 fn skip_v6(ip: [u32; 4], port: u16) -> bool {
     let head_zero = ip[0] == 0 && ip[1] == 0 && ip[2] == 0;
     if (head_zero && (ip[3] == LOOPBACK_V6_LAST || ip[3] == 0))
-        || unsafe { EXCLUDE_PORTS.get(&port) }.is_some()
+        || unsafe { EXCLUDE_PORTS.get(port) }.is_some()
     {
         return true;
     }
@@ -222,7 +267,7 @@ fn skip_v6(ip: [u32; 4], port: u16) -> bool {
         bytes[i * 4 + 3] = w[3];
         i += 1;
     }
-    EXCLUDE_V6.get(&Key::new(128, bytes)).is_some()
+    EXCLUDE_V6.get(Key::new(128, bytes)).is_some()
 }
 
 /// Stores the original destination for this socket. The connect is redirected even if
@@ -232,7 +277,7 @@ fn skip_v6(ip: [u32; 4], port: u16) -> bool {
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) {
     // SAFETY: helper allowed for cgroup_sock_addr.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = SOCK_ORIG.insert(&cookie, orig, 0);
+    let _ = SOCK_ORIG.insert(cookie, orig, 0);
 }
 
 #[cfg(not(test))]

@@ -66,7 +66,9 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pods: Vec<EnrolledPod>,
     },
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Why a request failed.
@@ -92,10 +94,14 @@ impl EnrollClient {
     /// Connects to the agent's enrollment socket.
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, EnrollError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .map_err(|source| EnrollError::Connect { path: path.display().to_string(), source })?;
+        let stream = UnixStream::connect(path).map_err(|source| EnrollError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Self { reader: BufReader::new(stream) })
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
     }
 
     /// Sends one request and waits for its answer.
@@ -130,7 +136,10 @@ impl EnrollClient {
     }
 
     pub fn remove(&mut self, uid: &str) -> Result<(), EnrollError> {
-        self.call(&Request::Remove { uid: uid.to_owned() }).map(drop)
+        self.call(&Request::Remove {
+            uid: uid.to_owned(),
+        })
+        .map(drop)
     }
 
     pub fn list(&mut self) -> Result<Vec<EnrolledPod>, EnrollError> {
@@ -150,7 +159,10 @@ mod tests {
         .unwrap();
         let Request::Add { pod } = r else { panic!() };
         assert_eq!(pod.ips.len(), 2);
-        assert_eq!(serde_json::to_string(&Request::List {}).unwrap(), r#"{"op":"list"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::List {}).unwrap(),
+            r#"{"op":"list"}"#
+        );
     }
 
     #[test]

@@ -34,7 +34,11 @@ impl Netns {
         if kind < 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a namespace file: {}", path.display(), io::Error::last_os_error()),
+                format!(
+                    "{} is not a namespace file: {}",
+                    path.display(),
+                    io::Error::last_os_error()
+                ),
             ));
         }
         if kind != libc::CLONE_NEWNET {
@@ -82,7 +86,8 @@ impl Netns {
 
     /// The namespace's cookie (as the kernel programs see it).
     pub fn cookie(&self) -> io::Result<u64> {
-        let sock = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        let sock =
+            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
         socket_netns_cookie(sock.as_fd())
     }
 }

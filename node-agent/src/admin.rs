@@ -29,14 +29,19 @@ pub enum Endpoints {
 /// Serves HTTP/1.1 on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>, endpoints: Endpoints) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let agent = agent.clone();
                 async move { Ok::<_, Infallible>(route(&agent, endpoints, &req)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!("admin connection: {e}");
             }
         });
@@ -50,14 +55,20 @@ fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Respon
     }
     match (endpoints, req.uri().path()) {
         (Metrics | Admin, "/metrics") => Response::builder()
-            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(agent.metrics.encode())))
             .expect("static response parts are valid"),
         (Ready | Admin, "/healthz/ready") => {
             if agent.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: eBPF programs not attached\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: eBPF programs not attached\n",
+                )
             }
         }
         (Admin, "/debug/pods") => json(&agent.pods.list()),
@@ -75,7 +86,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let body = serde_json::to_vec_pretty(v)
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     Response::builder()
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))

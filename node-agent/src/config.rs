@@ -7,8 +7,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// Where `cargo xtask build-ebpf` leaves the kernel object (relative to the workspace).
-pub const DEFAULT_EBPF_OBJECT: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bpfel-unknown-none/release/ambit-ebpf");
+pub const DEFAULT_EBPF_OBJECT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/bpfel-unknown-none/release/ambit-ebpf"
+);
 
 /// `ambit-agent run` flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -48,11 +50,19 @@ pub struct Config {
     pub admin_addr: SocketAddr,
 
     /// Destination CIDRs never captured (repeatable), e.g. 169.254.0.0/16.
-    #[arg(long = "exclude-cidr", env = "AMBIT_EXCLUDE_CIDRS", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-cidr",
+        env = "AMBIT_EXCLUDE_CIDRS",
+        value_delimiter = ','
+    )]
     pub exclude_cidrs: Vec<Cidr>,
 
     /// Destination ports never captured (repeatable).
-    #[arg(long = "exclude-port", env = "AMBIT_EXCLUDE_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "exclude-port",
+        env = "AMBIT_EXCLUDE_PORTS",
+        value_delimiter = ','
+    )]
     pub exclude_ports: Vec<u16>,
 
     /// How long dialing an original destination may take.
@@ -75,7 +85,9 @@ pub struct Config {
 impl Config {
     /// The enrollment socket path, defaulted from the state directory.
     pub fn enroll_socket(&self) -> PathBuf {
-        self.enroll_socket.clone().unwrap_or_else(|| self.state_dir.join("enroll.sock"))
+        self.enroll_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("enroll.sock"))
     }
 }
 
@@ -97,7 +109,9 @@ impl FromStr for Cidr {
         let addr: IpAddr = addr.parse().map_err(|e| format!("bad CIDR {s:?}: {e}"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(l) => l.parse::<u8>().map_err(|e| format!("bad prefix length in {s:?}: {e}"))?,
+            Some(l) => l
+                .parse::<u8>()
+                .map_err(|e| format!("bad prefix length in {s:?}: {e}"))?,
             None => max,
         };
         if len > max {

@@ -43,13 +43,22 @@ pub enum DatapathError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("loading the eBPF object {path}: {source}")]
-    Load { path: PathBuf, source: aya::EbpfError },
+    Load {
+        path: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
     #[error("program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program {
+        program: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
@@ -69,7 +78,9 @@ pub struct Datapath {
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datapath").field("pin_dir", &self.pin_dir).finish_non_exhaustive()
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,7 +99,8 @@ impl Datapath {
         if !object.is_file() {
             return Err(DatapathError::MissingObject(object.to_owned()));
         }
-        let cgroup_file = File::open(cgroup).map_err(io_err(format!("opening pod cgroup {}", cgroup.display())))?;
+        let cgroup_file = File::open(cgroup)
+            .map_err(io_err(format!("opening pod cgroup {}", cgroup.display())))?;
         ensure_bpffs(pin_dir)?;
         let (map_dir, link_dir) = (pin_dir.join("maps"), pin_dir.join("links"));
         for dir in [&map_dir, &link_dir] {
@@ -101,7 +113,10 @@ impl Datapath {
             .default_map_pin_directory(&map_dir)
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
             .load_file(object)
-            .map_err(|source| DatapathError::Load { path: object.to_owned(), source })?;
+            .map_err(|source| DatapathError::Load {
+                path: object.to_owned(),
+                source: Box::new(source),
+            })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -148,7 +163,12 @@ impl Datapath {
         for k in p.keys().filter_map(Result::ok).collect::<Vec<_>>() {
             let _ = p.remove(&k);
         }
-        let map_err = |map| move |source| DatapathError::Map { map, source };
+        let map_err = |map| {
+            move |source| DatapathError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
         for c in cidrs {
             match c.addr {
                 std::net::IpAddr::V4(a) => v4
@@ -160,7 +180,8 @@ impl Datapath {
             }
         }
         for port in ports {
-            p.insert(port.to_be(), 1, 0).map_err(map_err(maps::EXCLUDE_PORTS))?;
+            p.insert(port.to_be(), 1, 0)
+                .map_err(map_err(maps::EXCLUDE_PORTS))?;
         }
         Ok(())
     }
@@ -170,8 +191,18 @@ impl Datapath {
         self.enrolled
             .lock()
             .unwrap()
-            .insert(netns_cookie, Enrolled { workload_id, flags: 0 }, 0)
-            .map_err(|source| DatapathError::Map { map: maps::ENROLLED, source })
+            .insert(
+                netns_cookie,
+                Enrolled {
+                    workload_id,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|source| DatapathError::Map {
+                map: maps::ENROLLED,
+                source: Box::new(source),
+            })
     }
 
     /// Stops capturing the pod and forgets its kernel counters.
@@ -179,13 +210,22 @@ impl Datapath {
         let _ = self.enrolled.lock().unwrap().remove(&netns_cookie);
         let mut counters = self.counters.lock().unwrap();
         for direction in [0, 1] {
-            let _ = counters.remove(&CounterKey { netns_cookie, direction, _pad: 0 });
+            let _ = counters.remove(&CounterKey {
+                netns_cookie,
+                direction,
+                _pad: 0,
+            });
         }
     }
 
     /// The netns cookies currently in `ENROLLED`, with their workload ids.
     pub fn enrolled(&self) -> Vec<(u64, Enrolled)> {
-        self.enrolled.lock().unwrap().iter().filter_map(Result::ok).collect()
+        self.enrolled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Reads and forgets the original destination of a captured connection.
@@ -217,10 +257,15 @@ impl Datapath {
         for name in ALL_PROGRAMS {
             let path = link_dir.join(name);
             if path.exists() {
-                let link = PinnedLink::from_pin(&path)
-                    .map_err(|e| DatapathError::Pin { path: path.clone(), reason: e.to_string() })?;
+                let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
                 // Dropping the unpinned link (the last reference) detaches it.
-                drop(link.unpin().map_err(io_err(format!("unpinning {}", path.display())))?);
+                drop(
+                    link.unpin()
+                        .map_err(io_err(format!("unpinning {}", path.display())))?,
+                );
             }
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -242,13 +287,21 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, link_dir: &Path) -> Result<(), Dat
     // multi-attach and the kernel rejects any flag: `Single` is how aya passes none.
     // Other programs on the same cgroup (another agent, Cilium, ...) keep running.
     let mode = CgroupAttachMode::Single;
-    let prog_err = |program| move |source| DatapathError::Program { program, source };
+    let prog_err = |program| {
+        move |source| DatapathError::Program {
+            program,
+            source: Box::new(source),
+        }
+    };
     for name in [programs::CONNECT4, programs::CONNECT6] {
         let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
         let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+        pin_replacing(
+            link.try_into().map_err(|e| link_err(name, e))?,
+            &link_dir.join(name),
+        )?;
     }
     {
         let name = programs::SOCK_OPS;
@@ -256,7 +309,10 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, link_dir: &Path) -> Result<(), Dat
         p.load().map_err(prog_err(name))?;
         let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+        pin_replacing(
+            link.try_into().map_err(|e| link_err(name, e))?,
+            &link_dir.join(name),
+        )?;
     }
     for (name, kind) in [
         (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
@@ -264,29 +320,45 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, link_dir: &Path) -> Result<(), Dat
     ] {
         let p: &mut CgroupSkb = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
         p.load().map_err(prog_err(name))?;
-        let id = p.attach(cgroup.as_fd(), kind, mode).map_err(prog_err(name))?;
+        let id = p
+            .attach(cgroup.as_fd(), kind, mode)
+            .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(link.try_into().map_err(|e| link_err(name, e))?, &link_dir.join(name))?;
+        pin_replacing(
+            link.try_into().map_err(|e| link_err(name, e))?,
+            &link_dir.join(name),
+        )?;
     }
     Ok(())
 }
 
 fn link_err(program: &'static str, e: aya::programs::links::LinkError) -> DatapathError {
-    DatapathError::Pin { path: PathBuf::from(program), reason: format!("link is not an fd link: {e}") }
+    DatapathError::Pin {
+        path: PathBuf::from(program),
+        reason: format!("link is not an fd link: {e}"),
+    }
 }
 
 /// Pins `new` at `path`. If a previous agent pinned a link there, that link stays attached
 /// until the new one is pinned, then is detached: no moment without capture.
 fn pin_replacing(new: FdLink, path: &Path) -> Result<(), DatapathError> {
     let old = if path.exists() {
-        let old = PinnedLink::from_pin(path)
-            .map_err(|e| DatapathError::Pin { path: path.to_owned(), reason: e.to_string() })?;
+        let old = PinnedLink::from_pin(path).map_err(|e| DatapathError::Pin {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         // Keep the fd: the old program stays attached while we hold it.
-        Some(old.unpin().map_err(io_err(format!("unpinning {}", path.display())))?)
+        Some(
+            old.unpin()
+                .map_err(io_err(format!("unpinning {}", path.display())))?,
+        )
     } else {
         None
     };
-    new.pin(path).map_err(|e| DatapathError::Pin { path: path.to_owned(), reason: e.to_string() })?;
+    new.pin(path).map_err(|e| DatapathError::Pin {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     if old.is_some() {
         info!(link = %path.display(), "replaced the previous agent's link");
     }
@@ -294,9 +366,14 @@ fn pin_replacing(new: FdLink, path: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::programs::Program, DatapathError> {
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, DatapathError> {
     ebpf.program_mut(name).ok_or_else(|| DatapathError::Io {
-        what: format!("program {name} is missing from the eBPF object (rebuild with `cargo xtask build-ebpf`)"),
+        what: format!(
+            "program {name} is missing from the eBPF object (rebuild with `cargo xtask build-ebpf`)"
+        ),
         source: io::Error::from(io::ErrorKind::NotFound),
     })
 }
@@ -309,7 +386,10 @@ where
         what: format!("map {name} is missing from the eBPF object"),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
-    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+    T::try_from(map).map_err(|source| DatapathError::Map {
+        map: name,
+        source: Box::new(source),
+    })
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(
@@ -336,7 +416,15 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: plain mount(2) with static C strings and no data.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
             return Err(DatapathError::Io {
                 what: "mounting a bpf filesystem on /sys/fs/bpf (run as root)".into(),
@@ -361,7 +449,9 @@ fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
 
 fn is_bpffs(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: statfs writes into `st`.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
@@ -373,9 +463,19 @@ mod tests {
 
     #[test]
     fn a_missing_object_names_the_build_command() {
-        let err = Datapath::load(Path::new("/nonexistent/ambit-ebpf"), Path::new("/"), Path::new("/sys/fs/bpf/x"), &[], &[], 3)
-            .unwrap_err();
+        let err = Datapath::load(
+            Path::new("/nonexistent/ambit-ebpf"),
+            Path::new("/"),
+            Path::new("/sys/fs/bpf/x"),
+            &[],
+            &[],
+            3,
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("cargo xtask build-ebpf") && msg.contains("/nonexistent/ambit-ebpf"), "{msg}");
+        assert!(
+            msg.contains("cargo xtask build-ebpf") && msg.contains("/nonexistent/ambit-ebpf"),
+            "{msg}"
+        );
     }
 }

@@ -47,7 +47,11 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
     loop {
         line.clear();
         // One byte over the limit tells "too long" from "exactly at the limit".
-        let n = match (&mut read).take(MAX_REQUEST_BYTES as u64 + 1).read_until(b'\n', &mut line).await {
+        let n = match (&mut read)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) => return,
             Ok(n) => n,
             Err(e) => {
@@ -55,18 +59,25 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
                 return;
             }
         };
-        let too_long = n > MAX_REQUEST_BYTES || (line.last() != Some(&b'\n') && n == MAX_REQUEST_BYTES + 1);
+        let too_long =
+            n > MAX_REQUEST_BYTES || (line.last() != Some(&b'\n') && n == MAX_REQUEST_BYTES + 1);
         let response = if too_long {
-            Response::Error { message: format!("request longer than {MAX_REQUEST_BYTES} bytes") }
+            Response::Error {
+                message: format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            }
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
                     let agent = agent.clone();
                     tokio::task::spawn_blocking(move || handle(&agent, req))
                         .await
-                        .unwrap_or_else(|e| Response::Error { message: format!("internal error: {e}") })
+                        .unwrap_or_else(|e| Response::Error {
+                            message: format!("internal error: {e}"),
+                        })
                 }
-                Err(e) => Response::Error { message: format!("malformed request: {e}") },
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
             }
         };
         if let Response::Error { message } = &response {
@@ -89,6 +100,8 @@ fn handle(agent: &Arc<Agent>, req: Request) -> Response {
     };
     match result {
         Ok(pods) => Response::Ok { pods },
-        Err(e) => Response::Error { message: e.to_string() },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }

@@ -59,7 +59,10 @@ impl Agent {
     /// Releases a pod: new connects are no longer captured, open ones finish.
     pub fn release(&self, uid: &str) -> Result<(), EnrollmentError> {
         let _serial = self.enroll_lock.lock().unwrap();
-        let pod = self.pods.get(uid).ok_or_else(|| EnrollmentError::Unknown(uid.to_owned()))?;
+        let pod = self
+            .pods
+            .get(uid)
+            .ok_or_else(|| EnrollmentError::Unknown(uid.to_owned()))?;
         self.datapath.unenroll(pod.netns_cookie);
         self.pods.remove(uid);
         if let Err(e) = self.pods.save() {
@@ -87,7 +90,10 @@ impl Agent {
             match self.open_pod(p.spec, Some(p.workload_id)) {
                 Ok(pod) => {
                     if pod.netns_cookie != p.netns_cookie {
-                        info!(uid, "pod's network namespace was recreated; enrolled the new one");
+                        info!(
+                            uid,
+                            "pod's network namespace was recreated; enrolled the new one"
+                        );
                     }
                     kept.insert(pod.netns_cookie);
                     info!(uid, "took over enrolled pod");
@@ -104,20 +110,36 @@ impl Agent {
         self.pods.save()
     }
 
-    fn open_pod(self: &Arc<Self>, spec: PodSpec, workload_id: Option<u32>) -> Result<Arc<Pod>, EnrollmentError> {
-        let netns_err = |source| EnrollmentError::Netns { path: spec.netns.clone(), source };
+    fn open_pod(
+        self: &Arc<Self>,
+        spec: PodSpec,
+        workload_id: Option<u32>,
+    ) -> Result<Arc<Pod>, EnrollmentError> {
+        let netns_err = |source| EnrollmentError::Netns {
+            path: spec.netns.clone(),
+            source,
+        };
         let netns = Netns::open(&spec.netns).map_err(netns_err)?;
         let netns_cookie = netns.cookie().map_err(netns_err)?;
         if let Some(other) = self.pods.by_cookie(netns_cookie) {
-            return Err(EnrollmentError::NetnsInUse { path: spec.netns.clone(), uid: other.spec.uid.clone() });
+            return Err(EnrollmentError::NetnsInUse {
+                path: spec.netns.clone(),
+                uid: other.spec.uid.clone(),
+            });
         }
         let listeners = netns
             .run(open_listeners)
             .and_then(|r| r)
-            .map_err(|source| EnrollmentError::Listener { uid: spec.uid.clone(), source })?;
+            .map_err(|source| EnrollmentError::Listener {
+                uid: spec.uid.clone(),
+                source,
+            })?;
         let workload_id = workload_id.unwrap_or_else(|| self.pods.allocate_workload_id());
         let pod = Arc::new(Pod {
-            labels: WorkloadLabels { workload: spec.name.clone(), workload_namespace: spec.namespace.clone() },
+            labels: WorkloadLabels {
+                workload: spec.name.clone(),
+                workload_namespace: spec.namespace.clone(),
+            },
             spec,
             workload_id,
             netns_cookie,
@@ -127,9 +149,17 @@ impl Agent {
             let _rt = self.data_plane.enter();
             let mut tasks = Vec::new();
             for l in listeners {
-                let l = tokio::net::TcpListener::from_std(l)
-                    .map_err(|source| EnrollmentError::Listener { uid: pod.spec.uid.clone(), source })?;
-                tasks.push(self.data_plane.spawn(crate::outbound::serve(self.clone(), pod.clone(), l)));
+                let l = tokio::net::TcpListener::from_std(l).map_err(|source| {
+                    EnrollmentError::Listener {
+                        uid: pod.spec.uid.clone(),
+                        source,
+                    }
+                })?;
+                tasks.push(self.data_plane.spawn(crate::outbound::serve(
+                    self.clone(),
+                    pod.clone(),
+                    l,
+                )));
             }
             tasks
         };
@@ -144,21 +174,38 @@ impl Agent {
 }
 
 fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
-    for (field, value) in [("uid", &spec.uid), ("namespace", &spec.namespace), ("name", &spec.name), ("netns", &spec.netns)] {
+    for (field, value) in [
+        ("uid", &spec.uid),
+        ("namespace", &spec.namespace),
+        ("name", &spec.name),
+        ("netns", &spec.netns),
+    ] {
         if value.trim().is_empty() {
             return Err(EnrollmentError::Invalid(format!("{field} is empty")));
         }
         if value.len() > 253 && field != "netns" {
-            return Err(EnrollmentError::Invalid(format!("{field} is longer than 253 bytes")));
+            return Err(EnrollmentError::Invalid(format!(
+                "{field} is longer than 253 bytes"
+            )));
         }
     }
     if spec.ips.is_empty() {
-        return Err(EnrollmentError::Invalid("ips is empty: a pod needs at least one IP".into()));
+        return Err(EnrollmentError::Invalid(
+            "ips is empty: a pod needs at least one IP".into(),
+        ));
     }
-    if spec.ips.iter().filter(|ip| ip.is_ipv4()).count() > 1 || spec.ips.iter().filter(|ip| ip.is_ipv6()).count() > 1 {
-        return Err(EnrollmentError::Invalid("ips holds more than one address of a family".into()));
+    if spec.ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+        || spec.ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+    {
+        return Err(EnrollmentError::Invalid(
+            "ips holds more than one address of a family".into(),
+        ));
     }
-    if let Some(ip) = spec.ips.iter().find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()) {
+    if let Some(ip) = spec
+        .ips
+        .iter()
+        .find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
+    {
         return Err(EnrollmentError::Invalid(format!("{ip} cannot be a pod IP")));
     }
     Ok(())
@@ -169,7 +216,10 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
 fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
     let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))).map_err(|e| {
         if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            io::Error::new(e.kind(), "127.0.0.1 is not available: is the pod's loopback interface up?")
+            io::Error::new(
+                e.kind(),
+                "127.0.0.1 is not available: is the pod's loopback interface up?",
+            )
         } else {
             e
         }
@@ -177,14 +227,22 @@ fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
     let mut out = vec![v4];
     match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
         Ok(v6) => out.push(v6),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => {}
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+            ) => {}
         Err(e) => return Err(e),
     }
     Ok(out)
 }
 
 fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }

@@ -61,9 +61,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the data-plane runtime")?;
 
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
-    let kernel_log_level = if config.log.contains("debug") || config.log.contains("trace") { 4 } else { 3 };
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let kernel_log_level = if config.log.contains("debug") || config.log.contains("trace") {
+        4
+    } else {
+        3
+    };
     let datapath = Arc::new(Datapath::load(
         &config.ebpf_object,
         &config.pod_cgroup,
@@ -84,7 +92,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         datapath,
         pods,
     });
-    agent.restore().context("taking over previously enrolled pods")?;
+    agent
+        .restore()
+        .context("taking over previously enrolled pods")?;
 
     let control = start_control_plane(agent.clone())?;
     agent.ready.store(true, Ordering::Release);
@@ -95,7 +105,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     agent.ready.store(false, Ordering::Release);
     agent.pods.clear();
     let _ = std::fs::remove_file(agent.config.enroll_socket());
-    agent.datapath.detach().context("detaching the eBPF programs")?;
+    agent
+        .datapath
+        .detach()
+        .context("detaching the eBPF programs")?;
     drop(control);
     data_plane.shutdown_background();
     Ok(())
@@ -104,45 +117,59 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// The admin, metrics, readiness and enrollment servers, on their own thread and runtime.
 /// Binding happens before this returns, so a bind error stops the agent at start.
 fn start_control_plane(agent: Arc<Agent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let cfg = &agent.config;
     let (metrics, ready, admin) = rt.block_on(async {
         let bind = |addr| async move {
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))
         };
-        anyhow::Ok((bind(cfg.metrics_addr).await?, bind(cfg.ready_addr).await?, bind(cfg.admin_addr).await?))
+        anyhow::Ok((
+            bind(cfg.metrics_addr).await?,
+            bind(cfg.ready_addr).await?,
+            bind(cfg.admin_addr).await?,
+        ))
     })?;
     let enroll_path = cfg.enroll_socket();
     let enroll = {
         let _g = rt.enter();
-        enroll_server::bind(&enroll_path).with_context(|| format!("binding {}", enroll_path.display()))?
+        enroll_server::bind(&enroll_path)
+            .with_context(|| format!("binding {}", enroll_path.display()))?
     };
     let logger = agent.datapath.take_logger();
-    Ok(std::thread::Builder::new().name("control".into()).spawn(move || {
-        rt.block_on(async move {
-            use admin::Endpoints;
-            tokio::spawn(admin::serve(metrics, agent.clone(), Endpoints::Metrics));
-            tokio::spawn(admin::serve(ready, agent.clone(), Endpoints::Ready));
-            tokio::spawn(admin::serve(admin, agent.clone(), Endpoints::Admin));
-            tokio::spawn(enroll_server::serve(enroll, agent.clone()));
-            if let Some(logger) = logger {
-                tokio::spawn(forward_kernel_logs(logger));
-            }
-            std::future::pending::<()>().await
-        })
-    })?)
+    Ok(std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                use admin::Endpoints;
+                tokio::spawn(admin::serve(metrics, agent.clone(), Endpoints::Metrics));
+                tokio::spawn(admin::serve(ready, agent.clone(), Endpoints::Ready));
+                tokio::spawn(admin::serve(admin, agent.clone(), Endpoints::Admin));
+                tokio::spawn(enroll_server::serve(enroll, agent.clone()));
+                if let Some(logger) = logger {
+                    tokio::spawn(forward_kernel_logs(logger));
+                }
+                std::future::pending::<()>().await
+            })
+        })?)
 }
 
 /// Moves aya-log records from the kernel's ring buffer into our log.
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open until it is dropped,
     // which only happens after AsyncFd deregisters it.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-        Ok(fd) => fd,
-        Err(e) => return warn!("kernel log reader: {e}"),
-    };
+    let mut fd =
+        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => return warn!("kernel log reader: {e}"),
+        };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }

@@ -21,7 +21,11 @@ enum Command {
     /// Talk to a running agent's enrollment API.
     Enroll {
         /// The agent's enrollment socket.
-        #[arg(long, env = "AMBIT_ENROLL_SOCKET", default_value = "/var/run/ambit/enroll.sock")]
+        #[arg(
+            long,
+            env = "AMBIT_ENROLL_SOCKET",
+            default_value = "/var/run/ambit/enroll.sock"
+        )]
         socket: PathBuf,
         #[command(subcommand)]
         op: EnrollOp,
@@ -63,8 +67,20 @@ fn main() -> anyhow::Result<()> {
         Command::Enroll { socket, op } => {
             let mut client = EnrollClient::connect(&socket)?;
             match op {
-                EnrollOp::Add { uid, namespace, name, netns, ips } => {
-                    let pod = client.add(PodSpec { uid, namespace, name, netns, ips })?;
+                EnrollOp::Add {
+                    uid,
+                    namespace,
+                    name,
+                    netns,
+                    ips,
+                } => {
+                    let pod = client.add(PodSpec {
+                        uid,
+                        namespace,
+                        name,
+                        netns,
+                        ips,
+                    })?;
                     println!("{}", serde_json::to_string_pretty(&pod)?);
                 }
                 EnrollOp::Remove { uid } => client.remove(&uid)?,
@@ -80,6 +96,12 @@ fn init_tracing(config: &Config) {
         eprintln!("bad --log filter {:?} ({e}); using info", config.log);
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if config.log_json { builder.json().init() } else { builder.init() }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
 }

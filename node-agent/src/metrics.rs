@@ -6,10 +6,10 @@ use std::sync::Arc;
 use ambit_ebpf_common::Direction;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::datapath::Datapath;
@@ -119,7 +119,11 @@ impl Collector for KernelCounters {
             .iter()
             .filter_map(|(k, c)| {
                 let labels = names.get(&k.netns_cookie)?;
-                let direction = if k.direction == Direction::Ingress as u32 { "ingress" } else { "egress" };
+                let direction = if k.direction == Direction::Ingress as u32 {
+                    "ingress"
+                } else {
+                    "egress"
+                };
                 Some((
                     KernelLabels {
                         workload: labels.workload.clone(),

@@ -74,7 +74,11 @@ async fn proxy(agent: Arc<Agent>, pod: Arc<Pod>, mut client: TcpStream, peer: So
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(uid = %pod.spec.uid, %dst, "dial failed: {e}");
-            fail(if e.kind() == io::ErrorKind::ConnectionRefused { "refused" } else { "connect_error" });
+            fail(if e.kind() == io::ErrorKind::ConnectionRefused {
+                "refused"
+            } else {
+                "connect_error"
+            });
             reset(&client);
             return;
         }
@@ -89,7 +93,9 @@ async fn proxy(agent: Arc<Agent>, pod: Arc<Pod>, mut client: TcpStream, peer: So
     let m = &agent.metrics;
     m.connections_opened.get_or_create(&pod.labels).inc();
     m.active_connections.inc();
-    let result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF).await;
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF)
+            .await;
     m.active_connections.dec();
     m.connections_closed.get_or_create(&pod.labels).inc();
     match result {
@@ -146,7 +152,10 @@ impl CapturedConnection {
             namespace: pod.spec.namespace.clone(),
             client,
             original_destination: dst,
-            at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
         }
     }
 }
@@ -183,8 +192,13 @@ mod tests {
         assert_eq!(orig_to_addr(v4), "10.244.2.3:8080".parse().unwrap());
         let ip: Ipv6Addr = "fd00:10:244:2::3".parse().unwrap();
         let o = ip.octets();
-        let words = [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
-        let v6 = OrigDst { addr: words, port: 443u16.to_be(), family: AF_INET6 };
+        let words = [0, 1, 2, 3]
+            .map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
+        let v6 = OrigDst {
+            addr: words,
+            port: 443u16.to_be(),
+            family: AF_INET6,
+        };
         assert_eq!(orig_to_addr(v6), "[fd00:10:244:2::3]:443".parse().unwrap());
     }
 }

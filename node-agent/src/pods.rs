@@ -25,7 +25,11 @@ pub struct Pod {
 
 impl Pod {
     pub fn describe(&self) -> EnrolledPod {
-        EnrolledPod { spec: self.spec.clone(), workload_id: self.workload_id, netns_cookie: self.netns_cookie }
+        EnrolledPod {
+            spec: self.spec.clone(),
+            workload_id: self.workload_id,
+            netns_cookie: self.netns_cookie,
+        }
     }
 }
 
@@ -64,7 +68,9 @@ struct Inner {
 
 impl std::fmt::Debug for PodRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PodRegistry").field("state_path", &self.state_path).finish_non_exhaustive()
+        f.debug_struct("PodRegistry")
+            .field("state_path", &self.state_path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,7 +78,10 @@ impl PodRegistry {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             state_path: state_dir.join("pods.json"),
-            inner: Mutex::new(Inner { pods: BTreeMap::new(), next_workload_id: 1 }),
+            inner: Mutex::new(Inner {
+                pods: BTreeMap::new(),
+                next_workload_id: 1,
+            }),
         }
     }
 
@@ -80,7 +89,10 @@ impl PodRegistry {
     pub fn load_saved(&self) -> io::Result<SavedState> {
         match std::fs::read(&self.state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.state_path.display()))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.state_path.display()),
+                )
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SavedState::default()),
             Err(e) => Err(e),
@@ -100,26 +112,52 @@ impl PodRegistry {
     }
 
     pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
-        self.inner.lock().unwrap().pods.get(uid).map(|e| e.pod.clone())
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .get(uid)
+            .map(|e| e.pod.clone())
     }
 
     /// The pod enrolled with this netns cookie, if any.
     pub fn by_cookie(&self, cookie: u64) -> Option<Arc<Pod>> {
-        self.inner.lock().unwrap().pods.values().find(|e| e.pod.netns_cookie == cookie).map(|e| e.pod.clone())
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .find(|e| e.pod.netns_cookie == cookie)
+            .map(|e| e.pod.clone())
     }
 
     pub fn insert(&self, pod: Arc<Pod>, listeners: Vec<JoinHandle<()>>) {
         let uid = pod.spec.uid.clone();
-        self.inner.lock().unwrap().pods.insert(uid, Entry { pod, listeners });
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .insert(uid, Entry { pod, listeners });
     }
 
     /// Removes the pod; its listeners close, its open connections continue.
     pub fn remove(&self, uid: &str) -> Option<Arc<Pod>> {
-        self.inner.lock().unwrap().pods.remove(uid).map(|e| e.pod.clone())
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .remove(uid)
+            .map(|e| e.pod.clone())
     }
 
     pub fn list(&self) -> Vec<EnrolledPod> {
-        self.inner.lock().unwrap().pods.values().map(|e| e.pod.describe()).collect()
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .map(|e| e.pod.describe())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -131,7 +169,13 @@ impl PodRegistry {
     }
 
     pub fn labels_by_cookie(&self) -> HashMap<u64, WorkloadLabels> {
-        self.inner.lock().unwrap().pods.values().map(|e| (e.pod.netns_cookie, e.pod.labels.clone())).collect()
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .map(|e| (e.pod.netns_cookie, e.pod.labels.clone()))
+            .collect()
     }
 
     /// Closes every listener (at shutdown).
@@ -149,7 +193,10 @@ impl PodRegistry {
             }
         };
         let tmp = self.state_path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&state).map_err(io::Error::other)?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&state).map_err(io::Error::other)?,
+        )?;
         std::fs::rename(&tmp, &self.state_path)
     }
 }

@@ -34,7 +34,12 @@ pub struct ClusterSpec {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        Self { nodes: 2, pods_per_node: 2, agents: true, agent_args: Vec::new() }
+        Self {
+            nodes: 2,
+            pods_per_node: 2,
+            agents: true,
+            agent_args: Vec::new(),
+        }
     }
 }
 
@@ -120,7 +125,11 @@ impl Cluster {
         require_root();
         sweep_stale();
         assert!(spec.nodes >= 1 && spec.nodes <= 200 && spec.pods_per_node <= 200);
-        let prefix = format!("{NAME_PREFIX}{}x{}", std::process::id(), CLUSTERS.fetch_add(1, Ordering::Relaxed));
+        let prefix = format!(
+            "{NAME_PREFIX}{}x{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, Ordering::Relaxed)
+        );
         let cgroup_root = cgroup2_mount()?.join(&prefix);
         let mut c = Self {
             bridge_netns: format!("{prefix}-br"),
@@ -132,9 +141,17 @@ impl Cluster {
             prefix,
         };
         // From here on `c` owns what exists: an error drops it, which cleans up.
-        std::fs::create_dir(&c.cgroup_root).with_context(|| format!("creating {}", c.cgroup_root.display()))?;
+        std::fs::create_dir(&c.cgroup_root)
+            .with_context(|| format!("creating {}", c.cgroup_root.display()))?;
         c.add_netns(&c.bridge_netns.clone())?;
-        ip_batch(&c.bridge_netns, &["link set lo up".into(), "link add br0 type bridge".into(), "link set br0 up".into()])?;
+        ip_batch(
+            &c.bridge_netns,
+            &[
+                "link set lo up".into(),
+                "link add br0 type bridge".into(),
+                "link set br0 up".into(),
+            ],
+        )?;
 
         for n in 1..=spec.nodes {
             let netns = format!("{}-n{n}", c.prefix);
@@ -156,27 +173,41 @@ impl Cluster {
             }
             std::fs::create_dir_all(&node.state_dir)?;
             c.add_netns(&node.netns)?;
-            set_sysctls(&node.netns, &[
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/ipv4/conf/all/rp_filter", "0"),
-                ("net/ipv4/conf/default/rp_filter", "0"),
-                ("net/ipv6/conf/all/accept_dad", "0"),
-                ("net/ipv6/conf/default/accept_dad", "0"),
-            ])?;
+            set_sysctls(
+                &node.netns,
+                &[
+                    ("net/ipv4/ip_forward", "1"),
+                    ("net/ipv6/conf/all/forwarding", "1"),
+                    ("net/ipv4/conf/all/rp_filter", "0"),
+                    ("net/ipv4/conf/default/rp_filter", "0"),
+                    ("net/ipv6/conf/all/accept_dad", "0"),
+                    ("net/ipv6/conf/default/accept_dad", "0"),
+                ],
+            )?;
             let mut cmds = vec![
                 "link set lo up".to_string(),
-                format!("link add eth0 type veth peer name n{n} netns {}", c.bridge_netns),
+                format!(
+                    "link add eth0 type veth peer name n{n} netns {}",
+                    c.bridge_netns
+                ),
                 format!("addr add {}/24 dev eth0", node.ip4),
                 format!("addr add {}/64 dev eth0 nodad", node.ip6),
                 "link set eth0 up".into(),
             ];
             for k in (1..=spec.nodes).filter(|&k| k != n) {
                 cmds.push(format!("route add 10.244.{k}.0/24 via 172.18.0.{k}"));
-                cmds.push(format!("route add fd00:10:244:{k:x}::/64 via fd00:172:18::{k:x}"));
+                cmds.push(format!(
+                    "route add fd00:10:244:{k:x}::/64 via fd00:172:18::{k:x}"
+                ));
             }
             ip_batch(&node.netns, &cmds)?;
-            ip_batch(&c.bridge_netns, &[format!("link set n{n} master br0"), format!("link set n{n} up")])?;
+            ip_batch(
+                &c.bridge_netns,
+                &[
+                    format!("link set n{n} master br0"),
+                    format!("link set n{n} up"),
+                ],
+            )?;
             c.nodes.push(node);
 
             for m in FIRST_POD..FIRST_POD + spec.pods_per_node {
@@ -189,30 +220,40 @@ impl Cluster {
                     ip6: format!("fd00:10:244:{n:x}::{m:x}").parse().unwrap(),
                     cgroup: c.nodes[n - 1].pod_cgroup.join(format!("pod{m}")),
                 };
-                std::fs::create_dir(&pod.cgroup).with_context(|| format!("creating {}", pod.cgroup.display()))?;
+                std::fs::create_dir(&pod.cgroup)
+                    .with_context(|| format!("creating {}", pod.cgroup.display()))?;
                 c.add_netns(&pod.netns)?;
-                set_sysctls(&pod.netns, &[
-                    ("net/ipv6/conf/all/accept_dad", "0"),
-                    ("net/ipv6/conf/default/accept_dad", "0"),
-                ])?;
+                set_sysctls(
+                    &pod.netns,
+                    &[
+                        ("net/ipv6/conf/all/accept_dad", "0"),
+                        ("net/ipv6/conf/default/accept_dad", "0"),
+                    ],
+                )?;
                 let node_ns = c.nodes[n - 1].netns.clone();
-                ip_batch(&pod.netns, &[
-                    "link set lo up".into(),
-                    format!("link add eth0 type veth peer name p{m} netns {node_ns}"),
-                    format!("addr add {}/32 dev eth0", pod.ip4),
-                    format!("addr add {}/128 dev eth0 nodad", pod.ip6),
-                    "link set eth0 up".into(),
-                    "route add 169.254.1.1 dev eth0 scope link".into(),
-                    "route add default via 169.254.1.1 dev eth0".into(),
-                    "route add ::/0 via fe80::1 dev eth0".into(),
-                ])?;
-                ip_batch(&node_ns, &[
-                    format!("link set p{m} up"),
-                    format!("addr add 169.254.1.1/32 dev p{m}"),
-                    format!("addr add fe80::1/64 dev p{m} nodad"),
-                    format!("route add {}/32 dev p{m}", pod.ip4),
-                    format!("route add {}/128 dev p{m}", pod.ip6),
-                ])?;
+                ip_batch(
+                    &pod.netns,
+                    &[
+                        "link set lo up".into(),
+                        format!("link add eth0 type veth peer name p{m} netns {node_ns}"),
+                        format!("addr add {}/32 dev eth0", pod.ip4),
+                        format!("addr add {}/128 dev eth0 nodad", pod.ip6),
+                        "link set eth0 up".into(),
+                        "route add 169.254.1.1 dev eth0 scope link".into(),
+                        "route add default via 169.254.1.1 dev eth0".into(),
+                        "route add ::/0 via fe80::1 dev eth0".into(),
+                    ],
+                )?;
+                ip_batch(
+                    &node_ns,
+                    &[
+                        format!("link set p{m} up"),
+                        format!("addr add 169.254.1.1/32 dev p{m}"),
+                        format!("addr add fe80::1/64 dev p{m} nodad"),
+                        format!("route add {}/32 dev p{m}", pod.ip4),
+                        format!("route add {}/128 dev p{m}", pod.ip6),
+                    ],
+                )?;
                 c.nodes[n - 1].pods.push(pod);
             }
         }
@@ -243,7 +284,10 @@ impl Cluster {
     /// `/healthz/ready` says ready.
     pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {
         let node = self.node(n);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.agent_log())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.agent_log())?;
         let mut cmd = Command::new(workspace_bin("ambit-agent"));
         cmd.arg("run")
             .arg("--pod-cgroup")
@@ -256,18 +300,31 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = spawn_in(&node.netns_path(), &node.agent_cgroup, &mut cmd).context("starting ambit-agent")?;
+        let child = spawn_in(&node.netns_path(), &node.agent_cgroup, &mut cmd)
+            .context("starting ambit-agent")?;
         *node.agent.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok((200, _)) = self.http_get(n, "127.0.0.1:15021", "/healthz/ready") {
                 return Ok(());
             }
-            if let Some(status) = node.agent.lock().unwrap().as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent on node {n} exited ({status}) before it was ready:\n{}", self.agent_log_tail(n));
+            if let Some(status) = node
+                .agent
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "agent on node {n} exited ({status}) before it was ready:\n{}",
+                    self.agent_log_tail(n)
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent on node {n} not ready after 30 s:\n{}", self.agent_log_tail(n));
+                bail!(
+                    "agent on node {n} not ready after 30 s:\n{}",
+                    self.agent_log_tail(n)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -313,7 +370,12 @@ impl Cluster {
 
     /// Starts `ambit-pod-tool args..` inside `pod`.
     pub fn spawn_in_pod(&self, pod: &Pod, args: &[String]) -> anyhow::Result<PodProcess> {
-        Ok(PodProcess::start(&pod.netns_path(), &pod.cgroup, &workspace_bin("ambit-pod-tool"), args)?)
+        Ok(PodProcess::start(
+            &pod.netns_path(),
+            &pod.cgroup,
+            &workspace_bin("ambit-pod-tool"),
+            args,
+        )?)
     }
 
     /// Starts an echo/sink server in `pod` on the given listen specs and waits until it
@@ -325,18 +387,26 @@ impl Cluster {
             args.push(l.clone());
         }
         let mut p = self.spawn_in_pod(pod, &args)?;
-        p.wait_for_line("listening").context("server did not start")?;
+        p.wait_for_line("listening")
+            .context("server did not start")?;
         Ok(p)
     }
 
     /// Runs `ambit-pod-tool client args..` in `pod` to completion and returns whether it
     /// succeeded and its per-connection reports.
-    pub fn run_client(&self, pod: &Pod, args: &[String]) -> anyhow::Result<(bool, Vec<serde_json::Value>)> {
+    pub fn run_client(
+        &self,
+        pod: &Pod,
+        args: &[String],
+    ) -> anyhow::Result<(bool, Vec<serde_json::Value>)> {
         let mut all = vec!["client".to_string()];
         all.extend_from_slice(args);
         let p = self.spawn_in_pod(pod, &all)?;
         let (status, lines) = p.finish(Duration::from_secs(120))?;
-        let reports = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let reports = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         Ok((status.success(), reports))
     }
 
@@ -355,7 +425,10 @@ impl Cluster {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP status"))?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     }
 
@@ -381,7 +454,9 @@ pub fn metric_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64
         if n != name {
             return None;
         }
-        want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))).then(|| value.parse().ok())?
+        want.iter()
+            .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
     })
 }
 
@@ -409,7 +484,10 @@ impl Cluster {
                 let _ = std::fs::remove_dir_all(&node.state_dir);
             }
         }
-        for ns in std::mem::take(&mut *self.netns_created.lock().unwrap()).iter().rev() {
+        for ns in std::mem::take(&mut *self.netns_created.lock().unwrap())
+            .iter()
+            .rev()
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup_tree(&self.cgroup_root);
@@ -443,7 +521,9 @@ fn sweep_stale() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let dead = |name: &str| -> bool {
-            let Some(rest) = name.strip_prefix(NAME_PREFIX) else { return false };
+            let Some(rest) = name.strip_prefix(NAME_PREFIX) else {
+                return false;
+            };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
             !pid.is_empty() && !Path::new("/proc").join(&pid).exists()
         };
@@ -497,10 +577,18 @@ fn ip_batch(netns: &str, cmds: &[String]) -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("running ip (iproute2)")?;
-    child.stdin.take().unwrap().write_all(cmds.join("\n").as_bytes())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cmds.join("\n").as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("ip -n {netns} -batch failed: {}\ncommands:\n{}", String::from_utf8_lossy(&out.stderr), cmds.join("\n"));
+        bail!(
+            "ip -n {netns} -batch failed: {}\ncommands:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cmds.join("\n")
+        );
     }
     Ok(())
 }
@@ -519,7 +607,8 @@ fn set_sysctls(netns: &str, kv: &[(&str, &str)]) -> anyhow::Result<()> {
     let ns = Netns::open(Path::new("/var/run/netns").join(netns))?;
     ns.run(|| {
         for (k, v) in kv {
-            std::fs::write(Path::new("/proc/sys").join(k), v).with_context(|| format!("sysctl {k}={v} in {netns}"))?;
+            std::fs::write(Path::new("/proc/sys").join(k), v)
+                .with_context(|| format!("sysctl {k}={v} in {netns}"))?;
         }
         anyhow::Ok(())
     })?

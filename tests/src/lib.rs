@@ -37,7 +37,10 @@ pub fn require_root() {
 /// Path of a binary built from this workspace (`ambit-agent`, `ambit-pod-tool`), next to
 /// the test executable's target directory.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
-    if let Ok(p) = std::env::var(format!("AMBIT_BIN_{}", name.to_uppercase().replace('-', "_"))) {
+    if let Ok(p) = std::env::var(format!(
+        "AMBIT_BIN_{}",
+        name.to_uppercase().replace('-', "_")
+    )) {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");

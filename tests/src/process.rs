@@ -58,9 +58,16 @@ impl PodProcess {
     /// Starts `program args..` in the pod, with piped stdin/stdout (stderr inherited).
     pub fn start(netns: &Path, cgroup: &Path, program: &Path, args: &[String]) -> io::Result<Self> {
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let mut child = spawn_in(netns, cgroup, &mut cmd)?;
-        Ok(Self { stdin: child.stdin.take(), stdout: child.stdout.take().map(BufReader::new), child })
+        Ok(Self {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take().map(BufReader::new),
+            child,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -70,7 +77,10 @@ impl PodProcess {
     /// Reads one line of stdout (without the newline); `None` at EOF.
     pub fn read_line(&mut self) -> io::Result<Option<String>> {
         let mut l = String::new();
-        let out = self.stdout.as_mut().ok_or_else(|| io::Error::other("stdout already taken"))?;
+        let out = self
+            .stdout
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stdout already taken"))?;
         if out.read_line(&mut l)? == 0 {
             return Ok(None);
         }
@@ -83,13 +93,21 @@ impl PodProcess {
             match self.read_line()? {
                 Some(l) if l == want => return Ok(()),
                 Some(_) => continue,
-                None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("exited before printing {want:?}"))),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("exited before printing {want:?}"),
+                    ));
+                }
             }
         }
     }
 
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| io::Error::other("stdin closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stdin closed"))?;
         writeln!(stdin, "{line}")?;
         stdin.flush()
     }
@@ -116,7 +134,10 @@ impl PodProcess {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("pid {} did not exit in {timeout:?}", self.pid())));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("pid {} did not exit in {timeout:?}", self.pid()),
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         };

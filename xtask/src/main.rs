@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const APT_PACKAGES: [&str; 4] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Ambit's build, test, demo and bench commands")]
@@ -55,7 +60,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 fn cargo() -> Command {
@@ -65,7 +73,9 @@ fn cargo() -> Command {
 /// Runs `cmd`, failing with `step` and the hint if it does not succeed.
 fn run(step: &str, cmd: &mut Command, hint: &str) -> anyhow::Result<()> {
     eprintln!("xtask: {step}");
-    let status = cmd.status().with_context(|| format!("{step}: could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{step} failed ({status}). To do it by hand: {hint}");
     }
@@ -79,7 +89,9 @@ fn is_root() -> bool {
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("{what} builds network namespaces, cgroups and eBPF programs and must run as root: `sudo -E cargo xtask ...`");
+        bail!(
+            "{what} builds network namespaces, cgroups and eBPF programs and must run as root: `sudo -E cargo xtask ...`"
+        );
     }
     Ok(())
 }
@@ -90,7 +102,10 @@ fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
         .context("running rustup (is rustup installed?)")?;
-    if !String::from_utf8_lossy(&rust_src.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if !String::from_utf8_lossy(&rust_src.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         run(
             "installing rust-src for nightly",
             Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
@@ -119,21 +134,43 @@ fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("LLVM 22 development packages are missing ({}); install them as root: apt-get install -y {}", missing.join(" "), missing.join(" "));
+            bail!(
+                "LLVM 22 development packages are missing ({}); install them as root: apt-get install -y {}",
+                missing.join(" "),
+                missing.join(" ")
+            );
         }
-        run("apt-get update", Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+        run(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-qq"]),
+            "apt-get update",
+        )?;
         run(
             &format!("installing {}", missing.join(" ")),
-            Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
             &format!("apt-get install -y {}", missing.join(" ")),
         )?;
     }
     run(
         &format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 1.5 minutes)"),
         cargo()
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", LLVM_PREFIX),
-        &format!("LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22"),
+        &format!(
+            "LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22"
+        ),
     )
 }
 
@@ -145,7 +182,17 @@ fn build_ebpf() -> anyhow::Result<PathBuf> {
         "building the eBPF object",
         Command::new("rustup")
             .current_dir(root.join("ebpf"))
-            .args(["run", "nightly", "cargo", "build", "--release", "-Z", "build-std=core", "--target", BPF_TARGET])
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "build",
+                "--release",
+                "-Z",
+                "build-std=core",
+                "--target",
+                BPF_TARGET,
+            ])
             .arg("--target-dir")
             .arg(root.join("target"))
             // What `cargo xtask` put in the environment must not leak into the nightly build.
@@ -154,10 +201,17 @@ fn build_ebpf() -> anyhow::Result<PathBuf> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env("RUSTFLAGS", r#"--cfg bpf_target_arch="x86_64" -C debuginfo=2 -C link-arg=--btf"#),
+            .env(
+                "RUSTFLAGS",
+                r#"--cfg bpf_target_arch="x86_64" -C debuginfo=2 -C link-arg=--btf"#,
+            ),
         "cd ebpf && cargo +nightly build --release -Z build-std=core --target bpfel-unknown-none (see TOOLCHAIN.md)",
     )?;
-    let object = root.join("target").join(BPF_TARGET).join("release").join("ambit-ebpf");
+    let object = root
+        .join("target")
+        .join(BPF_TARGET)
+        .join("release")
+        .join("ambit-ebpf");
     if !object.is_file() {
         bail!("the build succeeded but {} is missing", object.display());
     }
@@ -169,17 +223,30 @@ fn ensure_iproute2() -> anyhow::Result<()> {
     if Command::new("ip").arg("-V").output().is_ok() {
         return Ok(());
     }
-    run("apt-get update", Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
-    run("installing iproute2", Command::new("apt-get").args(["install", "-y", "-qq", "iproute2"]), "apt-get install -y iproute2")
+    run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    run(
+        "installing iproute2",
+        Command::new("apt-get").args(["install", "-y", "-qq", "iproute2"]),
+        "apt-get install -y iproute2",
+    )
 }
 
 fn build_workspace(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--workspace", "--bins"]);
     if release {
         cmd.arg("--release");
     }
-    run("building the workspace", &mut cmd, "cargo build --workspace")
+    run(
+        "building the workspace",
+        &mut cmd,
+        "cargo build --workspace",
+    )
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
@@ -210,7 +277,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let status = child.wait()?;
     println!("summary: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
-        bail!("the test suite failed ({status}); rerun by hand with `cargo test --workspace` as root");
+        bail!(
+            "the test suite failed ({status}); rerun by hand with `cargo test --workspace` as root"
+        );
     }
     Ok(())
 }
@@ -218,7 +287,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 /// The number just before `word` in a cargo "test result:" line.
 fn count_before(line: &str, word: &str) -> u64 {
     line.split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word.trim()))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word.trim())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -231,8 +305,14 @@ fn run_harness_bin(name: &str) -> anyhow::Result<()> {
     build_workspace(true)?;
     let bin = workspace_root().join("target/release").join(name);
     let status = Command::new(&bin)
-        .env("AMBIT_BIN_AMBIT_AGENT", workspace_root().join("target/release/ambit-agent"))
-        .env("AMBIT_BIN_AMBIT_POD_TOOL", workspace_root().join("target/release/ambit-pod-tool"))
+        .env(
+            "AMBIT_BIN_AMBIT_AGENT",
+            workspace_root().join("target/release/ambit-agent"),
+        )
+        .env(
+            "AMBIT_BIN_AMBIT_POD_TOOL",
+            workspace_root().join("target/release/ambit-pod-tool"),
+        )
         .status()
         .with_context(|| format!("starting {}", bin.display()))?;
     if !status.success() {

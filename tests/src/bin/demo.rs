@@ -9,7 +9,9 @@ use ambit_tests::{Cluster, ClusterSpec, Pod};
 
 fn main() -> anyhow::Result<()> {
     ambit_tests::require_root();
-    println!("Ambit demo: building a 2-node cluster in network namespaces (2 pods per node, an agent per node)...");
+    println!(
+        "Ambit demo: building a 2-node cluster in network namespaces (2 pods per node, an agent per node)..."
+    );
     let cluster = Arc::new(Cluster::new(ClusterSpec::default())?);
     cleanup_on_signal(cluster.clone());
     let c = &*cluster;
@@ -23,15 +25,30 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     for node in &c.nodes {
-        println!("node-{}  {} / {}  agent pid {}", node.index, node.ip4, node.ip6, node.agent_pid().unwrap_or(0));
+        println!(
+            "node-{}  {} / {}  agent pid {}",
+            node.index,
+            node.ip4,
+            node.ip6,
+            node.agent_pid().unwrap_or(0)
+        );
         for p in &node.pods {
             let enrolled = [a, d].iter().any(|e| e.uid == p.uid);
-            println!("  {:<10} {:<13} {:<22} {}", p.name, p.ip4, p.ip6, if enrolled { "enrolled" } else { "not enrolled" });
+            println!(
+                "  {:<10} {:<13} {:<22} {}",
+                p.name,
+                p.ip4,
+                p.ip6,
+                if enrolled { "enrolled" } else { "not enrolled" }
+            );
         }
     }
 
     println!("\nTraffic (each connection echoes 1 MB and checks every byte):");
-    println!("  {:<10} {:<28} {:<10} {}", "FROM", "TO", "RESULT", "HOW IT ARRIVED (as the server saw it)");
+    println!(
+        "  {:<10} {:<28} {:<10} HOW IT ARRIVED (as the server saw it)",
+        "FROM", "TO", "RESULT"
+    );
     for (from, to) in [
         (a, format!("{}:8080", s.ip4)),
         (a, format!("[{}]:8080", s.ip6)),
@@ -42,8 +59,14 @@ fn main() -> anyhow::Result<()> {
     }
 
     for node in &c.nodes {
-        println!("\nWhat node-{}'s agent captured (GET /debug/connections on its admin port):", node.index);
-        println!("  {:<10} {:<24} {}", "WORKLOAD", "APP SOCKET (REDIRECTED)", "ORIGINAL DESTINATION");
+        println!(
+            "\nWhat node-{}'s agent captured (GET /debug/connections on its admin port):",
+            node.index
+        );
+        println!(
+            "  {:<10} {:<24} ORIGINAL DESTINATION",
+            "WORKLOAD", "APP SOCKET (REDIRECTED)"
+        );
         for e in c.captured(node.index)? {
             println!(
                 "  {:<10} {:<24} {}",
@@ -54,8 +77,19 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("\nPer-workload counters (GET /metrics; bytes at the IP layer, counted by cgroup_skb in the kernel):");
-    println!("  {:<6} {:<10} {:>14} {:>14} {:>10} {:>10} {:>12}", "NODE", "WORKLOAD", "EGRESS BYTES", "INGRESS BYTES", "EGRESS PK", "INGRESS PK", "PROXIED CONNS");
+    println!(
+        "\nPer-workload counters (GET /metrics; bytes at the IP layer, counted by cgroup_skb in the kernel):"
+    );
+    println!(
+        "  {:<6} {:<10} {:>14} {:>14} {:>10} {:>10} {:>12}",
+        "NODE",
+        "WORKLOAD",
+        "EGRESS BYTES",
+        "INGRESS BYTES",
+        "EGRESS PK",
+        "INGRESS PK",
+        "PROXIED CONNS"
+    );
     for node in &c.nodes {
         let m = c.metrics(node.index)?;
         for p in [a, d].into_iter().filter(|p| p.node == node.index) {
@@ -98,14 +132,23 @@ fn traffic(c: &Cluster, from: &Pod, to: &str) -> anyhow::Result<()> {
     } else {
         format!("from {peer} directly (not captured)")
     };
-    println!("  {:<10} {:<28} {:<10} {}", from.name, to, if ok { "ok" } else { "FAILED" }, how);
+    println!(
+        "  {:<10} {:<28} {:<10} {}",
+        from.name,
+        to,
+        if ok { "ok" } else { "FAILED" },
+        how
+    );
     Ok(())
 }
 
 /// Ctrl-C or SIGTERM: remove the cluster, then exit.
 fn cleanup_on_signal(cluster: Arc<Cluster>) {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
