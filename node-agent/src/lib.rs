@@ -54,6 +54,7 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT, then detaches the programs and exits.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit();
     let data_plane = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads.max(1))
         .thread_name("dataplane")
@@ -172,6 +173,28 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+/// Each enrolled pod holds a few descriptors (listeners, its netns) and each proxied
+/// connection two: raise the soft limit to the hard one, as the default 1024 would cap a
+/// node at a few hundred pods.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                warn!("could not raise the open-file limit from {}", lim.rlim_cur);
+            }
+        }
     }
 }
 

@@ -280,6 +280,28 @@ impl Cluster {
         &self.nodes[n - 1].pods[i]
     }
 
+    /// Adds `count` pods to node `n` that have only a network namespace with loopback up
+    /// (no veth, no cgroup, made-up IPs in 10.245.0.0/16): enough to enroll them, e.g. to
+    /// measure the agent's cost per enrolled pod.
+    pub fn add_bare_pods(&self, n: usize, count: usize) -> anyhow::Result<Vec<Pod>> {
+        let mut pods = Vec::with_capacity(count);
+        for i in 0..count {
+            let netns = format!("{}-n{n}-b{i}", self.prefix);
+            self.add_netns(&netns)?;
+            ip_batch(&netns, &["link set lo up".into()])?;
+            pods.push(Pod {
+                node: n,
+                name: format!("bare-{n}-{i}"),
+                uid: format!("{}-bare-{n}-{i}", self.prefix),
+                netns,
+                ip4: Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250 + 1) as u8),
+                ip6: format!("fd00:10:245::{:x}", i + 1).parse().unwrap(),
+                cgroup: self.node(n).pod_cgroup.clone(),
+            });
+        }
+        Ok(pods)
+    }
+
     /// Starts node `n`'s agent (in the node's netns and agent cgroup) and waits until
     /// `/healthz/ready` says ready.
     pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {

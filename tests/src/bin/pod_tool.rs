@@ -70,6 +70,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// Time spent in the connect() system call (blocking socket), sequentially.
+    ConnectLat {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 5_000)]
+        count: usize,
+    },
     /// Connections per second (connect, hello, close), sequentially.
     Cps {
         #[arg(long)]
@@ -139,6 +146,9 @@ fn run() -> anyhow::Result<()> {
                 count,
                 seconds,
             } => cps(connect, count, seconds).await,
+            Cmd::ConnectLat { connect, count } => {
+                tokio::task::spawn_blocking(move || connect_lat(connect, count)).await?
+            }
         }
     })
 }
@@ -434,6 +444,28 @@ async fn bulk(target: SocketAddr, seconds: f64) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"gbit_per_s": sent as f64 * 8.0 / secs / 1e9, "bytes": sent})
+    );
+    Ok(())
+}
+
+fn connect_lat(target: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut lat = Vec::with_capacity(count);
+    for i in 0..count + count / 10 {
+        let t = Instant::now();
+        let s = std::net::TcpStream::connect(target)?;
+        let took = t.elapsed().as_nanos() as u64;
+        // RST instead of FIN: no TIME_WAIT pile-up over thousands of connections.
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        drop(s);
+        if i >= count / 10 {
+            lat.push(took);
+        }
+    }
+    lat.sort_unstable();
+    let mean = lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1e3;
+    println!(
+        "{}",
+        serde_json::json!({"p50_us": lat[lat.len() / 2] as f64 / 1e3, "mean_us": mean, "count": lat.len()})
     );
     Ok(())
 }
