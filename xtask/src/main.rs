@@ -162,7 +162,6 @@ fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
                 "bpf-linker",
                 "--version",
                 BPF_LINKER_VERSION,
-                "--locked",
                 "--no-default-features",
                 "--features",
                 "llvm-22",
