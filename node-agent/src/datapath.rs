@@ -293,41 +293,28 @@ fn attach_all(ebpf: &mut Ebpf, cgroup: &File, link_dir: &Path) -> Result<(), Dat
             source: Box::new(source),
         }
     };
+    // Load, attach, take the link out of aya's keeping and pin it.
+    macro_rules! attach_pinned {
+        ($ty:ty, $name:expr, |$p:ident| $attach:expr) => {{
+            let name = $name;
+            let $p: &mut $ty = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
+            $p.load().map_err(prog_err(name))?;
+            let id = $attach.map_err(prog_err(name))?;
+            let link = $p.take_link(id).map_err(prog_err(name))?;
+            let link = link.try_into().map_err(|e| link_err(name, e))?;
+            pin_replacing(link, &link_dir.join(name))?;
+        }};
+    }
     for name in [programs::CONNECT4, programs::CONNECT6] {
-        let p: &mut CgroupSockAddr = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
-        p.load().map_err(prog_err(name))?;
-        let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
-        let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(
-            link.try_into().map_err(|e| link_err(name, e))?,
-            &link_dir.join(name),
-        )?;
+        attach_pinned!(CgroupSockAddr, name, |p| p.attach(cgroup.as_fd(), mode));
     }
-    {
-        let name = programs::SOCK_OPS;
-        let p: &mut SockOps = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
-        p.load().map_err(prog_err(name))?;
-        let id = p.attach(cgroup.as_fd(), mode).map_err(prog_err(name))?;
-        let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(
-            link.try_into().map_err(|e| link_err(name, e))?,
-            &link_dir.join(name),
-        )?;
-    }
+    attach_pinned!(SockOps, programs::SOCK_OPS, |p| p
+        .attach(cgroup.as_fd(), mode));
     for (name, kind) in [
         (programs::SKB_INGRESS, CgroupSkbAttachType::Ingress),
         (programs::SKB_EGRESS, CgroupSkbAttachType::Egress),
     ] {
-        let p: &mut CgroupSkb = program(ebpf, name)?.try_into().map_err(prog_err(name))?;
-        p.load().map_err(prog_err(name))?;
-        let id = p
-            .attach(cgroup.as_fd(), kind, mode)
-            .map_err(prog_err(name))?;
-        let link = p.take_link(id).map_err(prog_err(name))?;
-        pin_replacing(
-            link.try_into().map_err(|e| link_err(name, e))?,
-            &link_dir.join(name),
-        )?;
+        attach_pinned!(CgroupSkb, name, |p| p.attach(cgroup.as_fd(), kind, mode));
     }
     Ok(())
 }

@@ -48,14 +48,21 @@ fn agent_saw(c: &Cluster, pod: &Pod, client_port: u16, dst: std::net::SocketAddr
     })
 }
 
-#[test]
-fn enrolled_pod_is_captured_across_nodes_byte_exact() {
+/// The usual setup: a 2x2 cluster, an echo server on pod(2, 0):8080, pod(1, 0) enrolled.
+fn cluster_with_enrolled_client() -> (Cluster, ambit_tests::PodProcess) {
     let c = Cluster::new(ClusterSpec::default()).unwrap();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
+    let srv = c
         .start_server(server, &[format!("{}:8080", server.ip4)])
         .unwrap();
     c.enroll(client).unwrap();
+    (c, srv)
+}
+
+#[test]
+fn enrolled_pod_is_captured_across_nodes_byte_exact() {
+    let (c, _srv) = cluster_with_enrolled_client();
+    let (client, server) = (c.pod(1, 0), c.pod(2, 0));
 
     let dst = format!("{}:8080", server.ip4);
     let (ok, reports) = c
@@ -119,12 +126,8 @@ fn non_enrolled_pod_is_not_captured() {
 
 #[test]
 fn released_pod_stops_being_captured_and_open_connections_finish() {
-    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
-        .start_server(server, &[format!("{}:8080", server.ip4)])
-        .unwrap();
-    c.enroll(client).unwrap();
     let dst = format!("{}:8080", server.ip4);
 
     // A connection opened while enrolled, held open across the release.
@@ -205,12 +208,8 @@ fn ipv6_and_v4_mapped_connections_are_captured() {
 
 #[test]
 fn kernel_counters_match_the_traffic_and_reach_metrics() {
-    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
-        .start_server(server, &[format!("{}:8080", server.ip4)])
-        .unwrap();
-    c.enroll(client).unwrap();
 
     let payload = 4 * MB;
     let (ok, reports) = c
@@ -306,12 +305,8 @@ fn two_hundred_concurrent_connections_get_their_own_original_destination() {
 
 #[test]
 fn killed_agent_fails_closed_and_restarted_agent_takes_over() {
-    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
-        .start_server(server, &[format!("{}:8080", server.ip4)])
-        .unwrap();
-    c.enroll(client).unwrap();
     let dst = format!("{}:8080", server.ip4);
 
     c.stop_agent(1, libc::SIGKILL).unwrap();
@@ -441,12 +436,8 @@ fn malformed_enrollment_requests_are_rejected_and_the_agent_keeps_working() {
 
 #[test]
 fn sigterm_detaches_programs_cleanly() {
-    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
-        .start_server(server, &[format!("{}:8080", server.ip4)])
-        .unwrap();
-    c.enroll(client).unwrap();
     let status = c.stop_agent(1, libc::SIGTERM).unwrap();
     assert!(
         status.success(),
@@ -476,12 +467,8 @@ fn fd_count(pid: u32) -> usize {
 
 #[test]
 fn resets_propagate_and_connections_leak_nothing() {
-    let c = Cluster::new(ClusterSpec::default()).unwrap();
+    let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
-    let _srv = c
-        .start_server(server, &[format!("{}:8080", server.ip4)])
-        .unwrap();
-    c.enroll(client).unwrap();
     let dst = format!("{}:8080", server.ip4);
     let agent = c.node(1).agent_pid().unwrap();
     // Warm up (the runtime allocates what it keeps), then take the baseline.

@@ -140,19 +140,7 @@ fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
                 missing.join(" ")
             );
         }
-        run(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-qq"]),
-            "apt-get update",
-        )?;
-        run(
-            &format!("installing {}", missing.join(" ")),
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            &format!("apt-get install -y {}", missing.join(" ")),
-        )?;
+        apt_install(&missing)?;
     }
     run(
         &format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 1.5 minutes)"),
@@ -222,15 +210,24 @@ fn ensure_iproute2() -> anyhow::Result<()> {
     if Command::new("ip").arg("-V").output().is_ok() {
         return Ok(());
     }
+    apt_install(&["iproute2"])
+}
+
+/// `apt-get update` then `apt-get install` of `packages` (as root).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let list = packages.join(" ");
     run(
         "apt-get update",
         Command::new("apt-get").args(["update", "-qq"]),
         "apt-get update",
     )?;
     run(
-        "installing iproute2",
-        Command::new("apt-get").args(["install", "-y", "-qq", "iproute2"]),
-        "apt-get install -y iproute2",
+        &format!("installing {list}"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        &format!("apt-get install -y {list}"),
     )
 }
 
