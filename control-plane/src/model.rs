@@ -1,0 +1,768 @@
+//! The control plane's one internal model of the mesh.
+//!
+//! Sources (the YAML file today, Kubernetes later) fill [`MeshSpec`] with what they read;
+//! [`Model::build`] validates it and derives everything the translator needs (which
+//! workloads are enrolled, each service's endpoints), so every source gets the same
+//! rules and the translator never looks at a source.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+/// Namespace label that enrolls a namespace's pods (`ambient`), and pod label that opts
+/// one out (`none`).
+pub const DATAPLANE_LABEL: &str = "ambit.dev/dataplane";
+/// Label value that enrolls a namespace.
+pub const DATAPLANE_AMBIENT: &str = "ambient";
+/// Label value that opts a pod out.
+pub const DATAPLANE_NONE: &str = "none";
+/// Namespace or service label naming a waypoint.
+pub const WAYPOINT_LABEL: &str = "ambit.dev/waypoint";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a source read, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct MeshSpec {
+    pub trust_domain: String,
+    pub namespaces: Vec<NamespaceSpec>,
+    pub nodes: Vec<NodeSpec>,
+    pub workloads: Vec<WorkloadSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub policies: Vec<PolicySpec>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceSpec {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeSpec {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadSpec {
+    /// Defaults to `namespace/name`.
+    pub uid: Option<String>,
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    /// Defaults to `default`.
+    pub service_account: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Workloads in the service's namespace whose labels contain all of these. An empty
+    /// selector selects nothing (a service without endpoints), as in Kubernetes.
+    pub selector: Labels,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// An L4 authorization policy (Istio `AuthorizationPolicy`-shaped).
+#[derive(Clone, Debug)]
+pub struct PolicySpec {
+    pub name: String,
+    pub namespace: String,
+    /// Workloads of the namespace it applies to; `None`: all of them.
+    pub selector: Option<Labels>,
+    pub action: Action,
+    /// The policy matches a connection if any rule matches; with no rules it matches
+    /// nothing, whatever its action (as in Istio).
+    pub rules: Vec<Rule>,
+}
+
+/// Matches if (no `from` or any source matches) and (no `to` or any destination matches).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<SourceMatch>,
+    pub to: Vec<DestinationMatch>,
+}
+
+/// Every non-empty field must match (and no `not_*` field may).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceMatch {
+    /// SPIFFE identities without the scheme (`cluster.local/ns/a/sa/b`); `*` as prefix
+    /// or suffix wildcard.
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub ip_blocks: Vec<Cidr>,
+    pub not_ip_blocks: Vec<Cidr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestinationMatch {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+/// An IP prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A validated mesh with derived fields.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Model {
+    pub trust_domain: String,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub nodes: BTreeSet<String>,
+    /// By uid.
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: BTreeMap<NamespacedName, Service>,
+    pub policies: BTreeMap<NamespacedName, Policy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+impl Namespace {
+    /// Pods of this namespace join the mesh.
+    pub fn enrolled(&self) -> bool {
+        self.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_AMBIENT)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: Labels,
+    /// Derived: its namespace is enrolled and it did not opt out.
+    pub enrolled: bool,
+    /// Derived: the waypoint its namespace names, if any.
+    pub waypoint: Option<String>,
+}
+
+impl Workload {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: Labels,
+    /// Derived: uids of the selected workloads.
+    pub endpoints: Vec<String>,
+    /// From the service's or its namespace's `ambit.dev/waypoint` label.
+    pub waypoint: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<Labels>,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+}
+
+/// One problem with a source's input: where, and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// e.g. `workloads[2] (shop/web-0).ips[1]`.
+    pub place: String,
+    pub problem: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.place, self.problem)
+    }
+}
+
+impl Model {
+    /// Validates `spec` and derives the model. All problems are reported, not just the
+    /// first.
+    pub fn build(spec: MeshSpec) -> Result<Model, Vec<Problem>> {
+        let mut p = Problems::default();
+        let mut m = Model {
+            trust_domain: spec.trust_domain.clone(),
+            ..Default::default()
+        };
+        if !is_dns_subdomain(&spec.trust_domain) {
+            p.add(
+                "trustDomain",
+                format!(
+                    "{:?} is not a valid trust domain (a DNS name)",
+                    spec.trust_domain
+                ),
+            );
+        }
+
+        for (i, ns) in spec.namespaces.into_iter().enumerate() {
+            let place = format!("namespaces[{i}] ({})", ns.name);
+            if !is_dns_label(&ns.name) {
+                p.add(
+                    &place,
+                    "name must be a DNS label (lowercase letters, digits, '-', at most 63)",
+                );
+            } else if m.namespaces.contains_key(&ns.name) {
+                p.add(&place, format!("namespace {:?} is defined twice", ns.name));
+            } else {
+                m.namespaces.insert(
+                    ns.name.clone(),
+                    Namespace {
+                        name: ns.name,
+                        labels: ns.labels,
+                    },
+                );
+            }
+        }
+        for (i, n) in spec.nodes.into_iter().enumerate() {
+            let place = format!("nodes[{i}] ({})", n.name);
+            if !is_dns_subdomain(&n.name) {
+                p.add(&place, "name must be a DNS name");
+            } else if !m.nodes.insert(n.name.clone()) {
+                p.add(&place, format!("node {:?} is defined twice", n.name));
+            }
+        }
+
+        let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+        for (i, w) in spec.workloads.into_iter().enumerate() {
+            let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
+            let before = p.0.len();
+            if !is_dns_subdomain(&w.name) {
+                p.add(&place, "name must be a DNS name");
+            }
+            let ns = m.namespaces.get(&w.namespace);
+            if ns.is_none() {
+                p.add(
+                    &place,
+                    format!(
+                        "namespace {:?} is not defined under namespaces",
+                        w.namespace
+                    ),
+                );
+            }
+            if !m.nodes.contains(&w.node) {
+                p.add(
+                    &place,
+                    format!("node {:?} is not defined under nodes", w.node),
+                );
+            }
+            let sa = w
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            if !is_dns_subdomain(&sa) {
+                p.add(&format!("{place}.serviceAccount"), "must be a DNS name");
+            }
+            check_ips(
+                &mut p,
+                &place,
+                &w.ips,
+                &format!("workload {}/{}", w.namespace, w.name),
+                &mut ip_owner,
+            );
+            let uid = w
+                .uid
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
+            if m.workloads.contains_key(&uid) {
+                p.add(&place, format!("uid {uid:?} is used twice"));
+            }
+            if p.0.len() > before {
+                continue;
+            }
+            let ns = ns.expect("checked above");
+            let opted_out =
+                w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE);
+            m.workloads.insert(
+                uid.clone(),
+                Workload {
+                    enrolled: ns.enrolled() && !opted_out,
+                    waypoint: ns.labels.get(WAYPOINT_LABEL).cloned(),
+                    uid,
+                    name: w.name,
+                    namespace: w.namespace,
+                    node: w.node,
+                    service_account: sa,
+                    ips: w.ips,
+                    labels: w.labels,
+                },
+            );
+        }
+
+        for (i, s) in spec.services.into_iter().enumerate() {
+            let place = format!("services[{i}] ({}/{})", s.namespace, s.name);
+            let before = p.0.len();
+            if !is_dns_label(&s.name) {
+                p.add(&place, "name must be a DNS label");
+            }
+            let ns = m.namespaces.get(&s.namespace);
+            if ns.is_none() {
+                p.add(
+                    &place,
+                    format!(
+                        "namespace {:?} is not defined under namespaces",
+                        s.namespace
+                    ),
+                );
+            }
+            let key = NamespacedName {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            };
+            if m.services.contains_key(&key) {
+                p.add(&place, format!("service {key} is defined twice"));
+            }
+            check_ips(
+                &mut p,
+                &place,
+                &s.vips,
+                &format!("service {key}"),
+                &mut ip_owner,
+            );
+            if s.ports.is_empty() {
+                p.add(&place, "ports is empty");
+            }
+            let mut seen = BTreeSet::new();
+            for (j, port) in s.ports.iter().enumerate() {
+                if port.port == 0 || port.target_port == 0 {
+                    p.add(&format!("{place}.ports[{j}]"), "ports must be 1-65535");
+                }
+                if !seen.insert(port.port) {
+                    p.add(
+                        &format!("{place}.ports[{j}]"),
+                        format!("port {} is listed twice", port.port),
+                    );
+                }
+            }
+            if p.0.len() > before {
+                continue;
+            }
+            let ns = ns.expect("checked above");
+            let endpoints = m
+                .workloads
+                .values()
+                .filter(|w| w.namespace == s.namespace && selects(&s.selector, &w.labels))
+                .map(|w| w.uid.clone())
+                .collect();
+            m.services.insert(
+                key,
+                Service {
+                    hostname: format!("{}.{}.svc.cluster.local", s.name, s.namespace),
+                    waypoint: s
+                        .labels
+                        .get(WAYPOINT_LABEL)
+                        .or_else(|| ns.labels.get(WAYPOINT_LABEL))
+                        .cloned(),
+                    name: s.name,
+                    namespace: s.namespace,
+                    vips: s.vips,
+                    ports: s.ports,
+                    selector: s.selector,
+                    endpoints,
+                },
+            );
+        }
+        // A waypoint must name a service of the same namespace.
+        for s in m.services.values() {
+            if let Some(wp) = &s.waypoint {
+                let key = NamespacedName {
+                    namespace: s.namespace.clone(),
+                    name: wp.clone(),
+                };
+                if !m.services.contains_key(&key) {
+                    p.add(
+                        &format!("services ({}/{})", s.namespace, s.name),
+                        format!("waypoint {key} is not a defined service"),
+                    );
+                }
+            }
+        }
+
+        for (i, pol) in spec.policies.into_iter().enumerate() {
+            let place = format!("policies[{i}] ({}/{})", pol.namespace, pol.name);
+            let before = p.0.len();
+            if !is_dns_subdomain(&pol.name) {
+                p.add(&place, "name must be a DNS name");
+            }
+            if !m.namespaces.contains_key(&pol.namespace) {
+                p.add(
+                    &place,
+                    format!(
+                        "namespace {:?} is not defined under namespaces",
+                        pol.namespace
+                    ),
+                );
+            }
+            let key = NamespacedName {
+                namespace: pol.namespace.clone(),
+                name: pol.name.clone(),
+            };
+            if m.policies.contains_key(&key) {
+                p.add(&place, format!("policy {key} is defined twice"));
+            }
+            for (r, rule) in pol.rules.iter().enumerate() {
+                for (f, src) in rule.from.iter().enumerate() {
+                    for pr in src.principals.iter().chain(&src.not_principals) {
+                        if let Err(e) = check_principal(pr) {
+                            p.add(&format!("{place}.rules[{r}].from[{f}]"), e);
+                        }
+                    }
+                }
+                for (t, dst) in rule.to.iter().enumerate() {
+                    if dst
+                        .ports
+                        .iter()
+                        .chain(&dst.not_ports)
+                        .any(|&port| port == 0)
+                    {
+                        p.add(
+                            &format!("{place}.rules[{r}].to[{t}]"),
+                            "ports must be 1-65535",
+                        );
+                    }
+                }
+            }
+            if p.0.len() > before {
+                continue;
+            }
+            m.policies.insert(
+                key,
+                Policy {
+                    name: pol.name,
+                    namespace: pol.namespace,
+                    selector: pol.selector,
+                    action: pol.action,
+                    rules: pol.rules,
+                },
+            );
+        }
+        if p.0.is_empty() { Ok(m) } else { Err(p.0) }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, place: &str, problem: impl Into<String>) {
+        self.0.push(Problem {
+            place: place.to_owned(),
+            problem: problem.into(),
+        });
+    }
+}
+
+fn check_ips(
+    p: &mut Problems,
+    place: &str,
+    ips: &[IpAddr],
+    owner: &str,
+    owners: &mut HashMap<IpAddr, String>,
+) {
+    if ips.is_empty() {
+        p.add(place, "needs at least one IP");
+    }
+    if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
+        || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
+    {
+        p.add(place, "at most one IP per family");
+    }
+    for (j, ip) in ips.iter().enumerate() {
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            p.add(&format!("{place}.ips[{j}]"), format!("{ip} cannot be used"));
+        } else if let Some(other) = owners.get(ip) {
+            p.add(
+                &format!("{place}.ips[{j}]"),
+                format!("{ip} is already used by {other}"),
+            );
+        } else {
+            owners.insert(*ip, owner.to_owned());
+        }
+    }
+}
+
+/// `trust.domain/ns/<ns>/sa/<sa>`, possibly with a leading or trailing `*`, or `*` alone.
+fn check_principal(p: &str) -> Result<(), String> {
+    if p.starts_with("spiffe://") {
+        return Err(format!(
+            "principal {p:?}: write it without the spiffe:// scheme"
+        ));
+    }
+    let inner = p
+        .strip_prefix('*')
+        .or_else(|| p.strip_suffix('*'))
+        .unwrap_or(p);
+    if inner.contains('*') {
+        return Err(format!(
+            "principal {p:?}: '*' is allowed only at the start or the end"
+        ));
+    }
+    if p.is_empty() {
+        return Err("empty principal".into());
+    }
+    Ok(())
+}
+
+/// Does a (non-empty) selector select these labels?
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn base() -> MeshSpec {
+        MeshSpec {
+            trust_domain: "cluster.local".into(),
+            namespaces: vec![
+                NamespaceSpec {
+                    name: "shop".into(),
+                    labels: labels(&[(DATAPLANE_LABEL, DATAPLANE_AMBIENT)]),
+                },
+                NamespaceSpec {
+                    name: "legacy".into(),
+                    labels: Labels::new(),
+                },
+            ],
+            nodes: vec![NodeSpec {
+                name: "node-1".into(),
+            }],
+            workloads: vec![
+                WorkloadSpec {
+                    name: "web-0".into(),
+                    namespace: "shop".into(),
+                    node: "node-1".into(),
+                    service_account: Some("web".into()),
+                    ips: vec!["10.244.1.10".parse().unwrap()],
+                    labels: labels(&[("app", "web")]),
+                    ..Default::default()
+                },
+                WorkloadSpec {
+                    name: "old-0".into(),
+                    namespace: "legacy".into(),
+                    node: "node-1".into(),
+                    ips: vec!["10.244.1.11".parse().unwrap()],
+                    ..Default::default()
+                },
+            ],
+            services: vec![ServiceSpec {
+                name: "web".into(),
+                namespace: "shop".into(),
+                vips: vec!["10.96.0.10".parse().unwrap()],
+                ports: vec![ServicePort {
+                    name: None,
+                    port: 80,
+                    target_port: 8080,
+                }],
+                selector: labels(&[("app", "web")]),
+                labels: Labels::new(),
+            }],
+            policies: vec![],
+        }
+    }
+
+    #[test]
+    fn derives_enrollment_endpoints_and_identity() {
+        let m = Model::build(base()).unwrap();
+        let web = &m.workloads["shop/web-0"];
+        assert!(web.enrolled);
+        assert_eq!(
+            web.spiffe_id(&m.trust_domain),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert!(!m.workloads["legacy/old-0"].enrolled);
+        assert_eq!(m.workloads["legacy/old-0"].service_account, "default");
+        let svc = &m.services[&NamespacedName {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }];
+        assert_eq!(svc.endpoints, vec!["shop/web-0".to_string()]);
+        assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+    }
+
+    #[test]
+    fn a_pod_label_opts_out() {
+        let mut s = base();
+        s.workloads[0]
+            .labels
+            .insert(DATAPLANE_LABEL.into(), DATAPLANE_NONE.into());
+        assert!(!Model::build(s).unwrap().workloads["shop/web-0"].enrolled);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_place() {
+        let mut s = base();
+        s.workloads[1].namespace = "nowhere".into();
+        s.workloads[1].node = "node-9".into();
+        s.services[0].vips = vec!["10.244.1.10".parse().unwrap()]; // a workload's IP
+        s.namespaces.push(NamespaceSpec {
+            name: "shop".into(),
+            labels: Labels::new(),
+        });
+        let problems = Model::build(s).unwrap_err();
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(
+            has("namespaces[2] (shop): namespace \"shop\" is defined twice"),
+            "{text:#?}"
+        );
+        assert!(
+            has("workloads[1] (nowhere/old-0): namespace \"nowhere\" is not defined"),
+            "{text:#?}"
+        );
+        assert!(
+            has("workloads[1] (nowhere/old-0): node \"node-9\" is not defined"),
+            "{text:#?}"
+        );
+        assert!(
+            has(
+                "services[0] (shop/web).ips[0]: 10.244.1.10 is already used by workload shop/web-0"
+            ),
+            "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_workload_ips_and_bad_principals() {
+        let mut s = base();
+        s.workloads[1].ips = s.workloads[0].ips.clone();
+        s.policies.push(PolicySpec {
+            name: "p".into(),
+            namespace: "shop".into(),
+            selector: None,
+            action: Action::Allow,
+            rules: vec![Rule {
+                from: vec![SourceMatch {
+                    principals: vec!["spiffe://cluster.local/ns/a/sa/b".into(), "a*b".into()],
+                    ..Default::default()
+                }],
+                to: vec![],
+            }],
+        });
+        let text: Vec<String> = Model::build(s)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            text.iter()
+                .any(|t| t.contains("already used by workload shop/web-0")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("without the spiffe:// scheme")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("only at the start or the end")),
+            "{text:#?}"
+        );
+    }
+
+    #[test]
+    fn cidrs_parse() {
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().len, 8);
+        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().len, 32);
+        assert!("10.0.0.0/40".parse::<Cidr>().is_err());
+    }
+}
