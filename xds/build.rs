@@ -1,0 +1,14 @@
+//! Compiles the protos with protox (pure Rust: no system `protoc` needed).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/ambit/v1/mesh.proto", "proto/ambit/v1/ca.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
