@@ -2,7 +2,31 @@
 //!
 //! - [`model`]: the one internal model of the mesh, validated and derived;
 //! - [`source`]: where the model comes from (a YAML file today);
-//! - [`translate`]: the model as xDS resources, and each node's view of them.
+//! - [`translate`]: the model as xDS resources, and each node's view of them;
+//! - [`ads`]: the Aggregated Discovery Service (state of the world and delta).
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::model::Model;
+use crate::translate::Snapshot;
+
+/// Turns every model the source publishes into a [`Snapshot`] (translated once, shared
+/// by every stream).
+pub fn snapshots(mut models: watch::Receiver<Arc<Model>>) -> watch::Receiver<Arc<Snapshot>> {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::from_model(&models.borrow_and_update())));
+    tokio::spawn(async move {
+        while models.changed().await.is_ok() {
+            let snapshot = Arc::new(Snapshot::from_model(&models.borrow_and_update()));
+            if tx.send(snapshot).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+pub mod ads;
 pub mod model;
 pub mod source;
 pub mod translate;

@@ -1,0 +1,501 @@
+//! The Aggregated Discovery Service: state-of-the-world (`StreamAggregatedResources`) and
+//! incremental (`DeltaAggregatedResources`) xDS over one gRPC stream per node agent, as
+//! Envoy's xDS protocol specifies.
+//!
+//! Each stream runs as one task that owns its protocol state (subscriptions, nonces,
+//! what the client has) and reacts to two things: a request from the client, or a new
+//! [`Snapshot`]. The node is named by the first request's `node.id`; it sees
+//! [`Snapshot::view_for`] that node.
+//!
+//! - A response is only sent when something the client subscribed to differs from what
+//!   it was last sent, so a NACKed version is never resent in a loop: the server waits for
+//!   the next model change.
+//! - A request whose `response_nonce` is not the latest one sent for its type is stale:
+//!   its ACK/NACK is ignored (its delta subscription changes still apply).
+//! - NACKs are logged with the client's `error_detail` and recorded in [`AdsStats`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ambit_xds::envoy::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::translate::{ResourceMap, Snapshot, VersionedResource, set_version};
+
+/// What the server has seen, for metrics, the admin endpoint and tests.
+#[derive(Debug, Default)]
+pub struct AdsStats {
+    pub streams_opened: AtomicU64,
+    pub responses_sent: AtomicU64,
+    pub acks: AtomicU64,
+    nacks: Mutex<Vec<Nack>>,
+}
+
+/// One rejected response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nack {
+    pub node: String,
+    pub type_url: String,
+    pub nonce: String,
+    pub message: String,
+}
+
+impl AdsStats {
+    pub fn nacks(&self) -> Vec<Nack> {
+        self.nacks.lock().unwrap().clone()
+    }
+
+    fn nack(&self, n: Nack) {
+        warn!(node = %n.node, type_url = %n.type_url, nonce = %n.nonce, "client rejected a response: {}", n.message);
+        let mut v = self.nacks.lock().unwrap();
+        if v.len() == 1000 {
+            v.remove(0);
+        }
+        v.push(n);
+    }
+}
+
+/// The ADS service.
+#[derive(Clone, Debug)]
+pub struct AdsServer {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<AdsStats>,
+}
+
+impl AdsServer {
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self {
+            snapshots,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<AdsStats> {
+        self.stats.clone()
+    }
+
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        let stream = SotwStream::new(self.snapshots.clone(), self.stats.clone(), tx);
+        tokio::spawn(stream.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        let stream = DeltaStream::new(self.snapshots.clone(), self.stats.clone(), tx);
+        tokio::spawn(stream.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Types this server serves; requests for others are answered with nothing.
+fn known_type(type_url: &str) -> Option<&'static str> {
+    ambit_xds::type_url::NODE_AGENT
+        .into_iter()
+        .find(|t| *t == type_url)
+}
+
+/// What a subscription covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Names {
+    Wildcard,
+    Only(BTreeSet<String>),
+}
+
+impl Names {
+    fn from_request(names: &[String]) -> Self {
+        if names.is_empty() || names.iter().any(|n| n == "*") {
+            Names::Wildcard
+        } else {
+            Names::Only(names.iter().cloned().collect())
+        }
+    }
+
+    fn covers(&self, name: &str) -> bool {
+        match self {
+            Names::Wildcard => true,
+            Names::Only(s) => s.contains(name),
+        }
+    }
+}
+
+fn pick(
+    view: &ResourceMap,
+    type_url: &str,
+    names: &Names,
+) -> BTreeMap<String, Arc<VersionedResource>> {
+    view.get(type_url)
+        .map(|m| {
+            m.iter()
+                .filter(|(n, _)| names.covers(n))
+                .map(|(n, r)| (n.clone(), r.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nonces are unique per stream: a counter is enough.
+#[derive(Debug, Default)]
+struct Nonces(u64);
+
+impl Nonces {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        self.0.to_string()
+    }
+}
+
+// ---------------------------------------------------------------- state of the world
+
+#[derive(Debug)]
+struct SotwType {
+    names: Names,
+    /// Version of the last response sent, and its nonce.
+    sent: Option<(String, String)>,
+}
+
+struct SotwStream {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<AdsStats>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    node: Option<String>,
+    types: HashMap<&'static str, SotwType>,
+    nonces: Nonces,
+}
+
+impl SotwStream {
+    fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        stats: Arc<AdsStats>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Self {
+        Self {
+            snapshots,
+            stats,
+            tx,
+            node: None,
+            types: HashMap::new(),
+            nonces: Nonces::default(),
+        }
+    }
+
+    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
+        loop {
+            tokio::select! {
+                req = requests.message() => match req {
+                    Ok(Some(r)) => if let Err(e) = self.on_request(r).await {
+                        let _ = self.tx.send(Err(e)).await;
+                        return;
+                    },
+                    Ok(None) | Err(_) => break,
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() { break }
+                    let types: Vec<_> = self.types.keys().copied().collect();
+                    for t in types {
+                        if self.push(t, None).await.is_err() { return }
+                    }
+                }
+            }
+        }
+        debug!(node = ?self.node, "state-of-the-world stream closed");
+    }
+
+    async fn on_request(&mut self, r: DiscoveryRequest) -> Result<(), Status> {
+        let node = node_of(&mut self.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let Some(type_url) = known_type(&r.type_url) else {
+            warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
+            return Ok(());
+        };
+        let names = Names::from_request(&r.resource_names);
+        let Some(t) = self.types.get_mut(type_url) else {
+            // First request for this type: answer unless the client already has it.
+            self.types.insert(type_url, SotwType { names, sent: None });
+            let has = (!r.version_info.is_empty()).then_some(r.version_info);
+            return self
+                .push(type_url, has)
+                .await
+                .map_err(|_| Status::cancelled("stream closed"));
+        };
+        let latest_nonce = t.sent.as_ref().map(|(_, n)| n.as_str()).unwrap_or("");
+        if r.response_nonce != latest_nonce {
+            debug!(%node, type_url, nonce = %r.response_nonce, "ignoring a stale request");
+            return Ok(());
+        }
+        if let Some(err) = r.error_detail {
+            self.stats.nack(Nack {
+                node,
+                type_url: type_url.into(),
+                nonce: r.response_nonce,
+                message: err.message,
+            });
+        } else {
+            self.stats.acks.fetch_add(1, Ordering::Relaxed);
+        }
+        if t.names != names {
+            t.names = names;
+            return self
+                .push(type_url, None)
+                .await
+                .map_err(|_| Status::cancelled("stream closed"));
+        }
+        Ok(())
+    }
+
+    /// Sends the current set for `type_url` unless the client has that version (`has`, or
+    /// what we last sent).
+    async fn push(&mut self, type_url: &'static str, has: Option<String>) -> Result<(), ()> {
+        let Some(node) = self.node.clone() else {
+            return Ok(());
+        };
+        let view = self.snapshots.borrow_and_update().view_for(&node);
+        let t = self.types.get_mut(type_url).expect("subscribed");
+        let set = pick(&view, type_url, &t.names);
+        let version = set_version(&set);
+        if has.as_deref() == Some(version.as_str()) {
+            // The client (re)connected with the current version: nothing to send, and
+            // its empty nonce stays the latest.
+            t.sent = Some((version, String::new()));
+            return Ok(());
+        }
+        if t.sent.as_ref().is_some_and(|(v, _)| *v == version) {
+            return Ok(());
+        }
+        let nonce = self.nonces.next();
+        t.sent = Some((version.clone(), nonce.clone()));
+        let response = DiscoveryResponse {
+            version_info: version,
+            resources: set.values().map(|r| r.resource.clone()).collect(),
+            type_url: type_url.into(),
+            nonce,
+            ..Default::default()
+        };
+        self.stats.responses_sent.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Ok(response)).await.map_err(drop)
+    }
+}
+
+/// The node named by the stream's first request; later requests may omit it.
+fn node_of(node: &mut Option<String>, id: Option<&str>) -> Result<String, Status> {
+    match (node.as_ref(), id.filter(|i| !i.is_empty())) {
+        (Some(n), _) => Ok(n.clone()),
+        (None, Some(id)) => {
+            info!(node = id, "node agent connected");
+            *node = Some(id.to_owned());
+            Ok(id.to_owned())
+        }
+        (None, None) => Err(Status::invalid_argument(
+            "the first request of a stream must carry node.id",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------- incremental (delta)
+
+#[derive(Debug)]
+struct DeltaType {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What we believe the client has: name → version.
+    client: BTreeMap<String, String>,
+    nonce: String,
+}
+
+struct DeltaStream {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<AdsStats>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    node: Option<String>,
+    types: HashMap<&'static str, DeltaType>,
+    nonces: Nonces,
+}
+
+impl DeltaStream {
+    fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        stats: Arc<AdsStats>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> Self {
+        Self {
+            snapshots,
+            stats,
+            tx,
+            node: None,
+            types: HashMap::new(),
+            nonces: Nonces::default(),
+        }
+    }
+
+    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
+        loop {
+            tokio::select! {
+                req = requests.message() => match req {
+                    Ok(Some(r)) => if let Err(e) = self.on_request(r).await {
+                        let _ = self.tx.send(Err(e)).await;
+                        return;
+                    },
+                    Ok(None) | Err(_) => break,
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() { break }
+                    let types: Vec<_> = self.types.keys().copied().collect();
+                    for t in types {
+                        if self.push(t, false, BTreeSet::new()).await.is_err() { return }
+                    }
+                }
+            }
+        }
+        debug!(node = ?self.node, "delta stream closed");
+    }
+
+    async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> Result<(), Status> {
+        let node = node_of(&mut self.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let Some(type_url) = known_type(&r.type_url) else {
+            warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
+            return Ok(());
+        };
+        let first = !self.types.contains_key(type_url);
+        let t = self.types.entry(type_url).or_insert_with(|| DeltaType {
+            // Legacy wildcard: a first request that names nothing.
+            wildcard: r.resource_names_subscribe.is_empty(),
+            names: BTreeSet::new(),
+            client: r.initial_resource_versions.clone().into_iter().collect(),
+            nonce: String::new(),
+        });
+        if !first && !r.response_nonce.is_empty() {
+            if r.response_nonce != t.nonce {
+                debug!(%node, type_url, nonce = %r.response_nonce, "stale ACK/NACK ignored");
+            } else if let Some(err) = &r.error_detail {
+                self.stats.nack(Nack {
+                    node: node.clone(),
+                    type_url: type_url.into(),
+                    nonce: r.response_nonce.clone(),
+                    message: err.message.clone(),
+                });
+            } else {
+                self.stats.acks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let mut newly = BTreeSet::new();
+        for n in &r.resource_names_subscribe {
+            if n == "*" {
+                t.wildcard = true;
+            } else if t.names.insert(n.clone()) {
+                newly.insert(n.clone());
+            }
+        }
+        for n in &r.resource_names_unsubscribe {
+            if n == "*" {
+                t.wildcard = false;
+            }
+            t.names.remove(n);
+            if !t.wildcard {
+                t.client.remove(n);
+            }
+        }
+        if first || !newly.is_empty() || !r.resource_names_unsubscribe.is_empty() {
+            return self
+                .push(type_url, first, newly)
+                .await
+                .map_err(|_| Status::cancelled("stream closed"));
+        }
+        Ok(())
+    }
+
+    /// Sends what changed since what the client has. `always`: respond even when nothing
+    /// did (the first request of a type, so the client knows it is in sync). `newly`:
+    /// names just subscribed, reported as removed if they do not exist.
+    async fn push(
+        &mut self,
+        type_url: &'static str,
+        always: bool,
+        newly: BTreeSet<String>,
+    ) -> Result<(), ()> {
+        let Some(node) = self.node.clone() else {
+            return Ok(());
+        };
+        let snapshot = self.snapshots.borrow_and_update().clone();
+        let view = snapshot.view_for(&node);
+        let t = self.types.get_mut(type_url).expect("subscribed");
+        let names = if t.wildcard {
+            Names::Wildcard
+        } else {
+            Names::Only(t.names.clone())
+        };
+        let set = pick(&view, type_url, &names);
+        let changed: Vec<_> = set
+            .values()
+            .filter(|r| t.client.get(&r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = t
+            .client
+            .keys()
+            .filter(|n| !set.contains_key(*n))
+            .cloned()
+            .collect();
+        removed.extend(
+            newly
+                .into_iter()
+                .filter(|n| !set.contains_key(n) && !t.client.contains_key(n)),
+        );
+        if changed.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        for r in &changed {
+            t.client.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            t.client.remove(n);
+        }
+        t.nonce = self.nonces.next();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: set_version(&set),
+            resources: changed
+                .iter()
+                .map(|r| Resource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.resource.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: type_url.into(),
+            removed_resources: removed,
+            nonce: t.nonce.clone(),
+            ..Default::default()
+        };
+        self.stats.responses_sent.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Ok(response)).await.map_err(drop)
+    }
+}
