@@ -3,7 +3,10 @@
 //! - [`ambit`]: Ambit's own resource types (`ambit.v1.Workload`, `Service`,
 //!   `Authorization`) and the CA service, generated from `proto/`;
 //! - [`envoy`]: Envoy's discovery types (ADS requests and responses), re-exported;
-//! - [`type_url`]: the type URLs resources are served under.
+//! - [`type_url`]: the type URLs resources are served under;
+//! - [`client`]: the delta ADS client every Ambit process shares.
+
+pub mod client;
 
 /// Generated from `proto/ambit/v1`.
 pub mod ambit {

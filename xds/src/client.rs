@@ -1,0 +1,272 @@
+//! The xDS client every Ambit process shares: incremental (delta) ADS.
+//!
+//! [`XdsClient::spawn`] keeps one stream to the control plane open for as long as the
+//! process runs:
+//! - it connects with exponential backoff and jitter (reset after a response is applied);
+//! - it subscribes (wildcard) to each configured type, telling the server which versions
+//!   it already has (`initial_resource_versions`), so a reconnect resends only what
+//!   changed;
+//! - every response goes to the [`Handler`], which validates it *whole* and applies it or
+//!   refuses it; the client ACKs or NACKs with the handler's error as `error_detail`;
+//! - while the control plane is away nothing is cleared: the handler keeps the last good
+//!   state.
+//!
+//! [`XdsStatus`] says what is going on (connected, per-type versions, rejects).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+
+use crate::envoy::{
+    AggregatedDiscoveryServiceClient, Any, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
+    Status,
+};
+
+/// Applies configuration. Called on the client's task, one response at a time.
+pub trait Handler: Send + 'static {
+    /// Validates the whole update for `type_url` and, only if all of it is valid, applies
+    /// it. An `Err` NACKs the response with that message and must leave state unchanged.
+    fn apply(
+        &mut self,
+        type_url: &str,
+        updated: Vec<(String, Any)>,
+        removed: Vec<String>,
+    ) -> Result<(), String>;
+}
+
+/// Where and who.
+#[derive(Clone, Debug)]
+pub struct XdsClientConfig {
+    /// `http://host:port` of the control plane's ADS.
+    pub address: String,
+    /// Sent as `node.id`: the node agent's node name.
+    pub node_id: String,
+    pub types: Vec<&'static str>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// What the client is doing, for metrics and the config dump.
+#[derive(Debug, Default)]
+pub struct XdsStatus {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    types: Mutex<BTreeMap<String, TypeStatus>>,
+}
+
+/// Per type URL.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TypeStatus {
+    /// `system_version_info` of the last applied response.
+    pub last_version: String,
+    pub resources: usize,
+    pub nacks: u64,
+    /// The last rejection's reason.
+    pub last_error: Option<String>,
+    /// Set once the first response for the type was applied.
+    pub synced: bool,
+}
+
+impl XdsStatus {
+    pub fn types(&self) -> BTreeMap<String, TypeStatus> {
+        self.types.lock().unwrap().clone()
+    }
+
+    /// True once every subscribed type has had one response applied.
+    pub fn synced(&self, types: &[&str]) -> bool {
+        let t = self.types.lock().unwrap();
+        types.iter().all(|ty| t.get(*ty).is_some_and(|s| s.synced))
+    }
+}
+
+/// Handle on a running client.
+#[derive(Debug)]
+pub struct XdsClient {
+    pub status: Arc<XdsStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for XdsClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl XdsClient {
+    /// Starts the client on the current tokio runtime.
+    pub fn spawn(config: XdsClientConfig, handler: impl Handler) -> Self {
+        let status = Arc::new(XdsStatus::default());
+        let task = tokio::spawn(run(config, handler, status.clone()));
+        Self { status, task }
+    }
+}
+
+async fn run(config: XdsClientConfig, mut handler: impl Handler, status: Arc<XdsStatus>) {
+    // name → version of what the handler holds, per type: survives reconnects.
+    let mut known: HashMap<&'static str, BTreeMap<String, String>> = HashMap::new();
+    let mut backoff = config.backoff_min;
+    let jitter = RandomState::new();
+    for attempt in 0u64.. {
+        let applied_any = match session(&config, &mut handler, &status, &mut known).await {
+            Ok(applied) => {
+                debug!("xDS stream ended");
+                applied
+            }
+            Err((e, applied)) => {
+                warn!(address = %config.address, "xDS: {e}");
+                applied
+            }
+        };
+        status.connected.store(false, Ordering::Release);
+        if applied_any {
+            backoff = config.backoff_min;
+        }
+        // Full jitter in [backoff/2, backoff].
+        let j = jitter.hash_one(attempt) % 1000;
+        let sleep = backoff / 2 + backoff.mul_f64(j as f64 / 2000.0);
+        tokio::time::sleep(sleep).await;
+        backoff = (backoff * 2).min(config.backoff_max);
+    }
+}
+
+/// One connection. Returns whether any response was applied (and why it ended).
+async fn session(
+    config: &XdsClientConfig,
+    handler: &mut impl Handler,
+    status: &XdsStatus,
+    known: &mut HashMap<&'static str, BTreeMap<String, String>>,
+) -> Result<bool, (String, bool)> {
+    let endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
+        .map_err(|e| (format!("bad address {}: {e}", config.address), false))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| (format!("connect: {e}"), false))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(64);
+    for (i, type_url) in config.types.iter().enumerate() {
+        let initial = known.get(type_url).cloned().unwrap_or_default();
+        let req = DeltaDiscoveryRequest {
+            node: (i == 0).then(|| Node {
+                id: config.node_id.clone(),
+                ..Default::default()
+            }),
+            type_url: (*type_url).into(),
+            initial_resource_versions: initial.into_iter().collect(),
+            ..Default::default()
+        };
+        tx.send(req).await.expect("receiver alive");
+    }
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| (format!("opening the stream: {e}"), false))?
+        .into_inner();
+    status.connected.store(true, Ordering::Release);
+    status.connects.fetch_add(1, Ordering::Relaxed);
+    info!(address = %config.address, node = %config.node_id, "xDS connected");
+    let mut applied = false;
+    loop {
+        let r = match responses.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(applied),
+            Err(e) => return Err((format!("stream: {e}"), applied)),
+        };
+        let Some(type_url) = config.types.iter().copied().find(|t| *t == r.type_url) else {
+            warn!(type_url = %r.type_url, "xDS: response for a type we did not ask for; ignored");
+            continue;
+        };
+        let ack = on_response(
+            type_url,
+            r,
+            handler,
+            status,
+            known.entry(type_url).or_default(),
+        );
+        applied |= ack.error_detail.is_none();
+        if tx.send(ack).await.is_err() {
+            return Ok(applied);
+        }
+    }
+}
+
+/// Hands a response to the handler and builds the ACK or NACK.
+fn on_response(
+    type_url: &'static str,
+    r: DeltaDiscoveryResponse,
+    handler: &mut impl Handler,
+    status: &XdsStatus,
+    known: &mut BTreeMap<String, String>,
+) -> DeltaDiscoveryRequest {
+    let mut versions = Vec::with_capacity(r.resources.len());
+    let mut updated = Vec::with_capacity(r.resources.len());
+    let mut malformed = None;
+    for res in r.resources {
+        match res.resource {
+            Some(any) if any.type_url == type_url => {
+                versions.push((res.name.clone(), res.version));
+                updated.push((res.name, any));
+            }
+            Some(any) => {
+                malformed = Some(format!(
+                    "resource {}: type {} inside a {type_url} response",
+                    res.name, any.type_url
+                ))
+            }
+            None => malformed = Some(format!("resource {}: no body", res.name)),
+        }
+    }
+    let removed = r.removed_resources;
+    let result = match malformed {
+        Some(e) => Err(e),
+        None => handler.apply(type_url, updated, removed.clone()),
+    };
+    let mut types = status.types.lock().unwrap();
+    let ts = types.entry(type_url.to_owned()).or_default();
+    match result {
+        Ok(()) => {
+            for n in &removed {
+                known.remove(n);
+            }
+            known.extend(versions);
+            ts.last_version = r.system_version_info;
+            ts.resources = known.len();
+            ts.synced = true;
+            status.acks.fetch_add(1, Ordering::Relaxed);
+            DeltaDiscoveryRequest {
+                type_url: type_url.into(),
+                response_nonce: r.nonce,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            warn!(type_url, nonce = %r.nonce, "xDS: rejecting a response, keeping the previous state: {e}");
+            ts.nacks += 1;
+            ts.last_error = Some(e.clone());
+            status.nacks.fetch_add(1, Ordering::Relaxed);
+            DeltaDiscoveryRequest {
+                type_url: type_url.into(),
+                response_nonce: r.nonce,
+                // INVALID_ARGUMENT
+                error_detail: Some(Status {
+                    code: 3,
+                    message: e,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    }
+}
