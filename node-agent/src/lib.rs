@@ -21,6 +21,7 @@ pub mod enrollment;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
+pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

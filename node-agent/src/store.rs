@@ -1,0 +1,251 @@
+//! What the control plane says about the mesh, as this agent knows it: workloads,
+//! services and L4 authorization policies, kept up to date by xDS.
+//!
+//! [`StoreHandler`] is the xDS client's handler: it decodes and validates a whole
+//! response before applying any of it, so a bad resource NACKs the response and the
+//! store keeps its previous state.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use ambit_xds::ambit;
+use ambit_xds::client::Handler;
+use ambit_xds::envoy::Any;
+use ambit_xds::type_url;
+use prost::Message;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// A workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub enrolled: bool,
+    pub waypoint: Option<String>,
+    pub identity: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// (port, target port).
+    pub ports: Vec<(u16, u16)>,
+    /// Workload uids.
+    pub endpoints: Vec<String>,
+    pub waypoint: Option<String>,
+}
+
+/// An L4 authorization policy, as received (enforcement comes with mTLS).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Authorization {
+    pub name: String,
+    pub namespace: String,
+    pub action: &'static str,
+    pub namespace_wide: bool,
+    pub selector: BTreeMap<String, String>,
+    pub rules: usize,
+}
+
+/// The agent's view of the mesh.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Mesh {
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: BTreeMap<String, Service>,
+    pub authorizations: BTreeMap<String, Authorization>,
+}
+
+/// Shared, versioned store: readers take a cheap snapshot; every applied update bumps
+/// the version on [`Store::changes`].
+#[derive(Debug)]
+pub struct Store {
+    mesh: RwLock<Arc<Mesh>>,
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self { mesh: RwLock::default(), changes: watch::channel(0).0 }
+    }
+}
+
+impl Store {
+    pub fn snapshot(&self) -> Arc<Mesh> {
+        self.mesh.read().unwrap().clone()
+    }
+
+    /// Is the workload with this uid enrolled, according to the control plane?
+    pub fn enrolled(&self, uid: &str) -> bool {
+        self.mesh.read().unwrap().workloads.get(uid).is_some_and(|w| w.enrolled)
+    }
+
+    /// Bumped after every applied update.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Feeds a [`Store`] from xDS.
+#[derive(Debug, Clone)]
+pub struct StoreHandler(pub Arc<Store>);
+
+impl Handler for StoreHandler {
+    fn apply(&mut self, type_url: &str, updated: Vec<(String, Any)>, removed: Vec<String>) -> Result<(), String> {
+        let mut next = (*self.0.snapshot()).clone();
+        match type_url {
+            type_url::WORKLOAD => merge(&mut next.workloads, updated, removed, decode_workload)?,
+            type_url::SERVICE => merge(&mut next.services, updated, removed, decode_service)?,
+            type_url::AUTHORIZATION => merge(&mut next.authorizations, updated, removed, decode_authorization)?,
+            other => return Err(format!("unexpected type {other}")),
+        }
+        *self.0.mesh.write().unwrap() = Arc::new(next);
+        self.0.changes.send_modify(|v| *v += 1);
+        Ok(())
+    }
+}
+
+/// Decodes every update first; applies only if all are valid.
+fn merge<T>(
+    map: &mut BTreeMap<String, T>,
+    updated: Vec<(String, Any)>,
+    removed: Vec<String>,
+    decode: fn(&str, &[u8]) -> Result<T, String>,
+) -> Result<(), String> {
+    let decoded = updated
+        .into_iter()
+        .map(|(name, any)| decode(&name, &any.value).map(|v| (name.clone(), v)).map_err(|e| format!("resource {name}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    for n in removed {
+        map.remove(&n);
+    }
+    map.extend(decoded);
+    Ok(())
+}
+
+fn ip(b: &[u8]) -> Result<IpAddr, String> {
+    match b.len() {
+        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("length checked"))),
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("length checked"))),
+        n => Err(format!("an IP address of {n} bytes")),
+    }
+}
+
+fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, String> {
+    let w = ambit::Workload::decode(bytes).map_err(|e| format!("not a Workload: {e}"))?;
+    if w.uid != name {
+        return Err(format!("uid {:?} differs from the resource name", w.uid));
+    }
+    if w.ips.is_empty() {
+        return Err("no IPs".into());
+    }
+    if !w.identity.starts_with("spiffe://") {
+        return Err(format!("identity {:?} is not a SPIFFE ID", w.identity));
+    }
+    Ok(Workload {
+        ips: w.ips.iter().map(|b| ip(b)).collect::<Result<_, _>>()?,
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        node: w.node,
+        service_account: w.service_account,
+        enrolled: w.enrolled,
+        waypoint: Some(w.waypoint).filter(|s| !s.is_empty()),
+        identity: w.identity,
+        labels: w.labels.into_iter().collect(),
+    })
+}
+
+fn decode_service(_name: &str, bytes: &[u8]) -> Result<Service, String> {
+    let s = ambit::Service::decode(bytes).map_err(|e| format!("not a Service: {e}"))?;
+    let port = |p: u32| u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| format!("bad port {p}"));
+    Ok(Service {
+        vips: s.vips.iter().map(|b| ip(b)).collect::<Result<_, _>>()?,
+        ports: s.ports.iter().map(|p| Ok((port(p.port)?, port(p.target_port)?))).collect::<Result<_, String>>()?,
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        endpoints: s.endpoints,
+        waypoint: Some(s.waypoint).filter(|w| !w.is_empty()),
+    })
+}
+
+fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, String> {
+    let a = ambit::Authorization::decode(bytes).map_err(|e| format!("not an Authorization: {e}"))?;
+    let action = match ambit::authorization::Action::try_from(a.action) {
+        Ok(ambit::authorization::Action::Allow) => "ALLOW",
+        Ok(ambit::authorization::Action::Deny) => "DENY",
+        Err(_) => return Err(format!("unknown action {}", a.action)),
+    };
+    for r in &a.rules {
+        for s in &r.from {
+            for c in s.ip_blocks.iter().chain(&s.not_ip_blocks) {
+                let addr = ip(&c.address)?;
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                if c.length > max {
+                    return Err(format!("CIDR {addr}/{} has a bad prefix length", c.length));
+                }
+            }
+        }
+    }
+    Ok(Authorization {
+        name: a.name,
+        namespace: a.namespace,
+        action,
+        namespace_wide: a.namespace_wide,
+        selector: a.selector.into_iter().collect(),
+        rules: a.rules.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any<M: Message>(type_url: &str, m: &M) -> Any {
+        Any { type_url: type_url.into(), value: m.encode_to_vec() }
+    }
+
+    fn workload(uid: &str, ips: Vec<Vec<u8>>) -> ambit::Workload {
+        ambit::Workload { uid: uid.into(), ips, enrolled: true, identity: "spiffe://td/ns/a/sa/b".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn applies_valid_updates_and_removals() {
+        let store = Arc::new(Store::default());
+        let mut h = StoreHandler(store.clone());
+        let mut changes = store.changes();
+        h.apply(type_url::WORKLOAD, vec![("a".into(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])))], vec![])
+            .unwrap();
+        assert!(store.enrolled("a"));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        h.apply(type_url::WORKLOAD, vec![], vec!["a".into()]).unwrap();
+        assert!(!store.enrolled("a"));
+        assert!(changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_bad_resource_rejects_the_whole_update() {
+        let store = Arc::new(Store::default());
+        let mut h = StoreHandler(store.clone());
+        let good = ("a".to_string(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])));
+        let bad = ("b".to_string(), any(type_url::WORKLOAD, &workload("b", vec![vec![1, 2, 3]])));
+        let err = h.apply(type_url::WORKLOAD, vec![good, bad], vec![]).unwrap_err();
+        assert_eq!(err, "resource b: an IP address of 3 bytes");
+        assert!(store.snapshot().workloads.is_empty(), "part of a rejected update was applied");
+        let garbage = ("c".to_string(), Any { type_url: type_url::WORKLOAD.into(), value: vec![0xff, 0xff, 0xff] });
+        assert!(h.apply(type_url::WORKLOAD, vec![garbage], vec![]).unwrap_err().starts_with("resource c: not a Workload"));
+        let renamed = ("x".to_string(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])));
+        assert!(h.apply(type_url::WORKLOAD, vec![renamed], vec![]).unwrap_err().contains("differs from the resource name"));
+    }
+}
