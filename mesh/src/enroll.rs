@@ -56,6 +56,10 @@ pub struct EnrolledPod {
     pub workload_id: u32,
     /// Cookie of the pod's network namespace.
     pub netns_cookie: u64,
+    /// Its traffic is captured now. With a control plane, a known pod is captured only
+    /// while the control plane says it is enrolled.
+    #[serde(default)]
+    pub captured: bool,
 }
 
 /// The agent's answer.

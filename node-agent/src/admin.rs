@@ -1,5 +1,5 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/healthz/ready`, and on the localhost admin
-//! listener `/debug/pods` and `/debug/connections` (JSON).
+//! listener `/debug/pods`, `/debug/connections` and `/debug/config_dump` (JSON).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -71,7 +71,20 @@ fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Respon
                 )
             }
         }
-        (Admin, "/debug/pods") => json(&agent.pods.list()),
+        (Admin, "/debug/pods") => json(&agent.pods.list_known()),
+        (Admin, "/debug/config_dump") => json(&serde_json::json!({
+            "node": agent.config.node_name,
+            "xds": {
+                "address": agent.config.xds_address,
+                "connected": agent.xds.connected.load(Ordering::Acquire),
+                "connects": agent.xds.connects.load(Ordering::Relaxed),
+                "acks": agent.xds.acks.load(Ordering::Relaxed),
+                "nacks": agent.xds.nacks.load(Ordering::Relaxed),
+                "types": agent.xds.types(),
+            },
+            "mesh": *agent.store.snapshot(),
+            "pods": agent.pods.list_known(),
+        })),
         (Admin, "/debug/connections") => json(&agent.recent.snapshot()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -69,6 +69,15 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// The control plane's xDS address (e.g. `http://172.18.0.254:15010`). Without it the
+    /// agent runs standalone: the enrollment API's `add` captures a pod at once.
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+
+    /// This node's name, as the control plane knows it (sent as the xDS node id).
+    #[arg(long, env = "NODE_NAME", default_value = "node")]
+    pub node_name: String,
+
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

@@ -96,7 +96,7 @@ fn handle(agent: &Arc<Agent>, req: Request) -> Response {
     let result = match req {
         Request::Add { pod } => agent.enroll(pod).map(|p| vec![p]),
         Request::Remove { uid } => agent.release(&uid).map(|()| Vec::new()),
-        Request::List {} => Ok(agent.pods.list()),
+        Request::List {} => Ok(agent.pods.list_known()),
     };
     match result {
         Ok(pods) => Response::Ok { pods },

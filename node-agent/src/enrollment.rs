@@ -40,40 +40,116 @@ pub enum EnrollmentError {
 }
 
 impl Agent {
-    /// Enrolls a pod: opens its in-pod listeners, then starts capturing its connects.
+    /// The enrollment API's `add`: records the pod. Without a control plane its traffic
+    /// is captured at once; with one, [`Agent::reconcile`] captures it when the control
+    /// plane says it is enrolled.
     pub fn enroll(self: &Arc<Self>, spec: PodSpec) -> Result<EnrolledPod, EnrollmentError> {
         let _serial = self.enroll_lock.lock().unwrap();
         validate(&spec)?;
-        if self.pods.get(&spec.uid).is_some() {
+        if self.pods.is_known(&spec.uid) {
             return Err(EnrollmentError::Duplicate(spec.uid));
         }
-        let pod = self.open_pod(spec, None)?;
-        let described = pod.describe();
-        if let Err(e) = self.pods.save() {
-            warn!("could not save the state file (a restarted agent will not know this pod): {e}");
-        }
-        info!(uid = %pod.spec.uid, pod = %format!("{}/{}", pod.spec.namespace, pod.spec.name), cookie = pod.netns_cookie, "pod enrolled");
+        let described = if self.xds_driven() {
+            // Check the namespace now, so a bad request is refused rather than failing later.
+            let netns_err = |source| EnrollmentError::Netns {
+                path: spec.netns.clone(),
+                source,
+            };
+            let netns_cookie = Netns::open(&spec.netns)
+                .and_then(|n| n.cookie())
+                .map_err(netns_err)?;
+            if let Some(other) = self
+                .pods
+                .known()
+                .into_iter()
+                .find(|k| k.netns == spec.netns)
+            {
+                return Err(EnrollmentError::NetnsInUse {
+                    path: spec.netns.clone(),
+                    uid: other.uid,
+                });
+            }
+            self.pods.add_known(spec.clone());
+            self.reconcile_soon();
+            EnrolledPod {
+                spec,
+                workload_id: 0,
+                netns_cookie,
+                captured: false,
+            }
+        } else {
+            let pod = self.open_pod(spec.clone(), None)?;
+            self.pods.add_known(spec);
+            pod.describe()
+        };
+        self.save_state();
         Ok(described)
     }
 
-    /// Releases a pod: new connects are no longer captured, open ones finish.
+    /// The enrollment API's `remove`: forgets the pod and stops capturing it (its open
+    /// connections finish).
     pub fn release(&self, uid: &str) -> Result<(), EnrollmentError> {
         let _serial = self.enroll_lock.lock().unwrap();
-        let pod = self
-            .pods
-            .get(uid)
+        self.pods
+            .remove_known(uid)
             .ok_or_else(|| EnrollmentError::Unknown(uid.to_owned()))?;
-        self.datapath.unenroll(pod.netns_cookie);
-        self.pods.remove(uid);
-        if let Err(e) = self.pods.save() {
-            warn!("could not save the state file: {e}");
-        }
-        info!(uid, "pod released");
+        self.stop_capture(uid);
+        self.save_state();
         Ok(())
     }
 
-    /// Takes over the pods a previous agent enrolled (from the state file), and clears
-    /// kernel entries for pods that no longer exist.
+    /// With a control plane: captures every known pod it says is enrolled and releases
+    /// the others. Does nothing before the first xDS sync, so a restarted agent keeps
+    /// capturing what it captured until the control plane has spoken.
+    pub fn reconcile(self: &Arc<Self>) {
+        if !self.xds_driven() || !self.xds_synced() {
+            return;
+        }
+        let _serial = self.enroll_lock.lock().unwrap();
+        let mut changed = false;
+        for spec in self.pods.known() {
+            let want = self.store.enrolled(&spec.uid);
+            let have = self.pods.get(&spec.uid).is_some();
+            if want && !have {
+                let uid = spec.uid.clone();
+                match self.open_pod(spec, None) {
+                    Ok(_) => changed = true,
+                    Err(e) => warn!(uid, "could not start capturing an enrolled pod: {e}"),
+                }
+            } else if !want && have {
+                self.stop_capture(&spec.uid);
+                changed = true;
+            }
+        }
+        if changed {
+            self.save_state();
+        }
+    }
+
+    /// Runs [`Agent::reconcile`] on a blocking thread (it enters namespaces).
+    pub fn reconcile_soon(self: &Arc<Self>) {
+        let agent = self.clone();
+        self.data_plane.spawn_blocking(move || agent.reconcile());
+    }
+
+    fn stop_capture(&self, uid: &str) {
+        if let Some(pod) = self.pods.get(uid) {
+            self.datapath.unenroll(pod.netns_cookie);
+            self.pods.remove(uid);
+            info!(uid, "pod released: no longer captured");
+        }
+    }
+
+    fn save_state(&self) {
+        if let Err(e) = self.pods.save() {
+            warn!(
+                "could not save the state file (a restarted agent will not know this change): {e}"
+            );
+        }
+    }
+
+    /// Takes over the pods a previous agent knew and captured (from the state file), and
+    /// clears kernel entries for pods that no longer exist.
     pub fn restore(self: &Arc<Self>) -> io::Result<()> {
         let _serial = self.enroll_lock.lock().unwrap();
         let saved = match self.pods.load_saved() {
@@ -84,21 +160,36 @@ impl Agent {
             }
         };
         self.pods.set_next_workload_id(saved.next_workload_id);
+        let known = if saved.known.is_empty() {
+            saved.pods.iter().map(|p| p.spec.clone()).collect()
+        } else {
+            saved.known
+        };
+        for spec in known {
+            if Netns::open(&spec.netns).is_ok() {
+                self.pods.add_known(spec);
+            } else {
+                info!(uid = %spec.uid, "forgetting a pod whose network namespace is gone");
+            }
+        }
         let mut kept = HashSet::new();
         for p in saved.pods {
             let uid = p.spec.uid.clone();
+            if !self.pods.is_known(&uid) {
+                continue;
+            }
             match self.open_pod(p.spec, Some(p.workload_id)) {
                 Ok(pod) => {
                     if pod.netns_cookie != p.netns_cookie {
                         info!(
                             uid,
-                            "pod's network namespace was recreated; enrolled the new one"
+                            "pod's network namespace was recreated; capturing the new one"
                         );
                     }
                     kept.insert(pod.netns_cookie);
-                    info!(uid, "took over enrolled pod");
+                    info!(uid, "took over a captured pod");
                 }
-                Err(e) => warn!(uid, "dropping a previously enrolled pod: {e}"),
+                Err(e) => warn!(uid, "dropping a previously captured pod: {e}"),
             }
         }
         for (cookie, _) in self.datapath.enrolled() {

@@ -48,7 +48,11 @@ pub struct Agent {
     pub recent: RecentConnections,
     /// True once the programs are attached and enrolled pods are taken over.
     pub ready: AtomicBool,
-    /// Serialises enroll/release/restore.
+    /// What the control plane says (empty without one).
+    pub store: Arc<store::Store>,
+    /// The xDS client's state (never connected without a control plane).
+    pub xds: Arc<ambit_xds::client::XdsStatus>,
+    /// Serialises enroll/release/restore/reconcile.
     enroll_lock: Mutex<()>,
     data_plane: tokio::runtime::Handle,
 }
@@ -83,8 +87,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         kernel_log_level,
     )?);
     let pods = Arc::new(PodRegistry::new(&config.state_dir));
+    let xds = Arc::new(ambit_xds::client::XdsStatus::default());
     let agent = Arc::new(Agent {
-        metrics: Metrics::new(datapath.clone(), pods.clone()),
+        metrics: Metrics::new(datapath.clone(), pods.clone(), xds.clone()),
+        store: Arc::default(),
+        xds,
         dialer: NetnsDialer::start().context("starting the netns dialer")?,
         recent: RecentConnections::default(),
         ready: AtomicBool::new(false),
@@ -154,9 +161,46 @@ fn start_control_plane(agent: Arc<Agent>) -> anyhow::Result<std::thread::JoinHan
                 if let Some(logger) = logger {
                     tokio::spawn(forward_kernel_logs(logger));
                 }
+                let _xds = start_xds(&agent);
                 std::future::pending::<()>().await
             })
         })?)
+}
+
+/// Connects to the control plane (if configured) and reconciles enrollment with what it
+/// says after every change. Returns the client, which runs until dropped.
+fn start_xds(agent: &Arc<Agent>) -> Option<ambit_xds::client::XdsClient> {
+    let address = agent.config.xds_address.clone()?;
+    let config = ambit_xds::client::XdsClientConfig {
+        address,
+        node_id: agent.config.node_name.clone(),
+        types: ambit_xds::type_url::NODE_AGENT.to_vec(),
+        backoff_min: std::time::Duration::from_millis(100),
+        backoff_max: std::time::Duration::from_secs(15),
+    };
+    let handler = store::StoreHandler(agent.store.clone());
+    let client =
+        ambit_xds::client::XdsClient::spawn_with_status(config, handler, agent.xds.clone());
+    let mut changes = agent.store.changes();
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            agent.reconcile_soon();
+        }
+    });
+    Some(client)
+}
+
+impl Agent {
+    /// Is enrollment decided by a control plane?
+    pub fn xds_driven(&self) -> bool {
+        self.config.xds_address.is_some()
+    }
+
+    /// Has the control plane sent the workloads at least once?
+    pub fn xds_synced(&self) -> bool {
+        self.xds.synced(&[ambit_xds::type_url::WORKLOAD])
+    }
 }
 
 /// Moves aya-log records from the kernel's ring buffer into our log.

@@ -50,7 +50,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(datapath: Arc<Datapath>, pods: Arc<PodRegistry>) -> Self {
+    pub fn new(
+        datapath: Arc<Datapath>,
+        pods: Arc<PodRegistry>,
+        xds: Arc<ambit_xds::client::XdsStatus>,
+    ) -> Self {
         let mut registry = Registry::default();
         let m = Self {
             connections_opened: Family::default(),
@@ -92,6 +96,7 @@ impl Metrics {
             m.active_connections.clone(),
         );
         registry.register_collector(Box::new(KernelCounters { datapath, pods }));
+        registry.register_collector(Box::new(XdsCollector(xds)));
         Self { registry, ..m }
     }
 
@@ -101,6 +106,63 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    type_url: String,
+}
+
+/// The xDS client's state.
+#[derive(Debug)]
+struct XdsCollector(Arc<ambit_xds::client::XdsStatus>);
+
+impl Collector for XdsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let g = encoder.encode_descriptor(
+            "ambit_xds_connected",
+            "1 while connected to the control plane",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(s.connected.load(Relaxed))).encode(g)?;
+        let c = encoder.encode_descriptor(
+            "ambit_xds_connects",
+            "Connections made to the control plane",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(s.connects.load(Relaxed)).encode(c)?;
+        let c = encoder.encode_descriptor(
+            "ambit_xds_acks",
+            "xDS responses applied",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(s.acks.load(Relaxed)).encode(c)?;
+        let c = encoder.encode_descriptor(
+            "ambit_xds_nacks",
+            "xDS responses rejected",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(s.nacks.load(Relaxed)).encode(c)?;
+        let types = s.types();
+        let mut g = encoder.encode_descriptor(
+            "ambit_xds_resources",
+            "Resources held, by type",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (t, st) in &types {
+            ConstGauge::new(st.resources as i64).encode(g.encode_family(&TypeLabels {
+                type_url: t.clone(),
+            })?)?;
+        }
+        Ok(())
     }
 }
 

@@ -29,6 +29,7 @@ impl Pod {
             spec: self.spec.clone(),
             workload_id: self.workload_id,
             netns_cookie: self.netns_cookie,
+            captured: true,
         }
     }
 }
@@ -52,10 +53,16 @@ impl Drop for Entry {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SavedState {
     pub next_workload_id: u32,
+    /// Captured pods.
     pub pods: Vec<EnrolledPod>,
+    /// Every pod the enrollment API told us about (a superset of `pods`). Absent in
+    /// files written before xDS: then it is `pods`.
+    #[serde(default)]
+    pub known: Vec<PodSpec>,
 }
 
-/// All enrolled pods, by uid.
+/// The pods the enrollment API told us about (known), and those whose traffic is
+/// captured (listeners open, netns cookie in `ENROLLED`), by uid.
 pub struct PodRegistry {
     state_path: PathBuf,
     inner: Mutex<Inner>,
@@ -63,6 +70,7 @@ pub struct PodRegistry {
 
 struct Inner {
     pods: BTreeMap<String, Entry>,
+    known: BTreeMap<String, PodSpec>,
     next_workload_id: u32,
 }
 
@@ -80,6 +88,7 @@ impl PodRegistry {
             state_path: state_dir.join("pods.json"),
             inner: Mutex::new(Inner {
                 pods: BTreeMap::new(),
+                known: BTreeMap::new(),
                 next_workload_id: 1,
             }),
         }
@@ -178,6 +187,46 @@ impl PodRegistry {
             .collect()
     }
 
+    /// Records a pod the enrollment API told us about; false if its uid is known already.
+    pub fn add_known(&self, spec: PodSpec) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.known.contains_key(&spec.uid) {
+            return false;
+        }
+        inner.known.insert(spec.uid.clone(), spec);
+        true
+    }
+
+    pub fn remove_known(&self, uid: &str) -> Option<PodSpec> {
+        self.inner.lock().unwrap().known.remove(uid)
+    }
+
+    pub fn is_known(&self, uid: &str) -> bool {
+        self.inner.lock().unwrap().known.contains_key(uid)
+    }
+
+    pub fn known(&self) -> Vec<PodSpec> {
+        self.inner.lock().unwrap().known.values().cloned().collect()
+    }
+
+    /// Every known pod, captured or not.
+    pub fn list_known(&self) -> Vec<EnrolledPod> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .known
+            .values()
+            .map(|spec| match inner.pods.get(&spec.uid) {
+                Some(e) => e.pod.describe(),
+                None => EnrolledPod {
+                    spec: spec.clone(),
+                    workload_id: 0,
+                    netns_cookie: 0,
+                    captured: false,
+                },
+            })
+            .collect()
+    }
+
     /// Closes every listener (at shutdown).
     pub fn clear(&self) {
         self.inner.lock().unwrap().pods.clear();
@@ -190,6 +239,7 @@ impl PodRegistry {
             SavedState {
                 next_workload_id: inner.next_workload_id,
                 pods: inner.pods.values().map(|e| e.pod.describe()).collect(),
+                known: inner.known.values().cloned().collect(),
             }
         };
         let tmp = self.state_path.with_extension("json.tmp");

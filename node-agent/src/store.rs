@@ -75,7 +75,10 @@ pub struct Store {
 
 impl Default for Store {
     fn default() -> Self {
-        Self { mesh: RwLock::default(), changes: watch::channel(0).0 }
+        Self {
+            mesh: RwLock::default(),
+            changes: watch::channel(0).0,
+        }
     }
 }
 
@@ -86,7 +89,12 @@ impl Store {
 
     /// Is the workload with this uid enrolled, according to the control plane?
     pub fn enrolled(&self, uid: &str) -> bool {
-        self.mesh.read().unwrap().workloads.get(uid).is_some_and(|w| w.enrolled)
+        self.mesh
+            .read()
+            .unwrap()
+            .workloads
+            .get(uid)
+            .is_some_and(|w| w.enrolled)
     }
 
     /// Bumped after every applied update.
@@ -100,12 +108,22 @@ impl Store {
 pub struct StoreHandler(pub Arc<Store>);
 
 impl Handler for StoreHandler {
-    fn apply(&mut self, type_url: &str, updated: Vec<(String, Any)>, removed: Vec<String>) -> Result<(), String> {
+    fn apply(
+        &mut self,
+        type_url: &str,
+        updated: Vec<(String, Any)>,
+        removed: Vec<String>,
+    ) -> Result<(), String> {
         let mut next = (*self.0.snapshot()).clone();
         match type_url {
             type_url::WORKLOAD => merge(&mut next.workloads, updated, removed, decode_workload)?,
             type_url::SERVICE => merge(&mut next.services, updated, removed, decode_service)?,
-            type_url::AUTHORIZATION => merge(&mut next.authorizations, updated, removed, decode_authorization)?,
+            type_url::AUTHORIZATION => merge(
+                &mut next.authorizations,
+                updated,
+                removed,
+                decode_authorization,
+            )?,
             other => return Err(format!("unexpected type {other}")),
         }
         *self.0.mesh.write().unwrap() = Arc::new(next);
@@ -123,7 +141,11 @@ fn merge<T>(
 ) -> Result<(), String> {
     let decoded = updated
         .into_iter()
-        .map(|(name, any)| decode(&name, &any.value).map(|v| (name.clone(), v)).map_err(|e| format!("resource {name}: {e}")))
+        .map(|(name, any)| {
+            decode(&name, &any.value)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format!("resource {name}: {e}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     for n in removed {
         map.remove(&n);
@@ -134,8 +156,12 @@ fn merge<T>(
 
 fn ip(b: &[u8]) -> Result<IpAddr, String> {
     match b.len() {
-        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("length checked"))),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("length checked"))),
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(b).expect("length checked"),
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(b).expect("length checked"),
+        )),
         n => Err(format!("an IP address of {n} bytes")),
     }
 }
@@ -167,10 +193,19 @@ fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, String> {
 
 fn decode_service(_name: &str, bytes: &[u8]) -> Result<Service, String> {
     let s = ambit::Service::decode(bytes).map_err(|e| format!("not a Service: {e}"))?;
-    let port = |p: u32| u16::try_from(p).ok().filter(|&p| p > 0).ok_or_else(|| format!("bad port {p}"));
+    let port = |p: u32| {
+        u16::try_from(p)
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("bad port {p}"))
+    };
     Ok(Service {
         vips: s.vips.iter().map(|b| ip(b)).collect::<Result<_, _>>()?,
-        ports: s.ports.iter().map(|p| Ok((port(p.port)?, port(p.target_port)?))).collect::<Result<_, String>>()?,
+        ports: s
+            .ports
+            .iter()
+            .map(|p| Ok((port(p.port)?, port(p.target_port)?)))
+            .collect::<Result<_, String>>()?,
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
@@ -180,7 +215,8 @@ fn decode_service(_name: &str, bytes: &[u8]) -> Result<Service, String> {
 }
 
 fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, String> {
-    let a = ambit::Authorization::decode(bytes).map_err(|e| format!("not an Authorization: {e}"))?;
+    let a =
+        ambit::Authorization::decode(bytes).map_err(|e| format!("not an Authorization: {e}"))?;
     let action = match ambit::authorization::Action::try_from(a.action) {
         Ok(ambit::authorization::Action::Allow) => "ALLOW",
         Ok(ambit::authorization::Action::Deny) => "DENY",
@@ -212,11 +248,20 @@ mod tests {
     use super::*;
 
     fn any<M: Message>(type_url: &str, m: &M) -> Any {
-        Any { type_url: type_url.into(), value: m.encode_to_vec() }
+        Any {
+            type_url: type_url.into(),
+            value: m.encode_to_vec(),
+        }
     }
 
     fn workload(uid: &str, ips: Vec<Vec<u8>>) -> ambit::Workload {
-        ambit::Workload { uid: uid.into(), ips, enrolled: true, identity: "spiffe://td/ns/a/sa/b".into(), ..Default::default() }
+        ambit::Workload {
+            uid: uid.into(),
+            ips,
+            enrolled: true,
+            identity: "spiffe://td/ns/a/sa/b".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -224,12 +269,20 @@ mod tests {
         let store = Arc::new(Store::default());
         let mut h = StoreHandler(store.clone());
         let mut changes = store.changes();
-        h.apply(type_url::WORKLOAD, vec![("a".into(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])))], vec![])
-            .unwrap();
+        h.apply(
+            type_url::WORKLOAD,
+            vec![(
+                "a".into(),
+                any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])),
+            )],
+            vec![],
+        )
+        .unwrap();
         assert!(store.enrolled("a"));
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
-        h.apply(type_url::WORKLOAD, vec![], vec!["a".into()]).unwrap();
+        h.apply(type_url::WORKLOAD, vec![], vec!["a".into()])
+            .unwrap();
         assert!(!store.enrolled("a"));
         assert!(changes.has_changed().unwrap());
     }
@@ -238,14 +291,42 @@ mod tests {
     fn a_bad_resource_rejects_the_whole_update() {
         let store = Arc::new(Store::default());
         let mut h = StoreHandler(store.clone());
-        let good = ("a".to_string(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])));
-        let bad = ("b".to_string(), any(type_url::WORKLOAD, &workload("b", vec![vec![1, 2, 3]])));
-        let err = h.apply(type_url::WORKLOAD, vec![good, bad], vec![]).unwrap_err();
+        let good = (
+            "a".to_string(),
+            any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])),
+        );
+        let bad = (
+            "b".to_string(),
+            any(type_url::WORKLOAD, &workload("b", vec![vec![1, 2, 3]])),
+        );
+        let err = h
+            .apply(type_url::WORKLOAD, vec![good, bad], vec![])
+            .unwrap_err();
         assert_eq!(err, "resource b: an IP address of 3 bytes");
-        assert!(store.snapshot().workloads.is_empty(), "part of a rejected update was applied");
-        let garbage = ("c".to_string(), Any { type_url: type_url::WORKLOAD.into(), value: vec![0xff, 0xff, 0xff] });
-        assert!(h.apply(type_url::WORKLOAD, vec![garbage], vec![]).unwrap_err().starts_with("resource c: not a Workload"));
-        let renamed = ("x".to_string(), any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])));
-        assert!(h.apply(type_url::WORKLOAD, vec![renamed], vec![]).unwrap_err().contains("differs from the resource name"));
+        assert!(
+            store.snapshot().workloads.is_empty(),
+            "part of a rejected update was applied"
+        );
+        let garbage = (
+            "c".to_string(),
+            Any {
+                type_url: type_url::WORKLOAD.into(),
+                value: vec![0xff, 0xff, 0xff],
+            },
+        );
+        assert!(
+            h.apply(type_url::WORKLOAD, vec![garbage], vec![])
+                .unwrap_err()
+                .starts_with("resource c: not a Workload")
+        );
+        let renamed = (
+            "x".to_string(),
+            any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])),
+        );
+        assert!(
+            h.apply(type_url::WORKLOAD, vec![renamed], vec![])
+                .unwrap_err()
+                .contains("differs from the resource name")
+        );
     }
 }

@@ -103,7 +103,15 @@ impl Drop for XdsClient {
 impl XdsClient {
     /// Starts the client on the current tokio runtime.
     pub fn spawn(config: XdsClientConfig, handler: impl Handler) -> Self {
-        let status = Arc::new(XdsStatus::default());
+        Self::spawn_with_status(config, handler, Arc::default())
+    }
+
+    /// Like [`XdsClient::spawn`], reporting into an existing status.
+    pub fn spawn_with_status(
+        config: XdsClientConfig,
+        handler: impl Handler,
+        status: Arc<XdsStatus>,
+    ) -> Self {
         let task = tokio::spawn(run(config, handler, status.clone()));
         Self { status, task }
     }
