@@ -30,6 +30,10 @@ pub struct ClusterSpec {
     pub agents: bool,
     /// Extra flags for every agent (e.g. `--exclude-port=9000`).
     pub agent_args: Vec<String>,
+    /// Run a control plane (in the bridge namespace, on [`CONTROL_PLANE_ADDR`]) with the
+    /// file source, and connect every agent to it. The mesh file starts as
+    /// [`Cluster::mesh_yaml`]`(false)`: every pod described, none enrolled.
+    pub control_plane: bool,
 }
 
 impl Default for ClusterSpec {
@@ -39,9 +43,13 @@ impl Default for ClusterSpec {
             pods_per_node: 2,
             agents: true,
             agent_args: Vec::new(),
+            control_plane: false,
         }
     }
 }
+
+/// Where the simulated cluster's control plane serves xDS (on the bridge).
+pub const CONTROL_PLANE_ADDR: &str = "172.18.0.254:15010";
 
 /// A pod: a network namespace, two addresses and a cgroup.
 #[derive(Clone, Debug)]
@@ -114,6 +122,9 @@ pub struct Cluster {
     pub bridge_netns: String,
     pub nodes: Vec<Node>,
     agent_args: Vec<String>,
+    control_plane: Mutex<Option<Child>>,
+    /// Agents connect to the control plane.
+    xds: bool,
     netns_created: Mutex<Vec<String>>,
     torn_down: std::sync::atomic::AtomicBool,
 }
@@ -136,6 +147,8 @@ impl Cluster {
             cgroup_root,
             nodes: Vec::new(),
             agent_args: spec.agent_args.clone(),
+            control_plane: Mutex::new(None),
+            xds: false,
             netns_created: Mutex::new(Vec::new()),
             torn_down: Default::default(),
             prefix,
@@ -257,12 +270,138 @@ impl Cluster {
                 c.nodes[n - 1].pods.push(pod);
             }
         }
+        if spec.control_plane {
+            ip_batch(
+                &c.bridge_netns,
+                &["addr add 172.18.0.254/24 dev br0".into()],
+            )?;
+            std::fs::create_dir_all(c.cp_state_dir())?;
+            std::fs::create_dir(c.cgroup_root.join("control-plane"))?;
+            c.write_mesh(&c.mesh_yaml(false))?;
+            c.start_control_plane()?;
+            c.xds = true;
+        }
         if spec.agents {
             for n in 1..=spec.nodes {
                 c.start_agent(n)?;
             }
         }
         Ok(c)
+    }
+
+    fn cp_state_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/{}-cp", self.prefix))
+    }
+
+    /// The control plane's mesh file.
+    pub fn mesh_file(&self) -> PathBuf {
+        self.cp_state_dir().join("mesh.yaml")
+    }
+
+    pub fn control_plane_log(&self) -> String {
+        std::fs::read_to_string(self.cp_state_dir().join("control-plane.log")).unwrap_or_default()
+    }
+
+    /// A mesh file describing this cluster: nodes `node-N`, every pod as a workload of
+    /// namespace `default` (uid, name and IPs as the harness made them), the namespace
+    /// enrolled or not.
+    pub fn mesh_yaml(&self, enrolled: bool) -> String {
+        let mut y = String::from("namespaces:\n  - name: default\n");
+        if enrolled {
+            y.push_str("    labels: {ambit.dev/dataplane: ambient}\n");
+        }
+        y.push_str("nodes:\n");
+        for n in &self.nodes {
+            y.push_str(&format!("  - name: node-{}\n", n.index));
+        }
+        y.push_str("workloads:\n");
+        for p in self.nodes.iter().flat_map(|n| &n.pods) {
+            y.push_str(&format!(
+                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, ips: [{}, {}]}}\n",
+                p.uid, p.name, p.node, p.ip4, p.ip6
+            ));
+        }
+        y
+    }
+
+    /// Replaces the mesh file atomically (as an editor or a ConfigMap update would).
+    pub fn write_mesh(&self, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.mesh_file().with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.mesh_file())?;
+        Ok(())
+    }
+
+    /// Starts the control plane in the bridge namespace and waits until it accepts.
+    pub fn start_control_plane(&self) -> anyhow::Result<()> {
+        let log_path = self.cp_state_dir().join("control-plane.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(workspace_bin("ambit-control-plane"));
+        cmd.arg("run")
+            .arg("--mesh-file")
+            .arg(self.mesh_file())
+            .arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
+            .arg("--file-poll-ms=20")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let netns = Path::new("/var/run/netns").join(&self.bridge_netns);
+        let child = spawn_in(&netns, &self.cgroup_root.join("control-plane"), &mut cmd)
+            .context("starting ambit-control-plane")?;
+        *self.control_plane.lock().unwrap() = Some(child);
+        let ns = Netns::open(&netns)?;
+        let addr: SocketAddr = CONTROL_PLANE_ADDR.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ns
+                .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .control_plane
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "control plane exited ({status}):\n{}",
+                    self.control_plane_log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "control plane not listening after 30 s:\n{}",
+                    self.control_plane_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the control plane and waits for it to exit.
+    pub fn stop_control_plane(&self, signal: i32) -> anyhow::Result<()> {
+        let mut child = self
+            .control_plane
+            .lock()
+            .unwrap()
+            .take()
+            .context("no control plane running")?;
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Node `n`'s agent's `/debug/config_dump`.
+    pub fn config_dump(&self, n: usize) -> anyhow::Result<serde_json::Value> {
+        let (_, body) = self.http_get(n, "127.0.0.1:15000", "/debug/config_dump")?;
+        Ok(serde_json::from_str(&body)?)
     }
 
     fn add_netns(&self, name: &str) -> anyhow::Result<()> {
@@ -319,6 +458,17 @@ impl Cluster {
             .arg("--state-dir")
             .arg(&node.state_dir)
             .args(&self.agent_args)
+            .args(
+                self.xds
+                    .then(|| {
+                        [
+                            format!("--xds-address=http://{CONTROL_PLANE_ADDR}"),
+                            format!("--node-name=node-{n}"),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -494,6 +644,13 @@ impl Cluster {
     pub fn teardown(&self) {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let Some(mut child) = self.control_plane.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::env::var_os("AMBIT_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(self.cp_state_dir());
         }
         for node in &self.nodes {
             if let Some(mut child) = node.agent.lock().unwrap().take() {

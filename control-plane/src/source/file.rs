@@ -143,7 +143,20 @@ impl FileSource {
                         }
                     }
                     Err(e) => {
-                        warn!("rejected mesh file change, keeping the last good model: {e}");
+                        // One self-contained log line per problem, each naming the file.
+                        match &e {
+                            FileError::Invalid { file, problems } => {
+                                for p in problems {
+                                    warn!(
+                                        "rejected mesh file change, keeping the last good model: {}: {p}",
+                                        file.display()
+                                    );
+                                }
+                            }
+                            other => warn!(
+                                "rejected mesh file change, keeping the last good model: {other}"
+                            ),
+                        }
                         let _ = err_tx.send(Some(e.to_string()));
                     }
                 }

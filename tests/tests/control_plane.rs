@@ -1,0 +1,246 @@
+//! End-to-end tests of the control plane driving node agents over xDS, in the simulated
+//! cluster (run as root: `cargo xtask test`).
+
+use std::time::{Duration, Instant};
+
+use ambit_tests::{Cluster, ClusterSpec, Pod};
+use serde_json::Value;
+
+fn cluster() -> Cluster {
+    Cluster::new(ClusterSpec {
+        control_plane: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn all_pods(c: &Cluster) -> Vec<&Pod> {
+    c.nodes.iter().flat_map(|n| &n.pods).collect()
+}
+
+/// uid → captured, as node `n`'s agent reports its known pods.
+fn captured(c: &Cluster, n: usize) -> Vec<(String, bool)> {
+    c.enroll_client(n)
+        .unwrap()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.spec.uid, p.captured))
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+fn all_captured(c: &Cluster, want: bool) -> bool {
+    c.nodes
+        .iter()
+        .all(|n| captured(c, n.index).iter().all(|(_, cap)| *cap == want))
+}
+
+/// Echo through the pod, returns whether the agent proxied it.
+fn goes_through_agent(c: &Cluster, from: &Pod, to: &Pod) -> bool {
+    let args = ["--connect", &format!("{}:8080", to.ip4), "--bytes", "10000"].map(String::from);
+    let (ok, r) = c.run_client(from, &args).unwrap();
+    assert!(ok, "{r:?}");
+    let port = |k: &str| {
+        r[0][k]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    port("local") != port("server_peer")
+}
+
+fn store_workloads(c: &Cluster, n: usize) -> Vec<String> {
+    let dump = c.config_dump(n).unwrap();
+    dump["mesh"]["workloads"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn namespace_label_enrolls_and_releases_pods_on_both_nodes() {
+    let c = cluster();
+    let _srv = c
+        .start_server(c.pod(2, 0), &[format!("{}:8080", c.pod(2, 0).ip4)])
+        .unwrap();
+    for p in all_pods(&c) {
+        c.enroll(p).unwrap(); // the CNI's part: the agent now knows the pod's netns
+    }
+    wait_until("agents synced", Duration::from_secs(10), || {
+        c.nodes
+            .iter()
+            .all(|n| c.config_dump(n.index).unwrap()["xds"]["connected"] == true)
+    });
+    assert!(
+        all_captured(&c, false),
+        "captured before the control plane said so"
+    );
+    assert!(!goes_through_agent(&c, c.pod(1, 0), c.pod(2, 0)));
+
+    c.write_mesh(&c.mesh_yaml(true)).unwrap();
+    let took = wait_until(
+        "pods enrolled on both nodes",
+        Duration::from_secs(10),
+        || all_captured(&c, true),
+    );
+    eprintln!(
+        "namespace labelled: all pods enrolled on both nodes after {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(goes_through_agent(&c, c.pod(1, 0), c.pod(2, 0)));
+
+    c.write_mesh(&c.mesh_yaml(false)).unwrap();
+    let took = wait_until(
+        "pods released on both nodes",
+        Duration::from_secs(10),
+        || all_captured(&c, false),
+    );
+    eprintln!(
+        "label removed: all pods released on both nodes after {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(!goes_through_agent(&c, c.pod(1, 0), c.pod(2, 0)));
+}
+
+#[test]
+fn an_invalid_edit_keeps_the_last_good_model_and_a_fix_applies() {
+    let c = cluster();
+    for p in all_pods(&c) {
+        c.enroll(p).unwrap();
+    }
+    c.write_mesh(&c.mesh_yaml(true)).unwrap();
+    wait_until("enrolled", Duration::from_secs(10), || {
+        all_captured(&c, true)
+    });
+
+    // Unlabel the namespace but also break the file: nothing of it may apply.
+    let broken = c.mesh_yaml(false).replace("node: node-2", "node: node-9");
+    c.write_mesh(&broken).unwrap();
+    wait_until("the error is reported", Duration::from_secs(10), || {
+        c.control_plane_log().contains("node-9")
+    });
+    let log = c.control_plane_log();
+    let line = log.lines().find(|l| l.contains("node-9")).unwrap();
+    assert!(
+        line.contains("mesh.yaml") && line.contains("is not defined under nodes"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        all_captured(&c, true),
+        "a rejected file changed what agents do"
+    );
+
+    c.write_mesh(&c.mesh_yaml(false)).unwrap();
+    wait_until("the fix applies", Duration::from_secs(10), || {
+        all_captured(&c, false)
+    });
+}
+
+#[test]
+fn agents_keep_serving_without_the_control_plane_and_converge_when_it_returns() {
+    let c = cluster();
+    let (client, server) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = c
+        .start_server(server, &[format!("{}:8080", server.ip4)])
+        .unwrap();
+    for p in all_pods(&c) {
+        c.enroll(p).unwrap();
+    }
+    c.write_mesh(&c.mesh_yaml(true)).unwrap();
+    wait_until("enrolled", Duration::from_secs(10), || {
+        all_captured(&c, true)
+    });
+
+    c.stop_control_plane(libc::SIGKILL).unwrap();
+    wait_until("agents notice", Duration::from_secs(10), || {
+        c.nodes
+            .iter()
+            .all(|n| c.config_dump(n.index).unwrap()["xds"]["connected"] == false)
+    });
+    assert!(
+        goes_through_agent(&c, client, server),
+        "capture stopped with the control plane gone"
+    );
+    assert_eq!(
+        store_workloads(&c, 1).len(),
+        4,
+        "the agent dropped its state"
+    );
+
+    // Change the mesh while it is down: remove a workload of node 2.
+    let gone = c.pod(2, 1);
+    let without: String = c
+        .mesh_yaml(true)
+        .lines()
+        .filter(|l| !l.contains(&gone.uid))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    c.write_mesh(&without).unwrap();
+    c.start_control_plane().unwrap();
+    let took = wait_until(
+        "agents reconnect and converge",
+        Duration::from_secs(30),
+        || {
+            c.nodes.iter().all(|n| {
+                let d = c.config_dump(n.index).unwrap();
+                d["xds"]["connected"] == true && !store_workloads(&c, n.index).contains(&gone.uid)
+            })
+        },
+    );
+    eprintln!(
+        "control plane restarted: agents converged after {:.0} ms",
+        took.as_secs_f64() * 1e3
+    );
+    let d: Value = c.config_dump(1).unwrap();
+    assert!(d["xds"]["connects"].as_u64().unwrap() >= 2, "{d}");
+    // The removed workload is no longer enrolled by the mesh: its pod is released.
+    wait_until("removed workload released", Duration::from_secs(10), || {
+        captured(&c, 2)
+            .iter()
+            .any(|(uid, cap)| *uid == gone.uid && !cap)
+    });
+    assert!(goes_through_agent(&c, client, server));
+}
+
+#[test]
+fn delta_removal_reaches_every_agents_store() {
+    let c = cluster();
+    // Nothing is enrolled: each node sees its own two workloads only.
+    wait_until("synced", Duration::from_secs(10), || {
+        store_workloads(&c, 1).len() == 2 && store_workloads(&c, 2).len() == 2
+    });
+    let gone = c.pod(1, 1);
+    let without: String = c
+        .mesh_yaml(false)
+        .lines()
+        .filter(|l| !l.contains(&gone.uid))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    c.write_mesh(&without).unwrap();
+    wait_until(
+        "removed from node 1's store",
+        Duration::from_secs(10),
+        || !store_workloads(&c, 1).contains(&gone.uid),
+    );
+    assert_eq!(store_workloads(&c, 2).len(), 2, "node 2's view changed");
+    let dump = c.config_dump(1).unwrap();
+    assert_eq!(dump["xds"]["nacks"], 0, "{dump}");
+}
