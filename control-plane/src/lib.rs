@@ -3,7 +3,8 @@
 //! - [`model`]: the one internal model of the mesh, validated and derived;
 //! - [`source`]: where the model comes from (a YAML file today);
 //! - [`translate`]: the model as xDS resources, and each node's view of them;
-//! - [`ads`]: the Aggregated Discovery Service (state of the world and delta).
+//! - [`ads`]: the Aggregated Discovery Service (state of the world and delta);
+//! - [`ca`]: the certificate authority (workload certificates, node-scoped).
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub fn snapshots(mut models: watch::Receiver<Arc<Model>>) -> watch::Receiver<Arc
     rx
 }
 pub mod ads;
+pub mod ca;
 pub mod model;
 pub mod source;
 pub mod translate;

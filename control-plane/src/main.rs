@@ -31,6 +31,23 @@ struct RunArgs {
     /// Plaintext xDS (ADS) listener.
     #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15010")]
     xds_addr: std::net::SocketAddr,
+    /// Directory of the root CA (`root-cert.pem`, `root-key.pem`); created with a new root
+    /// on first start.
+    #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
+    ca_dir: PathBuf,
+    /// Directory of per-node bootstrap credentials (`<node>.token`, created for new nodes).
+    #[arg(
+        long,
+        env = "AMBIT_NODE_TOKENS_DIR",
+        default_value = "/var/lib/ambit/node-tokens"
+    )]
+    node_tokens_dir: PathBuf,
+    /// Lifetime of workload certificates when the agent asks for none, in seconds.
+    #[arg(long, env = "AMBIT_CERT_TTL_S", default_value_t = 86_400)]
+    cert_ttl_s: u64,
+    /// Longest lifetime granted, in seconds.
+    #[arg(long, env = "AMBIT_MAX_CERT_TTL_S", default_value_t = 172_800)]
+    max_cert_ttl_s: u64,
     /// How often the mesh file is checked for changes, in milliseconds.
     #[arg(long, env = "AMBIT_FILE_POLL_MS", default_value_t = 100)]
     file_poll_ms: u64,
@@ -46,11 +63,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::time::Duration::from_millis(args.file_poll_ms),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
+    use std::time::Duration;
     let ads = AdsServer::new(snapshots(source.models.clone()));
+    let ca = CertificateAuthority::load_or_create(
+        &args.ca_dir,
+        Duration::from_secs(args.cert_ttl_s),
+        Duration::from_secs(args.max_cert_ttl_s),
+    )?;
+    let tokens = std::sync::Arc::new(NodeTokens::new(args.node_tokens_dir.clone())?);
+    tokens.ensure(&source.models.borrow())?;
+    {
+        // New nodes in the mesh file get a credential too.
+        let (tokens, mut models) = (tokens.clone(), source.models.clone());
+        tokio::spawn(async move {
+            while models.changed().await.is_ok() {
+                let model = models.borrow_and_update().clone();
+                if let Err(e) = tokens.ensure(&model) {
+                    tracing::warn!("creating node credentials: {e}");
+                }
+            }
+        });
+    }
+    let ca = CaService::new(std::sync::Arc::new(ca), tokens, source.models.clone());
     let listener = tokio::net::TcpListener::bind(args.xds_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving xDS");
+    tracing::info!(addr = %listener.local_addr()?, "serving xDS and the CA");
     tonic::transport::Server::builder()
         .add_service(ads.into_service())
+        .add_service(ca.into_service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),

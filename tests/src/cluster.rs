@@ -293,6 +293,11 @@ impl Cluster {
         PathBuf::from(format!("/tmp/{}-cp", self.prefix))
     }
 
+    /// Where the control plane keeps node credentials (`<node>.token`).
+    pub fn node_tokens_dir(&self) -> PathBuf {
+        self.cp_state_dir().join("node-tokens")
+    }
+
     /// The control plane's mesh file.
     pub fn mesh_file(&self) -> PathBuf {
         self.cp_state_dir().join("mesh.yaml")
@@ -345,6 +350,10 @@ impl Cluster {
             .arg(self.mesh_file())
             .arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
             .arg("--file-poll-ms=20")
+            .arg("--ca-dir")
+            .arg(self.cp_state_dir().join("ca"))
+            .arg("--node-tokens-dir")
+            .arg(self.node_tokens_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

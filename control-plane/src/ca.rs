@@ -1,0 +1,381 @@
+//! The certificate authority: signs short-lived workload certificates with SPIFFE
+//! identities, for node agents, one node's workloads at a time.
+//!
+//! - The root (ECDSA P-256) is read from `<ca-dir>/root-cert.pem` and `root-key.pem`, or
+//!   generated on first start and written there (the key with mode 0600).
+//! - A caller authenticates as a node ([`Authenticator`]; file mode: a per-node bootstrap
+//!   token, [`NodeTokens`]) and may obtain certificates only for identities of workloads
+//!   that the current model places on that node. Everything else is refused and logged.
+//! - Only the CSR's public key and its single SPIFFE URI SAN are used: the certificate's
+//!   other fields are the CA's own (validity, key usages, no subject).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_xds::ambit::certificate_service_server::{CertificateService, CertificateServiceServer};
+use ambit_xds::ambit::{CreateCertificateRequest, CreateCertificateResponse};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::model::Model;
+
+/// Why the CA could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{what}: {source}")]
+    Crypto {
+        what: &'static str,
+        source: rcgen::Error,
+    },
+}
+
+/// The signing half of the CA.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    default_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("default_ttl", &self.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads the root from `dir`, or creates and persists one there.
+    pub fn load_or_create(
+        dir: &Path,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let (cert_path, key_path) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CaError::Io { path, source }
+        };
+        let crypto = |what| move |source| CaError::Crypto { what, source };
+        let (root_pem, key) = if cert_path.exists() {
+            let pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(crypto("reading the root key"))?;
+            info!(cert = %cert_path.display(), "loaded the root CA");
+            (pem, key)
+        } else {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(crypto("generating the root key"))?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "Ambit");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "Ambit root CA");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+            params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+            params.serial_number = Some(random_serial());
+            let cert = params
+                .self_signed(&key)
+                .map_err(crypto("signing the root"))?;
+            write_private(&key_path, &key.serialize_pem()).map_err(io_err(&key_path))?;
+            std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+            info!(cert = %cert_path.display(), "generated a new root CA");
+            (cert.pem(), key)
+        };
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, key)
+            .map_err(crypto("reading the root certificate"))?;
+        Ok(Self {
+            issuer,
+            root_pem,
+            default_ttl,
+            max_ttl,
+        })
+    }
+
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// Signs `csr_pem` for `node` if its one SPIFFE identity belongs to a workload of
+    /// `model` on that node. Returns the PEM chain, leaf first.
+    pub fn sign(
+        &self,
+        model: &Model,
+        node: &str,
+        csr_pem: &str,
+        requested: Duration,
+    ) -> Result<Vec<String>, Status> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Status::invalid_argument(format!("unreadable CSR: {e}")))?;
+        let uris: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                SanType::URI(u) => Some(u.as_str().to_owned()),
+                _ => None,
+            })
+            .collect();
+        let [id] = uris.as_slice() else {
+            return Err(Status::invalid_argument(format!(
+                "the CSR must carry exactly one URI SAN, not {}",
+                uris.len()
+            )));
+        };
+        if csr.params.subject_alt_names.len() != 1 {
+            return Err(Status::invalid_argument(
+                "the CSR may carry no SAN but its SPIFFE ID",
+            ));
+        }
+        let (ns, sa) = parse_spiffe(id, &model.trust_domain).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{id} is not a SPIFFE ID of trust domain {}",
+                model.trust_domain
+            ))
+        })?;
+        let local = model
+            .workloads
+            .values()
+            .any(|w| w.node == node && w.namespace == ns && w.service_account == sa);
+        if !local {
+            warn!(node, identity = %id, "refused a certificate for an identity with no workload on the asking node");
+            return Err(Status::permission_denied(format!(
+                "node {node} runs no workload with identity {id}"
+            )));
+        }
+        let ttl = if requested.is_zero() {
+            self.default_ttl
+        } else {
+            requested.min(self.max_ttl)
+        };
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str()
+                .try_into()
+                .map_err(|_| Status::invalid_argument("bad URI"))?,
+        )];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        let now = time::OffsetDateTime::now_utc();
+        // A little backdating absorbs clock skew between nodes.
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after =
+            now + time::Duration::try_from(ttl).map_err(|_| Status::invalid_argument("bad TTL"))?;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let leaf = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(|e| Status::internal(format!("signing: {e}")))?;
+        info!(node, identity = %id, ttl_s = ttl.as_secs(), "issued a workload certificate");
+        Ok(vec![leaf.pem(), self.root_pem.clone()])
+    }
+}
+
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` → (ns, sa).
+fn parse_spiffe<'a>(id: &'a str, trust_domain: &str) -> Option<(&'a str, &'a str)> {
+    let rest = id
+        .strip_prefix("spiffe://")?
+        .strip_prefix(trust_domain)?
+        .strip_prefix("/ns/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let sa = rest.strip_prefix("sa/")?;
+    (!ns.is_empty() && !sa.is_empty() && !sa.contains('/')).then_some((ns, sa))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system RNG works");
+    b[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&b)
+}
+
+fn write_private(path: &Path, contents: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+/// Who is calling: maps a bearer credential to a node name.
+pub trait Authenticator: Send + Sync + 'static {
+    fn node_of(&self, credential: &str) -> Option<String>;
+}
+
+/// File-mode bootstrap credentials: `<dir>/<node>.token`, one random token per node,
+/// created (mode 0600) for every node of the model that has none. A node agent is given
+/// its file (`--node-credential-file`); Kubernetes service-account tokens can replace
+/// this by implementing [`Authenticator`].
+#[derive(Debug)]
+pub struct NodeTokens {
+    dir: PathBuf,
+}
+
+impl NodeTokens {
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Makes sure every node has a token.
+    pub fn ensure(&self, model: &Model) -> io::Result<()> {
+        for node in &model.nodes {
+            let path = self.dir.join(format!("{node}.token"));
+            if !path.exists() {
+                let mut b = [0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut b)
+                    .map_err(|_| io::Error::other("RNG"))?;
+                let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                write_private(&path, &token)?;
+                info!(node, file = %path.display(), "created a node credential");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Authenticator for NodeTokens {
+    fn node_of(&self, credential: &str) -> Option<String> {
+        let entries = std::fs::read_dir(&self.dir).ok()?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(node) = name.strip_suffix(".token") else {
+                continue;
+            };
+            let Ok(token) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            if constant_time_eq(token.trim().as_bytes(), credential.as_bytes()) {
+                return Some(node.to_owned());
+            }
+        }
+        None
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The gRPC `CertificateService`.
+pub struct CaService {
+    ca: Arc<CertificateAuthority>,
+    auth: Arc<dyn Authenticator>,
+    models: watch::Receiver<Arc<Model>>,
+}
+
+impl CaService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        auth: Arc<dyn Authenticator>,
+        models: watch::Receiver<Arc<Model>>,
+    ) -> Self {
+        Self { ca, auth, models }
+    }
+
+    pub fn into_service(self) -> CertificateServiceServer<Self> {
+        CertificateServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let credential = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <node credential>`")
+            })?;
+        let Some(node) = self.auth.node_of(credential) else {
+            warn!("refused a certificate request with an unknown credential");
+            return Err(Status::unauthenticated("unknown node credential"));
+        };
+        let req = request.into_inner();
+        let ttl = Duration::from_secs(req.validity_seconds.max(0) as u64);
+        let model = self.models.borrow().clone();
+        let chain = self.ca.sign(&model, &node, &req.csr, ttl)?;
+        Ok(Response::new(CreateCertificateResponse {
+            cert_chain: chain,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_strictly() {
+        assert_eq!(
+            parse_spiffe("spiffe://cluster.local/ns/a/sa/b", "cluster.local"),
+            Some(("a", "b"))
+        );
+        assert_eq!(
+            parse_spiffe("spiffe://other/ns/a/sa/b", "cluster.local"),
+            None
+        );
+        assert_eq!(
+            parse_spiffe("spiffe://cluster.local/ns/a/sa/b/c", "cluster.local"),
+            None
+        );
+        assert_eq!(
+            parse_spiffe("spiffe://cluster.local/ns//sa/b", "cluster.local"),
+            None
+        );
+        assert_eq!(
+            parse_spiffe("https://cluster.local/ns/a/sa/b", "cluster.local"),
+            None
+        );
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
