@@ -84,6 +84,11 @@ fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Respon
             },
             "mesh": *agent.store.snapshot(),
             "pods": agent.pods.list_known(),
+            "certificates": agent.certs.all().iter().map(|c| &**c).collect::<Vec<_>>(),
+            "certificate_requests": {
+                "issued": agent.certs.issued.load(Ordering::Relaxed),
+                "failed": agent.certs.failures.load(Ordering::Relaxed),
+            },
         })),
         (Admin, "/debug/connections") => json(&agent.recent.snapshot()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

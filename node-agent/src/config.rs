@@ -78,6 +78,16 @@ pub struct Config {
     #[arg(long, env = "NODE_NAME", default_value = "node")]
     pub node_name: String,
 
+    /// This node's bootstrap credential for the control plane's CA (file mode: the
+    /// control plane's `<node-tokens-dir>/<node>.token`). Without it no certificates are
+    /// requested.
+    #[arg(long, env = "AMBIT_NODE_CREDENTIAL_FILE")]
+    pub node_credential_file: Option<PathBuf>,
+
+    /// Lifetime to ask for workload certificates (0: the CA's default, 24 h).
+    #[arg(long, env = "AMBIT_CERT_TTL", default_value = "0s", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

@@ -18,6 +18,7 @@ pub mod datapath;
 pub mod dialer;
 pub mod enroll_server;
 pub mod enrollment;
+pub mod identity;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
@@ -48,6 +49,8 @@ pub struct Agent {
     pub recent: RecentConnections,
     /// True once the programs are attached and enrolled pods are taken over.
     pub ready: AtomicBool,
+    /// Workload certificates for local identities.
+    pub certs: Arc<identity::Certificates>,
     /// What the control plane says (empty without one).
     pub store: Arc<store::Store>,
     /// The xDS client's state (never connected without a control plane).
@@ -67,6 +70,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the data-plane runtime")?;
 
+    let node_credential = match &config.node_credential_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the node credential {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "creating the state directory {}",
@@ -91,6 +103,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let agent = Arc::new(Agent {
         metrics: Metrics::new(datapath.clone(), pods.clone(), xds.clone()),
         store: Arc::default(),
+        certs: Arc::default(),
         xds,
         dialer: NetnsDialer::start().context("starting the netns dialer")?,
         recent: RecentConnections::default(),
@@ -105,7 +118,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .restore()
         .context("taking over previously enrolled pods")?;
 
-    let control = start_control_plane(agent.clone())?;
+    let control = start_control_plane(agent.clone(), node_credential)?;
     agent.ready.store(true, Ordering::Release);
     info!(pods = agent.pods.len(), "node agent ready");
 
@@ -125,7 +138,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
 /// The admin, metrics, readiness and enrollment servers, on their own thread and runtime.
 /// Binding happens before this returns, so a bind error stops the agent at start.
-fn start_control_plane(agent: Arc<Agent>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+fn start_control_plane(
+    agent: Arc<Agent>,
+    node_credential: Option<String>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -162,6 +178,21 @@ fn start_control_plane(agent: Arc<Agent>) -> anyhow::Result<std::thread::JoinHan
                     tokio::spawn(forward_kernel_logs(logger));
                 }
                 let _xds = start_xds(&agent);
+                if let (Some(address), Some(credential)) =
+                    (agent.config.xds_address.clone(), node_credential)
+                {
+                    let config = identity::CaClientConfig {
+                        address,
+                        node: agent.config.node_name.clone(),
+                        credential,
+                        ttl: agent.config.cert_ttl,
+                    };
+                    tokio::spawn(identity::run(
+                        config,
+                        agent.store.clone(),
+                        agent.certs.clone(),
+                    ));
+                }
                 std::future::pending::<()>().await
             })
         })?)

@@ -308,7 +308,8 @@ impl Cluster {
     }
 
     /// A mesh file describing this cluster: nodes `node-N`, every pod as a workload of
-    /// namespace `default` (uid, name and IPs as the harness made them), the namespace
+    /// namespace `default` (uid, name and IPs as the harness made them; its service
+    /// account is its name, so each pod has an identity of its own), the namespace
     /// enrolled or not.
     pub fn mesh_yaml(&self, enrolled: bool) -> String {
         let mut y = String::from("namespaces:\n  - name: default\n");
@@ -322,8 +323,8 @@ impl Cluster {
         y.push_str("workloads:\n");
         for p in self.nodes.iter().flat_map(|n| &n.pods) {
             y.push_str(&format!(
-                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, ips: [{}, {}]}}\n",
-                p.uid, p.name, p.node, p.ip4, p.ip6
+                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {}, ips: [{}, {}]}}\n",
+                p.uid, p.name, p.node, p.name, p.ip4, p.ip6
             ));
         }
         y
@@ -473,6 +474,12 @@ impl Cluster {
                         [
                             format!("--xds-address=http://{CONTROL_PLANE_ADDR}"),
                             format!("--node-name=node-{n}"),
+                            format!(
+                                "--node-credential-file={}",
+                                self.node_tokens_dir()
+                                    .join(format!("node-{n}.token"))
+                                    .display()
+                            ),
                         ]
                     })
                     .into_iter()

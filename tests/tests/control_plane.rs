@@ -244,3 +244,76 @@ fn delta_removal_reaches_every_agents_store() {
     let dump = c.config_dump(1).unwrap();
     assert_eq!(dump["xds"]["nacks"], 0, "{dump}");
 }
+
+/// (identity, serial, not_after) of node `n`'s certificates.
+fn certificates(c: &Cluster, n: usize) -> Vec<(String, String, u64)> {
+    let d = c.config_dump(n).unwrap();
+    d["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["identity"].as_str().unwrap().to_owned(),
+                c["serial"].as_str().unwrap().to_owned(),
+                c["not_after"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn agents_get_certificates_for_their_own_identities_and_renew_before_expiry() {
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        agent_args: vec!["--cert-ttl=4s".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    for p in all_pods(&c) {
+        c.enroll(p).unwrap();
+    }
+    c.write_mesh(&c.mesh_yaml(true)).unwrap();
+    let id = |p: &Pod| format!("spiffe://cluster.local/ns/default/sa/{}", p.name);
+    let mine: Vec<String> = c.node(1).pods.iter().map(id).collect();
+    wait_until(
+        "node 1 has certificates for its identities",
+        Duration::from_secs(10),
+        || {
+            certificates(&c, 1)
+                .iter()
+                .map(|(i, ..)| i.clone())
+                .collect::<Vec<_>>()
+                == mine
+        },
+    );
+    // Node-scoped: node 2's identities are node 2's business.
+    let theirs: Vec<String> = c.node(2).pods.iter().map(id).collect();
+    wait_until("node 2 has its own", Duration::from_secs(10), || {
+        certificates(&c, 2)
+            .iter()
+            .map(|(i, ..)| i.clone())
+            .collect::<Vec<_>>()
+            == theirs
+    });
+
+    let (ident, serial, not_after) = certificates(&c, 1)[0].clone();
+    let renewed = wait_until("renewal", Duration::from_secs(10), || {
+        certificates(&c, 1)
+            .iter()
+            .any(|(i, s, _)| *i == ident && *s != serial)
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now < not_after,
+        "renewed only after the old certificate expired ({now} >= {not_after})"
+    );
+    eprintln!(
+        "4 s certificate renewed {:.1} s after it was first seen",
+        renewed.as_secs_f64()
+    );
+    assert_eq!(c.config_dump(1).unwrap()["xds"]["nacks"], 0);
+}
