@@ -37,7 +37,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Start a 2-node simulated cluster with agents, show capture and counters, clean up.
+    /// A 2-node simulated cluster with agents and the control plane on examples/mesh.yaml:
+    /// capture, counters, certificates, a live relabel; then clean up.
     Demo,
     /// Run the benchmarks in the simulated cluster and print a table; needs root.
     Bench,

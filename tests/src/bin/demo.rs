@@ -1,59 +1,120 @@
-//! `cargo xtask demo`: a 2-node simulated cluster with an agent per node. Enrolled and
-//! non-enrolled pods send traffic across nodes; the demo prints what each agent captured
-//! and every workload's kernel counters, then removes everything (also on Ctrl-C).
+//! `cargo xtask demo`: a 2-node simulated cluster configured by Ambit's control plane
+//! from `examples/mesh.yaml` (file source). Agents learn from it which pods are enrolled
+//! and get their workloads' certificates from its CA. Pods send traffic across nodes; the
+//! demo prints what was captured, each workload's counters and the certificates, shows a
+//! namespace being released by editing the file, then removes everything (also on
+//! Ctrl-C).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use ambit_mesh::enroll::PodSpec;
 use ambit_tests::cluster::metric_value;
 use ambit_tests::{Cluster, ClusterSpec, Pod};
 
+const MESH: &str = include_str!("../../../examples/mesh.yaml");
+
+/// A workload of the example file, and the simulated pod that plays it.
+struct Cast<'a> {
+    pod: &'a Pod,
+    uid: String,
+    namespace: String,
+    name: String,
+}
+
 fn main() -> anyhow::Result<()> {
     ambit_tests::require_root();
+    println!("Ambit demo: a 2-node cluster in network namespaces, a node agent per node, and the");
     println!(
-        "Ambit demo: building a 2-node cluster in network namespaces (2 pods per node, an agent per node)..."
+        "control plane serving examples/mesh.yaml over xDS (and its CA issuing certificates)..."
     );
-    let cluster = Arc::new(Cluster::new(ClusterSpec::default())?);
+    let cluster = Arc::new(Cluster::new(ClusterSpec {
+        control_plane: true,
+        ..Default::default()
+    })?);
     cleanup_on_signal(cluster.clone());
     let c = &*cluster;
+    c.write_mesh(MESH)?;
 
-    let (a, b) = (c.pod(1, 0), c.pod(1, 1)); // node 1: a enrolled, b not
-    let (s, d) = (c.pod(2, 0), c.pod(2, 1)); // node 2: s a server, d enrolled
-    let _srv_s = c.start_server(s, &[format!("{}:8080", s.ip4), format!("[{}]:8080", s.ip6)])?;
-    let _srv_b = c.start_server(b, &[format!("{}:9090", b.ip4)])?;
-    c.enroll(a)?;
-    c.enroll(d)?;
+    // The CNI's part: tell each node's agent about its pods (uid, names, netns, IPs). The
+    // control plane decides which of them are enrolled.
+    let cast = cast(c)?;
+    for w in &cast {
+        let spec = PodSpec {
+            uid: w.uid.clone(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            netns: w.pod.netns_path().display().to_string(),
+            ips: vec![w.pod.ip4.into(), w.pod.ip6.into()],
+        };
+        c.enroll_client(w.pod.node)?.add(spec)?;
+    }
+    let by_name = |n: &str| {
+        cast.iter()
+            .find(|w| w.name == n)
+            .expect("in examples/mesh.yaml")
+    };
+    let (frontend, batch, web0, web1) = (
+        by_name("frontend-0"),
+        by_name("batch-0"),
+        by_name("web-0"),
+        by_name("web-1"),
+    );
+    wait(
+        "agents enrolled what the mesh says",
+        Duration::from_secs(15),
+        || captured(c, frontend) && captured(c, web0) && certs(c, 1) > 0 && certs(c, 2) > 0,
+    )?;
 
     println!();
     for node in &c.nodes {
+        let dump = c.config_dump(node.index)?;
         println!(
-            "node-{}  {} / {}  agent pid {}",
+            "node-{}  {}  agent pid {}  xDS: {}, {} workloads known",
             node.index,
             node.ip4,
-            node.ip6,
-            node.agent_pid().unwrap_or(0)
+            node.agent_pid().unwrap_or(0),
+            if dump["xds"]["connected"] == true {
+                "connected"
+            } else {
+                "NOT connected"
+            },
+            dump["mesh"]["workloads"].as_object().map_or(0, |m| m.len()),
         );
-        for p in &node.pods {
-            let enrolled = [a, d].iter().any(|e| e.uid == p.uid);
+        for w in cast.iter().filter(|w| w.pod.node == node.index) {
+            let state = if captured(c, w) {
+                "enrolled (captured)"
+            } else {
+                "not enrolled"
+            };
             println!(
-                "  {:<10} {:<13} {:<22} {}",
-                p.name,
-                p.ip4,
-                p.ip6,
-                if enrolled { "enrolled" } else { "not enrolled" }
+                "  {:<18} {:<13} {}",
+                format!("{}/{}", w.namespace, w.name),
+                w.pod.ip4,
+                state
             );
         }
     }
 
+    let _srv_web = c.start_server(
+        web0.pod,
+        &[
+            format!("{}:8080", web0.pod.ip4),
+            format!("[{}]:8080", web0.pod.ip6),
+        ],
+    )?;
+    let _srv_batch = c.start_server(batch.pod, &[format!("{}:9090", batch.pod.ip4)])?;
     println!("\nTraffic (each connection echoes 1 MB and checks every byte):");
     println!(
-        "  {:<10} {:<28} {:<10} HOW IT ARRIVED (as the server saw it)",
+        "  {:<18} {:<28} {:<8} HOW IT ARRIVED (as the server saw it)",
         "FROM", "TO", "RESULT"
     );
     for (from, to) in [
-        (a, format!("{}:8080", s.ip4)),
-        (a, format!("[{}]:8080", s.ip6)),
-        (b, format!("{}:8080", s.ip4)),
-        (d, format!("{}:9090", b.ip4)),
+        (frontend, format!("{}:8080", web0.pod.ip4)),
+        (frontend, format!("[{}]:8080", web0.pod.ip6)),
+        (batch, format!("{}:8080", web0.pod.ip4)),
+        (web0, format!("{}:9090", batch.pod.ip4)),
+        (web1, format!("{}:9090", batch.pod.ip4)),
     ] {
         traffic(c, from, &to)?;
     }
@@ -64,12 +125,12 @@ fn main() -> anyhow::Result<()> {
             node.index
         );
         println!(
-            "  {:<10} {:<24} ORIGINAL DESTINATION",
+            "  {:<12} {:<24} ORIGINAL DESTINATION",
             "WORKLOAD", "APP SOCKET (REDIRECTED)"
         );
         for e in c.captured(node.index)? {
             println!(
-                "  {:<10} {:<24} {}",
+                "  {:<12} {:<24} {}",
                 e["workload"].as_str().unwrap_or("?"),
                 e["client"].as_str().unwrap_or("?"),
                 e["original_destination"].as_str().unwrap_or("?")
@@ -81,7 +142,7 @@ fn main() -> anyhow::Result<()> {
         "\nPer-workload counters (GET /metrics; bytes at the IP layer, counted by cgroup_skb in the kernel):"
     );
     println!(
-        "  {:<6} {:<10} {:>14} {:>14} {:>10} {:>10} {:>12}",
+        "  {:<6} {:<12} {:>14} {:>14} {:>10} {:>10} {:>12}",
         "NODE",
         "WORKLOAD",
         "EGRESS BYTES",
@@ -92,18 +153,21 @@ fn main() -> anyhow::Result<()> {
     );
     for node in &c.nodes {
         let m = c.metrics(node.index)?;
-        for p in [a, d].into_iter().filter(|p| p.node == node.index) {
+        for w in cast
+            .iter()
+            .filter(|w| w.pod.node == node.index && captured(c, w))
+        {
             let v = |name: &str, dir: Option<&str>| {
-                let mut want = vec![("workload", p.name.as_str())];
+                let mut want = vec![("workload", w.name.as_str())];
                 if let Some(dir) = dir {
                     want.push(("direction", dir));
                 }
                 metric_value(&m, name, &want).unwrap_or(0.0) as u64
             };
             println!(
-                "  {:<6} {:<10} {:>14} {:>14} {:>10} {:>10} {:>12}",
+                "  {:<6} {:<12} {:>14} {:>14} {:>10} {:>10} {:>12}",
                 format!("node-{}", node.index),
-                p.name,
+                w.name,
                 v("ambit_workload_bytes_total", Some("egress")),
                 v("ambit_workload_bytes_total", Some("ingress")),
                 v("ambit_workload_packets_total", Some("egress")),
@@ -112,15 +176,114 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+
+    println!(
+        "\nWorkload certificates (from the control plane's CA; each node holds only its own identities):"
+    );
+    for node in &c.nodes {
+        for cert in c.config_dump(node.index)?["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let left = cert["not_after"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(now());
+            println!(
+                "  node-{}  {:<44} serial {:.12}…  expires in {:.1} h",
+                node.index,
+                cert["identity"].as_str().unwrap_or("?"),
+                cert["serial"].as_str().unwrap_or("?"),
+                left as f64 / 3600.0
+            );
+        }
+    }
+
+    println!("\nEditing the mesh file: namespace `shop` loses its ambit.dev/dataplane label...");
+    let t = Instant::now();
+    c.write_mesh(&MESH.replace("ambit.dev/dataplane: ambient", "team: shop"))?;
+    wait("shop released", Duration::from_secs(15), || {
+        !captured(c, frontend) && !captured(c, web0)
+    })?;
+    println!(
+        "  frontend-0 and web-0 released on both nodes {:.0} ms after the edit, with no restart.",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    traffic(c, frontend, &format!("{}:8080", web0.pod.ip4))?;
+
     println!("\nCleaning up (namespaces, cgroups, pinned programs, processes)...");
     cluster.teardown();
     println!("Done.");
     Ok(())
 }
 
-fn traffic(c: &Cluster, from: &Pod, to: &str) -> anyhow::Result<()> {
+/// Maps the example file's workloads onto the simulated pods by IPv4 address.
+fn cast(c: &Cluster) -> anyhow::Result<Vec<Cast<'_>>> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        workloads: Vec<W>,
+    }
+    #[derive(serde::Deserialize)]
+    struct W {
+        name: String,
+        namespace: String,
+        ips: Vec<std::net::IpAddr>,
+    }
+    let file: File = serde_yaml_ng::from_str(MESH)?;
+    let mut out = Vec::new();
+    for w in file.workloads {
+        let pod = c
+            .nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| w.ips.contains(&p.ip4.into()))
+            .ok_or_else(|| {
+                anyhow::anyhow!("no simulated pod has the IPs of {}/{}", w.namespace, w.name)
+            })?;
+        out.push(Cast {
+            pod,
+            uid: format!("{}/{}", w.namespace, w.name),
+            namespace: w.namespace,
+            name: w.name,
+        });
+    }
+    Ok(out)
+}
+
+fn captured(c: &Cluster, w: &Cast) -> bool {
+    c.enroll_client(w.pod.node)
+        .and_then(|mut cl| Ok(cl.list()?))
+        .map(|pods| pods.iter().any(|p| p.spec.uid == w.uid && p.captured))
+        .unwrap_or(false)
+}
+
+fn certs(c: &Cluster, n: usize) -> usize {
+    c.config_dump(n)
+        .ok()
+        .and_then(|d| d["certificates"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !f() {
+        anyhow::ensure!(start.elapsed() < timeout, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn traffic(c: &Cluster, from: &Cast, to: &str) -> anyhow::Result<()> {
     let args = ["--connect", to, "--bytes", "1000000"].map(String::from);
-    let (ok, reports) = c.run_client(from, &args)?;
+    let (ok, reports) = c.run_client(from.pod, &args)?;
     let r = reports.first().cloned().unwrap_or_default();
     let local = r["local"].as_str().unwrap_or("");
     let peer = r["server_peer"].as_str().unwrap_or("?");
@@ -132,9 +295,10 @@ fn traffic(c: &Cluster, from: &Pod, to: &str) -> anyhow::Result<()> {
     } else {
         format!("from {peer} directly (not captured)")
     };
+    let from = format!("{}/{}", from.namespace, from.name);
     println!(
-        "  {:<10} {:<28} {:<10} {}",
-        from.name,
+        "  {:<18} {:<28} {:<8} {}",
+        from,
         to,
         if ok { "ok" } else { "FAILED" },
         how
