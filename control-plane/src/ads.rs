@@ -5,7 +5,7 @@
 //! Each stream runs as one task that owns its protocol state (subscriptions, nonces,
 //! what the client has) and reacts to two things: a request from the client, or a new
 //! [`Snapshot`]. The node is named by the first request's `node.id`; it sees
-//! [`Snapshot::view_for`] that node.
+//! what [`Snapshot::resources`] gives that node.
 //!
 //! - A response is only sent when something the client subscribed to differs from what
 //!   it was last sent, so a NACKed version is never resent in a loop: the server waits for
@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::translate::{ResourceMap, Snapshot, VersionedResource, set_version};
+use crate::translate::{Snapshot, VersionedResource, set_version};
 
 /// What the server has seen, for metrics, the admin endpoint and tests.
 #[derive(Debug, Default)]
@@ -149,21 +149,6 @@ impl Names {
     }
 }
 
-fn pick(
-    view: &ResourceMap,
-    type_url: &str,
-    names: &Names,
-) -> BTreeMap<String, Arc<VersionedResource>> {
-    view.get(type_url)
-        .map(|m| {
-            m.iter()
-                .filter(|(n, _)| names.covers(n))
-                .map(|(n, r)| (n.clone(), r.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Nonces are unique per stream: a counter is enough.
 #[derive(Debug, Default)]
 struct Nonces(u64);
@@ -278,9 +263,13 @@ impl SotwStream {
         let Some(node) = self.node.clone() else {
             return Ok(());
         };
-        let view = self.snapshots.borrow_and_update().view_for(&node);
+        let snapshot = self.snapshots.borrow_and_update().clone();
         let t = self.types.get_mut(type_url).expect("subscribed");
-        let set = pick(&view, type_url, &t.names);
+        let set: BTreeMap<String, Arc<VersionedResource>> = snapshot
+            .resources(&node, type_url)
+            .filter(|r| t.names.covers(&r.name))
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect();
         let version = set_version(&set);
         if has.as_deref() == Some(version.as_str()) {
             // The client (re)connected with the current version: nothing to send, and
@@ -445,29 +434,24 @@ impl DeltaStream {
             return Ok(());
         };
         let snapshot = self.snapshots.borrow_and_update().clone();
-        let view = snapshot.view_for(&node);
         let t = self.types.get_mut(type_url).expect("subscribed");
-        let names = if t.wildcard {
-            Names::Wildcard
-        } else {
-            Names::Only(t.names.clone())
-        };
-        let set = pick(&view, type_url, &names);
-        let changed: Vec<_> = set
-            .values()
-            .filter(|r| t.client.get(&r.name) != Some(&r.version))
+        let covers = |n: &str| t.wildcard || t.names.contains(n);
+        // Compare versions in place: no copy of the node's view.
+        let changed: Vec<Arc<VersionedResource>> = snapshot
+            .resources(&node, type_url)
+            .filter(|r| covers(&r.name) && t.client.get(&r.name) != Some(&r.version))
             .cloned()
             .collect();
         let mut removed: Vec<String> = t
             .client
             .keys()
-            .filter(|n| !set.contains_key(*n))
+            .filter(|n| !covers(n) || snapshot.get(&node, type_url, n).is_none())
             .cloned()
             .collect();
         removed.extend(
-            newly
-                .into_iter()
-                .filter(|n| !set.contains_key(n) && !t.client.contains_key(n)),
+            newly.into_iter().filter(|n| {
+                snapshot.get(&node, type_url, n).is_none() && !t.client.contains_key(n)
+            }),
         );
         if changed.is_empty() && removed.is_empty() && !always {
             return Ok(());
@@ -480,7 +464,7 @@ impl DeltaStream {
         }
         t.nonce = self.nonces.next();
         let response = DeltaDiscoveryResponse {
-            system_version_info: set_version(&set),
+            system_version_info: snapshot.version().to_owned(),
             resources: changed
                 .iter()
                 .map(|r| Resource {

@@ -367,6 +367,13 @@ impl Model {
             );
         }
 
+        let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for w in m.workloads.values() {
+            by_namespace
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(w);
+        }
         for (i, s) in spec.services.into_iter().enumerate() {
             let place = format!("services[{i}] ({}/{})", s.namespace, s.name);
             let before = p.0.len();
@@ -416,10 +423,13 @@ impl Model {
                 continue;
             }
             let ns = ns.expect("checked above");
-            let endpoints = m
-                .workloads
-                .values()
-                .filter(|w| w.namespace == s.namespace && selects(&s.selector, &w.labels))
+            // Only the service's namespace can hold its endpoints: look there, not at the
+            // whole mesh (services × workloads would dominate a large mesh's build).
+            let endpoints = by_namespace
+                .get(s.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|w| selects(&s.selector, &w.labels))
                 .map(|w| w.uid.clone())
                 .collect();
             m.services.insert(

@@ -38,6 +38,7 @@ pub type ResourceMap = BTreeMap<&'static str, BTreeMap<String, Arc<VersionedReso
 /// Every resource of one model version.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    version: String,
     workloads: BTreeMap<String, (Arc<VersionedResource>, WorkloadScope)>,
     services: BTreeMap<String, Arc<VersionedResource>>,
     policies: BTreeMap<String, (Arc<VersionedResource>, BTreeSet<String>)>,
@@ -117,7 +118,54 @@ impl Snapshot {
         s
     }
 
-    /// What the agent on `node` is sent.
+    /// A version for the whole snapshot (for `system_version_info`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The resources of `type_url` that `node` is sent, without copying anything.
+    pub fn resources<'a>(
+        &'a self,
+        node: &'a str,
+        type_url: &str,
+    ) -> Box<dyn Iterator<Item = &'a Arc<VersionedResource>> + 'a> {
+        match type_url {
+            type_url::WORKLOAD => Box::new(
+                self.workloads
+                    .values()
+                    .filter(move |(_, sc)| sc.node == node || sc.enrolled)
+                    .map(|(r, _)| r),
+            ),
+            type_url::SERVICE => Box::new(self.services.values()),
+            type_url::AUTHORIZATION => Box::new(
+                self.policies
+                    .values()
+                    .filter(move |(_, nodes)| nodes.contains(node))
+                    .map(|(r, _)| r),
+            ),
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    /// One resource, if `node` is sent it.
+    pub fn get(&self, node: &str, type_url: &str, name: &str) -> Option<&Arc<VersionedResource>> {
+        match type_url {
+            type_url::WORKLOAD => self
+                .workloads
+                .get(name)
+                .filter(|(_, sc)| sc.node == node || sc.enrolled)
+                .map(|(r, _)| r),
+            type_url::SERVICE => self.services.get(name),
+            type_url::AUTHORIZATION => self
+                .policies
+                .get(name)
+                .filter(|(_, nodes)| nodes.contains(node))
+                .map(|(r, _)| r),
+            _ => None,
+        }
+    }
+
+    /// What the agent on `node` is sent, as maps (copies the view; tests and debugging).
     pub fn view_for(&self, node: &str) -> ResourceMap {
         let mut out = ResourceMap::new();
         out.insert(

@@ -114,44 +114,57 @@ impl Handler for StoreHandler {
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
     ) -> Result<(), String> {
-        let mut next = (*self.0.snapshot()).clone();
+        // Decode and validate everything before touching the store.
         match type_url {
-            type_url::WORKLOAD => merge(&mut next.workloads, updated, removed, decode_workload)?,
-            type_url::SERVICE => merge(&mut next.services, updated, removed, decode_service)?,
-            type_url::AUTHORIZATION => merge(
-                &mut next.authorizations,
-                updated,
-                removed,
-                decode_authorization,
-            )?,
+            type_url::WORKLOAD => {
+                let d = decode_all(updated, decode_workload)?;
+                self.0.update(|m| put(&mut m.workloads, d, removed));
+            }
+            type_url::SERVICE => {
+                let d = decode_all(updated, decode_service)?;
+                self.0.update(|m| put(&mut m.services, d, removed));
+            }
+            type_url::AUTHORIZATION => {
+                let d = decode_all(updated, decode_authorization)?;
+                self.0.update(|m| put(&mut m.authorizations, d, removed));
+            }
             other => return Err(format!("unexpected type {other}")),
         }
-        *self.0.mesh.write().unwrap() = Arc::new(next);
-        self.0.changes.send_modify(|v| *v += 1);
         Ok(())
     }
 }
 
-/// Decodes every update first; applies only if all are valid.
-fn merge<T>(
-    map: &mut BTreeMap<String, T>,
+impl Store {
+    /// Changes the mesh in place (it is copied only if a reader holds a snapshot right
+    /// now) and announces the change.
+    fn update(&self, f: impl FnOnce(&mut Mesh)) {
+        {
+            let mut guard = self.mesh.write().unwrap();
+            f(Arc::make_mut(&mut guard));
+        }
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+fn decode_all<T>(
     updated: Vec<(String, Any)>,
-    removed: Vec<String>,
     decode: fn(&str, &[u8]) -> Result<T, String>,
-) -> Result<(), String> {
-    let decoded = updated
+) -> Result<Vec<(String, T)>, String> {
+    updated
         .into_iter()
         .map(|(name, any)| {
             decode(&name, &any.value)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| format!("resource {name}: {e}"))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn put<T>(map: &mut BTreeMap<String, T>, decoded: Vec<(String, T)>, removed: Vec<String>) {
     for n in removed {
         map.remove(&n);
     }
     map.extend(decoded);
-    Ok(())
 }
 
 fn ip(b: &[u8]) -> Result<IpAddr, String> {

@@ -394,6 +394,11 @@ impl Cluster {
         }
     }
 
+    /// PID of the running control plane, if any.
+    pub fn control_plane_pid(&self) -> Option<u32> {
+        self.control_plane.lock().unwrap().as_ref().map(Child::id)
+    }
+
     /// Sends `signal` to the control plane and waits for it to exit.
     pub fn stop_control_plane(&self, signal: i32) -> anyhow::Result<()> {
         let mut child = self

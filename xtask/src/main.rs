@@ -40,8 +40,11 @@ enum Cmd {
     /// A 2-node simulated cluster with agents and the control plane on examples/mesh.yaml:
     /// capture, counters, certificates, a live relabel; then clean up.
     Demo,
-    /// Run the benchmarks in the simulated cluster and print a table; needs root.
-    Bench,
+    /// Run the benchmarks in the simulated cluster and print tables; needs root.
+    Bench {
+        /// Only the data path (`datapath`) or only the control plane (`xds`).
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +52,16 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf().map(drop),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => run_harness_bin("ambit-demo"),
-        Cmd::Bench => run_harness_bin("ambit-bench"),
+        Cmd::Bench { only } => match only.as_deref() {
+            None => {
+                run_harness_bin("ambit-bench").and_then(|()| run_harness_bin("ambit-bench-xds"))
+            }
+            Some("datapath") => run_harness_bin("ambit-bench"),
+            Some("xds") => run_harness_bin("ambit-bench-xds"),
+            Some(other) => Err(anyhow::anyhow!(
+                "unknown benchmark {other:?}: use datapath or xds"
+            )),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,252 @@
+//! `cargo xtask bench`, control-plane part: a mesh of 10,000 workloads and 1,000
+//! services served to two real node agents in the simulated cluster; plus, in process,
+//! where the time of one change goes. Reported, never asserted.
+//!
+//! All workloads are enrolled, so every agent holds all of them (their worst case).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_control_plane::ads::AdsServer;
+use ambit_control_plane::source::file::parse;
+use ambit_control_plane::translate::Snapshot;
+use ambit_node_agent::store::{Store, StoreHandler};
+use ambit_tests::cluster::metric_value;
+use ambit_tests::{Cluster, ClusterSpec};
+use ambit_xds::client::{XdsClient, XdsClientConfig};
+use ambit_xds::type_url::{NODE_AGENT, SERVICE, WORKLOAD};
+use anyhow::Context;
+
+const WORKLOADS: usize = 10_000;
+const SERVICES: usize = 1_000;
+const NAMESPACES: usize = 100;
+const NODES: usize = 50;
+const SINGLE_CHANGES: usize = 7;
+
+/// The big mesh; `variant` changes one workload's labels.
+fn mesh(variant: usize) -> String {
+    let mut y = String::with_capacity(WORKLOADS * 120);
+    y.push_str("namespaces:\n");
+    for n in 0..NAMESPACES {
+        y.push_str(&format!(
+            "  - {{name: ns-{n}, labels: {{ambit.dev/dataplane: ambient}}}}\n"
+        ));
+    }
+    y.push_str("nodes:\n");
+    for n in 1..=NODES {
+        y.push_str(&format!("  - name: node-{n}\n"));
+    }
+    y.push_str("workloads:\n");
+    for i in 0..WORKLOADS {
+        let (ns, node, svc) = (
+            i % NAMESPACES,
+            i % NODES + 1,
+            (i / NAMESPACES) % (SERVICES / NAMESPACES),
+        );
+        let extra = if i == 0 {
+            format!(", rev: r{variant}")
+        } else {
+            String::new()
+        };
+        y.push_str(&format!(
+            "  - {{name: w-{i}, namespace: ns-{ns}, node: node-{node}, serviceAccount: sa-{svc}, ips: [10.{}.{}.{}], labels: {{app: svc-{svc}{extra}}}}}\n",
+            200 + i / 62_500,
+            (i / 250) % 250,
+            i % 250 + 1
+        ));
+    }
+    y.push_str("services:\n");
+    for j in 0..SERVICES {
+        let (ns, svc) = (j % NAMESPACES, j / NAMESPACES);
+        y.push_str(&format!(
+            "  - {{name: svc-{svc}, namespace: ns-{ns}, vips: [10.96.{}.{}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: svc-{svc}}}}}\n",
+            j / 250,
+            j % 250 + 1
+        ));
+    }
+    y
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    ambit_tests::require_root();
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    eprintln!("bench-xds: in-process breakdown...");
+    let yaml = mesh(0);
+    let t = Instant::now();
+    let model = parse(Path::new("bench.yaml"), &yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    rows.push((
+        "parse + validate the 10k-workload YAML".into(),
+        format!("{:.1} ms", t.elapsed().as_secs_f64() * 1e3),
+    ));
+    let t = Instant::now();
+    let snapshot = Snapshot::from_model(&model);
+    rows.push((
+        "translate the model into resources".into(),
+        format!("{:.1} ms", t.elapsed().as_secs_f64() * 1e3),
+    ));
+    let push = tokio::runtime::Runtime::new()?.block_on(push_latency(snapshot))?;
+    rows.push((format!("xDS push of one changed workload, published → applied at the agent's store (median of {SINGLE_CHANGES})"), format!("{push:.2} ms")));
+
+    eprintln!("bench-xds: 2 agents and the control plane in the simulated cluster...");
+    let c = Cluster::new(ClusterSpec {
+        nodes: 2,
+        pods_per_node: 0,
+        control_plane: true,
+        ..Default::default()
+    })?;
+    let agents: Vec<u32> = c.nodes.iter().map(|n| n.agent_pid().unwrap()).collect();
+    let cp = c.control_plane_pid().context("control plane pid")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let agent_idle: Vec<u64> = agents
+        .iter()
+        .map(|&p| rss_kib(p))
+        .collect::<Result<_, _>>()?;
+    let cp_idle = rss_kib(cp)?;
+
+    let resources = |n: usize, t: &str| -> f64 {
+        c.metrics(n)
+            .ok()
+            .and_then(|m| metric_value(&m, "ambit_xds_resources", &[("type_url", t)]))
+            .unwrap_or(0.0)
+    };
+    let t = Instant::now();
+    c.write_mesh(&yaml)?;
+    while !(1..=2).all(|n| {
+        resources(n, WORKLOAD) == WORKLOADS as f64 && resources(n, SERVICE) == SERVICES as f64
+    }) {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "agents did not get the mesh in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let full = t.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let agent_loaded: Vec<u64> = agents
+        .iter()
+        .map(|&p| rss_kib(p))
+        .collect::<Result<_, _>>()?;
+    let cp_loaded = rss_kib(cp)?;
+
+    let acks = |n: usize| -> f64 {
+        c.metrics(n)
+            .ok()
+            .and_then(|m| metric_value(&m, "ambit_xds_acks_total", &[]))
+            .unwrap_or(0.0)
+    };
+    let mut single = Vec::new();
+    for v in 1..=SINGLE_CHANGES {
+        let before: Vec<f64> = (1..=2).map(acks).collect();
+        let t = Instant::now();
+        c.write_mesh(&mesh(v))?;
+        while !(1..=2).all(|n| acks(n) > before[n - 1]) {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "a single change did not arrive in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        single.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    rows.push((
+        format!("file change → both agents hold all {WORKLOADS} workloads and {SERVICES} services"),
+        format!("{:.0} ms", full.as_secs_f64() * 1e3),
+    ));
+    rows.push((
+        format!("one workload changed in the file → both agents ACKed (median of {SINGLE_CHANGES}; includes the 20 ms file poll and re-parsing all of it)"),
+        format!("{:.0} ms", median(single)),
+    ));
+    for (i, (idle, loaded)) in agent_idle.iter().zip(&agent_loaded).enumerate() {
+        rows.push((
+            format!(
+                "agent {} memory per workload (RSS growth / {WORKLOADS}; services included)",
+                i + 1
+            ),
+            format!(
+                "{:.0} bytes ({:.1} → {:.1} MiB)",
+                (loaded - idle) as f64 * 1024.0 / WORKLOADS as f64,
+                *idle as f64 / 1024.0,
+                *loaded as f64 / 1024.0
+            ),
+        ));
+    }
+    rows.push((
+        "control plane RSS, idle → with the mesh and 2 streams".into(),
+        format!(
+            "{:.1} → {:.1} MiB",
+            cp_idle as f64 / 1024.0,
+            cp_loaded as f64 / 1024.0
+        ),
+    ));
+
+    println!(
+        "\n## Ambit control-plane bench ({WORKLOADS} workloads, {SERVICES} services, {NAMESPACES} namespaces, {NODES} nodes)\n"
+    );
+    println!("| measurement | value |");
+    println!("|---|---:|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    Ok(())
+}
+
+/// Publishes a snapshot with one workload changed and times until an in-process agent
+/// store applied it.
+async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(snapshot));
+    let server = AdsServer::new(rx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let store = Arc::new(Store::default());
+    let config = XdsClientConfig {
+        address: format!("http://{addr}"),
+        node_id: "node-1".into(),
+        types: NODE_AGENT.to_vec(),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_secs(1),
+    };
+    let client = XdsClient::spawn(config, StoreHandler(store.clone()));
+    let t = Instant::now();
+    while !client.status.synced(&NODE_AGENT) {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "in-process client did not sync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut times = Vec::new();
+    for v in 1..=SINGLE_CHANGES {
+        let next = Arc::new(Snapshot::from_model(
+            &parse(Path::new("b.yaml"), &mesh(v)).map_err(|e| anyhow::anyhow!("{e}"))?,
+        ));
+        let mut changes = store.changes();
+        changes.mark_unchanged();
+        let t = Instant::now();
+        tx.send(next)?;
+        tokio::time::timeout(Duration::from_secs(10), changes.changed()).await??;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
