@@ -209,7 +209,10 @@ fn start_xds(agent: &Arc<Agent>) -> Option<ambit_xds::client::XdsClient> {
         backoff_min: std::time::Duration::from_millis(100),
         backoff_max: std::time::Duration::from_secs(15),
     };
-    let handler = store::StoreHandler(agent.store.clone());
+    let handler = store::StoreHandler {
+        store: agent.store.clone(),
+        node: agent.config.node_name.clone(),
+    };
     let client =
         ambit_xds::client::XdsClient::spawn_with_status(config, handler, agent.xds.clone());
     let mut changes = agent.store.changes();

@@ -103,9 +103,16 @@ impl Store {
     }
 }
 
-/// Feeds a [`Store`] from xDS.
+/// Feeds a [`Store`] from xDS, for the agent of `node`.
 #[derive(Debug, Clone)]
-pub struct StoreHandler(pub Arc<Store>);
+pub struct StoreHandler {
+    pub store: Arc<Store>,
+    pub node: String,
+}
+
+/// Above this many resources in one update, freed heap is handed back to the system
+/// afterwards (a first sync of a large mesh decodes megabytes that are then dropped).
+const TRIM_AFTER: usize = 1000;
 
 impl Handler for StoreHandler {
     fn apply(
@@ -114,21 +121,34 @@ impl Handler for StoreHandler {
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
     ) -> Result<(), String> {
+        let large = updated.len() > TRIM_AFTER;
         // Decode and validate everything before touching the store.
         match type_url {
             type_url::WORKLOAD => {
-                let d = decode_all(updated, decode_workload)?;
-                self.0.update(|m| put(&mut m.workloads, d, removed));
+                let mut d = decode_all(updated, decode_workload)?;
+                // Labels matter only for this node's workloads (policy selectors): do not
+                // keep them for the rest of the mesh.
+                for (_, w) in &mut d {
+                    if w.node != self.node {
+                        w.labels = BTreeMap::new();
+                    }
+                }
+                self.store.update(|m| put(&mut m.workloads, d, removed));
             }
             type_url::SERVICE => {
                 let d = decode_all(updated, decode_service)?;
-                self.0.update(|m| put(&mut m.services, d, removed));
+                self.store.update(|m| put(&mut m.services, d, removed));
             }
             type_url::AUTHORIZATION => {
                 let d = decode_all(updated, decode_authorization)?;
-                self.0.update(|m| put(&mut m.authorizations, d, removed));
+                self.store
+                    .update(|m| put(&mut m.authorizations, d, removed));
             }
             other => return Err(format!("unexpected type {other}")),
+        }
+        if large {
+            // SAFETY: malloc_trim only returns free memory to the system.
+            unsafe { libc::malloc_trim(0) };
         }
         Ok(())
     }
@@ -280,7 +300,10 @@ mod tests {
     #[test]
     fn applies_valid_updates_and_removals() {
         let store = Arc::new(Store::default());
-        let mut h = StoreHandler(store.clone());
+        let mut h = StoreHandler {
+            store: store.clone(),
+            node: "n".into(),
+        };
         let mut changes = store.changes();
         h.apply(
             type_url::WORKLOAD,
@@ -303,7 +326,10 @@ mod tests {
     #[test]
     fn a_bad_resource_rejects_the_whole_update() {
         let store = Arc::new(Store::default());
-        let mut h = StoreHandler(store.clone());
+        let mut h = StoreHandler {
+            store: store.clone(),
+            node: "n".into(),
+        };
         let good = (
             "a".to_string(),
             any(type_url::WORKLOAD, &workload("a", vec![vec![10, 0, 0, 1]])),

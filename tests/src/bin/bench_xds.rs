@@ -227,7 +227,13 @@ async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
     };
-    let client = XdsClient::spawn(config, StoreHandler(store.clone()));
+    let client = XdsClient::spawn(
+        config,
+        StoreHandler {
+            store: store.clone(),
+            node: "node-1".into(),
+        },
+    );
     let t = Instant::now();
     while !client.status.synced(&NODE_AGENT) {
         anyhow::ensure!(
