@@ -38,6 +38,8 @@ pub struct AdsStats {
     pub responses_sent: AtomicU64,
     pub acks: AtomicU64,
     nacks: Mutex<Vec<Nack>>,
+    /// NACKs by (node, type URL), never trimmed.
+    nack_counts: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// One rejected response.
@@ -50,12 +52,24 @@ pub struct Nack {
 }
 
 impl AdsStats {
+    /// The last 1000 NACKs.
     pub fn nacks(&self) -> Vec<Nack> {
         self.nacks.lock().unwrap().clone()
     }
 
+    /// NACK counts by (node, type URL).
+    pub fn nack_counts(&self) -> BTreeMap<(String, String), u64> {
+        self.nack_counts.lock().unwrap().clone()
+    }
+
     fn nack(&self, n: Nack) {
         warn!(node = %n.node, type_url = %n.type_url, nonce = %n.nonce, "client rejected a response: {}", n.message);
+        *self
+            .nack_counts
+            .lock()
+            .unwrap()
+            .entry((n.node.clone(), n.type_url.clone()))
+            .or_default() += 1;
         let mut v = self.nacks.lock().unwrap();
         if v.len() == 1000 {
             v.remove(0);

@@ -4,7 +4,8 @@
 //! - [`source`]: where the model comes from (a YAML file today);
 //! - [`translate`]: the model as xDS resources, and each node's view of them;
 //! - [`ads`]: the Aggregated Discovery Service (state of the world and delta);
-//! - [`ca`]: the certificate authority (workload certificates, node-scoped).
+//! - [`ca`]: the certificate authority (workload certificates, node-scoped);
+//! - [`metrics`]: Prometheus metrics.
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ pub fn snapshots(mut models: watch::Receiver<Arc<Model>>) -> watch::Receiver<Arc
 }
 pub mod ads;
 pub mod ca;
+pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod translate;

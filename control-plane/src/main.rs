@@ -31,6 +31,9 @@ struct RunArgs {
     /// Plaintext xDS (ADS) listener.
     #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15010")]
     xds_addr: std::net::SocketAddr,
+    /// Prometheus `/metrics` and `/healthz/ready`.
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    metrics_addr: std::net::SocketAddr,
     /// Directory of the root CA (`root-cert.pem`, `root-key.pem`); created with a new root
     /// on first start.
     #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
@@ -66,6 +69,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
     use std::time::Duration;
     let ads = AdsServer::new(snapshots(source.models.clone()));
+    let metrics = std::sync::Arc::new(ambit_control_plane::metrics::ControlPlaneMetrics::new(
+        ads.stats(),
+        source.models.clone(),
+        source.errors.clone(),
+    ));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    tokio::spawn(ambit_control_plane::metrics::serve(
+        metrics_listener,
+        metrics,
+    ));
     let ca = CertificateAuthority::load_or_create(
         &args.ca_dir,
         Duration::from_secs(args.cert_ttl_s),

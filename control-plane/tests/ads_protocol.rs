@@ -185,6 +185,19 @@ async fn sotw_nack_is_recorded_and_the_bad_version_not_resent() {
     s.quiet().await;
     let nacks = h.stats.nacks();
     assert_eq!(nacks.len(), 1);
+    // Counted where operators look: the control plane's metrics.
+    let (_, models) = watch::channel(Arc::new(parse(Path::new("t.yaml"), BASE).unwrap()));
+    let (_, errors) = watch::channel(None);
+    let text =
+        ambit_control_plane::metrics::ControlPlaneMetrics::new(h.stats.clone(), models, errors)
+            .encode();
+    assert!(
+        text.contains(&format!(
+            "ambit_xds_nacks_total{{node=\"node-1\",type_url=\"{WORKLOAD}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("ambit_mesh_source_valid 1"), "{text}");
     assert_eq!(
         (nacks[0].node.as_str(), nacks[0].message.as_str()),
         ("node-1", "workload shop/a: bad IP")
