@@ -113,22 +113,20 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(16);
-        let stream = SotwStream::new(self.snapshots.clone(), self.stats.clone(), tx);
-        tokio::spawn(stream.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(open::<SotwStream>(
+            self,
+            request.into_inner(),
+        )))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(16);
-        let stream = DeltaStream::new(self.snapshots.clone(), self.stats.clone(), tx);
-        tokio::spawn(stream.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(open::<DeltaStream>(
+            self,
+            request.into_inner(),
+        )))
     }
 }
 
@@ -174,6 +172,75 @@ impl Nonces {
     }
 }
 
+// ---------------------------------------------------------------- the stream loop
+
+/// What every stream has, whichever protocol variant it speaks.
+struct Core<R> {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<AdsStats>,
+    tx: mpsc::Sender<Result<R, Status>>,
+    /// Named by the first request.
+    node: Option<String>,
+    nonces: Nonces,
+}
+
+/// A protocol variant (state of the world or delta): its state per stream, and what it
+/// does on a request and on a new snapshot. [`drive`] runs the loop.
+trait Protocol: Sized + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// For logs.
+    const NAME: &'static str;
+    fn new(core: Core<Self::Response>) -> Self;
+    fn core(&mut self) -> &mut Core<Self::Response>;
+    /// Handles one request; an error ends the stream with that status.
+    fn on_request(&mut self, r: Self::Request) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Pushes what a new snapshot changed for every subscribed type; an error means the
+    /// client is gone.
+    fn on_snapshot(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
+}
+
+/// Opens a stream of protocol `P`: its task and the response stream tonic sends.
+fn open<P: Protocol>(
+    server: &AdsServer,
+    requests: Streaming<P::Request>,
+) -> ResponseStream<P::Response>
+where
+    Streaming<P::Request>: Send,
+{
+    server.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(16);
+    let core = Core {
+        snapshots: server.snapshots.clone(),
+        stats: server.stats.clone(),
+        tx,
+        node: None,
+        nonces: Nonces::default(),
+    };
+    tokio::spawn(drive(P::new(core), requests));
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// The stream's one task: requests and snapshot changes, one at a time, until either
+/// side goes away.
+async fn drive<P: Protocol>(mut p: P, mut requests: Streaming<P::Request>) {
+    loop {
+        tokio::select! {
+            req = requests.message() => match req {
+                Ok(Some(r)) => if let Err(e) = p.on_request(r).await {
+                    let _ = p.core().tx.send(Err(e)).await;
+                    return;
+                },
+                Ok(None) | Err(_) => break,
+            },
+            changed = p.core().snapshots.changed() => {
+                if changed.is_err() || p.on_snapshot().await.is_err() { break }
+            }
+        }
+    }
+    debug!(node = ?p.core().node, "{} stream closed", P::NAME);
+}
+
 // ---------------------------------------------------------------- state of the world
 
 #[derive(Debug)]
@@ -184,54 +251,36 @@ struct SotwType {
 }
 
 struct SotwStream {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<AdsStats>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    node: Option<String>,
+    core: Core<DiscoveryResponse>,
     types: HashMap<&'static str, SotwType>,
-    nonces: Nonces,
 }
 
-impl SotwStream {
-    fn new(
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-        stats: Arc<AdsStats>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    ) -> Self {
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const NAME: &'static str = "state-of-the-world";
+
+    fn new(core: Core<DiscoveryResponse>) -> Self {
         Self {
-            snapshots,
-            stats,
-            tx,
-            node: None,
+            core,
             types: HashMap::new(),
-            nonces: Nonces::default(),
         }
     }
 
-    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
-        loop {
-            tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(r)) => if let Err(e) = self.on_request(r).await {
-                        let _ = self.tx.send(Err(e)).await;
-                        return;
-                    },
-                    Ok(None) | Err(_) => break,
-                },
-                changed = self.snapshots.changed() => {
-                    if changed.is_err() { break }
-                    let types: Vec<_> = self.types.keys().copied().collect();
-                    for t in types {
-                        if self.push(t, None).await.is_err() { return }
-                    }
-                }
-            }
+    fn core(&mut self) -> &mut Core<DiscoveryResponse> {
+        &mut self.core
+    }
+
+    async fn on_snapshot(&mut self) -> Result<(), ()> {
+        let types: Vec<_> = self.types.keys().copied().collect();
+        for t in types {
+            self.push(t, None).await?;
         }
-        debug!(node = ?self.node, "state-of-the-world stream closed");
+        Ok(())
     }
 
     async fn on_request(&mut self, r: DiscoveryRequest) -> Result<(), Status> {
-        let node = node_of(&mut self.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let node = node_of(&mut self.core.node, r.node.as_ref().map(|n| n.id.as_str()))?;
         let Some(type_url) = known_type(&r.type_url) else {
             warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
             return Ok(());
@@ -252,14 +301,14 @@ impl SotwStream {
             return Ok(());
         }
         if let Some(err) = r.error_detail {
-            self.stats.nack(Nack {
+            self.core.stats.nack(Nack {
                 node,
                 type_url: type_url.into(),
                 nonce: r.response_nonce,
                 message: err.message,
             });
         } else {
-            self.stats.acks.fetch_add(1, Ordering::Relaxed);
+            self.core.stats.acks.fetch_add(1, Ordering::Relaxed);
         }
         if t.names != names {
             t.names = names;
@@ -270,14 +319,16 @@ impl SotwStream {
         }
         Ok(())
     }
+}
 
+impl SotwStream {
     /// Sends the current set for `type_url` unless the client has that version (`has`, or
     /// what we last sent).
     async fn push(&mut self, type_url: &'static str, has: Option<String>) -> Result<(), ()> {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.core.node.clone() else {
             return Ok(());
         };
-        let snapshot = self.snapshots.borrow_and_update().clone();
+        let snapshot = self.core.snapshots.borrow_and_update().clone();
         let t = self.types.get_mut(type_url).expect("subscribed");
         let set: BTreeMap<String, Arc<VersionedResource>> = snapshot
             .resources(&node, type_url)
@@ -294,7 +345,7 @@ impl SotwStream {
         if t.sent.as_ref().is_some_and(|(v, _)| *v == version) {
             return Ok(());
         }
-        let nonce = self.nonces.next();
+        let nonce = self.core.nonces.next();
         t.sent = Some((version.clone(), nonce.clone()));
         let response = DiscoveryResponse {
             version_info: version,
@@ -303,8 +354,11 @@ impl SotwStream {
             nonce,
             ..Default::default()
         };
-        self.stats.responses_sent.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Ok(response)).await.map_err(drop)
+        self.core
+            .stats
+            .responses_sent
+            .fetch_add(1, Ordering::Relaxed);
+        self.core.tx.send(Ok(response)).await.map_err(drop)
     }
 }
 
@@ -335,54 +389,36 @@ struct DeltaType {
 }
 
 struct DeltaStream {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<AdsStats>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    node: Option<String>,
+    core: Core<DeltaDiscoveryResponse>,
     types: HashMap<&'static str, DeltaType>,
-    nonces: Nonces,
 }
 
-impl DeltaStream {
-    fn new(
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-        stats: Arc<AdsStats>,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    ) -> Self {
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn new(core: Core<DeltaDiscoveryResponse>) -> Self {
         Self {
-            snapshots,
-            stats,
-            tx,
-            node: None,
+            core,
             types: HashMap::new(),
-            nonces: Nonces::default(),
         }
     }
 
-    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
-        loop {
-            tokio::select! {
-                req = requests.message() => match req {
-                    Ok(Some(r)) => if let Err(e) = self.on_request(r).await {
-                        let _ = self.tx.send(Err(e)).await;
-                        return;
-                    },
-                    Ok(None) | Err(_) => break,
-                },
-                changed = self.snapshots.changed() => {
-                    if changed.is_err() { break }
-                    let types: Vec<_> = self.types.keys().copied().collect();
-                    for t in types {
-                        if self.push(t, false, BTreeSet::new()).await.is_err() { return }
-                    }
-                }
-            }
+    fn core(&mut self) -> &mut Core<DeltaDiscoveryResponse> {
+        &mut self.core
+    }
+
+    async fn on_snapshot(&mut self) -> Result<(), ()> {
+        let types: Vec<_> = self.types.keys().copied().collect();
+        for t in types {
+            self.push(t, false, BTreeSet::new()).await?;
         }
-        debug!(node = ?self.node, "delta stream closed");
+        Ok(())
     }
 
     async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> Result<(), Status> {
-        let node = node_of(&mut self.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let node = node_of(&mut self.core.node, r.node.as_ref().map(|n| n.id.as_str()))?;
         let Some(type_url) = known_type(&r.type_url) else {
             warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
             return Ok(());
@@ -399,14 +435,14 @@ impl DeltaStream {
             if r.response_nonce != t.nonce {
                 debug!(%node, type_url, nonce = %r.response_nonce, "stale ACK/NACK ignored");
             } else if let Some(err) = &r.error_detail {
-                self.stats.nack(Nack {
+                self.core.stats.nack(Nack {
                     node: node.clone(),
                     type_url: type_url.into(),
                     nonce: r.response_nonce.clone(),
                     message: err.message.clone(),
                 });
             } else {
-                self.stats.acks.fetch_add(1, Ordering::Relaxed);
+                self.core.stats.acks.fetch_add(1, Ordering::Relaxed);
             }
         }
         let mut newly = BTreeSet::new();
@@ -434,7 +470,9 @@ impl DeltaStream {
         }
         Ok(())
     }
+}
 
+impl DeltaStream {
     /// Sends what changed since what the client has. `always`: respond even when nothing
     /// did (the first request of a type, so the client knows it is in sync). `newly`:
     /// names just subscribed, reported as removed if they do not exist.
@@ -444,10 +482,10 @@ impl DeltaStream {
         always: bool,
         newly: BTreeSet<String>,
     ) -> Result<(), ()> {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.core.node.clone() else {
             return Ok(());
         };
-        let snapshot = self.snapshots.borrow_and_update().clone();
+        let snapshot = self.core.snapshots.borrow_and_update().clone();
         let t = self.types.get_mut(type_url).expect("subscribed");
         let covers = |n: &str| t.wildcard || t.names.contains(n);
         // Compare versions in place: no copy of the node's view.
@@ -476,7 +514,7 @@ impl DeltaStream {
         for n in &removed {
             t.client.remove(n);
         }
-        t.nonce = self.nonces.next();
+        t.nonce = self.core.nonces.next();
         let response = DeltaDiscoveryResponse {
             system_version_info: snapshot.version().to_owned(),
             resources: changed
@@ -493,7 +531,10 @@ impl DeltaStream {
             nonce: t.nonce.clone(),
             ..Default::default()
         };
-        self.stats.responses_sent.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Ok(response)).await.map_err(drop)
+        self.core
+            .stats
+            .responses_sent
+            .fetch_add(1, Ordering::Relaxed);
+        self.core.tx.send(Ok(response)).await.map_err(drop)
     }
 }

@@ -75,10 +75,38 @@ fn node(id: &str) -> Option<Node> {
     })
 }
 
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: Streaming<DiscoveryResponse>,
+/// One ADS stream, driven by hand: requests in, responses out.
+struct Rpc<Req, Resp> {
+    tx: mpsc::Sender<Req>,
+    rx: Streaming<Resp>,
 }
+
+impl<Req, Resp> Rpc<Req, Resp> {
+    async fn send(&self, r: Req) {
+        self.tx.send(r).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Resp {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("no response")
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Nothing arrives for a while.
+    async fn quiet(&mut self) {
+        if tokio::time::timeout(Duration::from_millis(300), self.rx.message())
+            .await
+            .is_ok()
+        {
+            panic!("unexpected response");
+        }
+    }
+}
+
+type Sotw = Rpc<DiscoveryRequest, DiscoveryResponse>;
+type Delta = Rpc<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
 
 impl Sotw {
     async fn open(h: &mut Harness) -> Self {
@@ -91,24 +119,27 @@ impl Sotw {
             .into_inner();
         Self { tx, rx }
     }
+}
 
-    async fn send(&self, r: DiscoveryRequest) {
-        self.tx.send(r).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+impl Delta {
+    async fn open(h: &mut Harness) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let rx = h
+            .client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
             .await
-            .expect("no response")
             .unwrap()
-            .unwrap()
+            .into_inner();
+        Self { tx, rx }
     }
 
-    /// Nothing arrives for a while.
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await {
-            panic!("unexpected response: {r:?}");
-        }
+    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
     }
 }
 
@@ -276,51 +307,6 @@ async fn the_first_request_must_name_the_node() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-}
-
-struct Delta {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Delta {
-    async fn open(h: &mut Harness) -> Self {
-        let (tx, rx) = mpsc::channel(16);
-        let rx = h
-            .client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    async fn send(&self, r: DeltaDiscoveryRequest) {
-        self.tx.send(r).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
-            .await
-            .expect("no response")
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn ack(&self, r: &DeltaDiscoveryResponse) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: r.type_url.clone(),
-            response_nonce: r.nonce.clone(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await {
-            panic!("unexpected response: {r:?}");
-        }
-    }
 }
 
 fn delta_names(r: &DeltaDiscoveryResponse) -> Vec<&str> {

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, workspace_bin};
+use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, median, rss_kib, workspace_bin};
 use anyhow::Context;
 use serde_json::Value;
 
@@ -235,20 +235,6 @@ fn hook_cost(c: &Cluster, captured: &Pod, closed: &str) -> anyhow::Result<(f64, 
         )?);
     }
     Ok((median(base), median(hooked)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 fn num_cpus() -> usize {

@@ -13,7 +13,7 @@ use ambit_control_plane::source::file::parse;
 use ambit_control_plane::translate::Snapshot;
 use ambit_node_agent::store::{Store, StoreHandler};
 use ambit_tests::cluster::metric_value;
-use ambit_tests::{Cluster, ClusterSpec};
+use ambit_tests::{Cluster, ClusterSpec, median, rss_kib};
 use ambit_xds::client::{XdsClient, XdsClientConfig};
 use ambit_xds::type_url::{NODE_AGENT, SERVICE, WORKLOAD};
 use anyhow::Context;
@@ -66,20 +66,6 @@ fn mesh(variant: usize) -> String {
         ));
     }
     y
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {
