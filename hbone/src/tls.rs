@@ -1,0 +1,358 @@
+//! Mutual TLS between node agents, as HBONE (and Istio) do it:
+//! - TLS 1.3 only, AES-GCM suites, ALPN `h2`, no SNI;
+//! - certificates carry one SPIFFE URI SAN, `spiffe://<trust domain>/ns/<ns>/sa/<sa>`;
+//! - the **client** requires the server's identity to be one the destination may have
+//!   (from xDS) and its chain to reach the mesh root;
+//! - the **server** requires the client to chain to the mesh root and to belong to the
+//!   trust domain, then hands the client's identity to authorization.
+//!
+//! A certificate that chains to the root but names an unexpected identity is refused.
+//! DNS names play no part: [`SpiffeVerifier`] verifies chains with webpki directly.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
+
+/// The ALPN protocol HBONE speaks.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no certificate in the PEM chain")]
+    NoCertificate,
+    #[error("reading PEM: {0}")]
+    Pem(String),
+    #[error("the root certificate cannot be a trust anchor: {0}")]
+    Root(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A workload's certificate chain (leaf first) and private key.
+pub struct WorkloadKey {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for WorkloadKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadKey")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkloadKey {
+    /// From PEM: the chain as the CA returned it (leaf first; a trailing self-signed root
+    /// is dropped, peers have it) and the PKCS#8 key.
+    pub fn from_pem(chain: &[String], key_pem: &str) -> Result<Self, TlsError> {
+        let mut certs = Vec::new();
+        for pem in chain {
+            certs.push(
+                CertificateDer::from_pem_slice(pem.as_bytes())
+                    .map_err(|e| TlsError::Pem(e.to_string()))?,
+            );
+        }
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate);
+        }
+        if certs.len() > 1 {
+            certs.pop();
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        Ok(Self { chain: certs, key })
+    }
+}
+
+/// The mesh root(s) peers must chain to.
+#[derive(Clone, Debug)]
+pub struct MeshRoots(Arc<Vec<TrustAnchor<'static>>>);
+
+impl MeshRoots {
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let mut anchors = Vec::new();
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| TlsError::Pem(e.to_string()))?;
+            let anchor = webpki::anchor_from_trusted_cert(&cert)
+                .map_err(|e| TlsError::Root(e.to_string()))?;
+            anchors.push(anchor.to_owned());
+        }
+        if anchors.is_empty() {
+            return Err(TlsError::NoCertificate);
+        }
+        Ok(Self(Arc::new(anchors)))
+    }
+}
+
+/// Which peer identities a side accepts.
+#[derive(Clone, Debug)]
+enum Accept {
+    /// Exactly one of these SPIFFE IDs (a client dialing a workload).
+    Identities(BTreeSet<String>),
+    /// Any SPIFFE ID of this trust domain (a server; authorization decides later).
+    TrustDomain(String),
+}
+
+/// Verifies a peer's chain against the mesh roots and its SPIFFE identity against a
+/// policy. Used on both sides of HBONE.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    roots: MeshRoots,
+    accept: Accept,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeVerifier {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<String, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.0,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        let id = single_spiffe_id(end_entity).map_err(rustls::Error::General)?;
+        let ok = match &self.accept {
+            Accept::Identities(set) => set.contains(&id),
+            Accept::TrustDomain(td) => trust_domain_of(&id) == Some(td.as_str()),
+        };
+        if !ok {
+            return Err(rustls::Error::General(format!(
+                "peer identity {id} is not acceptable here"
+            )));
+        }
+        Ok(id)
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    rustls::Error::InvalidCertificate(match e {
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        other => C::Other(rustls::OtherError(Arc::new(WebpkiError(other)))),
+    })
+}
+
+#[derive(Debug)]
+struct WebpkiError(webpki::Error);
+
+impl fmt::Display for WebpkiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::error::Error for WebpkiError {}
+
+/// The provider: ring, TLS 1.3 AES-GCM suites only.
+fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        ..default_provider()
+    })
+}
+
+/// Server side: requires a client certificate of `trust_domain` chaining to `roots`.
+pub fn server_config(
+    key: &WorkloadKey,
+    roots: &MeshRoots,
+    trust_domain: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeVerifier {
+        roots: roots.clone(),
+        accept: Accept::TrustDomain(trust_domain.to_owned()),
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(key.chain.clone(), key.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client side: presents `key`, accepts only a server whose identity is in `allowed`.
+pub fn client_config(
+    key: &WorkloadKey,
+    roots: &MeshRoots,
+    allowed: impl IntoIterator<Item = String>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeVerifier {
+        roots: roots.clone(),
+        accept: Accept::Identities(allowed.into_iter().collect()),
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(key.chain.clone(), key.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE identity of a (verified) peer: its end-entity certificate's one SPIFFE URI.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<String> {
+    single_spiffe_id(conn.peer_certificates()?.first()?).ok()
+}
+
+/// The certificate's SPIFFE ID; an error unless it has exactly one URI SAN and it is a
+/// SPIFFE ID.
+pub fn single_spiffe_id(cert: &CertificateDer<'_>) -> Result<String, String> {
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+    let (_, c) =
+        X509Certificate::from_der(cert).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let mut uris = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for n in &san.general_names {
+                if let GeneralName::URI(u) = n {
+                    uris.push(u.to_string());
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [one] if one.starts_with("spiffe://") => Ok(one.clone()),
+        [one] => Err(format!("URI SAN {one} is not a SPIFFE ID")),
+        _ => Err(format!(
+            "the certificate has {} URI SANs, not exactly one",
+            uris.len()
+        )),
+    }
+}
+
+/// `spiffe://<td>/...` → `<td>`.
+pub fn trust_domain_of(id: &str) -> Option<&str> {
+    id.strip_prefix("spiffe://")?
+        .split('/')
+        .next()
+        .filter(|s| !s.is_empty())
+}
