@@ -1,5 +1,9 @@
 //! HBONE: the mutual-TLS tunnel between node agents (HTTP/2 CONNECT inside TLS 1.3,
 //! SPIFFE identities), wire-compatible with Istio's.
 //!
-//! - [`tls`]: TLS configuration and SPIFFE peer verification.
+//! - [`tls`]: TLS configuration and SPIFFE peer verification;
+//! - [`connect`]: HTTP/2 CONNECT client and server;
+//! - [`stream`]: an HTTP/2 stream as a byte pipe.
+pub mod connect;
+pub mod stream;
 pub mod tls;

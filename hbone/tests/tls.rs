@@ -1,63 +1,14 @@
 //! HBONE's mutual TLS over loopback: who is accepted and who is refused, on both sides.
 
+mod common;
+
 use ambit_hbone::tls::{
     ALPN_H2, MeshRoots, WorkloadKey, client_config, peer_identity, server_config,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use common::*;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A root CA named `name` (two CAs with one name: an impostor root).
-fn ca_named(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key).unwrap();
-    let pem = cert.pem();
-    Ca {
-        issuer: Issuer::from_ca_cert_pem(&pem, key).unwrap(),
-        pem,
-    }
-}
-
-const ROOT_NAME: &str = "Ambit root CA";
-
-fn ca() -> Ca {
-    ca_named(ROOT_NAME)
-}
-
-/// A workload certificate as Ambit's CA makes them.
-fn leaf(ca: &Ca, id: &str) -> WorkloadKey {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.is_ca = IsCa::ExplicitNoCa;
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    WorkloadKey::from_pem(&[cert.pem(), ca.pem.clone()], &key.serialize_pem()).unwrap()
-}
-
-const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 
 /// Runs one handshake; returns what each side saw (peer identity) or its error.
 async fn handshake(

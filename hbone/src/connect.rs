@@ -1,0 +1,274 @@
+//! HTTP/2 CONNECT tunnels, as HBONE carries them inside mutual TLS.
+//!
+//! Client: `CONNECT` with `:authority` = `ip:port` of the original destination and the
+//! headers `forwarded: for=<source ip>` and `traceparent`; a 200 means the far side
+//! reached the application, and the stream is then the connection's bytes.
+//!
+//! Server: anything but `CONNECT` gets 400; an `:authority` that is not `ip:port` gets
+//! 400; the handler decides the rest: it returns the connection to the application
+//! (then 200), or a [`Refusal`]: 401 for a policy denial, 503 when the application is
+//! unreachable. Requests with header blocks over [`MAX_HEADER_LIST`] are refused by h2.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use crate::stream::H2Stream;
+
+/// Per-stream receive window: enough for a few milliseconds of a fast stream in flight.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per-connection receive window, shared by its streams.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 256 * 1024;
+/// Largest header block a server accepts (HBONE requests are a few hundred bytes).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams per connection a server allows; a client opens another connection beyond it.
+pub const MAX_STREAMS: u32 = 100;
+/// How often a client retries a stream the server refused unprocessed.
+const REFUSED_RETRIES: usize = 5;
+
+/// Why a tunnel was not set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("refused by policy (401)")]
+    Denied,
+    #[error("the destination is unreachable (503)")]
+    Unreachable,
+    #[error("the peer answered {0}")]
+    Status(StatusCode),
+    #[error("bad request: {0}")]
+    Request(#[from] http::Error),
+    #[error("tunnel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a CONNECT asked for.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// The original destination.
+    pub authority: SocketAddr,
+    /// `forwarded: for=...`: the source workload's IP.
+    pub forwarded_for: Option<IpAddr>,
+    pub traceparent: Option<String>,
+}
+
+/// Why the server refuses a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401: authorization denied it.
+    Denied,
+    /// 503: the application could not be reached.
+    Unreachable,
+    /// 400: it names something this server does not serve.
+    BadRequest,
+}
+
+/// The client half of one HBONE connection. Cheap to clone; every clone opens streams on
+/// the same connection.
+#[derive(Clone, Debug)]
+pub struct HboneClient {
+    send: h2::client::SendRequest<Bytes>,
+}
+
+impl HboneClient {
+    /// Speaks HTTP/2 over `io` (a TLS stream with ALPN h2). The connection is driven by a
+    /// task on the current runtime until it closes.
+    pub async fn handshake<IO>(io: IO) -> Result<Self, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("HBONE client connection ended: {e}");
+            }
+        });
+        Ok(Self { send })
+    }
+
+    /// Opens a tunnel to `authority`.
+    pub async fn connect(
+        &self,
+        authority: SocketAddr,
+        source: IpAddr,
+        traceparent: &str,
+    ) -> Result<H2Stream, HboneError> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .header("forwarded", format!("for={}", forwarded_ip(source)))
+            .header("traceparent", traceparent)
+            .body(())?;
+        // REFUSED_STREAM means the server did not process the stream (RFC 9113 §8.7), e.g.
+        // one opened before its SETTINGS lowered the stream limit: safe to retry.
+        let mut attempts = 0;
+        let (response, stream) = loop {
+            let mut send = self.send.clone().ready().await?;
+            let (response, stream) = send.send_request(req.clone(), false)?;
+            match response.await {
+                Ok(r) => break (r, stream),
+                Err(e)
+                    if e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                        && attempts < REFUSED_RETRIES =>
+                {
+                    attempts += 1
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match response.status() {
+            StatusCode::OK => Ok(H2Stream::new(stream, response.into_body())),
+            StatusCode::UNAUTHORIZED => Err(HboneError::Denied),
+            StatusCode::SERVICE_UNAVAILABLE => Err(HboneError::Unreachable),
+            s => Err(HboneError::Status(s)),
+        }
+    }
+
+    /// True while the connection can take new streams.
+    pub fn is_ready(&self) -> bool {
+        self.send
+            .clone()
+            .poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_ready()
+    }
+}
+
+/// RFC 7239 quotes IPv6 addresses: `for="[::1]"`.
+fn forwarded_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    }
+}
+
+fn parse_forwarded(v: &str) -> Option<IpAddr> {
+    let f = v
+        .split(';')
+        .flat_map(|p| p.split(','))
+        .find_map(|p| p.trim().strip_prefix("for="))?;
+    f.trim_matches('"')
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// Serves HBONE on `io` until the connection ends. Each CONNECT runs as its own task:
+/// `handler` reaches the application (or refuses), then bytes are copied both ways.
+pub async fn serve<IO, H, F, U>(io: IO, handler: H) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(ConnectRequest) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<U, Refusal>> + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake(io)
+        .await?;
+    while let Some(next) = conn.accept().await {
+        let (req, respond) = match next {
+            Ok(r) => r,
+            Err(e) if e.is_reset() => continue, // one bad stream; the rest go on
+            Err(e) => return Err(e.into()),
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tunnel(req, respond, handler).await {
+                debug!("HBONE stream ended: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn tunnel<H, F, U>(
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    handler: H,
+) -> Result<(), HboneError>
+where
+    H: Fn(ConnectRequest) -> F,
+    F: Future<Output = Result<U, Refusal>>,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let status = |code| {
+        Response::builder()
+            .status(code)
+            .body(())
+            .expect("static response")
+    };
+    if req.method() != Method::CONNECT {
+        respond.send_response(status(StatusCode::BAD_REQUEST), true)?;
+        return Ok(());
+    }
+    let Some(authority) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        respond.send_response(status(StatusCode::BAD_REQUEST), true)?;
+        return Ok(());
+    };
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let request = ConnectRequest {
+        authority,
+        forwarded_for: header("forwarded").and_then(parse_forwarded),
+        traceparent: header("traceparent").map(str::to_owned),
+    };
+    match handler(request).await {
+        Ok(mut app) => {
+            let send = respond.send_response(status(StatusCode::OK), false)?;
+            let mut stream = H2Stream::new(send, req.into_body());
+            tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut app, 64 * 1024, 64 * 1024)
+                .await?;
+            Ok(())
+        }
+        Err(r) => {
+            let code = match r {
+                Refusal::Denied => StatusCode::UNAUTHORIZED,
+                Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            };
+            respond.send_response(status(code), true)?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_round_trips() {
+        for ip in ["10.244.1.10", "fd00:10:244:1::a"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(
+                parse_forwarded(&format!("for={}", forwarded_ip(ip))),
+                Some(ip)
+            );
+        }
+        assert_eq!(
+            parse_forwarded("proto=https;for=10.0.0.1"),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(parse_forwarded("by=x"), None);
+    }
+}

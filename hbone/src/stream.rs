@@ -1,0 +1,137 @@
+//! One HTTP/2 stream as a byte pipe ([`AsyncRead`] + [`AsyncWrite`]), so a tunnelled
+//! connection can be copied like a socket.
+//!
+//! Flow control is HTTP/2's: reads hand receive capacity back as the application
+//! consumes data (so a slow reader slows the sender instead of growing buffers), writes
+//! wait for send capacity. `shutdown` ends the stream (END_STREAM): a half-close, like
+//! `shutdown(SHUT_WR)` on TCP. Dropping the pipe before both directions ended resets the
+//! stream (RST_STREAM CANCEL), like closing a socket with data in flight.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk handed to h2 per write (h2 splits it into frames).
+const MAX_WRITE: usize = 256 * 1024;
+
+/// The two halves of an HTTP/2 stream.
+#[derive(Debug)]
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read.
+    pending: Bytes,
+    write_closed: bool,
+    read_done: bool,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            read_done: false,
+        }
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().expect("is_io");
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::CANCEL | h2::Reason::STREAM_CLOSED) | None => {
+            io::ErrorKind::ConnectionReset
+        }
+        Some(_) => io::ErrorKind::ConnectionAborted,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        // An empty DATA frame (legal, and how END_STREAM often arrives) is not EOF: a
+        // 0-byte read would tell the caller the stream ended. Skip it.
+        while this.pending.is_empty() {
+            if this.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => this.read_done = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // Give the window back only for what the application took.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(data.len().min(MAX_WRITE));
+        let granted = loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => break n,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HTTP/2 stream closed",
+                    )));
+                }
+            }
+        };
+        let n = granted.min(data.len());
+        this.send
+            .send_data(Bytes::copy_from_slice(&data[..n]), false)
+            .map_err(h2_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes frames as the connection task runs: nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_closed {
+            this.write_closed = true;
+            this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !(self.write_closed && self.read_done) {
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
+    }
+}
