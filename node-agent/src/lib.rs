@@ -6,6 +6,7 @@
 //! - [`pods`], [`enrollment`], [`enroll_server`]: which pods are enrolled, and the local
 //!   API that enrolls them;
 //! - [`outbound`], [`dialer`]: the in-pod outbound listener and the proxying;
+//! - [`rbac`]: L4 authorization (evaluated by the destination's agent);
 //! - [`metrics`], [`admin`]: Prometheus metrics, readiness and debug endpoints.
 //!
 //! Two runtimes: the data plane (multi-threaded) runs listeners and proxied connections;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod metrics;
 pub mod outbound;
 pub mod pods;
+pub mod rbac;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -51,10 +51,43 @@ pub struct Service {
 pub struct Authorization {
     pub name: String,
     pub namespace: String,
-    pub action: &'static str,
+    pub action: Action,
+    /// Applies to every workload of the namespace (else: those `selector` selects).
     pub namespace_wide: bool,
     pub selector: BTreeMap<String, String>,
-    pub rules: usize,
+    /// Matches a connection if any rule does; no rules match nothing.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Matches if (no `from` or any of them matches) and (no `to` or any of them matches).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub from: Vec<SourceMatch>,
+    pub to: Vec<DestinationMatch>,
+}
+
+/// Every non-empty field must match, and no `not_*` field may.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceMatch {
+    /// SPIFFE IDs without the scheme; `*` as a prefix or suffix wildcard.
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub ip_blocks: Vec<(IpAddr, u8)>,
+    pub not_ip_blocks: Vec<(IpAddr, u8)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DestinationMatch {
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
 }
 
 /// The agent's view of the mesh.
@@ -251,20 +284,54 @@ fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, Stri
     let a =
         ambit::Authorization::decode(bytes).map_err(|e| format!("not an Authorization: {e}"))?;
     let action = match ambit::authorization::Action::try_from(a.action) {
-        Ok(ambit::authorization::Action::Allow) => "ALLOW",
-        Ok(ambit::authorization::Action::Deny) => "DENY",
+        Ok(ambit::authorization::Action::Allow) => Action::Allow,
+        Ok(ambit::authorization::Action::Deny) => Action::Deny,
         Err(_) => return Err(format!("unknown action {}", a.action)),
     };
-    for r in &a.rules {
-        for s in &r.from {
-            for c in s.ip_blocks.iter().chain(&s.not_ip_blocks) {
+    let cidrs = |v: &[ambit::Cidr]| -> Result<Vec<(IpAddr, u8)>, String> {
+        v.iter()
+            .map(|c| {
                 let addr = ip(&c.address)?;
                 let max = if addr.is_ipv4() { 32 } else { 128 };
-                if c.length > max {
-                    return Err(format!("CIDR {addr}/{} has a bad prefix length", c.length));
-                }
-            }
+                u8::try_from(c.length)
+                    .ok()
+                    .filter(|&l| u32::from(l) <= max)
+                    .map(|l| (addr, l))
+                    .ok_or_else(|| format!("CIDR {addr}/{} has a bad prefix length", c.length))
+            })
+            .collect()
+    };
+    let ports = |v: &[u32]| -> Result<Vec<u16>, String> {
+        v.iter()
+            .map(|&p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| format!("bad port {p}"))
+            })
+            .collect()
+    };
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for r in &a.rules {
+        let mut from = Vec::new();
+        for f in &r.from {
+            from.push(SourceMatch {
+                principals: f.principals.clone(),
+                not_principals: f.not_principals.clone(),
+                namespaces: f.namespaces.clone(),
+                not_namespaces: f.not_namespaces.clone(),
+                ip_blocks: cidrs(&f.ip_blocks)?,
+                not_ip_blocks: cidrs(&f.not_ip_blocks)?,
+            });
         }
+        let mut to = Vec::new();
+        for t in &r.to {
+            to.push(DestinationMatch {
+                ports: ports(&t.ports)?,
+                not_ports: ports(&t.not_ports)?,
+            });
+        }
+        rules.push(Rule { from, to });
     }
     Ok(Authorization {
         name: a.name,
@@ -272,7 +339,7 @@ fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, Stri
         action,
         namespace_wide: a.namespace_wide,
         selector: a.selector.into_iter().collect(),
-        rules: a.rules.len(),
+        rules,
     })
 }
 
@@ -367,5 +434,56 @@ mod tests {
                 .unwrap_err()
                 .contains("differs from the resource name")
         );
+    }
+
+    #[test]
+    fn policies_keep_their_rules_and_bad_cidrs_are_refused() {
+        let store = Arc::new(Store::default());
+        let mut h = StoreHandler {
+            store: store.clone(),
+            node: "n".into(),
+        };
+        let rule = |len| ambit::Rule {
+            from: vec![ambit::SourceMatch {
+                principals: vec!["cluster.local/ns/a/sa/b".into()],
+                ip_blocks: vec![ambit::Cidr {
+                    address: vec![10, 0, 0, 0],
+                    length: len,
+                }],
+                ..Default::default()
+            }],
+            to: vec![ambit::DestinationMatch {
+                ports: vec![8080],
+                not_ports: vec![],
+            }],
+        };
+        let policy = |len| ambit::Authorization {
+            name: "p".into(),
+            namespace: "shop".into(),
+            action: ambit::authorization::Action::Deny as i32,
+            rules: vec![rule(len)],
+            ..Default::default()
+        };
+        h.apply(
+            type_url::AUTHORIZATION,
+            vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(8)))],
+            vec![],
+        )
+        .unwrap();
+        let p = &store.snapshot().authorizations["shop/p"];
+        assert_eq!(p.action, Action::Deny);
+        assert_eq!(
+            p.rules[0].from[0].ip_blocks,
+            vec![("10.0.0.0".parse().unwrap(), 8)]
+        );
+        assert_eq!(p.rules[0].to[0].ports, vec![8080]);
+        let err = h
+            .apply(
+                type_url::AUTHORIZATION,
+                vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(33)))],
+                vec![],
+            )
+            .unwrap_err();
+        assert!(err.contains("bad prefix length"), "{err}");
     }
 }
