@@ -11,12 +11,15 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::stream::H2Stream;
 
@@ -29,6 +32,9 @@ const MAX_FRAME: u32 = 256 * 1024;
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Streams per connection a server allows; a client opens another connection beyond it.
 pub const MAX_STREAMS: u32 = 100;
+/// How often an idle client connection checks its peer is alive, and how long it waits.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a client retries a stream the server refused unprocessed.
 const REFUSED_RETRIES: usize = 5;
 
@@ -75,6 +81,8 @@ pub enum Refusal {
 #[derive(Clone, Debug)]
 pub struct HboneClient {
     send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection has ended (closed, failed, or missed a keepalive).
+    closed: Arc<AtomicBool>,
 }
 
 impl HboneClient {
@@ -90,12 +98,9 @@ impl HboneClient {
             .max_frame_size(MAX_FRAME)
             .handshake(io)
             .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!("HBONE client connection ended: {e}");
-            }
-        });
-        Ok(Self { send })
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(drive_client(conn, closed.clone()));
+        Ok(Self { send, closed })
     }
 
     /// Opens a tunnel to `authority`.
@@ -136,13 +141,42 @@ impl HboneClient {
         }
     }
 
-    /// True while the connection can take new streams.
-    pub fn is_ready(&self) -> bool {
-        self.send
-            .clone()
-            .poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-            .is_ready()
+    /// True once the connection is gone: it cannot carry new tunnels.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
+}
+
+/// Runs a client connection, sending a PING every [`KEEPALIVE_INTERVAL`]; a peer that
+/// does not answer within [`KEEPALIVE_TIMEOUT`] is given up on (a dead node or a silent
+/// middlebox must not keep tunnels waiting forever).
+async fn drive_client<IO>(mut conn: h2::client::Connection<IO, Bytes>, closed: Arc<AtomicBool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ping = conn.ping_pong();
+    let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r { debug!("HBONE client connection ended: {e}") }
+                break;
+            }
+            _ = tick.tick() => {
+                let Some(p) = ping.as_mut() else { continue };
+                tokio::select! {
+                    _ = &mut conn => break,
+                    pong = p.ping(h2::Ping::opaque()) => if pong.is_err() { break },
+                    _ = tokio::time::sleep(KEEPALIVE_TIMEOUT) => {
+                        warn!("HBONE peer missed a keepalive; closing the connection");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
 }
 
 /// RFC 7239 quotes IPv6 addresses: `for="[::1]"`.

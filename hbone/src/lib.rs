@@ -3,7 +3,9 @@
 //!
 //! - [`tls`]: TLS configuration and SPIFFE peer verification;
 //! - [`connect`]: HTTP/2 CONNECT client and server;
+//! - [`pool`]: connections shared by tunnels, single-flight dialing, idle timeout;
 //! - [`stream`]: an HTTP/2 stream as a byte pipe.
 pub mod connect;
+pub mod pool;
 pub mod stream;
 pub mod tls;

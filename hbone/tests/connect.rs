@@ -4,92 +4,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-
-use ambit_hbone::connect::{ConnectRequest, HboneClient, HboneError, Refusal, serve};
-use ambit_hbone::tls::{MeshRoots, client_config, server_config};
+use ambit_hbone::connect::HboneError;
+use ambit_hbone::tls::{MeshRoots, client_config};
 use common::*;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// An echo server on loopback; returns its address.
-async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// An HBONE server (identity WEB) whose handler refuses `denied` ports, reports 503 for
-/// `unreachable` ports, and otherwise dials the authority. Records every request.
-async fn hbone_server(
-    ca: &Ca,
-    denied: u16,
-    unreachable: u16,
-) -> (SocketAddr, Arc<Mutex<Vec<ConnectRequest>>>) {
-    let roots = MeshRoots::from_pem(&ca.pem).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(
-        server_config(&leaf(ca, WEB), &roots, "cluster.local").unwrap(),
-    );
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = l.accept().await.unwrap();
-            let (acceptor, log) = (acceptor.clone(), log.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = serve(tls, move |req: ConnectRequest| {
-                    let log = log.clone();
-                    async move {
-                        log.lock().unwrap().push(req.clone());
-                        match req.authority.port() {
-                            p if p == denied => Err(Refusal::Denied),
-                            p if p == unreachable => Err(Refusal::Unreachable),
-                            _ => TcpStream::connect(req.authority)
-                                .await
-                                .map_err(|_| Refusal::Unreachable),
-                        }
-                    }
-                })
-                .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
-async fn client(ca: &Ca, server: SocketAddr) -> HboneClient {
-    let roots = MeshRoots::from_pem(&ca.pem).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(
-        client_config(&leaf(ca, FRONTEND), &roots, [WEB.to_string()]).unwrap(),
-    );
-    let tcp = TcpStream::connect(server).await.unwrap();
-    let tls = connector
-        .connect(ServerName::IpAddress(server.ip().into()), tcp)
-        .await
-        .unwrap();
-    HboneClient::handshake(tls).await.unwrap()
-}
-
-fn pattern(n: usize, seed: usize) -> Vec<u8> {
-    (0..n).map(|i| ((i + seed * 7) % 251) as u8).collect()
-}
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn a_tunnel_is_byte_exact_both_ways_and_half_closes() {

@@ -1,0 +1,119 @@
+//! The HBONE connection pool: few connections for many tunnels, single-flight dialing,
+//! idle connections closed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ambit_hbone::connect::{HboneClient, HboneError};
+use ambit_hbone::pool::{Dialer, Pool, PoolConfig, PoolKey};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct TestDialer {
+    ca: Arc<Ca>,
+}
+
+impl Dialer for TestDialer {
+    async fn dial(&self, key: &PoolKey) -> Result<HboneClient, HboneError> {
+        Ok(client(&self.ca, key.dst).await)
+    }
+}
+
+async fn setup(config: PoolConfig) -> (Arc<Pool<TestDialer>>, PoolKey, SocketAddr) {
+    let ca = Arc::new(ca());
+    let app = echo().await;
+    let (server, _) = hbone_server(&ca, 1, 2).await;
+    let key = PoolKey {
+        src_identity: FRONTEND.into(),
+        dst_identity: WEB.into(),
+        dst: server,
+    };
+    (Pool::new(TestDialer { ca }, config), key, app)
+}
+
+async fn echo_through(pool: &Pool<TestDialer>, key: &PoolKey, app: SocketAddr, i: usize) -> bool {
+    echo_held(pool, key, app, i, None).await
+}
+
+/// Opens a tunnel, waits at `barrier` (so every tunnel is open at once), then echoes.
+async fn echo_held(
+    pool: &Pool<TestDialer>,
+    key: &PoolKey,
+    app: SocketAddr,
+    i: usize,
+    barrier: Option<&tokio::sync::Barrier>,
+) -> bool {
+    let mut t = pool
+        .connect(key, app, "10.0.0.1".parse().unwrap(), "t")
+        .await
+        .unwrap();
+    if let Some(b) = barrier {
+        b.wait().await;
+    }
+    let data = pattern(10_000, i);
+    t.write_all(&data).await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    t.read_to_end(&mut back).await.unwrap();
+    back == data
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_tunnels_use_few_connections() {
+    let (pool, key, app) = setup(PoolConfig::default()).await;
+    // All 1000 open at the same time: at 100 streams a connection, that takes 10.
+    let barrier = Arc::new(tokio::sync::Barrier::new(1000));
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let (pool, key, barrier) = (pool.clone(), key.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            echo_held(&pool, &key, app, i, Some(&barrier)).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap(), "a tunnel's bytes differ");
+    }
+    let dials = pool.dials.load(Ordering::Relaxed);
+    eprintln!("1000 concurrent tunnels used {dials} HTTP/2 connections");
+    assert_eq!(
+        dials, 10,
+        "1000 tunnels open at once at 100 streams a connection"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_to_a_new_destination_dials_once() {
+    let (pool, key, app) = setup(PoolConfig::default()).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (pool, key) = (pool.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            echo_through(&pool, &key, app, i).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(pool.dials.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_are_dialed_again_when_needed() {
+    let (pool, key, app) = setup(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    assert!(echo_through(&pool, &key, app, 0).await);
+    assert_eq!(pool.connections(), 1);
+    assert_eq!(pool.reap(), 0, "a fresh connection was reaped");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(pool.reap(), 1);
+    assert_eq!(pool.connections(), 0);
+    assert!(echo_through(&pool, &key, app, 1).await);
+    assert_eq!(pool.dials.load(Ordering::Relaxed), 2);
+}
