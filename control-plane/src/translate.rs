@@ -2,7 +2,7 @@
 //!
 //! A [`Snapshot`] holds every resource of one model version, encoded once, each with a
 //! content-derived version (so an unchanged resource keeps its version across model
-//! changes and is never resent). [`Snapshot::view_for`] then picks what one node agent
+//! changes and is never resent). [`Snapshot::resources`] then picks what one node agent
 //! needs:
 //! - workloads on that node (enrolled or not), plus enrolled workloads elsewhere (they
 //!   are the destinations its pods may tunnel to); non-enrolled remote workloads are
@@ -33,6 +33,7 @@ pub struct VersionedResource {
 }
 
 /// Resources by type URL, then by name.
+#[cfg(test)]
 pub type ResourceMap = BTreeMap<&'static str, BTreeMap<String, Arc<VersionedResource>>>;
 
 /// Every resource of one model version.
@@ -165,7 +166,8 @@ impl Snapshot {
         }
     }
 
-    /// What the agent on `node` is sent, as maps (copies the view; tests and debugging).
+    /// What the agent on `node` is sent, as maps (copies the view; for tests).
+    #[cfg(test)]
     pub fn view_for(&self, node: &str) -> ResourceMap {
         let mut out = ResourceMap::new();
         out.insert(

@@ -1,9 +1,8 @@
 //! The agent's configuration: every flag and environment variable is read here, once,
 //! into [`Config`]; nothing else in the agent reads the environment.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Where `cargo xtask build-ebpf` leaves the kernel object (relative to the workspace).
@@ -110,35 +109,7 @@ impl Config {
     }
 }
 
-/// An IP prefix, `addr/len`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|e| format!("bad CIDR {s:?}: {e}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            Some(l) => l
-                .parse::<u8>()
-                .map_err(|e| format!("bad prefix length in {s:?}: {e}"))?,
-            None => max,
-        };
-        if len > max {
-            return Err(format!("bad CIDR {s:?}: prefix length {len} exceeds {max}"));
-        }
-        Ok(Self { addr, len })
-    }
-}
+pub use ambit_mesh::cidr::Cidr;
 
 /// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -159,16 +159,6 @@ impl PodRegistry {
             .map(|e| e.pod.clone())
     }
 
-    pub fn list(&self) -> Vec<EnrolledPod> {
-        self.inner
-            .lock()
-            .unwrap()
-            .pods
-            .values()
-            .map(|e| e.pod.describe())
-            .collect()
-    }
-
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap().pods.len()
     }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
+use ambit_mesh::cidr::Cidr;
 use ambit_xds::ambit;
 use ambit_xds::client::Handler;
 use ambit_xds::envoy::Any;
@@ -80,8 +81,8 @@ pub struct SourceMatch {
     pub not_principals: Vec<String>,
     pub namespaces: Vec<String>,
     pub not_namespaces: Vec<String>,
-    pub ip_blocks: Vec<(IpAddr, u8)>,
-    pub not_ip_blocks: Vec<(IpAddr, u8)>,
+    pub ip_blocks: Vec<Cidr>,
+    pub not_ip_blocks: Vec<Cidr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -288,15 +289,13 @@ fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, Stri
         Ok(ambit::authorization::Action::Deny) => Action::Deny,
         Err(_) => return Err(format!("unknown action {}", a.action)),
     };
-    let cidrs = |v: &[ambit::Cidr]| -> Result<Vec<(IpAddr, u8)>, String> {
+    let cidrs = |v: &[ambit::Cidr]| -> Result<Vec<Cidr>, String> {
         v.iter()
             .map(|c| {
                 let addr = ip(&c.address)?;
-                let max = if addr.is_ipv4() { 32 } else { 128 };
                 u8::try_from(c.length)
                     .ok()
-                    .filter(|&l| u32::from(l) <= max)
-                    .map(|l| (addr, l))
+                    .and_then(|l| Cidr::new(addr, l))
                     .ok_or_else(|| format!("CIDR {addr}/{} has a bad prefix length", c.length))
             })
             .collect()
@@ -474,7 +473,7 @@ mod tests {
         assert_eq!(p.action, Action::Deny);
         assert_eq!(
             p.rules[0].from[0].ip_blocks,
-            vec![("10.0.0.0".parse().unwrap(), 8)]
+            vec!["10.0.0.0/8".parse().unwrap()]
         );
         assert_eq!(p.rules[0].to[0].ports, vec![8080]);
         let err = h
