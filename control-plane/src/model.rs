@@ -19,7 +19,30 @@ pub const DATAPLANE_NONE: &str = "none";
 /// Namespace or service label naming a waypoint.
 pub const WAYPOINT_LABEL: &str = "ambit.dev/waypoint";
 
+/// Namespace or pod label choosing how an enrolled workload's agent treats plaintext
+/// inbound connections: `STRICT` (refused; the default) or `PERMISSIVE` (accepted, with
+/// policy applied by source IP). A pod's label overrides its namespace's.
+pub const MTLS_LABEL: &str = "ambit.dev/mtls";
+
 pub type Labels = BTreeMap<String, String>;
+
+/// How plaintext inbound connections to an enrolled workload are treated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+impl MtlsMode {
+    fn parse(v: &str) -> Option<Self> {
+        match v {
+            "STRICT" => Some(Self::Strict),
+            "PERMISSIVE" => Some(Self::Permissive),
+            _ => None,
+        }
+    }
+}
 
 /// `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -173,6 +196,8 @@ pub struct Workload {
     pub enrolled: bool,
     /// Derived: the waypoint its namespace names, if any.
     pub waypoint: Option<String>,
+    /// Derived: from its own or its namespace's [`MTLS_LABEL`].
+    pub mtls: MtlsMode,
 }
 
 impl Workload {
@@ -223,6 +248,17 @@ impl fmt::Display for Problem {
     }
 }
 
+fn check_mtls_label(p: &mut Problems, place: &str, labels: &Labels) {
+    if let Some(v) = labels.get(MTLS_LABEL)
+        && MtlsMode::parse(v).is_none()
+    {
+        p.add(
+            &format!("{place}.labels.{MTLS_LABEL}"),
+            format!("{v:?} is not STRICT or PERMISSIVE"),
+        );
+    }
+}
+
 impl Model {
     /// Validates `spec` and derives the model. All problems are reported, not just the
     /// first.
@@ -244,6 +280,7 @@ impl Model {
 
         for (i, ns) in spec.namespaces.into_iter().enumerate() {
             let place = format!("namespaces[{i}] ({})", ns.name);
+            check_mtls_label(&mut p, &place, &ns.labels);
             if !is_dns_label(&ns.name) {
                 p.add(
                     &place,
@@ -314,6 +351,7 @@ impl Model {
             if m.workloads.contains_key(&uid) {
                 p.add(&place, format!("uid {uid:?} is used twice"));
             }
+            check_mtls_label(&mut p, &place, &w.labels);
             if p.0.len() > before {
                 continue;
             }
@@ -325,6 +363,12 @@ impl Model {
                 Workload {
                     enrolled: ns.enrolled() && !opted_out,
                     waypoint: ns.labels.get(WAYPOINT_LABEL).cloned(),
+                    mtls: w
+                        .labels
+                        .get(MTLS_LABEL)
+                        .or_else(|| ns.labels.get(MTLS_LABEL))
+                        .and_then(|v| MtlsMode::parse(v))
+                        .unwrap_or_default(),
                     uid,
                     name: w.name,
                     namespace: w.namespace,
@@ -655,6 +699,32 @@ mod tests {
         }];
         assert_eq!(svc.endpoints, vec!["shop/web-0".to_string()]);
         assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+    }
+
+    #[test]
+    fn mtls_mode_is_strict_by_default_and_labels_choose_it() {
+        let mut s = base();
+        s.namespaces[0]
+            .labels
+            .insert(MTLS_LABEL.into(), "PERMISSIVE".into());
+        let m = Model::build(s.clone()).unwrap();
+        assert_eq!(m.workloads["shop/web-0"].mtls, MtlsMode::Permissive);
+        assert_eq!(m.workloads["legacy/old-0"].mtls, MtlsMode::Strict);
+        s.workloads[0]
+            .labels
+            .insert(MTLS_LABEL.into(), "STRICT".into());
+        assert_eq!(
+            Model::build(s.clone()).unwrap().workloads["shop/web-0"].mtls,
+            MtlsMode::Strict
+        );
+        s.workloads[0]
+            .labels
+            .insert(MTLS_LABEL.into(), "strict".into());
+        let problems = Model::build(s).unwrap_err();
+        assert_eq!(
+            problems[0].to_string(),
+            "workloads[0] (shop/web-0).labels.ambit.dev/mtls: \"strict\" is not STRICT or PERMISSIVE"
+        );
     }
 
     #[test]

@@ -66,6 +66,10 @@ impl Snapshot {
                 waypoint: w.waypoint.clone().unwrap_or_default(),
                 labels: w.labels.clone().into_iter().collect(),
                 identity: w.spiffe_id(&m.trust_domain),
+                mtls: match w.mtls {
+                    crate::model::MtlsMode::Strict => ambit::MtlsMode::Strict,
+                    crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
+                } as i32,
             };
             let scope = WorkloadScope {
                 node: w.node.clone(),

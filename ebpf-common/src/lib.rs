@@ -9,6 +9,10 @@
 
 /// Port of the in-pod outbound capture listener (loopback of each enrolled pod's netns).
 pub const OUTBOUND_PORT: u16 = 15001;
+/// The agent's in-pod inbound plaintext listener (connections steered by `sk_lookup`).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The agent's in-pod HBONE (mutual TLS) listener, on the pod's IPs.
+pub const INBOUND_HBONE_PORT: u16 = 15008;
 
 /// `AF_INET`, as the kernel reports a socket's family.
 pub const AF_INET: u16 = 2;
@@ -31,6 +35,10 @@ pub mod maps {
     pub const CONN_ORIG: &str = "CONN_ORIG";
     /// [`super::CounterKey`] → [`super::Counters`], per CPU.
     pub const WORKLOAD_COUNTERS: &str = "WORKLOAD_COUNTERS";
+    /// Pod IP ([`super::PodIp`]) → flags: the enrolled pods whose inbound is captured.
+    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    /// Pod IP → the agent's 15006 listener in that pod (a SOCKHASH).
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 }
 
 /// Names of the programs in the object file.
@@ -40,6 +48,7 @@ pub mod programs {
     pub const SOCK_OPS: &str = "ambit_sock_ops";
     pub const SKB_INGRESS: &str = "ambit_skb_ingress";
     pub const SKB_EGRESS: &str = "ambit_skb_egress";
+    pub const SK_LOOKUP: &str = "ambit_sk_lookup";
 }
 
 /// Value of `ENROLLED`: what the kernel needs to know about an enrolled pod.
@@ -110,6 +119,16 @@ pub struct Counters {
     pub packets: u64,
 }
 
+/// A pod IP, key of `INBOUND_PODS` and `INBOUND_LISTENERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodIp {
+    /// Address words in network byte order (IPv4 in `addr[0]`, the rest zero).
+    pub addr: [u32; 4],
+    /// [`AF_INET`] or [`AF_INET6`] as `u32`.
+    pub family: u32,
+}
+
 /// Key of the IPv4 exclusion LPM trie (`aya::maps::lpm_trie::Key<Ipv4Prefix>` data).
 pub type Ipv4Prefix = [u8; 4];
 /// Key of the IPv6 exclusion LPM trie.
@@ -124,4 +143,5 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for PodIp {}
 }

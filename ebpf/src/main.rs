@@ -5,6 +5,8 @@
 //! - `sock_ops`: once the client port is known, publish the original destination under
 //!   the key the agent sees after `accept()`.
 //! - `cgroup_skb` ingress/egress: per-workload byte and packet counters.
+//! - `sk_lookup`, attached to each enrolled pod's netns: steers plaintext TCP arriving for
+//!   the pod's IPs to the agent's in-pod 15006 listener.
 //!
 //! The programs only parse, look up and decide; every policy (who is enrolled, what is
 //! excluded) arrives from user space as map entries. All map types live in
@@ -13,16 +15,16 @@
 #![no_main]
 
 use ambit_ebpf_common::{
-    AF_INET, AF_INET6, ConnKey, CounterKey, Counters, Direction, Enrolled, Ipv4Prefix, Ipv6Prefix,
-    OUTBOUND_PORT, OrigDst,
+    AF_INET, AF_INET6, ConnKey, CounterKey, Counters, Direction, Enrolled, INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, Ipv4Prefix, Ipv6Prefix, OUTBOUND_PORT, OrigDst, PodIp,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 
@@ -60,6 +62,20 @@ static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65_536, 0);
 
 #[map(name = "WORKLOAD_COUNTERS")]
 static WORKLOAD_COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::pinned(32_768, 0);
+
+/// The enrolled pods' IPs whose inbound plaintext is steered to the agent.
+#[map(name = "INBOUND_PODS")]
+static INBOUND_PODS: HashMap<PodIp, u32> = HashMap::pinned(16_384, 0);
+
+/// Pod IP → the agent's plaintext listener inside that pod. An entry disappears when the
+/// socket closes (an agent restarting); `INBOUND_PODS` then makes the lookup fail closed.
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<PodIp> = SockHash::pinned(16_384, 0);
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+/// The loopback device is ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -223,6 +239,70 @@ fn count(ctx: &SkBuffContext, direction: Direction) {
                 BPF_NOEXIST.into(),
             );
         }
+    }
+}
+
+/// Steers a new TCP connection to an enrolled pod's IP to the agent's 15006 listener in
+/// that pod; the accepted socket keeps the original destination as its local address.
+///
+/// Not steered: anything arriving on loopback (the agent's own delivery to the app, and the
+/// pod talking to itself), and the agent's ports. If the agent's listener is missing (it is
+/// restarting), the SYN is dropped: the client retries, and plaintext never bypasses the
+/// mesh.
+#[sk_lookup]
+pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: the verifier guarantees `l` points at the context; fields are read whole.
+    let (family, protocol, port, ifindex) = unsafe {
+        (
+            (*l).family,
+            (*l).protocol,
+            (*l).local_port,
+            (*l).ingress_ifindex,
+        )
+    };
+    if protocol != IPPROTO_TCP
+        || ifindex == LOOPBACK_IFINDEX
+        || port == u32::from(INBOUND_HBONE_PORT)
+        || port == u32::from(INBOUND_PLAINTEXT_PORT)
+        || port == u32::from(OUTBOUND_PORT)
+    {
+        return SK_PASS;
+    }
+    // Volatile reads: each context field must be loaded at its own constant offset (the
+    // verifier refuses a load through a context pointer the compiler has offset).
+    let key = if family == u32::from(AF_INET) {
+        PodIp {
+            addr: [
+                unsafe { core::ptr::read_volatile(&(*l).local_ip4) },
+                0,
+                0,
+                0,
+            ],
+            family,
+        }
+    } else if family == u32::from(AF_INET6) {
+        let (a, b, c, d) = unsafe {
+            (
+                core::ptr::read_volatile(&(*l).local_ip6[0]),
+                core::ptr::read_volatile(&(*l).local_ip6[1]),
+                core::ptr::read_volatile(&(*l).local_ip6[2]),
+                core::ptr::read_volatile(&(*l).local_ip6[3]),
+            )
+        };
+        PodIp {
+            addr: [a, b, c, d],
+            family,
+        }
+    } else {
+        return SK_PASS;
+    };
+    if unsafe { INBOUND_PODS.get(&key) }.is_none() {
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
     }
 }
 

@@ -199,14 +199,42 @@ fn parse_forwarded(v: &str) -> Option<IpAddr> {
         .ok()
 }
 
+/// What a server does with an accepted tunnel once it has answered 200: typically copy
+/// bytes between the tunnel and the application ([`Pipe`]).
+pub trait Tunnel: Send + 'static {
+    fn run(self, stream: H2Stream) -> impl Future<Output = ()> + Send;
+}
+
+/// The plain [`Tunnel`]: copies bytes both ways between the tunnel and `S` until both
+/// sides have ended.
+#[derive(Debug)]
+pub struct Pipe<S>(pub S);
+
+impl<S> Tunnel for Pipe<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(mut self, mut stream: H2Stream) {
+        if let Err(e) =
+            tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut self.0, COPY_BUF, COPY_BUF)
+                .await
+        {
+            debug!("HBONE tunnel ended: {e}");
+        }
+    }
+}
+
+/// Copy buffer per direction for [`Pipe`].
+pub const COPY_BUF: usize = 64 * 1024;
+
 /// Serves HBONE on `io` until the connection ends. Each CONNECT runs as its own task:
-/// `handler` reaches the application (or refuses), then bytes are copied both ways.
+/// `handler` reaches the application (or refuses); after the 200 its [`Tunnel`] runs.
 pub async fn serve<IO, H, F, U>(io: IO, handler: H) -> Result<(), HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(ConnectRequest) -> F + Clone + Send + 'static,
     F: Future<Output = Result<U, Refusal>> + Send + 'static,
-    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: Tunnel,
 {
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -240,7 +268,7 @@ async fn tunnel<H, F, U>(
 where
     H: Fn(ConnectRequest) -> F,
     F: Future<Output = Result<U, Refusal>>,
-    U: AsyncRead + AsyncWrite + Unpin,
+    U: Tunnel,
 {
     let status = |code| {
         Response::builder()
@@ -267,11 +295,9 @@ where
         traceparent: header("traceparent").map(str::to_owned),
     };
     match handler(request).await {
-        Ok(mut app) => {
+        Ok(tunnel) => {
             let send = respond.send_response(status(StatusCode::OK), false)?;
-            let mut stream = H2Stream::new(send, req.into_body());
-            tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut app, 64 * 1024, 64 * 1024)
-                .await?;
+            tunnel.run(H2Stream::new(send, req.into_body())).await;
             Ok(())
         }
         Err(r) => {

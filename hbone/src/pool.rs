@@ -22,10 +22,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::connect::{HboneClient, HboneError};
 use crate::stream::H2Stream;
 
-/// Identifies a pool of connections.
+/// Identifies a pool of connections. The source IP is part of it: the connection's TCP
+/// source is the source workload's own IP, which the far side delivers as.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src_identity: String,
+    pub src: IpAddr,
     pub dst_identity: String,
     /// The peer agent's address (`pod ip:15008`).
     pub dst: SocketAddr,

@@ -29,6 +29,7 @@ async fn setup(config: PoolConfig) -> (Arc<Pool<TestDialer>>, PoolKey, SocketAdd
     let (server, _) = hbone_server(&ca, 1, 2).await;
     let key = PoolKey {
         src_identity: FRONTEND.into(),
+        src: "127.0.0.1".parse().unwrap(),
         dst_identity: WEB.into(),
         dst: server,
     };

@@ -87,6 +87,10 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CERT_TTL", default_value = "0s", value_parser = parse_duration)]
     pub cert_ttl: Duration,
 
+    /// Access log: one JSON line per closed connection on standard output (`stdout`), or
+    /// none (`off`).
+    #[arg(long, env = "AMBIT_ACCESS_LOG", default_value = "stdout", value_parser = ["stdout", "off"])]
+    pub access_log: String,
     /// Data-plane worker threads.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,

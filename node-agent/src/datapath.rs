@@ -16,14 +16,18 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
 use ambit_ebpf_common::{
-    ConnKey, CounterKey, Counters, Enrolled, Ipv4Prefix, Ipv6Prefix, OrigDst, maps, programs,
+    AF_INET, AF_INET6, ConnKey, CounterKey, Counters, Enrolled, Ipv4Prefix, Ipv6Prefix, OrigDst,
+    PodIp, maps, programs,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, SockHash};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
@@ -72,6 +76,10 @@ pub struct Datapath {
     enrolled: Mutex<HashMap<MapData, u64, Enrolled>>,
     conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     counters: Mutex<PerCpuHashMap<MapData, CounterKey, Counters>>,
+    inbound_pods: Mutex<HashMap<MapData, PodIp, u32>>,
+    inbound_listeners: Mutex<SockHash<MapData, PodIp>>,
+    /// Holds the loaded `sk_lookup` program, attached to each captured pod's netns.
+    ebpf: Mutex<Ebpf>,
     /// Kept so aya-log records keep flowing (read by [`Datapath::take_logger`]).
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
 }
@@ -126,15 +134,34 @@ impl Datapath {
         };
 
         attach_all(&mut ebpf, &cgroup_file, &link_dir)?;
+        std::fs::create_dir_all(link_dir.join(SK_LOOKUP_LINKS))
+            .map_err(io_err("creating the sk_lookup link directory"))?;
+        {
+            let name = programs::SK_LOOKUP;
+            let p: &mut SkLookup =
+                program(&mut ebpf, name)?
+                    .try_into()
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        source: Box::new(source),
+                    })?;
+            p.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source: Box::new(source),
+            })?;
+        }
 
-        let mut dp = Self {
+        apply_exclusions(&mut ebpf, exclude_cidrs, exclude_ports)?;
+        let dp = Self {
             pin_dir: pin_dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
             conn_orig: Mutex::new(take_map(&mut ebpf, maps::CONN_ORIG)?),
             counters: Mutex::new(take_per_cpu(&mut ebpf, maps::WORKLOAD_COUNTERS)?),
+            inbound_pods: Mutex::new(take_map(&mut ebpf, maps::INBOUND_PODS)?),
+            inbound_listeners: Mutex::new(take_typed(&mut ebpf, maps::INBOUND_LISTENERS)?),
             logger: Mutex::new(logger),
+            ebpf: Mutex::new(ebpf),
         };
-        dp.apply_exclusions(&mut ebpf, exclude_cidrs, exclude_ports)?;
         info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF programs attached");
         Ok(dp)
     }
@@ -143,13 +170,10 @@ impl Datapath {
     pub fn take_logger(&self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.lock().unwrap().take()
     }
+}
 
-    fn apply_exclusions(
-        &mut self,
-        ebpf: &mut Ebpf,
-        cidrs: &[Cidr],
-        ports: &[u16],
-    ) -> Result<(), DatapathError> {
+fn apply_exclusions(ebpf: &mut Ebpf, cidrs: &[Cidr], ports: &[u16]) -> Result<(), DatapathError> {
+    {
         let mut v4: LpmTrie<MapData, Ipv4Prefix, u8> = take_typed(ebpf, maps::EXCLUDE_V4)?;
         let mut v6: LpmTrie<MapData, Ipv6Prefix, u8> = take_typed(ebpf, maps::EXCLUDE_V6)?;
         let mut p: HashMap<MapData, u16, u8> = take_typed(ebpf, maps::EXCLUDE_PORTS)?;
@@ -185,7 +209,9 @@ impl Datapath {
         }
         Ok(())
     }
+}
 
+impl Datapath {
     /// Starts capturing the pod whose network namespace has `netns_cookie`.
     pub fn enroll(&self, netns_cookie: u64, workload_id: u32) -> Result<(), DatapathError> {
         self.enrolled
@@ -268,9 +294,136 @@ impl Datapath {
                 );
             }
         }
+        self.sweep_inbound(&[], &[]);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         info!(pins = %self.pin_dir.display(), "eBPF programs detached");
         Ok(())
+    }
+}
+
+/// Under `<bpffs>/links`: one pinned `sk_lookup` link per captured pod, named by its
+/// netns cookie.
+const SK_LOOKUP_LINKS: &str = "sk_lookup";
+
+/// The `INBOUND_*` key of a pod IP.
+pub fn pod_ip_key(ip: IpAddr) -> PodIp {
+    match ip {
+        IpAddr::V4(a) => PodIp {
+            addr: [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+            family: u32::from(AF_INET),
+        },
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            PodIp {
+                addr: [w(0), w(4), w(8), w(12)],
+                family: u32::from(AF_INET6),
+            }
+        }
+    }
+}
+
+impl Datapath {
+    /// Steers plaintext TCP to `ips` (the pod's) inside `netns` to the pod's plaintext
+    /// listeners (`listeners`: one per family, bound inside the pod). The listeners go into
+    /// the map first, then the IPs, then the program is attached (its link pinned, replacing
+    /// a previous agent's), so nothing is ever steered to a socket that is not there.
+    pub fn capture_inbound(
+        &self,
+        netns: &impl AsFd,
+        netns_cookie: u64,
+        ips: &[IpAddr],
+        listeners: &[(IpAddr, std::os::fd::RawFd)],
+    ) -> Result<(), DatapathError> {
+        let map_err = |map| {
+            move |source| DatapathError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
+        {
+            let mut socks = self.inbound_listeners.lock().unwrap();
+            for (ip, fd) in listeners {
+                socks
+                    .insert(pod_ip_key(*ip), RawFdRef(*fd), 0)
+                    .map_err(map_err(maps::INBOUND_LISTENERS))?;
+            }
+            let mut pods = self.inbound_pods.lock().unwrap();
+            for ip in ips {
+                pods.insert(pod_ip_key(*ip), 0, 0)
+                    .map_err(map_err(maps::INBOUND_PODS))?;
+            }
+        }
+        let name = programs::SK_LOOKUP;
+        let prog_err = |source| DatapathError::Program {
+            program: name,
+            source: Box::new(source),
+        };
+        let link: FdLink = {
+            let mut ebpf = self.ebpf.lock().unwrap();
+            let p: &mut SkLookup = program(&mut ebpf, name)?.try_into().map_err(prog_err)?;
+            let id = p.attach(netns).map_err(prog_err)?;
+            p.take_link(id).map_err(prog_err)?.into()
+        };
+        pin_replacing(link, &self.sk_lookup_pin(netns_cookie))
+    }
+
+    /// Stops steering the pod's inbound plaintext: detaches its program and forgets its
+    /// IPs. Its listeners leave the map when they close.
+    pub fn release_inbound(&self, netns_cookie: u64, ips: &[IpAddr]) {
+        unpin_link(&self.sk_lookup_pin(netns_cookie));
+        let mut pods = self.inbound_pods.lock().unwrap();
+        for ip in ips {
+            let _ = pods.remove(&pod_ip_key(*ip));
+        }
+    }
+
+    /// Removes pinned inbound links and IPs of pods not in `keep` (netns cookies, IPs):
+    /// what a previous agent captured for pods that are gone.
+    pub fn sweep_inbound(&self, keep_cookies: &[u64], keep_ips: &[IpAddr]) {
+        let dir = self.pin_dir.join("links").join(SK_LOOKUP_LINKS);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let cookie = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+                if cookie.is_none_or(|c| !keep_cookies.contains(&c)) {
+                    unpin_link(&e.path());
+                    info!(link = %e.path().display(), "removed a stale inbound capture");
+                }
+            }
+        }
+        let keep: Vec<PodIp> = keep_ips.iter().map(|ip| pod_ip_key(*ip)).collect();
+        let mut pods = self.inbound_pods.lock().unwrap();
+        for k in pods.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+            if !keep.contains(&k) {
+                let _ = pods.remove(&k);
+            }
+        }
+    }
+
+    fn sk_lookup_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(SK_LOOKUP_LINKS)
+            .join(netns_cookie.to_string())
+    }
+}
+
+/// Detaches the link pinned at `path` (if any) by removing its last reference.
+fn unpin_link(path: &Path) {
+    if let Ok(link) = PinnedLink::from_pin(path) {
+        match link.unpin() {
+            Ok(fd) => drop(fd),
+            Err(e) => warn!(link = %path.display(), "could not unpin: {e}"),
+        }
+    }
+}
+
+/// A borrowed raw fd, for aya's `SockHash::insert` (which only reads it).
+struct RawFdRef(std::os::fd::RawFd);
+
+impl AsRawFd for RawFdRef {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
     }
 }
 

@@ -7,7 +7,7 @@
 //! no `setns` at all.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -20,6 +20,9 @@ struct Job {
     netns: Arc<Netns>,
     netns_cookie: u64,
     domain: Domain,
+    /// Deliver as this address (`IP_TRANSPARENT`, marked with
+    /// [`crate::podnet::DELIVERY_MARK`]).
+    source: Option<IpAddr>,
     reply: oneshot::Sender<io::Result<Socket>>,
 }
 
@@ -50,6 +53,9 @@ impl NetnsDialer {
                             Some(Protocol::TCP),
                         )?;
                         s.set_tcp_nodelay(true)?;
+                        if let Some(ip) = job.source {
+                            transparent(&s, ip)?;
+                        }
                         Ok(s)
                     })();
                     let _ = job.reply.send(result);
@@ -66,6 +72,19 @@ impl NetnsDialer {
         netns_cookie: u64,
         dst: SocketAddr,
     ) -> io::Result<TcpStream> {
+        self.connect_as(netns, netns_cookie, dst, None).await
+    }
+
+    /// Like [`NetnsDialer::connect`], but with `source` (if set) as the connection's source
+    /// address: how the agent delivers an inbound connection to the application with the
+    /// caller's IP. The pod needs [`crate::podnet::prepare_delivery`] for the replies.
+    pub async fn connect_as(
+        &self,
+        netns: &Arc<Netns>,
+        netns_cookie: u64,
+        dst: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<TcpStream> {
         let (reply, rx) = oneshot::channel();
         let domain = if dst.is_ipv4() {
             Domain::IPV4
@@ -77,6 +96,7 @@ impl NetnsDialer {
                 netns: netns.clone(),
                 netns_cookie,
                 domain,
+                source,
                 reply,
             })
             .map_err(|_| io::Error::other("netns dialer thread is gone"))?;
@@ -86,4 +106,33 @@ impl NetnsDialer {
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
         socket.connect(dst).await
     }
+}
+
+/// Binds `s` to `ip` (any port), which need not be local, and marks it so that the
+/// application's replies come back to it (see [`crate::podnet`]).
+fn transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
+    match ip {
+        IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+        IpAddr::V6(_) => {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt reads an int from a valid pointer of the given length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(s),
+                    libc::SOL_IPV6,
+                    libc::IPV6_TRANSPARENT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    s.set_mark(crate::podnet::DELIVERY_MARK)?;
+    // Through loopback: the kernel then reports loopback as the arriving interface, which
+    // is how the sk_lookup program tells this delivery from traffic to steer.
+    s.bind_device(Some(b"lo"))?;
+    s.bind(&SocketAddr::new(ip, 0).into())
 }

@@ -135,6 +135,8 @@ impl Agent {
     fn stop_capture(&self, uid: &str) {
         if let Some(pod) = self.pods.get(uid) {
             self.datapath.unenroll(pod.netns_cookie);
+            self.datapath
+                .release_inbound(pod.netns_cookie, &pod.spec.ips);
             self.pods.remove(uid);
             info!(uid, "pod released: no longer captured");
         }
@@ -198,6 +200,10 @@ impl Agent {
                 info!(cookie, "removed a stale kernel enrollment");
             }
         }
+        let kept_pods = self.pods.all();
+        let cookies: Vec<u64> = kept_pods.iter().map(|p| p.netns_cookie).collect();
+        let ips: Vec<_> = kept_pods.iter().flat_map(|p| p.spec.ips.clone()).collect();
+        self.datapath.sweep_inbound(&cookies, &ips);
         self.pods.save()
     }
 
@@ -225,6 +231,21 @@ impl Agent {
                 uid: spec.uid.clone(),
                 source,
             })?;
+        // Inbound capture needs identities, so only with a control plane.
+        let inbound = if self.xds_driven() {
+            let ips = spec.ips.clone();
+            Some(
+                netns
+                    .run(move || crate::inbound::open_listeners(&ips))
+                    .and_then(|r| r)
+                    .map_err(|source| EnrollmentError::Listener {
+                        uid: spec.uid.clone(),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
         let workload_id = workload_id.unwrap_or_else(|| self.pods.allocate_workload_id());
         let pod = Arc::new(Pod {
             labels: WorkloadLabels {
@@ -236,26 +257,73 @@ impl Agent {
             netns_cookie,
             netns: Arc::new(netns),
         });
-        let tasks = {
-            let _rt = self.data_plane.enter();
-            let mut tasks = Vec::new();
-            for l in listeners {
-                let l = tokio::net::TcpListener::from_std(l).map_err(|source| {
-                    EnrollmentError::Listener {
-                        uid: pod.spec.uid.clone(),
-                        source,
-                    }
-                })?;
-                tasks.push(self.data_plane.spawn(crate::outbound::serve(
-                    self.clone(),
-                    pod.clone(),
-                    l,
-                )));
-            }
-            tasks
+        let listener_err = |source| EnrollmentError::Listener {
+            uid: pod.spec.uid.clone(),
+            source,
         };
-        // Listeners first, then capture (see the module docs).
-        if let Err(e) = self.datapath.enroll(netns_cookie, workload_id) {
+        let mut tasks = Vec::new();
+        let mut steer_to = Vec::new();
+        {
+            let _rt = self.data_plane.enter();
+            let abort = |tasks: &Vec<tokio::task::JoinHandle<()>>| {
+                tasks.iter().for_each(|t| t.abort());
+            };
+            let spawn_all = || -> Result<(), EnrollmentError> {
+                for l in listeners {
+                    let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
+                    tasks.push(self.data_plane.spawn(crate::outbound::serve(
+                        self.clone(),
+                        pod.clone(),
+                        l,
+                    )));
+                }
+                if let Some(inbound) = inbound {
+                    for l in inbound.hbone {
+                        let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
+                        tasks.push(self.data_plane.spawn(crate::inbound::serve_hbone(
+                            self.clone(),
+                            pod.clone(),
+                            l,
+                        )));
+                    }
+                    for (ip, l) in inbound.plaintext {
+                        use std::os::fd::AsRawFd;
+                        steer_to.push((ip, l.as_raw_fd()));
+                        let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
+                        tasks.push(self.data_plane.spawn(crate::inbound::serve_plaintext(
+                            self.clone(),
+                            pod.clone(),
+                            l,
+                        )));
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = spawn_all() {
+                abort(&tasks);
+                return Err(e);
+            }
+        }
+        // Listeners first, then capture (see the module docs). The listener tasks own the
+        // sockets whose fds `steer_to` names; they are alive until aborted.
+        let captured = self
+            .datapath
+            .enroll(netns_cookie, workload_id)
+            .and_then(|()| {
+                if steer_to.is_empty() {
+                    Ok(())
+                } else {
+                    self.datapath.capture_inbound(
+                        &*pod.netns,
+                        netns_cookie,
+                        &pod.spec.ips,
+                        &steer_to,
+                    )
+                }
+            });
+        if let Err(e) = captured {
+            self.datapath.unenroll(netns_cookie);
+            self.datapath.release_inbound(netns_cookie, &pod.spec.ips);
             tasks.iter().for_each(|t| t.abort());
             return Err(e.into());
         }

@@ -66,6 +66,8 @@ pub struct Certificates {
     certs: RwLock<BTreeMap<String, Arc<WorkloadCert>>>,
     pub issued: AtomicU64,
     pub failures: AtomicU64,
+    /// Woken when a certificate is stored.
+    stored: tokio::sync::Notify,
 }
 
 impl Certificates {
@@ -75,6 +77,34 @@ impl Certificates {
 
     pub fn all(&self) -> Vec<Arc<WorkloadCert>> {
         self.certs.read().unwrap().values().cloned().collect()
+    }
+
+    /// The certificate for `identity`, waiting up to `timeout` for one to arrive (a pod's
+    /// first connection can race its first certificate).
+    pub async fn wait_for(
+        &self,
+        identity: &str,
+        timeout: std::time::Duration,
+    ) -> Option<Arc<WorkloadCert>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let stored = self.stored.notified();
+            if let Some(c) = self.get(identity) {
+                return Some(c);
+            }
+            if tokio::time::timeout_at(deadline, stored).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Stores (or replaces) the certificate for its identity.
+    pub fn insert(&self, cert: WorkloadCert) {
+        self.certs
+            .write()
+            .unwrap()
+            .insert(cert.identity.clone(), Arc::new(cert));
+        self.stored.notify_waiters();
     }
 }
 
@@ -117,11 +147,7 @@ pub async fn run(config: CaClientConfig, store: Arc<Store>, certs: Arc<Certifica
             match request(&config, id).await {
                 Ok(cert) => {
                     info!(identity = %id, serial = %cert.serial, not_after = cert.not_after, "workload certificate issued");
-                    certs
-                        .certs
-                        .write()
-                        .unwrap()
-                        .insert(id.clone(), Arc::new(cert));
+                    certs.insert(cert);
                     certs.issued.fetch_add(1, Ordering::Relaxed);
                     retry.remove(id);
                 }

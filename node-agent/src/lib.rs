@@ -19,9 +19,14 @@ pub mod datapath;
 pub mod dialer;
 pub mod enroll_server;
 pub mod enrollment;
+pub mod flow;
 pub mod identity;
+pub mod inbound;
+pub mod lb;
 pub mod metrics;
+pub mod mtls;
 pub mod outbound;
+pub mod podnet;
 pub mod pods;
 pub mod rbac;
 pub mod store;
@@ -46,13 +51,21 @@ pub struct Agent {
     pub config: Config,
     pub datapath: Arc<Datapath>,
     pub pods: Arc<PodRegistry>,
-    pub dialer: NetnsDialer,
+    pub dialer: Arc<NetnsDialer>,
     pub metrics: Metrics,
     pub recent: RecentConnections,
     /// True once the programs are attached and enrolled pods are taken over.
     pub ready: AtomicBool,
     /// Workload certificates for local identities.
     pub certs: Arc<identity::Certificates>,
+    /// TLS configurations built from `certs`.
+    pub tls: Arc<mtls::TlsConfigs>,
+    /// HBONE connections to other agents.
+    pub pool: Arc<ambit_hbone::pool::Pool<mtls::HboneDialer>>,
+    /// Authorized inbound connections (closed when policy changes to deny them).
+    pub conns: flow::ConnTracker,
+    pub access_log: flow::AccessLog,
+    pub lb: lb::LoadBalancer,
     /// What the control plane says (empty without one).
     pub store: Arc<store::Store>,
     /// The xDS client's state (never connected without a control plane).
@@ -102,12 +115,36 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     )?);
     let pods = Arc::new(PodRegistry::new(&config.state_dir));
     let xds = Arc::new(ambit_xds::client::XdsStatus::default());
+    let metrics = Metrics::new(datapath.clone(), pods.clone(), xds.clone());
+    let certs: Arc<identity::Certificates> = Arc::default();
+    let tls = Arc::new(mtls::TlsConfigs::new(certs.clone()));
+    let dialer = Arc::new(NetnsDialer::start().context("starting the netns dialer")?);
+    let pool = {
+        let _rt = data_plane.enter();
+        let pool = ambit_hbone::pool::Pool::new(
+            mtls::HboneDialer {
+                pods: pods.clone(),
+                dialer: dialer.clone(),
+                tls: tls.clone(),
+                timeout: config.connect_timeout,
+                dials: metrics.hbone_dials.clone(),
+            },
+            ambit_hbone::pool::PoolConfig::default(),
+        );
+        pool.reap_periodically();
+        pool
+    };
     let agent = Arc::new(Agent {
-        metrics: Metrics::new(datapath.clone(), pods.clone(), xds.clone()),
+        metrics,
         store: Arc::default(),
-        certs: Arc::default(),
+        certs,
+        tls,
+        pool,
+        conns: flow::ConnTracker::default(),
+        access_log: flow::AccessLog::new(config.access_log == "stdout"),
+        lb: lb::LoadBalancer::default(),
         xds,
-        dialer: NetnsDialer::start().context("starting the netns dialer")?,
+        dialer,
         recent: RecentConnections::default(),
         ready: AtomicBool::new(false),
         enroll_lock: Mutex::new(()),
@@ -222,6 +259,11 @@ fn start_xds(agent: &Arc<Agent>) -> Option<ambit_xds::client::XdsClient> {
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
             agent.reconcile_soon();
+            // A policy change applies to open connections too.
+            let closed = agent.conns.revalidate(&agent.store.snapshot());
+            if closed > 0 {
+                info!(closed, "closing connections the new policy denies");
+            }
         }
     });
     Some(client)

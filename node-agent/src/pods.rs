@@ -140,6 +140,28 @@ impl PodRegistry {
             .map(|e| e.pod.clone())
     }
 
+    /// The captured pod with this IP, if any.
+    pub fn by_ip(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .find(|e| e.pod.spec.ips.contains(&ip))
+            .map(|e| e.pod.clone())
+    }
+
+    /// Every captured pod.
+    pub fn all(&self) -> Vec<Arc<Pod>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .pods
+            .values()
+            .map(|e| e.pod.clone())
+            .collect()
+    }
+
     pub fn insert(&self, pod: Arc<Pod>, listeners: Vec<JoinHandle<()>>) {
         let uid = pod.spec.uid.clone();
         self.inner

@@ -5,7 +5,7 @@
 //! response before applying any of it, so a bad resource NACKs the response and the
 //! store keeps its previous state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -31,6 +31,18 @@ pub struct Workload {
     pub waypoint: Option<String>,
     pub identity: String,
     pub labels: BTreeMap<String, String>,
+    /// How plaintext inbound connections to it are treated.
+    pub mtls: MtlsMode,
+}
+
+/// How plaintext (non-HBONE) inbound connections to an enrolled workload are treated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// Refused.
+    #[default]
+    Strict,
+    /// Accepted; authorization sees only the source IP.
+    Permissive,
 }
 
 /// A service.
@@ -97,6 +109,38 @@ pub struct Mesh {
     pub workloads: BTreeMap<String, Workload>,
     pub services: BTreeMap<String, Service>,
     pub authorizations: BTreeMap<String, Authorization>,
+    /// Workload IP → uid.
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, String>,
+    /// Service VIP → service name.
+    #[serde(skip)]
+    by_vip: HashMap<IpAddr, String>,
+}
+
+impl Mesh {
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.get(self.by_ip.get(&ip)?)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.services.get(self.by_vip.get(&ip)?)
+    }
+
+    fn index_workloads(&mut self) {
+        self.by_ip = self
+            .workloads
+            .values()
+            .flat_map(|w| w.ips.iter().map(|ip| (*ip, w.uid.clone())))
+            .collect();
+    }
+
+    fn index_services(&mut self) {
+        self.by_vip = self
+            .services
+            .iter()
+            .flat_map(|(name, s)| s.vips.iter().map(move |ip| (*ip, name.clone())))
+            .collect();
+    }
 }
 
 /// Shared, versioned store: readers take a cheap snapshot; every applied update bumps
@@ -129,6 +173,11 @@ impl Store {
             .workloads
             .get(uid)
             .is_some_and(|w| w.enrolled)
+    }
+
+    /// The workload with this uid.
+    pub fn workload(&self, uid: &str) -> Option<Workload> {
+        self.mesh.read().unwrap().workloads.get(uid).cloned()
     }
 
     /// Bumped after every applied update.
@@ -167,11 +216,17 @@ impl Handler for StoreHandler {
                         w.labels = BTreeMap::new();
                     }
                 }
-                self.store.update(|m| put(&mut m.workloads, d, removed));
+                self.store.update(|m| {
+                    put(&mut m.workloads, d, removed);
+                    m.index_workloads();
+                });
             }
             type_url::SERVICE => {
                 let d = decode_all(updated, decode_service)?;
-                self.store.update(|m| put(&mut m.services, d, removed));
+                self.store.update(|m| {
+                    put(&mut m.services, d, removed);
+                    m.index_services();
+                });
             }
             type_url::AUTHORIZATION => {
                 let d = decode_all(updated, decode_authorization)?;
@@ -253,6 +308,11 @@ fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, String> {
         service_account: w.service_account,
         enrolled: w.enrolled,
         waypoint: Some(w.waypoint).filter(|s| !s.is_empty()),
+        mtls: match ambit::MtlsMode::try_from(w.mtls) {
+            Ok(ambit::MtlsMode::Strict) => MtlsMode::Strict,
+            Ok(ambit::MtlsMode::Permissive) => MtlsMode::Permissive,
+            Err(_) => return Err(format!("unknown mTLS mode {}", w.mtls)),
+        },
         identity: w.identity,
         labels: w.labels.into_iter().collect(),
     })

@@ -323,8 +323,8 @@ impl Cluster {
         y.push_str("workloads:\n");
         for p in self.nodes.iter().flat_map(|n| &n.pods) {
             y.push_str(&format!(
-                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {}, ips: [{}, {}]}}\n",
-                p.uid, p.name, p.node, p.name, p.ip4, p.ip6
+                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {}, ips: [{}, {}], labels: {{app: {}}}}}\n",
+                p.uid, p.name, p.node, p.name, p.ip4, p.ip6, p.name
             ));
         }
         y
@@ -640,6 +640,22 @@ impl Cluster {
 }
 
 /// The value of a metric line `name{labels..}` whose labels contain all of `want`.
+/// The sum of every series of `name` whose labels include `want` (0 if none).
+pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 pub fn metric_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;

@@ -19,6 +19,7 @@
 
 pub mod cluster;
 pub mod process;
+pub mod sniff;
 
 pub use cluster::{Cluster, ClusterSpec, Node, Pod};
 pub use process::PodProcess;

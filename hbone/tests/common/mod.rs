@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use ambit_hbone::connect::{ConnectRequest, HboneClient, Refusal, serve};
+use ambit_hbone::connect::{ConnectRequest, HboneClient, Pipe, Refusal, serve};
 use ambit_hbone::tls::{MeshRoots, WorkloadKey, client_config, server_config};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -111,6 +111,7 @@ pub async fn hbone_server(
                             p if p == unreachable => Err(Refusal::Unreachable),
                             _ => TcpStream::connect(req.authority)
                                 .await
+                                .map(Pipe)
                                 .map_err(|_| Refusal::Unreachable),
                         }
                     }
