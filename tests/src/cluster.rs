@@ -293,6 +293,11 @@ impl Cluster {
         PathBuf::from(format!("/tmp/{}-cp", self.prefix))
     }
 
+    /// The control plane's CA directory (`root-cert.pem`, `root-key.pem`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.cp_state_dir().join("ca")
+    }
+
     /// Where the control plane keeps node credentials (`<node>.token`).
     pub fn node_tokens_dir(&self) -> PathBuf {
         self.cp_state_dir().join("node-tokens")
@@ -352,7 +357,7 @@ impl Cluster {
             .arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
             .arg("--file-poll-ms=20")
             .arg("--ca-dir")
-            .arg(self.cp_state_dir().join("ca"))
+            .arg(self.ca_dir())
             .arg("--node-tokens-dir")
             .arg(self.node_tokens_dir())
             .stdin(Stdio::null())

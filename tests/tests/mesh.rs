@@ -23,18 +23,28 @@ const VIP: &str = "10.96.0.10:80";
 /// `extra` (services, policies) is appended to the mesh file, pods on node 2 carry
 /// `tier: web`. Returns once every pod is captured and has its certificate.
 fn mesh(extra: &str) -> Cluster {
+    mesh_with(&[], &[], extra)
+}
+
+/// Like [`mesh`], with more flags for the agents, and with `opt_out` (pod names) labelled
+/// out of the mesh.
+fn mesh_with(agent_args: &[&str], opt_out: &[&str], extra: &str) -> Cluster {
+    let mut args: Vec<String> = agent_args.iter().map(|s| s.to_string()).collect();
+    args.extend(
+        std::env::var("AMBIT_TEST_AGENT_LOG")
+            .map(|l| format!("--log={l}"))
+            .ok(),
+    );
     let c = Cluster::new(ClusterSpec {
         control_plane: true,
-        agent_args: std::env::var("AMBIT_TEST_AGENT_LOG")
-            .map(|l| vec![format!("--log={l}")])
-            .unwrap_or_default(),
+        agent_args: args,
         ..Default::default()
     })
     .unwrap();
     for p in c.nodes.iter().flat_map(|n| &n.pods) {
         c.enroll(p).unwrap();
     }
-    c.write_mesh(&mesh_yaml(&c, extra)).unwrap();
+    c.write_mesh(&mesh_yaml(&c, opt_out, extra)).unwrap();
     wait_until(
         "pods captured with certificates",
         Duration::from_secs(20),
@@ -42,18 +52,29 @@ fn mesh(extra: &str) -> Cluster {
             c.nodes.iter().all(|n| {
                 let dump = c.config_dump(n.index).unwrap();
                 let pods = dump["pods"].as_array().unwrap();
-                pods.iter().all(|p| p["captured"] == true)
-                    && dump["certificates"].as_array().unwrap().len() == pods.len()
+                let want = pods
+                    .iter()
+                    .filter(|p| !opt_out.contains(&p["name"].as_str().unwrap()))
+                    .count();
+                let captured = pods.iter().filter(|p| p["captured"] == true).count();
+                captured == want && dump["certificates"].as_array().unwrap().len() >= want
             })
         },
     );
     c
 }
 
-fn mesh_yaml(c: &Cluster, extra: &str) -> String {
-    c.mesh_yaml(true)
-        .replace("labels: {app: pod-2-", "labels: {tier: web, app: pod-2-")
-        + extra
+fn mesh_yaml(c: &Cluster, opt_out: &[&str], extra: &str) -> String {
+    let mut y = c
+        .mesh_yaml(true)
+        .replace("labels: {app: pod-2-", "labels: {tier: web, app: pod-2-");
+    for name in opt_out {
+        y = y.replace(
+            &format!("labels: {{app: {name}}}"),
+            &format!("labels: {{app: {name}, ambit.dev/dataplane: none}}"),
+        );
+    }
+    y + extra
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -178,4 +199,328 @@ fn cross_node_traffic_is_tunnelled_and_the_app_sees_the_callers_ip() {
     assert!(ok, "{r:#?}");
     let wire = cap.stop().unwrap();
     assert!(contains(&wire, b"peer=") && contains(&wire, &pattern));
+}
+
+#[test]
+fn same_node_traffic_is_tunnelled_with_identity_and_policy() {
+    let c = mesh("");
+    let (from, to) = (c.pod(1, 0), c.pod(1, 1));
+    let _srv = serve_8080(&c, to);
+    let (ok, r) = echo(&c, from, &format!("{}:8080", to.ip4), 3, 10_000);
+    assert!(ok, "{r:#?}");
+    assert!(r.iter().all(|rep| peer_ip(rep) == from.ip4.to_string()));
+    let principal = format!("spiffe://cluster.local/ns/default/sa/{}", from.name);
+    let dst = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", principal.as_str()),
+        ("destination_workload", to.name.as_str()),
+    ];
+    assert_eq!(
+        metric(&c, 1, "istio_tcp_connections_opened_total", &dst),
+        3.0
+    );
+}
+
+// ---- identities ----
+
+mod pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+
+    pub struct Ca {
+        pub issuer: Issuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    /// The mesh's own root, read from the control plane's CA directory.
+    pub fn mesh_root(dir: &std::path::Path) -> Ca {
+        let pem = std::fs::read_to_string(dir.join("root-cert.pem")).unwrap();
+        let key = std::fs::read_to_string(dir.join("root-key.pem")).unwrap();
+        Ca {
+            issuer: Issuer::from_ca_cert_pem(&pem, KeyPair::from_pem(&key).unwrap()).unwrap(),
+            pem,
+        }
+    }
+
+    /// Another root with the same name as the mesh's.
+    pub fn impostor_root() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Ambit root CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = p.self_signed(&key).unwrap().pem();
+        Ca {
+            issuer: Issuer::from_ca_cert_pem(&pem, key).unwrap(),
+            pem,
+        }
+    }
+
+    /// (chain PEMs, key PEM) for `id`, as Ambit's CA issues them.
+    pub fn leaf(ca: &Ca, id: &str) -> (Vec<String>, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.is_ca = IsCa::ExplicitNoCa;
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        (vec![cert.pem(), ca.pem.clone()], key.serialize_pem())
+    }
+}
+
+/// Runs `f` on a tokio runtime whose sockets are created inside `netns`.
+fn in_netns<T: Send + 'static>(
+    netns: std::path::PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        ambit_mesh::netns::Netns::open(&netns)
+            .unwrap()
+            .enter()
+            .unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Connects to `addr` from node `n`'s namespace (outside every pod), presenting `client`
+/// and expecting the server to be `server_id`; opens one CONNECT to `authority`.
+fn hbone_probe(
+    c: &Cluster,
+    n: usize,
+    addr: std::net::SocketAddr,
+    client: (Vec<String>, String),
+    server_id: &str,
+    authority: std::net::SocketAddr,
+) -> Result<(), String> {
+    use ambit_hbone::tls::{MeshRoots, WorkloadKey};
+    let roots = MeshRoots::from_pem(&pki::mesh_root(&c.ca_dir()).pem).unwrap();
+    let server_id = server_id.to_owned();
+    in_netns(c.node(n).netns_path(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (chain, key) = client;
+            let config = ambit_hbone::tls::client_config(
+                &WorkloadKey::from_pem(&chain, &key).unwrap(),
+                &roots,
+                [server_id],
+            )
+            .unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            let client = ambit_hbone::connect::HboneClient::handshake(tls)
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+            let mut s = client
+                .connect(authority, "172.18.0.1".parse().unwrap(), "00-0-0-00")
+                .await
+                .map_err(|e| e.to_string())?;
+            use tokio::io::AsyncReadExt;
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).await.map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    })
+}
+
+/// A fake HBONE server in a namespace: presents the given certificate, requires clients
+/// of the mesh, counts completed handshakes, answers every CONNECT with 503.
+struct FakeServer {
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeServer {
+    fn start(
+        netns: std::path::PathBuf,
+        addr: std::net::SocketAddr,
+        cert: (Vec<String>, String),
+        mesh_root_pem: String,
+    ) -> Self {
+        use ambit_hbone::connect::{Pipe, Refusal};
+        use ambit_hbone::tls::{MeshRoots, WorkloadKey};
+        let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let count = handshakes.clone();
+        let thread = std::thread::spawn(move || {
+            ambit_mesh::netns::Netns::open(&netns)
+                .unwrap()
+                .enter()
+                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+                ready_tx.send(()).unwrap();
+                let config = ambit_hbone::tls::server_config(
+                    &WorkloadKey::from_pem(&cert.0, &cert.1).unwrap(),
+                    &MeshRoots::from_pem(&mesh_root_pem).unwrap(),
+                    "cluster.local",
+                )
+                .unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let serve = async {
+                    loop {
+                        let Ok((tcp, _)) = l.accept().await else {
+                            return;
+                        };
+                        let (acceptor, count) = (acceptor.clone(), count.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let _ = ambit_hbone::connect::serve(tls, |_| async {
+                                Err::<Pipe<tokio::net::TcpStream>, _>(Refusal::Unreachable)
+                            })
+                            .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        ready_rx.recv().unwrap();
+        Self {
+            handshakes,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn handshakes(&self) -> usize {
+        self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+    }
+}
+
+#[test]
+fn a_foreign_root_or_the_wrong_identity_is_refused_as_client_and_as_server() {
+    // "ghost": an enrolled workload whose IP is node 2's own address, where this test runs
+    // fake HBONE servers (no agent serves there).
+    let ghost = "  - {uid: ghost, name: ghost, namespace: default, node: node-2, serviceAccount: ghost, ips: [172.18.0.2]}\n";
+    let c = mesh("");
+    c.write_mesh(
+        &mesh_yaml(&c, &[], "")
+            .replace("services:", "")
+            .replace("workloads:\n", &format!("workloads:\n{ghost}")),
+    )
+    .unwrap();
+    wait_until("ghost known", Duration::from_secs(10), || {
+        c.config_dump(1).unwrap()["mesh"]["workloads"]["ghost"].is_object()
+    });
+    let mesh_ca = pki::mesh_root(&c.ca_dir());
+    let impostor = pki::impostor_root();
+    let (from, to) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let id = |name: &str| format!("spiffe://cluster.local/ns/default/sa/{name}");
+    let hbone = std::net::SocketAddr::new(to.ip4.into(), 15008);
+    let app = std::net::SocketAddr::new(to.ip4.into(), 8080);
+
+    // As a server, the agent accepts a client of the mesh root...
+    hbone_probe(
+        &c,
+        1,
+        hbone,
+        pki::leaf(&mesh_ca, &id(&from.name)),
+        &id(&to.name),
+        app,
+    )
+    .expect("a mesh client is accepted");
+    // ...and refuses the same identity from another root.
+    let err = hbone_probe(
+        &c,
+        1,
+        hbone,
+        pki::leaf(&impostor, &id(&from.name)),
+        &id(&to.name),
+        app,
+    )
+    .unwrap_err();
+    eprintln!("foreign-root client: {err}");
+    // A client expecting another identity refuses the agent's (valid) certificate.
+    let err = hbone_probe(
+        &c,
+        1,
+        hbone,
+        pki::leaf(&mesh_ca, &id(&from.name)),
+        &id("someone-else"),
+        app,
+    )
+    .unwrap_err();
+    assert!(err.contains("TLS") || err.contains("h2"), "{err}");
+
+    // As a client, the agent refuses a server with the wrong identity or root.
+    let ghost_hbone: std::net::SocketAddr = "172.18.0.2:15008".parse().unwrap();
+    let node2 = c.node(2).netns_path();
+    let dial = || echo(&c, from, "172.18.0.2:8080", 1, 10).0;
+    for (what, cert) in [
+        (
+            "a mesh certificate of another identity",
+            pki::leaf(&mesh_ca, &id("not-ghost")),
+        ),
+        (
+            "the right identity from another root",
+            pki::leaf(&impostor, &id("ghost")),
+        ),
+    ] {
+        let fake = FakeServer::start(node2.clone(), ghost_hbone, cert, mesh_ca.pem.clone());
+        assert!(!dial(), "the agent tunnelled to a server presenting {what}");
+        assert_eq!(fake.handshakes(), 0, "{what}: handshake completed");
+    }
+    // The same fake server with the right identity completes the handshake (and answers
+    // 503), so the refusals above were the identity checks.
+    let fake = FakeServer::start(
+        node2,
+        ghost_hbone,
+        pki::leaf(&mesh_ca, &id("ghost")),
+        mesh_ca.pem.clone(),
+    );
+    assert!(!dial());
+    assert_eq!(fake.handshakes(), 1);
+    let failures = |reason| {
+        metric(
+            &c,
+            1,
+            "ambit_outbound_failures_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(failures("hbone_error"), 2.0);
+    assert_eq!(failures("upstream_unreachable"), 1.0);
 }

@@ -104,6 +104,7 @@ struct ConnReport {
 }
 
 fn main() -> std::process::ExitCode {
+    raise_fd_limit();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -413,6 +414,12 @@ async fn rr(target: SocketAddr, count: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         s.write_all(&[i as u8]).await?;
         s.read_exact(&mut b).await?;
+        anyhow::ensure!(
+            b[0] == i as u8,
+            "round trip {i}: echoed {} not {}",
+            b[0],
+            i as u8
+        );
         if i >= count / 10 {
             lat.push(t.elapsed().as_nanos() as u64); // the first tenth warms up
         }
@@ -487,4 +494,19 @@ async fn cps(target: SocketAddr, count: usize, seconds: f64) -> anyhow::Result<(
         serde_json::json!({"conns_per_s": done as f64 / secs, "count": done})
     );
     Ok(())
+}
+
+/// Thousands of concurrent connections need more than the default 1024 descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
