@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Ordered maps: a resource's bytes (and so its content version) must not depend on
+        // hash order, or identical resources would look changed and be resent.
+        .btree_map(".")
         .compile_fds(fds)?;
     Ok(())
 }

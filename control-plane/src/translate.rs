@@ -4,9 +4,9 @@
 //! content-derived version (so an unchanged resource keeps its version across model
 //! changes and is never resent). [`Snapshot::resources`] then picks what one node agent
 //! needs:
-//! - workloads on that node (enrolled or not), plus enrolled workloads elsewhere (they
-//!   are the destinations its pods may tunnel to); non-enrolled remote workloads are
-//!   plain passthrough destinations and not sent;
+//! - every workload: enrolled ones are the destinations its pods tunnel to; the others
+//!   are service endpoints it dials directly, and the sources it names in telemetry and
+//!   matches in IP policies (PERMISSIVE plaintext);
 //! - every service (any pod may dial any VIP);
 //! - the authorization policies that select a workload on that node (the destination's
 //!   agent enforces them).
@@ -40,15 +40,9 @@ pub type ResourceMap = BTreeMap<&'static str, BTreeMap<String, Arc<VersionedReso
 #[derive(Debug, Default)]
 pub struct Snapshot {
     version: String,
-    workloads: BTreeMap<String, (Arc<VersionedResource>, WorkloadScope)>,
+    workloads: BTreeMap<String, Arc<VersionedResource>>,
     services: BTreeMap<String, Arc<VersionedResource>>,
     policies: BTreeMap<String, (Arc<VersionedResource>, BTreeSet<String>)>,
-}
-
-#[derive(Debug)]
-struct WorkloadScope {
-    node: String,
-    enrolled: bool,
 }
 
 impl Snapshot {
@@ -71,14 +65,8 @@ impl Snapshot {
                     crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
                 } as i32,
             };
-            let scope = WorkloadScope {
-                node: w.node.clone(),
-                enrolled: w.enrolled,
-            };
-            s.workloads.insert(
-                w.uid.clone(),
-                (encode(type_url::WORKLOAD, &w.uid, &r), scope),
-            );
+            s.workloads
+                .insert(w.uid.clone(), encode(type_url::WORKLOAD, &w.uid, &r));
         }
         for svc in m.services.values() {
             let name = format!("{}/{}", svc.namespace, svc.name);
@@ -135,12 +123,7 @@ impl Snapshot {
         type_url: &str,
     ) -> Box<dyn Iterator<Item = &'a Arc<VersionedResource>> + 'a> {
         match type_url {
-            type_url::WORKLOAD => Box::new(
-                self.workloads
-                    .values()
-                    .filter(move |(_, sc)| sc.node == node || sc.enrolled)
-                    .map(|(r, _)| r),
-            ),
+            type_url::WORKLOAD => Box::new(self.workloads.values()),
             type_url::SERVICE => Box::new(self.services.values()),
             type_url::AUTHORIZATION => Box::new(
                 self.policies
@@ -155,11 +138,7 @@ impl Snapshot {
     /// One resource, if `node` is sent it.
     pub fn get(&self, node: &str, type_url: &str, name: &str) -> Option<&Arc<VersionedResource>> {
         match type_url {
-            type_url::WORKLOAD => self
-                .workloads
-                .get(name)
-                .filter(|(_, sc)| sc.node == node || sc.enrolled)
-                .map(|(r, _)| r),
+            type_url::WORKLOAD => self.workloads.get(name),
             type_url::SERVICE => self.services.get(name),
             type_url::AUTHORIZATION => self
                 .policies
@@ -178,8 +157,7 @@ impl Snapshot {
             type_url::WORKLOAD,
             self.workloads
                 .iter()
-                .filter(|(_, (_, sc))| sc.node == node || sc.enrolled)
-                .map(|(k, (r, _))| (k.clone(), r.clone()))
+                .map(|(k, r)| (k.clone(), r.clone()))
                 .collect(),
         );
         out.insert(type_url::SERVICE, self.services.clone());
@@ -284,12 +262,20 @@ mod tests {
     }
 
     #[test]
-    fn nodes_get_their_own_workloads_and_enrolled_remote_ones() {
+    fn nodes_get_every_workload_and_the_policies_of_theirs() {
         let snap = Snapshot::from_model(&model());
         let n1 = snap.view_for("node-1");
         let names: Vec<_> = n1[type_url::WORKLOAD].keys().cloned().collect();
-        // frontend-0 and batch-0 are local; web-0 is enrolled on node-2; web-1 opted out.
-        assert_eq!(names, ["legacy/batch-0", "shop/frontend-0", "shop/web-0"]);
+        // web-1 opted out, and is still sent: it is a service endpoint and a possible source.
+        assert_eq!(
+            names,
+            [
+                "legacy/batch-0",
+                "shop/frontend-0",
+                "shop/web-0",
+                "shop/web-1"
+            ]
+        );
         assert_eq!(n1[type_url::SERVICE].len(), 1);
         // The web policy selects only node-2's workloads; no-legacy is namespace-wide and
         // shop has frontend-0 on node-1.

@@ -524,3 +524,263 @@ fn a_foreign_root_or_the_wrong_identity_is_refused_as_client_and_as_server() {
     assert_eq!(failures("hbone_error"), 2.0);
     assert_eq!(failures("upstream_unreachable"), 1.0);
 }
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_accepts_it_under_ip_policy() {
+    // pod-1-11 is outside the mesh: its connections stay plaintext.
+    let outsider = "pod-1-11";
+    let c = mesh_with(&[], &[outsider], "");
+    let (plain, meshed, to) = (c.pod(1, 1), c.pod(1, 0), c.pod(2, 0));
+    assert_eq!(plain.name, outsider);
+    let _srv = serve_8080(&c, to);
+    let target = format!("{}:8080", to.ip4);
+
+    // STRICT (the default): plaintext is refused, mTLS from the mesh works.
+    let (ok, r) = echo(&c, plain, &target, 1, 100);
+    assert!(!ok, "STRICT accepted plaintext: {r:#?}");
+    assert!(echo(&c, meshed, &target, 1, 100).0);
+    let refused = |reason| metric(&c, 2, "ambit_inbound_refused_total", &[("reason", reason)]);
+    assert_eq!(refused("strict_mtls"), 1.0);
+
+    // PERMISSIVE (namespace label): plaintext is accepted, delivered with the caller's IP,
+    // and counted as plaintext.
+    let permissive = |extra: &str| {
+        mesh_yaml(&c, &[outsider], extra).replace(
+            "labels: {ambit.dev/dataplane: ambient}",
+            "labels: {ambit.dev/dataplane: ambient, ambit.dev/mtls: PERMISSIVE}",
+        )
+    };
+    c.write_mesh(&permissive("")).unwrap();
+    wait_until("PERMISSIVE applied", Duration::from_secs(10), || {
+        c.config_dump(2).unwrap()["mesh"]["workloads"][&to.uid]["mtls"] == "Permissive"
+    });
+    let (ok, r) = echo(&c, plain, &target, 2, 10_000);
+    assert!(ok, "{r:#?}");
+    assert!(r.iter().all(|rep| peer_ip(rep) == plain.ip4.to_string()));
+    let none = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+        ("source_workload", outsider),
+    ];
+    wait_until(
+        "plaintext connections counted",
+        Duration::from_secs(5),
+        || metric(&c, 2, "istio_tcp_connections_closed_total", &none) == 2.0,
+    );
+
+    // Policy applies to plaintext by source IP: deny the outsider's address.
+    let deny = format!(
+        "policies:\n  - name: no-outsider\n    namespace: default\n    action: DENY\n    rules:\n      - from: [{{ipBlocks: [{}/32]}}]\n",
+        plain.ip4
+    );
+    c.write_mesh(&permissive(&deny)).unwrap();
+    wait_until("policy applied", Duration::from_secs(10), || {
+        c.config_dump(2).unwrap()["mesh"]["authorizations"]["default/no-outsider"].is_object()
+    });
+    assert!(!echo(&c, plain, &target, 1, 100).0);
+    assert_eq!(refused("policy_denied"), 1.0);
+    assert!(
+        echo(&c, meshed, &target, 1, 100).0,
+        "the DENY matched a mesh caller"
+    );
+}
+
+/// One row of the policy table: the policies (YAML), then who may reach pod-2-10 on which
+/// port.
+struct Row {
+    name: &'static str,
+    policies: String,
+    /// (from pod-1-10, from pod-1-11) on 8080, then on 8081.
+    expect: [(bool, bool); 2],
+}
+
+#[test]
+fn policies_match_principals_namespaces_cidrs_ports_and_negations() {
+    let c = mesh("");
+    let (a, b, to) = (c.pod(1, 0), c.pod(1, 1), c.pod(2, 0));
+    let _srv = c
+        .start_server(to, &[format!("{}:8080-8081", to.ip4)])
+        .unwrap();
+    let principal = |p: &Pod| format!("cluster.local/ns/default/sa/{}", p.name);
+    let policy = |action: &str, rule: &str| {
+        format!(
+            "  - {{name: p{}, namespace: default, action: {action}, rules: [{rule}]}}\n",
+            fastid()
+        )
+    };
+    let rows = vec![
+        Row {
+            name: "no policy allows",
+            policies: String::new(),
+            expect: [(true, true), (true, true)],
+        },
+        Row {
+            name: "ALLOW one principal",
+            policies: policy(
+                "ALLOW",
+                &format!("{{from: [{{principals: [{}]}}]}}", principal(a)),
+            ),
+            expect: [(true, false), (true, false)],
+        },
+        Row {
+            name: "ALLOW a prefix wildcard",
+            policies: policy(
+                "ALLOW",
+                "{from: [{principals: [\"cluster.local/ns/default/*\"]}]}",
+            ),
+            expect: [(true, true), (true, true)],
+        },
+        Row {
+            name: "ALLOW a suffix wildcard",
+            policies: policy(
+                "ALLOW",
+                &format!("{{from: [{{principals: [\"*/sa/{}\"]}}]}}", b.name),
+            ),
+            expect: [(false, true), (false, true)],
+        },
+        Row {
+            name: "ALLOW notPrincipals",
+            policies: policy(
+                "ALLOW",
+                &format!("{{from: [{{notPrincipals: [{}]}}]}}", principal(a)),
+            ),
+            expect: [(false, true), (false, true)],
+        },
+        Row {
+            name: "DENY a namespace",
+            policies: policy("DENY", "{from: [{namespaces: [default]}]}"),
+            expect: [(false, false), (false, false)],
+        },
+        Row {
+            name: "ALLOW notNamespaces",
+            policies: policy("ALLOW", "{from: [{notNamespaces: [default]}]}"),
+            expect: [(false, false), (false, false)],
+        },
+        Row {
+            name: "ALLOW a CIDR minus one address",
+            policies: policy(
+                "ALLOW",
+                &format!(
+                    "{{from: [{{ipBlocks: [10.244.1.0/24], notIpBlocks: [{}/32]}}]}}",
+                    a.ip4
+                ),
+            ),
+            expect: [(false, true), (false, true)],
+        },
+        Row {
+            name: "DENY a port",
+            policies: policy("DENY", "{to: [{ports: [8081]}]}"),
+            expect: [(true, true), (false, false)],
+        },
+        Row {
+            name: "DENY notPorts",
+            policies: policy("DENY", "{to: [{notPorts: [8081]}]}"),
+            expect: [(false, false), (true, true)],
+        },
+        Row {
+            name: "DENY beats ALLOW",
+            policies: policy("ALLOW", "{from: [{namespaces: [default]}]}")
+                + &policy(
+                    "DENY",
+                    &format!(
+                        "{{from: [{{principals: [{}]}}], to: [{{ports: [8080]}}]}}",
+                        principal(b)
+                    ),
+                ),
+            expect: [(true, false), (true, true)],
+        },
+    ];
+    for row in rows {
+        let extra = if row.policies.is_empty() {
+            String::new()
+        } else {
+            format!("policies:\n{}", row.policies)
+        };
+        let want = row.policies.matches("name: p").count();
+        c.write_mesh(&mesh_yaml(&c, &[], &extra)).unwrap();
+        wait_until(row.name, Duration::from_secs(10), || {
+            let dump = c.config_dump(2).unwrap();
+            let have = dump["mesh"]["authorizations"].as_object().unwrap();
+            have.len() == want
+                && row.policies.split("name: ").skip(1).all(|p| {
+                    have.contains_key(&format!("default/{}", p.split(',').next().unwrap()))
+                })
+        });
+        for (i, port) in [8080, 8081].into_iter().enumerate() {
+            let target = format!("{}:{port}", to.ip4);
+            let got = (echo(&c, a, &target, 1, 10).0, echo(&c, b, &target, 1, 10).0);
+            assert_eq!(
+                got, row.expect[i],
+                "{}: port {port} (pod-1-10, pod-1-11)",
+                row.name
+            );
+        }
+    }
+}
+
+/// A fresh number for policy names, so each table row's policies are new resources.
+fn fastid() -> usize {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn a_policy_change_closes_connections_it_now_denies() {
+    let c = mesh("");
+    let (a, b, to) = (c.pod(1, 0), c.pod(1, 1), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let target = format!("{}:8080", to.ip4);
+    let hold = |from: &Pod| {
+        let mut p = c
+            .spawn_in_pod(
+                from,
+                &[
+                    "client",
+                    "--connect",
+                    &target,
+                    "--bytes",
+                    "100000",
+                    "--hold",
+                    "--timeout",
+                    "20",
+                ]
+                .map(String::from),
+            )
+            .unwrap();
+        p.wait_for_line("connected").unwrap();
+        p
+    };
+    let (held_a, held_b) = (hold(a), hold(b));
+    wait_until("both tracked", Duration::from_secs(5), || {
+        metric(
+            &c,
+            2,
+            "ambit_inbound_accepted_total",
+            &[("reason", "mutual_tls")],
+        ) == 2.0
+    });
+    let deny = format!(
+        "policies:\n  - {{name: no-b, namespace: default, action: DENY, rules: [{{from: [{{principals: [cluster.local/ns/default/sa/{}]}}]}}]}}\n",
+        b.name
+    );
+    c.write_mesh(&mesh_yaml(&c, &[], &deny)).unwrap();
+    wait_until(
+        "the denied connection closed",
+        Duration::from_secs(10),
+        || {
+            metric(
+                &c,
+                2,
+                "ambit_inbound_refused_total",
+                &[("reason", "closed_by_policy_change")],
+            ) == 1.0
+        },
+    );
+    let finish = |mut p: ambit_tests::PodProcess| {
+        p.write_line("go").unwrap();
+        let (status, _) = p.finish(Duration::from_secs(30)).unwrap();
+        status.success()
+    };
+    assert!(finish(held_a), "the still-allowed connection broke");
+    assert!(!finish(held_b), "the now-denied connection survived");
+}
