@@ -784,3 +784,141 @@ fn a_policy_change_closes_connections_it_now_denies() {
     assert!(finish(held_a), "the still-allowed connection broke");
     assert!(!finish(held_b), "the now-denied connection survived");
 }
+
+#[test]
+fn a_thousand_concurrent_connections_share_a_few_hbone_connections() {
+    let c = mesh("");
+    let (from, to) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let (ok, r) = echo(&c, from, &format!("{}:8080", to.ip4), 1000, 20_000);
+    let failed: Vec<_> = r.iter().filter(|rep| rep["ok"] != true).take(3).collect();
+    assert!(ok && r.len() == 1000, "{failed:#?}");
+    let dials = metric(&c, 1, "ambit_hbone_dials_total", &[]);
+    eprintln!(
+        "1000 concurrent tunnels (20 kB echoed each, byte-exact) used {dials} HBONE connections"
+    );
+    // 100 streams per connection: 10 at least; a few more if streams finish unevenly.
+    assert!((10.0..=20.0).contains(&dials), "{dials} HBONE connections");
+}
+
+#[test]
+fn a_certificate_rotation_during_a_long_transfer_does_not_break_it() {
+    let c = mesh_with(&["--cert-ttl=2s"], &[], "");
+    let (from, to) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let serials = |n: usize| -> Vec<String> {
+        c.config_dump(n).unwrap()["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|cert| cert["serial"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = (serials(1), serials(2));
+    // Several seconds of 1-byte round trips on one tunnel, each echoed byte checked.
+    let p = c
+        .spawn_in_pod(
+            from,
+            &[
+                "rr",
+                "--connect",
+                &format!("{}:8080", to.ip4),
+                "--count",
+                "10000",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+    let (status, lines) = p.finish(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{lines:?}\n{}", c.agent_log_tail(1));
+    let after = (serials(1), serials(2));
+    for (b, a) in [(&before.0, &after.0), (&before.1, &after.1)] {
+        assert!(
+            b.iter().all(|s| !a.contains(s)),
+            "no rotation: {b:?} → {a:?}"
+        );
+    }
+    eprintln!("11000 round trips across certificate rotations: {lines:?}");
+}
+
+#[test]
+fn malformed_hbone_input_is_refused_without_harming_other_tunnels() {
+    use std::io::{Read, Write};
+    let c = mesh("");
+    let (from, to, other) = (c.pod(1, 0), c.pod(2, 0), c.pod(2, 1));
+    let _srv = serve_8080(&c, to);
+    let target = format!("{}:8080", to.ip4);
+    let mut held = c
+        .spawn_in_pod(
+            from,
+            &[
+                "client",
+                "--connect",
+                &target,
+                "--conns",
+                "4",
+                "--bytes",
+                "1000000",
+                "--hold",
+                "--timeout",
+                "30",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+    held.wait_for_line("connected").unwrap();
+
+    let hbone = std::net::SocketAddr::new(to.ip4.into(), 15008);
+    // Garbage instead of a TLS handshake: the connection is closed.
+    let closed = in_netns(c.node(1).netns_path(), move || {
+        let mut s = std::net::TcpStream::connect(hbone).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let _ = s.write_all(&junk);
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue, // a TLS alert, then the close
+            }
+        }
+    });
+    assert!(closed);
+    // A valid client asking for another pod, or for the agent's own port: 400.
+    let mesh_ca = pki::mesh_root(&c.ca_dir());
+    let id = |name: &str| format!("spiffe://cluster.local/ns/default/sa/{name}");
+    for authority in [
+        std::net::SocketAddr::new(other.ip4.into(), 8080),
+        std::net::SocketAddr::new(to.ip4.into(), 15008),
+    ] {
+        let err = hbone_probe(
+            &c,
+            1,
+            hbone,
+            pki::leaf(&mesh_ca, &id(&from.name)),
+            &id(&to.name),
+            authority,
+        )
+        .unwrap_err();
+        assert!(err.contains("400"), "{authority}: {err}");
+    }
+    // A half-open TCP connection that never speaks.
+    let idle = in_netns(c.node(1).netns_path(), move || {
+        std::net::TcpStream::connect(hbone).unwrap()
+    });
+
+    // The tunnels that were open all along still carry their bytes, exactly.
+    held.write_line("go").unwrap();
+    let (status, lines) = held.finish(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "{lines:?}");
+    drop(idle);
+    assert_eq!(
+        metric(
+            &c,
+            2,
+            "ambit_inbound_refused_total",
+            &[("reason", "bad_authority")]
+        ),
+        2.0
+    );
+}
