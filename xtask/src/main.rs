@@ -42,7 +42,8 @@ enum Cmd {
     Demo,
     /// Run the benchmarks in the simulated cluster and print tables; needs root.
     Bench {
-        /// Only the data path (`datapath`) or only the control plane (`xds`).
+        /// Only the capture data path (`datapath`), the mutual-TLS data path (`hbone`) or
+        /// the control plane (`xds`).
         only: Option<String>,
     },
 }
@@ -53,13 +54,14 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => run_harness_bin("ambit-demo"),
         Cmd::Bench { only } => match only.as_deref() {
-            None => {
-                run_harness_bin("ambit-bench").and_then(|()| run_harness_bin("ambit-bench-xds"))
-            }
+            None => run_harness_bin("ambit-bench")
+                .and_then(|()| run_harness_bin("ambit-bench-hbone"))
+                .and_then(|()| run_harness_bin("ambit-bench-xds")),
             Some("datapath") => run_harness_bin("ambit-bench"),
+            Some("hbone") => run_harness_bin("ambit-bench-hbone"),
             Some("xds") => run_harness_bin("ambit-bench-xds"),
             Some(other) => Err(anyhow::anyhow!(
-                "unknown benchmark {other:?}: use datapath or xds"
+                "unknown benchmark {other:?}: use datapath, hbone or xds"
             )),
         },
     };
