@@ -113,26 +113,34 @@ impl NetnsDialer {
 fn transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
     match ip {
         IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
-        IpAddr::V6(_) => {
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt reads an int from a valid pointer of the given length.
-            let rc = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(s),
-                    libc::SOL_IPV6,
-                    libc::IPV6_TRANSPARENT,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        IpAddr::V6(_) => set_int(s, libc::SOL_IPV6, libc::IPV6_TRANSPARENT)?,
     }
+    // Choose the port at connect(), for the whole 4-tuple: binding port 0 would take a
+    // port per caller IP for good, and a busy caller would run out of them.
+    set_int(s, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
     s.set_mark(crate::podnet::DELIVERY_MARK)?;
     // Through loopback: the kernel then reports loopback as the arriving interface, which
     // is how the sk_lookup program tells this delivery from traffic to steer.
     s.bind_device(Some(b"lo"))?;
     s.bind(&SocketAddr::new(ip, 0).into())
+}
+
+/// Sets an integer socket option to 1.
+fn set_int(s: &Socket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a valid pointer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

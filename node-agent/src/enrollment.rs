@@ -13,10 +13,10 @@ use std::sync::Arc;
 use ambit_ebpf_common::OUTBOUND_PORT;
 use ambit_mesh::enroll::{EnrolledPod, PodSpec};
 use ambit_mesh::netns::Netns;
-use socket2::{Domain, Socket, Type};
 use tracing::{info, warn};
 
 use crate::Agent;
+use crate::inbound::listen;
 use crate::metrics::WorkloadLabels;
 use crate::pods::Pod;
 
@@ -373,7 +373,11 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
 /// Runs inside the pod's namespace: the outbound listeners on 127.0.0.1:15001 and, if the
 /// pod has IPv6 loopback, [::1]:15001.
 fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
-    let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))).map_err(|e| {
+    let v4 = listen(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+        false,
+    )
+    .map_err(|e| {
         if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
             io::Error::new(
                 e.kind(),
@@ -384,7 +388,10 @@ fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
         }
     })?;
     let mut out = vec![v4];
-    match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
+    match listen(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+        false,
+    ) {
         Ok(v6) => out.push(v6),
         Err(e)
             if matches!(
@@ -394,21 +401,4 @@ fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
         Err(e) => return Err(e),
     }
     Ok(out)
-}
-
-fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    // Accepted connections in TIME_WAIT from a previous agent must not block the bind.
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-    s.listen(4096)?;
-    Ok(s.into())
 }

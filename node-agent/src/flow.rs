@@ -15,11 +15,44 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use crate::Agent;
+use crate::pods::Pod;
 use crate::rbac;
 use crate::store::Mesh;
 
 /// Copy buffer per direction. 64 KiB moves bulk data in few syscalls.
 pub const COPY_BUF: usize = 64 * 1024;
+
+/// A per-connection task: given the agent, the pod, the accepted stream and its peer.
+pub type Handler<F> = fn(Arc<Agent>, Arc<Pod>, TcpStream, SocketAddr) -> F;
+
+/// Accepts connections on one of a pod's listeners until the task is aborted, running
+/// `handle` for each on its own task. An accept error (typically EMFILE) backs off
+/// instead of spinning.
+pub async fn accept_loop<F>(
+    agent: Arc<Agent>,
+    pod: Arc<Pod>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: Handler<F>,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(agent.clone(), pod.clone(), tcp, peer));
+            }
+            Err(e) => {
+                warn!(uid = %pod.spec.uid, listener = what, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 
 /// How a relay ended.
 #[derive(Debug)]

@@ -22,7 +22,7 @@ use ambit_hbone::connect::{ConnectRequest, Refusal, Tunnel};
 use ambit_hbone::stream::H2Stream;
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::Agent;
 use crate::flow::{AccessRecord, End, Started, relay};
@@ -69,7 +69,9 @@ pub fn open_listeners(pod_ips: &[IpAddr]) -> io::Result<InboundListeners> {
     Ok(out)
 }
 
-fn listen(addr: SocketAddr, freebind: bool) -> io::Result<std::net::TcpListener> {
+/// A non-blocking listener on `addr` (IPv6: v6-only), reusable across agent restarts;
+/// `freebind` allows an address that is not (yet) usable.
+pub fn listen(addr: SocketAddr, freebind: bool) -> io::Result<std::net::TcpListener> {
     let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
@@ -112,17 +114,7 @@ fn refused(agent: &Agent, pod: &Pod, reason: &'static str) {
 
 /// Accepts HBONE connections for one pod until the task is aborted.
 pub async fn serve_hbone(agent: Arc<Agent>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                tokio::spawn(hbone_connection(agent.clone(), pod.clone(), tcp, peer));
-            }
-            Err(e) => {
-                warn!(uid = %pod.spec.uid, "HBONE accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::flow::accept_loop(agent, pod, listener, "hbone", hbone_connection).await
 }
 
 async fn hbone_connection(agent: Arc<Agent>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
@@ -203,17 +195,7 @@ async fn open_tunnel(
 
 /// Accepts plaintext connections steered to one pod until the task is aborted.
 pub async fn serve_plaintext(agent: Arc<Agent>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                tokio::spawn(plaintext_connection(agent.clone(), pod.clone(), tcp, peer));
-            }
-            Err(e) => {
-                warn!(uid = %pod.spec.uid, "plaintext accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::flow::accept_loop(agent, pod, listener, "plaintext", plaintext_connection).await
 }
 
 async fn plaintext_connection(

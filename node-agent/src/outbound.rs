@@ -18,7 +18,7 @@ use ambit_hbone::pool::{PoolKey, PooledStream};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::Agent;
 use crate::flow::{AccessRecord, End, Started, relay};
@@ -30,18 +30,7 @@ const RECENT: usize = 1024;
 
 /// Accepts captured connections of one pod until the task is aborted.
 pub async fn serve(agent: Arc<Agent>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                tokio::spawn(proxy(agent.clone(), pod.clone(), client, peer));
-            }
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                warn!(uid = %pod.spec.uid, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::flow::accept_loop(agent, pod, listener, "outbound", proxy).await
 }
 
 async fn proxy(agent: Arc<Agent>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {

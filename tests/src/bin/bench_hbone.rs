@@ -125,8 +125,17 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let during = (rss_kib(agents[0])?, rss_kib(agents[1])?);
     held.write_line("go")?;
-    let (status, _) = held.finish(Duration::from_secs(60))?;
-    anyhow::ensure!(status.success(), "the idle tunnels failed");
+    let (status, lines) = held.finish(Duration::from_secs(60))?;
+    let failed: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"ok\":false"))
+        .collect();
+    anyhow::ensure!(
+        status.success(),
+        "{} of the idle tunnels failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
     let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
 
     println!(

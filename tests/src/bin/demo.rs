@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: a 2-node simulated cluster configured by Ambit's control plane
 //! from `examples/mesh.yaml` (file source). Agents learn from it which pods are enrolled
-//! and get their workloads' certificates from its CA. Pods send traffic across nodes; the
-//! demo prints what was captured, each workload's counters and the certificates, shows a
-//! namespace being released by editing the file, then removes everything (also on
-//! Ctrl-C).
+//! and get their workloads' certificates from its CA. Pods send traffic across nodes,
+//! pod to pod and through a service VIP, inside mutual TLS (HBONE) where both ends are in
+//! the mesh; the demo shows a plaintext caller refused (STRICT), a policy edit denying a
+//! caller, Istio's TCP metrics, access-log lines, what was captured, each workload's
+//! counters and the certificates, then a namespace being released by editing the file,
+//! and removes everything (also on Ctrl-C).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         ],
     )?;
     let _srv_batch = c.start_server(batch.pod, &[format!("{}:9090", batch.pod.ip4)])?;
+    let _srv_web1 = c.start_server(web1.pod, &[format!("{}:8080", web1.pod.ip4)])?;
     println!("\nTraffic (each connection echoes 1 MB and checks every byte):");
     println!(
         "  {:<18} {:<28} {:<8} HOW IT ARRIVED (as the server saw it)",
@@ -112,11 +115,91 @@ fn main() -> anyhow::Result<()> {
     for (from, to) in [
         (frontend, format!("{}:8080", web0.pod.ip4)),
         (frontend, format!("[{}]:8080", web0.pod.ip6)),
+        (frontend, "10.96.0.10:80".to_string()),
+        (frontend, "10.96.0.10:80".to_string()),
         (batch, format!("{}:8080", web0.pod.ip4)),
         (web0, format!("{}:9090", batch.pod.ip4)),
         (web1, format!("{}:9090", batch.pod.ip4)),
     ] {
         traffic(c, from, &to)?;
+    }
+    println!("  (frontend → web: mutual TLS between the agents, HBONE; the VIP alternates between");
+    println!("   web-0, tunnelled, and web-1, which opted out and is dialed directly. batch-0 is");
+    println!("   outside the mesh: web-0 is STRICT, so its plaintext is refused.)");
+
+    println!("\nEditing the mesh file: a DENY policy for frontend's identity on web...");
+    let deny = "  - name: deny-frontend\n    namespace: shop\n    selector: {app: web}\n    action: DENY\n    rules:\n      - from:\n          - principals: [cluster.local/ns/shop/sa/frontend]\n";
+    c.write_mesh(&format!("{MESH}{deny}"))?;
+    wait("policy applied", Duration::from_secs(15), || {
+        c.config_dump(2)
+            .map(|d| d["mesh"]["authorizations"]["shop/deny-frontend"].is_object())
+            .unwrap_or(false)
+    })?;
+    traffic(c, frontend, &format!("{}:8080", web0.pod.ip4))?;
+    c.write_mesh(MESH)?;
+
+    println!(
+        "\nIstio's standard TCP metrics (GET /metrics on node-2's agent, reporter=destination):"
+    );
+    println!(
+        "  {:<44} {:<12} {:<11} {:>6} {:>10}",
+        "SOURCE PRINCIPAL", "DESTINATION", "SECURITY", "CONNS", "BYTES IN"
+    );
+    for line in c.metrics(2)?.lines() {
+        if !line.starts_with("istio_tcp_connections_closed_total{") {
+            continue;
+        }
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let labels: Vec<(&str, String)> = [
+            "source_principal",
+            "destination_workload",
+            "connection_security_policy",
+        ]
+        .iter()
+        .map(|k| (*k, label(k)))
+        .collect();
+        let want: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let bytes =
+            metric_value(&c.metrics(2)?, "istio_tcp_received_bytes_total", &want).unwrap_or(0.0);
+        println!(
+            "  {:<44} {:<12} {:<11} {:>6} {:>10}",
+            labels[0].1,
+            labels[1].1,
+            labels[2].1,
+            line.rsplit(' ').next().unwrap_or("?"),
+            bytes
+        );
+    }
+    let m2 = c.metrics(2)?;
+    println!(
+        "  refused inbound on node-2: STRICT (plaintext) {}, by policy {}",
+        metric_value(
+            &m2,
+            "ambit_inbound_refused_total",
+            &[("reason", "strict_mtls")]
+        )
+        .unwrap_or(0.0),
+        metric_value(
+            &m2,
+            "ambit_inbound_refused_total",
+            &[("reason", "policy_denied")]
+        )
+        .unwrap_or(0.0)
+    );
+
+    println!(
+        "\nnode-2's access log (one JSON line per connection, on the agent's stdout), last 3:"
+    );
+    let log = std::fs::read_to_string(c.node(2).agent_log()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with('{')).collect();
+    for l in lines.iter().skip(lines.len().saturating_sub(3)) {
+        println!("  {l}");
     }
 
     for node in &c.nodes {
