@@ -12,12 +12,15 @@ use ambit_hbone::tls::{self, MeshRoots, WorkloadKey};
 
 use crate::identity::{Certificates, WorkloadCert};
 
+/// A configuration and the serial of the certificate it was built from.
+type Cached<C> = (String, Arc<C>);
+
 /// Cached TLS configurations, keyed by identity (and destination identity for clients).
 #[derive(Debug)]
 pub struct TlsConfigs {
     certs: Arc<Certificates>,
-    servers: Mutex<HashMap<String, (String, Arc<rustls::ServerConfig>)>>,
-    clients: Mutex<HashMap<(String, String), (String, Arc<rustls::ClientConfig>)>>,
+    servers: Mutex<HashMap<String, Cached<rustls::ServerConfig>>>,
+    clients: Mutex<HashMap<(String, String), Cached<rustls::ClientConfig>>>,
 }
 
 impl TlsConfigs {

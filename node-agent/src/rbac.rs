@@ -149,6 +149,7 @@ mod tests {
             waypoint: None,
             identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
             labels: [("app".to_string(), "web".to_string())].into(),
+            mtls: Default::default(),
         }
     }
 
