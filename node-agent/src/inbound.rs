@@ -122,6 +122,10 @@ async fn hbone_connection(agent: Arc<Agent>, pod: Arc<Pod>, tcp: TcpStream, peer
         refused(&agent, &pod, "unknown_workload");
         return;
     };
+    // A pod just captured may see its first caller before its first certificate.
+    if agent.certs.get(&me.identity).is_none() {
+        agent.certs.wait_for(&me.identity, HANDSHAKE_TIMEOUT).await;
+    }
     let config = match agent.tls.server(&me.identity) {
         Ok(c) => c,
         Err(e) => {
