@@ -146,7 +146,9 @@ fn main() -> anyhow::Result<()> {
         "SOURCE PRINCIPAL", "DESTINATION", "SECURITY", "CONNS", "BYTES IN"
     );
     for line in c.metrics(2)?.lines() {
-        if !line.starts_with("istio_tcp_connections_closed_total{") {
+        if !line.starts_with("istio_tcp_connections_closed_total{")
+            || !line.contains("reporter=\"destination\"")
+        {
             continue;
         }
         let label = |k: &str| {
