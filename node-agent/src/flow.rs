@@ -215,14 +215,6 @@ impl ConnTracker {
         }
         closed
     }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One access-log record: a JSON line per closed (or refused) connection.

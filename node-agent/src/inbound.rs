@@ -118,15 +118,22 @@ pub async fn serve_hbone(agent: Arc<Agent>, pod: Arc<Pod>, listener: TcpListener
 }
 
 async fn hbone_connection(agent: Arc<Agent>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
-    let Some(me) = agent.store.workload(&pod.spec.uid) else {
+    // Only the identity is needed: no copy of the whole workload per connection.
+    let Some(identity) = agent
+        .store
+        .snapshot()
+        .workloads
+        .get(&pod.spec.uid)
+        .map(|w| w.identity.clone())
+    else {
         refused(&agent, &pod, "unknown_workload");
         return;
     };
     // A pod just captured may see its first caller before its first certificate.
-    if agent.certs.get(&me.identity).is_none() {
-        agent.certs.wait_for(&me.identity, HANDSHAKE_TIMEOUT).await;
+    if agent.certs.get(&identity).is_none() {
+        agent.certs.wait_for(&identity, HANDSHAKE_TIMEOUT).await;
     }
-    let config = match agent.tls.server(&me.identity) {
+    let config = match agent.tls.server(&identity) {
         Ok(c) => c,
         Err(e) => {
             debug!(uid = %pod.spec.uid, %peer, "refusing HBONE: {e}");
@@ -223,7 +230,9 @@ async fn plaintext_connection(
     }
     let mode = agent
         .store
-        .workload(&pod.spec.uid)
+        .snapshot()
+        .workloads
+        .get(&pod.spec.uid)
         .map_or(MtlsMode::Strict, |w| w.mtls);
     if mode == MtlsMode::Strict {
         info!(uid = %pod.spec.uid, %peer, %dst, "plaintext connection refused: the workload is STRICT (mutual TLS only)");

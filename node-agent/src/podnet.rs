@@ -21,9 +21,9 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use rtnetlink::packet_route::route::{RouteScope, RouteType};
+use rtnetlink::packet_route::route::{RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::RuleAction;
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder, RuleAddRequest};
 
 /// `SO_MARK` of the agent's delivery sockets (and so of the application's replies).
 pub const DELIVERY_MARK: u32 = 0x0a3b_0000;
@@ -51,66 +51,50 @@ pub fn prepare_delivery() -> io::Result<()> {
 }
 
 async fn add_rules(handle: &Handle) -> io::Result<()> {
-    let rule = |r: Result<(), rtnetlink::Error>, what: &str| match r {
+    let ok_if_exists = |r: Result<(), rtnetlink::Error>, what: &str| match r {
         Ok(()) => Ok(()),
         Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
         Err(e) => Err(io::Error::other(format!("{what}: {e}"))),
     };
-    rule(
-        handle
-            .rule()
-            .add()
-            .v4()
-            .fw_mark(DELIVERY_MARK)
-            .table_id(REPLY_TABLE)
-            .priority(RULE_PRIORITY)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await,
-        "adding the IPv4 reply rule",
-    )?;
-    let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .output_interface(LOOPBACK_IFINDEX)
-        .table_id(REPLY_TABLE)
-        .build();
-    rule(
-        handle.route().add(v4).replace().execute().await,
+    let v4 = reply_rule(handle.rule().add().v4()).execute().await;
+    ok_if_exists(v4, "adding the IPv4 reply rule")?;
+    let route = reply_route(
+        RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(Ipv4Addr::UNSPECIFIED, 0),
+    );
+    ok_if_exists(
+        handle.route().add(route).replace().execute().await,
         "adding the IPv4 reply route",
     )?;
     // IPv6 may be disabled in the pod: then there is nothing to deliver over it.
-    let v6_rule = handle
-        .rule()
-        .add()
-        .v6()
-        .fw_mark(DELIVERY_MARK)
+    let v6 = reply_rule(handle.rule().add().v6()).execute().await;
+    if v6.as_ref().err().and_then(errno) == Some(libc::EAFNOSUPPORT) {
+        return Ok(());
+    }
+    ok_if_exists(v6, "adding the IPv6 reply rule")?;
+    let route = reply_route(
+        RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(Ipv6Addr::UNSPECIFIED, 0),
+    );
+    ok_if_exists(
+        handle.route().add(route).replace().execute().await,
+        "adding the IPv6 reply route",
+    )
+}
+
+/// `fwmark DELIVERY_MARK lookup REPLY_TABLE`, for either family.
+fn reply_rule<T>(r: RuleAddRequest<T>) -> RuleAddRequest<T> {
+    r.fw_mark(DELIVERY_MARK)
         .table_id(REPLY_TABLE)
         .priority(RULE_PRIORITY)
         .action(RuleAction::ToTable)
-        .execute()
-        .await;
-    if v6_rule
-        .as_ref()
-        .err()
-        .and_then(errno)
-        .is_some_and(|e| e == libc::EAFNOSUPPORT)
-    {
-        return Ok(());
-    }
-    rule(v6_rule, "adding the IPv6 reply rule")?;
-    let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
-        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-        .kind(RouteType::Local)
+}
+
+/// `local <default> dev lo table REPLY_TABLE`, for either family.
+fn reply_route<T>(b: RouteMessageBuilder<T>) -> RouteMessage {
+    b.kind(RouteType::Local)
         .scope(RouteScope::Host)
         .output_interface(LOOPBACK_IFINDEX)
         .table_id(REPLY_TABLE)
-        .build();
-    rule(
-        handle.route().add(v6).replace().execute().await,
-        "adding the IPv6 reply route",
-    )
+        .build()
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {

@@ -175,11 +175,6 @@ impl Store {
             .is_some_and(|w| w.enrolled)
     }
 
-    /// The workload with this uid.
-    pub fn workload(&self, uid: &str) -> Option<Workload> {
-        self.mesh.read().unwrap().workloads.get(uid).cloned()
-    }
-
     /// Bumped after every applied update.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

@@ -58,49 +58,34 @@ fn main() -> anyhow::Result<()> {
     ];
 
     eprintln!("bench-hbone: bulk throughput...");
-    let mut cpu_per_gb = 0.0;
-    let bulk = three_ways(
+    let runs = three_ways(
         &c,
         &paths,
         |to| vec!["bulk", "--connect", to, "--seconds", "3"],
-        |v, i, cpu| {
-            if i == 2 {
-                cpu_per_gb = cpu / (v["bytes"].as_f64().unwrap_or(1.0) / 1e9);
-            }
-            v["gbit_per_s"].as_f64()
-        },
         &agents,
     )?;
+    let bulk = medians(&runs, |r| r.field("gbit_per_s"));
+    let cpu_per_gb = medians(&runs, |r| r.cpu / (r.field("bytes") / 1e9))[2];
     eprintln!("bench-hbone: request/response latency...");
-    let mut cpu_per_k = 0.0;
     let rr_count = 20_000.0;
-    let rr50 = three_ways(
+    let runs = three_ways(
         &c,
         &paths,
         |to| vec!["rr", "--connect", to, "--count", "20000"],
-        |v, i, cpu| {
-            if i == 2 {
-                cpu_per_k = cpu / (rr_count * 1.1 / 1000.0);
-            }
-            v["p50_us"].as_f64()
-        },
         &agents,
     )?;
-    let rr99 = three_ways(
-        &c,
-        &paths,
-        |to| vec!["rr", "--connect", to, "--count", "20000"],
-        |v, _, _| v["p99_us"].as_f64(),
-        &agents,
-    )?;
+    let rr50 = medians(&runs, |r| r.field("p50_us"));
+    let rr99 = medians(&runs, |r| r.field("p99_us"));
+    // The tool makes a tenth more round trips to warm up.
+    let cpu_per_k = medians(&runs, |r| r.cpu / (rr_count * 1.1 / 1000.0))[2];
     eprintln!("bench-hbone: streams per second on a pooled connection...");
-    let cps = three_ways(
+    let runs = three_ways(
         &c,
         &paths,
         |to| vec!["cps", "--connect", to, "--count", "20000", "--seconds", "3"],
-        |v, _, _| v["conns_per_s"].as_f64(),
         &agents,
     )?;
+    let cps = medians(&runs, |r| r.field("conns_per_s"));
 
     eprintln!("bench-hbone: new mutual-TLS connections per second...");
     let handshakes = handshake_rate(&c, meshed, srv_mesh, srv_plain, Duration::from_secs(3))?;
@@ -220,16 +205,26 @@ fn ready(c: &Cluster) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Runs the tool for each path (direct, passthrough, HBONE), `ROUNDS` times alternating;
-/// `pick` reads the value (given the path index and the agents' CPU seconds for the run).
+/// One run of the pod tool: its JSON result and the agents' CPU seconds meanwhile.
+struct Run {
+    out: Value,
+    cpu: f64,
+}
+
+impl Run {
+    fn field(&self, name: &str) -> f64 {
+        self.out[name].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// Runs the tool for each path (direct, passthrough, HBONE), `ROUNDS` times alternating.
 fn three_ways<'a>(
     c: &Cluster,
     paths: &[(&Pod, &'a str); 3],
     args: impl Fn(&'a str) -> Vec<&'a str>,
-    mut pick: impl FnMut(&Value, usize, f64) -> Option<f64>,
     agents: &[u32; 2],
-) -> anyhow::Result<[f64; 3]> {
-    let mut runs: [Vec<f64>; 3] = Default::default();
+) -> anyhow::Result<[Vec<Run>; 3]> {
+    let mut runs: [Vec<Run>; 3] = Default::default();
     for _ in 0..ROUNDS {
         for (i, (pod, to)) in paths.iter().enumerate() {
             let cpu0 = cpu_seconds(agents)?;
@@ -240,11 +235,16 @@ fn three_ways<'a>(
             let (status, lines) = p.finish(Duration::from_secs(120))?;
             anyhow::ensure!(status.success(), "pod-tool failed: {lines:?}");
             let cpu = cpu_seconds(agents)? - cpu0;
-            let v: Value = serde_json::from_str(lines.last().context("no output")?)?;
-            runs[i].push(pick(&v, i, cpu).with_context(|| format!("unexpected output {v}"))?);
+            let out: Value = serde_json::from_str(lines.last().context("no output")?)?;
+            runs[i].push(Run { out, cpu });
         }
     }
-    Ok(runs.map(median))
+    Ok(runs)
+}
+
+/// The median of `f` over each path's runs.
+fn medians(runs: &[Vec<Run>; 3], f: impl Fn(&Run) -> f64) -> [f64; 3] {
+    [0, 1, 2].map(|i| median(runs[i].iter().map(&f).collect()))
 }
 
 /// User + system CPU seconds of the given processes.
