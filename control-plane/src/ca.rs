@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use ambit_identity::Identity;
+
 use crate::model::Model;
 
 /// Why the CA could not start.
@@ -148,16 +150,19 @@ impl CertificateAuthority {
                 "the CSR may carry no SAN but its SPIFFE ID",
             ));
         }
-        let (ns, sa) = parse_spiffe(id, &model.trust_domain).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "{id} is not a SPIFFE ID of trust domain {}",
-                model.trust_domain
-            ))
-        })?;
+        let id = Identity::parse(id)
+            .ok()
+            .filter(|id| id.trust_domain() == model.trust_domain)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "{id} is not a SPIFFE ID of trust domain {}",
+                    model.trust_domain
+                ))
+            })?;
         let local = model
             .workloads
             .values()
-            .any(|w| w.node == node && w.namespace == ns && w.service_account == sa);
+            .any(|w| w.node == node && w.identity == id);
         if !local {
             warn!(node, identity = %id, "refused a certificate for an identity with no workload on the asking node");
             return Err(Status::permission_denied(format!(
@@ -203,17 +208,6 @@ impl CertificateAuthority {
     }
 }
 
-/// `spiffe://<td>/ns/<ns>/sa/<sa>` → (ns, sa).
-fn parse_spiffe<'a>(id: &'a str, trust_domain: &str) -> Option<(&'a str, &'a str)> {
-    let rest = id
-        .strip_prefix("spiffe://")?
-        .strip_prefix(trust_domain)?
-        .strip_prefix("/ns/")?;
-    let (ns, rest) = rest.split_once('/')?;
-    let sa = rest.strip_prefix("sa/")?;
-    (!ns.is_empty() && !sa.is_empty() && !sa.contains('/')).then_some((ns, sa))
-}
-
 fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     ring::rand::SystemRandom::new()
@@ -243,19 +237,45 @@ pub trait Authenticator: Send + Sync + 'static {
 /// created (mode 0600) for every node of the model that has none. A node agent is given
 /// its file (`--node-credential-file`); Kubernetes service-account tokens can replace
 /// this by implementing [`Authenticator`].
+///
+/// The tokens are read once (at start, and when [`NodeTokens::ensure`] creates one) and
+/// kept in memory, so authenticating a request touches no file.
 #[derive(Debug)]
 pub struct NodeTokens {
     dir: PathBuf,
+    /// node → token.
+    tokens: std::sync::RwLock<std::collections::BTreeMap<String, String>>,
 }
 
 impl NodeTokens {
+    /// The tokens of `dir` (created if missing).
     pub fn new(dir: PathBuf) -> io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        let t = Self {
+            dir,
+            tokens: Default::default(),
+        };
+        t.reload()?;
+        Ok(t)
     }
 
-    /// Makes sure every node has a token.
+    /// Reads every `<node>.token` of the directory.
+    fn reload(&self) -> io::Result<()> {
+        let mut tokens = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(node) = name.strip_suffix(".token") {
+                let token = std::fs::read_to_string(e.path())?;
+                tokens.insert(node.to_owned(), token.trim().to_owned());
+            }
+        }
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        Ok(())
+    }
+
+    /// Makes sure every node of the model has a token.
     pub fn ensure(&self, model: &Model) -> io::Result<()> {
+        let mut created = false;
         for node in &model.nodes {
             let path = self.dir.join(format!("{node}.token"));
             if !path.exists() {
@@ -266,7 +286,11 @@ impl NodeTokens {
                 let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
                 write_private(&path, &token)?;
                 info!(node, file = %path.display(), "created a node credential");
+                created = true;
             }
+        }
+        if created {
+            self.reload()?;
         }
         Ok(())
     }
@@ -274,20 +298,15 @@ impl NodeTokens {
 
 impl Authenticator for NodeTokens {
     fn node_of(&self, credential: &str) -> Option<String> {
-        let entries = std::fs::read_dir(&self.dir).ok()?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(node) = name.strip_suffix(".token") else {
-                continue;
-            };
-            let Ok(token) = std::fs::read_to_string(e.path()) else {
-                continue;
-            };
-            if constant_time_eq(token.trim().as_bytes(), credential.as_bytes()) {
-                return Some(node.to_owned());
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        // Compare with every token, so the time taken says nothing about which matched.
+        let mut found = None;
+        for (node, token) in tokens.iter() {
+            if constant_time_eq(token.as_bytes(), credential.as_bytes()) {
+                found = Some(node.clone());
             }
         }
-        None
+        found
     }
 }
 
@@ -349,27 +368,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spiffe_ids_parse_strictly() {
-        assert_eq!(
-            parse_spiffe("spiffe://cluster.local/ns/a/sa/b", "cluster.local"),
-            Some(("a", "b"))
-        );
-        assert_eq!(
-            parse_spiffe("spiffe://other/ns/a/sa/b", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            parse_spiffe("spiffe://cluster.local/ns/a/sa/b/c", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            parse_spiffe("spiffe://cluster.local/ns//sa/b", "cluster.local"),
-            None
-        );
-        assert_eq!(
-            parse_spiffe("https://cluster.local/ns/a/sa/b", "cluster.local"),
-            None
-        );
+    fn node_tokens_are_created_kept_in_memory_and_matched() {
+        let dir = std::env::temp_dir().join(format!("ambit-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tokens = NodeTokens::new(dir.clone()).unwrap();
+        let model = Model {
+            nodes: ["n1".to_string(), "n2".to_string()].into(),
+            ..Default::default()
+        };
+        tokens.ensure(&model).unwrap();
+        let t1 = std::fs::read_to_string(dir.join("n1.token")).unwrap();
+        assert_eq!(tokens.node_of(&t1).as_deref(), Some("n1"));
+        assert_eq!(tokens.node_of("nope"), None);
+        assert_eq!(tokens.node_of(""), None);
+        // Authentication reads no file: removing them changes nothing until a reload.
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tokens.node_of(&t1).as_deref(), Some("n1"));
     }
 
     #[test]

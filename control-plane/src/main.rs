@@ -51,9 +51,14 @@ struct RunArgs {
     /// Longest lifetime granted, in seconds.
     #[arg(long, env = "AMBIT_MAX_CERT_TTL_S", default_value_t = 172_800)]
     max_cert_ttl_s: u64,
-    /// How often the mesh file is checked for changes, in milliseconds.
+    /// How often the mesh file is checked for changes, in milliseconds. A change is read
+    /// once the file has not changed for this long.
     #[arg(long, env = "AMBIT_FILE_POLL_MS", default_value_t = 100)]
     file_poll_ms: u64,
+    /// How long a mesh file change that removes more than half of the mesh's workloads or
+    /// namespaces must stay in the file before it is served, in milliseconds (0: at once).
+    #[arg(long, env = "AMBIT_SHRINK_HOLD_MS", default_value_t = 5_000)]
+    shrink_hold_ms: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     log: String,
@@ -63,7 +68,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     use ambit_control_plane::{ads::AdsServer, snapshots, source::file::FileSource};
     let source = FileSource::start(
         args.mesh_file.clone(),
-        std::time::Duration::from_millis(args.file_poll_ms),
+        ambit_control_plane::source::file::Watch {
+            poll: std::time::Duration::from_millis(args.file_poll_ms),
+            hold: std::time::Duration::from_millis(args.shrink_hold_ms),
+        },
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
@@ -73,6 +81,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ads.stats(),
         source.models.clone(),
         source.errors.clone(),
+        source.held.clone(),
     ));
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
     tokio::spawn(ambit_control_plane::metrics::serve(

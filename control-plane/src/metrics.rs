@@ -27,6 +27,7 @@ struct ControlPlaneCollector {
     ads: Arc<AdsStats>,
     models: watch::Receiver<Arc<Model>>,
     file_error: watch::Receiver<Option<String>>,
+    held: watch::Receiver<Option<String>>,
 }
 
 impl Collector for ControlPlaneCollector {
@@ -99,6 +100,12 @@ impl Collector for ControlPlaneCollector {
             "1 if the source's current input is valid; 0 if it was rejected and the last good model is served",
             i64::from(self.file_error.borrow().is_none()),
         )?;
+        gauge(
+            &mut e,
+            "ambit_mesh_source_held",
+            "1 while a change that removes most of the mesh is held back (see --shrink-hold-ms)",
+            i64::from(self.held.borrow().is_some()),
+        )?;
         Ok(())
     }
 }
@@ -110,16 +117,20 @@ pub struct ControlPlaneMetrics {
 }
 
 impl ControlPlaneMetrics {
+    /// Metrics over the ADS counters, the served model and the source's state
+    /// (`file_error`: its current rejection; `held`: why its change is held back).
     pub fn new(
         ads: Arc<AdsStats>,
         models: watch::Receiver<Arc<Model>>,
         file_error: watch::Receiver<Option<String>>,
+        held: watch::Receiver<Option<String>>,
     ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ControlPlaneCollector {
             ads,
             models,
             file_error,
+            held,
         }));
         Self { registry }
     }
@@ -138,8 +149,14 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<ControlPlaneM
     use http_body_util::Full;
     use hyper::body::Bytes;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Typically EMFILE: wait for descriptors to free up instead of spinning.
+                tracing::warn!("metrics listener: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -111,52 +111,27 @@ pub struct ServicePort {
     pub target_port: u16,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// An L4 authorization policy (Istio `AuthorizationPolicy`-shaped).
+/// An authorization policy as a source reads it, before validation.
 #[derive(Clone, Debug)]
 pub struct PolicySpec {
+    /// Its name, unique in its namespace.
     pub name: String,
+    /// The namespace whose workloads it applies to.
     pub namespace: String,
     /// Workloads of the namespace it applies to; `None`: all of them.
     pub selector: Option<Labels>,
+    /// What a match does.
     pub action: Action,
     /// The policy matches a connection if any rule matches; with no rules it matches
     /// nothing, whatever its action (as in Istio).
     pub rules: Vec<Rule>,
 }
 
-/// Matches if (no `from` or any source matches) and (no `to` or any destination matches).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Rule {
-    pub from: Vec<SourceMatch>,
-    pub to: Vec<DestinationMatch>,
-}
-
-/// Every non-empty field must match (and no `not_*` field may).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SourceMatch {
-    /// SPIFFE identities without the scheme (`cluster.local/ns/a/sa/b`); `*` as prefix
-    /// or suffix wildcard.
-    pub principals: Vec<String>,
-    pub not_principals: Vec<String>,
-    pub namespaces: Vec<String>,
-    pub not_namespaces: Vec<String>,
-    pub ip_blocks: Vec<Cidr>,
-    pub not_ip_blocks: Vec<Cidr>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DestinationMatch {
-    pub ports: Vec<u16>,
-    pub not_ports: Vec<u16>,
-}
-
+use ambit_identity::Identity;
 pub use ambit_mesh::cidr::Cidr;
+pub use ambit_policy::{
+    Action, Authorization as Policy, Destination, PrincipalPattern, Rule, Source,
+};
 
 /// A validated mesh with derived fields.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -198,16 +173,8 @@ pub struct Workload {
     pub waypoint: Option<String>,
     /// Derived: from its own or its namespace's [`MTLS_LABEL`].
     pub mtls: MtlsMode,
-}
-
-impl Workload {
-    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
-    }
+    /// Derived: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub identity: Identity,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,15 +190,6 @@ pub struct Service {
     pub endpoints: Vec<String>,
     /// From the service's or its namespace's `ambit.dev/waypoint` label.
     pub waypoint: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    pub name: String,
-    pub namespace: String,
-    pub selector: Option<Labels>,
-    pub action: Action,
-    pub rules: Vec<Rule>,
 }
 
 /// One problem with a source's input: where, and what.
@@ -268,7 +226,8 @@ impl Model {
             trust_domain: spec.trust_domain.clone(),
             ..Default::default()
         };
-        if !is_dns_subdomain(&spec.trust_domain) {
+        let td_ok = is_dns_subdomain(&spec.trust_domain);
+        if !td_ok {
             p.add(
                 "trustDomain",
                 format!(
@@ -355,6 +314,16 @@ impl Model {
             if p.0.len() > before {
                 continue;
             }
+            let identity = match Identity::new(&spec.trust_domain, &w.namespace, &sa) {
+                Ok(id) => id,
+                Err(e) => {
+                    // An invalid trust domain is reported once, above.
+                    if td_ok {
+                        p.add(&place, e.to_string());
+                    }
+                    continue;
+                }
+            };
             let ns = ns.expect("checked above");
             let opted_out =
                 w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE);
@@ -370,6 +339,7 @@ impl Model {
                         .and_then(|v| MtlsMode::parse(v))
                         .unwrap_or_default(),
                     uid,
+                    identity,
                     name: w.name,
                     namespace: w.namespace,
                     node: w.node,
@@ -502,13 +472,6 @@ impl Model {
                 p.add(&place, format!("policy {key} is defined twice"));
             }
             for (r, rule) in pol.rules.iter().enumerate() {
-                for (f, src) in rule.from.iter().enumerate() {
-                    for pr in src.principals.iter().chain(&src.not_principals) {
-                        if let Err(e) = check_principal(pr) {
-                            p.add(&format!("{place}.rules[{r}].from[{f}]"), e);
-                        }
-                    }
-                }
                 for (t, dst) in rule.to.iter().enumerate() {
                     if dst
                         .ports
@@ -580,28 +543,6 @@ fn check_ips(
             owners.insert(*ip, owner.to_owned());
         }
     }
-}
-
-/// `trust.domain/ns/<ns>/sa/<sa>`, possibly with a leading or trailing `*`, or `*` alone.
-fn check_principal(p: &str) -> Result<(), String> {
-    if p.starts_with("spiffe://") {
-        return Err(format!(
-            "principal {p:?}: write it without the spiffe:// scheme"
-        ));
-    }
-    let inner = p
-        .strip_prefix('*')
-        .or_else(|| p.strip_suffix('*'))
-        .unwrap_or(p);
-    if inner.contains('*') {
-        return Err(format!(
-            "principal {p:?}: '*' is allowed only at the start or the end"
-        ));
-    }
-    if p.is_empty() {
-        return Err("empty principal".into());
-    }
-    Ok(())
 }
 
 /// Does a (non-empty) selector select these labels?
@@ -688,7 +629,7 @@ mod tests {
         let web = &m.workloads["shop/web-0"];
         assert!(web.enrolled);
         assert_eq!(
-            web.spiffe_id(&m.trust_domain),
+            web.identity.as_str(),
             "spiffe://cluster.local/ns/shop/sa/web"
         );
         assert!(!m.workloads["legacy/old-0"].enrolled);
@@ -770,7 +711,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_duplicate_workload_ips_and_bad_principals() {
+    fn rejects_duplicate_workload_ips_and_zero_ports() {
         let mut s = base();
         s.workloads[1].ips = s.workloads[0].ips.clone();
         s.policies.push(PolicySpec {
@@ -779,11 +720,11 @@ mod tests {
             selector: None,
             action: Action::Allow,
             rules: vec![Rule {
-                from: vec![SourceMatch {
-                    principals: vec!["spiffe://cluster.local/ns/a/sa/b".into(), "a*b".into()],
-                    ..Default::default()
+                from: vec![],
+                to: vec![Destination {
+                    ports: vec![0],
+                    not_ports: vec![],
                 }],
-                to: vec![],
             }],
         });
         let text: Vec<String> = Model::build(s)
@@ -798,12 +739,7 @@ mod tests {
         );
         assert!(
             text.iter()
-                .any(|t| t.contains("without the spiffe:// scheme")),
-            "{text:#?}"
-        );
-        assert!(
-            text.iter()
-                .any(|t| t.contains("only at the start or the end")),
+                .any(|t| t == "policies[0] (shop/p).rules[0].to[0]: ports must be 1-65535"),
             "{text:#?}"
         );
     }

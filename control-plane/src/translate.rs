@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ambit_xds::ambit;
@@ -21,7 +20,9 @@ use ambit_xds::envoy::Any;
 use ambit_xds::type_url;
 use prost::Message;
 
-use crate::model::{Action, Model, Policy, selects};
+use ambit_xds::convert::{authorization_to_proto, ip_to_bytes};
+
+use crate::model::{Model, selects};
 
 /// One encoded resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,11 +56,11 @@ impl Snapshot {
                 namespace: w.namespace.clone(),
                 node: w.node.clone(),
                 service_account: w.service_account.clone(),
-                ips: w.ips.iter().map(ip_bytes).collect(),
+                ips: w.ips.iter().map(ip_to_bytes).collect(),
                 enrolled: w.enrolled,
                 waypoint: w.waypoint.clone().unwrap_or_default(),
                 labels: w.labels.clone().into_iter().collect(),
-                identity: w.spiffe_id(&m.trust_domain),
+                identity: w.identity.to_string(),
                 mtls: match w.mtls {
                     crate::model::MtlsMode::Strict => ambit::MtlsMode::Strict,
                     crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
@@ -74,7 +75,7 @@ impl Snapshot {
                 name: svc.name.clone(),
                 namespace: svc.namespace.clone(),
                 hostname: svc.hostname.clone(),
-                vips: svc.vips.iter().map(ip_bytes).collect(),
+                vips: svc.vips.iter().map(ip_to_bytes).collect(),
                 ports: svc
                     .ports
                     .iter()
@@ -105,10 +106,29 @@ impl Snapshot {
                 .collect();
             s.policies.insert(
                 name.clone(),
-                (encode(type_url::AUTHORIZATION, &name, &policy(p)), nodes),
+                (
+                    encode(type_url::AUTHORIZATION, &name, &authorization_to_proto(p)),
+                    nodes,
+                ),
             );
         }
+        s.version = s.content_version();
         s
+    }
+
+    /// A hash of every resource's name and version: equal snapshots have equal versions.
+    fn content_version(&self) -> String {
+        let mut h = std::hash::DefaultHasher::new();
+        for (name, r) in self.workloads.iter().chain(&self.services) {
+            name.hash(&mut h);
+            r.version.hash(&mut h);
+        }
+        for (name, (r, nodes)) in &self.policies {
+            name.hash(&mut h);
+            r.version.hash(&mut h);
+            nodes.hash(&mut h);
+        }
+        format!("{:016x}", h.finish())
     }
 
     /// A version for the whole snapshot (for `system_version_info`).
@@ -170,56 +190,6 @@ impl Snapshot {
                 .collect(),
         );
         out
-    }
-}
-
-fn policy(p: &Policy) -> ambit::Authorization {
-    let cidr = |c: &crate::model::Cidr| ambit::Cidr {
-        address: ip_bytes(&c.addr),
-        length: c.len.into(),
-    };
-    ambit::Authorization {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        action: match p.action {
-            Action::Allow => ambit::authorization::Action::Allow,
-            Action::Deny => ambit::authorization::Action::Deny,
-        } as i32,
-        namespace_wide: p.selector.is_none(),
-        selector: p.selector.clone().unwrap_or_default().into_iter().collect(),
-        rules: p
-            .rules
-            .iter()
-            .map(|r| ambit::Rule {
-                from: r
-                    .from
-                    .iter()
-                    .map(|s| ambit::SourceMatch {
-                        principals: s.principals.clone(),
-                        not_principals: s.not_principals.clone(),
-                        namespaces: s.namespaces.clone(),
-                        not_namespaces: s.not_namespaces.clone(),
-                        ip_blocks: s.ip_blocks.iter().map(cidr).collect(),
-                        not_ip_blocks: s.not_ip_blocks.iter().map(cidr).collect(),
-                    })
-                    .collect(),
-                to: r
-                    .to
-                    .iter()
-                    .map(|d| ambit::DestinationMatch {
-                        ports: d.ports.iter().map(|&p| p.into()).collect(),
-                        not_ports: d.not_ports.iter().map(|&p| p.into()).collect(),
-                    })
-                    .collect(),
-            })
-            .collect(),
-    }
-}
-
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 
@@ -308,6 +278,9 @@ mod tests {
             new["shop/frontend-0"].version
         );
         assert_ne!(set_version(old), set_version(new));
+        assert_eq!(a.version(), b.version());
+        assert_ne!(a.version(), c.version());
+        assert_eq!(a.version().len(), 16);
     }
 
     #[test]

@@ -219,9 +219,13 @@ async fn sotw_nack_is_recorded_and_the_bad_version_not_resent() {
     // Counted where operators look: the control plane's metrics.
     let (_, models) = watch::channel(Arc::new(parse(Path::new("t.yaml"), BASE).unwrap()));
     let (_, errors) = watch::channel(None);
-    let text =
-        ambit_control_plane::metrics::ControlPlaneMetrics::new(h.stats.clone(), models, errors)
-            .encode();
+    let text = ambit_control_plane::metrics::ControlPlaneMetrics::new(
+        h.stats.clone(),
+        models,
+        errors,
+        tokio::sync::watch::channel(None).1,
+    )
+    .encode();
     assert!(
         text.contains(&format!(
             "ambit_xds_nacks_total{{node=\"node-1\",type_url=\"{WORKLOAD}\"}} 1"

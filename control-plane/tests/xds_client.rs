@@ -8,7 +8,7 @@ use std::time::Duration;
 use ambit_control_plane::ads::AdsServer;
 use ambit_control_plane::source::file::parse;
 use ambit_control_plane::translate::Snapshot;
-use ambit_xds::client::{Handler, XdsClient, XdsClientConfig};
+use ambit_xds::client::{ApplyError, Handler, XdsClient, XdsClientConfig};
 use ambit_xds::envoy::Any;
 use ambit_xds::type_url::{NODE_AGENT, WORKLOAD};
 use tokio::sync::watch;
@@ -41,11 +41,17 @@ impl Handler for Store {
         type_url: &str,
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         if let Some(bad) = self.refuse.lock().unwrap().as_ref()
             && updated.iter().any(|(n, _)| n == bad)
         {
-            return Err(format!("{bad} is unacceptable"));
+            return Err(ApplyError::Resource {
+                name: bad.clone(),
+                source: ambit_xds::convert::DecodeError::Field {
+                    field: "uid",
+                    problem: "is unacceptable".into(),
+                },
+            });
         }
         self.applies
             .lock()
@@ -98,7 +104,8 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 
 fn config(addr: std::net::SocketAddr) -> XdsClientConfig {
     XdsClientConfig {
-        address: format!("http://{addr}"),
+        control_plane: ambit_xds::channel::ControlPlane::new(&format!("http://{addr}"), None)
+            .unwrap(),
         node_id: "node-1".into(),
         types: NODE_AGENT.to_vec(),
         backoff_min: Duration::from_millis(20),
@@ -139,7 +146,10 @@ async fn syncs_updates_removes_and_nacks_with_the_handlers_reason() {
     )))
     .unwrap();
     eventually("NACK at the server", || !stats.nacks().is_empty()).await;
-    assert_eq!(stats.nacks()[0].message, "shop/c is unacceptable");
+    assert_eq!(
+        stats.nacks()[0].message,
+        "resource shop/c: uid: is unacceptable"
+    );
     assert_eq!(
         store.workloads(),
         ["shop/a"],
@@ -148,7 +158,7 @@ async fn syncs_updates_removes_and_nacks_with_the_handlers_reason() {
     let t = &client.status.types()[WORKLOAD];
     assert_eq!(
         (t.nacks, t.last_error.as_deref()),
-        (1, Some("shop/c is unacceptable"))
+        (1, Some("resource shop/c: uid: is unacceptable"))
     );
 }
 

@@ -34,6 +34,7 @@ pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub const MAX_STREAMS: u32 = 100;
 /// How often an idle client connection checks its peer is alive, and how long it waits.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keepalive PING may go unanswered.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a client retries a stream the server refused unprocessed.
 const REFUSED_RETRIES: usize = 5;
@@ -41,16 +42,22 @@ const REFUSED_RETRIES: usize = 5;
 /// Why a tunnel was not set up.
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
+    /// The HTTP/2 connection or stream failed.
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    /// The peer denied the tunnel by policy (401).
     #[error("refused by policy (401)")]
     Denied,
+    /// The peer could not reach the application (503).
     #[error("the destination is unreachable (503)")]
     Unreachable,
+    /// Any other answer.
     #[error("the peer answered {0}")]
     Status(StatusCode),
+    /// The request could not be built.
     #[error("bad request: {0}")]
     Request(#[from] http::Error),
+    /// I/O under the tunnel.
     #[error("tunnel: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -62,7 +69,32 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// `forwarded: for=...`: the source workload's IP.
     pub forwarded_for: Option<IpAddr>,
+    /// The W3C trace context the client sent.
     pub traceparent: Option<String>,
+}
+
+impl ConnectRequest {
+    /// Reads a request head as the server receives it: only `CONNECT` with an
+    /// `ip:port` authority is an HBONE request (anything else is a 400).
+    pub fn from_head(
+        method: &Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> Result<Self, Refusal> {
+        if method != Method::CONNECT {
+            return Err(Refusal::BadRequest);
+        }
+        let authority = uri
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .ok_or(Refusal::BadRequest)?;
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        Ok(Self {
+            authority,
+            forwarded_for: header("forwarded").and_then(parse_forwarded),
+            traceparent: header("traceparent").map(str::to_owned),
+        })
+    }
 }
 
 /// Why the server refuses a tunnel.
@@ -187,7 +219,8 @@ fn forwarded_ip(ip: IpAddr) -> String {
     }
 }
 
-fn parse_forwarded(v: &str) -> Option<IpAddr> {
+/// The first `for=` address of a `forwarded` header (RFC 7239).
+pub fn parse_forwarded(v: &str) -> Option<IpAddr> {
     let f = v
         .split(';')
         .flat_map(|p| p.split(','))
@@ -202,6 +235,7 @@ fn parse_forwarded(v: &str) -> Option<IpAddr> {
 /// What a server does with an accepted tunnel once it has answered 200: typically copy
 /// bytes between the tunnel and the application ([`Pipe`]).
 pub trait Tunnel: Send + 'static {
+    /// Runs the tunnel to its end.
     fn run(self, stream: H2Stream) -> impl Future<Output = ()> + Send;
 }
 
@@ -276,23 +310,12 @@ where
             .body(())
             .expect("static response")
     };
-    if req.method() != Method::CONNECT {
-        respond.send_response(status(StatusCode::BAD_REQUEST), true)?;
-        return Ok(());
-    }
-    let Some(authority) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        respond.send_response(status(StatusCode::BAD_REQUEST), true)?;
-        return Ok(());
-    };
-    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let request = ConnectRequest {
-        authority,
-        forwarded_for: header("forwarded").and_then(parse_forwarded),
-        traceparent: header("traceparent").map(str::to_owned),
+    let request = match ConnectRequest::from_head(req.method(), req.uri(), req.headers()) {
+        Ok(r) => r,
+        Err(_) => {
+            respond.send_response(status(StatusCode::BAD_REQUEST), true)?;
+            return Ok(());
+        }
     };
     match handler(request).await {
         Ok(tunnel) => {

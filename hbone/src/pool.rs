@@ -6,6 +6,9 @@
 //! - Dialing is single-flight per key: a burst of tunnels to a new destination opens one
 //!   connection (then more only as streams fill up), not one each.
 //! - A connection unused for `idle_timeout` is closed; one the peer closed is dropped.
+//! - The bookkeeping is bounded by what is open: a key's dial gate is dropped as soon as
+//!   nobody dials it, and a key without connections is forgotten by the next reap, so
+//!   pods coming and going leave nothing behind.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use ambit_identity::Identity;
+
 use crate::connect::{HboneClient, HboneError};
 use crate::stream::H2Stream;
 
@@ -26,16 +31,40 @@ use crate::stream::H2Stream;
 /// source is the source workload's own IP, which the far side delivers as.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub src_identity: String,
+    /// Who the connection authenticates as.
+    pub src_identity: Identity,
+    /// The source workload's IP: the connection's TCP source.
     pub src: IpAddr,
-    pub dst_identity: String,
+    /// Who the peer must prove to be.
+    pub dst_identity: Identity,
     /// The peer agent's address (`pod ip:15008`).
     pub dst: SocketAddr,
 }
 
 /// Makes a new HBONE connection for a key (TCP, then mutual TLS, then HTTP/2).
 pub trait Dialer: Send + Sync + 'static {
-    fn dial(&self, key: &PoolKey) -> impl Future<Output = Result<HboneClient, HboneError>> + Send;
+    /// What the caller hands the dialer besides the key (e.g. the source pod, whose
+    /// namespace the socket is made in), so the dialer never has to look it up.
+    type Target: Send + Sync;
+    /// Why a dial failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Opens a connection for `key`.
+    fn dial(
+        &self,
+        key: &PoolKey,
+        target: &Self::Target,
+    ) -> impl Future<Output = Result<HboneClient, Self::Error>> + Send;
+}
+
+/// Why [`Pool::connect`] gave no tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError<E: std::error::Error + 'static> {
+    /// No connection could be dialed.
+    #[error(transparent)]
+    Dial(E),
+    /// The connection was there, the tunnel was not set up.
+    #[error(transparent)]
+    Tunnel(#[from] HboneError),
 }
 
 struct Conn {
@@ -47,7 +76,9 @@ struct Conn {
 /// Pool settings.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
+    /// Tunnels per connection at most.
     pub max_streams: usize,
+    /// Unused connections close after this long.
     pub idle_timeout: Duration,
 }
 
@@ -80,6 +111,7 @@ impl<D> std::fmt::Debug for Pool<D> {
 }
 
 impl<D: Dialer> Pool<D> {
+    /// A pool dialing with `dialer`.
     pub fn new(dialer: D, config: PoolConfig) -> Arc<Self> {
         Arc::new(Self {
             dialer,
@@ -94,11 +126,12 @@ impl<D: Dialer> Pool<D> {
     pub async fn connect(
         &self,
         key: &PoolKey,
+        target: &D::Target,
         authority: SocketAddr,
         source: IpAddr,
         traceparent: &str,
-    ) -> Result<PooledStream, HboneError> {
-        let conn = self.checkout(key).await?;
+    ) -> Result<PooledStream, PoolError<D::Error>> {
+        let conn = self.checkout(key, target).await.map_err(PoolError::Dial)?;
         match conn.client.connect(authority, source, traceparent).await {
             Ok(stream) => Ok(PooledStream {
                 stream,
@@ -106,29 +139,23 @@ impl<D: Dialer> Pool<D> {
             }),
             Err(e) => {
                 drop(Lease(conn));
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
     /// A connection with a free stream slot, reserved (its `active` count taken).
-    async fn checkout(&self, key: &PoolKey) -> Result<Arc<Conn>, HboneError> {
+    async fn checkout(&self, key: &PoolKey, target: &D::Target) -> Result<Arc<Conn>, D::Error> {
         if let Some(c) = self.reserve(key) {
             return Ok(c);
         }
-        let gate = self
-            .dialing
-            .lock()
-            .unwrap()
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _single_flight = gate.lock().await;
+        let gate = DialGate::enter(&self.dialing, key);
+        let _single_flight = gate.gate.lock().await;
         // Whoever dialed while we waited may have made room.
         if let Some(c) = self.reserve(key) {
             return Ok(c);
         }
-        let client = self.dialer.dial(key).await?;
+        let client = self.dialer.dial(key, target).await?;
         self.dials.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             client,
@@ -185,6 +212,14 @@ impl<D: Dialer> Pool<D> {
         self.conns.lock().unwrap().values().map(Vec::len).sum()
     }
 
+    /// What the pool keeps track of: (keys with connections, keys being dialed).
+    pub fn bookkeeping(&self) -> (usize, usize) {
+        (
+            self.conns.lock().unwrap().len(),
+            self.dialing.lock().unwrap().len(),
+        )
+    }
+
     /// Runs [`Pool::reap`] every `idle_timeout / 2` until the pool is dropped.
     pub fn reap_periodically(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
@@ -200,6 +235,39 @@ impl<D: Dialer> Pool<D> {
                 }
             }
         });
+    }
+}
+
+/// One caller's place at a key's dial gate. The gate is shared by the callers dialing
+/// the key at the same time, and removed by the last one to leave.
+struct DialGate<'a> {
+    map: &'a Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a PoolKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> DialGate<'a> {
+    fn enter(
+        map: &'a Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+        key: &'a PoolKey,
+    ) -> Self {
+        let gate = map.lock().unwrap().entry(key.clone()).or_default().clone();
+        Self { map, key, gate }
+    }
+}
+
+impl Drop for DialGate<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap();
+        // Two references: the map's and ours. Anyone else would have cloned it under
+        // this lock, so nobody can be about to use it.
+        if map
+            .get(self.key)
+            .is_some_and(|g| Arc::ptr_eq(g, &self.gate))
+            && Arc::strong_count(&self.gate) == 2
+        {
+            map.remove(self.key);
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub struct H2Stream {
 }
 
 impl H2Stream {
+    /// The pipe over a stream's two halves.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self {
             send,

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
+use ambit_identity::Identity;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -26,19 +27,54 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// The PEM held no certificate.
     #[error("no certificate in the PEM chain")]
     NoCertificate,
+    /// The PEM could not be read.
     #[error("reading PEM: {0}")]
     Pem(String),
+    /// The root is not usable as a trust anchor.
     #[error("the root certificate cannot be a trust anchor: {0}")]
     Root(String),
+    /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
 
+/// A peer proved an identity, but not one this side accepts (the certificate chains to
+/// the mesh root). Carried inside the handshake's `rustls::Error` so a caller can tell
+/// an impostor from a broken handshake.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("peer identity {found} is not acceptable here")]
+pub struct UnexpectedIdentity {
+    /// The identity the peer presented.
+    pub found: Identity,
+}
+
+impl UnexpectedIdentity {
+    /// The `rustls::Error` a verifier returns for `found`.
+    pub fn rustls_error(found: Identity) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(Self { found }),
+        )))
+    }
+
+    /// The unexpected identity inside a handshake error, if that is what it was.
+    pub fn from_rustls(e: &rustls::Error) -> Option<&Self> {
+        match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<Self>()
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A workload's certificate chain (leaf first) and private key.
 pub struct WorkloadKey {
+    /// Leaf first; without the root.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -78,6 +114,7 @@ impl WorkloadKey {
 pub struct MeshRoots(Arc<Vec<TrustAnchor<'static>>>);
 
 impl MeshRoots {
+    /// Every certificate of `pem` as a trust anchor.
     pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
         let mut anchors = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
@@ -97,7 +134,7 @@ impl MeshRoots {
 #[derive(Clone, Debug)]
 enum Accept {
     /// Exactly one of these SPIFFE IDs (a client dialing a workload).
-    Identities(BTreeSet<String>),
+    Identities(BTreeSet<Identity>),
     /// Any SPIFFE ID of this trust domain (a server; authorization decides later).
     TrustDomain(String),
 }
@@ -118,7 +155,7 @@ impl SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
-    ) -> Result<String, rustls::Error> {
+    ) -> Result<Identity, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
@@ -133,12 +170,10 @@ impl SpiffeVerifier {
         let id = single_spiffe_id(end_entity).map_err(rustls::Error::General)?;
         let ok = match &self.accept {
             Accept::Identities(set) => set.contains(&id),
-            Accept::TrustDomain(td) => trust_domain_of(&id) == Some(td.as_str()),
+            Accept::TrustDomain(td) => id.trust_domain() == td,
         };
         if !ok {
-            return Err(rustls::Error::General(format!(
-                "peer identity {id} is not acceptable here"
-            )));
+            return Err(UnexpectedIdentity::rustls_error(id));
         }
         Ok(id)
     }
@@ -300,7 +335,7 @@ pub fn server_config(
 pub fn client_config(
     key: &WorkloadKey,
     roots: &MeshRoots,
-    allowed: impl IntoIterator<Item = String>,
+    allowed: impl IntoIterator<Item = Identity>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeVerifier {
@@ -319,13 +354,13 @@ pub fn client_config(
 }
 
 /// The SPIFFE identity of a (verified) peer: its end-entity certificate's one SPIFFE URI.
-pub fn peer_identity(conn: &rustls::CommonState) -> Option<String> {
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
     single_spiffe_id(conn.peer_certificates()?.first()?).ok()
 }
 
 /// The certificate's SPIFFE ID; an error unless it has exactly one URI SAN and it is a
-/// SPIFFE ID.
-pub fn single_spiffe_id(cert: &CertificateDer<'_>) -> Result<String, String> {
+/// mesh identity.
+pub fn single_spiffe_id(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
     let (_, c) =
         X509Certificate::from_der(cert).map_err(|e| format!("unreadable certificate: {e}"))?;
@@ -340,19 +375,10 @@ pub fn single_spiffe_id(cert: &CertificateDer<'_>) -> Result<String, String> {
         }
     }
     match uris.as_slice() {
-        [one] if one.starts_with("spiffe://") => Ok(one.clone()),
-        [one] => Err(format!("URI SAN {one} is not a SPIFFE ID")),
+        [one] => Identity::parse(one).map_err(|e| format!("URI SAN: {e}")),
         _ => Err(format!(
             "the certificate has {} URI SANs, not exactly one",
             uris.len()
         )),
     }
-}
-
-/// `spiffe://<td>/...` → `<td>`.
-pub fn trust_domain_of(id: &str) -> Option<&str> {
-    id.strip_prefix("spiffe://")?
-        .split('/')
-        .next()
-        .filter(|s| !s.is_empty())
 }

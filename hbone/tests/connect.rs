@@ -80,7 +80,12 @@ async fn malformed_requests_are_refused_without_harming_other_streams() {
     // A raw h2 client over the same mutual TLS, to send what HboneClient never would.
     let roots = MeshRoots::from_pem(&ca.pem).unwrap();
     let connector = tokio_rustls::TlsConnector::from(
-        client_config(&leaf(&ca, FRONTEND), &roots, [WEB.to_string()]).unwrap(),
+        client_config(
+            &leaf(&ca, FRONTEND),
+            &roots,
+            [ambit_identity::Identity::parse(WEB).unwrap()],
+        )
+        .unwrap(),
     );
     let tls = connector
         .connect(

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ambit_hbone::connect::{HboneClient, HboneError};
-use ambit_hbone::pool::{Dialer, Pool, PoolConfig, PoolKey};
+use ambit_hbone::pool::{Dialer, Pool, PoolConfig, PoolError, PoolKey};
+use ambit_identity::Identity;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,9 +19,27 @@ struct TestDialer {
 }
 
 impl Dialer for TestDialer {
-    async fn dial(&self, key: &PoolKey) -> Result<HboneClient, HboneError> {
+    type Target = ();
+    type Error = HboneError;
+    async fn dial(&self, key: &PoolKey, _: &()) -> Result<HboneClient, HboneError> {
         Ok(client(&self.ca, key.dst).await)
     }
+}
+
+/// Fails every dial, after a moment.
+struct FailingDialer;
+
+impl Dialer for FailingDialer {
+    type Target = ();
+    type Error = std::io::Error;
+    async fn dial(&self, _: &PoolKey, _: &()) -> Result<HboneClient, std::io::Error> {
+        tokio::task::yield_now().await;
+        Err(std::io::ErrorKind::ConnectionRefused.into())
+    }
+}
+
+fn id(s: &str) -> Identity {
+    Identity::parse(s).unwrap()
 }
 
 async fn setup(config: PoolConfig) -> (Arc<Pool<TestDialer>>, PoolKey, SocketAddr) {
@@ -28,9 +47,9 @@ async fn setup(config: PoolConfig) -> (Arc<Pool<TestDialer>>, PoolKey, SocketAdd
     let app = echo().await;
     let (server, _) = hbone_server(&ca, 1, 2).await;
     let key = PoolKey {
-        src_identity: FRONTEND.into(),
+        src_identity: id(FRONTEND),
         src: "127.0.0.1".parse().unwrap(),
-        dst_identity: WEB.into(),
+        dst_identity: id(WEB),
         dst: server,
     };
     (Pool::new(TestDialer { ca }, config), key, app)
@@ -49,7 +68,7 @@ async fn echo_held(
     barrier: Option<&tokio::sync::Barrier>,
 ) -> bool {
     let mut t = pool
-        .connect(key, app, "10.0.0.1".parse().unwrap(), "t")
+        .connect(key, &(), app, "10.0.0.1".parse().unwrap(), "t")
         .await
         .unwrap();
     if let Some(b) = barrier {
@@ -117,4 +136,84 @@ async fn idle_connections_close_and_are_dialed_again_when_needed() {
     assert_eq!(pool.connections(), 0);
     assert!(echo_through(&pool, &key, app, 1).await);
     assert_eq!(pool.dials.load(Ordering::Relaxed), 2);
+}
+
+/// Dials an in-memory HBONE server whose every tunnel is refused (503): a real
+/// HTTP/2 connection per key, without the cost of TLS.
+struct MemoryDialer;
+
+impl Dialer for MemoryDialer {
+    type Target = ();
+    type Error = HboneError;
+    async fn dial(&self, _: &PoolKey, _: &()) -> Result<HboneClient, HboneError> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(ambit_hbone::connect::serve(server_io, |_req| async {
+            Err::<ambit_hbone::connect::Pipe<tokio::io::DuplexStream>, _>(
+                ambit_hbone::connect::Refusal::Unreachable,
+            )
+        }));
+        HboneClient::handshake(client_io).await
+    }
+}
+
+#[tokio::test]
+async fn bookkeeping_stays_bounded_as_a_thousand_short_lived_pods_come_and_go() {
+    let pool = Pool::new(
+        MemoryDialer,
+        PoolConfig {
+            idle_timeout: Duration::from_millis(1),
+            ..Default::default()
+        },
+    );
+    // Each "pod" has its own source IP, so its own key: one tunnel, then it is gone.
+    for i in 0..1000u32 {
+        let key = PoolKey {
+            src_identity: id(FRONTEND),
+            src: std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0af4_0000 + i)),
+            dst_identity: id(WEB),
+            dst: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let r = pool
+            .connect(&key, &(), "10.0.0.1:80".parse().unwrap(), key.src, "t")
+            .await;
+        assert!(
+            matches!(r, Err(PoolError::Tunnel(HboneError::Unreachable))),
+            "{r:?}"
+        );
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            pool.reap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    pool.reap();
+    assert_eq!(pool.dials.load(Ordering::Relaxed), 1000);
+    assert_eq!(
+        pool.bookkeeping(),
+        (0, 0),
+        "keys of gone pods are still tracked"
+    );
+
+    // Failed dials leave nothing behind either, also when many wait on one gate.
+    let failing = Pool::new(FailingDialer, PoolConfig::default());
+    let mut tasks = Vec::new();
+    for i in 0..1000u32 {
+        let failing = failing.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = PoolKey {
+                src_identity: id(FRONTEND),
+                src: std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0af5_0000 + i % 100)),
+                dst_identity: id(WEB),
+                dst: "127.0.0.1:9".parse().unwrap(),
+            };
+            let r = failing
+                .connect(&key, &(), "127.0.0.1:9".parse().unwrap(), key.src, "t")
+                .await;
+            matches!(r, Err(PoolError::Dial(_)))
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    assert_eq!(failing.bookkeeping(), (0, 0));
 }

@@ -8,7 +8,9 @@ use std::str::FromStr;
 /// An IP prefix. A bare address is a host prefix (/32 or /128).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
+    /// The network address (host bits may be set; they are ignored).
     pub addr: IpAddr,
+    /// The prefix length.
     pub len: u8,
 }
 

@@ -27,7 +27,9 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct PodSpec {
     /// Kubernetes pod UID: the identity of the enrollment.
     pub uid: String,
+    /// Kubernetes namespace.
     pub namespace: String,
+    /// Pod name.
     pub name: String,
     /// Path of the pod's network namespace (`/var/run/netns/...` or `/proc/<pid>/ns/net`).
     pub netns: String,
@@ -40,9 +42,15 @@ pub struct PodSpec {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Enroll a pod: capture its outbound connections.
-    Add { pod: PodSpec },
+    Add {
+        /// The pod.
+        pod: PodSpec,
+    },
     /// Release a pod. Its open connections finish; new ones are no longer captured.
-    Remove { uid: String },
+    Remove {
+        /// Its uid.
+        uid: String,
+    },
     /// List enrolled pods.
     List {},
 }
@@ -50,6 +58,7 @@ pub enum Request {
 /// An enrolled pod, as the agent reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrolledPod {
+    /// What the enrollment API was told.
     #[serde(flatten)]
     pub spec: PodSpec,
     /// The agent's id for the workload (labels metrics and kernel counters).
@@ -66,11 +75,15 @@ pub struct EnrolledPod {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
+    /// Done.
     Ok {
+        /// The pods the request was about (or all, for `list`).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pods: Vec<EnrolledPod>,
     },
+    /// Refused; nothing changed.
     Error {
+        /// Why.
         message: String,
     },
 }
@@ -78,12 +91,21 @@ pub enum Response {
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
+    /// The socket cannot be reached.
     #[error("cannot reach the node agent at {path}: {source} (is `ambit-agent run` up?)")]
-    Connect { path: String, source: io::Error },
+    Connect {
+        /// The socket's path.
+        path: String,
+        /// What connect(2) said.
+        source: io::Error,
+    },
+    /// Reading or writing failed.
     #[error("talking to the node agent: {0}")]
     Io(#[from] io::Error),
+    /// The answer is not JSON of the protocol.
     #[error("the node agent sent an unreadable answer: {0}")]
     BadResponse(serde_json::Error),
+    /// The agent said no.
     #[error("the node agent refused: {0}")]
     Refused(String),
 }
@@ -131,6 +153,7 @@ impl EnrollClient {
         }
     }
 
+    /// Enrolls a pod.
     pub fn add(&mut self, pod: PodSpec) -> Result<EnrolledPod, EnrollError> {
         let uid = pod.uid.clone();
         self.call(&Request::Add { pod })?
@@ -139,6 +162,7 @@ impl EnrollClient {
             .ok_or_else(|| EnrollError::Refused("agent did not report the enrolled pod".into()))
     }
 
+    /// Releases a pod.
     pub fn remove(&mut self, uid: &str) -> Result<(), EnrollError> {
         self.call(&Request::Remove {
             uid: uid.to_owned(),
@@ -146,6 +170,7 @@ impl EnrollClient {
         .map(drop)
     }
 
+    /// Every pod the agent knows.
     pub fn list(&mut self) -> Result<Vec<EnrolledPod>, EnrollError> {
         self.call(&Request::List {})
     }

@@ -3,7 +3,8 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,9 +12,39 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::Agent;
+use crate::capture::pods::PodRegistry;
+use crate::identity::Certificates;
+use crate::proxy::{HbonePool, RecentConnections};
+use crate::state::Store;
+use crate::telemetry::Telemetry;
+
+/// What the endpoints show, and nothing else.
+#[derive(Debug)]
+pub struct AdminState {
+    /// This node's name.
+    pub node: String,
+    /// The control plane's address, if any.
+    pub xds_address: Option<String>,
+    /// True once the programs are attached and enrolled pods are taken over; false again
+    /// while the agent drains at shutdown.
+    pub ready: AtomicBool,
+    /// Metrics.
+    pub telemetry: Arc<Telemetry>,
+    /// Known and captured pods.
+    pub pods: Arc<PodRegistry>,
+    /// The mesh as the control plane describes it.
+    pub store: Arc<Store>,
+    /// Workload certificates.
+    pub certs: Arc<Certificates>,
+    /// The xDS client's state.
+    pub xds: Arc<ambit_xds::client::XdsStatus>,
+    /// HBONE connections.
+    pub pool: Arc<HbonePool>,
+    /// Recently captured connections.
+    pub recent: Arc<RecentConnections>,
+}
 
 /// Which endpoints a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +58,16 @@ pub enum Endpoints {
 }
 
 /// Serves HTTP/1.1 on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>, endpoints: Endpoints) {
+pub async fn serve(listener: TcpListener, agent: Arc<AdminState>, endpoints: Endpoints) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Typically EMFILE: wait for descriptors to free up instead of spinning.
+                warn!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -48,7 +85,11 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, endpoints: Endpoint
     }
 }
 
-fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    agent: &AdminState,
+    endpoints: Endpoints,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     use Endpoints::*;
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
@@ -59,7 +100,7 @@ fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Respon
                 "content-type",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
-            .body(Full::new(Bytes::from(agent.metrics.encode())))
+            .body(Full::new(Bytes::from(agent.telemetry.encode())))
             .expect("static response parts are valid"),
         (Ready | Admin, "/healthz/ready") => {
             if agent.ready.load(Ordering::Acquire) {
@@ -67,27 +108,32 @@ fn route(agent: &Agent, endpoints: Endpoints, req: &Request<Incoming>) -> Respon
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: eBPF programs not attached\n",
+                    "not ready: starting (programs not attached yet) or draining\n",
                 )
             }
         }
         (Admin, "/debug/pods") => json(&agent.pods.list_known()),
         (Admin, "/debug/config_dump") => json(&serde_json::json!({
-            "node": agent.config.node_name,
+            "node": agent.node,
             "xds": {
-                "address": agent.config.xds_address,
+                "address": agent.xds_address,
                 "connected": agent.xds.connected.load(Ordering::Acquire),
                 "connects": agent.xds.connects.load(Ordering::Relaxed),
                 "acks": agent.xds.acks.load(Ordering::Relaxed),
                 "nacks": agent.xds.nacks.load(Ordering::Relaxed),
                 "types": agent.xds.types(),
             },
-            "mesh": *agent.store.snapshot(),
+            "mesh": agent.store.read(|s| serde_json::to_value(s).unwrap_or_default()),
             "pods": agent.pods.list_known(),
             "certificates": agent.certs.all().iter().map(|c| &**c).collect::<Vec<_>>(),
             "certificate_requests": {
                 "issued": agent.certs.issued.load(Ordering::Relaxed),
                 "failed": agent.certs.failures.load(Ordering::Relaxed),
+            },
+            "hbone_pool": {
+                "connections": agent.pool.connections(),
+                "keys": agent.pool.bookkeeping().0,
+                "dialing": agent.pool.bookkeeping().1,
             },
         })),
         (Admin, "/debug/connections") => json(&agent.recent.snapshot()),

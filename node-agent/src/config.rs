@@ -68,6 +68,11 @@ pub struct Config {
     #[arg(long, env = "AMBIT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// At SIGTERM, how long open connections may go on before the agent exits (it stops
+    /// accepting at once; capture stays in place either way).
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// The control plane's xDS address (e.g. `http://172.18.0.254:15010`). Without it the
     /// agent runs standalone: the enrollment API's `add` captures a pod at once.
     #[arg(long, env = "AMBIT_XDS_ADDRESS")]
@@ -115,6 +120,57 @@ impl Config {
 
 pub use ambit_mesh::cidr::Cidr;
 
+/// The kernel programs' log level for a `--log` filter: debug (4) only if a directive
+/// turns on debug or trace for every target or for the programs' target
+/// (`ambit_ebpf`); else info (3). A directive naming another target
+/// (`ambit_node_agent=debug`) does not flood the kernel ring buffer.
+pub fn kernel_log_level(filter: &str) -> u8 {
+    const KERNEL_TARGET: &str = "ambit_ebpf";
+    let verbose = |level: &str| {
+        let l = level.trim().to_ascii_lowercase();
+        l == "debug" || l == "trace" || l == "4" || l == "5"
+    };
+    let is_level = |s: &str| {
+        matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "off"
+                | "error"
+                | "warn"
+                | "info"
+                | "debug"
+                | "trace"
+                | "0"
+                | "1"
+                | "2"
+                | "3"
+                | "4"
+                | "5"
+        )
+    };
+    let debug = filter.split(',').map(str::trim).any(|d| {
+        if d.is_empty() {
+            return false;
+        }
+        match d.rsplit_once('=') {
+            Some((target, level)) => {
+                // `target[span{field}]=level`: only the target part names a module.
+                let target = target.split('[').next().unwrap_or("").trim();
+                let ours = target.is_empty()
+                    || target == KERNEL_TARGET
+                    || target.starts_with("ambit_ebpf::");
+                ours && verbose(level)
+            }
+            // A bare level applies to every target; a bare target means all its levels.
+            None if is_level(d) => verbose(d),
+            None => {
+                let target = d.split('[').next().unwrap_or("").trim();
+                target == KERNEL_TARGET || target.starts_with("ambit_ebpf::")
+            }
+        }
+    });
+    if debug { 4 } else { 3 }
+}
+
 /// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -138,6 +194,25 @@ mod tests {
         assert_eq!("fd00::1".parse::<Cidr>().unwrap().len, 128);
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nonsense/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn kernel_debug_logs_need_a_directive_that_reaches_the_kernel_target() {
+        for (filter, level) in [
+            ("info", 3),
+            ("debug", 4),
+            ("TRACE", 4),
+            ("info,ambit_node_agent=debug", 3),
+            ("info,hyper=trace,h2=debug", 3),
+            ("warn,ambit_ebpf=debug", 4),
+            ("ambit_ebpf", 4),
+            ("ambit_ebpf=info", 3),
+            ("ambit_node_agent[conn{debug=1}]=info", 3),
+            ("info,debugger=info", 3),
+            ("", 3),
+        ] {
+            assert_eq!(kernel_log_level(filter), level, "{filter:?}");
+        }
     }
 
     #[test]

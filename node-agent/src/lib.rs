@@ -1,81 +1,54 @@
 //! Ambit's node agent: captures enrolled pods' TCP connections with eBPF and proxies them.
 //!
-//! Parts, one module each:
+//! Components, each a module that depends only on the ones below it and never on this
+//! file:
 //! - [`config`]: every flag and environment variable, read once;
-//! - [`datapath`]: the kernel programs and maps (load, attach, pin, detach);
-//! - [`pods`], [`enrollment`], [`enroll_server`]: which pods are enrolled, and the local
-//!   API that enrolls them;
-//! - [`outbound`], [`dialer`]: the in-pod outbound listener and the proxying;
-//! - [`rbac`]: L4 authorization (evaluated by the destination's agent);
-//! - [`metrics`], [`admin`]: Prometheus metrics, readiness and debug endpoints.
+//! - [`state`]: the mesh as the control plane describes it (fed by xDS);
+//! - [`identity`]: workload certificates (the CA client) and the TLS built from them;
+//! - [`telemetry`]: metrics, Istio's TCP metrics and the access log;
+//! - [`capture`]: the kernel programs, the enrolled pods and the enrollment API; it hands
+//!   each captured pod's listeners to a [`capture::PodServer`];
+//! - [`proxy`]: that server: outbound HBONE or passthrough, inbound mTLS and policy;
+//! - [`admin`]: readiness, `/metrics` and the debug endpoints.
+//!
+//! [`run`] builds them, wires them together and, on SIGTERM, drains: it stops accepting,
+//! lets open connections finish for up to the drain timeout, and exits leaving the
+//! kernel programs attached, so every enrolled pod fails closed until the next agent
+//! takes over. [`uninstall`] is the one way to remove the programs.
 //!
 //! Two runtimes: the data plane (multi-threaded) runs listeners and proxied connections;
-//! a current-thread runtime on its own thread runs the admin, metrics and enrollment
-//! servers, so a burst of control work never stalls forwarding.
+//! a current-thread runtime on its own thread runs the admin, metrics, enrollment, xDS
+//! and CA clients, so a burst of control work never stalls forwarding.
 
 pub mod admin;
+pub mod capture;
 pub mod config;
-pub mod datapath;
-pub mod dialer;
-pub mod enroll_server;
-pub mod enrollment;
-pub mod flow;
 pub mod identity;
-pub mod inbound;
-pub mod lb;
-pub mod metrics;
-pub mod mtls;
-pub mod outbound;
-pub mod podnet;
-pub mod pods;
-pub mod rbac;
-pub mod store;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
+use crate::admin::AdminState;
+use crate::capture::Capture;
+use crate::capture::datapath::Datapath;
+use crate::capture::pods::PodRegistry;
 use crate::config::Config;
-use crate::datapath::Datapath;
-use crate::dialer::NetnsDialer;
-use crate::metrics::Metrics;
-use crate::outbound::RecentConnections;
-use crate::pods::PodRegistry;
+use crate::identity::tls::TlsConfigs;
+use crate::proxy::{Inputs, Proxy};
+use crate::state::Store;
+use crate::telemetry::Telemetry;
 
-/// The agent's shared state.
-#[derive(Debug)]
-pub struct Agent {
-    pub config: Config,
-    pub datapath: Arc<Datapath>,
-    pub pods: Arc<PodRegistry>,
-    pub dialer: Arc<NetnsDialer>,
-    pub metrics: Metrics,
-    pub recent: RecentConnections,
-    /// True once the programs are attached and enrolled pods are taken over.
-    pub ready: AtomicBool,
-    /// Workload certificates for local identities.
-    pub certs: Arc<identity::Certificates>,
-    /// TLS configurations built from `certs`.
-    pub tls: Arc<mtls::TlsConfigs>,
-    /// HBONE connections to other agents.
-    pub pool: Arc<ambit_hbone::pool::Pool<mtls::HboneDialer>>,
-    /// Authorized inbound connections (closed when policy changes to deny them).
-    pub conns: flow::ConnTracker,
-    pub access_log: flow::AccessLog,
-    pub lb: lb::LoadBalancer,
-    /// What the control plane says (empty without one).
-    pub store: Arc<store::Store>,
-    /// The xDS client's state (never connected without a control plane).
-    pub xds: Arc<ambit_xds::client::XdsStatus>,
-    /// Serialises enroll/release/restore/reconcile.
-    enroll_lock: Mutex<()>,
-    data_plane: tokio::runtime::Handle,
-}
-
-/// Runs the agent until SIGTERM or SIGINT, then detaches the programs and exits.
+/// Runs the agent until SIGTERM or SIGINT, then drains and exits, leaving capture in
+/// place (see the crate docs).
 pub fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let data_plane = tokio::runtime::Builder::new_multi_thread()
@@ -100,185 +73,270 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             config.state_dir.display()
         )
     })?;
-    let kernel_log_level = if config.log.contains("debug") || config.log.contains("trace") {
-        4
-    } else {
-        3
-    };
     let datapath = Arc::new(Datapath::load(
         &config.ebpf_object,
         &config.pod_cgroup,
         &config.bpffs_dir,
         &config.exclude_cidrs,
         &config.exclude_ports,
-        kernel_log_level,
+        config::kernel_log_level(&config.log),
     )?);
     let pods = Arc::new(PodRegistry::new(&config.state_dir));
     let xds = Arc::new(ambit_xds::client::XdsStatus::default());
-    let metrics = Metrics::new(datapath.clone(), pods.clone(), xds.clone());
+    let store = Arc::new(Store::new(config.node_name.clone()));
     let certs: Arc<identity::Certificates> = Arc::default();
-    let tls = Arc::new(mtls::TlsConfigs::new(certs.clone()));
-    let dialer = Arc::new(NetnsDialer::start().context("starting the netns dialer")?);
+    let tls = Arc::new(TlsConfigs::new(certs.clone()));
+    let telemetry = {
+        let mut t =
+            Telemetry::new(config.access_log == "stdout").context("starting the access log")?;
+        t.register_collector(Box::new(capture::counters::PodCollector {
+            datapath: datapath.clone(),
+            pods: pods.clone(),
+        }));
+        t.register_collector(Box::new(telemetry::xds::XdsCollector(xds.clone())));
+        Arc::new(t)
+    };
+    let sockets =
+        Arc::new(proxy::dialer::NetnsDialer::start().context("starting the netns dialer")?);
     let pool = {
         let _rt = data_plane.enter();
         let pool = ambit_hbone::pool::Pool::new(
-            mtls::HboneDialer {
-                pods: pods.clone(),
-                dialer: dialer.clone(),
+            proxy::hbone_dialer::HboneDialer {
+                sockets: sockets.clone(),
                 tls: tls.clone(),
                 timeout: config.connect_timeout,
-                dials: metrics.hbone_dials.clone(),
+                dials: telemetry.hbone_dials.clone(),
             },
             ambit_hbone::pool::PoolConfig::default(),
         );
         pool.reap_periodically();
         pool
     };
-    let agent = Arc::new(Agent {
-        metrics,
-        store: Arc::default(),
-        certs,
+    let recent = Arc::new(proxy::RecentConnections::default());
+    let inputs = Arc::new(Inputs {
+        connect_timeout: config.connect_timeout,
+        identities: config.xds_address.is_some(),
+        state: store.clone(),
+        certs: certs.clone(),
         tls,
-        pool,
-        conns: flow::ConnTracker::default(),
-        access_log: flow::AccessLog::new(config.access_log == "stdout"),
-        lb: lb::LoadBalancer::default(),
-        xds,
-        dialer,
-        recent: RecentConnections::default(),
-        ready: AtomicBool::new(false),
-        enroll_lock: Mutex::new(()),
-        data_plane: data_plane.handle().clone(),
-        config,
-        datapath,
-        pods,
+        pool: pool.clone(),
+        sockets,
+        orig_dst: datapath.clone(),
+        conns: Default::default(),
+        lb: Default::default(),
+        telemetry: telemetry.clone(),
+        recent: recent.clone(),
     });
-    agent
+    let proxy = Arc::new(Proxy::new(inputs.clone(), data_plane.handle().clone()));
+    let capture = Arc::new(Capture::new(
+        datapath.clone(),
+        pods.clone(),
+        proxy,
+        store.clone(),
+        xds.clone(),
+        config.xds_address.is_some(),
+        data_plane.handle().clone(),
+    ));
+    capture
         .restore()
         .context("taking over previously enrolled pods")?;
+    let admin = Arc::new(AdminState {
+        node: config.node_name.clone(),
+        xds_address: config.xds_address.clone(),
+        ready: Default::default(),
+        telemetry: telemetry.clone(),
+        pods: pods.clone(),
+        store: store.clone(),
+        certs: certs.clone(),
+        xds: xds.clone(),
+        pool,
+        recent,
+    });
 
-    let control = start_control_plane(agent.clone(), node_credential)?;
-    agent.ready.store(true, Ordering::Release);
-    info!(pods = agent.pods.len(), "node agent ready");
+    let control = start_control(&config, &admin, &capture, &inputs, node_credential)?;
+    admin.ready.store(true, Ordering::Release);
+    info!(pods = pods.len(), "node agent ready");
 
     data_plane.block_on(shutdown_signal())?;
-    info!("shutting down");
-    agent.ready.store(false, Ordering::Release);
-    agent.pods.clear();
-    let _ = std::fs::remove_file(agent.config.enroll_socket());
-    agent
-        .datapath
-        .detach()
-        .context("detaching the eBPF programs")?;
+    // Fail closed: the programs stay attached and the pods' kernel entries stay, so a
+    // captured connect finds no listener (refused) and steered plaintext is dropped
+    // until the next agent takes over. Only `ambit-agent uninstall` removes capture.
+    admin.ready.store(false, Ordering::Release);
+    let _ = std::fs::remove_file(config.enroll_socket());
+    pods.clear();
+    let open = data_plane.block_on(drain(&telemetry, config.drain_timeout));
+    info!(
+        still_open = open,
+        "shutting down; capture stays in place until the next agent takes over"
+    );
     drop(control);
     data_plane.shutdown_background();
     Ok(())
 }
 
-/// The admin, metrics, readiness and enrollment servers, on their own thread and runtime.
-/// Binding happens before this returns, so a bind error stops the agent at start.
-fn start_control_plane(
-    agent: Arc<Agent>,
+/// Waits until no connection is being proxied, or `timeout`. Returns how many are
+/// still open (they are cut when the process exits).
+async fn drain(telemetry: &Telemetry, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    let active = || telemetry.active_connections.get();
+    if active() > 0 {
+        info!(open = active(), ?timeout, "draining open connections");
+    }
+    while active() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    active()
+}
+
+/// The admin, metrics, readiness and enrollment servers and the control-plane clients,
+/// on their own thread and runtime. Binding happens before this returns, so a bind
+/// error stops the agent at start.
+fn start_control(
+    config: &Config,
+    admin: &Arc<AdminState>,
+    capture: &Arc<Capture>,
+    inputs: &Arc<Inputs>,
     node_credential: Option<String>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let cfg = &agent.config;
-    let (metrics, ready, admin) = rt.block_on(async {
+    let (metrics, ready, admin_l) = rt.block_on(async {
         let bind = |addr| async move {
             tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))
         };
         anyhow::Ok((
-            bind(cfg.metrics_addr).await?,
-            bind(cfg.ready_addr).await?,
-            bind(cfg.admin_addr).await?,
+            bind(config.metrics_addr).await?,
+            bind(config.ready_addr).await?,
+            bind(config.admin_addr).await?,
         ))
     })?;
-    let enroll_path = cfg.enroll_socket();
+    let enroll_path = config.enroll_socket();
     let enroll = {
         let _g = rt.enter();
-        enroll_server::bind(&enroll_path)
+        capture::enroll_server::bind(&enroll_path)
             .with_context(|| format!("binding {}", enroll_path.display()))?
     };
-    let logger = agent.datapath.take_logger();
+    let control_plane = match &config.xds_address {
+        Some(address) => {
+            let _g = rt.enter();
+            Some(
+                ambit_xds::channel::ControlPlane::new(address, node_credential.as_deref())
+                    .with_context(|| format!("the control plane address {address:?}"))?,
+            )
+        }
+        None => None,
+    };
+    let logger = capture.datapath.take_logger();
+    let (admin, capture, inputs) = (admin.clone(), capture.clone(), inputs.clone());
+    let (node, ttl) = (config.node_name.clone(), config.cert_ttl);
+    let has_credential = node_credential.is_some();
     Ok(std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             rt.block_on(async move {
                 use admin::Endpoints;
-                tokio::spawn(admin::serve(metrics, agent.clone(), Endpoints::Metrics));
-                tokio::spawn(admin::serve(ready, agent.clone(), Endpoints::Ready));
-                tokio::spawn(admin::serve(admin, agent.clone(), Endpoints::Admin));
-                tokio::spawn(enroll_server::serve(enroll, agent.clone()));
+                tokio::spawn(admin::serve(metrics, admin.clone(), Endpoints::Metrics));
+                tokio::spawn(admin::serve(ready, admin.clone(), Endpoints::Ready));
+                tokio::spawn(admin::serve(admin_l, admin.clone(), Endpoints::Admin));
+                tokio::spawn(capture::enroll_server::serve(enroll, capture.clone()));
                 if let Some(logger) = logger {
                     tokio::spawn(forward_kernel_logs(logger));
                 }
-                let _xds = start_xds(&agent);
-                if let (Some(address), Some(credential)) =
-                    (agent.config.xds_address.clone(), node_credential)
-                {
-                    let config = identity::CaClientConfig {
-                        address,
-                        node: agent.config.node_name.clone(),
-                        credential,
-                        ttl: agent.config.cert_ttl,
-                    };
-                    tokio::spawn(identity::run(
-                        config,
-                        agent.store.clone(),
-                        agent.certs.clone(),
-                    ));
-                }
+                let _xds = control_plane.map(|cp| {
+                    if has_credential {
+                        let client = identity::ca_client::CaClient {
+                            control_plane: cp.clone(),
+                            ttl,
+                        };
+                        tokio::spawn(identity::ca_client::run(
+                            client,
+                            inputs.state.clone(),
+                            inputs.certs.clone(),
+                        ));
+                    }
+                    start_xds(cp, node, &admin, &capture, &inputs)
+                });
                 std::future::pending::<()>().await
             })
         })?)
 }
 
-/// Connects to the control plane (if configured) and reconciles enrollment with what it
-/// says after every change. Returns the client, which runs until dropped.
-fn start_xds(agent: &Arc<Agent>) -> Option<ambit_xds::client::XdsClient> {
-    let address = agent.config.xds_address.clone()?;
+/// Subscribes to the control plane and, after every change, reconciles enrollment and
+/// re-authorizes open inbound connections. Returns the client, which runs until dropped.
+fn start_xds(
+    control_plane: ambit_xds::channel::ControlPlane,
+    node: String,
+    admin: &AdminState,
+    capture: &Arc<Capture>,
+    inputs: &Arc<Inputs>,
+) -> ambit_xds::client::XdsClient {
     let config = ambit_xds::client::XdsClientConfig {
-        address,
-        node_id: agent.config.node_name.clone(),
+        control_plane,
+        node_id: node,
         types: ambit_xds::type_url::NODE_AGENT.to_vec(),
-        backoff_min: std::time::Duration::from_millis(100),
-        backoff_max: std::time::Duration::from_secs(15),
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(15),
     };
-    let handler = store::StoreHandler {
-        store: agent.store.clone(),
-        node: agent.config.node_name.clone(),
+    let handler = state::xds::StoreHandler {
+        store: inputs.state.clone(),
     };
     let client =
-        ambit_xds::client::XdsClient::spawn_with_status(config, handler, agent.xds.clone());
-    let mut changes = agent.store.changes();
-    let agent = agent.clone();
+        ambit_xds::client::XdsClient::spawn_with_status(config, handler, admin.xds.clone());
+    let mut changes = inputs.state.changes();
+    let (capture, inputs) = (capture.clone(), inputs.clone());
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
-            agent.reconcile_soon();
+            capture.reconcile_soon();
             // A policy change applies to open connections too.
-            let closed = agent.conns.revalidate(&agent.store.snapshot());
+            let closed = inputs.state.read(|s| inputs.conns.revalidate(s));
             if closed > 0 {
                 info!(closed, "closing connections the new policy denies");
             }
         }
     });
-    Some(client)
+    client
 }
 
-impl Agent {
-    /// Is enrollment decided by a control plane?
-    pub fn xds_driven(&self) -> bool {
-        self.config.xds_address.is_some()
-    }
+/// What [`uninstall`] did.
+#[derive(Debug)]
+pub struct Uninstalled {
+    /// Links detached and map pins removed.
+    pub datapath: capture::datapath::Uninstalled,
+    /// The state file was removed.
+    pub state_file: bool,
+}
 
-    /// Has the control plane sent the workloads at least once?
-    pub fn xds_synced(&self) -> bool {
-        self.xds.synced(&[ambit_xds::type_url::WORKLOAD])
+/// Removes Ambit from this node: detaches every program, removes the pins under
+/// `bpffs_dir` and the state file under `state_dir`. Every pod is released at once
+/// (connections go direct, STRICT pods accept plaintext), so it refuses while an agent
+/// answers on `enroll_socket`.
+pub fn uninstall(
+    bpffs_dir: &Path,
+    state_dir: &Path,
+    enroll_socket: &Path,
+) -> anyhow::Result<Uninstalled> {
+    if std::os::unix::net::UnixStream::connect(enroll_socket).is_ok() {
+        anyhow::bail!(
+            "an agent is running (it answers on {}): stop it first; uninstalling under a \
+             running agent would release every pod it captures",
+            enroll_socket.display()
+        );
     }
+    let datapath = capture::datapath::uninstall(bpffs_dir)
+        .with_context(|| format!("removing the programs pinned in {}", bpffs_dir.display()))?;
+    let state = state_dir.join(capture::pods::STATE_FILE);
+    let state_file = match std::fs::remove_file(&state) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("removing {}", state.display())),
+    };
+    Ok(Uninstalled {
+        datapath,
+        state_file,
+    })
 }
 
 /// Moves aya-log records from the kernel's ring buffer into our log.

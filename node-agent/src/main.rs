@@ -18,6 +18,19 @@ struct Cli {
 enum Command {
     /// Run the node agent.
     Run(Box<Config>),
+    /// Remove Ambit from this node: detach every program, remove the pins and the state
+    /// file. Refuses while an agent is running. Every pod is released at once.
+    Uninstall {
+        /// The pin directory (as `run --bpffs-dir`).
+        #[arg(long, env = "AMBIT_BPFFS_DIR", default_value = "/sys/fs/bpf/ambit")]
+        bpffs_dir: PathBuf,
+        /// The state directory (as `run --state-dir`).
+        #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/run/ambit")]
+        state_dir: PathBuf,
+        /// The enrollment socket (default: <state-dir>/enroll.sock).
+        #[arg(long, env = "AMBIT_ENROLL_SOCKET")]
+        enroll_socket: Option<PathBuf>,
+    },
     /// Talk to a running agent's enrollment API.
     Enroll {
         /// The agent's enrollment socket.
@@ -63,6 +76,25 @@ fn main() -> anyhow::Result<()> {
         Command::Run(config) => {
             init_tracing(&config);
             ambit_node_agent::run(*config)
+        }
+        Command::Uninstall {
+            bpffs_dir,
+            state_dir,
+            enroll_socket,
+        } => {
+            let socket = enroll_socket.unwrap_or_else(|| state_dir.join("enroll.sock"));
+            let done = ambit_node_agent::uninstall(&bpffs_dir, &state_dir, &socket)?;
+            println!(
+                "detached {} links, removed {} map pins{}",
+                done.datapath.links,
+                done.datapath.maps,
+                if done.state_file {
+                    " and the state file"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
         }
         Command::Enroll { socket, op } => {
             let mut client = EnrollClient::connect(&socket)?;

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
+use crate::channel::ControlPlane;
+use crate::convert::DecodeError;
 use crate::envoy::{
     AggregatedDiscoveryServiceClient, Any, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
     Status,
@@ -31,33 +33,69 @@ use crate::envoy::{
 /// Applies configuration. Called on the client's task, one response at a time.
 pub trait Handler: Send + 'static {
     /// Validates the whole update for `type_url` and, only if all of it is valid, applies
-    /// it. An `Err` NACKs the response with that message and must leave state unchanged.
+    /// it. An `Err` NACKs the response with its message and must leave state unchanged.
     fn apply(
         &mut self,
         type_url: &str,
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
-    ) -> Result<(), String>;
+    ) -> Result<(), ApplyError>;
+}
+
+/// Why a response was refused (its text is the NACK's `error_detail`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A resource did not decode or validate.
+    #[error("resource {name}: {source}")]
+    Resource {
+        /// The resource's name.
+        name: String,
+        /// What is wrong with it.
+        source: DecodeError,
+    },
+    /// A resource of another type inside the response.
+    #[error("resource {name}: type {found} inside a {expected} response")]
+    WrongType {
+        /// The resource's name.
+        name: String,
+        /// Its type.
+        found: String,
+        /// The response's type.
+        expected: String,
+    },
+    /// A resource without a body.
+    #[error("resource {0}: no body")]
+    NoBody(String),
+    /// A type the handler does not handle.
+    #[error("unexpected type {0}")]
+    UnexpectedType(String),
 }
 
 /// Where and who.
 #[derive(Clone, Debug)]
 pub struct XdsClientConfig {
-    /// `http://host:port` of the control plane's ADS.
-    pub address: String,
+    /// The control plane (shared with the CA client).
+    pub control_plane: ControlPlane,
     /// Sent as `node.id`: the node agent's node name.
     pub node_id: String,
+    /// The types to subscribe to (wildcard).
     pub types: Vec<&'static str>,
+    /// First reconnect delay.
     pub backoff_min: Duration,
+    /// Longest reconnect delay.
     pub backoff_max: Duration,
 }
 
 /// What the client is doing, for metrics and the config dump.
 #[derive(Debug, Default)]
 pub struct XdsStatus {
+    /// A stream is open now.
     pub connected: AtomicBool,
+    /// Streams opened so far.
     pub connects: AtomicU64,
+    /// Responses applied.
     pub acks: AtomicU64,
+    /// Responses refused.
     pub nacks: AtomicU64,
     types: Mutex<BTreeMap<String, TypeStatus>>,
 }
@@ -67,7 +105,9 @@ pub struct XdsStatus {
 pub struct TypeStatus {
     /// `system_version_info` of the last applied response.
     pub last_version: String,
+    /// Resources held.
     pub resources: usize,
+    /// Responses refused.
     pub nacks: u64,
     /// The last rejection's reason.
     pub last_error: Option<String>,
@@ -76,6 +116,7 @@ pub struct TypeStatus {
 }
 
 impl XdsStatus {
+    /// Per-type state.
     pub fn types(&self) -> BTreeMap<String, TypeStatus> {
         self.types.lock().unwrap().clone()
     }
@@ -90,6 +131,7 @@ impl XdsStatus {
 /// Handle on a running client.
 #[derive(Debug)]
 pub struct XdsClient {
+    /// What the client is doing.
     pub status: Arc<XdsStatus>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -129,7 +171,7 @@ async fn run(config: XdsClientConfig, mut handler: impl Handler, status: Arc<Xds
                 applied
             }
             Err((e, applied)) => {
-                warn!(address = %config.address, "xDS: {e}");
+                warn!(address = %config.control_plane.address(), "xDS: {e}");
                 applied
             }
         };
@@ -152,17 +194,8 @@ async fn session(
     status: &XdsStatus,
     known: &mut HashMap<&'static str, BTreeMap<String, String>>,
 ) -> Result<bool, (String, bool)> {
-    let endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
-        .map_err(|e| (format!("bad address {}: {e}", config.address), false))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| (format!("connect: {e}"), false))?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = AggregatedDiscoveryServiceClient::new(config.control_plane.channel())
+        .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(64);
     for (i, type_url) in config.types.iter().enumerate() {
         let initial = known.get(type_url).cloned().unwrap_or_default();
@@ -177,14 +210,16 @@ async fn session(
         };
         tx.send(req).await.expect("receiver alive");
     }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    config.control_plane.authorize(&mut request);
     let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .delta_aggregated_resources(request)
         .await
         .map_err(|e| (format!("opening the stream: {e}"), false))?
         .into_inner();
     status.connected.store(true, Ordering::Release);
     status.connects.fetch_add(1, Ordering::Relaxed);
-    info!(address = %config.address, node = %config.node_id, "xDS connected");
+    info!(address = %config.control_plane.address(), node = %config.node_id, "xDS connected");
     let mut applied = false;
     loop {
         let r = match responses.message().await {
@@ -228,12 +263,13 @@ fn on_response(
                 updated.push((res.name, any));
             }
             Some(any) => {
-                malformed = Some(format!(
-                    "resource {}: type {} inside a {type_url} response",
-                    res.name, any.type_url
-                ))
+                malformed = Some(ApplyError::WrongType {
+                    name: res.name,
+                    found: any.type_url,
+                    expected: type_url.to_owned(),
+                })
             }
-            None => malformed = Some(format!("resource {}: no body", res.name)),
+            None => malformed = Some(ApplyError::NoBody(res.name)),
         }
     }
     let removed = r.removed_resources;
@@ -262,6 +298,7 @@ fn on_response(
         Err(e) => {
             warn!(type_url, nonce = %r.nonce, "xDS: rejecting a response, keeping the previous state: {e}");
             ts.nacks += 1;
+            let e = e.to_string();
             ts.last_error = Some(e.clone());
             status.nacks.fetch_add(1, Ordering::Relaxed);
             DeltaDiscoveryRequest {

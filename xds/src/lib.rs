@@ -4,9 +4,13 @@
 //!   `Authorization`) and the CA service, generated from `proto/`;
 //! - [`envoy`]: Envoy's discovery types (ADS requests and responses), re-exported;
 //! - [`type_url`]: the type URLs resources are served under;
-//! - [`client`]: the delta ADS client every Ambit process shares.
+//! - [`client`]: the delta ADS client every Ambit process shares;
+//! - [`channel`]: the connection to the control plane that the xDS and CA clients share;
+//! - [`convert`]: the wire form of shared types (policies, addresses, ports).
 
+pub mod channel;
 pub mod client;
+pub mod convert;
 
 /// Generated from `proto/ambit/v1`.
 pub mod ambit {
@@ -31,8 +35,11 @@ pub mod envoy {
 
 /// Type URLs of Ambit's resources.
 pub mod type_url {
+    /// `ambit.v1.Workload`.
     pub const WORKLOAD: &str = "type.googleapis.com/ambit.v1.Workload";
+    /// `ambit.v1.Service`.
     pub const SERVICE: &str = "type.googleapis.com/ambit.v1.Service";
+    /// `ambit.v1.Authorization`.
     pub const AUTHORIZATION: &str = "type.googleapis.com/ambit.v1.Authorization";
     /// Every type an Ambit node agent subscribes to.
     pub const NODE_AGENT: [&str; 3] = [WORKLOAD, SERVICE, AUTHORIZATION];

@@ -5,10 +5,19 @@
 //! file, the place (line and column for syntax and type errors, a path such as
 //! `workloads[2] (shop/web-0).ips[1]` for the rest) and the problem; whoever serves the
 //! model keeps serving the last good one.
+//!
+//! A file is never read while it is being written, as far as a poller can tell: a change
+//! is read only once the file's stamp (modification time, size, inode) has stayed the same
+//! for a whole poll interval, and a read during which the stamp moved is thrown away. An
+//! empty file is refused (truncation is the first half of most writes). A model that
+//! would remove most of the mesh is held by the [`guard`](super::guard) until the file
+//! has said so for the hold time. Writers should still replace the file atomically
+//! (write a temporary file, then rename it), as editors and ConfigMap updates do.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,8 +25,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::model::{
-    Action, Cidr, DestinationMatch, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec,
-    Problem, Rule, ServicePort, ServiceSpec, SourceMatch, WorkloadSpec,
+    Action, Cidr, Destination, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec,
+    PrincipalPattern, Problem, Rule, ServicePort, ServiceSpec, Source, WorkloadSpec,
 };
 
 /// Why a mesh file was rejected.
@@ -39,6 +48,9 @@ pub enum FileError {
         file: PathBuf,
         problems: Vec<Problem>,
     },
+    /// It is empty (or only whitespace): most likely caught between truncation and
+    /// write, and never taken to mean "nothing".
+    Empty { file: PathBuf },
 }
 
 impl fmt::Display for FileError {
@@ -56,6 +68,11 @@ impl fmt::Display for FileError {
                 (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {error}", file.display()),
                 _ => write!(f, "{}: {error}", file.display()),
             },
+            FileError::Empty { file } => write!(
+                f,
+                "{}: the file is empty; refusing it (a mesh with nothing in it says so, e.g. `namespaces: []`)",
+                file.display()
+            ),
             FileError::Invalid { file, problems } => {
                 write!(f, "{}: {} problem(s):", file.display(), problems.len())?;
                 for p in problems {
@@ -80,6 +97,11 @@ pub fn load(path: &Path) -> Result<Model, FileError> {
 
 /// Parses and validates mesh YAML (`path` only names it in errors).
 pub fn parse(path: &Path, text: &str) -> Result<Model, FileError> {
+    if text.trim().is_empty() {
+        return Err(FileError::Empty {
+            file: path.to_owned(),
+        });
+    }
     let file: MeshFile = serde_yaml_ng::from_str(text).map_err(|e| {
         let loc = e.location();
         FileError::Parse {
@@ -104,70 +126,172 @@ fn strip_location(msg: &str) -> String {
 }
 
 /// Serves the model of `path`: the current one now, each new valid version when the file
-/// changes. Invalid versions are logged (and counted in `rejected`) and skipped.
+/// changes. Invalid versions are logged (and reported on `errors`) and skipped.
 pub struct FileSource {
-    pub models: watch::Receiver<std::sync::Arc<Model>>,
+    /// The model being served.
+    pub models: watch::Receiver<Arc<Model>>,
+    /// The current file's problem, if it is rejected.
     pub errors: watch::Receiver<Option<String>>,
+    /// Why the current file's model is held back, if it is.
+    pub held: watch::Receiver<Option<String>>,
+}
+
+/// How the file source watches its file.
+#[derive(Clone, Copy, Debug)]
+pub struct Watch {
+    /// How often the file's stamp is checked; a change is read once the stamp has not
+    /// moved for this long.
+    pub poll: Duration,
+    /// How long a model that removes most of the mesh must stay the file's content
+    /// before it is served (zero: at once).
+    pub hold: Duration,
 }
 
 impl FileSource {
-    /// Loads `path` (which must be valid at start) and watches it: the file is re-read
-    /// when its modification time, size or inode changes, checked every `poll`. Polling
-    /// also sees atomic renames and Kubernetes ConfigMap symlink swaps.
-    pub fn start(path: PathBuf, poll: Duration) -> Result<Self, FileError> {
+    /// Loads `path` (which must be valid at start) and watches it.
+    pub fn start(path: PathBuf, watch: Watch) -> Result<Self, FileError> {
         // Stamp before loading: a change that lands in between is then seen and re-read,
         // never missed.
-        let mut last = stamp(&path);
-        let model = std::sync::Arc::new(load(&path)?);
+        let first = stamp(&path);
+        let model = Arc::new(load(&path)?);
         info!(file = %path.display(), workloads = model.workloads.len(), services = model.services.len(), "mesh loaded");
         let (tx, models) = watch::channel(model);
         let (err_tx, errors) = watch::channel(None);
+        let (held_tx, held) = watch::channel(None);
+        let mut w = Watcher {
+            path,
+            hold: watch.hold,
+            seen: first,
+            read: first,
+            held: None,
+            tx,
+            err_tx,
+            held_tx,
+        };
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(poll);
+            let mut tick = tokio::time::interval(watch.poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let now = stamp(&path);
-                if now == last {
-                    continue;
-                }
-                last = now;
-                match load(&path) {
-                    Ok(m) => {
-                        let _ = err_tx.send(None);
-                        if **tx.borrow() != m {
-                            info!(file = %path.display(), workloads = m.workloads.len(), "mesh reloaded");
-                            if tx.send(std::sync::Arc::new(m)).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // One self-contained log line per problem, each naming the file.
-                        match &e {
-                            FileError::Invalid { file, problems } => {
-                                for p in problems {
-                                    warn!(
-                                        "rejected mesh file change, keeping the last good model: {}: {p}",
-                                        file.display()
-                                    );
-                                }
-                            }
-                            other => warn!(
-                                "rejected mesh file change, keeping the last good model: {other}"
-                            ),
-                        }
-                        let _ = err_tx.send(Some(e.to_string()));
-                    }
+                if !w.poll() {
+                    return;
                 }
             }
         });
-        Ok(Self { models, errors })
+        Ok(Self {
+            models,
+            errors,
+            held,
+        })
     }
 }
 
-/// What tells us the file changed.
-fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+/// The state of the poll loop.
+struct Watcher {
+    path: PathBuf,
+    hold: Duration,
+    /// The stamp seen at the previous poll.
+    seen: Option<Stamp>,
+    /// The stamp of the content last read.
+    read: Option<Stamp>,
+    /// A model held back by the guard, and since when.
+    held: Option<(Arc<Model>, std::time::Instant)>,
+    tx: watch::Sender<Arc<Model>>,
+    err_tx: watch::Sender<Option<String>>,
+    held_tx: watch::Sender<Option<String>>,
+}
+
+impl Watcher {
+    /// One poll; false once nobody listens any more.
+    fn poll(&mut self) -> bool {
+        let now = stamp(&self.path);
+        if now != self.seen {
+            // Changed since the last poll: perhaps still being written. Wait for it to
+            // stay put for a whole interval.
+            self.seen = now;
+            return true;
+        }
+        if now != self.read {
+            let Ok(text) = std::fs::read_to_string(&self.path) else {
+                // Gone or unreadable (a rename in progress): look again next time.
+                return true;
+            };
+            if stamp(&self.path) != now {
+                // Written while we read: this text may be torn.
+                return true;
+            }
+            self.read = now;
+            match parse(&self.path, &text) {
+                Ok(m) => return self.consider(Arc::new(m)),
+                Err(e) => {
+                    self.reject(&e);
+                    self.held = None;
+                    let _ = self.held_tx.send(None);
+                }
+            }
+        }
+        if let Some((m, since)) = &self.held
+            && since.elapsed() >= self.hold
+        {
+            warn!(file = %self.path.display(), hold = ?self.hold, "serving the held mesh: the file has described it for the whole hold time");
+            let m = m.clone();
+            return self.publish(m);
+        }
+        true
+    }
+
+    /// A valid model read from the file: served, or held if it removes most of the mesh.
+    fn consider(&mut self, m: Arc<Model>) -> bool {
+        let _ = self.err_tx.send(None);
+        let published = self.tx.borrow().clone();
+        if *published == *m {
+            self.held = None;
+            let _ = self.held_tx.send(None);
+            return true;
+        }
+        if !self.hold.is_zero()
+            && let Some(reason) = super::guard::shrink_reason(&published, &m)
+        {
+            warn!(
+                file = %self.path.display(),
+                "holding a mesh file change for {:?}, because {reason}; it is served if the file still says so then (write mesh files atomically: a temporary file, then rename)",
+                self.hold
+            );
+            self.held = Some((m, std::time::Instant::now()));
+            let _ = self.held_tx.send(Some(reason));
+            return true;
+        }
+        self.publish(m)
+    }
+
+    fn publish(&mut self, m: Arc<Model>) -> bool {
+        self.held = None;
+        let _ = self.held_tx.send(None);
+        info!(file = %self.path.display(), workloads = m.workloads.len(), "mesh reloaded");
+        self.tx.send(m).is_ok()
+    }
+
+    fn reject(&self, e: &FileError) {
+        // One self-contained log line per problem, each naming the file.
+        match e {
+            FileError::Invalid { file, problems } => {
+                for p in problems {
+                    warn!(
+                        "rejected mesh file change, keeping the last good model: {}: {p}",
+                        file.display()
+                    );
+                }
+            }
+            other => warn!("rejected mesh file change, keeping the last good model: {other}"),
+        }
+        let _ = self.err_tx.send(Some(e.to_string()));
+    }
+}
+
+/// What tells us the file changed: modification time, size, inode.
+type Stamp = (std::time::SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
@@ -280,9 +404,9 @@ struct RuleFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SourceFile {
     #[serde(default)]
-    principals: Vec<String>,
+    principals: Vec<PrincipalFile>,
     #[serde(default)]
-    not_principals: Vec<String>,
+    not_principals: Vec<PrincipalFile>,
     #[serde(default)]
     namespaces: Vec<String>,
     #[serde(default)]
@@ -302,6 +426,18 @@ struct DestinationFile {
     not_ports: Vec<u16>,
 }
 
+/// A principal pattern, checked while parsing so a bad one gets a line and column.
+struct PrincipalFile(PrincipalPattern);
+
+impl<'de> Deserialize<'de> for PrincipalFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PrincipalPattern::parse(&s)
+            .map(PrincipalFile)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// A CIDR, checked while parsing so a bad one gets a line and column.
 struct CidrFile(Cidr);
 
@@ -315,6 +451,7 @@ impl<'de> Deserialize<'de> for CidrFile {
 impl MeshFile {
     fn into_spec(self) -> MeshSpec {
         let cidrs = |v: Vec<CidrFile>| v.into_iter().map(|c| c.0).collect();
+        let principals = |v: Vec<PrincipalFile>| v.into_iter().map(|p| p.0).collect();
         MeshSpec {
             trust_domain: self.trust_domain,
             namespaces: self
@@ -381,9 +518,9 @@ impl MeshFile {
                             from: r
                                 .from
                                 .into_iter()
-                                .map(|s| SourceMatch {
-                                    principals: s.principals,
-                                    not_principals: s.not_principals,
+                                .map(|s| Source {
+                                    principals: principals(s.principals),
+                                    not_principals: principals(s.not_principals),
                                     namespaces: s.namespaces,
                                     not_namespaces: s.not_namespaces,
                                     ip_blocks: cidrs(s.ip_blocks),
@@ -393,7 +530,7 @@ impl MeshFile {
                             to: r
                                 .to
                                 .into_iter()
-                                .map(|d| DestinationMatch {
+                                .map(|d| Destination {
                                     ports: d.ports,
                                     not_ports: d.not_ports,
                                 })
@@ -459,7 +596,14 @@ mod tests {
         let path = dir.join("mesh.yaml");
         let v1 = "namespaces: [{name: a}]\nnodes: [{name: n1}]\n";
         std::fs::write(&path, v1).unwrap();
-        let mut src = FileSource::start(path.clone(), Duration::from_millis(10)).unwrap();
+        let mut src = FileSource::start(
+            path.clone(),
+            Watch {
+                poll: Duration::from_millis(10),
+                hold: Duration::from_millis(200),
+            },
+        )
+        .unwrap();
         assert!(src.models.borrow().workloads.is_empty());
 
         // Write through a rename, as editors and ConfigMap updates do.
@@ -503,5 +647,146 @@ mod tests {
             "nodes: [{name: n1}]\nworkloads:\n  - {name: w, namespace: ghost, node: n1, ips: [10.0.0.1]}\n",
         );
         assert!(e.contains("mesh.yaml: 1 problem(s):\n  workloads[0] (ghost/w): namespace \"ghost\" is not defined under namespaces"), "{e}");
+    }
+
+    fn mesh_with(workloads: usize) -> String {
+        let mut y = String::from(
+            "namespaces: [{name: a, labels: {ambit.dev/dataplane: ambient}}]\nnodes: [{name: n1}]\nworkloads:\n",
+        );
+        for i in 0..workloads {
+            y.push_str(&format!(
+                "  - {{name: w{i}, namespace: a, node: n1, ips: [10.0.0.{}]}}\n",
+                i + 1
+            ));
+        }
+        y
+    }
+
+    async fn started(dir: &Path, text: &str, hold: Duration) -> (PathBuf, FileSource) {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, text).unwrap();
+        let src = FileSource::start(
+            path.clone(),
+            Watch {
+                poll: Duration::from_millis(10),
+                hold,
+            },
+        )
+        .unwrap();
+        (path, src)
+    }
+
+    #[tokio::test]
+    async fn empty_and_half_written_files_are_never_served() {
+        let dir = std::env::temp_dir().join(format!("ambit-cp-torn-{}", std::process::id()));
+        let full = mesh_with(10);
+        let (path, mut src) = started(&dir, &full, Duration::from_millis(500)).await;
+        let mut models = src.models.clone();
+        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = served.clone();
+        let recorder = tokio::spawn(async move {
+            while models.changed().await.is_ok() {
+                let n = models.borrow_and_update().workloads.len();
+                record.lock().unwrap().push(n);
+            }
+        });
+        // A writer that truncates, pauses, then writes (as `cp` or a naive editor does,
+        // only slower), over and over; and a plainly empty file.
+        for round in 0..5 {
+            let f = std::fs::File::create(&path).unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            use std::io::Write;
+            let mut f = f;
+            let text = if round % 2 == 0 {
+                full.clone()
+            } else {
+                mesh_with(9)
+            };
+            f.write_all(text.as_bytes()).unwrap();
+            drop(f);
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        std::fs::write(&path, "").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), src.errors.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            src.errors
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .contains("the file is empty")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        recorder.abort();
+        let served = served.lock().unwrap().clone();
+        assert!(!served.is_empty(), "no change was served at all");
+        assert!(
+            served.iter().all(|&n| n >= 9),
+            "a torn file was served: {served:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_change_that_removes_most_of_the_mesh_is_held_then_served() {
+        let dir = std::env::temp_dir().join(format!("ambit-cp-hold-{}", std::process::id()));
+        let (path, mut src) = started(&dir, &mesh_with(10), Duration::from_millis(300)).await;
+        let write = |text: &str| {
+            let tmp = dir.join("mesh.yaml.tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        // Relabelling is ordinary: served at once.
+        write(&mesh_with(10).replace("ambient", "off"));
+        tokio::time::timeout(Duration::from_secs(5), src.models.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(src.models.borrow().workloads.values().all(|w| !w.enrolled));
+        assert!(src.held.borrow().is_none());
+        // Nine of ten workloads gone: held, while the file says so...
+        write(&mesh_with(1));
+        tokio::time::timeout(Duration::from_secs(5), src.held.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(
+            src.held
+                .borrow()
+                .as_ref()
+                .unwrap()
+                .contains("remove 9 of the mesh's 10 workloads")
+        );
+        assert_eq!(src.models.borrow().workloads.len(), 10);
+        // ...and served once it has said so for the hold time.
+        tokio::time::timeout(Duration::from_secs(5), src.models.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(src.models.borrow().workloads.len(), 1);
+        assert!(src.held.borrow().is_none());
+        // A held change the file takes back is never served.
+        write(&mesh_with(10));
+        tokio::time::timeout(Duration::from_secs(5), src.models.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        write(&mesh_with(2));
+        tokio::time::timeout(Duration::from_secs(5), src.held.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap();
+        write(&mesh_with(10).replace("w9", "w9b"));
+        tokio::time::timeout(Duration::from_secs(5), src.models.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(src.models.borrow().workloads.len(), 10);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

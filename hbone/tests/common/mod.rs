@@ -126,7 +126,12 @@ pub async fn hbone_server(
 pub async fn client(ca: &Ca, server: SocketAddr) -> HboneClient {
     let roots = MeshRoots::from_pem(&ca.pem).unwrap();
     let connector = tokio_rustls::TlsConnector::from(
-        client_config(&leaf(ca, FRONTEND), &roots, [WEB.to_string()]).unwrap(),
+        client_config(
+            &leaf(ca, FRONTEND),
+            &roots,
+            [ambit_identity::Identity::parse(WEB).unwrap()],
+        )
+        .unwrap(),
     );
     let tcp = TcpStream::connect(server).await.unwrap();
     let tls = connector

@@ -1,55 +1,163 @@
-//! Enrolling and releasing pods, and taking over the pods a previous agent enrolled.
+//! Capture: which pods the agent captures, and the kernel side of capturing them.
 //!
-//! Order matters for correctness. On enroll the pod's outbound listeners exist *before*
-//! its netns cookie enters the kernel's `ENROLLED` map, so no connect is redirected to a
-//! port nobody listens on. On release the cookie leaves the map first, then the listeners
+//! - [`datapath`]: the kernel programs and maps (load, attach, pin; uninstall);
+//! - [`pods`]: the pods the enrollment API told us about, and the state file;
+//! - [`listeners`], [`podnet`]: the agent's sockets and delivery setup inside a pod;
+//! - [`enroll_server`]: the enrollment API (what a CNI plugin calls);
+//! - [`counters`]: the kernel's per-workload counters and the pods' own, for `/metrics`.
+//!
+//! [`Capture`] enrolls and releases pods. It produces a pod's listeners and hands them
+//! to a [`PodServer`] (the proxy), which it knows only through that trait: capture never
+//! depends on the proxy.
+//!
+//! Order matters for correctness. On enroll the pod's listeners exist *before* its netns
+//! cookie enters the kernel's `ENROLLED` map, so no connect is redirected to a port
+//! nobody listens on. On release the cookie leaves the map first, then the listeners
 //! close; connections already proxied run to their end.
+
+pub mod counters;
+pub mod datapath;
+pub mod enroll_server;
+pub mod listeners;
+pub mod podnet;
+pub mod pods;
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
-use ambit_ebpf_common::OUTBOUND_PORT;
 use ambit_mesh::enroll::{EnrolledPod, PodSpec};
 use ambit_mesh::netns::Netns;
+use ambit_xds::client::XdsStatus;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::Agent;
-use crate::inbound::listen;
-use crate::metrics::WorkloadLabels;
-use crate::pods::Pod;
+use self::datapath::Datapath;
+use self::listeners::PodListeners;
+use self::pods::{Pod, PodRegistry};
+use crate::state::Store;
+
+/// Serves the listeners of a captured pod (the proxy implements it).
+pub trait PodServer: Send + Sync + 'static {
+    /// Starts serving `listeners` for `pod`; the returned tasks are aborted when the pod
+    /// is released (closing the listeners; connections already accepted go on).
+    fn serve(&self, pod: &Arc<Pod>, listeners: PodListeners) -> io::Result<Vec<JoinHandle<()>>>;
+}
+
+/// Where a captured connection was going, as the kernel recorded it.
+pub trait OriginalDestinations: Send + Sync + 'static {
+    /// Reads and forgets the original destination of the connection accepted from
+    /// `peer` on the outbound listener of the pod whose netns has `netns_cookie`.
+    fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr>;
+}
 
 /// Why an enrollment request was refused. Nothing changed when one is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollmentError {
+    /// The request is malformed.
     #[error("invalid pod: {0}")]
     Invalid(String),
+    /// The uid is enrolled already.
     #[error("pod uid {0:?} is already enrolled")]
     Duplicate(String),
+    /// The uid is not enrolled.
     #[error("pod uid {0:?} is not enrolled")]
     Unknown(String),
+    /// The network namespace cannot be opened.
     #[error("network namespace {path:?}: {source}")]
-    Netns { path: String, source: io::Error },
+    Netns {
+        /// Its path.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another pod has this network namespace.
     #[error("network namespace {path:?} is already enrolled as pod {uid:?}")]
-    NetnsInUse { path: String, uid: String },
-    #[error("opening the outbound listener in pod {uid:?}: {source}")]
-    Listener { uid: String, source: io::Error },
+    NetnsInUse {
+        /// Its path.
+        path: String,
+        /// The other pod.
+        uid: String,
+    },
+    /// A listener could not be opened in the pod.
+    #[error("opening the agent's listeners in pod {uid:?}: {source}")]
+    Listener {
+        /// The pod.
+        uid: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A kernel map refused the update.
     #[error("kernel map update failed: {0}")]
-    Datapath(#[from] crate::datapath::DatapathError),
+    Datapath(#[from] datapath::DatapathError),
 }
 
-impl Agent {
+/// Enrolls and releases pods: the enrollment API's backend, and the reconciler that
+/// follows the control plane.
+pub struct Capture {
+    /// The kernel side.
+    pub datapath: Arc<Datapath>,
+    /// The pods.
+    pub pods: Arc<PodRegistry>,
+    server: Arc<dyn PodServer>,
+    store: Arc<Store>,
+    xds: Arc<XdsStatus>,
+    /// A control plane decides which known pods are captured (else: all of them, at
+    /// once, and outbound only).
+    xds_driven: bool,
+    /// Serialises enroll/release/restore/reconcile.
+    lock: Mutex<()>,
+    /// Where reconciles run (they enter namespaces, so on blocking threads).
+    blocking: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("pods", &self.pods.len())
+            .field("xds_driven", &self.xds_driven)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capture {
+    /// Capture over `datapath`, serving pods with `server`.
+    pub fn new(
+        datapath: Arc<Datapath>,
+        pods: Arc<PodRegistry>,
+        server: Arc<dyn PodServer>,
+        store: Arc<Store>,
+        xds: Arc<XdsStatus>,
+        xds_driven: bool,
+        blocking: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            datapath,
+            pods,
+            server,
+            store,
+            xds,
+            xds_driven,
+            lock: Mutex::new(()),
+            blocking,
+        }
+    }
+
+    fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The enrollment API's `add`: records the pod. Without a control plane its traffic
-    /// is captured at once; with one, [`Agent::reconcile`] captures it when the control
-    /// plane says it is enrolled.
+    /// is captured at once; with one, [`Capture::reconcile`] captures it when the
+    /// control plane says it is enrolled.
     pub fn enroll(self: &Arc<Self>, spec: PodSpec) -> Result<EnrolledPod, EnrollmentError> {
-        let _serial = self.enroll_lock.lock().unwrap();
+        let _serial = self.serial();
         validate(&spec)?;
         if self.pods.is_known(&spec.uid) {
             return Err(EnrollmentError::Duplicate(spec.uid));
         }
-        let described = if self.xds_driven() {
+        let described = if self.xds_driven {
             // Check the namespace now, so a bad request is refused rather than failing later.
             let netns_err = |source| EnrollmentError::Netns {
                 path: spec.netns.clone(),
@@ -89,7 +197,7 @@ impl Agent {
     /// The enrollment API's `remove`: forgets the pod and stops capturing it (its open
     /// connections finish).
     pub fn release(&self, uid: &str) -> Result<(), EnrollmentError> {
-        let _serial = self.enroll_lock.lock().unwrap();
+        let _serial = self.serial();
         self.pods
             .remove_known(uid)
             .ok_or_else(|| EnrollmentError::Unknown(uid.to_owned()))?;
@@ -102,10 +210,10 @@ impl Agent {
     /// the others. Does nothing before the first xDS sync, so a restarted agent keeps
     /// capturing what it captured until the control plane has spoken.
     pub fn reconcile(self: &Arc<Self>) {
-        if !self.xds_driven() || !self.xds_synced() {
+        if !self.xds_driven || !self.xds.synced(&[ambit_xds::type_url::WORKLOAD]) {
             return;
         }
-        let _serial = self.enroll_lock.lock().unwrap();
+        let _serial = self.serial();
         let mut changed = false;
         for spec in self.pods.known() {
             let want = self.store.enrolled(&spec.uid);
@@ -126,10 +234,10 @@ impl Agent {
         }
     }
 
-    /// Runs [`Agent::reconcile`] on a blocking thread (it enters namespaces).
+    /// Runs [`Capture::reconcile`] on a blocking thread (it enters namespaces).
     pub fn reconcile_soon(self: &Arc<Self>) {
-        let agent = self.clone();
-        self.data_plane.spawn_blocking(move || agent.reconcile());
+        let capture = self.clone();
+        self.blocking.spawn_blocking(move || capture.reconcile());
     }
 
     fn stop_capture(&self, uid: &str) {
@@ -153,7 +261,7 @@ impl Agent {
     /// Takes over the pods a previous agent knew and captured (from the state file), and
     /// clears kernel entries for pods that no longer exist.
     pub fn restore(self: &Arc<Self>) -> io::Result<()> {
-        let _serial = self.enroll_lock.lock().unwrap();
+        let _serial = self.serial();
         let saved = match self.pods.load_saved() {
             Ok(s) => s,
             Err(e) => {
@@ -207,6 +315,7 @@ impl Agent {
         self.pods.save()
     }
 
+    /// Opens the pod's listeners, has them served, then captures it.
     fn open_pod(
         self: &Arc<Self>,
         spec: PodSpec,
@@ -224,88 +333,47 @@ impl Agent {
                 uid: other.spec.uid.clone(),
             });
         }
-        let listeners = netns
-            .run(open_listeners)
-            .and_then(|r| r)
-            .map_err(|source| EnrollmentError::Listener {
-                uid: spec.uid.clone(),
-                source,
-            })?;
-        // Inbound capture needs identities, so only with a control plane.
-        let inbound = if self.xds_driven() {
-            let ips = spec.ips.clone();
-            Some(
-                netns
-                    .run(move || crate::inbound::open_listeners(&ips))
-                    .and_then(|r| r)
-                    .map_err(|source| EnrollmentError::Listener {
-                        uid: spec.uid.clone(),
-                        source,
-                    })?,
-            )
-        } else {
-            None
+        let listener_err = |source| EnrollmentError::Listener {
+            uid: spec.uid.clone(),
+            source,
         };
+        let mut listeners = PodListeners {
+            outbound: netns
+                .run(listeners::open_outbound)
+                .and_then(|r| r)
+                .map_err(listener_err)?,
+            ..Default::default()
+        };
+        // Inbound capture needs identities, so only with a control plane.
+        if self.xds_driven {
+            let ips = spec.ips.clone();
+            (listeners.hbone, listeners.plaintext) = netns
+                .run(move || listeners::open_inbound(&ips))
+                .and_then(|r| r)
+                .map_err(listener_err)?;
+        }
+        // The listener tasks own the sockets these fds name; they live until aborted.
+        let steer_to: Vec<_> = listeners
+            .plaintext
+            .iter()
+            .map(|(ip, l)| (*ip, std::os::fd::AsRawFd::as_raw_fd(l)))
+            .collect();
         let workload_id = workload_id.unwrap_or_else(|| self.pods.allocate_workload_id());
         let pod = Arc::new(Pod {
-            labels: WorkloadLabels {
-                workload: spec.name.clone(),
-                workload_namespace: spec.namespace.clone(),
-            },
             spec,
             workload_id,
             netns_cookie,
             netns: Arc::new(netns),
+            counters: Arc::default(),
         });
-        let listener_err = |source| EnrollmentError::Listener {
-            uid: pod.spec.uid.clone(),
-            source,
-        };
-        let mut tasks = Vec::new();
-        let mut steer_to = Vec::new();
-        {
-            let _rt = self.data_plane.enter();
-            let abort = |tasks: &Vec<tokio::task::JoinHandle<()>>| {
-                tasks.iter().for_each(|t| t.abort());
-            };
-            let spawn_all = || -> Result<(), EnrollmentError> {
-                for l in listeners {
-                    let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
-                    tasks.push(self.data_plane.spawn(crate::outbound::serve(
-                        self.clone(),
-                        pod.clone(),
-                        l,
-                    )));
-                }
-                if let Some(inbound) = inbound {
-                    for l in inbound.hbone {
-                        let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
-                        tasks.push(self.data_plane.spawn(crate::inbound::serve_hbone(
-                            self.clone(),
-                            pod.clone(),
-                            l,
-                        )));
-                    }
-                    for (ip, l) in inbound.plaintext {
-                        use std::os::fd::AsRawFd;
-                        steer_to.push((ip, l.as_raw_fd()));
-                        let l = tokio::net::TcpListener::from_std(l).map_err(listener_err)?;
-                        tasks.push(self.data_plane.spawn(crate::inbound::serve_plaintext(
-                            self.clone(),
-                            pod.clone(),
-                            l,
-                        )));
-                    }
-                }
-                Ok(())
-            };
-            if let Err(e) = spawn_all() {
-                abort(&tasks);
-                return Err(e);
-            }
-        }
-        // Listeners first, then capture (see the module docs). The listener tasks own the
-        // sockets whose fds `steer_to` names; they are alive until aborted.
+        let tasks =
+            self.server
+                .serve(&pod, listeners)
+                .map_err(|source| EnrollmentError::Listener {
+                    uid: pod.spec.uid.clone(),
+                    source,
+                })?;
+        // Listeners first, then capture (see the module docs).
         let captured = self
             .datapath
             .enroll(netns_cookie, workload_id)
@@ -370,35 +438,8 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
     Ok(())
 }
 
-/// Runs inside the pod's namespace: the outbound listeners on 127.0.0.1:15001 and, if the
-/// pod has IPv6 loopback, [::1]:15001.
-fn open_listeners() -> io::Result<Vec<std::net::TcpListener>> {
-    let v4 = listen(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
-        false,
-    )
-    .map_err(|e| {
-        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            io::Error::new(
-                e.kind(),
-                "127.0.0.1 is not available: is the pod's loopback interface up?",
-            )
-        } else {
-            e
-        }
-    })?;
-    let mut out = vec![v4];
-    match listen(
-        SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-        false,
-    ) {
-        Ok(v6) => out.push(v6),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
-            ) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(out)
+/// Checks an enrollment request the way `add` does, without touching anything (for the
+/// enrollment API's fuzz target and tests).
+pub fn validate_request(spec: &PodSpec) -> Result<(), EnrollmentError> {
+    validate(spec)
 }

@@ -5,10 +5,13 @@
 //! outlive the agent: while it is down, enrolled pods' connects are still redirected to
 //! the (now absent) in-pod listener and fail fast, instead of silently bypassing the mesh.
 //! A restarted agent reuses the pinned maps and swaps in freshly loaded programs without a
-//! gap: it attaches the new link first (bpf_link cgroup attachments are multi-attach), then replaces the old link's pin.
-//! For that instant both programs run; the second sees an already-redirected (loopback)
-//! destination and leaves it alone, while the accounting programs count those few packets
-//! twice.
+//! gap: it attaches the new link first (bpf_link cgroup attachments are multi-attach),
+//! then replaces the old link's pin. For that instant both programs run; the second sees
+//! an already-redirected (loopback) destination and leaves it alone, while the accounting
+//! programs count those few packets twice.
+//!
+//! Stopping the agent leaves all of it in place (fail closed); only [`uninstall`]
+//! detaches. This is the only file that knows the maps' byte layouts.
 
 use std::fs::File;
 use std::io;
@@ -31,7 +34,8 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr, SkLookup, SockO
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
-use crate::config::Cidr;
+use ambit_mesh::cidr::Cidr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -255,7 +259,7 @@ impl Datapath {
     }
 
     /// Reads and forgets the original destination of a captured connection.
-    pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+    fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
         let mut map = self.conn_orig.lock().unwrap();
         let orig = map.get(key, 0).ok()?;
         let _ = map.remove(key);
@@ -276,29 +280,80 @@ impl Datapath {
             })
             .collect()
     }
+}
 
-    /// Detaches every program and removes the pins: capture stops for all pods.
-    pub fn detach(&self) -> Result<(), DatapathError> {
-        let link_dir = self.pin_dir.join("links");
-        for name in ALL_PROGRAMS {
-            let path = link_dir.join(name);
-            if path.exists() {
-                let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                // Dropping the unpinned link (the last reference) detaches it.
-                drop(
-                    link.unpin()
-                        .map_err(io_err(format!("unpinning {}", path.display())))?,
-                );
-            }
-        }
-        self.sweep_inbound(&[], &[]);
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        info!(pins = %self.pin_dir.display(), "eBPF programs detached");
-        Ok(())
+impl super::OriginalDestinations for Datapath {
+    fn take(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            src_port: peer.port(),
+            family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
+            _pad: 0,
+        };
+        self.take_orig_dst(&key).map(orig_to_addr)
     }
+}
+
+/// An [`OrigDst`] (network byte order) as a socket address.
+fn orig_to_addr(o: OrigDst) -> SocketAddr {
+    let port = u16::from_be(o.port);
+    let ip = if o.family == AF_INET6 {
+        let mut b = [0u8; 16];
+        for (i, w) in o.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(b))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(o.addr[0].to_ne_bytes()))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// Links detached (cgroup programs and per-pod `sk_lookup`).
+    pub links: usize,
+    /// Map pins removed.
+    pub maps: usize,
+}
+
+/// Removes Ambit from a node: detaches every program the agents of `pin_dir` attached
+/// (the cgroup programs and every pod's `sk_lookup`) and removes every pin, so the maps
+/// are freed. Capture stops for all pods at once: their connections go direct again
+/// and STRICT pods accept plaintext. Run it only with no agent running.
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = Uninstalled::default();
+    if !pin_dir.exists() {
+        return Ok(done);
+    }
+    let links = pin_dir.join("links");
+    let mut pins: Vec<PathBuf> = ALL_PROGRAMS.iter().map(|n| links.join(n)).collect();
+    if let Ok(entries) = std::fs::read_dir(links.join(SK_LOOKUP_LINKS)) {
+        pins.extend(entries.flatten().map(|e| e.path()));
+    }
+    for path in pins.iter().filter(|p| p.exists()) {
+        let link = PinnedLink::from_pin(path).map_err(|e| DatapathError::Pin {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        // Dropping the unpinned link (the last reference) detaches it.
+        drop(
+            link.unpin()
+                .map_err(io_err(format!("unpinning {}", path.display())))?,
+        );
+        done.links += 1;
+    }
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join("maps")) {
+        for e in entries.flatten() {
+            std::fs::remove_file(e.path())
+                .map_err(io_err(format!("removing {}", e.path().display())))?;
+            done.maps += 1;
+        }
+    }
+    std::fs::remove_dir_all(pin_dir).map_err(io_err(format!("removing {}", pin_dir.display())))?;
+    info!(pins = %pin_dir.display(), links = done.links, maps = done.maps, "eBPF programs detached and pins removed");
+    Ok(done)
 }
 
 /// Under `<bpffs>/links`: one pinned `sk_lookup` link per captured pod, named by its
@@ -592,6 +647,7 @@ fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
+    // SAFETY: `statfs` is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: statfs writes into `st`.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
@@ -600,6 +656,29 @@ fn is_bpffs(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn original_destinations_decode_from_network_order() {
+        let v4 = OrigDst {
+            addr: [u32::from_ne_bytes([10, 244, 2, 3]), 0, 0, 0],
+            port: 8080u16.to_be(),
+            family: AF_INET,
+        };
+        assert_eq!(orig_to_addr(v4), "10.244.2.3:8080".parse().unwrap());
+        let ip: Ipv6Addr = "fd00:10:244:2::3".parse().unwrap();
+        let o = ip.octets();
+        let words = [0, 1, 2, 3]
+            .map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
+        let v6 = OrigDst {
+            addr: words,
+            port: 443u16.to_be(),
+            family: AF_INET6,
+        };
+        assert_eq!(orig_to_addr(v6), "[fd00:10:244:2::3]:443".parse().unwrap());
+        // What pod_ip_key writes is what orig_to_addr reads.
+        let k = pod_ip_key(IpAddr::V6(ip));
+        assert_eq!(k.addr, words);
+    }
 
     #[test]
     fn a_missing_object_names_the_build_command() {

@@ -21,7 +21,7 @@ struct Job {
     netns_cookie: u64,
     domain: Domain,
     /// Deliver as this address (`IP_TRANSPARENT`, marked with
-    /// [`crate::podnet::DELIVERY_MARK`]).
+    /// [`crate::capture::podnet::DELIVERY_MARK`]).
     source: Option<IpAddr>,
     reply: oneshot::Sender<io::Result<Socket>>,
 }
@@ -77,7 +77,7 @@ impl NetnsDialer {
 
     /// Like [`NetnsDialer::connect`], but with `source` (if set) as the connection's source
     /// address: how the agent delivers an inbound connection to the application with the
-    /// caller's IP. The pod needs [`crate::podnet::prepare_delivery`] for the replies.
+    /// caller's IP. The pod needs [`crate::capture::podnet::prepare_delivery`] for the replies.
     pub async fn connect_as(
         &self,
         netns: &Arc<Netns>,
@@ -118,7 +118,7 @@ fn transparent(s: &Socket, ip: IpAddr) -> io::Result<()> {
     // Choose the port at connect(), for the whole 4-tuple: binding port 0 would take a
     // port per caller IP for good, and a busy caller would run out of them.
     set_int(s, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT)?;
-    s.set_mark(crate::podnet::DELIVERY_MARK)?;
+    s.set_mark(crate::capture::podnet::DELIVERY_MARK)?;
     // Through loopback: the kernel then reports loopback as the arriving interface, which
     // is how the sk_lookup program tells this delivery from traffic to steer.
     s.bind_device(Some(b"lo"))?;

@@ -11,19 +11,34 @@ use ambit_mesh::netns::Netns;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::metrics::WorkloadLabels;
+use crate::telemetry::PodCounters;
 
-/// An enrolled pod, shared by the tasks that serve it.
+/// A captured pod, shared by the tasks that serve it.
 #[derive(Debug)]
 pub struct Pod {
+    /// What the enrollment API was told.
     pub spec: PodSpec,
+    /// The agent's id for it (labels kernel counters).
     pub workload_id: u32,
+    /// Its network namespace's cookie (as the kernel programs see it).
     pub netns_cookie: u64,
+    /// Its network namespace, held open.
     pub netns: Arc<Netns>,
-    pub labels: WorkloadLabels,
+    /// Its own connection counters (exposed while it is captured).
+    pub counters: Arc<PodCounters>,
 }
 
 impl Pod {
+    /// Its IP of the same family as `like`.
+    pub fn ip_like(&self, like: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        self.spec
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+
+    /// As the enrollment API reports it.
     pub fn describe(&self) -> EnrolledPod {
         EnrolledPod {
             spec: self.spec.clone(),
@@ -49,9 +64,13 @@ impl Drop for Entry {
     }
 }
 
+/// The state file's name, in the state directory.
+pub const STATE_FILE: &str = "pods.json";
+
 /// What the state file holds.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedState {
+    /// The next workload id to hand out.
     pub next_workload_id: u32,
     /// Captured pods.
     pub pods: Vec<EnrolledPod>,
@@ -83,9 +102,10 @@ impl std::fmt::Debug for PodRegistry {
 }
 
 impl PodRegistry {
+    /// A registry whose state file is `<state_dir>/`[`STATE_FILE`].
     pub fn new(state_dir: &Path) -> Self {
         Self {
-            state_path: state_dir.join("pods.json"),
+            state_path: state_dir.join(STATE_FILE),
             inner: Mutex::new(Inner {
                 pods: BTreeMap::new(),
                 known: BTreeMap::new(),
@@ -108,11 +128,13 @@ impl PodRegistry {
         }
     }
 
+    /// Never hand out ids below `id` (a previous agent used them).
     pub fn set_next_workload_id(&self, id: u32) {
         let mut inner = self.inner.lock().unwrap();
         inner.next_workload_id = inner.next_workload_id.max(id);
     }
 
+    /// A fresh workload id.
     pub fn allocate_workload_id(&self) -> u32 {
         let mut inner = self.inner.lock().unwrap();
         let id = inner.next_workload_id;
@@ -120,6 +142,7 @@ impl PodRegistry {
         id
     }
 
+    /// The captured pod with this uid.
     pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
         self.inner
             .lock()
@@ -140,17 +163,6 @@ impl PodRegistry {
             .map(|e| e.pod.clone())
     }
 
-    /// The captured pod with this IP, if any.
-    pub fn by_ip(&self, ip: std::net::IpAddr) -> Option<Arc<Pod>> {
-        self.inner
-            .lock()
-            .unwrap()
-            .pods
-            .values()
-            .find(|e| e.pod.spec.ips.contains(&ip))
-            .map(|e| e.pod.clone())
-    }
-
     /// Every captured pod.
     pub fn all(&self) -> Vec<Arc<Pod>> {
         self.inner
@@ -162,6 +174,7 @@ impl PodRegistry {
             .collect()
     }
 
+    /// Records a captured pod and the tasks serving its listeners.
     pub fn insert(&self, pod: Arc<Pod>, listeners: Vec<JoinHandle<()>>) {
         let uid = pod.spec.uid.clone();
         self.inner
@@ -181,21 +194,24 @@ impl PodRegistry {
             .map(|e| e.pod.clone())
     }
 
+    /// How many pods are captured.
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap().pods.len()
     }
 
+    /// True if no pod is captured.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn labels_by_cookie(&self) -> HashMap<u64, WorkloadLabels> {
+    /// Every captured pod by netns cookie (for the kernel counters).
+    pub fn by_cookie_map(&self) -> HashMap<u64, Arc<Pod>> {
         self.inner
             .lock()
             .unwrap()
             .pods
             .values()
-            .map(|e| (e.pod.netns_cookie, e.pod.labels.clone()))
+            .map(|e| (e.pod.netns_cookie, e.pod.clone()))
             .collect()
     }
 
@@ -209,14 +225,17 @@ impl PodRegistry {
         true
     }
 
+    /// Forgets a known pod.
     pub fn remove_known(&self, uid: &str) -> Option<PodSpec> {
         self.inner.lock().unwrap().known.remove(uid)
     }
 
+    /// Does the enrollment API know this uid?
     pub fn is_known(&self, uid: &str) -> bool {
         self.inner.lock().unwrap().known.contains_key(uid)
     }
 
+    /// Every known pod's spec.
     pub fn known(&self) -> Vec<PodSpec> {
         self.inner.lock().unwrap().known.values().cloned().collect()
     }
@@ -239,7 +258,8 @@ impl PodRegistry {
             .collect()
     }
 
-    /// Closes every listener (at shutdown).
+    /// Closes every listener (at shutdown): the kernel keeps redirecting the pods'
+    /// connections to them, so they fail closed until the next agent takes over.
     pub fn clear(&self) {
         self.inner.lock().unwrap().pods.clear();
     }
@@ -260,5 +280,45 @@ impl PodRegistry {
             serde_json::to_vec_pretty(&state).map_err(io::Error::other)?,
         )?;
         std::fs::rename(&tmp, &self.state_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_round_trips_and_a_bad_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("ambit-pods-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let reg = PodRegistry::new(&dir);
+        assert_eq!(
+            reg.load_saved().unwrap(),
+            SavedState::default(),
+            "no file: empty"
+        );
+        let spec = PodSpec {
+            uid: "u1".into(),
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            netns: "/var/run/netns/x".into(),
+            ips: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+        };
+        assert!(reg.add_known(spec.clone()));
+        assert!(!reg.add_known(spec.clone()), "a uid is known once");
+        reg.set_next_workload_id(7);
+        assert_eq!(reg.allocate_workload_id(), 7);
+        reg.save().unwrap();
+        let again = PodRegistry::new(&dir).load_saved().unwrap();
+        assert_eq!(again.next_workload_id, 8);
+        assert_eq!(again.known, vec![spec]);
+        assert!(again.pods.is_empty());
+        // Written atomically: no temporary file is left behind.
+        assert!(!dir.join("pods.json.tmp").exists());
+        std::fs::write(dir.join("pods.json"), "{not json").unwrap();
+        let e = reg.load_saved().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("pods.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use crate::Agent;
+use super::Capture;
 
 /// Binds the socket (replacing a stale one), readable and writable by root only.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -29,18 +29,23 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
+/// Serves enrollment requests until the task is dropped.
+pub async fn serve(listener: UnixListener, capture: Arc<Capture>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(session(stream, agent.clone()));
+                tokio::spawn(session(stream, capture.clone()));
             }
-            Err(e) => warn!("enrollment socket accept: {e}"),
+            Err(e) => {
+                // Typically EMFILE: wait for descriptors to free up instead of spinning.
+                warn!("enrollment socket accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
 }
 
-async fn session(stream: UnixStream, agent: Arc<Agent>) {
+async fn session(stream: UnixStream, capture: Arc<Capture>) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut line = Vec::new();
@@ -68,8 +73,8 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
-                    let agent = agent.clone();
-                    tokio::task::spawn_blocking(move || handle(&agent, req))
+                    let capture = capture.clone();
+                    tokio::task::spawn_blocking(move || handle(&capture, req))
                         .await
                         .unwrap_or_else(|e| Response::Error {
                             message: format!("internal error: {e}"),
@@ -92,11 +97,11 @@ async fn session(stream: UnixStream, agent: Arc<Agent>) {
     }
 }
 
-fn handle(agent: &Arc<Agent>, req: Request) -> Response {
+fn handle(capture: &Arc<Capture>, req: Request) -> Response {
     let result = match req {
-        Request::Add { pod } => agent.enroll(pod).map(|p| vec![p]),
-        Request::Remove { uid } => agent.release(&uid).map(|()| Vec::new()),
-        Request::List {} => Ok(agent.pods.list_known()),
+        Request::Add { pod } => capture.enroll(pod).map(|p| vec![p]),
+        Request::Remove { uid } => capture.release(&uid).map(|()| Vec::new()),
+        Request::List {} => Ok(capture.pods.list_known()),
     };
     match result {
         Ok(pods) => Response::Ok { pods },

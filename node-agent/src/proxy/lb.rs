@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
+/// Round robin per service, remembering failed endpoints.
 pub struct LoadBalancer {
     next: Mutex<HashMap<String, usize>>,
     failed: Mutex<HashMap<String, Instant>>,

@@ -1,0 +1,122 @@
+//! Workload certificates: one per SPIFFE identity of the enrolled workloads on this
+//! node, from the control plane's CA ([`ca_client`]), and the TLS configurations built
+//! from them ([`tls`]).
+
+pub mod ca_client;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use ambit_identity::Identity;
+use serde::Serialize;
+
+/// A certificate and its key.
+#[derive(Clone, Serialize)]
+pub struct WorkloadCert {
+    /// The identity it proves.
+    pub identity: Identity,
+    /// Hex serial number.
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_before: u64,
+    /// Seconds since the Unix epoch.
+    pub not_after: u64,
+    /// When we got it (seconds since the epoch, local clock).
+    pub received: u64,
+    /// The private key (PKCS#8 PEM).
+    #[serde(skip)]
+    pub key_pem: String,
+    /// Leaf first, root last.
+    #[serde(skip)]
+    pub chain_pem: Vec<String>,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity)
+            .field("serial", &self.serial)
+            .finish()
+    }
+}
+
+impl WorkloadCert {
+    /// When to renew: half-way through its remaining life when we got it. Not from
+    /// `not_before`: the CA backdates that to absorb clock skew, which would make a
+    /// short-lived certificate look half-spent on arrival.
+    pub fn renew_at(&self) -> u64 {
+        let start = self.received.max(self.not_before);
+        start + self.not_after.saturating_sub(start) / 2
+    }
+}
+
+/// The certificates this node holds, by identity.
+#[derive(Debug, Default)]
+pub struct Certificates {
+    certs: RwLock<BTreeMap<Identity, Arc<WorkloadCert>>>,
+    /// Certificates obtained.
+    pub issued: AtomicU64,
+    /// Failed requests.
+    pub failures: AtomicU64,
+    /// Woken when a certificate is stored.
+    stored: tokio::sync::Notify,
+}
+
+impl Certificates {
+    /// The certificate for `identity`, if we hold one.
+    pub fn get(&self, identity: &Identity) -> Option<Arc<WorkloadCert>> {
+        self.certs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .cloned()
+    }
+
+    /// Every certificate held.
+    pub fn all(&self) -> Vec<Arc<WorkloadCert>> {
+        self.certs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The certificate for `identity`, waiting up to `timeout` for one to arrive (a pod's
+    /// first connection can race its first certificate).
+    pub async fn wait_for(
+        &self,
+        identity: &Identity,
+        timeout: std::time::Duration,
+    ) -> Option<Arc<WorkloadCert>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let stored = self.stored.notified();
+            if let Some(c) = self.get(identity) {
+                return Some(c);
+            }
+            if tokio::time::timeout_at(deadline, stored).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Stores (or replaces) the certificate for its identity.
+    pub fn insert(&self, cert: WorkloadCert) {
+        self.certs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cert.identity.clone(), Arc::new(cert));
+        self.stored.notify_waiters();
+    }
+
+    /// Drops the certificates of identities `keep` refuses.
+    pub fn retain(&self, keep: impl Fn(&Identity) -> bool) {
+        self.certs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| keep(id));
+    }
+}

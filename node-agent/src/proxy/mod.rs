@@ -1,0 +1,276 @@
+//! The proxy: serves a captured pod's listeners. Outbound ([`outbound`]): captured
+//! connects, passed through or tunnelled over HBONE. Inbound ([`inbound`]): HBONE
+//! tunnels and steered plaintext, authorized and delivered as the caller.
+//!
+//! The proxy is handed a narrow [`Inputs`] (the state, certificates, the HBONE pool,
+//! the socket factory, telemetry) and never reaches for anything else. Its decisions
+//! are pure functions of the state ([`outbound::plan`], [`inbound::authorize`], ...)
+//! with unit tests that need no root.
+//!
+//! - [`error`]: every way a connection fails, naming its metric reason;
+//! - [`dialer`]: sockets made inside pods' namespaces;
+//! - [`hbone_dialer`]: how the pool dials a new HBONE connection;
+//! - [`lb`]: endpoint order for a service;
+//! - [`relay`]: copying bytes both ways;
+//! - [`tracker`]: open inbound connections, re-authorized when policy changes.
+
+pub mod dialer;
+pub mod error;
+pub mod hbone_dialer;
+pub mod inbound;
+pub mod lb;
+pub mod outbound;
+pub mod relay;
+pub mod tracker;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use self::error::Error;
+use crate::capture::OriginalDestinations;
+use crate::capture::listeners::PodListeners;
+use crate::capture::pods::Pod;
+use crate::identity::Certificates;
+use crate::identity::tls::TlsConfigs;
+use crate::state::{Service, Store, Workload};
+use crate::telemetry::{Direction, Refused, SecurityPolicy, Started, Telemetry};
+
+/// The HBONE connection pool the proxy dials through.
+pub type HbonePool = ambit_hbone::pool::Pool<hbone_dialer::HboneDialer>;
+
+/// Everything the proxy needs, and nothing more.
+pub struct Inputs {
+    /// How long dialing (a destination, a tunnel, an application) may take.
+    pub connect_timeout: Duration,
+    /// Whether a control plane gives identities (else everything is passed through).
+    pub identities: bool,
+    /// The mesh as the control plane describes it.
+    pub state: Arc<Store>,
+    /// This node's workload certificates.
+    pub certs: Arc<Certificates>,
+    /// TLS configurations built from them.
+    pub tls: Arc<TlsConfigs>,
+    /// HBONE connections to other agents.
+    pub pool: Arc<HbonePool>,
+    /// Makes sockets in pods' namespaces.
+    pub sockets: Arc<dialer::NetnsDialer>,
+    /// Where captured connections were going.
+    pub orig_dst: Arc<dyn OriginalDestinations>,
+    /// Open inbound connections.
+    pub conns: tracker::ConnTracker,
+    /// Endpoint order per service.
+    pub lb: lb::LoadBalancer,
+    /// Metrics and access log.
+    pub telemetry: Arc<Telemetry>,
+    /// The last captured connections (`/debug/connections`).
+    pub recent: Arc<RecentConnections>,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("identities", &self.identities)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves pods' listeners on the data-plane runtime.
+#[derive(Debug)]
+pub struct Proxy {
+    inputs: Arc<Inputs>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Proxy {
+    /// A proxy running its connections on `runtime`.
+    pub fn new(inputs: Arc<Inputs>, runtime: tokio::runtime::Handle) -> Self {
+        Self { inputs, runtime }
+    }
+}
+
+impl crate::capture::PodServer for Proxy {
+    fn serve(
+        &self,
+        pod: &Arc<Pod>,
+        listeners: PodListeners,
+    ) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let _rt = self.runtime.enter();
+        let mut tasks = Vec::new();
+        let result = (|| {
+            for l in listeners.outbound {
+                tasks.push(self.spawn(pod, l, "outbound", outbound::connection)?);
+            }
+            for l in listeners.hbone {
+                tasks.push(self.spawn(pod, l, "hbone", inbound::hbone_connection)?);
+            }
+            for (_, l) in listeners.plaintext {
+                tasks.push(self.spawn(pod, l, "plaintext", inbound::plaintext_connection)?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tasks.iter().for_each(|t| t.abort());
+            return Err(e);
+        }
+        Ok(tasks)
+    }
+}
+
+impl Proxy {
+    fn spawn<F>(
+        &self,
+        pod: &Arc<Pod>,
+        listener: std::net::TcpListener,
+        what: &'static str,
+        handler: Handler<F>,
+    ) -> std::io::Result<JoinHandle<()>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::from_std(listener)?;
+        Ok(self.runtime.spawn(accept_loop(
+            self.inputs.clone(),
+            pod.clone(),
+            l,
+            what,
+            handler,
+        )))
+    }
+}
+
+/// A per-connection task: given the inputs, the pod, the accepted stream and its peer.
+type Handler<F> = fn(Arc<Inputs>, Arc<Pod>, TcpStream, SocketAddr) -> F;
+
+/// Accepts connections on one of a pod's listeners until the task is aborted, running
+/// `handle` for each on its own task. An accept error (typically EMFILE) backs off
+/// instead of spinning.
+async fn accept_loop<F>(
+    inputs: Arc<Inputs>,
+    pod: Arc<Pod>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: Handler<F>,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(inputs.clone(), pod.clone(), tcp, peer));
+            }
+            Err(e) => {
+                warn!(uid = %pod.spec.uid, listener = what, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Closes with RST rather than FIN, so the peer sees a failure, not a clean end.
+pub fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// A refused or failed connection, for [`Telemetry::refused`].
+pub(crate) struct Failure<'a> {
+    pub direction: Direction,
+    pub pod: &'a Pod,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub src_workload: Option<&'a Workload>,
+    pub dst_workload: Option<&'a Workload>,
+    pub src_identity: Option<&'a ambit_identity::Identity>,
+    pub service: Option<&'a Service>,
+    pub security: SecurityPolicy,
+    pub started: Started,
+}
+
+impl Failure<'_> {
+    /// Counts, logs and access-logs `e`.
+    pub fn record(&self, telemetry: &Telemetry, e: &Error) {
+        telemetry.refused(&Refused {
+            direction: self.direction,
+            local: (&self.pod.spec.name, &self.pod.spec.namespace),
+            src: self.src,
+            dst: self.dst,
+            src_workload: self.src_workload,
+            dst_workload: self.dst_workload,
+            src_identity: self.src_identity,
+            service: self.service,
+            security: self.security,
+            result: e.result(),
+            reason: e.reason(),
+            detail: &e.to_string(),
+            started: self.started,
+        });
+    }
+}
+
+/// How many recent connections `/debug/connections` remembers.
+const RECENT: usize = 1024;
+
+/// One captured connection, as `/debug/connections` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CapturedConnection {
+    /// The pod's uid.
+    pub uid: String,
+    /// The pod's name.
+    pub workload: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The application's side of the redirected connection (loopback, ephemeral port).
+    pub client: SocketAddr,
+    /// Where the application asked to connect.
+    pub original_destination: SocketAddr,
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+}
+
+impl CapturedConnection {
+    fn new(pod: &Pod, client: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            uid: pod.spec.uid.clone(),
+            workload: pod.spec.name.clone(),
+            namespace: pod.spec.namespace.clone(),
+            client,
+            original_destination: dst,
+            at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// The last [`RECENT`] captured connections.
+#[derive(Debug, Default)]
+pub struct RecentConnections(Mutex<VecDeque<CapturedConnection>>);
+
+impl RecentConnections {
+    fn push(&self, c: CapturedConnection) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() == RECENT {
+            q.pop_front();
+        }
+        q.push_back(c);
+    }
+
+    /// A copy of the list, oldest first.
+    pub fn snapshot(&self) -> Vec<CapturedConnection> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}

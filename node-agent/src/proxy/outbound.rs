@@ -1,0 +1,357 @@
+//! Outbound: a captured connection is planned ([`plan`], a pure function of the mesh
+//! state), then tunnelled over HBONE to an enrolled destination or passed through to
+//! anything else, from inside the pod's namespace so the pod's IP stays the source.
+//!
+//! Half-close propagates (EOF on one side shuts down writing on the other); an error or
+//! reset on either side resets both, so the application sees what a direct connection
+//! would have shown it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ambit_ebpf_common::INBOUND_HBONE_PORT;
+use ambit_hbone::connect::HboneError;
+use ambit_hbone::pool::{PoolError, PoolKey, PooledStream};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::error::Error;
+use super::relay::{End, relay};
+use super::{CapturedConnection, Failure, Inputs, reset};
+use crate::capture::pods::Pod;
+use crate::state::{MeshState, Service, Workload};
+use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
+use crate::telemetry::{Direction, SecurityPolicy, Started};
+
+/// At most this many endpoints are tried for one connection to a service.
+pub const MAX_ATTEMPTS: usize = 2;
+
+/// Where a captured connection may go, in order of preference.
+#[derive(Debug)]
+pub struct Plan {
+    /// Candidates, best first.
+    pub targets: Vec<Target>,
+    /// The service whose VIP was dialed, if any.
+    pub service: Option<Arc<Service>>,
+}
+
+/// One place a connection may go.
+#[derive(Debug)]
+pub struct Target {
+    /// The destination workload, if it is known to the mesh.
+    pub workload: Option<Arc<Workload>>,
+    /// What the application asked for, with a service VIP resolved to an endpoint.
+    pub addr: SocketAddr,
+    /// Tunnel it (the destination is enrolled and the source has an identity).
+    pub hbone: bool,
+}
+
+/// Resolves an original destination against the mesh; `meshed` says whether the source
+/// has an identity (is a workload the control plane knows):
+/// - a service VIP → its endpoints of the destination's family (in the service's
+///   order; the caller applies load balancing), each tunnelled if enrolled;
+/// - a workload's IP → HBONE if it is enrolled;
+/// - anything else → passthrough.
+pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Error> {
+    if let Some(svc) = state.service_by_vip(dst.ip()) {
+        let target_port =
+            svc.target_port(dst.port())
+                .ok_or_else(|| Error::ServicePortNotFound {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                })?;
+        let targets: Vec<Target> = svc
+            .endpoints
+            .iter()
+            .filter_map(|uid| state.workload(uid))
+            .filter_map(|w| {
+                let ip = w.ip_like(dst.ip())?;
+                Some(Target {
+                    workload: Some(w.clone()),
+                    addr: SocketAddr::new(ip, target_port),
+                    hbone: meshed && w.enrolled,
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(Error::NoHealthyUpstream(svc.hostname.clone()));
+        }
+        return Ok(Plan {
+            targets,
+            service: Some(svc.clone()),
+        });
+    }
+    let workload = state.workload_by_ip(dst.ip()).cloned();
+    let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled);
+    Ok(Plan {
+        targets: vec![Target {
+            workload,
+            addr: dst,
+            hbone,
+        }],
+        service: None,
+    })
+}
+
+enum Upstream {
+    Tcp(TcpStream),
+    Hbone(PooledStream),
+}
+
+/// Proxies one connection accepted on a pod's outbound listener.
+pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, peer: SocketAddr) {
+    let started = Started::now();
+    // The application's address as the network sees it: its pod IP (the in-pod
+    // connection to 15001 is over loopback).
+    let src_of =
+        |dst: SocketAddr| SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
+    let Some(dst) = inputs.orig_dst.take(pod.netns_cookie, peer) else {
+        Failure {
+            direction: Direction::Outbound,
+            pod: &pod,
+            src: peer,
+            dst: peer,
+            src_workload: None,
+            dst_workload: None,
+            src_identity: None,
+            service: None,
+            security: SecurityPolicy::None,
+            started,
+        }
+        .record(&inputs.telemetry, &Error::NoOriginalDestination);
+        reset(&client);
+        return;
+    };
+    inputs.recent.push(CapturedConnection::new(&pod, peer, dst));
+    debug!(uid = %pod.spec.uid, %peer, %dst, "captured connection");
+    let _ = client.set_nodelay(true);
+
+    // Without a workload record (no control plane) there is no identity: passthrough.
+    let (source, planned) = inputs.state.read(|s| {
+        let source = s.workload(&pod.spec.uid).cloned();
+        let p = plan(s, source.is_some(), dst);
+        (source, p)
+    });
+    let fail = |e: &Error, target: Option<&Target>, service: Option<&Service>| {
+        Failure {
+            direction: Direction::Outbound,
+            pod: &pod,
+            src: src_of(dst),
+            dst,
+            src_workload: source.as_deref(),
+            dst_workload: target.and_then(|t| t.workload.as_deref()),
+            src_identity: source.as_deref().map(|w| &w.identity),
+            service,
+            security: match target {
+                Some(t) if t.hbone => SecurityPolicy::MutualTls,
+                _ => SecurityPolicy::None,
+            },
+            started,
+        }
+        .record(&inputs.telemetry, e);
+    };
+    let mut plan = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            fail(&e, None, None);
+            reset(&client);
+            return;
+        }
+    };
+    if let Some(svc) = &plan.service {
+        inputs
+            .lb
+            .order(&svc.hostname, &mut plan.targets, |t: &Target| {
+                t.workload.as_deref().map_or("", |w| &*w.uid)
+            });
+    }
+    let mut last: Option<(Error, usize)> = None;
+    for (i, target) in plan.targets.iter().enumerate().take(MAX_ATTEMPTS) {
+        let opened = match (&source, target.hbone) {
+            (Some(src), true) => open_hbone(&inputs, &pod, src, target)
+                .await
+                .map(Upstream::Hbone),
+            _ => open_direct(&inputs, &pod, target.addr)
+                .await
+                .map(Upstream::Tcp),
+        };
+        let upstream = match opened {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(uid = %pod.spec.uid, to = %target.addr, hbone = target.hbone, "upstream failed: {e}");
+                if let Some(w) = &target.workload {
+                    inputs.lb.failed(&w.uid);
+                }
+                last = Some((e, i));
+                continue;
+            }
+        };
+        let desc = ConnectionDesc {
+            direction: Direction::Outbound,
+            src: src_of(dst),
+            dst,
+            src_workload: source.clone(),
+            dst_workload: target.workload.clone(),
+            src_identity: None,
+            service: plan.service.clone(),
+            security: if target.hbone {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
+        };
+        let result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
+        let mut client = client;
+        let (end, sent, received) = match upstream {
+            Upstream::Tcp(mut s) => {
+                let r = relay(&mut client, &mut s, None).await;
+                if matches!(r.0, End::Error(_)) {
+                    reset(&s);
+                }
+                r
+            }
+            // Dropping a failed tunnel resets its stream.
+            Upstream::Hbone(mut s) => relay(&mut client, &mut s, None).await,
+        };
+        if matches!(end, End::Error(_)) {
+            reset(&client);
+        }
+        result.finish(sent, received, end.outcome());
+        return;
+    }
+    if let Some((e, i)) = last {
+        fail(&e, plan.targets.get(i), plan.service.as_deref());
+    }
+    reset(&client);
+}
+
+async fn open_direct(inputs: &Inputs, pod: &Pod, addr: SocketAddr) -> Result<TcpStream, Error> {
+    let connect = inputs.sockets.connect(&pod.netns, pod.netns_cookie, addr);
+    match tokio::time::timeout(inputs.connect_timeout, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(Error::connect(addr, e)),
+        Err(_) => Err(Error::ConnectTimeout {
+            addr,
+            after: inputs.connect_timeout,
+        }),
+    }
+}
+
+async fn open_hbone(
+    inputs: &Inputs,
+    pod: &Arc<Pod>,
+    source: &Workload,
+    target: &Target,
+) -> Result<PooledStream, Error> {
+    let dst = target
+        .workload
+        .as_deref()
+        .expect("plan() tunnels only to known workloads");
+    let src_ip = pod.ip_like(target.addr.ip()).ok_or(Error::NoSourceIp)?;
+    // The pod's first connection may race its first certificate.
+    if inputs
+        .certs
+        .wait_for(&source.identity, inputs.connect_timeout)
+        .await
+        .is_none()
+    {
+        return Err(Error::NoCertificate(source.identity.clone()));
+    }
+    let key = PoolKey {
+        src_identity: source.identity.clone(),
+        src: src_ip,
+        dst_identity: dst.identity.clone(),
+        dst: SocketAddr::new(target.addr.ip(), INBOUND_HBONE_PORT),
+    };
+    let tp = traceparent();
+    let connect = inputs.pool.connect(&key, pod, target.addr, src_ip, &tp);
+    match tokio::time::timeout(inputs.connect_timeout, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(PoolError::Dial(e))) => Err(e),
+        Ok(Err(PoolError::Tunnel(HboneError::Denied))) => Err(Error::TunnelDenied),
+        Ok(Err(PoolError::Tunnel(HboneError::Unreachable))) => Err(Error::TunnelUnreachable),
+        Ok(Err(PoolError::Tunnel(e))) => Err(Error::Hbone(e)),
+        Err(_) => Err(Error::ConnectTimeout {
+            addr: key.dst,
+            after: inputs.connect_timeout,
+        }),
+    }
+}
+
+/// A random W3C `traceparent` (sampled flag off): a fresh trace for each connection.
+fn traceparent() -> String {
+    format!(
+        "00-{:016x}{:016x}-{:016x}-00",
+        fastrand::u64(..),
+        fastrand::u64(..),
+        fastrand::u64(1..)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixtures::{service, workload};
+
+    fn mesh() -> MeshState {
+        let mut m = MeshState::new("n1");
+        m.put_workload(workload("a", "n1", "10.244.1.10", true));
+        m.put_workload(workload("b", "n2", "10.244.2.10", true));
+        m.put_workload(workload("c", "n2", "10.244.2.11", false));
+        m.put_service(
+            "shop/svc".into(),
+            service("svc", "10.96.0.10", &[(80, 8080)], &["b", "c", "gone"]),
+        );
+        m
+    }
+
+    #[test]
+    fn a_vip_resolves_to_its_endpoints_and_only_enrolled_ones_are_tunnelled() {
+        let m = mesh();
+        let p = plan(&m, true, "10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(p.service.as_ref().unwrap().name, "svc");
+        let t: Vec<_> = p
+            .targets
+            .iter()
+            .map(|t| (t.addr.to_string(), t.hbone))
+            .collect();
+        // The endpoint uid that names no workload is left out.
+        assert_eq!(
+            t,
+            [
+                ("10.244.2.10:8080".to_owned(), true),
+                ("10.244.2.11:8080".to_owned(), false)
+            ]
+        );
+        // A source without identity never tunnels.
+        let p = plan(&m, false, "10.96.0.10:80".parse().unwrap()).unwrap();
+        assert!(p.targets.iter().all(|t| !t.hbone));
+    }
+
+    #[test]
+    fn workload_ips_tunnel_and_everything_else_passes_through() {
+        let m = mesh();
+        let p = plan(&m, true, "10.244.2.10:9000".parse().unwrap()).unwrap();
+        assert!(p.service.is_none());
+        assert!(p.targets[0].hbone);
+        assert_eq!(&*p.targets[0].workload.as_ref().unwrap().uid, "b");
+        let p = plan(&m, true, "10.244.2.11:9000".parse().unwrap()).unwrap();
+        assert!(!p.targets[0].hbone, "not enrolled: plaintext");
+        let p = plan(&m, true, "192.0.2.1:443".parse().unwrap()).unwrap();
+        assert!(p.targets[0].workload.is_none() && !p.targets[0].hbone);
+    }
+
+    #[test]
+    fn unknown_service_ports_and_empty_services_are_named_errors() {
+        let mut m = mesh();
+        let e = plan(&m, true, "10.96.0.10:81".parse().unwrap()).unwrap_err();
+        assert_eq!(e.reason(), "service_port_not_found");
+        // Endpoints only of the other family: none to send an IPv6 connection to.
+        m.put_service(
+            "shop/v6".into(),
+            service("v6", "fd00::10", &[(80, 8080)], &["b"]),
+        );
+        let e = plan(&m, true, "[fd00::10]:80".parse().unwrap()).unwrap_err();
+        assert_eq!(e.reason(), "no_healthy_upstream");
+    }
+}

@@ -1,0 +1,203 @@
+//! The authorized inbound connections that are open now, so that a policy change can
+//! close the ones it denies (Istio closes them too).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ambit_identity::Identity;
+use tokio::sync::Notify;
+
+use crate::state::MeshState;
+
+/// An authorized inbound connection, as policy sees it.
+#[derive(Debug)]
+struct Tracked {
+    dst_uid: Arc<str>,
+    src_identity: Option<Identity>,
+    src_ip: IpAddr,
+    dst_port: u16,
+    kill: Arc<Notify>,
+}
+
+/// The inbound connections open now.
+#[derive(Debug, Default)]
+pub struct ConnTracker {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// Removes its connection from the tracker when dropped.
+#[derive(Debug)]
+pub struct TrackGuard<'a> {
+    tracker: &'a ConnTracker,
+    id: u64,
+    /// Fired when policy now denies the connection.
+    pub kill: Arc<Notify>,
+}
+
+impl Drop for TrackGuard<'_> {
+    fn drop(&mut self) {
+        self.tracker
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl ConnTracker {
+    /// Tracks a connection to workload `dst_uid` until the guard is dropped.
+    pub fn track(
+        &self,
+        dst_uid: Arc<str>,
+        src_identity: Option<Identity>,
+        src_ip: IpAddr,
+        dst_port: u16,
+    ) -> TrackGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let kill = Arc::new(Notify::new());
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Tracked {
+                dst_uid,
+                src_identity,
+                src_ip,
+                dst_port,
+                kill: kill.clone(),
+            },
+        );
+        TrackGuard {
+            tracker: self,
+            id,
+            kill,
+        }
+    }
+
+    /// How many are open.
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True if none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Authorizes every open connection again under `mesh`, closing those it denies (and
+    /// those whose workload is gone). Returns how many were closed.
+    pub fn revalidate(&self, mesh: &MeshState) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for t in conns.values() {
+            let allowed = mesh.workload(&t.dst_uid).is_some_and(|dst| {
+                ambit_policy::authorize(
+                    mesh.policies_for(&dst.namespace).iter().map(|p| &**p),
+                    dst.target(),
+                    &ambit_policy::Connection {
+                        src_identity: t.src_identity.as_ref(),
+                        src_ip: t.src_ip,
+                        dst_port: t.dst_port,
+                    },
+                )
+                .allowed()
+            });
+            if !allowed {
+                // A stored permit: the relay sees it even if it is not waiting right now.
+                t.kill.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Canonical, MtlsMode, Workload};
+    use ambit_policy::{Action, Authorization, PrincipalPattern, Rule, Source};
+
+    fn web() -> Workload {
+        Workload {
+            uid: "shop/web-0".into(),
+            name: "web-0".into(),
+            namespace: "shop".into(),
+            node: "n1".into(),
+            service_account: "web".into(),
+            ips: vec!["10.244.2.10".parse().unwrap()],
+            enrolled: true,
+            waypoint: None,
+            identity: Identity::new("cluster.local", "shop", "web").unwrap(),
+            labels: Default::default(),
+            mtls: MtlsMode::Strict,
+            canonical: Canonical::derive("web-0", &Default::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_closes_exactly_the_connections_it_denies() {
+        let mut mesh = MeshState::new("n1");
+        mesh.put_workload(web());
+        let t = ConnTracker::default();
+        let frontend = Identity::new("cluster.local", "shop", "frontend").unwrap();
+        let legacy = Identity::new("cluster.local", "legacy", "batch").unwrap();
+        let ok = t.track(
+            "shop/web-0".into(),
+            Some(frontend),
+            "10.0.0.1".parse().unwrap(),
+            80,
+        );
+        let bad = t.track(
+            "shop/web-0".into(),
+            Some(legacy),
+            "10.0.0.2".parse().unwrap(),
+            80,
+        );
+        let plain = t.track("shop/web-0".into(), None, "10.0.0.3".parse().unwrap(), 80);
+        assert_eq!(t.revalidate(&mesh), 0, "no policy: everything stays");
+        mesh.put_policy(
+            "shop/only-shop".into(),
+            Authorization {
+                name: "only-shop".into(),
+                namespace: "shop".into(),
+                action: Action::Allow,
+                selector: None,
+                rules: vec![Rule {
+                    from: vec![Source {
+                        principals: vec![
+                            PrincipalPattern::parse("cluster.local/ns/shop/*").unwrap(),
+                        ],
+                        ..Default::default()
+                    }],
+                    to: vec![],
+                }],
+            },
+        );
+        assert_eq!(
+            t.revalidate(&mesh),
+            2,
+            "legacy and plaintext are denied now"
+        );
+        // The denied ones were told (a stored permit), the allowed one was not.
+        tokio::time::timeout(std::time::Duration::from_secs(1), bad.kill.notified())
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), plain.kill.notified())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), ok.kill.notified())
+                .await
+                .is_err()
+        );
+        drop((bad, plain));
+        assert_eq!(t.len(), 1);
+        // The workload gone: its connections go too.
+        mesh.remove_workload("shop/web-0");
+        assert_eq!(t.revalidate(&mesh), 1);
+        drop(ok);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,402 @@
+//! What the control plane says about the mesh, as this agent knows it: workloads,
+//! services and authorization policies, kept up to date by xDS ([`xds`]).
+//!
+//! The state holds every workload, service and policy behind its own `Arc`, indexed
+//! by uid, IP, VIP and namespace, as ztunnel's `ProxyState` does. An update replaces
+//! only the entries it names; a connection clones the two or three `Arc`s it needs and
+//! holds nothing else, so no connection ever pins a copy of the whole mesh and no update
+//! copies what it does not change.
+
+pub mod xds;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use ambit_identity::Identity;
+use ambit_policy::{Authorization, Labels};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// A workload (pod).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// The pod's uid (the resource name).
+    pub uid: Arc<str>,
+    /// The pod's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its service account.
+    pub service_account: String,
+    /// Its IPs, at most one per family.
+    pub ips: Vec<IpAddr>,
+    /// Its traffic is captured and tunnelled.
+    pub enrolled: bool,
+    /// The waypoint its namespace names, if any.
+    pub waypoint: Option<String>,
+    /// Its SPIFFE identity.
+    pub identity: Identity,
+    /// Its labels; kept for this node's workloads only (policy selectors need them).
+    pub labels: Labels,
+    /// How plaintext inbound connections to it are treated.
+    pub mtls: MtlsMode,
+    /// How telemetry names it (Istio's canonical service rules, from its labels).
+    pub canonical: Canonical,
+}
+
+/// How Istio's telemetry names a workload, derived once from its labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Canonical {
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, or the name.
+    pub service: String,
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`,
+    /// or `latest`.
+    pub revision: String,
+    /// `app` or `app.kubernetes.io/name`, or `unknown`.
+    pub app: String,
+    /// `version` or `app.kubernetes.io/version`, or `unknown`.
+    pub version: String,
+}
+
+impl Canonical {
+    /// Istio's rules, applied to a workload's name and labels.
+    pub fn derive(name: &str, labels: &Labels) -> Self {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        Self {
+            service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| name.to_owned()),
+            revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| "unknown".into()),
+            version: label(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| "unknown".into()),
+        }
+    }
+}
+
+impl Workload {
+    /// Its IP of the same family as `like`.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+
+    /// `namespace/name`.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Policy targeting: its namespace and labels.
+    pub fn target(&self) -> ambit_policy::Target<'_> {
+        ambit_policy::Target {
+            namespace: &self.namespace,
+            labels: &self.labels,
+        }
+    }
+}
+
+/// How plaintext (non-HBONE) inbound connections to an enrolled workload are treated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// Refused.
+    #[default]
+    Strict,
+    /// Accepted; authorization sees only the source IP.
+    Permissive,
+}
+
+/// A service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub hostname: String,
+    /// Its virtual IPs.
+    pub vips: Vec<IpAddr>,
+    /// (port, target port).
+    pub ports: Vec<(u16, u16)>,
+    /// Uids of the workloads behind it.
+    pub endpoints: Vec<Arc<str>>,
+    /// The waypoint it names, if any.
+    pub waypoint: Option<String>,
+}
+
+impl Service {
+    /// The target port behind `port`, if the service has that port.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|(p, _)| *p == port).map(|(_, t)| *t)
+    }
+}
+
+/// The agent's view of the mesh, with its indexes.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    /// This agent's node: its workloads keep their labels and need certificates.
+    node: String,
+    workloads: HashMap<Arc<str>, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Uids of this node's workloads.
+    local: HashSet<Arc<str>>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    policies: HashMap<String, Arc<Authorization>>,
+    policies_by_namespace: HashMap<String, Vec<Arc<Authorization>>>,
+}
+
+impl MeshState {
+    /// An empty view for the agent of `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The node this view is for.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The workload with this uid.
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    /// The workload with this IP.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// The service with this VIP.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// The policies of a namespace.
+    pub fn policies_for(&self, namespace: &str) -> &[Arc<Authorization>] {
+        self.policies_by_namespace
+            .get(namespace)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// How many workloads, services and policies the view holds.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len(),
+        )
+    }
+
+    /// The identities of this node's enrolled workloads (they need certificates).
+    pub fn local_identities(&self) -> HashSet<Identity> {
+        self.local
+            .iter()
+            .filter_map(|uid| self.workloads.get(uid))
+            .filter(|w| w.enrolled)
+            .map(|w| w.identity.clone())
+            .collect()
+    }
+
+    /// Adds or replaces a workload. Remote workloads lose their labels (only the
+    /// destination's agent evaluates selectors).
+    pub fn put_workload(&mut self, mut w: Workload) {
+        if w.node != self.node {
+            w.labels = Labels::new();
+        }
+        self.remove_workload(&w.uid);
+        let w = Arc::new(w);
+        for ip in &w.ips {
+            self.by_ip.insert(*ip, w.clone());
+        }
+        if w.node == self.node {
+            self.local.insert(w.uid.clone());
+        }
+        self.workloads.insert(w.uid.clone(), w);
+    }
+
+    /// Removes a workload (and its index entries).
+    pub fn remove_workload(&mut self, uid: &str) {
+        let Some(old) = self.workloads.remove(uid) else {
+            return;
+        };
+        for ip in &old.ips {
+            // Another workload may have taken the IP meanwhile: keep its entry.
+            if self.by_ip.get(ip).is_some_and(|w| w.uid == old.uid) {
+                self.by_ip.remove(ip);
+            }
+        }
+        self.local.remove(uid);
+    }
+
+    /// Adds or replaces a service under its resource name.
+    pub fn put_service(&mut self, name: String, s: Service) {
+        self.remove_service(&name);
+        let s = Arc::new(s);
+        for ip in &s.vips {
+            self.by_vip.insert(*ip, s.clone());
+        }
+        self.services.insert(name, s);
+    }
+
+    /// Removes a service.
+    pub fn remove_service(&mut self, name: &str) {
+        let Some(old) = self.services.remove(name) else {
+            return;
+        };
+        for ip in &old.vips {
+            if self.by_vip.get(ip).is_some_and(|s| Arc::ptr_eq(s, &old)) {
+                self.by_vip.remove(ip);
+            }
+        }
+    }
+
+    /// Adds or replaces a policy under its resource name.
+    pub fn put_policy(&mut self, name: String, p: Authorization) {
+        self.remove_policy(&name);
+        let p = Arc::new(p);
+        self.policies_by_namespace
+            .entry(p.namespace.clone())
+            .or_default()
+            .push(p.clone());
+        self.policies.insert(name, p);
+    }
+
+    /// Removes a policy.
+    pub fn remove_policy(&mut self, name: &str) {
+        let Some(old) = self.policies.remove(name) else {
+            return;
+        };
+        if let Some(list) = self.policies_by_namespace.get_mut(&old.namespace) {
+            list.retain(|p| !Arc::ptr_eq(p, &old));
+            if list.is_empty() {
+                self.policies_by_namespace.remove(&old.namespace);
+            }
+        }
+    }
+}
+
+/// As the config dump shows it: sorted, by name.
+impl Serialize for MeshState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let workloads: BTreeMap<&str, &Workload> =
+            self.workloads.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let services: BTreeMap<&str, &Service> = self
+            .services
+            .iter()
+            .map(|(k, v)| (k.as_str(), &**v))
+            .collect();
+        let policies: BTreeMap<&str, &Authorization> = self
+            .policies
+            .iter()
+            .map(|(k, v)| (k.as_str(), &**v))
+            .collect();
+        let mut st = s.serialize_struct("MeshState", 3)?;
+        st.serialize_field("workloads", &workloads)?;
+        st.serialize_field("services", &services)?;
+        st.serialize_field("authorizations", &policies)?;
+        st.end()
+    }
+}
+
+/// The shared state: readers take the lock only to clone the `Arc`s they need; every
+/// applied update bumps the version on [`Store::changes`].
+#[derive(Debug)]
+pub struct Store {
+    state: RwLock<MeshState>,
+    changes: watch::Sender<u64>,
+}
+
+impl Store {
+    /// An empty store for the agent of `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            state: RwLock::new(MeshState::new(node)),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    /// Runs `f` on the current state under the read lock. Keep `f` short: clone what
+    /// you need out of it.
+    pub fn read<R>(&self, f: impl FnOnce(&MeshState) -> R) -> R {
+        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The workload with this uid.
+    pub fn workload(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.read(|s| s.workload(uid).cloned())
+    }
+
+    /// Is the workload with this uid enrolled, according to the control plane?
+    pub fn enrolled(&self, uid: &str) -> bool {
+        self.read(|s| s.workload(uid).is_some_and(|w| w.enrolled))
+    }
+
+    /// Bumped after every applied update.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Changes the state in place and announces the change.
+    pub fn update(&self, f: impl FnOnce(&mut MeshState)) {
+        f(&mut self.state.write().unwrap_or_else(|e| e.into_inner()));
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Builders for the proxy's unit tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A workload `uid` in namespace `shop` on `node`, with one IP.
+    pub fn workload(uid: &str, node: &str, ip: &str, enrolled: bool) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            node: node.into(),
+            service_account: uid.into(),
+            ips: vec![ip.parse().unwrap()],
+            enrolled,
+            waypoint: None,
+            identity: Identity::new("cluster.local", "shop", uid).unwrap(),
+            labels: Labels::new(),
+            mtls: MtlsMode::Strict,
+            canonical: Canonical::derive(uid, &Labels::new()),
+        }
+    }
+
+    /// A service `name` in namespace `shop` with one VIP.
+    pub fn service(name: &str, vip: &str, ports: &[(u16, u16)], endpoints: &[&str]) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "shop".into(),
+            hostname: format!("{name}.shop.svc.cluster.local"),
+            vips: vec![vip.parse().unwrap()],
+            ports: ports.to_vec(),
+            endpoints: endpoints.iter().map(|e| Arc::from(*e)).collect(),
+            waypoint: None,
+        }
+    }
+}

@@ -1,0 +1,209 @@
+use ambit_xds::ambit;
+use ambit_xds::client::Handler;
+use ambit_xds::envoy::Any;
+use ambit_xds::type_url;
+use prost::Message;
+
+use super::xds::StoreHandler;
+use super::*;
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.into(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn workload(uid: &str, node: &str, ips: Vec<Vec<u8>>) -> ambit::Workload {
+    ambit::Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "a".into(),
+        service_account: "b".into(),
+        node: node.into(),
+        ips,
+        enrolled: true,
+        identity: "spiffe://td/ns/a/sa/b".into(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn handler() -> (Arc<Store>, StoreHandler) {
+    let store = Arc::new(Store::new("n"));
+    let h = StoreHandler {
+        store: store.clone(),
+    };
+    (store, h)
+}
+
+fn put(h: &mut StoreHandler, w: ambit::Workload) {
+    let name = w.uid.clone();
+    h.apply(
+        type_url::WORKLOAD,
+        vec![(name, any(type_url::WORKLOAD, &w))],
+        vec![],
+    )
+    .unwrap();
+}
+
+#[test]
+fn applies_valid_updates_and_removals() {
+    let (store, mut h) = handler();
+    let mut changes = store.changes();
+    put(&mut h, workload("a", "n", vec![vec![10, 0, 0, 1]]));
+    assert!(store.enrolled("a"));
+    assert!(changes.has_changed().unwrap());
+    changes.mark_unchanged();
+    h.apply(type_url::WORKLOAD, vec![], vec!["a".into()])
+        .unwrap();
+    assert!(!store.enrolled("a"));
+    assert!(changes.has_changed().unwrap());
+}
+
+#[test]
+fn indexes_follow_updates_and_only_local_workloads_keep_labels() {
+    let (store, mut h) = handler();
+    put(&mut h, workload("a", "n", vec![vec![10, 0, 0, 1]]));
+    put(&mut h, workload("b", "other", vec![vec![10, 0, 0, 2]]));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    store.read(|s| {
+        assert_eq!(&*s.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "a");
+        assert!(!s.workload("a").unwrap().labels.is_empty());
+        assert!(s.workload("b").unwrap().labels.is_empty());
+        assert_eq!(s.workload("b").unwrap().canonical.service, "web");
+        assert_eq!(s.local_identities().len(), 1);
+    });
+    // An IP change moves the index entry.
+    put(&mut h, workload("a", "n", vec![vec![10, 0, 0, 9]]));
+    store.read(|s| {
+        assert!(s.workload_by_ip(ip("10.0.0.1")).is_none());
+        assert_eq!(&*s.workload_by_ip(ip("10.0.0.9")).unwrap().uid, "a");
+    });
+    // An update replaces only its own entry: a connection holding the old `b` keeps it,
+    // and `a` is the very same allocation as before.
+    let held_a = store.workload("a").unwrap();
+    let held_b = store.workload("b").unwrap();
+    put(&mut h, workload("b", "other", vec![vec![10, 0, 0, 3]]));
+    assert!(Arc::ptr_eq(&held_a, &store.workload("a").unwrap()));
+    assert!(!Arc::ptr_eq(&held_b, &store.workload("b").unwrap()));
+    assert_eq!(held_b.ips, vec![ip("10.0.0.2")]);
+}
+
+#[test]
+fn a_bad_resource_rejects_the_whole_update() {
+    let (store, mut h) = handler();
+    let good = (
+        "a".to_string(),
+        any(
+            type_url::WORKLOAD,
+            &workload("a", "n", vec![vec![10, 0, 0, 1]]),
+        ),
+    );
+    let bad = (
+        "b".to_string(),
+        any(type_url::WORKLOAD, &workload("b", "n", vec![vec![1, 2, 3]])),
+    );
+    let err = h
+        .apply(type_url::WORKLOAD, vec![good, bad], vec![])
+        .unwrap_err();
+    assert_eq!(err.to_string(), "resource b: an IP address of 3 bytes");
+    assert_eq!(
+        store.read(|s| s.counts()),
+        (0, 0, 0),
+        "part of a rejected update was applied"
+    );
+    let garbage = (
+        "c".to_string(),
+        Any {
+            type_url: type_url::WORKLOAD.into(),
+            value: vec![0xff, 0xff, 0xff],
+        },
+    );
+    assert!(
+        h.apply(type_url::WORKLOAD, vec![garbage], vec![])
+            .unwrap_err()
+            .to_string()
+            .starts_with("resource c: not a Workload")
+    );
+    let renamed = (
+        "x".to_string(),
+        any(
+            type_url::WORKLOAD,
+            &workload("a", "n", vec![vec![10, 0, 0, 1]]),
+        ),
+    );
+    assert!(
+        h.apply(type_url::WORKLOAD, vec![renamed], vec![])
+            .unwrap_err()
+            .to_string()
+            .contains("differs from the resource name")
+    );
+    let mut liar = workload("d", "n", vec![vec![10, 0, 0, 4]]);
+    liar.identity = "spiffe://td/ns/kube-system/sa/admin".into();
+    let e = h
+        .apply(
+            type_url::WORKLOAD,
+            vec![("d".into(), any(type_url::WORKLOAD, &liar))],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("does not name the workload's namespace"),
+        "{e}"
+    );
+}
+
+#[test]
+fn policies_are_indexed_by_namespace_and_bad_cidrs_are_refused() {
+    let (store, mut h) = handler();
+    let rule = |len| ambit::Rule {
+        from: vec![ambit::SourceMatch {
+            principals: vec!["cluster.local/ns/a/sa/b".into()],
+            ip_blocks: vec![ambit::Cidr {
+                address: vec![10, 0, 0, 0],
+                length: len,
+            }],
+            ..Default::default()
+        }],
+        to: vec![ambit::DestinationMatch {
+            ports: vec![8080],
+            not_ports: vec![],
+        }],
+    };
+    let policy = |len| ambit::Authorization {
+        name: "p".into(),
+        namespace: "shop".into(),
+        action: ambit::authorization::Action::Deny as i32,
+        rules: vec![rule(len)],
+        ..Default::default()
+    };
+    h.apply(
+        type_url::AUTHORIZATION,
+        vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(8)))],
+        vec![],
+    )
+    .unwrap();
+    store.read(|s| {
+        let p = &s.policies_for("shop")[0];
+        assert_eq!(p.action, ambit_policy::Action::Deny);
+        assert_eq!(
+            p.rules[0].from[0].ip_blocks,
+            vec!["10.0.0.0/8".parse().unwrap()]
+        );
+        assert_eq!(p.rules[0].to[0].ports, vec![8080]);
+        assert!(s.policies_for("other").is_empty());
+    });
+    let err = h
+        .apply(
+            type_url::AUTHORIZATION,
+            vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(33)))],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("bad prefix length"), "{err}");
+    h.apply(type_url::AUTHORIZATION, vec![], vec!["shop/p".into()])
+        .unwrap();
+    assert!(store.read(|s| s.policies_for("shop").is_empty()));
+}
