@@ -356,6 +356,7 @@ impl Cluster {
             .arg(self.mesh_file())
             .arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
             .arg("--file-poll-ms=20")
+            .arg("--shrink-hold-ms=1000")
             .arg("--ca-dir")
             .arg(self.ca_dir())
             .arg("--node-tokens-dir")
@@ -526,6 +527,27 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` to node `n`'s agent (by PID) without waiting.
+    pub fn signal_agent(&self, n: usize, signal: i32) -> anyhow::Result<()> {
+        let guard = self.node(n).agent.lock().unwrap();
+        let child = guard.as_ref().context("no agent running")?;
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        Ok(())
+    }
+
+    /// Runs `ambit-agent uninstall` for node `n` (in its netns); returns its output.
+    pub fn uninstall_agent(&self, n: usize) -> anyhow::Result<std::process::Output> {
+        let node = self.node(n);
+        Ok(Command::new(workspace_bin("ambit-agent"))
+            .arg("uninstall")
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .output()?)
     }
 
     /// Sends `signal` to node `n`'s agent (by PID) and waits for it to exit.

@@ -434,26 +434,135 @@ fn malformed_enrollment_requests_are_rejected_and_the_agent_keeps_working() {
     assert!(c.node(1).agent_pid().is_some());
 }
 
+/// The ids of the links and maps pinned under `bpffs` (no fd is kept open).
+fn pinned_ids(bpffs: &std::path::Path) -> (Vec<u32>, Vec<u32>) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let files = |dir: std::path::PathBuf| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut link_pins = files(bpffs.join("links"));
+    link_pins.extend(files(bpffs.join("links/sk_lookup")));
+    let links = link_pins
+        .iter()
+        .map(|p| {
+            let link = FdLink::from(PinnedLink::from_pin(p).unwrap());
+            link.info().unwrap().id()
+        })
+        .collect();
+    let maps = files(bpffs.join("maps"))
+        .iter()
+        .map(|p| aya::maps::MapInfo::from_pin(p).unwrap().id())
+        .collect();
+    (links, maps)
+}
+
 #[test]
-fn sigterm_detaches_programs_cleanly() {
+fn sigterm_drains_and_fails_closed_and_only_uninstall_removes_capture() {
     let (c, _srv) = cluster_with_enrolled_client();
     let (client, server) = (c.pod(1, 0), c.pod(2, 0));
+    let dst = format!("{}:8080", server.ip4);
+
+    // A connection open at SIGTERM is drained: it finishes.
+    let mut args = vec![s("client")];
+    args.extend(client_args(&[&dst], 1, 2 * MB));
+    args.push(s("--hold"));
+    let mut held = c.spawn_in_pod(client, &args).unwrap();
+    held.wait_for_line("connected").unwrap();
+    c.signal_agent(1, libc::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(
+        c.http_get(1, "127.0.0.1:15021", "/healthz/ready"),
+        Ok((200, _))
+    ) {
+        assert!(Instant::now() < deadline, "still ready 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // While it drains, new connections fail closed.
+    let (ok, reports) = c
+        .run_client(client, &client_args(&[&dst], 1, 1000))
+        .unwrap();
+    assert!(!ok, "connected while the agent drained: {reports:?}");
+    held.write_line("go").unwrap();
+    let (status, lines) = held.finish(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "the drained connection failed: {lines:?}");
+    let r: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(proxied(&r) && r["ok"] == true, "{r}");
     let status = c.stop_agent(1, libc::SIGTERM).unwrap();
     assert!(
         status.success(),
         "agent exited with {status}:\n{}",
         c.agent_log_tail(1)
     );
-    assert!(
-        !c.node(1).bpffs_dir.exists(),
-        "pins left behind after SIGTERM"
-    );
-    // Nothing is attached any more: the pod talks directly.
+
+    // Stopped, the agent left capture in place: connections are refused, fast.
+    assert!(c.node(1).bpffs_dir.join("links").is_dir(), "pins removed");
     let (ok, reports) = c
-        .run_client(
-            client,
-            &client_args(&[format!("{}:8080", server.ip4)], 1, 1000),
-        )
+        .run_client(client, &client_args(&[&dst], 1, 1000))
+        .unwrap();
+    assert!(!ok, "the mesh was bypassed after SIGTERM: {reports:?}");
+    assert_eq!(
+        reports[0]["error_kind"], "ConnectionRefused",
+        "{}",
+        reports[0]
+    );
+
+    // The next agent takes over.
+    c.start_agent(1).unwrap();
+    let (ok, reports) = c.run_client(client, &client_args(&[&dst], 1, MB)).unwrap();
+    assert!(
+        ok && proxied(&reports[0]),
+        "{reports:?}\n{}",
+        c.agent_log_tail(1)
+    );
+
+    // `uninstall` refuses while an agent runs, and changes nothing then.
+    let out = c.uninstall_agent(1).unwrap();
+    assert!(!out.status.success(), "uninstall ran under a live agent");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("an agent is running"),
+        "{out:?}"
+    );
+    let (links, maps) = pinned_ids(&c.node(1).bpffs_dir);
+    assert!(links.len() >= 5 && !maps.is_empty(), "{links:?} {maps:?}");
+
+    // Stopped, then uninstalled: every link and map is gone from the kernel, the pins
+    // and the state file from disk, and the pod talks directly.
+    c.stop_agent(1, libc::SIGTERM).unwrap();
+    let out = c.uninstall_agent(1).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!c.node(1).bpffs_dir.exists(), "pins left behind");
+    assert!(!c.node(1).state_dir.join("pods.json").exists());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live_links: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .filter(|id| links.contains(id))
+            .collect();
+        let live_maps: Vec<u32> = aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .map(|m| m.id())
+            .filter(|id| maps.contains(id))
+            .collect();
+        if live_links.is_empty() && live_maps.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in the kernel after uninstall: links {live_links:?}, maps {live_maps:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, reports) = c
+        .run_client(client, &client_args(&[&dst], 1, 1000))
         .unwrap();
     assert!(ok && !proxied(&reports[0]), "{reports:?}");
 }

@@ -254,7 +254,7 @@ fn hbone_probe(
 ) -> Result<(), String> {
     use ambit_hbone::tls::{MeshRoots, WorkloadKey};
     let roots = MeshRoots::from_pem(&pki::mesh_root(&c.ca_dir()).pem).unwrap();
-    let server_id = server_id.to_owned();
+    let server_id = ambit_identity::Identity::parse(server_id).map_err(|e| e.to_string())?;
     in_netns(c.node(n).netns_path(), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -467,7 +467,10 @@ fn a_foreign_root_or_the_wrong_identity_is_refused_as_client_and_as_server() {
             &[("reason", reason)],
         )
     };
-    assert_eq!(failures("hbone_error"), 2.0);
+    // Each failure names its cause: the wrong identity, and a chain to another root.
+    assert_eq!(failures("peer_identity_mismatch"), 1.0);
+    assert_eq!(failures("tls_handshake"), 1.0);
+    assert_eq!(failures("hbone_error"), 0.0);
     assert_eq!(failures("upstream_unreachable"), 1.0);
 }
 

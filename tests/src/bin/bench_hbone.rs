@@ -284,10 +284,11 @@ fn handshake_rate(
     let config = ambit_hbone::tls::client_config(
         &WorkloadKey::from_pem(&chain, &key)?,
         &MeshRoots::from_pem(&ca.pem)?,
-        [format!(
-            "spiffe://cluster.local/ns/default/sa/{}",
-            server.name
-        )],
+        [ambit_identity::Identity::new(
+            "cluster.local",
+            "default",
+            &server.name,
+        )?],
     )?;
     let hbone = SocketAddr::new(server.ip4.into(), 15008);
     let app = SocketAddr::new(server.ip4.into(), 8080);

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use ambit_control_plane::ads::AdsServer;
 use ambit_control_plane::source::file::parse;
 use ambit_control_plane::translate::Snapshot;
-use ambit_node_agent::store::{Store, StoreHandler};
+use ambit_node_agent::state::Store;
+use ambit_node_agent::state::xds::StoreHandler;
 use ambit_tests::cluster::metric_value;
 use ambit_tests::{Cluster, ClusterSpec, median, rss_kib};
 use ambit_xds::client::{XdsClient, XdsClientConfig};
@@ -205,9 +206,9 @@ async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
             .add_service(server.into_service())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let store = Arc::new(Store::default());
+    let store = Arc::new(Store::new("node-1"));
     let config = XdsClientConfig {
-        address: format!("http://{addr}"),
+        control_plane: ambit_xds::channel::ControlPlane::new(&format!("http://{addr}"), None)?,
         node_id: "node-1".into(),
         types: NODE_AGENT.to_vec(),
         backoff_min: Duration::from_millis(50),
@@ -217,7 +218,6 @@ async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
         config,
         StoreHandler {
             store: store.clone(),
-            node: "node-1".into(),
         },
     );
     let t = Instant::now();
