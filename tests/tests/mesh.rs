@@ -871,3 +871,126 @@ fn malformed_hbone_input_is_refused_without_harming_other_tunnels() {
         2.0
     );
 }
+
+/// How many of node `n`'s known pods are captured now.
+fn captured_pods(c: &Cluster, n: usize) -> usize {
+    c.enroll_client(n)
+        .unwrap()
+        .list()
+        .unwrap()
+        .iter()
+        .filter(|p| p.captured)
+        .count()
+}
+
+#[test]
+fn a_stopped_agent_keeps_strict_pods_closed_until_the_next_one_takes_over() {
+    let outsider = "pod-1-11";
+    let c = mesh_with(&[], &[outsider], "");
+    let (plain, meshed, to) = (c.pod(1, 1), c.pod(1, 0), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let target = format!("{}:8080", to.ip4);
+    assert!(echo(&c, meshed, &target, 1, 100).0);
+
+    let status = c.stop_agent(2, libc::SIGTERM).unwrap();
+    assert!(status.success(), "{status}\n{}", c.agent_log_tail(2));
+    // Nothing reaches the STRICT pod while its agent is down: not plaintext from
+    // outside the mesh, not (undecryptable) tunnels from the mesh; nothing in clear
+    // crosses its node's link.
+    let cap = LinkCapture::start(&c.node(2).netns_path(), "eth0").unwrap();
+    for _ in 0..3 {
+        let (ok, r) = echo(&c, plain, &target, 1, 100);
+        assert!(
+            !ok,
+            "a STRICT pod accepted plaintext with its agent stopped: {r:#?}"
+        );
+        assert!(!echo(&c, meshed, &target, 1, 100).0);
+    }
+    let wire = cap.stop().unwrap();
+    assert!(
+        !contains(&wire, b"peer="),
+        "the application answered in clear"
+    );
+
+    c.start_agent(2).unwrap();
+    wait_until(
+        "the restarted agent serves",
+        Duration::from_secs(20),
+        || echo(&c, meshed, &target, 1, 100).0,
+    );
+    assert!(
+        !echo(&c, plain, &target, 1, 100).0,
+        "STRICT lost after restart"
+    );
+}
+
+#[test]
+fn half_written_empty_or_gutted_mesh_files_never_open_strict_pods() {
+    let outsider = "pod-1-11";
+    let c = mesh_with(&[], &[outsider], "");
+    let (plain, to) = (c.pod(1, 1), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    let target = format!("{}:8080", to.ip4);
+    let yaml = mesh_yaml(&c, &[outsider], "");
+    let file = c.mesh_file();
+    let all = c.node(2).pods.len();
+    let strict_holds = |when: &str| {
+        assert_eq!(captured_pods(&c, 2), all, "{when}: node 2 released pods");
+        let (ok, r) = echo(&c, plain, &target, 1, 100);
+        assert!(!ok, "{when}: a STRICT pod accepted plaintext: {r:#?}");
+    };
+
+    // A writer that pauses between truncating and writing: the control plane sees an
+    // empty file for 150 ms each time.
+    for i in 0..20 {
+        std::fs::File::create(&file).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        if i % 5 == 0 {
+            strict_holds("truncated");
+        }
+        std::fs::write(&file, &yaml).unwrap();
+    }
+    // `cp` over the file, again and again: every read may catch it half-written.
+    let src = file.with_extension("src");
+    std::fs::write(&src, &yaml).unwrap();
+    for i in 0..300 {
+        std::fs::copy(&src, &file).unwrap();
+        if i % 60 == 0 {
+            strict_holds("copying");
+        }
+    }
+    // An empty file, left there beyond the shrink hold: an error, not an empty mesh.
+    std::fs::write(&file, "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    strict_holds("empty file");
+    // A file that drops every workload is held, then taken as meant.
+    std::fs::write(&file, &yaml).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let gutted = yaml[..yaml.find("workloads:").unwrap()].to_owned() + "workloads: []\n";
+    c.write_mesh(&gutted).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        captured_pods(&c, 2),
+        all,
+        "a gutted mesh was served at once"
+    );
+    wait_until(
+        "the gutted mesh served after the hold",
+        Duration::from_secs(10),
+        || captured_pods(&c, 2) == 0,
+    );
+    assert!(
+        c.control_plane_log().contains("serving the held mesh"),
+        "the hold was not reported:\n{}",
+        c.control_plane_log()
+    );
+    // A deliberate opt-out of the namespace releases at once.
+    c.write_mesh(&yaml).unwrap();
+    wait_until("recaptured", Duration::from_secs(20), || {
+        captured_pods(&c, 2) == all
+    });
+    c.write_mesh(&c.mesh_yaml(false)).unwrap();
+    wait_until("released by the opt-out", Duration::from_secs(10), || {
+        captured_pods(&c, 2) == 0
+    });
+}
