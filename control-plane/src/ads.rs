@@ -34,8 +34,11 @@ use crate::translate::{Snapshot, VersionedResource, set_version};
 /// What the server has seen, for metrics, the admin endpoint and tests.
 #[derive(Debug, Default)]
 pub struct AdsStats {
+    /// Streams opened (either protocol).
     pub streams_opened: AtomicU64,
+    /// Responses sent (either protocol).
     pub responses_sent: AtomicU64,
+    /// Responses accepted: ACKs to the latest nonce of their type.
     pub acks: AtomicU64,
     nacks: Mutex<Vec<Nack>>,
     /// NACKs by (node, type URL), never trimmed.
@@ -45,9 +48,13 @@ pub struct AdsStats {
 /// One rejected response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nack {
+    /// The node whose agent rejected it.
     pub node: String,
+    /// The response's type URL.
     pub type_url: String,
+    /// The response's nonce.
     pub nonce: String,
+    /// The client's `error_detail` message.
     pub message: String,
 }
 
@@ -86,6 +93,7 @@ pub struct AdsServer {
 }
 
 impl AdsServer {
+    /// Serves each snapshot published on `snapshots`.
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
         Self {
             snapshots,
@@ -93,10 +101,12 @@ impl AdsServer {
         }
     }
 
+    /// What the server has seen, shared and live.
     pub fn stats(&self) -> Arc<AdsStats> {
         self.stats.clone()
     }
 
+    /// The gRPC service, ready to add to a server.
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
         AggregatedDiscoveryServiceServer::new(self)
     }

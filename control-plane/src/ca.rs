@@ -32,11 +32,20 @@ use crate::model::Model;
 /// Why the CA could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    /// The CA directory or a root file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Reading, generating or signing the root failed.
     #[error("{what}: {source}")]
     Crypto {
+        /// What was being done.
         what: &'static str,
+        /// Why.
         source: rcgen::Error,
     },
 }
@@ -115,6 +124,7 @@ impl CertificateAuthority {
         })
     }
 
+    /// The root certificate (PEM), the trust anchor for workload certificates.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }
@@ -230,6 +240,7 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
 
 /// Who is calling: maps a bearer credential to a node name.
 pub trait Authenticator: Send + Sync + 'static {
+    /// The node `credential` authenticates, if any.
     fn node_of(&self, credential: &str) -> Option<String>;
 }
 
@@ -322,6 +333,7 @@ pub struct CaService {
 }
 
 impl CaService {
+    /// Signs with `ca` for callers `auth` authenticates, checked against the latest of `models`.
     pub fn new(
         ca: Arc<CertificateAuthority>,
         auth: Arc<dyn Authenticator>,
@@ -330,6 +342,7 @@ impl CaService {
         Self { ca, auth, models }
     }
 
+    /// The gRPC service, ready to add to a server.
     pub fn into_service(self) -> CertificateServiceServer<Self> {
         CertificateServiceServer::new(self)
     }

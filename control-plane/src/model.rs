@@ -24,13 +24,16 @@ pub const WAYPOINT_LABEL: &str = "ambit.dev/waypoint";
 /// policy applied by source IP). A pod's label overrides its namespace's.
 pub const MTLS_LABEL: &str = "ambit.dev/mtls";
 
+/// Kubernetes-style labels: key → value.
 pub type Labels = BTreeMap<String, String>;
 
 /// How plaintext inbound connections to an enrolled workload are treated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MtlsMode {
+    /// Plaintext inbound connections are refused.
     #[default]
     Strict,
+    /// Plaintext inbound connections are accepted, with policy applied by source IP.
     Permissive,
 }
 
@@ -47,7 +50,9 @@ impl MtlsMode {
 /// `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
+    /// The namespace.
     pub namespace: String,
+    /// The name within the namespace.
     pub name: String,
 }
 
@@ -60,54 +65,81 @@ impl fmt::Display for NamespacedName {
 /// What a source read, before validation.
 #[derive(Clone, Debug, Default)]
 pub struct MeshSpec {
+    /// The SPIFFE trust domain (a DNS name).
     pub trust_domain: String,
+    /// The namespaces.
     pub namespaces: Vec<NamespaceSpec>,
+    /// The nodes workloads run on.
     pub nodes: Vec<NodeSpec>,
+    /// The workloads (pods).
     pub workloads: Vec<WorkloadSpec>,
+    /// The services.
     pub services: Vec<ServiceSpec>,
+    /// The authorization policies.
     pub policies: Vec<PolicySpec>,
 }
 
+/// A namespace as a source reads it.
 #[derive(Clone, Debug, Default)]
 pub struct NamespaceSpec {
+    /// Its name (a DNS label).
     pub name: String,
+    /// Its labels (enrollment, mTLS mode, waypoint).
     pub labels: Labels,
 }
 
+/// A node as a source reads it.
 #[derive(Clone, Debug, Default)]
 pub struct NodeSpec {
+    /// Its name (a DNS name).
     pub name: String,
 }
 
+/// A workload (pod) as a source reads it.
 #[derive(Clone, Debug, Default)]
 pub struct WorkloadSpec {
     /// Defaults to `namespace/name`.
     pub uid: Option<String>,
+    /// Its name (a DNS name).
     pub name: String,
+    /// Its namespace, which must be defined.
     pub namespace: String,
+    /// The node it runs on, which must be defined.
     pub node: String,
     /// Defaults to `default`.
     pub service_account: Option<String>,
+    /// Its IPs: at least one, at most one per family.
     pub ips: Vec<IpAddr>,
+    /// Its labels (selected by services and policies; may opt out or set the mTLS mode).
     pub labels: Labels,
 }
 
+/// A service as a source reads it.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceSpec {
+    /// Its name (a DNS label).
     pub name: String,
+    /// Its namespace, which must be defined.
     pub namespace: String,
+    /// Its virtual IPs: at least one, at most one per family.
     pub vips: Vec<IpAddr>,
+    /// Its ports: at least one, each port number listed once.
     pub ports: Vec<ServicePort>,
     /// Workloads in the service's namespace whose labels contain all of these. An empty
     /// selector selects nothing (a service without endpoints), as in Kubernetes.
     pub selector: Labels,
+    /// Its labels (may name a waypoint).
     pub labels: Labels,
 }
 
+/// One port of a service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
+    /// An optional name for the port.
     pub name: Option<String>,
+    /// The port clients dial on the service's VIPs.
     pub port: u16,
+    /// The port of the endpoints that connections to it go to.
     pub target_port: u16,
 }
 
@@ -136,18 +168,26 @@ pub use ambit_policy::{
 /// A validated mesh with derived fields.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Model {
+    /// The SPIFFE trust domain.
     pub trust_domain: String,
+    /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
+    /// Node names.
     pub nodes: BTreeSet<String>,
     /// By uid.
     pub workloads: BTreeMap<String, Workload>,
+    /// By namespace and name.
     pub services: BTreeMap<NamespacedName, Service>,
+    /// Authorization policies, by namespace and name.
     pub policies: BTreeMap<NamespacedName, Policy>,
 }
 
+/// A validated namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
+    /// Its name.
     pub name: String,
+    /// Its labels.
     pub labels: Labels,
 }
 
@@ -158,14 +198,22 @@ impl Namespace {
     }
 }
 
+/// A validated workload, with derived fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
+    /// Unique id: the source's, or `namespace/name`.
     pub uid: String,
+    /// Its name.
     pub name: String,
+    /// Its namespace.
     pub namespace: String,
+    /// The node it runs on.
     pub node: String,
+    /// Its service account (`default` if the source named none).
     pub service_account: String,
+    /// Its IPs (at most one per family).
     pub ips: Vec<IpAddr>,
+    /// Its labels.
     pub labels: Labels,
     /// Derived: its namespace is enrolled and it did not opt out.
     pub enrolled: bool,
@@ -177,14 +225,20 @@ pub struct Workload {
     pub identity: Identity,
 }
 
+/// A validated service, with derived fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
+    /// Its name.
     pub name: String,
+    /// Its namespace.
     pub namespace: String,
     /// `<name>.<namespace>.svc.cluster.local`.
     pub hostname: String,
+    /// Its virtual IPs.
     pub vips: Vec<IpAddr>,
+    /// Its ports.
     pub ports: Vec<ServicePort>,
+    /// Selects its endpoints among its namespace's workloads (empty: none).
     pub selector: Labels,
     /// Derived: uids of the selected workloads.
     pub endpoints: Vec<String>,
@@ -197,6 +251,7 @@ pub struct Service {
 pub struct Problem {
     /// e.g. `workloads[2] (shop/web-0).ips[1]`.
     pub place: String,
+    /// What is wrong there.
     pub problem: String,
 }
 

@@ -27,9 +27,11 @@ use crate::model::{Model, selects};
 /// One encoded resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionedResource {
+    /// Its name: a workload's uid, or `namespace/name` for services and policies.
     pub name: String,
     /// Hash of the encoded bytes (hex).
     pub version: String,
+    /// The encoded resource, with its type URL.
     pub resource: Any,
 }
 
@@ -47,6 +49,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Translates every resource of `m` and encodes it once.
     pub fn from_model(m: &Model) -> Self {
         let mut s = Snapshot::default();
         for w in m.workloads.values() {

@@ -43,11 +43,17 @@ pub mod maps {
 
 /// Names of the programs in the object file.
 pub mod programs {
+    /// `cgroup/connect4`: redirects enrolled pods' IPv4 TCP connects to 15001.
     pub const CONNECT4: &str = "ambit_connect4";
+    /// `cgroup/connect6`: the same for IPv6 (v4-mapped destinations are captured as IPv4).
     pub const CONNECT6: &str = "ambit_connect6";
+    /// `sock_ops`: moves a captured connection's original destination to `CONN_ORIG`.
     pub const SOCK_OPS: &str = "ambit_sock_ops";
+    /// `cgroup_skb/ingress`: counts what enrolled workloads receive.
     pub const SKB_INGRESS: &str = "ambit_skb_ingress";
+    /// `cgroup_skb/egress`: counts what enrolled workloads send.
     pub const SKB_EGRESS: &str = "ambit_skb_egress";
+    /// `sk_lookup` (per pod netns): steers inbound plaintext to the agent's 15006 listener.
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
 }
 
@@ -87,6 +93,7 @@ pub struct ConnKey {
     pub src_port: u16,
     /// Family of the connection on the wire: [`AF_INET`] or [`AF_INET6`].
     pub family: u16,
+    /// Explicit padding; always zero.
     pub _pad: u32,
 }
 
@@ -104,9 +111,11 @@ pub enum Direction {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CounterKey {
+    /// Cookie of the workload's network namespace.
     pub netns_cookie: u64,
     /// A [`Direction`] as `u32`.
     pub direction: u32,
+    /// Explicit padding; always zero.
     pub _pad: u32,
 }
 
@@ -116,6 +125,7 @@ pub struct CounterKey {
 pub struct Counters {
     /// Bytes at the IP layer (the IP header and everything after it).
     pub bytes: u64,
+    /// Number of packets.
     pub packets: u64,
 }
 
@@ -139,9 +149,14 @@ mod pod {
     use super::*;
     // SAFETY: plain `#[repr(C)]` data with explicit padding fields; any bit pattern is valid.
     unsafe impl aya::Pod for Enrolled {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Counters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PodIp {}
 }

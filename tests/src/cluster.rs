@@ -24,7 +24,9 @@ static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
 /// The shape of a cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
+    /// Number of nodes (1 to 200).
     pub nodes: usize,
+    /// Pods on each node (at most 200).
     pub pods_per_node: usize,
     /// Start a node agent on every node.
     pub agents: bool,
@@ -54,16 +56,24 @@ pub const CONTROL_PLANE_ADDR: &str = "172.18.0.254:15010";
 /// A pod: a network namespace, two addresses and a cgroup.
 #[derive(Clone, Debug)]
 pub struct Pod {
+    /// Index of the pod's node (1-based).
     pub node: usize,
+    /// The pod's name (`pod-N-M`), in namespace `default`.
     pub name: String,
+    /// The pod's uid, unique to this run.
     pub uid: String,
+    /// Name of the pod's network namespace (under `/var/run/netns`).
     pub netns: String,
+    /// The pod's IPv4 address.
     pub ip4: Ipv4Addr,
+    /// The pod's IPv6 address.
     pub ip6: Ipv6Addr,
+    /// The pod's cgroup directory (bare pods share the node's pod cgroup).
     pub cgroup: PathBuf,
 }
 
 impl Pod {
+    /// Path of the pod's network namespace (`/var/run/netns/<netns>`).
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/var/run/netns").join(&self.netns)
     }
@@ -83,27 +93,39 @@ impl Pod {
 /// A node: a network namespace on the bridge, its pods, and (maybe) an agent process.
 #[derive(Debug)]
 pub struct Node {
+    /// The node's number (1-based; `N` in its addresses).
     pub index: usize,
+    /// Name of the node's network namespace (under `/var/run/netns`).
     pub netns: String,
+    /// The node's IPv4 address on the bridge.
     pub ip4: Ipv4Addr,
+    /// The node's IPv6 address on the bridge.
     pub ip6: Ipv6Addr,
+    /// The cgroup subtree holding the node's pods, where its agent attaches.
     pub pod_cgroup: PathBuf,
+    /// The cgroup the node's agent runs in.
     pub agent_cgroup: PathBuf,
+    /// Where the node's agent pins its maps and links (`--bpffs-dir`).
     pub bpffs_dir: PathBuf,
+    /// The node's agent state directory (`--state-dir`): enrollment socket, log.
     pub state_dir: PathBuf,
+    /// The pods the cluster created on this node.
     pub pods: Vec<Pod>,
     agent: Mutex<Option<Child>>,
 }
 
 impl Node {
+    /// Path of the node's network namespace (`/var/run/netns/<netns>`).
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/var/run/netns").join(&self.netns)
     }
 
+    /// The agent's enrollment API socket.
     pub fn enroll_socket(&self) -> PathBuf {
         self.state_dir.join("enroll.sock")
     }
 
+    /// The agent's log file (its stdout and stderr).
     pub fn agent_log(&self) -> PathBuf {
         self.state_dir.join("agent.log")
     }
@@ -117,9 +139,13 @@ impl Node {
 /// A running simulated cluster; dropping it removes everything it created.
 #[derive(Debug)]
 pub struct Cluster {
+    /// The per-run name prefix (`ambit-t<pid>x<n>`) of everything the cluster creates.
     pub prefix: String,
+    /// The cgroup-v2 subtree this cluster owns.
     pub cgroup_root: PathBuf,
+    /// Name of the namespace holding the bridge (and the control plane).
     pub bridge_netns: String,
+    /// The nodes; node `n` is `nodes[n - 1]`.
     pub nodes: Vec<Node>,
     agent_args: Vec<String>,
     control_plane: Mutex<Option<Child>>,
@@ -308,6 +334,7 @@ impl Cluster {
         self.cp_state_dir().join("mesh.yaml")
     }
 
+    /// The control plane's log so far (empty if there is none).
     pub fn control_plane_log(&self) -> String {
         std::fs::read_to_string(self.cp_state_dir().join("control-plane.log")).unwrap_or_default()
     }
@@ -431,6 +458,7 @@ impl Cluster {
         Ok(())
     }
 
+    /// Node `n` (1-based).
     pub fn node(&self, n: usize) -> &Node {
         &self.nodes[n - 1]
     }
@@ -570,20 +598,24 @@ impl Cluster {
         }
     }
 
+    /// The last 40 lines of node `n`'s agent log.
     pub fn agent_log_tail(&self, n: usize) -> String {
         let log = std::fs::read_to_string(self.node(n).agent_log()).unwrap_or_default();
         let lines: Vec<_> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// A client of node `n`'s enrollment API.
     pub fn enroll_client(&self, n: usize) -> anyhow::Result<EnrollClient> {
         Ok(EnrollClient::connect(self.node(n).enroll_socket())?)
     }
 
+    /// Enrolls `pod` with its node's agent.
     pub fn enroll(&self, pod: &Pod) -> anyhow::Result<EnrolledPod> {
         Ok(self.enroll_client(pod.node)?.add(pod.spec())?)
     }
 
+    /// Removes `pod` (by uid) from its node's agent.
     pub fn release(&self, pod: &Pod) -> anyhow::Result<()> {
         Ok(self.enroll_client(pod.node)?.remove(&pod.uid)?)
     }
@@ -683,6 +715,7 @@ pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The value of the first series of `name` whose labels include `want`.
 pub fn metric_value(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;

@@ -6,8 +6,11 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
+/// A certificate authority: its signing key and its certificate.
 pub struct Ca {
+    /// Signs certificates as this CA.
     pub issuer: Issuer<'static, KeyPair>,
+    /// The CA's certificate, PEM-encoded.
     pub pem: String,
 }
 

@@ -49,6 +49,7 @@ pub fn spawn_in(netns: &Path, cgroup: &Path, cmd: &mut Command) -> io::Result<Ch
 /// A process started in a pod; killed (by its PID) when dropped.
 #[derive(Debug)]
 pub struct PodProcess {
+    /// The running process.
     pub child: Child,
     stdin: Option<ChildStdin>,
     stdout: Option<BufReader<ChildStdout>>,
@@ -70,6 +71,7 @@ impl PodProcess {
         })
     }
 
+    /// The process's PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -103,6 +105,7 @@ impl PodProcess {
         }
     }
 
+    /// Writes `line` and a newline to stdin, and flushes it.
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
         let stdin = self
             .stdin

@@ -32,25 +32,37 @@ use crate::model::{
 /// Why a mesh file was rejected.
 #[derive(Debug)]
 pub enum FileError {
+    /// It could not be read.
     Read {
+        /// The mesh file.
         file: PathBuf,
+        /// Why.
         error: std::io::Error,
     },
     /// YAML syntax or a field of the wrong type, unknown or missing.
     Parse {
+        /// The mesh file.
         file: PathBuf,
+        /// Line of the error (1-based), if known.
         line: Option<usize>,
+        /// Column of the error (1-based), if known.
         column: Option<usize>,
+        /// The parser's message, without its location.
         error: String,
     },
     /// It parsed, but does not describe a valid mesh.
     Invalid {
+        /// The mesh file.
         file: PathBuf,
+        /// Every problem found, each with its place.
         problems: Vec<Problem>,
     },
     /// It is empty (or only whitespace): most likely caught between truncation and
     /// write, and never taken to mean "nothing".
-    Empty { file: PathBuf },
+    Empty {
+        /// The mesh file.
+        file: PathBuf,
+    },
 }
 
 impl fmt::Display for FileError {

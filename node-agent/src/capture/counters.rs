@@ -15,6 +15,9 @@ use super::datapath::Datapath;
 use super::pods::{Pod, PodRegistry};
 use crate::telemetry::PodCounters;
 
+/// A pod counter family: name, help, and which counter of a pod it reads.
+type OwnFamily = (&'static str, &'static str, fn(&PodCounters) -> &AtomicU64);
+
 /// Exposes the kernel's and the pods' counters.
 #[derive(Debug)]
 pub struct PodCollector {
@@ -64,7 +67,7 @@ impl Collector for PodCollector {
                     .encode(family.encode_family(&labels)?)?;
             }
         }
-        let own: [(&str, &str, fn(&PodCounters) -> &AtomicU64); 4] = [
+        let own: [OwnFamily; 4] = [
             (
                 "ambit_outbound_connections_opened",
                 "Captured outbound connections the agent accepted",

@@ -43,28 +43,50 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Why the datapath could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    /// The eBPF object file does not exist.
     #[error(
         "eBPF object not found at {0}: build it with `cargo xtask build-ebpf` \
          (or point --ebpf-object / AMBIT_EBPF_OBJECT at it)"
     )]
     MissingObject(PathBuf),
+    /// An operation failed; `what` says which.
     #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    Io {
+        /// What was being done (e.g. opening the pod cgroup).
+        what: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// aya could not load the object.
     #[error("loading the eBPF object {path}: {source}")]
     Load {
+        /// The object file.
         path: PathBuf,
+        /// Why loading failed.
         source: Box<aya::EbpfError>,
     },
+    /// A program could not be loaded or attached.
     #[error("program {program}: {source}")]
     Program {
+        /// The program's name in the object.
         program: &'static str,
+        /// Why it failed.
         source: Box<aya::programs::ProgramError>,
     },
+    /// A link could not be pinned, or a previous agent's pin could not be opened.
     #[error("pinning {path}: {reason}")]
-    Pin { path: PathBuf, reason: String },
+    Pin {
+        /// The pin (the program's name when its link is not an fd link).
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A map has an unexpected type, or updating it failed.
     #[error("map {map}: {source}")]
     Map {
+        /// The map's name.
         map: &'static str,
+        /// Why it failed.
         source: Box<aya::maps::MapError>,
     },
 }

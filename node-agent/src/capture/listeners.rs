@@ -67,15 +67,17 @@ pub fn open_outbound() -> io::Result<Vec<std::net::TcpListener>> {
     Ok(out)
 }
 
+/// A pod's inbound listeners: HBONE (one per pod IP), and plaintext with the pod IP of
+/// the family each serves.
+pub type InboundListeners = (
+    Vec<std::net::TcpListener>,
+    Vec<(IpAddr, std::net::TcpListener)>,
+);
+
 /// Runs inside the pod's netns: prepares delivery with the caller's address
 /// ([`super::podnet`]) and opens the inbound listeners (HBONE on each pod IP, plaintext
 /// on loopback).
-pub fn open_inbound(
-    pod_ips: &[IpAddr],
-) -> io::Result<(
-    Vec<std::net::TcpListener>,
-    Vec<(IpAddr, std::net::TcpListener)>,
-)> {
+pub fn open_inbound(pod_ips: &[IpAddr]) -> io::Result<InboundListeners> {
     super::podnet::prepare_delivery()?;
     let mut hbone = Vec::new();
     let mut plaintext = Vec::new();

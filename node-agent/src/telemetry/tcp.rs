@@ -168,6 +168,9 @@ impl TcpMetrics {
     }
 }
 
+/// A metric family: name, help, and which counter of a series it reads.
+type Family = (&'static str, &'static str, fn(&TcpSeries) -> &AtomicU64);
+
 /// Exposes the series of a shared [`TcpMetrics`].
 #[derive(Debug)]
 pub struct TcpCollector(pub Arc<TcpMetrics>);
@@ -175,7 +178,7 @@ pub struct TcpCollector(pub Arc<TcpMetrics>);
 impl Collector for TcpCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let series = self.0.series.read().unwrap_or_else(|e| e.into_inner());
-        let families: [(&str, &str, fn(&TcpSeries) -> &AtomicU64); 4] = [
+        let families: [Family; 4] = [
             (
                 "istio_tcp_connections_opened",
                 "TCP connections opened (Istio standard metric)",
