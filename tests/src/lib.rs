@@ -19,6 +19,7 @@
 
 pub mod cluster;
 pub mod pki;
+pub mod probes;
 pub mod process;
 pub mod sniff;
 
