@@ -115,7 +115,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let recent = Arc::new(proxy::RecentConnections::default());
     let inputs = Arc::new(Inputs {
         connect_timeout: config.connect_timeout,
-        identities: config.xds_address.is_some(),
         state: store.clone(),
         certs: certs.clone(),
         tls,

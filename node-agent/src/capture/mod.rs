@@ -153,7 +153,7 @@ impl Capture {
     /// control plane says it is enrolled.
     pub fn enroll(self: &Arc<Self>, spec: PodSpec) -> Result<EnrolledPod, EnrollmentError> {
         let _serial = self.serial();
-        validate(&spec)?;
+        validate_request(&spec)?;
         if self.pods.is_known(&spec.uid) {
             return Err(EnrollmentError::Duplicate(spec.uid));
         }
@@ -400,7 +400,9 @@ impl Capture {
     }
 }
 
-fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
+/// Checks an enrollment request the way `add` does, without touching anything (also the
+/// enrollment API's fuzz entry point).
+pub fn validate_request(spec: &PodSpec) -> Result<(), EnrollmentError> {
     for (field, value) in [
         ("uid", &spec.uid),
         ("namespace", &spec.namespace),
@@ -436,10 +438,4 @@ fn validate(spec: &PodSpec) -> Result<(), EnrollmentError> {
         return Err(EnrollmentError::Invalid(format!("{ip} cannot be a pod IP")));
     }
     Ok(())
-}
-
-/// Checks an enrollment request the way `add` does, without touching anything (for the
-/// enrollment API's fuzz target and tests).
-pub fn validate_request(spec: &PodSpec) -> Result<(), EnrollmentError> {
-    validate(spec)
 }

@@ -79,9 +79,8 @@ pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Erro
     if a.identity.is_none() && me.mtls == MtlsMode::Strict {
         return Err(Error::StrictMtls);
     }
-    let decision = ambit_policy::authorize(
-        state.policies_for(&me.namespace).iter().map(|p| &**p),
-        me.target(),
+    let decision = state.authorize(
+        me,
         &Connection {
             src_identity: a.identity.as_ref(),
             src_ip: a.src.ip(),

@@ -50,8 +50,6 @@ pub type HbonePool = ambit_hbone::pool::Pool<hbone_dialer::HboneDialer>;
 pub struct Inputs {
     /// How long dialing (a destination, a tunnel, an application) may take.
     pub connect_timeout: Duration,
-    /// Whether a control plane gives identities (else everything is passed through).
-    pub identities: bool,
     /// The mesh as the control plane describes it.
     pub state: Arc<Store>,
     /// This node's workload certificates.
@@ -78,7 +76,6 @@ impl std::fmt::Debug for Inputs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inputs")
             .field("connect_timeout", &self.connect_timeout)
-            .field("identities", &self.identities)
             .finish_non_exhaustive()
     }
 }

@@ -92,16 +92,12 @@ impl ConnTracker {
         let mut closed = 0;
         for t in conns.values() {
             let allowed = mesh.workload(&t.dst_uid).is_some_and(|dst| {
-                ambit_policy::authorize(
-                    mesh.policies_for(&dst.namespace).iter().map(|p| &**p),
-                    dst.target(),
-                    &ambit_policy::Connection {
-                        src_identity: t.src_identity.as_ref(),
-                        src_ip: t.src_ip,
-                        dst_port: t.dst_port,
-                    },
-                )
-                .allowed()
+                let conn = ambit_policy::Connection {
+                    src_identity: t.src_identity.as_ref(),
+                    src_ip: t.src_ip,
+                    dst_port: t.dst_port,
+                };
+                mesh.authorize(dst, &conn).allowed()
             });
             if !allowed {
                 // A stored permit: the relay sees it even if it is not waiting right now.

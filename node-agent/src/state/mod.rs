@@ -195,6 +195,19 @@ impl MeshState {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Authorizes `conn` to the local workload `dst` under its namespace's policies.
+    pub fn authorize(
+        &self,
+        dst: &Workload,
+        conn: &ambit_policy::Connection<'_>,
+    ) -> ambit_policy::Decision<'_> {
+        ambit_policy::authorize(
+            self.policies_for(&dst.namespace).iter().map(|p| &**p),
+            dst.target(),
+            conn,
+        )
+    }
+
     /// How many workloads, services and policies the view holds.
     pub fn counts(&self) -> (usize, usize, usize) {
         (
