@@ -219,17 +219,38 @@ fn forwarded_ip(ip: IpAddr) -> String {
     }
 }
 
-/// The first `for=` address of a `forwarded` header (RFC 7239).
+/// The first `for=` address of a `forwarded` header (RFC 7239): the parameter name in
+/// any case, the node bare (`10.0.0.1`) or quoted, with or without a port
+/// (`"10.0.0.1:4711"`, `"[fd00::1]"`, `"[fd00::1]:4711"`). Obfuscated and `unknown`
+/// nodes give `None`.
 pub fn parse_forwarded(v: &str) -> Option<IpAddr> {
-    let f = v
-        .split(';')
-        .flat_map(|p| p.split(','))
-        .find_map(|p| p.trim().strip_prefix("for="))?;
-    f.trim_matches('"')
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .ok()
+    let node = v.split([';', ',']).find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
+    })?;
+    let node = node
+        .strip_prefix('"')
+        .and_then(|n| n.strip_suffix('"'))
+        .unwrap_or(node);
+    if let Some(rest) = node.strip_prefix('[') {
+        let (ip, port) = rest.split_once(']')?;
+        return match port {
+            "" => ip.parse().ok(),
+            p if p
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok()) =>
+            {
+                ip.parse().ok()
+            }
+            _ => None,
+        };
+    }
+    match node.split_once(':') {
+        Some((ip, port)) if port.parse::<u16>().is_ok() => ip.parse().ok(),
+        _ => node.parse().ok(),
+    }
 }
 
 /// What a server does with an accepted tunnel once it has answered 200: typically copy
@@ -353,5 +374,12 @@ mod tests {
             Some("10.0.0.1".parse().unwrap())
         );
         assert_eq!(parse_forwarded("by=x"), None);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // RFC 7239 section 4 and 6: any case, quoted, with ports, in a list.
+        assert_eq!(parse_forwarded("For=\"10.0.0.1:4711\""), ip("10.0.0.1"));
+        assert_eq!(parse_forwarded("for=\"[fd00::1]:4711\""), ip("fd00::1"));
+        assert_eq!(parse_forwarded("for=unknown, for=10.0.0.2"), None);
+        assert_eq!(parse_forwarded("for=_hidden;proto=http"), None);
+        assert_eq!(parse_forwarded("for=\"[fd00::1]x\""), None);
     }
 }

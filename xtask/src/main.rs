@@ -12,6 +12,16 @@ use clap::{Parser, Subcommand};
 /// The eBPF crate's target.
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets in fuzz/ (each a parser that faces the network or a user).
+const FUZZ_TARGETS: [&str; 4] = [
+    "hbone_connect",
+    "enroll_request",
+    "mesh_file",
+    "xds_resources",
+];
+/// How long `cargo xtask test` runs each fuzz target (AMBIT_FUZZ_SECONDS overrides).
+const FUZZ_SECONDS: u64 = 20;
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const APT_PACKAGES: [&str; 4] = [
     "llvm-22-dev",
@@ -40,6 +50,14 @@ enum Cmd {
     /// A 2-node simulated cluster with agents and the control plane on examples/mesh.yaml:
     /// capture, counters, certificates, a live relabel; then clean up.
     Demo,
+    /// Fuzz the parsers (all targets, or one) for a bounded time; installs cargo-fuzz.
+    Fuzz {
+        /// One of hbone_connect, enroll_request, mesh_file, xds_resources.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run the benchmarks in the simulated cluster and print tables; needs root.
     Bench {
         /// Only the capture data path (`datapath`), the mutual-TLS data path (`hbone`) or
@@ -53,6 +71,20 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf().map(drop),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => run_harness_bin("ambit-demo"),
+        Cmd::Fuzz { target, seconds } => {
+            let targets: Vec<&str> = match target.as_deref() {
+                None => FUZZ_TARGETS.to_vec(),
+                Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+                Some(t) => {
+                    eprintln!("xtask: unknown fuzz target {t:?}: one of {FUZZ_TARGETS:?}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            fuzz(&targets, seconds).and_then(|failed| match failed {
+                0 => Ok(()),
+                n => Err(anyhow::anyhow!("{n} fuzz target(s) failed")),
+            })
+        }
         Cmd::Bench { only } => match only.as_deref() {
             None => run_harness_bin("ambit-bench")
                 .and_then(|()| run_harness_bin("ambit-bench-hbone"))
@@ -286,6 +318,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // The fuzz targets run as part of the suite: each one crash-free for its time is a
+    // passed test.
+    let seconds = std::env::var("AMBIT_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FUZZ_SECONDS);
+    let fuzz_failed = fuzz(&FUZZ_TARGETS, seconds)?;
+    passed += FUZZ_TARGETS.len() as u64 - fuzz_failed;
+    failed += fuzz_failed;
     println!("summary: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!(
@@ -293,6 +334,109 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Installs cargo-fuzz when missing.
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    let installed = Command::new("cargo-fuzz")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    run(
+        &format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 30 seconds)"),
+        cargo().args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]),
+        &format!("cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked"),
+    )
+}
+
+/// `rustup run nightly cargo fuzz ...` in fuzz/, with what `cargo xtask` put in the
+/// environment kept out of the nightly build.
+fn cargo_fuzz(args: &[&str]) -> Command {
+    let root = workspace_root();
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root.join("fuzz"))
+        .args(["run", "nightly", "cargo", "fuzz"])
+        .args(args)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// Builds the fuzz targets and runs each for `seconds` from its seeds and the corpus it
+/// grew last time (target/fuzz/corpus); returns how many failed. A crash leaves its
+/// input in fuzz/artifacts/<target>/ and the command to replay it in the output.
+fn fuzz(targets: &[&str], seconds: u64) -> anyhow::Result<u64> {
+    ensure_cargo_fuzz()?;
+    let root = workspace_root();
+    let target_dir = root.join("target/fuzz");
+    let target_dir = target_dir.to_str().context("a UTF-8 workspace path")?;
+    // No sanitizer: the parsers are safe Rust, and libFuzzer runs them 5-10x faster so.
+    run(
+        "building the fuzz targets (nightly, libFuzzer)",
+        &mut cargo_fuzz(&["build", "-s", "none", "--target-dir", target_dir]),
+        "cd fuzz && cargo +nightly fuzz build -s none",
+    )?;
+    let mut failed = 0;
+    for t in targets {
+        let corpus = root.join("target/fuzz/corpus").join(t);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        let corpus = corpus
+            .to_str()
+            .context("a UTF-8 workspace path")?
+            .to_owned();
+        let seeds = root.join("fuzz/seeds").join(t);
+        let mut args = vec!["run", "-s", "none", "--target-dir", target_dir, t, &corpus];
+        let seeds = seeds.to_str().context("a UTF-8 workspace path")?.to_owned();
+        if Path::new(&seeds).is_dir() {
+            args.push(&seeds);
+        }
+        let max_time = format!("-max_total_time={seconds}");
+        args.extend(["--", &max_time, "-rss_limit_mb=2048", "-timeout=10"]);
+        eprintln!("xtask: fuzzing {t} for {seconds} s");
+        let out = cargo_fuzz(&args)
+            .output()
+            .with_context(|| format!("starting cargo fuzz run {t}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let done = log.lines().rev().find(|l| l.starts_with("Done "));
+        if out.status.success() {
+            println!("fuzz {t} ... ok ({})", done.unwrap_or("no summary"));
+        } else {
+            failed += 1;
+            println!("fuzz {t} ... FAILED ({})", out.status);
+            // The panic message, then cargo-fuzz's failing input and how to replay it.
+            let lines: Vec<&str> = log.lines().collect();
+            let from = |needle: &str| lines.iter().position(|l| l.contains(needle));
+            let mut show: Vec<&str> = Vec::new();
+            if let Some(i) = from("panicked at").or_else(|| from("ERROR: libFuzzer")) {
+                show.extend(&lines[i..(i + 2).min(lines.len())]);
+            }
+            if let Some(i) = from("Failing input:") {
+                let end = from("Minimize test case").unwrap_or(lines.len());
+                show.extend(&lines[i..end.max(i)]);
+            }
+            if show.is_empty() {
+                show.extend(&lines[lines.len().saturating_sub(30)..]);
+            }
+            for l in show {
+                println!("    {}", l.chars().take(400).collect::<String>());
+            }
+        }
+    }
+    Ok(failed)
 }
 
 /// The number just before `word` in a cargo "test result:" line.

@@ -7,6 +7,7 @@
 //! holds nothing else, so no connection ever pins a copy of the whole mesh and no update
 //! copies what it does not change.
 
+mod index;
 pub mod xds;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,6 +18,8 @@ use ambit_identity::Identity;
 use ambit_policy::{Authorization, Labels};
 use serde::Serialize;
 use tokio::sync::watch;
+
+use index::IpIndex;
 
 /// A workload (pod).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -150,11 +153,11 @@ pub struct MeshState {
     /// This agent's node: its workloads keep their labels and need certificates.
     node: String,
     workloads: HashMap<Arc<str>, Arc<Workload>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_ip: IpIndex<Workload>,
     /// Uids of this node's workloads.
     local: HashSet<Arc<str>>,
     services: HashMap<String, Arc<Service>>,
-    by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_vip: IpIndex<Service>,
     policies: HashMap<String, Arc<Authorization>>,
     policies_by_namespace: HashMap<String, Vec<Arc<Authorization>>>,
 }
@@ -208,6 +211,45 @@ impl MeshState {
         )
     }
 
+    /// Checks that every index agrees with the entries it indexes (for tests and the
+    /// xDS fuzz target): each IP of each workload and VIP of each service finds an entry
+    /// holding that IP, local uids are this node's, and each policy is listed once.
+    pub fn check_indexes(&self) -> Result<(), String> {
+        for w in self.workloads.values() {
+            for ip in &w.ips {
+                match self.by_ip.get(ip) {
+                    Some(h) if h.ips.contains(ip) && self.workloads.contains_key(&h.uid) => {}
+                    other => return Err(format!("{ip} of {} finds {other:?}", w.uid)),
+                }
+            }
+            if (w.node == self.node) != self.local.contains(&w.uid) {
+                return Err(format!("{} is misfiled as local or remote", w.uid));
+            }
+        }
+        let entries: usize = self.workloads.values().map(|w| w.ips.len()).sum();
+        let (current, shadowed) = self.by_ip.len();
+        if current + shadowed != entries || self.local.len() > self.workloads.len() {
+            return Err(format!(
+                "the IP index holds {current}+{shadowed} entries for {entries} IPs"
+            ));
+        }
+        for (name, s) in &self.services {
+            for ip in &s.vips {
+                if !self.by_vip.get(ip).is_some_and(|h| h.vips.contains(ip)) {
+                    return Err(format!("VIP {ip} of {name} is not indexed"));
+                }
+            }
+        }
+        let listed: usize = self.policies_by_namespace.values().map(Vec::len).sum();
+        if listed != self.policies.len() {
+            return Err(format!(
+                "{listed} policies listed by namespace, {} held",
+                self.policies.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// How many workloads, services and policies the view holds.
     pub fn counts(&self) -> (usize, usize, usize) {
         (
@@ -250,10 +292,7 @@ impl MeshState {
             return;
         };
         for ip in &old.ips {
-            // Another workload may have taken the IP meanwhile: keep its entry.
-            if self.by_ip.get(ip).is_some_and(|w| w.uid == old.uid) {
-                self.by_ip.remove(ip);
-            }
+            self.by_ip.remove(ip, &old);
         }
         self.local.remove(uid);
     }
@@ -274,9 +313,7 @@ impl MeshState {
             return;
         };
         for ip in &old.vips {
-            if self.by_vip.get(ip).is_some_and(|s| Arc::ptr_eq(s, &old)) {
-                self.by_vip.remove(ip);
-            }
+            self.by_vip.remove(ip, &old);
         }
     }
 

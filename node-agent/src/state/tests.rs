@@ -91,6 +91,31 @@ fn indexes_follow_updates_and_only_local_workloads_keep_labels() {
 }
 
 #[test]
+fn a_reused_ip_finds_its_older_holder_again_when_the_newer_one_leaves() {
+    let (store, mut h) = handler();
+    let ip = "10.0.0.1".parse::<IpAddr>().unwrap();
+    // A new pod takes an IP whose old pod's removal has not arrived yet...
+    put(&mut h, workload("old", "n", vec![vec![10, 0, 0, 1]]));
+    put(&mut h, workload("new", "n", vec![vec![10, 0, 0, 1]]));
+    assert_eq!(
+        &*store.read(|s| s.workload_by_ip(ip).cloned()).unwrap().uid,
+        "new"
+    );
+    // ...then the new one goes first: the IP is the old one's again, not nobody's.
+    h.apply(type_url::WORKLOAD, vec![], vec!["new".into()])
+        .unwrap();
+    assert_eq!(
+        &*store.read(|s| s.workload_by_ip(ip).cloned()).unwrap().uid,
+        "old"
+    );
+    store.read(MeshState::check_indexes).unwrap();
+    h.apply(type_url::WORKLOAD, vec![], vec!["old".into()])
+        .unwrap();
+    assert!(store.read(|s| s.workload_by_ip(ip).is_none()));
+    store.read(MeshState::check_indexes).unwrap();
+}
+
+#[test]
 fn a_bad_resource_rejects_the_whole_update() {
     let (store, mut h) = handler();
     let good = (

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use ambit_identity::Identity;
+use ambit_policy::Authorization;
 use ambit_xds::ambit;
 use ambit_xds::client::{ApplyError, Handler};
 use ambit_xds::convert::{DecodeError, authorization_from_proto, ip_from_bytes, port_from_u32};
@@ -50,11 +51,7 @@ impl Handler for StoreHandler {
                 });
             }
             type_url::AUTHORIZATION => {
-                let d = decode_all(updated, |_, b| {
-                    let a = ambit::Authorization::decode(b)
-                        .map_err(|e| DecodeError::protobuf("Authorization", e))?;
-                    authorization_from_proto(a)
-                })?;
+                let d = decode_all(updated, decode_authorization)?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_policy(n));
                     d.into_iter().for_each(|(n, p)| m.put_policy(n, p));
@@ -89,6 +86,13 @@ fn decode_all<T>(
             Err(source) => Err(ApplyError::Resource { name, source }),
         })
         .collect()
+}
+
+/// Decodes and validates one `ambit.v1.Authorization`.
+pub fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, DecodeError> {
+    let a = ambit::Authorization::decode(bytes)
+        .map_err(|e| DecodeError::protobuf("Authorization", e))?;
+    authorization_from_proto(a)
 }
 
 /// Decodes and validates one `ambit.v1.Workload` named `name`.

@@ -1,0 +1,31 @@
+//! The mesh file (YAML written by a user): parsed and validated, and, when valid,
+//! translated into xDS resources that every node agent must accept. A mesh the control
+//! plane takes but an agent NACKs would stall the whole mesh on that version.
+#![no_main]
+
+use std::path::Path;
+
+use ambit_control_plane::source::file;
+use ambit_control_plane::translate::Snapshot;
+use ambit_node_agent::state::xds::{decode_authorization, decode_service, decode_workload};
+use ambit_xds::type_url;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    let Ok(model) = file::parse(Path::new("fuzz.yaml"), text) else {
+        return;
+    };
+    let snapshot = Snapshot::from_model(&model);
+    assert!(!snapshot.version().is_empty());
+    for node in model.workloads.values().map(|w| w.node.as_str()) {
+        for r in snapshot.resources(node, type_url::WORKLOAD) {
+            decode_workload(&r.name, &r.resource.value).expect("agents accept every workload");
+        }
+        for r in snapshot.resources(node, type_url::SERVICE) {
+            decode_service(&r.name, &r.resource.value).expect("agents accept every service");
+        }
+        for r in snapshot.resources(node, type_url::AUTHORIZATION) {
+            decode_authorization(&r.name, &r.resource.value).expect("agents accept every policy");
+        }
+    }
+});
