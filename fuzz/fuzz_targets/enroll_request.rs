@@ -16,9 +16,9 @@ fuzz_target!(|line: &[u8]| {
     // What was read writes back as the same request.
     let again: Request = serde_json::from_slice(&serde_json::to_vec(&request).unwrap()).unwrap();
     assert_eq!(again, request);
-    if let Request::Add { pod } = &request {
-        if validate_request(pod).is_ok() {
-            assert!(!pod.ips.is_empty() && !pod.uid.trim().is_empty());
-        }
+    if let Request::Add { pod } = &request
+        && validate_request(pod).is_ok()
+    {
+        assert!(!pod.ips.is_empty() && !pod.uid.trim().is_empty());
     }
 });

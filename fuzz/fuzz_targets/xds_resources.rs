@@ -79,13 +79,16 @@ struct Src<'a> {
     ip_blocks: Vec<(Ip<'a>, u32)>,
 }
 
+/// Ports and not-ports.
+type Dst = (Vec<u32>, Vec<u32>);
+
 #[derive(Arbitrary, Debug)]
 struct A<'a> {
     namespace: &'a str,
     action: i32,
     namespace_wide: bool,
     selector: Vec<(&'a str, &'a str)>,
-    rules: Vec<(Vec<Src<'a>>, Vec<(Vec<u32>, Vec<u32>)>)>,
+    rules: Vec<(Vec<Src<'a>>, Vec<Dst>)>,
 }
 
 #[derive(Arbitrary, Debug)]
