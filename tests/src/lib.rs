@@ -22,6 +22,7 @@ pub mod pki;
 pub mod probes;
 pub mod process;
 pub mod sniff;
+pub mod synthetic;
 
 pub use cluster::{Cluster, ClusterSpec, Node, Pod};
 pub use process::PodProcess;

@@ -14,6 +14,7 @@ use ambit_control_plane::translate::Snapshot;
 use ambit_node_agent::state::Store;
 use ambit_node_agent::state::xds::StoreHandler;
 use ambit_tests::cluster::metric_value;
+use ambit_tests::synthetic::SyntheticMesh;
 use ambit_tests::{Cluster, ClusterSpec, median, rss_kib};
 use ambit_xds::client::{XdsClient, XdsClientConfig};
 use ambit_xds::type_url::{NODE_AGENT, SERVICE, WORKLOAD};
@@ -27,46 +28,14 @@ const SINGLE_CHANGES: usize = 7;
 
 /// The big mesh; `variant` changes one workload's labels.
 fn mesh(variant: usize) -> String {
-    let mut y = String::with_capacity(WORKLOADS * 120);
-    y.push_str("namespaces:\n");
-    for n in 0..NAMESPACES {
-        y.push_str(&format!(
-            "  - {{name: ns-{n}, labels: {{ambit.dev/dataplane: ambient}}}}\n"
-        ));
+    SyntheticMesh {
+        workloads: WORKLOADS,
+        services: SERVICES,
+        namespaces: NAMESPACES,
+        nodes: NODES,
+        first_node: 1,
     }
-    y.push_str("nodes:\n");
-    for n in 1..=NODES {
-        y.push_str(&format!("  - name: node-{n}\n"));
-    }
-    y.push_str("workloads:\n");
-    for i in 0..WORKLOADS {
-        let (ns, node, svc) = (
-            i % NAMESPACES,
-            i % NODES + 1,
-            (i / NAMESPACES) % (SERVICES / NAMESPACES),
-        );
-        let extra = if i == 0 {
-            format!(", rev: r{variant}")
-        } else {
-            String::new()
-        };
-        y.push_str(&format!(
-            "  - {{name: w-{i}, namespace: ns-{ns}, node: node-{node}, serviceAccount: sa-{svc}, ips: [10.{}.{}.{}], labels: {{app: svc-{svc}{extra}}}}}\n",
-            200 + i / 62_500,
-            (i / 250) % 250,
-            i % 250 + 1
-        ));
-    }
-    y.push_str("services:\n");
-    for j in 0..SERVICES {
-        let (ns, svc) = (j % NAMESPACES, j / NAMESPACES);
-        y.push_str(&format!(
-            "  - {{name: svc-{svc}, namespace: ns-{ns}, vips: [10.96.{}.{}], ports: [{{port: 80, targetPort: 8080}}], selector: {{app: svc-{svc}}}}}\n",
-            j / 250,
-            j % 250 + 1
-        ));
-    }
-    y
+    .yaml("", |i| (i == 0).then(|| format!("r{variant}")))
 }
 
 fn main() -> anyhow::Result<()> {
