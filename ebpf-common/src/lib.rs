@@ -1,10 +1,13 @@
 //! Map keys and values shared by Ambit's kernel programs (`ambit-ebpf`) and user space
 //! (the node agent).
 //!
-//! Every type is `#[repr(C)]`, has no padding the kernel could leave uninitialised, and
-//! stores addresses and ports in **network byte order** exactly as the kernel hands them
-//! to the programs, so neither side converts on the hot path. With the `user` feature the
-//! types implement [`aya::Pod`].
+//! Every type is `#[repr(C)]` and has no padding the kernel could leave uninitialised.
+//! Each field keeps the byte order the kernel hands it to the programs in, so the kernel
+//! side never converts: addresses and destination ports are in **network byte order**
+//! (`bpf_sock_addr`, `__sk_buff`), and [`ConnKey::src_port`] is in **host byte order**
+//! (`bpf_sock_ops.local_port`). User space converts when it reads or writes a map (the
+//! agent's `capture::datapath`). With the `user` feature the types implement
+//! [`aya::Pod`].
 #![no_std]
 
 /// Port of the in-pod outbound capture listener (loopback of each enrolled pod's netns).

@@ -841,6 +841,8 @@ fn a_stopped_agent_keeps_strict_pods_closed_until_the_next_one_takes_over() {
             !ok,
             "a STRICT pod accepted plaintext with its agent stopped: {r:#?}"
         );
+        // Steered to a listener that is gone: the kernel resets the SYN at once.
+        assert_eq!(r[0]["error_kind"], "ConnectionRefused", "{r:#?}");
         assert!(!echo(&c, meshed, &target, 1, 100).0);
     }
     let wire = cap.stop().unwrap();
