@@ -12,7 +12,7 @@ pub mod xds;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use ambit_identity::Identity;
 use ambit_policy::{Authorization, Labels};
@@ -50,40 +50,57 @@ pub struct Workload {
     pub canonical: Canonical,
 }
 
-/// How Istio's telemetry names a workload, derived once from its labels.
+/// How Istio's telemetry names a workload, derived once from its labels. Each distinct
+/// value is allocated once per workload (the canonical service and `app` are usually the
+/// same label) and the defaults are shared by every workload: at 10k workloads this is
+/// the difference between four strings each and about one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Canonical {
     /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, or the name.
-    pub service: String,
+    pub service: Arc<str>,
     /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`,
     /// or `latest`.
-    pub revision: String,
+    pub revision: Arc<str>,
     /// `app` or `app.kubernetes.io/name`, or `unknown`.
-    pub app: String,
+    pub app: Arc<str>,
     /// `version` or `app.kubernetes.io/version`, or `unknown`.
-    pub version: String,
+    pub version: Arc<str>,
 }
 
 impl Canonical {
     /// Istio's rules, applied to a workload's name and labels.
     pub fn derive(name: &str, labels: &Labels) -> Self {
-        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        static LATEST: LazyLock<Arc<str>> = LazyLock::new(|| "latest".into());
+        static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).map(String::as_str);
+        let mut made: Vec<Arc<str>> = Vec::with_capacity(4);
+        let mut intern = |v: &str| -> Arc<str> {
+            if let Some(a) = made.iter().find(|a| ***a == *v) {
+                return a.clone();
+            }
+            let a: Arc<str> = v.into();
+            made.push(a.clone());
+            a
+        };
         Self {
-            service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| name.to_owned()),
+            service: intern(
+                label(&[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ])
+                .unwrap_or(name),
+            ),
             revision: label(&[
                 "service.istio.io/canonical-revision",
                 "app.kubernetes.io/version",
                 "version",
             ])
-            .unwrap_or_else(|| "latest".into()),
-            app: label(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| "unknown".into()),
+            .map_or_else(|| LATEST.clone(), &mut intern),
+            app: label(&["app", "app.kubernetes.io/name"])
+                .map_or_else(|| UNKNOWN.clone(), &mut intern),
             version: label(&["version", "app.kubernetes.io/version"])
-                .unwrap_or_else(|| "unknown".into()),
+                .map_or_else(|| UNKNOWN.clone(), &mut intern),
         }
     }
 }

@@ -71,7 +71,7 @@ fn indexes_follow_updates_and_only_local_workloads_keep_labels() {
         assert_eq!(&*s.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "a");
         assert!(!s.workload("a").unwrap().labels.is_empty());
         assert!(s.workload("b").unwrap().labels.is_empty());
-        assert_eq!(s.workload("b").unwrap().canonical.service, "web");
+        assert_eq!(s.workload("b").unwrap().canonical.service, "web".into());
         assert_eq!(s.local_identities().len(), 1);
     });
     // An IP change moves the index entry.
@@ -113,6 +113,26 @@ fn a_reused_ip_finds_its_older_holder_again_when_the_newer_one_leaves() {
         .unwrap();
     assert!(store.read(|s| s.workload_by_ip(ip).is_none()));
     store.read(MeshState::check_indexes).unwrap();
+}
+
+#[test]
+fn canonical_names_share_one_allocation_per_value_and_the_defaults() {
+    let labels: Labels = [("app".to_string(), "web".to_string())].into();
+    let (a, b) = (
+        Canonical::derive("a", &labels),
+        Canonical::derive("b", &labels),
+    );
+    assert_eq!(
+        (&*a.service, &*a.app, &*a.revision, &*a.version),
+        ("web", "web", "latest", "unknown")
+    );
+    assert!(
+        Arc::ptr_eq(&a.service, &a.app),
+        "one allocation for one value"
+    );
+    assert!(Arc::ptr_eq(&a.revision, &b.revision) && Arc::ptr_eq(&a.version, &b.version));
+    let named = Canonical::derive("pod-1", &Labels::new());
+    assert_eq!((&*named.service, &*named.app), ("pod-1", "unknown"));
 }
 
 #[test]

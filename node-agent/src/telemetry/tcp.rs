@@ -58,7 +58,7 @@ impl TcpKey {
             w.map_or(UNKNOWN, |w| f(&w.canonical))
         }
         fn revision(w: Option<&Workload>) -> &str {
-            w.map_or("latest", |w| w.canonical.revision.as_str())
+            w.map_or("latest", |w| &w.canonical.revision)
         }
         fn principal<'a>(id: Option<&'a Identity>, w: Option<&'a Workload>) -> &'a str {
             id.or(w.map(|w| &w.identity))
