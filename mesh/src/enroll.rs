@@ -18,6 +18,40 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The file in the agent's state directory naming the namespaces the agent captures
+/// (a sorted JSON array). The CNI plugin reads it only when the agent does not answer,
+/// to decide whether a new pod must wait for the agent (its namespace is enrolled) or
+/// may start (it is not).
+pub const ENROLLED_NAMESPACES_FILE: &str = "enrolled-namespaces.json";
+
+/// Replaces `<dir>/`[`ENROLLED_NAMESPACES_FILE`] atomically.
+pub fn write_enrolled_namespaces(
+    dir: &Path,
+    namespaces: &std::collections::BTreeSet<String>,
+) -> io::Result<()> {
+    let path = dir.join(ENROLLED_NAMESPACES_FILE);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(namespaces).map_err(io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Reads `<dir>/`[`ENROLLED_NAMESPACES_FILE`]; `None` if there is none (no agent has
+/// synced with a control plane on this node).
+pub fn read_enrolled_namespaces(
+    dir: &Path,
+) -> io::Result<Option<std::collections::BTreeSet<String>>> {
+    match std::fs::read(dir.join(ENROLLED_NAMESPACES_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Longest request line the agent accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 

@@ -231,6 +231,7 @@ fn start_control(
     let logger = capture.datapath.take_logger();
     let (admin, capture, inputs) = (admin.clone(), capture.clone(), inputs.clone());
     let (node, ttl) = (config.node_name.clone(), config.cert_ttl);
+    let state_dir = config.state_dir.clone();
     let has_credential = node_credential.is_some();
     Ok(std::thread::Builder::new()
         .name("control".into())
@@ -256,7 +257,7 @@ fn start_control(
                             inputs.certs.clone(),
                         ));
                     }
-                    start_xds(cp, node, &admin, &capture, &inputs)
+                    start_xds(cp, node, &admin, &capture, &inputs, &state_dir)
                 });
                 std::future::pending::<()>().await
             })
@@ -271,6 +272,7 @@ fn start_xds(
     admin: &AdminState,
     capture: &Arc<Capture>,
     inputs: &Arc<Inputs>,
+    state_dir: &Path,
 ) -> ambit_xds::client::XdsClient {
     let config = ambit_xds::client::XdsClientConfig {
         control_plane,
@@ -286,9 +288,21 @@ fn start_xds(
         ambit_xds::client::XdsClient::spawn_with_status(config, handler, admin.xds.clone());
     let mut changes = inputs.state.changes();
     let (capture, inputs) = (capture.clone(), inputs.clone());
+    let state_dir = state_dir.to_owned();
     tokio::spawn(async move {
+        let mut namespaces = None;
         while changes.changed().await.is_ok() {
             capture.reconcile_soon();
+            // What the CNI plugin needs while this agent is down.
+            let now = inputs.state.read(state::MeshState::enrolled_namespaces);
+            if namespaces.as_ref() != Some(&now) {
+                match ambit_mesh::enroll::write_enrolled_namespaces(&state_dir, &now) {
+                    Ok(()) => namespaces = Some(now),
+                    Err(e) => {
+                        warn!("could not write the enrolled namespaces for the CNI plugin: {e}")
+                    }
+                }
+            }
             // A policy change applies to open connections too.
             let closed = inputs.state.read(|s| inputs.conns.revalidate(s));
             if closed > 0 {
@@ -326,12 +340,19 @@ pub fn uninstall(
     }
     let datapath = capture::datapath::uninstall(bpffs_dir)
         .with_context(|| format!("removing the programs pinned in {}", bpffs_dir.display()))?;
-    let state = state_dir.join(capture::pods::STATE_FILE);
-    let state_file = match std::fs::remove_file(&state) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e).with_context(|| format!("removing {}", state.display())),
-    };
+    let mut state_file = false;
+    // The pod list, and the namespaces the CNI plugin would hold pods for.
+    for name in [
+        capture::pods::STATE_FILE,
+        ambit_mesh::enroll::ENROLLED_NAMESPACES_FILE,
+    ] {
+        let path = state_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => state_file |= name == capture::pods::STATE_FILE,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
     Ok(Uninstalled {
         datapath,
         state_file,

@@ -261,6 +261,16 @@ fn ensure_iproute2() -> anyhow::Result<()> {
 }
 
 /// `apt-get update` then `apt-get install` of `packages` (as root).
+/// The reference CNI plugins (`bridge`, `host-local`, ...) that the CNI tests chain
+/// `ambit-cni` after, as a node's primary network.
+fn ensure_cni_plugins() -> anyhow::Result<()> {
+    if Path::new("/usr/lib/cni/bridge").is_file() && Path::new("/usr/lib/cni/host-local").is_file()
+    {
+        return Ok(());
+    }
+    apt_install(&["containernetworking-plugins"])
+}
+
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let list = packages.join(" ");
     run(
@@ -295,6 +305,7 @@ fn build_workspace(release: bool) -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("the test suite")?;
     ensure_iproute2()?;
+    ensure_cni_plugins()?;
     build_ebpf()?;
     build_workspace(false)?;
     eprintln!("xtask: running the test suite");

@@ -276,6 +276,17 @@ impl MeshState {
         )
     }
 
+    /// The namespaces with an enrolled workload: what the CNI plugin treats as enrolled
+    /// while the agent is down. (A namespace is known to be enrolled once the control
+    /// plane has described one of its workloads as enrolled.)
+    pub fn enrolled_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.workloads
+            .values()
+            .filter(|w| w.enrolled)
+            .map(|w| w.namespace.clone())
+            .collect()
+    }
+
     /// The identities of this node's enrolled workloads (they need certificates).
     pub fn local_identities(&self) -> HashSet<Identity> {
         self.local

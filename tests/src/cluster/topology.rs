@@ -175,6 +175,14 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Creates an empty network namespace named `<prefix>-<name>` (removed with the
+    /// cluster), as a container runtime creates a pod sandbox's before it runs CNI.
+    pub fn add_empty_netns(&self, name: &str) -> anyhow::Result<String> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_netns(&netns)?;
+        Ok(netns)
+    }
+
     fn add_netns(&self, name: &str) -> anyhow::Result<()> {
         run(Command::new("ip").args(["netns", "add", name]))?;
         self.netns_created.lock().unwrap().push(name.to_owned());

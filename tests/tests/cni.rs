@@ -1,0 +1,429 @@
+//! `ambit-cni` chained after the reference CNI plugins (Debian's
+//! `containernetworking-plugins`: `bridge` + `host-local`), each run exactly as a
+//! container runtime runs it (environment + config on stdin, result on stdout), against
+//! real node agents and the control plane of the simulated cluster (run as root:
+//! `cargo xtask test -- cni`).
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambit_tests::cluster::metric_sum;
+use ambit_tests::{Cluster, ClusterSpec, Pod, workspace_bin};
+use serde_json::{Value, json};
+
+const CNI_BIN: &str = "/usr/lib/cni";
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a runtime gets back from one plugin call.
+struct Outcome {
+    ok: bool,
+    stdout: Value,
+    stderr: String,
+}
+
+/// Runs `plugin` in node `n`'s network namespace the way a runtime does.
+fn cni_call(
+    c: &Cluster,
+    n: usize,
+    plugin: &Path,
+    command: &str,
+    sandbox: &str,
+    pod_args: &str,
+    conf: &Value,
+) -> Outcome {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &c.node(n).netns])
+        .arg(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", sandbox)
+        .env("CNI_NETNS", format!("/var/run/netns/{sandbox}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_BIN)
+        .env("CNI_ARGS", pod_args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Outcome {
+        ok: out.status.success(),
+        stdout: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The node's primary network: a bridge with host-local addresses from the node's pod
+/// range (10.244.1.100 onwards), which the other nodes already route to node 1.
+fn bridge_conf(ipam_dir: &Path) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "ambit-test",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.244.1.0/24", "rangeStart": "10.244.1.100",
+                          "rangeEnd": "10.244.1.120", "gateway": "10.244.1.1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": ipam_dir,
+        }
+    })
+}
+
+/// A sandbox's network as a runtime sets it up: `loopback` (the runtime's own call),
+/// then the bridge; returns the bridge's result.
+fn primary_add(c: &Cluster, sandbox: &str, ipam_dir: &Path) -> Value {
+    let lo = json!({"cniVersion": "1.0.0", "name": "lo", "type": "loopback"});
+    let up = cni_call(
+        c,
+        1,
+        &Path::new(CNI_BIN).join("loopback"),
+        "ADD",
+        sandbox,
+        "",
+        &lo,
+    );
+    assert!(up.ok, "loopback ADD failed: {} {}", up.stdout, up.stderr);
+    let net = cni_call(
+        c,
+        1,
+        &Path::new(CNI_BIN).join("bridge"),
+        "ADD",
+        sandbox,
+        "",
+        &bridge_conf(ipam_dir),
+    );
+    assert!(net.ok, "bridge ADD failed: {} {}", net.stdout, net.stderr);
+    net.stdout
+}
+
+fn ambit_conf(c: &Cluster, prev: &Value) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "ambit-test",
+        "type": "ambit-cni",
+        "enrollSocket": c.node(1).enroll_socket(),
+        "stateDir": c.node(1).state_dir,
+        "prevResult": prev,
+    })
+}
+
+fn k8s_args(namespace: &str, name: &str, uid: &str) -> String {
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}")
+}
+
+/// The pod the chain configured, as the harness drives processes in it.
+fn sandbox_pod(c: &Cluster, netns: &str, name: &str, uid: &str, ip: Ipv4Addr) -> Pod {
+    let cgroup = c.node(1).pod_cgroup.join(name);
+    std::fs::create_dir_all(&cgroup).unwrap();
+    Pod {
+        node: 1,
+        name: name.into(),
+        uid: uid.into(),
+        netns: netns.into(),
+        ip4: ip,
+        ip6: "fd00:10:244:1::ff".parse().unwrap(),
+        cgroup,
+    }
+}
+
+fn known_to_agent(c: &Cluster, uid: &str) -> Option<Value> {
+    c.config_dump(1).ok()?["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["uid"] == uid)
+        .cloned()
+}
+
+#[test]
+fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del() {
+    ambit_tests::require_root();
+    assert!(
+        Path::new(CNI_BIN).join("bridge").is_file(),
+        "the reference CNI plugins are missing: `apt-get install containernetworking-plugins` (cargo xtask test does it)"
+    );
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let ambit_cni = workspace_bin("ambit-cni");
+    let bridge = Path::new(CNI_BIN).join("bridge");
+    let ipam = std::env::temp_dir().join(format!("{}-ipam", c.prefix));
+    let _cleanup = scopeguard(ipam.clone());
+    let uid = |n: &str| format!("{}-{n}", c.prefix);
+
+    // The mesh: namespace `default` enrolled with the harness's pods and the sandboxes
+    // the chain will create; the second pod of node 2 opted out (a client outside the mesh); `outside`
+    // not enrolled.
+    let outsider = &c.pod(2, 1).name;
+    let mut mesh = c
+        .mesh_yaml(true)
+        .replace(
+            &format!("labels: {{app: {outsider}}}"),
+            &format!("labels: {{app: {outsider}, ambit.dev/dataplane: none}}"),
+        )
+        .replace("nodes:\n", "  - name: outside\nnodes:\n");
+    for (i, (name, ns)) in [
+        ("cni-a", "default"),
+        ("cni-b", "default"),
+        ("cni-c", "outside"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        mesh.push_str(&format!(
+            "  - {{uid: {}, name: {name}, namespace: {ns}, node: node-1, serviceAccount: {name}, ips: [10.244.1.{}]}}\n",
+            uid(name),
+            100 + i
+        ));
+    }
+    for p in &c.node(2).pods {
+        c.enroll(p).unwrap();
+    }
+    c.write_mesh(&mesh).unwrap();
+    let cache = c
+        .node(1)
+        .state_dir
+        .join(ambit_mesh::enroll::ENROLLED_NAMESPACES_FILE);
+    wait_until(
+        "node 1's agent reports the enrolled namespaces for the CNI plugin",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&cache).is_ok_and(|s| s == r#"["default"]"#),
+    );
+
+    // 1. A new pod of an enrolled namespace, through the whole chain.
+    let a = c.add_empty_netns("cni-a").unwrap();
+    let net = Outcome {
+        ok: true,
+        stdout: primary_add(&c, &a, &ipam),
+        stderr: String::new(),
+    };
+    assert_eq!(
+        net.stdout["ips"][0]["address"], "10.244.1.100/24",
+        "{}",
+        net.stdout
+    );
+    let args_a = k8s_args("default", "cni-a", &uid("cni-a"));
+    let started = Instant::now();
+    let add = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &a,
+        &args_a,
+        &ambit_conf(&c, &net.stdout),
+    );
+    assert!(
+        add.ok,
+        "ambit-cni ADD failed: {} {}",
+        add.stdout, add.stderr
+    );
+    // A chained plugin hands the runtime the result it was given.
+    assert_eq!(add.stdout["ips"], net.stdout["ips"]);
+    assert_eq!(add.stdout["cniVersion"], "1.0.0");
+    wait_until("cni-a captured", Duration::from_secs(10), || {
+        known_to_agent(&c, &uid("cni-a")).is_some_and(|p| p["captured"] == true)
+    });
+    eprintln!("cni: ADD → captured in {:?}", started.elapsed());
+    // Retried ADD (the kubelet does that): still fine, still captured.
+    let again = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &a,
+        &args_a,
+        &ambit_conf(&c, &net.stdout),
+    );
+    assert!(again.ok, "{} {}", again.stdout, again.stderr);
+    let check = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "CHECK",
+        &a,
+        &args_a,
+        &ambit_conf(&c, &net.stdout),
+    );
+    assert!(check.ok, "CHECK: {} {}", check.stdout, check.stderr);
+
+    // Its traffic is the mesh's: a meshed client is tunnelled, an outsider refused (STRICT).
+    let pod_a = sandbox_pod(
+        &c,
+        &a,
+        "cni-a",
+        &uid("cni-a"),
+        "10.244.1.100".parse().unwrap(),
+    );
+    let _srv = c
+        .start_server(&pod_a, &["10.244.1.100:8080".to_string()])
+        .unwrap();
+    let echo = |from: &Pod| {
+        c.run_client(
+            from,
+            &[
+                "--connect",
+                "10.244.1.100:8080",
+                "--bytes",
+                "1000",
+                "--timeout",
+                "10",
+            ]
+            .map(String::from),
+        )
+        .unwrap()
+    };
+    wait_until(
+        "cni-a has its certificate and serves mTLS",
+        Duration::from_secs(20),
+        || echo(c.pod(2, 0)).0,
+    );
+    let mtls = metric_sum(
+        &c.metrics(1).unwrap(),
+        "ambit_inbound_accepted_total",
+        &[("reason", "mutual_tls")],
+    );
+    assert!(mtls >= 1.0, "node 1 accepted no tunnel for cni-a");
+    let (ok, r) = echo(c.pod(2, 1));
+    assert!(
+        !ok,
+        "a STRICT pod enrolled by CNI accepted plaintext: {r:?}"
+    );
+
+    // 2. The agent is down: an enrolled namespace's pod waits (code 11, "try again
+    //    later"), another namespace's pod starts at once.
+    c.stop_agent(1, libc::SIGTERM).unwrap();
+    let b = c.add_empty_netns("cni-b").unwrap();
+    let net_b = Outcome {
+        ok: true,
+        stdout: primary_add(&c, &b, &ipam),
+        stderr: String::new(),
+    };
+    let args_b = k8s_args("default", "cni-b", &uid("cni-b"));
+    let refused = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &b,
+        &args_b,
+        &ambit_conf(&c, &net_b.stdout),
+    );
+    assert!(!refused.ok, "an enrolled pod started without its agent");
+    assert_eq!(refused.stdout["code"], 11, "{}", refused.stdout);
+    let cc = c.add_empty_netns("cni-c").unwrap();
+    let net_c = Outcome {
+        ok: true,
+        stdout: primary_add(&c, &cc, &ipam),
+        stderr: String::new(),
+    };
+    let t = Instant::now();
+    let outside = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &cc,
+        &k8s_args("outside", "cni-c", &uid("cni-c")),
+        &ambit_conf(&c, &net_c.stdout),
+    );
+    assert!(
+        outside.ok,
+        "a pod outside the mesh was delayed: {}",
+        outside.stdout
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // The kubelet retries once the agent is back.
+    c.start_agent(1).unwrap();
+    let retried = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &b,
+        &args_b,
+        &ambit_conf(&c, &net_b.stdout),
+    );
+    assert!(retried.ok, "{} {}", retried.stdout, retried.stderr);
+    wait_until("cni-b captured", Duration::from_secs(10), || {
+        known_to_agent(&c, &uid("cni-b")).is_some_and(|p| p["captured"] == true)
+    });
+
+    // 3. DEL releases, and a second DEL (or one for a pod never seen) succeeds.
+    let del = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "DEL",
+        &a,
+        &args_a,
+        &ambit_conf(&c, &net.stdout),
+    );
+    assert!(del.ok, "{} {}", del.stdout, del.stderr);
+    assert!(known_to_agent(&c, &uid("cni-a")).is_none());
+    let del = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "DEL",
+        &a,
+        &args_a,
+        &ambit_conf(&c, &net.stdout),
+    );
+    assert!(del.ok, "{}", del.stdout);
+    assert!(cni_call(&c, 1, &bridge, "DEL", &a, "", &bridge_conf(&ipam)).ok);
+
+    // VERSION, as a runtime asks before anything else.
+    let v = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "VERSION",
+        &a,
+        "",
+        &json!({"cniVersion": "1.0.0"}),
+    );
+    let versions = v.stdout["supportedVersions"].to_string();
+    assert!(
+        v.ok && versions.contains("0.4.0") && versions.contains("1.0.0"),
+        "{}",
+        v.stdout
+    );
+}
+
+/// Removes the host-local data directory, also when the test fails.
+fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    Remove(dir)
+}
