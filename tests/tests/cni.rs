@@ -187,18 +187,15 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
             &format!("labels: {{app: {outsider}, ambit.dev/dataplane: none}}"),
         )
         .replace("nodes:\n", "  - name: outside\nnodes:\n");
-    for (i, (name, ns)) in [
-        ("cni-a", "default"),
-        ("cni-b", "default"),
-        ("cni-c", "outside"),
-    ]
-    .iter()
-    .enumerate()
-    {
+    // host-local hands out .100, .101 (cni-d, which the mesh file does not name), .102...
+    for (name, ns, ip) in [
+        ("cni-a", "default", 100),
+        ("cni-b", "default", 102),
+        ("cni-c", "outside", 103),
+    ] {
         mesh.push_str(&format!(
-            "  - {{uid: {}, name: {name}, namespace: {ns}, node: node-1, serviceAccount: {name}, ips: [10.244.1.{}]}}\n",
+            "  - {{uid: {}, name: {name}, namespace: {ns}, node: node-1, serviceAccount: {name}, ips: [10.244.1.{ip}]}}\n",
             uid(name),
-            100 + i
         ));
     }
     for p in &c.node(2).pods {
@@ -272,6 +269,25 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
     );
     assert!(check.ok, "CHECK: {} {}", check.stdout, check.stderr);
 
+    // A pod the control plane has not described yet (a real API server learns of its
+    // IP only after CNI ADD): captured by the ADD itself, because its namespace is
+    // enrolled, so its first connect is already the mesh's.
+    let d = c.add_empty_netns("cni-d").unwrap();
+    let net_d = primary_add(&c, &d, &ipam);
+    let args_d = k8s_args("default", "cni-d", &uid("cni-d"));
+    let add_d = cni_call(
+        &c,
+        1,
+        &ambit_cni,
+        "ADD",
+        &d,
+        &args_d,
+        &ambit_conf(&c, &net_d),
+    );
+    assert!(add_d.ok, "{} {}", add_d.stdout, add_d.stderr);
+    assert!(add_d.stderr.contains("captured: true"), "{}", add_d.stderr);
+    assert_eq!(known_to_agent(&c, &uid("cni-d")).unwrap()["captured"], true);
+
     // Its traffic is the mesh's: a meshed client is tunnelled, an outsider refused (STRICT).
     let pod_a = sandbox_pod(
         &c,
@@ -324,6 +340,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         stdout: primary_add(&c, &b, &ipam),
         stderr: String::new(),
     };
+    assert_eq!(net_b.stdout["ips"][0]["address"], "10.244.1.102/24");
     let args_b = k8s_args("default", "cni-b", &uid("cni-b"));
     let refused = cni_call(
         &c,

@@ -178,12 +178,25 @@ impl Capture {
                 });
             }
             self.pods.add_known(spec.clone());
-            self.reconcile_soon();
-            EnrolledPod {
-                spec,
-                workload_id: 0,
-                netns_cookie,
-                captured: false,
+            // A pod of an enrolled namespace is captured now, before the kubelet starts
+            // its containers, even if the control plane has not described it yet.
+            let synced = self.xds.synced(&[ambit_xds::type_url::WORKLOAD]);
+            if synced && self.store.captures(&spec.uid, &spec.namespace) {
+                match self.open_pod(spec.clone(), None) {
+                    Ok(pod) => pod.describe(),
+                    Err(e) => {
+                        self.pods.remove_known(&spec.uid);
+                        return Err(e);
+                    }
+                }
+            } else {
+                self.reconcile_soon();
+                EnrolledPod {
+                    spec,
+                    workload_id: 0,
+                    netns_cookie,
+                    captured: false,
+                }
             }
         } else {
             let pod = self.open_pod(spec.clone(), None)?;
@@ -206,8 +219,8 @@ impl Capture {
         Ok(())
     }
 
-    /// With a control plane: captures every known pod it says is enrolled and releases
-    /// the others. Does nothing before the first xDS sync, so a restarted agent keeps
+    /// With a control plane: captures every known pod it says is enrolled (or, not
+    /// described yet, whose namespace is enrolled) and releases the others. Does nothing before the first xDS sync, so a restarted agent keeps
     /// capturing what it captured until the control plane has spoken.
     pub fn reconcile(self: &Arc<Self>) {
         if !self.xds_driven || !self.xds.synced(&[ambit_xds::type_url::WORKLOAD]) {
@@ -216,7 +229,7 @@ impl Capture {
         let _serial = self.serial();
         let mut changed = false;
         for spec in self.pods.known() {
-            let want = self.store.enrolled(&spec.uid);
+            let want = self.store.captures(&spec.uid, &spec.namespace);
             let have = self.pods.get(&spec.uid).is_some();
             if want && !have {
                 let uid = spec.uid.clone();

@@ -177,6 +177,8 @@ pub struct MeshState {
     by_vip: IpIndex<Service>,
     policies: HashMap<String, Arc<Authorization>>,
     policies_by_namespace: HashMap<String, Vec<Arc<Authorization>>>,
+    /// Namespace → how many of its workloads are enrolled.
+    enrolled_by_namespace: HashMap<String, usize>,
 }
 
 impl MeshState {
@@ -257,6 +259,20 @@ impl MeshState {
                 }
             }
         }
+        let mut enrolled: HashMap<&str, usize> = HashMap::new();
+        for w in self.workloads.values().filter(|w| w.enrolled) {
+            *enrolled.entry(&w.namespace).or_default() += 1;
+        }
+        let counted: HashMap<&str, usize> = self
+            .enrolled_by_namespace
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        if enrolled != counted {
+            return Err(format!(
+                "enrolled workloads per namespace {counted:?}, but the workloads say {enrolled:?}"
+            ));
+        }
         let listed: usize = self.policies_by_namespace.values().map(Vec::len).sum();
         if listed != self.policies.len() {
             return Err(format!(
@@ -280,11 +296,18 @@ impl MeshState {
     /// while the agent is down. (A namespace is known to be enrolled once the control
     /// plane has described one of its workloads as enrolled.)
     pub fn enrolled_namespaces(&self) -> std::collections::BTreeSet<String> {
-        self.workloads
-            .values()
-            .filter(|w| w.enrolled)
-            .map(|w| w.namespace.clone())
-            .collect()
+        self.enrolled_by_namespace.keys().cloned().collect()
+    }
+
+    /// Is a pod of this uid and namespace to be captured? What the control plane says
+    /// of the workload; for a pod it has not described yet (a pod the CNI plugin just
+    /// created), whether its namespace is enrolled, so a new pod is captured before its
+    /// first connect.
+    pub fn captures(&self, uid: &str, namespace: &str) -> bool {
+        match self.workloads.get(uid) {
+            Some(w) => w.enrolled,
+            None => self.enrolled_by_namespace.contains_key(namespace),
+        }
     }
 
     /// The identities of this node's enrolled workloads (they need certificates).
@@ -311,6 +334,12 @@ impl MeshState {
         if w.node == self.node {
             self.local.insert(w.uid.clone());
         }
+        if w.enrolled {
+            *self
+                .enrolled_by_namespace
+                .entry(w.namespace.clone())
+                .or_default() += 1;
+        }
         self.workloads.insert(w.uid.clone(), w);
     }
 
@@ -323,6 +352,14 @@ impl MeshState {
             self.by_ip.remove(ip, &old);
         }
         self.local.remove(uid);
+        if old.enrolled
+            && let Some(n) = self.enrolled_by_namespace.get_mut(&old.namespace)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.enrolled_by_namespace.remove(&old.namespace);
+            }
+        }
     }
 
     /// Adds or replaces a service under its resource name.
@@ -425,6 +462,11 @@ impl Store {
     /// Is the workload with this uid enrolled, according to the control plane?
     pub fn enrolled(&self, uid: &str) -> bool {
         self.read(|s| s.workload(uid).is_some_and(|w| w.enrolled))
+    }
+
+    /// See [`MeshState::captures`].
+    pub fn captures(&self, uid: &str, namespace: &str) -> bool {
+        self.read(|s| s.captures(uid, namespace))
     }
 
     /// Bumped after every applied update.

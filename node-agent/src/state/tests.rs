@@ -136,6 +136,31 @@ fn canonical_names_share_one_allocation_per_value_and_the_defaults() {
 }
 
 #[test]
+fn a_pod_not_yet_described_is_captured_when_its_namespace_is_enrolled() {
+    let (store, mut h) = handler();
+    assert!(!store.captures("new", "a"), "nothing is enrolled yet");
+    put(&mut h, workload("w1", "other", vec![vec![10, 0, 0, 1]]));
+    assert!(
+        store.captures("new", "a"),
+        "namespace a has an enrolled workload"
+    );
+    assert!(!store.captures("new", "b"));
+    // Once described, the workload's own flag decides.
+    let mut opted_out = workload("new", "n", vec![vec![10, 0, 0, 2]]);
+    opted_out.enrolled = false;
+    put(&mut h, opted_out);
+    assert!(!store.captures("new", "a"));
+    assert_eq!(
+        store.read(MeshState::enrolled_namespaces),
+        ["a".to_string()].into()
+    );
+    h.apply(type_url::WORKLOAD, vec![], vec!["w1".into()])
+        .unwrap();
+    assert!(store.read(MeshState::enrolled_namespaces).is_empty());
+    store.read(MeshState::check_indexes).unwrap();
+}
+
+#[test]
 fn a_bad_resource_rejects_the_whole_update() {
     let (store, mut h) = handler();
     let good = (
