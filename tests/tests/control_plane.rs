@@ -211,13 +211,32 @@ fn agents_keep_serving_without_the_control_plane_and_converge_when_it_returns() 
     );
     let d: Value = c.config_dump(1).unwrap();
     assert!(d["xds"]["connects"].as_u64().unwrap() >= 2, "{d}");
-    // The removed workload is no longer enrolled by the mesh: its pod is released.
-    wait_until("removed workload released", Duration::from_secs(10), || {
+    // The mesh no longer describes the pod, but it still runs in an enrolled namespace:
+    // it stays captured (fail closed, as a pod the control plane has not described yet),
+    // until the enrollment API releases it (the CNI plugin's DEL) or its namespace is
+    // opted out.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
         captured(&c, 2)
             .iter()
-            .any(|(uid, cap)| *uid == gone.uid && !cap)
-    });
-    assert!(goes_through_agent(&c, client, server));
+            .any(|(uid, cap)| *uid == gone.uid && *cap),
+        "a pod of an enrolled namespace was released because the mesh stopped naming it"
+    );
+    c.write_mesh(&without.replace("labels: {ambit.dev/dataplane: ambient}", "labels: {}"))
+        .unwrap();
+    wait_until(
+        "opted-out namespace released",
+        Duration::from_secs(10),
+        || {
+            captured(&c, 2)
+                .iter()
+                .any(|(uid, cap)| *uid == gone.uid && !cap)
+        },
+    );
+    assert!(
+        !goes_through_agent(&c, client, server),
+        "the namespace is opted out but its pods are still captured"
+    );
 }
 
 #[test]
