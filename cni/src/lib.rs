@@ -268,5 +268,7 @@ pub fn check(
     }
 }
 
+pub mod install;
+
 #[cfg(test)]
 mod tests;

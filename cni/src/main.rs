@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ambit_cni::{Agent, Config, PodRef, enrolled_namespaces, pod_ips};
+use ambit_cni::{Agent, Config, PodRef, enrolled_namespaces, install, pod_ips};
 use ambit_mesh::enroll::{EnrollClient, EnrollError};
 use rscni_plugin::cni::{Cni, Plugin};
 use rscni_plugin::error::Error;
@@ -81,7 +81,98 @@ impl Cni for AmbitCni {
     }
 }
 
+/// Installing the plugin on a node (runtimes call the binary with `CNI_COMMAND` set
+/// instead).
+#[derive(clap::Parser)]
+#[command(name = "ambit-cni", about = "Ambit's CNI plugin, and its installer")]
+enum Setup {
+    /// Copy this binary into the CNI binary directory and append Ambit to the node's
+    /// primary network configuration (idempotent).
+    Install {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// Keep running and put the entry back whenever the primary CNI rewrites its file.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` looks, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Take Ambit out of every network configuration and remove the binary.
+    Uninstall {
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+}
+
+#[derive(clap::Args)]
+struct Dirs {
+    /// The CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The node agent's enrollment socket, for the plugin's entry.
+    #[arg(long, default_value = ambit_cni::DEFAULT_ENROLL_SOCKET)]
+    enroll_socket: PathBuf,
+    /// The node agent's state directory, for the plugin's entry.
+    #[arg(long, default_value = ambit_cni::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+impl Dirs {
+    fn install(self) -> install::Install {
+        install::Install {
+            bin_dir: self.bin_dir,
+            conf_dir: self.conf_dir,
+            enroll_socket: self.enroll_socket,
+            state_dir: self.state_dir,
+        }
+    }
+}
+
+fn setup(cmd: Setup) -> std::io::Result<()> {
+    match cmd {
+        Setup::Install {
+            dirs,
+            watch,
+            interval_ms,
+        } => {
+            let i = dirs.install();
+            let bin = install::copy_binary(&std::env::current_exe()?, &i.bin_dir)?;
+            eprintln!("ambit-cni: installed {}", bin.display());
+            let mut last = None;
+            loop {
+                let outcome = install::ensure(&i)?;
+                if last.as_ref() != Some(&outcome) {
+                    eprintln!("ambit-cni: {outcome:?}");
+                }
+                last = Some(outcome);
+                if !watch {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+            }
+        }
+        Setup::Uninstall { dirs } => {
+            for path in install::uninstall(&dirs.install())? {
+                eprintln!("ambit-cni: removed from {}", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
 fn main() {
+    if std::env::var_os("CNI_COMMAND").is_none() && std::env::args().len() > 1 {
+        let cmd = <Setup as clap::Parser>::parse();
+        if let Err(e) = setup(cmd) {
+            eprintln!("ambit-cni: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let plugin = Plugin::default().msg("ambit-cni: enrolls pods with the Ambit node agent");
     if plugin.run(&AmbitCni).is_err() {
         std::process::exit(1);

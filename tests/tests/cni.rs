@@ -120,15 +120,25 @@ fn primary_add(c: &Cluster, sandbox: &str, ipam_dir: &Path) -> Value {
     net.stdout
 }
 
-fn ambit_conf(c: &Cluster, prev: &Value) -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "name": "ambit-test",
-        "type": "ambit-cni",
-        "enrollSocket": c.node(1).enroll_socket(),
-        "stateDir": c.node(1).state_dir,
-        "prevResult": prev,
-    })
+/// Ambit's entry of the installed list, as a runtime hands it to the plugin: with the
+/// list's name and version, and the previous plugin's result.
+fn ambit_conf(list: &Value, prev: &Value) -> Value {
+    let mut p = list["plugins"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(p["type"], "ambit-cni", "{list}");
+    p["cniVersion"] = list["cniVersion"].clone();
+    p["name"] = list["name"].clone();
+    p["prevResult"] = prev.clone();
+    p
+}
+
+fn plugin_types(list: &Path) -> Vec<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(list).unwrap()).unwrap();
+    v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn k8s_args(namespace: &str, name: &str, uid: &str) -> String {
@@ -170,10 +180,48 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         ..Default::default()
     })
     .unwrap();
-    let ambit_cni = workspace_bin("ambit-cni");
     let bridge = Path::new(CNI_BIN).join("bridge");
-    let ipam = std::env::temp_dir().join(format!("{}-ipam", c.prefix));
-    let _cleanup = scopeguard(ipam.clone());
+    let root = std::env::temp_dir().join(format!("{}-cni", c.prefix));
+    let _cleanup = scopeguard(root.clone());
+    let ipam = root.join("ipam");
+
+    // The node's primary network configuration, then Ambit's installer, as the agent
+    // DaemonSet's init container runs it.
+    let (bin_dir, conf_dir) = (root.join("bin"), root.join("net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let mut primary = bridge_conf(&ipam);
+    primary.as_object_mut().unwrap().remove("cniVersion");
+    primary.as_object_mut().unwrap().remove("name");
+    let list_path = conf_dir.join("10-bridge.conflist");
+    std::fs::write(
+        &list_path,
+        json!({"cniVersion": "1.0.0", "name": "ambit-test", "plugins": [primary]}).to_string(),
+    )
+    .unwrap();
+    let setup = |cmd: &str| {
+        let out = Command::new(workspace_bin("ambit-cni"))
+            .arg(cmd)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .arg("--conf-dir")
+            .arg(&conf_dir)
+            .arg("--enroll-socket")
+            .arg(c.node(1).enroll_socket())
+            .arg("--state-dir")
+            .arg(&c.node(1).state_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ambit-cni {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    setup("install");
+    setup("install"); // idempotent
+    assert_eq!(plugin_types(&list_path), ["bridge", "ambit-cni"]);
+    let installed: Value = serde_json::from_slice(&std::fs::read(&list_path).unwrap()).unwrap();
+    let ambit_cni = bin_dir.join("ambit-cni");
     let uid = |n: &str| format!("{}-{n}", c.prefix);
 
     // The mesh: namespace `default` enrolled with the harness's pods and the sandboxes
@@ -233,7 +281,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &a,
         &args_a,
-        &ambit_conf(&c, &net.stdout),
+        &ambit_conf(&installed, &net.stdout),
     );
     assert!(
         add.ok,
@@ -255,7 +303,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &a,
         &args_a,
-        &ambit_conf(&c, &net.stdout),
+        &ambit_conf(&installed, &net.stdout),
     );
     assert!(again.ok, "{} {}", again.stdout, again.stderr);
     let check = cni_call(
@@ -265,7 +313,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "CHECK",
         &a,
         &args_a,
-        &ambit_conf(&c, &net.stdout),
+        &ambit_conf(&installed, &net.stdout),
     );
     assert!(check.ok, "CHECK: {} {}", check.stdout, check.stderr);
 
@@ -282,7 +330,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &d,
         &args_d,
-        &ambit_conf(&c, &net_d),
+        &ambit_conf(&installed, &net_d),
     );
     assert!(add_d.ok, "{} {}", add_d.stdout, add_d.stderr);
     assert!(add_d.stderr.contains("captured: true"), "{}", add_d.stderr);
@@ -349,7 +397,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &b,
         &args_b,
-        &ambit_conf(&c, &net_b.stdout),
+        &ambit_conf(&installed, &net_b.stdout),
     );
     assert!(!refused.ok, "an enrolled pod started without its agent");
     assert_eq!(refused.stdout["code"], 11, "{}", refused.stdout);
@@ -367,7 +415,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &cc,
         &k8s_args("outside", "cni-c", &uid("cni-c")),
-        &ambit_conf(&c, &net_c.stdout),
+        &ambit_conf(&installed, &net_c.stdout),
     );
     assert!(
         outside.ok,
@@ -385,7 +433,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "ADD",
         &b,
         &args_b,
-        &ambit_conf(&c, &net_b.stdout),
+        &ambit_conf(&installed, &net_b.stdout),
     );
     assert!(retried.ok, "{} {}", retried.stdout, retried.stderr);
     wait_until("cni-b captured", Duration::from_secs(10), || {
@@ -400,7 +448,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "DEL",
         &a,
         &args_a,
-        &ambit_conf(&c, &net.stdout),
+        &ambit_conf(&installed, &net.stdout),
     );
     assert!(del.ok, "{} {}", del.stdout, del.stderr);
     assert!(known_to_agent(&c, &uid("cni-a")).is_none());
@@ -411,16 +459,21 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
         "DEL",
         &a,
         &args_a,
-        &ambit_conf(&c, &net.stdout),
+        &ambit_conf(&installed, &net.stdout),
     );
     assert!(del.ok, "{}", del.stdout);
     assert!(cni_call(&c, 1, &bridge, "DEL", &a, "", &bridge_conf(&ipam)).ok);
+
+    // Uninstall takes Ambit out of the list and removes the binary.
+    setup("uninstall");
+    assert_eq!(plugin_types(&list_path), ["bridge"]);
+    assert!(!ambit_cni.exists());
 
     // VERSION, as a runtime asks before anything else.
     let v = cni_call(
         &c,
         1,
-        &ambit_cni,
+        &workspace_bin("ambit-cni"),
         "VERSION",
         &a,
         "",
