@@ -15,9 +15,16 @@ pub const DEFAULT_EBPF_OBJECT: &str = concat!(
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
     /// cgroup-v2 directory holding the pods of this node; the capture and accounting
-    /// programs attach here (never to the root cgroup). The agent itself must run outside it.
+    /// programs attach here (never to the root cgroup). Default: the kubelet's
+    /// (`kubepods.slice` or `kubepods` under the cgroup-v2 mount). The agent refuses to
+    /// run inside it.
     #[arg(long, env = "AMBIT_POD_CGROUP")]
-    pub pod_cgroup: PathBuf,
+    pub pod_cgroup: Option<PathBuf>,
+
+    /// Move the agent into this cgroup before anything else (created if missing): how a
+    /// DaemonSet's agent, whose own pod is under the pod cgroup, gets out of it.
+    #[arg(long, env = "AMBIT_OWN_CGROUP")]
+    pub own_cgroup: Option<PathBuf>,
 
     /// Directory on a bpf filesystem where programs' links and maps are pinned, so capture
     /// fails closed while the agent is down. Mounted at /sys/fs/bpf if needed.

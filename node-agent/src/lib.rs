@@ -28,7 +28,7 @@ pub mod proxy;
 pub mod state;
 pub mod telemetry;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -73,9 +73,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             config.state_dir.display()
         )
     })?;
+    let cgroup_root = cgroup2_mount();
+    let pod_cgroup = capture::cgroups::prepare(
+        config.pod_cgroup.as_deref(),
+        config.own_cgroup.as_deref(),
+        &cgroup_root,
+    )?;
     let datapath = Arc::new(Datapath::load(
         &config.ebpf_object,
-        &config.pod_cgroup,
+        &pod_cgroup,
         &config.bpffs_dir,
         &config.exclude_cidrs,
         &config.exclude_ports,
@@ -357,6 +363,17 @@ pub fn uninstall(
         datapath,
         state_file,
     })
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
+/// hosts.
+fn cgroup2_mount() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified.to_owned()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
 }
 
 /// Moves aya-log records from the kernel's ring buffer into our log.

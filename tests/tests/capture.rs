@@ -671,3 +671,52 @@ fn excluded_cidrs_and_ports_are_not_captured() {
         assert_eq!(proxied(&reports[0]), captured, "{dst}: {}", reports[0]);
     }
 }
+
+#[test]
+fn an_agent_inside_the_pod_cgroup_refuses_and_own_cgroup_moves_it_out() {
+    let c = Cluster::new(ClusterSpec {
+        agents: false,
+        pods_per_node: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let node = c.node(1);
+    let run = |extra: &[String]| {
+        let mut cmd = std::process::Command::new(ambit_tests::workspace_bin("ambit-agent"));
+        cmd.arg("run")
+            .arg("--pod-cgroup")
+            .arg(&node.pod_cgroup)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // Started the way a DaemonSet's container is: inside a pod's cgroup.
+        let child =
+            ambit_tests::process::spawn_in(&node.netns_path(), &c.pod(1, 0).cgroup, &mut cmd)
+                .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an agent inside the pod cgroup started"
+    );
+    assert!(
+        stderr.contains("inside the pod cgroup") && stderr.contains("--own-cgroup"),
+        "{stderr}"
+    );
+    // Moved out first, it gets past the check (and then stops at the missing eBPF
+    // object, which this test points nowhere on purpose).
+    let own = node.agent_cgroup.join("moved");
+    let out = run(&[
+        format!("--own-cgroup={}", own.display()),
+        "--ebpf-object=/nonexistent/ambit-ebpf".into(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("inside the pod cgroup"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ambit-ebpf"), "{stderr}");
+}

@@ -15,6 +15,7 @@
 //! nobody listens on. On release the cookie leaves the map first, then the listeners
 //! close; connections already proxied run to their end.
 
+pub mod cgroups;
 pub mod counters;
 pub mod datapath;
 pub mod enroll_server;
