@@ -19,11 +19,11 @@ fn connect(config: &Config) -> Result<EnrollClient, EnrollError> {
     EnrollClient::connect(&config.enroll_socket)
 }
 
+/// The agent, or why it is not answering.
 fn as_agent(c: &mut Result<EnrollClient, EnrollError>) -> Result<&mut dyn Agent, EnrollError> {
-    match c {
-        Ok(c) => Ok(c),
-        Err(e) => Err(EnrollError::Io(std::io::Error::other(e.to_string()))),
-    }
+    c.as_mut()
+        .map(|c| c as &mut dyn Agent)
+        .map_err(|e| EnrollError::Io(std::io::Error::other(e.to_string())))
 }
 
 impl Cni for AmbitCni {

@@ -62,6 +62,24 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     p
 }
 
+/// Polls `f` every 10 ms until it holds, failing the test after `timeout` with what was
+/// awaited; returns how long it took.
+pub fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    mut f: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
 /// Resident memory of a process, in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     use anyhow::Context;

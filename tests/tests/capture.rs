@@ -682,15 +682,8 @@ fn an_agent_inside_the_pod_cgroup_refuses_and_own_cgroup_moves_it_out() {
     .unwrap();
     let node = c.node(1);
     let run = |extra: &[String]| {
-        let mut cmd = std::process::Command::new(ambit_tests::workspace_bin("ambit-agent"));
-        cmd.arg("run")
-            .arg("--pod-cgroup")
-            .arg(&node.pod_cgroup)
-            .arg("--bpffs-dir")
-            .arg(&node.bpffs_dir)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .args(extra)
+        let mut cmd = c.agent_command(1);
+        cmd.args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         // Started the way a DaemonSet's container is: inside a pod's cgroup.

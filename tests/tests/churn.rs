@@ -9,24 +9,13 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::cluster::metric_value;
 use ambit_tests::synthetic::SyntheticMesh;
-use ambit_tests::{Cluster, ClusterSpec, rss_kib};
+use ambit_tests::{Cluster, ClusterSpec, rss_kib, wait_until};
 use ambit_xds::type_url::WORKLOAD;
 
 const WORKLOADS: usize = 10_000;
 const UPDATES: usize = 200;
 /// Workloads changed by each update: together the updates replace every workload once.
 const PER_UPDATE: usize = WORKLOADS / UPDATES;
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn metric(c: &Cluster, n: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
     c.metrics(n)

@@ -11,21 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ambit_tests::cluster::metric_sum;
-use ambit_tests::{Cluster, ClusterSpec, Pod, workspace_bin};
+use ambit_tests::{Cluster, ClusterSpec, Pod, wait_until, workspace_bin};
 use serde_json::{Value, json};
 
 const CNI_BIN: &str = "/usr/lib/cni";
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What a runtime gets back from one plugin call.
 struct Outcome {

@@ -1,9 +1,9 @@
 //! End-to-end tests of the control plane driving node agents over xDS, in the simulated
 //! cluster (run as root: `cargo xtask test`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ambit_tests::{Cluster, ClusterSpec, Pod};
+use ambit_tests::{Cluster, ClusterSpec, Pod, wait_until};
 use serde_json::Value;
 
 fn cluster() -> Cluster {
@@ -27,18 +27,6 @@ fn captured(c: &Cluster, n: usize) -> Vec<(String, bool)> {
         .into_iter()
         .map(|p| (p.spec.uid, p.captured))
         .collect()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
 }
 
 fn all_captured(c: &Cluster, want: bool) -> bool {

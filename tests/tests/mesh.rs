@@ -2,11 +2,11 @@
 //! between node agents, inbound capture (STRICT / PERMISSIVE), L4 authorization and the
 //! telemetry (run as root: `cargo xtask test`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ambit_tests::cluster::metric_sum;
 use ambit_tests::sniff::{LinkCapture, contains};
-use ambit_tests::{Cluster, ClusterSpec, Pod};
+use ambit_tests::{Cluster, ClusterSpec, Pod, wait_until};
 use serde_json::Value;
 
 /// A service in front of pod-2-0 and pod-2-1, port 80 → 8080.
@@ -75,17 +75,6 @@ fn mesh_yaml(c: &Cluster, opt_out: &[&str], extra: &str) -> String {
         );
     }
     y + extra
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn serve_8080(c: &Cluster, pod: &Pod) -> ambit_tests::PodProcess {

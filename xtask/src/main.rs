@@ -13,13 +13,6 @@ use clap::{Parser, Subcommand};
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-/// The fuzz targets in fuzz/ (each a parser that faces the network or a user).
-const FUZZ_TARGETS: [&str; 4] = [
-    "hbone_connect",
-    "enroll_request",
-    "mesh_file",
-    "xds_resources",
-];
 /// How long `cargo xtask test` runs each fuzz target (AMBIT_FUZZ_SECONDS overrides).
 const FUZZ_SECONDS: u64 = 20;
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -71,20 +64,17 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf().map(drop),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => run_harness_bin("ambit-demo"),
-        Cmd::Fuzz { target, seconds } => {
-            let targets: Vec<&str> = match target.as_deref() {
-                None => FUZZ_TARGETS.to_vec(),
-                Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
-                Some(t) => {
-                    eprintln!("xtask: unknown fuzz target {t:?}: one of {FUZZ_TARGETS:?}");
-                    return ExitCode::FAILURE;
-                }
+        Cmd::Fuzz { target, seconds } => fuzz_targets().and_then(|all| {
+            let targets = match target {
+                None => all,
+                Some(t) if all.contains(&t) => vec![t],
+                Some(t) => bail!("unknown fuzz target {t:?}: one of {all:?}"),
             };
-            fuzz(&targets, seconds).and_then(|failed| match failed {
+            match fuzz(&targets, seconds)? {
                 0 => Ok(()),
                 n => Err(anyhow::anyhow!("{n} fuzz target(s) failed")),
-            })
-        }
+            }
+        }),
         Cmd::Bench { only } => match only.as_deref() {
             None => run_harness_bin("ambit-bench")
                 .and_then(|()| run_harness_bin("ambit-bench-hbone"))
@@ -335,8 +325,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(FUZZ_SECONDS);
-    let fuzz_failed = fuzz(&FUZZ_TARGETS, seconds)?;
-    passed += FUZZ_TARGETS.len() as u64 - fuzz_failed;
+    let targets = fuzz_targets()?;
+    let fuzz_failed = fuzz(&targets, seconds)?;
+    passed += targets.len() as u64 - fuzz_failed;
     failed += fuzz_failed;
     println!("summary: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
@@ -386,10 +377,25 @@ fn cargo_fuzz(args: &[&str]) -> Command {
     cmd
 }
 
+/// The fuzz targets: the files in fuzz/fuzz_targets/ (each a parser that faces the
+/// network or a user), by name.
+fn fuzz_targets() -> anyhow::Result<Vec<String>> {
+    let dir = workspace_root().join("fuzz/fuzz_targets");
+    let mut targets: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
 /// Builds the fuzz targets and runs each for `seconds` from its seeds and the corpus it
 /// grew last time (target/fuzz/corpus); returns how many failed. A crash leaves its
 /// input in fuzz/artifacts/<target>/ and the command to replay it in the output.
-fn fuzz(targets: &[&str], seconds: u64) -> anyhow::Result<u64> {
+fn fuzz(targets: &[String], seconds: u64) -> anyhow::Result<u64> {
     ensure_cargo_fuzz()?;
     let root = workspace_root();
     let target_dir = root.join("target/fuzz");

@@ -358,8 +358,7 @@ impl Tunnel for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::fixtures::workload;
-    use ambit_policy::{Action, Authorization, PrincipalPattern, Rule, Source};
+    use crate::state::fixtures::{allow_from, workload};
 
     fn mesh(mode: MtlsMode) -> MeshState {
         let mut m = MeshState::new("n1");
@@ -369,21 +368,7 @@ mod tests {
         m.put_workload(workload("frontend", "n2", "10.244.2.10", true));
         m.put_policy(
             "shop/frontend-only".into(),
-            Authorization {
-                name: "frontend-only".into(),
-                namespace: "shop".into(),
-                action: Action::Allow,
-                selector: None,
-                rules: vec![Rule {
-                    from: vec![Source {
-                        principals: vec![
-                            PrincipalPattern::parse("cluster.local/ns/shop/sa/frontend").unwrap(),
-                        ],
-                        ..Default::default()
-                    }],
-                    to: vec![],
-                }],
-            },
+            allow_from("shop", "frontend-only", "cluster.local/ns/shop/sa/frontend"),
         );
         m
     }

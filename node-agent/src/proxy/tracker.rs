@@ -112,8 +112,8 @@ impl ConnTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::fixtures::allow_from;
     use crate::state::{Canonical, MtlsMode, Workload};
-    use ambit_policy::{Action, Authorization, PrincipalPattern, Rule, Source};
 
     fn web() -> Workload {
         Workload {
@@ -155,21 +155,7 @@ mod tests {
         assert_eq!(t.revalidate(&mesh), 0, "no policy: everything stays");
         mesh.put_policy(
             "shop/only-shop".into(),
-            Authorization {
-                name: "only-shop".into(),
-                namespace: "shop".into(),
-                action: Action::Allow,
-                selector: None,
-                rules: vec![Rule {
-                    from: vec![Source {
-                        principals: vec![
-                            PrincipalPattern::parse("cluster.local/ns/shop/*").unwrap(),
-                        ],
-                        ..Default::default()
-                    }],
-                    to: vec![],
-                }],
-            },
+            allow_from("shop", "only-shop", "cluster.local/ns/shop/*"),
         );
         assert_eq!(
             t.revalidate(&mesh),

@@ -459,11 +459,6 @@ impl Store {
         self.read(|s| s.workload(uid).cloned())
     }
 
-    /// Is the workload with this uid enrolled, according to the control plane?
-    pub fn enrolled(&self, uid: &str) -> bool {
-        self.read(|s| s.workload(uid).is_some_and(|w| w.enrolled))
-    }
-
     /// See [`MeshState::captures`].
     pub fn captures(&self, uid: &str, namespace: &str) -> bool {
         self.read(|s| s.captures(uid, namespace))
@@ -504,6 +499,24 @@ pub(crate) mod fixtures {
             labels: Labels::new(),
             mtls: MtlsMode::Strict,
             canonical: Canonical::derive(uid, &Labels::new()),
+        }
+    }
+
+    /// An ALLOW policy `name` for all of `namespace`, from sources matching `principal`.
+    pub fn allow_from(namespace: &str, name: &str, principal: &str) -> Authorization {
+        use ambit_policy::{Action, PrincipalPattern, Rule, Source};
+        Authorization {
+            name: name.into(),
+            namespace: namespace.into(),
+            action: Action::Allow,
+            selector: None,
+            rules: vec![Rule {
+                from: vec![Source {
+                    principals: vec![PrincipalPattern::parse(principal).unwrap()],
+                    ..Default::default()
+                }],
+                to: vec![],
+            }],
         }
     }
 

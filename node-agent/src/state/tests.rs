@@ -52,12 +52,12 @@ fn applies_valid_updates_and_removals() {
     let (store, mut h) = handler();
     let mut changes = store.changes();
     put(&mut h, workload("a", "n", vec![vec![10, 0, 0, 1]]));
-    assert!(store.enrolled("a"));
+    assert!(store.workload("a").is_some_and(|w| w.enrolled));
     assert!(changes.has_changed().unwrap());
     changes.mark_unchanged();
     h.apply(type_url::WORKLOAD, vec![], vec!["a".into()])
         .unwrap();
-    assert!(!store.enrolled("a"));
+    assert!(store.workload("a").is_none_or(|w| !w.enrolled));
     assert!(changes.has_changed().unwrap());
 }
 

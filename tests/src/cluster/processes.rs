@@ -146,14 +146,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts node `n`'s agent (in the node's netns and agent cgroup) and waits until
-    /// `/healthz/ready` says ready.
-    pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {
+    /// `ambit-agent run` with node `n`'s directories, the cluster's agent flags and, with
+    /// a control plane, its address and the node's credential.
+    pub fn agent_command(&self, n: usize) -> Command {
         let node = self.node(n);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.agent_log())?;
         let mut cmd = Command::new(workspace_bin("ambit-agent"));
         cmd.arg("run")
             .arg("--pod-cgroup")
@@ -179,8 +175,20 @@ impl Cluster {
                     })
                     .into_iter()
                     .flatten(),
-            )
-            .stdin(Stdio::null())
+            );
+        cmd
+    }
+
+    /// Starts node `n`'s agent (in the node's netns and agent cgroup) and waits until
+    /// `/healthz/ready` says ready.
+    pub fn start_agent(&self, n: usize) -> anyhow::Result<()> {
+        let node = self.node(n);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.agent_log())?;
+        let mut cmd = self.agent_command(n);
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = spawn_in(&node.netns_path(), &node.agent_cgroup, &mut cmd)
