@@ -211,6 +211,18 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
     assert_eq!(plugin_types(&list_path), ["bridge", "ambit-cni"]);
     let installed: Value = serde_json::from_slice(&std::fs::read(&list_path).unwrap()).unwrap();
     let ambit_cni = bin_dir.join("ambit-cni");
+    // The installed plugin, called as a runtime calls the last plugin of the list.
+    let ambit = |cmd: &str, sandbox: &str, args: &str, prev: &Value| {
+        cni_call(
+            &c,
+            1,
+            &ambit_cni,
+            cmd,
+            sandbox,
+            args,
+            &ambit_conf(&installed, prev),
+        )
+    };
     let uid = |n: &str| format!("{}-{n}", c.prefix);
 
     // The mesh: namespace `default` enrolled with the harness's pods and the sandboxes
@@ -251,59 +263,27 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
 
     // 1. A new pod of an enrolled namespace, through the whole chain.
     let a = c.add_empty_netns("cni-a").unwrap();
-    let net = Outcome {
-        ok: true,
-        stdout: primary_add(&c, &a, &ipam),
-        stderr: String::new(),
-    };
-    assert_eq!(
-        net.stdout["ips"][0]["address"], "10.244.1.100/24",
-        "{}",
-        net.stdout
-    );
+    let net = primary_add(&c, &a, &ipam);
+    assert_eq!(net["ips"][0]["address"], "10.244.1.100/24", "{}", net);
     let args_a = k8s_args("default", "cni-a", &uid("cni-a"));
     let started = Instant::now();
-    let add = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "ADD",
-        &a,
-        &args_a,
-        &ambit_conf(&installed, &net.stdout),
-    );
+    let add = ambit("ADD", &a, &args_a, &net);
     assert!(
         add.ok,
         "ambit-cni ADD failed: {} {}",
         add.stdout, add.stderr
     );
     // A chained plugin hands the runtime the result it was given.
-    assert_eq!(add.stdout["ips"], net.stdout["ips"]);
+    assert_eq!(add.stdout["ips"], net["ips"]);
     assert_eq!(add.stdout["cniVersion"], "1.0.0");
     wait_until("cni-a captured", Duration::from_secs(10), || {
         known_to_agent(&c, &uid("cni-a")).is_some_and(|p| p["captured"] == true)
     });
     eprintln!("cni: ADD → captured in {:?}", started.elapsed());
     // Retried ADD (the kubelet does that): still fine, still captured.
-    let again = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "ADD",
-        &a,
-        &args_a,
-        &ambit_conf(&installed, &net.stdout),
-    );
+    let again = ambit("ADD", &a, &args_a, &net);
     assert!(again.ok, "{} {}", again.stdout, again.stderr);
-    let check = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "CHECK",
-        &a,
-        &args_a,
-        &ambit_conf(&installed, &net.stdout),
-    );
+    let check = ambit("CHECK", &a, &args_a, &net);
     assert!(check.ok, "CHECK: {} {}", check.stdout, check.stderr);
 
     // A pod the control plane has not described yet (a real API server learns of its
@@ -312,15 +292,7 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
     let d = c.add_empty_netns("cni-d").unwrap();
     let net_d = primary_add(&c, &d, &ipam);
     let args_d = k8s_args("default", "cni-d", &uid("cni-d"));
-    let add_d = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "ADD",
-        &d,
-        &args_d,
-        &ambit_conf(&installed, &net_d),
-    );
+    let add_d = ambit("ADD", &d, &args_d, &net_d);
     assert!(add_d.ok, "{} {}", add_d.stdout, add_d.stderr);
     assert!(add_d.stderr.contains("captured: true"), "{}", add_d.stderr);
     assert_eq!(known_to_agent(&c, &uid("cni-d")).unwrap()["captured"], true);
@@ -372,39 +344,20 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
     //    later"), another namespace's pod starts at once.
     c.stop_agent(1, libc::SIGTERM).unwrap();
     let b = c.add_empty_netns("cni-b").unwrap();
-    let net_b = Outcome {
-        ok: true,
-        stdout: primary_add(&c, &b, &ipam),
-        stderr: String::new(),
-    };
-    assert_eq!(net_b.stdout["ips"][0]["address"], "10.244.1.102/24");
+    let net_b = primary_add(&c, &b, &ipam);
+    assert_eq!(net_b["ips"][0]["address"], "10.244.1.102/24");
     let args_b = k8s_args("default", "cni-b", &uid("cni-b"));
-    let refused = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "ADD",
-        &b,
-        &args_b,
-        &ambit_conf(&installed, &net_b.stdout),
-    );
+    let refused = ambit("ADD", &b, &args_b, &net_b);
     assert!(!refused.ok, "an enrolled pod started without its agent");
     assert_eq!(refused.stdout["code"], 11, "{}", refused.stdout);
     let cc = c.add_empty_netns("cni-c").unwrap();
-    let net_c = Outcome {
-        ok: true,
-        stdout: primary_add(&c, &cc, &ipam),
-        stderr: String::new(),
-    };
+    let net_c = primary_add(&c, &cc, &ipam);
     let t = Instant::now();
-    let outside = cni_call(
-        &c,
-        1,
-        &ambit_cni,
+    let outside = ambit(
         "ADD",
         &cc,
         &k8s_args("outside", "cni-c", &uid("cni-c")),
-        &ambit_conf(&installed, &net_c.stdout),
+        &net_c,
     );
     assert!(
         outside.ok,
@@ -415,41 +368,17 @@ fn cni_chain_enrolls_new_pods_fails_closed_without_the_agent_and_releases_on_del
 
     // The kubelet retries once the agent is back.
     c.start_agent(1).unwrap();
-    let retried = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "ADD",
-        &b,
-        &args_b,
-        &ambit_conf(&installed, &net_b.stdout),
-    );
+    let retried = ambit("ADD", &b, &args_b, &net_b);
     assert!(retried.ok, "{} {}", retried.stdout, retried.stderr);
     wait_until("cni-b captured", Duration::from_secs(10), || {
         known_to_agent(&c, &uid("cni-b")).is_some_and(|p| p["captured"] == true)
     });
 
     // 3. DEL releases, and a second DEL (or one for a pod never seen) succeeds.
-    let del = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "DEL",
-        &a,
-        &args_a,
-        &ambit_conf(&installed, &net.stdout),
-    );
+    let del = ambit("DEL", &a, &args_a, &net);
     assert!(del.ok, "{} {}", del.stdout, del.stderr);
     assert!(known_to_agent(&c, &uid("cni-a")).is_none());
-    let del = cni_call(
-        &c,
-        1,
-        &ambit_cni,
-        "DEL",
-        &a,
-        &args_a,
-        &ambit_conf(&installed, &net.stdout),
-    );
+    let del = ambit("DEL", &a, &args_a, &net);
     assert!(del.ok, "{}", del.stdout);
     assert!(cni_call(&c, 1, &bridge, "DEL", &a, "", &bridge_conf(&ipam)).ok);
 
