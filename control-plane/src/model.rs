@@ -112,6 +112,9 @@ pub struct WorkloadSpec {
     pub ips: Vec<IpAddr>,
     /// Its labels (selected by services and policies; may opt out or set the mTLS mode).
     pub labels: Labels,
+    /// Shutting down (a Kubernetes pod with a deletion timestamp): still a member of the
+    /// mesh, so its connections keep their identity, but no longer a service endpoint.
+    pub terminating: bool,
 }
 
 /// A service as a source reads it.
@@ -215,6 +218,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// Its labels.
     pub labels: Labels,
+    /// Shutting down: in the mesh, but no service's endpoint.
+    pub terminating: bool,
     /// Derived: its namespace is enrolled and it did not opt out.
     pub enrolled: bool,
     /// Derived: the waypoint its namespace names, if any.
@@ -276,6 +281,15 @@ impl Model {
     /// Validates `spec` and derives the model. All problems are reported, not just the
     /// first.
     pub fn build(spec: MeshSpec) -> Result<Model, Vec<Problem>> {
+        let (m, p) = Self::build_lenient(spec);
+        if p.is_empty() { Ok(m) } else { Err(p) }
+    }
+
+    /// Validates `spec` and derives the model of what is valid in it, leaving out each
+    /// item that has a problem, and says why. A file is one document, accepted or
+    /// rejected whole ([`Model::build`]); a Kubernetes cluster is many objects written
+    /// by many hands, and one bad object must not stop the rest of the mesh.
+    pub fn build_lenient(spec: MeshSpec) -> (Model, Vec<Problem>) {
         let mut p = Problems::default();
         let mut m = Model {
             trust_domain: spec.trust_domain.clone(),
@@ -401,6 +415,7 @@ impl Model {
                     service_account: sa,
                     ips: w.ips,
                     labels: w.labels,
+                    terminating: w.terminating,
                 },
             );
         }
@@ -467,7 +482,7 @@ impl Model {
                 .get(s.namespace.as_str())
                 .into_iter()
                 .flatten()
-                .filter(|w| selects(&s.selector, &w.labels))
+                .filter(|w| !w.terminating && selects(&s.selector, &w.labels))
                 .map(|w| w.uid.clone())
                 .collect();
             m.services.insert(
@@ -555,7 +570,7 @@ impl Model {
                 },
             );
         }
-        if p.0.is_empty() { Ok(m) } else { Err(p.0) }
+        (m, p.0)
     }
 }
 

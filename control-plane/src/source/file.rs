@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::guard::Publisher;
 use crate::model::{
     Action, Cidr, Destination, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec,
     PrincipalPattern, Problem, Rule, ServicePort, ServiceSpec, Source, WorkloadSpec,
@@ -167,18 +168,15 @@ impl FileSource {
         let first = stamp(&path);
         let model = Arc::new(load(&path)?);
         info!(file = %path.display(), workloads = model.workloads.len(), services = model.services.len(), "mesh loaded");
-        let (tx, models) = watch::channel(model);
         let (err_tx, errors) = watch::channel(None);
-        let (held_tx, held) = watch::channel(None);
+        let (publisher, models, held) =
+            Publisher::new(format!("mesh file {}", path.display()), watch.hold, model);
         let mut w = Watcher {
             path,
-            hold: watch.hold,
             seen: first,
             read: first,
-            held: None,
-            tx,
+            publisher,
             err_tx,
-            held_tx,
         };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(watch.poll);
@@ -201,16 +199,12 @@ impl FileSource {
 /// The state of the poll loop.
 struct Watcher {
     path: PathBuf,
-    hold: Duration,
     /// The stamp seen at the previous poll.
     seen: Option<Stamp>,
     /// The stamp of the content last read.
     read: Option<Stamp>,
-    /// A model held back by the guard, and since when.
-    held: Option<(Arc<Model>, std::time::Instant)>,
-    tx: watch::Sender<Arc<Model>>,
+    publisher: Publisher,
     err_tx: watch::Sender<Option<String>>,
-    held_tx: watch::Sender<Option<String>>,
 }
 
 impl Watcher {
@@ -234,53 +228,17 @@ impl Watcher {
             }
             self.read = now;
             match parse(&self.path, &text) {
-                Ok(m) => return self.consider(Arc::new(m)),
+                Ok(m) => {
+                    let _ = self.err_tx.send(None);
+                    return self.publisher.offer(Arc::new(m));
+                }
                 Err(e) => {
                     self.reject(&e);
-                    self.held = None;
-                    let _ = self.held_tx.send(None);
+                    self.publisher.release_hold();
                 }
             }
         }
-        if let Some((m, since)) = &self.held
-            && since.elapsed() >= self.hold
-        {
-            warn!(file = %self.path.display(), hold = ?self.hold, "serving the held mesh: the file has described it for the whole hold time");
-            let m = m.clone();
-            return self.publish(m);
-        }
-        true
-    }
-
-    /// A valid model read from the file: served, or held if it removes most of the mesh.
-    fn consider(&mut self, m: Arc<Model>) -> bool {
-        let _ = self.err_tx.send(None);
-        let published = self.tx.borrow().clone();
-        if *published == *m {
-            self.held = None;
-            let _ = self.held_tx.send(None);
-            return true;
-        }
-        if !self.hold.is_zero()
-            && let Some(reason) = super::guard::shrink_reason(&published, &m)
-        {
-            warn!(
-                file = %self.path.display(),
-                "holding a mesh file change for {:?}, because {reason}; it is served if the file still says so then (write mesh files atomically: a temporary file, then rename)",
-                self.hold
-            );
-            self.held = Some((m, std::time::Instant::now()));
-            let _ = self.held_tx.send(Some(reason));
-            return true;
-        }
-        self.publish(m)
-    }
-
-    fn publish(&mut self, m: Arc<Model>) -> bool {
-        self.held = None;
-        let _ = self.held_tx.send(None);
-        info!(file = %self.path.display(), workloads = m.workloads.len(), "mesh reloaded");
-        self.tx.send(m).is_ok()
+        self.publisher.tick()
     }
 
     fn reject(&self, e: &FileError) {
@@ -490,6 +448,7 @@ impl MeshFile {
                     service_account: w.service_account,
                     ips: w.ips,
                     labels: w.labels,
+                    terminating: false,
                 })
                 .collect(),
             services: self

@@ -11,7 +11,105 @@
 //! (removing the enrollment label of every namespace, deleting policies), keep the
 //! workloads and namespaces and go out at once.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
 use crate::model::Model;
+
+/// Publishes a source's models through the guard: the served model, and why a candidate
+/// is held back, if one is.
+pub struct Publisher {
+    /// Names the source in log lines (`mesh file /etc/mesh.yaml`, `Kubernetes`).
+    what: String,
+    /// How long a shrinking model must stay the source's answer (zero: no hold).
+    hold: Duration,
+    /// A model held back, and since when.
+    held: Option<(Arc<Model>, Instant)>,
+    tx: watch::Sender<Arc<Model>>,
+    held_tx: watch::Sender<Option<String>>,
+}
+
+impl Publisher {
+    /// A publisher serving `first` at once; returns the receivers of the served model and
+    /// of the hold reason.
+    #[allow(clippy::type_complexity)]
+    pub fn new(
+        what: String,
+        hold: Duration,
+        first: Arc<Model>,
+    ) -> (
+        Self,
+        watch::Receiver<Arc<Model>>,
+        watch::Receiver<Option<String>>,
+    ) {
+        let (tx, models) = watch::channel(first);
+        let (held_tx, held) = watch::channel(None);
+        let p = Self {
+            what,
+            hold,
+            held: None,
+            tx,
+            held_tx,
+        };
+        (p, models, held)
+    }
+
+    /// The source's new answer: served, or held if it removes most of the mesh. False
+    /// once nobody listens any more.
+    pub fn offer(&mut self, m: Arc<Model>) -> bool {
+        let published = self.tx.borrow().clone();
+        if *published == *m {
+            self.release_hold();
+            return true;
+        }
+        if !self.hold.is_zero()
+            && let Some(reason) = shrink_reason(&published, &m)
+        {
+            warn!(
+                source = %self.what,
+                "holding a mesh change for {:?}, because {reason}; it is served if the source still says so then",
+                self.hold
+            );
+            self.held = Some((m, Instant::now()));
+            let _ = self.held_tx.send(Some(reason));
+            return true;
+        }
+        self.publish(m)
+    }
+
+    /// Forgets a held model (the source's answer changed to something invalid).
+    pub fn release_hold(&mut self) {
+        self.held = None;
+        let _ = self.held_tx.send(None);
+    }
+
+    /// When the held model, if any, is due: serve it then ([`Publisher::tick`]).
+    pub fn held_until(&self) -> Option<Instant> {
+        self.held.as_ref().map(|(_, since)| *since + self.hold)
+    }
+
+    /// Serves the held model if it has been the source's answer for the hold time. False
+    /// once nobody listens any more.
+    pub fn tick(&mut self) -> bool {
+        if let Some((m, since)) = &self.held
+            && since.elapsed() >= self.hold
+        {
+            warn!(source = %self.what, hold = ?self.hold, "serving the held mesh: the source has described it for the whole hold time");
+            let m = m.clone();
+            return self.publish(m);
+        }
+        true
+    }
+
+    fn publish(&mut self, m: Arc<Model>) -> bool {
+        self.release_hold();
+        info!(source = %self.what, workloads = m.workloads.len(), services = m.services.len(), "mesh updated");
+        self.tx.send(m).is_ok()
+    }
+}
 
 /// Why a candidate model is held, if it is.
 pub fn shrink_reason(published: &Model, candidate: &Model) -> Option<String> {
