@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,11 +24,31 @@ enum Command {
     },
 }
 
+/// Where the mesh comes from.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SourceKind {
+    /// A YAML mesh file (`--mesh-file`), re-read when it changes.
+    File,
+    /// The cluster's API server (in-cluster config, or `--kubeconfig`).
+    Kubernetes,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The mesh YAML file (see examples/mesh.yaml).
-    #[arg(long, env = "AMBIT_MESH_FILE")]
-    mesh_file: PathBuf,
+    /// Where the mesh comes from.
+    #[arg(long, env = "AMBIT_SOURCE", value_enum, default_value = "file")]
+    source: SourceKind,
+    /// The mesh YAML file (see examples/mesh.yaml), for `--source file`.
+    #[arg(long, env = "AMBIT_MESH_FILE", required_if_eq("source", "file"))]
+    mesh_file: Option<PathBuf>,
+    /// A kubeconfig for `--source kubernetes` (default: `KUBECONFIG`, `~/.kube/config`, or
+    /// the pod's in-cluster service account).
+    #[arg(long, env = "AMBIT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The SPIFFE trust domain of the cluster's identities, for `--source kubernetes` (a
+    /// mesh file names its own).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Plaintext xDS (ADS) listener.
     #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15010")]
     xds_addr: std::net::SocketAddr,
@@ -55,8 +76,8 @@ struct RunArgs {
     /// once the file has not changed for this long.
     #[arg(long, env = "AMBIT_FILE_POLL_MS", default_value_t = 100)]
     file_poll_ms: u64,
-    /// How long a mesh file change that removes more than half of the mesh's workloads or
-    /// namespaces must stay in the file before it is served, in milliseconds (0: at once).
+    /// How long a change that removes more than half of the mesh's workloads or namespaces
+    /// must stay the source's answer before it is served, in milliseconds (0: at once).
     #[arg(long, env = "AMBIT_SHRINK_HOLD_MS", default_value_t = 5_000)]
     shrink_hold_ms: u64,
     /// Log filter (tracing EnvFilter syntax).
@@ -64,16 +85,58 @@ struct RunArgs {
     log: String,
 }
 
+/// What every source gives the server: the model, its problems, and why a change is held.
+struct Source {
+    models: tokio::sync::watch::Receiver<std::sync::Arc<ambit_control_plane::model::Model>>,
+    errors: tokio::sync::watch::Receiver<Option<String>>,
+    held: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
+    use ambit_control_plane::source::{file, kubernetes};
+    let hold = std::time::Duration::from_millis(args.shrink_hold_ms);
+    Ok(match args.source {
+        SourceKind::File => {
+            let path = args.mesh_file.clone().expect("required by clap");
+            let watch = file::Watch {
+                poll: std::time::Duration::from_millis(args.file_poll_ms),
+                hold,
+            };
+            let s = file::FileSource::start(path, watch).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Source {
+                models: s.models,
+                errors: s.errors,
+                held: s.held,
+            }
+        }
+        SourceKind::Kubernetes => {
+            let config = match &args.kubeconfig {
+                Some(path) => {
+                    let kc = kube::config::Kubeconfig::read_from(path)
+                        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                    kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+                }
+                None => kube::Config::infer().await?,
+            };
+            tracing::info!(api_server = %config.cluster_url, "watching the cluster");
+            let client = kube::Client::try_from(config)?;
+            let options = kubernetes::Options {
+                trust_domain: args.trust_domain.clone(),
+                hold,
+            };
+            let s = kubernetes::KubeSource::start(client, options).await;
+            Source {
+                models: s.models,
+                errors: s.errors,
+                held: s.held,
+            }
+        }
+    })
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    use ambit_control_plane::{ads::AdsServer, snapshots, source::file::FileSource};
-    let source = FileSource::start(
-        args.mesh_file.clone(),
-        ambit_control_plane::source::file::Watch {
-            poll: std::time::Duration::from_millis(args.file_poll_ms),
-            hold: std::time::Duration::from_millis(args.shrink_hold_ms),
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    use ambit_control_plane::{ads::AdsServer, snapshots};
+    let source = start_source(&args).await?;
     use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
     use std::time::Duration;
     let ads = AdsServer::new(snapshots(source.models.clone()));

@@ -80,7 +80,7 @@ pub struct MeshSpec {
 }
 
 /// A namespace as a source reads it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceSpec {
     /// Its name (a DNS label).
     pub name: String,
@@ -89,14 +89,14 @@ pub struct NamespaceSpec {
 }
 
 /// A node as a source reads it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeSpec {
     /// Its name (a DNS name).
     pub name: String,
 }
 
 /// A workload (pod) as a source reads it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadSpec {
     /// Defaults to `namespace/name`.
     pub uid: Option<String>,
@@ -118,7 +118,7 @@ pub struct WorkloadSpec {
 }
 
 /// A service as a source reads it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// Its name (a DNS label).
     pub name: String,

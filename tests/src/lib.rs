@@ -18,6 +18,7 @@
 //! test fails or panics; a later run also sweeps what a killed run (dead PID) left behind.
 
 pub mod cluster;
+pub mod kube_api;
 pub mod pki;
 pub mod probes;
 pub mod process;

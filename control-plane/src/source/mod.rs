@@ -4,3 +4,4 @@
 
 pub mod file;
 pub mod guard;
+pub mod kubernetes;

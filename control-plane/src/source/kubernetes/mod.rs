@@ -1,0 +1,516 @@
+//! The Kubernetes source: the mesh as the cluster's API server describes it.
+//!
+//! kube-rs watchers (LIST, then WATCH from the list's resourceVersion, with bookmarks;
+//! on 410 Gone or a broken watch they re-list) follow Namespaces, Nodes, Pods and
+//! Services. Each object is converted when its event arrives ([`convert`]); the model is
+//! assembled from the converted objects and built by the same [`Model::build_lenient`]
+//! and guard as the file source's, so both sources follow one set of rules.
+//!
+//! Never a partial view:
+//! - nothing is served before every watched kind has been listed once: [`KubeSource::start`]
+//!   returns only then, and the xDS server starts after it;
+//! - a re-list is buffered (kube's `Init` … `InitDone`) and replaces its kind's objects as
+//!   one change, so a watch that restarts never looks like "every pod disappeared";
+//! - a model that would still remove most of the mesh at once is held by the guard.
+//!
+//! Objects the mesh cannot use (a pod without an IP yet, a host-network pod, a headless
+//! service) are left out quietly; objects that are wrong (an invalid label value, two
+//! pods claiming one IP) are left out with a warning naming them, and the rest of the
+//! mesh is served.
+//!
+//! Not yet followed: EndpointSlices (services without a selector), ServiceAccounts,
+//! Gateway API HTTPRoutes and Ambit's policy CRDs.
+
+pub mod convert;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, SelectAll, StreamExt};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use self::convert::{PodView, ServiceView};
+use super::guard::Publisher;
+use crate::model::{MeshSpec, Model, NamespaceSpec, NodeSpec};
+
+/// How the Kubernetes source behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The mesh's SPIFFE trust domain (the cluster's DNS domain, usually `cluster.local`).
+    pub trust_domain: String,
+    /// How long a change that removes most of the mesh must persist before it is served.
+    pub hold: Duration,
+}
+
+/// Serves the model of the cluster, from its first complete listing on.
+pub struct KubeSource {
+    /// The model being served.
+    pub models: watch::Receiver<Arc<Model>>,
+    /// What is wrong right now (objects left out, watches failing), if anything.
+    pub errors: watch::Receiver<Option<String>>,
+    /// Why the cluster's latest model is held back, if it is.
+    pub held: watch::Receiver<Option<String>>,
+}
+
+/// The kinds the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `v1` Namespace.
+    Namespaces,
+    /// `v1` Node.
+    Nodes,
+    /// `v1` Pod.
+    Pods,
+    /// `v1` Service.
+    Services,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Namespaces, Kind::Nodes, Kind::Pods, Kind::Services];
+
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Namespaces => "namespaces",
+            Kind::Nodes => "nodes",
+            Kind::Pods => "pods",
+            Kind::Services => "services",
+        }
+    }
+}
+
+/// One event of one of the watchers.
+enum Change {
+    Namespace(Event<Namespace>),
+    Node(Event<Node>),
+    Pod(Event<Pod>),
+    Service(Event<Service>),
+}
+
+type Changes = SelectAll<BoxStream<'static, (Kind, Result<Change, watcher::Error>)>>;
+
+fn watch_kind<K>(
+    api: Api<K>,
+    kind: Kind,
+    wrap: fn(Event<K>) -> Change,
+) -> BoxStream<'static, (Kind, Result<Change, watcher::Error>)>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |r| (kind, r.map(wrap)))
+        .boxed()
+}
+
+fn changes(client: &Client) -> Changes {
+    futures::stream::select_all([
+        watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespaces,
+            Change::Namespace,
+        ),
+        watch_kind(Api::<Node>::all(client.clone()), Kind::Nodes, Change::Node),
+        watch_kind(Api::<Pod>::all(client.clone()), Kind::Pods, Change::Pod),
+        watch_kind(
+            Api::<Service>::all(client.clone()),
+            Kind::Services,
+            Change::Service,
+        ),
+    ])
+}
+
+impl KubeSource {
+    /// Watches the cluster `client` talks to; returns once every kind has been listed
+    /// and the first model is built (until then, logs what it is waiting for every ten
+    /// seconds: a missing RBAC permission, an unreachable API server).
+    pub async fn start(client: Client, options: Options) -> Self {
+        let mut changes = changes(&client);
+        let mut view = View::default();
+        let mut report = tokio::time::interval(Duration::from_secs(10));
+        report.tick().await;
+        while !view.synced() {
+            tokio::select! {
+                item = changes.next() => match item {
+                    Some(item) => view.take(item),
+                    None => unreachable!("watchers never end"),
+                },
+                _ = report.tick() => {
+                    let waiting: Vec<&str> = Kind::ALL.iter().filter(|k| !view.is_synced(**k)).map(|k| k.plural()).collect();
+                    warn!(waiting = ?waiting, errors = ?view.watch_errors.values().collect::<Vec<_>>(), "not serving yet: waiting for the first complete list of every watched kind");
+                }
+            }
+        }
+        let (model, problems) = view.build(&options.trust_domain);
+        info!(
+            namespaces = model.namespaces.len(),
+            nodes = model.nodes.len(),
+            workloads = model.workloads.len(),
+            services = model.services.len(),
+            "cluster listed"
+        );
+        let mut reporter = Reporter::default();
+        let (err_tx, errors) = watch::channel(None);
+        reporter.report(&problems, &view.watch_errors, &err_tx);
+        let (mut publisher, models, held) =
+            Publisher::new("Kubernetes".into(), options.hold, Arc::new(model));
+        tokio::spawn(async move {
+            loop {
+                let held_until = publisher.held_until();
+                let hold_timer = async move {
+                    match held_until {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    item = changes.next() => {
+                        let Some(item) = item else { return };
+                        view.take(item);
+                        // Take everything already waiting, then build once.
+                        for _ in 0..100_000 {
+                            match changes.next().now_or_never() {
+                                Some(Some(item)) => view.take(item),
+                                _ => break,
+                            }
+                        }
+                    }
+                    _ = hold_timer => {
+                        if !publisher.tick() { return }
+                        continue;
+                    }
+                }
+                if !view.dirty {
+                    reporter.report(&[], &view.watch_errors, &err_tx);
+                    continue;
+                }
+                let (model, problems) = view.build(&options.trust_domain);
+                reporter.report(&problems, &view.watch_errors, &err_tx);
+                if !publisher.offer(Arc::new(model)) {
+                    return;
+                }
+            }
+        });
+        Self {
+            models,
+            errors,
+            held,
+        }
+    }
+}
+
+/// Logs each problem once when it appears, and keeps `errors` current.
+#[derive(Default)]
+struct Reporter {
+    logged: BTreeSet<String>,
+    last: Option<String>,
+}
+
+impl Reporter {
+    fn report(
+        &mut self,
+        problems: &[String],
+        watch_errors: &BTreeMap<Kind, String>,
+        tx: &watch::Sender<Option<String>>,
+    ) {
+        let now: BTreeSet<String> = problems.iter().cloned().collect();
+        for p in now.difference(&self.logged) {
+            warn!("in the cluster's objects: {p}");
+        }
+        self.logged = now;
+        let mut all: Vec<String> = watch_errors
+            .iter()
+            .map(|(k, e)| format!("watching {}: {e}", k.plural()))
+            .collect();
+        all.extend(self.logged.iter().cloned());
+        let summary = (!all.is_empty()).then(|| all.join("; "));
+        if summary != self.last {
+            self.last = summary.clone();
+            let _ = tx.send(summary);
+        }
+    }
+}
+
+/// One kind's converted objects, and its re-list in progress.
+struct Table<V> {
+    live: HashMap<String, V>,
+    /// Between `Init` and `InitDone`: the new listing, which replaces `live` at once.
+    relist: Option<HashMap<String, V>>,
+    synced: bool,
+}
+
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Self {
+            live: HashMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+}
+
+impl<V: PartialEq> Table<V> {
+    /// Applies one event; true if the live objects changed.
+    fn event<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> V) -> bool {
+        let key = |o: &K| {
+            let m = o.meta();
+            format!(
+                "{}/{}",
+                m.namespace.as_deref().unwrap_or(""),
+                m.name.as_deref().unwrap_or("")
+            )
+        };
+        match ev {
+            Event::Apply(o) => {
+                let (k, v) = (key(&o), convert(&o));
+                if self.live.get(&k) == Some(&v) {
+                    return false;
+                }
+                self.live.insert(k, v);
+                true
+            }
+            Event::Delete(o) => self.live.remove(&key(&o)).is_some(),
+            Event::Init => {
+                self.relist = Some(HashMap::new());
+                false
+            }
+            Event::InitApply(o) => {
+                let v = convert(&o);
+                self.relist.get_or_insert_default().insert(key(&o), v);
+                false
+            }
+            Event::InitDone => {
+                let new = self.relist.take().unwrap_or_default();
+                let changed = !self.synced || new != self.live;
+                self.live = new;
+                self.synced = true;
+                changed
+            }
+        }
+    }
+}
+
+/// Everything the watchers have said, converted.
+#[derive(Default)]
+struct View {
+    namespaces: Table<Option<NamespaceSpec>>,
+    nodes: Table<Option<NodeSpec>>,
+    pods: Table<PodView>,
+    services: Table<ServiceView>,
+    /// The latest error of each kind's watch, until it makes progress again.
+    watch_errors: BTreeMap<Kind, String>,
+    /// Something changed since the last build.
+    dirty: bool,
+}
+
+impl View {
+    fn is_synced(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Namespaces => self.namespaces.synced,
+            Kind::Nodes => self.nodes.synced,
+            Kind::Pods => self.pods.synced,
+            Kind::Services => self.services.synced,
+        }
+    }
+
+    fn synced(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.is_synced(*k))
+    }
+
+    fn take(&mut self, (kind, item): (Kind, Result<Change, watcher::Error>)) {
+        let change = match item {
+            Ok(change) => {
+                self.watch_errors.remove(&kind);
+                change
+            }
+            Err(e) => {
+                let msg = describe(kind, &e);
+                warn!("{msg}");
+                self.watch_errors.insert(kind, msg);
+                return;
+            }
+        };
+        let changed = match change {
+            Change::Namespace(ev) => self.namespaces.event(ev, convert::namespace),
+            Change::Node(ev) => self.nodes.event(ev, convert::node),
+            Change::Pod(ev) => self.pods.event(ev, |p| {
+                let v = convert::pod(p);
+                if let PodView::Skipped(why) = &v {
+                    debug!(pod = ?p.metadata.name, namespace = ?p.metadata.namespace, "pod not in the mesh: {why}");
+                }
+                v
+            }),
+            Change::Service(ev) => self.services.event(ev, convert::service),
+        };
+        self.dirty |= changed;
+    }
+
+    /// The model of what the watchers have said, and what was left out and why.
+    fn build(&mut self, trust_domain: &str) -> (Model, Vec<String>) {
+        self.dirty = false;
+        let mut problems = Vec::new();
+        let mut spec = MeshSpec {
+            trust_domain: trust_domain.to_owned(),
+            namespaces: self.namespaces.live.values().flatten().cloned().collect(),
+            nodes: self.nodes.live.values().flatten().cloned().collect(),
+            ..Default::default()
+        };
+        let mut by_namespace: HashMap<&str, Vec<_>> = HashMap::new();
+        for v in self.pods.live.values() {
+            if let PodView::Workload { spec, named_ports } = v {
+                by_namespace
+                    .entry(spec.namespace.as_str())
+                    .or_default()
+                    .push((spec, named_ports));
+            }
+        }
+        spec.workloads = by_namespace
+            .values()
+            .flatten()
+            .map(|(w, _)| (*w).clone())
+            .collect();
+        for (key, v) in &self.services.live {
+            if let ServiceView::Service { namespace, .. } = v {
+                let pods = by_namespace.get(namespace.as_str()).into_iter().flatten();
+                match convert::resolve_service(v, pods.map(|(w, n)| (*w, *n))) {
+                    Ok(s) => spec.services.push(s),
+                    Err(e) => problems.push(format!("service {key}: {e}")),
+                }
+            }
+        }
+        // A deterministic order, so a problem's report does not move between builds.
+        spec.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        spec.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        spec.workloads
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        spec.services
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let (model, model_problems) = Model::build_lenient(spec);
+        problems.extend(model_problems.iter().map(|p| {
+            // The file source's places carry list indexes; here the name says it.
+            let place = match (p.place.find('['), p.place.find("] ")) {
+                (Some(a), Some(b)) if a < b => format!("{}{}", &p.place[..a], &p.place[b + 1..]),
+                _ => p.place.clone(),
+            };
+            format!("{place}: {}", p.problem)
+        }));
+        (model, problems)
+    }
+}
+
+/// A watch error as an operator needs to read it.
+fn describe(kind: Kind, e: &watcher::Error) -> String {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
+        watcher::Error::WatchError(s) => Some(s.as_ref()),
+        _ => None,
+    };
+    match status {
+        Some(s) if s.code == 403 => format!(
+            "the API server refuses to let the control plane list/watch {} ({}): grant its ServiceAccount `list` and `watch` on them (deploy/control-plane/rbac.yaml does)",
+            kind.plural(),
+            s.message
+        ),
+        Some(s) if s.code == 410 => format!(
+            "{} watch expired (410 Gone: {}); listing them again",
+            kind.plural(),
+            s.message
+        ),
+        _ => format!("{} watch failed, retrying: {e}", kind.plural()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, enrolled: bool) -> Namespace {
+        let mut n = Namespace::default();
+        n.metadata.name = Some(name.into());
+        if enrolled {
+            n.metadata.labels = Some(
+                [(
+                    crate::model::DATAPLANE_LABEL.to_string(),
+                    crate::model::DATAPLANE_AMBIENT.to_string(),
+                )]
+                .into(),
+            );
+        }
+        n
+    }
+
+    #[test]
+    fn a_relist_replaces_a_kind_at_once_and_never_shows_half_of_it() {
+        let mut t: Table<Option<NamespaceSpec>> = Table::default();
+        let conv = convert::namespace;
+        assert!(!t.event(Event::Init, conv));
+        assert!(!t.event(Event::InitApply(ns("a", true)), conv));
+        assert!(!t.synced && t.live.is_empty(), "nothing before InitDone");
+        assert!(t.event(Event::InitDone, conv), "the first listing is a change");
+        assert!(t.synced && t.live.len() == 1);
+        assert!(t.event(Event::Apply(ns("b", true)), conv));
+        assert!(!t.event(Event::Apply(ns("b", true)), conv), "same object");
+        // A re-list in progress leaves the live objects alone ...
+        assert!(!t.event(Event::Init, conv));
+        assert!(!t.event(Event::InitApply(ns("a", true)), conv));
+        assert_eq!(t.live.len(), 2);
+        // ... and replaces them at InitDone: b is gone (deleted while the watch was down).
+        assert!(t.event(Event::InitDone, conv));
+        assert_eq!(t.live.keys().collect::<Vec<_>>(), ["/a"]);
+        // A re-list that finds what we had is no change.
+        t.event(Event::Init, conv);
+        t.event(Event::InitApply(ns("a", true)), conv);
+        assert!(!t.event(Event::InitDone, conv));
+        assert!(t.event(Event::Delete(ns("a", true)), conv));
+    }
+
+    fn pod(name: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "good", "uid": name},
+            "spec": {"nodeName": "node-1", "containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_bad_object_is_named_and_the_rest_of_the_mesh_is_served() {
+        let mut v = View::default();
+        let mut bad = ns("bad", true);
+        bad.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(crate::model::MTLS_LABEL.into(), "SOMETIMES".into());
+        for n in [ns("good", true), bad] {
+            v.take((Kind::Namespaces, Ok(Change::Namespace(Event::Apply(n)))));
+        }
+        let mut node = Node::default();
+        node.metadata.name = Some("node-1".into());
+        v.take((Kind::Nodes, Ok(Change::Node(Event::Apply(node)))));
+        for p in [pod("a", "10.244.1.10"), pod("b", "10.244.1.10"), pod("c", "10.244.1.11")] {
+            v.take((Kind::Pods, Ok(Change::Pod(Event::Apply(p)))));
+        }
+        let (m, problems) = v.build("cluster.local");
+        // A namespace with a bad label value keeps its pods in the mesh (STRICT, the safe
+        // default); a pod claiming another's IP is left out.
+        assert_eq!(m.namespaces.keys().collect::<Vec<_>>(), ["bad", "good"]);
+        assert_eq!(m.workloads.keys().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(
+            problems,
+            [
+                "namespaces (bad).labels.ambit.dev/mtls: \"SOMETIMES\" is not STRICT or PERMISSIVE",
+                "workloads (good/b).ips[0]: 10.244.1.10 is already used by workload good/a",
+            ]
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! The control plane's Kubernetes source against the API server stand-in
+//! (`ambit_tests::kube_api`), with kube-rs's real client and watcher; `kubectl` checks
+//! the stand-in. Every test name starts with `kube` (`cargo xtask test -- kube`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_control_plane::model::Model;
+use ambit_control_plane::source::kubernetes::{KubeSource, Options};
+use ambit_tests::kube_api::ApiServer;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"), "labels": labels},
+           "spec": {"nodeName": node, "serviceAccountName": name,
+                    "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn service(ns: &str, name: &str, vip: &str, selector: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": selector,
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+}
+
+const ENROLLED: &str = "ambit.dev/dataplane";
+
+/// A stand-in on loopback with a small cluster: namespaces `shop` (enrolled) and `lab`,
+/// nodes `node-1`/`node-2`, pods `shop/web-0`, `shop/web-1`, `lab/job-0`, service
+/// `shop/web`.
+fn cluster() -> ApiServer {
+    let api = ApiServer::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    api.apply(namespace("shop", json!({ENROLLED: "ambient"})));
+    api.apply(namespace("lab", json!({})));
+    api.apply(node("node-1"));
+    api.apply(node("node-2"));
+    api.apply(pod("shop", "web-0", "node-1", "10.244.1.10", json!({"app": "web"})));
+    api.apply(pod("shop", "web-1", "node-2", "10.244.2.10", json!({"app": "web"})));
+    api.apply(pod("lab", "job-0", "node-1", "10.244.1.11", json!({})));
+    api.apply(service("shop", "web", "10.96.0.10", json!({"app": "web"})));
+    api
+}
+
+async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
+    let dir = std::env::temp_dir().join(format!("ambit-kube-{}-{}", std::process::id(), api.addr().port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kubeconfig");
+    api.write_kubeconfig(&path).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let options = Options {
+        trust_domain: "cluster.local".into(),
+        hold,
+    };
+    tokio::time::timeout(Duration::from_secs(20), KubeSource::start(client, options))
+        .await
+        .expect("the source syncs")
+}
+
+/// Waits until the served model satisfies `ok`; panics with the last model after 10 s.
+async fn until(
+    models: &mut watch::Receiver<Arc<Model>>,
+    what: &str,
+    ok: impl Fn(&Model) -> bool,
+) -> Arc<Model> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = models.borrow_and_update().clone();
+        if ok(&m) {
+            return m;
+        }
+        if tokio::time::timeout_at(deadline, models.changed()).await.is_err() {
+            panic!("timed out waiting for: {what}; the model is {m:#?}");
+        }
+    }
+}
+
+fn enrolled(m: &Model) -> Vec<&str> {
+    m.workloads
+        .values()
+        .filter(|w| w.enrolled)
+        .map(|w| w.name.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn kube_source_serves_the_clusters_mesh_and_follows_its_changes() {
+    let api = cluster();
+    let mut s = source(&api, Duration::ZERO).await;
+    let m = s.models.borrow_and_update().clone();
+    assert_eq!(enrolled(&m), ["web-0", "web-1"]);
+    assert_eq!(m.nodes.len(), 2);
+    let w = &m.workloads["uid-shop-web-0"];
+    assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web-0");
+    assert_eq!(w.node, "node-1");
+    let svc = m.services.values().next().unwrap();
+    assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+    assert_eq!(svc.ports[0].target_port, 8080, "named targetPort resolved");
+    assert_eq!(svc.endpoints.len(), 2);
+    assert_eq!(*s.errors.borrow(), None);
+
+    // Label a namespace (a MODIFIED event): its pods are enrolled.
+    api.apply(namespace("lab", json!({ENROLLED: "ambient"})));
+    until(&mut s.models, "lab enrolled", |m| enrolled(m).contains(&"job-0")).await;
+    // A pod opts out.
+    api.apply(pod("shop", "web-1", "node-2", "10.244.2.10", json!({"app": "web", ENROLLED: "none"})));
+    until(&mut s.models, "web-1 opted out", |m| !enrolled(m).contains(&"web-1")).await;
+    // Unlabel: released.
+    api.apply(namespace("shop", json!({})));
+    until(&mut s.models, "shop released", |m| enrolled(m) == ["job-0"]).await;
+    // A pod without an IP yet is not in the mesh; it joins when it gets one.
+    let mut pending = pod("lab", "job-1", "node-2", "10.244.2.11", json!({}));
+    pending["status"] = json!({"phase": "Pending"});
+    api.apply(pending);
+    api.apply(pod("lab", "job-2", "node-2", "10.244.2.12", json!({})));
+    let m = until(&mut s.models, "job-2 in", |m| m.workloads.contains_key("uid-lab-job-2")).await;
+    assert!(!m.workloads.contains_key("uid-lab-job-1"));
+    api.apply(pod("lab", "job-1", "node-2", "10.244.2.11", json!({})));
+    until(&mut s.models, "job-1 in", |m| m.workloads.contains_key("uid-lab-job-1")).await;
+    // Host-network pods are never part of the mesh.
+    let mut host = pod("lab", "agent", "node-1", "172.18.0.1", json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    api.apply(host);
+    // A terminating pod stays in the mesh but is no endpoint; a deleted one is gone.
+    let mut leaving = pod("shop", "web-0", "node-1", "10.244.1.10", json!({"app": "web"}));
+    leaving["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
+    api.apply(leaving);
+    let m = until(&mut s.models, "web-0 terminating", |m| {
+        m.services.values().next().unwrap().endpoints.len() == 1
+    })
+    .await;
+    assert!(m.workloads.contains_key("uid-shop-web-0"));
+    assert!(!m.workloads.values().any(|w| w.name == "agent"));
+    api.delete("Pod", "shop", "web-0");
+    until(&mut s.models, "web-0 gone", |m| !m.workloads.contains_key("uid-shop-web-0")).await;
+}
+
+#[tokio::test]
+async fn kube_source_converges_after_410_gone_dropped_watches_and_a_restart() {
+    let mut api = cluster();
+    let mut s = source(&api, Duration::from_secs(1)).await;
+    let before = s.models.borrow_and_update().clone();
+
+    // Dropped watches: the watchers resume from their resourceVersion; nothing is lost.
+    api.drop_watches();
+    api.apply(namespace("lab", json!({ENROLLED: "ambient"})));
+    until(&mut s.models, "lab enrolled after a dropped watch", |m| {
+        enrolled(m).contains(&"job-0")
+    })
+    .await;
+
+    // 410 Gone: the log forgets, the watches are cut, and what changed meanwhile (a pod
+    // deleted, another added) is found by listing again.
+    api.compact();
+    api.drop_watches();
+    api.delete("Pod", "lab", "job-0");
+    api.apply(pod("lab", "job-9", "node-2", "10.244.2.19", json!({})));
+    api.compact();
+    let m = until(&mut s.models, "re-listed after 410", |m| {
+        m.workloads.contains_key("uid-lab-job-9") && !m.workloads.contains_key("uid-lab-job-0")
+    })
+    .await;
+    assert_eq!(m.workloads.len(), 3);
+    assert!(api.expired_watches() > 0, "the watchers resumed through 410 Gone");
+
+    // An API server restart: connections drop, the server is gone for a while (the last
+    // good model stays served), and comes back with changes made meanwhile.
+    let served = s.models.borrow().clone();
+    api.stop();
+    api.apply(pod("lab", "job-8", "node-1", "10.244.1.18", json!({})));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(*s.models.borrow().clone(), *served, "kept while the API server was down");
+    api.resume().unwrap();
+    until(&mut s.models, "job-8 after the restart", |m| {
+        m.workloads.contains_key("uid-lab-job-8")
+    })
+    .await;
+    assert!(before.workloads.len() < s.models.borrow().workloads.len());
+}
+
+#[tokio::test]
+async fn kube_source_reports_rbac_errors_and_serves_nothing_before_every_kind_is_listed() {
+    let api = cluster();
+    api.forbid("pods", true);
+    let dir = std::env::temp_dir().join(format!("ambit-kube-rbac-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let start = KubeSource::start(
+        client,
+        Options {
+            trust_domain: "cluster.local".into(),
+            hold: Duration::ZERO,
+        },
+    );
+    tokio::pin!(start);
+    // While pods cannot be listed, the source does not come up with a mesh without pods.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut start)
+            .await
+            .is_err(),
+        "served a view without pods"
+    );
+    api.forbid("pods", false);
+    let s = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("syncs once allowed");
+    assert_eq!(enrolled(&s.models.borrow()), ["web-0", "web-1"]);
+
+    // Permission lost later: reported clearly, and the last good view stays served.
+    let mut errors = s.errors.clone();
+    api.forbid("services", true);
+    api.drop_watches();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(e) = errors.borrow_and_update().as_deref() {
+                assert!(
+                    e.contains("refuses to let the control plane list/watch services")
+                        && e.contains("cannot watch resource \"services\""),
+                    "{e}"
+                );
+                return;
+            }
+            errors.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the RBAC error is reported");
+    assert_eq!(s.models.borrow().services.len(), 1);
+}
+
+#[tokio::test]
+async fn kube_source_holds_a_relist_that_loses_most_of_the_mesh_until_the_hold_passes() {
+    let mut api = cluster();
+    let mut s = source(&api, Duration::from_millis(1500)).await;
+    // While the API server is away every pod goes (say, an accident with a script); the
+    // source learns it from one re-list, as one change.
+    api.stop();
+    for (ns, name) in [("shop", "web-0"), ("shop", "web-1"), ("lab", "job-0")] {
+        api.delete("Pod", ns, name);
+    }
+    api.resume().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while s.held.borrow_and_update().is_none() {
+            s.held.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the shrink is held");
+    assert_eq!(s.models.borrow().workloads.len(), 3, "still served meanwhile");
+    until(&mut s.models, "served after the hold", |m| m.workloads.is_empty()).await;
+}
+
+#[test]
+fn kube_api_stand_in_answers_kubectl_get_and_watch() {
+    let api = cluster();
+    let dir = std::env::temp_dir().join(format!("ambit-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new("kubectl")
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", &dir)
+            .args(args)
+            .output()
+            .expect("kubectl (the machine image ships 1.32)");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = kubectl(&["get", "namespaces"]);
+    assert!(out.contains("shop") && out.contains("lab"), "{out}");
+    let out = kubectl(&["get", "pods", "-n", "shop", "-o", "json"]);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{out}");
+    let out = kubectl(&["get", "pod", "web-0", "-n", "shop", "-o", "jsonpath={.status.podIP}"]);
+    assert_eq!(out, "10.244.1.10");
+    let out = kubectl(&["get", "pods", "-A", "-o", "name"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+
+    // A watch sees a change made after it started.
+    let child = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", &dir)
+        .args(["get", "namespaces", "--watch", "-o", "name", "--request-timeout=20s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    api.apply(namespace("new-one", json!({})));
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("namespace/new-one"), "kubectl --watch printed: {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+}
