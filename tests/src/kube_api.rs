@@ -155,7 +155,7 @@ pub struct ApiServer {
     /// Stops the accept loop and every connection of the current "process".
     stop: Option<watch::Sender<bool>>,
     /// Says when the accept loop has let go of its listener.
-    stopped: Option<std::sync::mpsc::Receiver<()>>,
+    stopped: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl ApiServer {
@@ -185,7 +185,7 @@ impl ApiServer {
             shared,
             runtime: Some(runtime),
             stop: None,
-            stopped: None,
+            stopped: Mutex::new(None),
         };
         s.serve(listener)?;
         Ok(s)
@@ -223,7 +223,7 @@ impl ApiServer {
             let _ = done_tx.send(());
         });
         self.stop = Some(stop_tx);
-        self.stopped = Some(done_rx);
+        *self.stopped.lock().unwrap() = Some(done_rx);
         Ok(())
     }
 
@@ -363,7 +363,7 @@ impl ApiServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(true);
         }
-        if let Some(stopped) = self.stopped.take() {
+        if let Some(stopped) = self.stopped.lock().unwrap().take() {
             let _ = stopped.recv_timeout(Duration::from_secs(5));
         }
     }
@@ -375,6 +375,12 @@ impl ApiServer {
         self.compact();
         let listener = std::net::TcpListener::bind(self.addr)?;
         self.serve(listener)
+    }
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("addr", &self.addr).finish()
     }
 }
 

@@ -25,7 +25,7 @@ pub mod process;
 pub mod sniff;
 pub mod synthetic;
 
-pub use cluster::{Cluster, ClusterSpec, Node, Pod};
+pub use cluster::{Cluster, ClusterSpec, MeshSource, Node, Pod};
 pub use process::PodProcess;
 
 /// Fails (never skips) when not root, saying how to run the suite.

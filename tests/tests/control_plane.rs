@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ambit_tests::{Cluster, ClusterSpec, Pod, wait_until};
+use ambit_tests::{Cluster, ClusterSpec, MeshSource, Pod, wait_until};
 use serde_json::Value;
 
 fn cluster() -> Cluster {
@@ -322,5 +322,67 @@ fn agents_get_certificates_for_their_own_identities_and_renew_before_expiry() {
         "4 s certificate renewed {:.1} s after it was first seen",
         renewed.as_secs_f64()
     );
+    assert_eq!(c.config_dump(1).unwrap()["xds"]["nacks"], 0);
+}
+
+#[test]
+fn kube_namespace_label_enrolls_running_pods_on_every_node_and_a_pod_can_opt_out() {
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        source: MeshSource::Kubernetes,
+        ..Default::default()
+    })
+    .unwrap();
+    let (client, server) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = c
+        .start_server(server, &[format!("{}:8080", server.ip4)])
+        .unwrap();
+    for p in all_pods(&c) {
+        c.enroll(p).unwrap(); // the CNI's part: the agent now knows the pod's netns
+    }
+    wait_until("agents synced", Duration::from_secs(10), || {
+        c.nodes.iter().all(|n| store_workloads(&c, n.index).len() == 4)
+    });
+    assert!(all_captured(&c, false), "captured before the label");
+
+    // `kubectl label namespace default ambit.dev/dataplane=ambient`: a MODIFIED event.
+    c.api().apply(c.kube_namespace(true));
+    let took = wait_until(
+        "pods enrolled on both nodes",
+        Duration::from_secs(10),
+        || all_captured(&c, true),
+    );
+    eprintln!(
+        "kube: namespace labelled: all pods enrolled on both nodes after {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(goes_through_agent(&c, client, server));
+
+    // The server pod opts out (`ambit.dev/dataplane=none` on the pod).
+    let mut pod = c
+        .kube_objects(true)
+        .into_iter()
+        .find(|o| o["metadata"]["uid"] == server.uid.as_str())
+        .unwrap();
+    pod["metadata"]["labels"]["ambit.dev/dataplane"] = "none".into();
+    c.api().apply(pod);
+    wait_until("the opted-out pod is released", Duration::from_secs(10), || {
+        captured(&c, 2)
+            .iter()
+            .any(|(uid, cap)| *uid == server.uid && !cap)
+    });
+    assert!(captured(&c, 1).iter().all(|(_, cap)| *cap));
+
+    c.api().apply(c.kube_namespace(false));
+    let took = wait_until(
+        "pods released on both nodes",
+        Duration::from_secs(10),
+        || all_captured(&c, false),
+    );
+    eprintln!(
+        "kube: label removed: all pods released on both nodes after {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(!goes_through_agent(&c, client, server));
     assert_eq!(c.config_dump(1).unwrap()["xds"]["nacks"], 0);
 }

@@ -35,11 +35,28 @@ pub struct ClusterSpec {
     pub agents: bool,
     /// Extra flags for every agent (e.g. `--exclude-port=9000`).
     pub agent_args: Vec<String>,
-    /// Run a control plane (in the bridge namespace, on [`CONTROL_PLANE_ADDR`]) with the
-    /// file source, and connect every agent to it. The mesh file starts as
-    /// [`Cluster::mesh_yaml`]`(false)`: every pod described, none enrolled.
+    /// Run a control plane (in the bridge namespace, on [`CONTROL_PLANE_ADDR`]) and
+    /// connect every agent to it. With the file source the mesh file starts as
+    /// [`Cluster::mesh_yaml`]`(false)`; with the Kubernetes source the API server
+    /// stand-in starts with [`Cluster::kube_objects`]`(false)`: every pod described,
+    /// none enrolled.
     pub control_plane: bool,
+    /// Where the control plane reads the mesh.
+    pub source: MeshSource,
 }
+
+/// Where the simulated cluster's control plane reads the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MeshSource {
+    /// A mesh file ([`Cluster::write_mesh`]).
+    #[default]
+    File,
+    /// The API server stand-in ([`Cluster::api`]), on [`API_SERVER_ADDR`].
+    Kubernetes,
+}
+
+/// Where the simulated cluster's API server stand-in listens (on the bridge).
+pub const API_SERVER_ADDR: &str = "172.18.0.254:6443";
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -49,6 +66,7 @@ impl Default for ClusterSpec {
             agents: true,
             agent_args: Vec::new(),
             control_plane: false,
+            source: MeshSource::File,
         }
     }
 }
@@ -152,6 +170,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     agent_args: Vec<String>,
     control_plane: Mutex<Option<Child>>,
+    /// The API server stand-in, with the Kubernetes source.
+    api: Option<crate::kube_api::ApiServer>,
     /// Agents connect to the control plane.
     xds: bool,
     netns_created: Mutex<Vec<String>>,
@@ -167,6 +187,13 @@ impl Cluster {
     /// Pod `i` (0-based) of node `n` (1-based).
     pub fn pod(&self, n: usize, i: usize) -> &Pod {
         &self.nodes[n - 1].pods[i]
+    }
+
+    /// The API server stand-in (with [`MeshSource::Kubernetes`]).
+    pub fn api(&self) -> &crate::kube_api::ApiServer {
+        self.api
+            .as_ref()
+            .expect("a cluster with the Kubernetes source")
     }
 }
 

@@ -62,6 +62,46 @@ impl Cluster {
         y
     }
 
+    /// The Kubernetes objects describing this cluster, as [`Cluster::mesh_yaml`] does:
+    /// namespace `default` (enrolled or not), nodes `node-N`, every pod running on its
+    /// node with its uid, IPs, service account (its name) and label `app: <name>`.
+    pub fn kube_objects(&self, enrolled: bool) -> Vec<serde_json::Value> {
+        use serde_json::json;
+        let mut objects = vec![self.kube_namespace(enrolled)];
+        for n in &self.nodes {
+            objects.push(json!({"apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": format!("node-{}", n.index)}}));
+        }
+        for p in self.nodes.iter().flat_map(|n| &n.pods) {
+            objects.push(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": p.name, "namespace": "default", "uid": p.uid,
+                             "labels": {"app": p.name}},
+                "spec": {"nodeName": format!("node-{}", p.node), "serviceAccountName": p.name,
+                         "containers": [{"name": "app", "image": "ambit-pod-tool"}]},
+                "status": {"phase": "Running", "podIP": p.ip4.to_string(),
+                           "podIPs": [{"ip": p.ip4.to_string()}, {"ip": p.ip6.to_string()}]}
+            }));
+        }
+        objects
+    }
+
+    /// Namespace `default`, labelled `ambit.dev/dataplane: ambient` or not.
+    pub fn kube_namespace(&self, enrolled: bool) -> serde_json::Value {
+        let labels = if enrolled {
+            serde_json::json!({"ambit.dev/dataplane": "ambient"})
+        } else {
+            serde_json::json!({})
+        };
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": "default", "labels": labels}})
+    }
+
+    /// The kubeconfig the control plane uses to reach the API server stand-in.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.cp_state_dir().join("kubeconfig")
+    }
+
     /// Replaces the mesh file atomically (as an editor or a ConfigMap update would).
     pub fn write_mesh(&self, yaml: &str) -> anyhow::Result<()> {
         let tmp = self.mesh_file().with_extension("yaml.tmp");
@@ -78,10 +118,15 @@ impl Cluster {
             .append(true)
             .open(&log_path)?;
         let mut cmd = Command::new(workspace_bin("ambit-control-plane"));
-        cmd.arg("run")
-            .arg("--mesh-file")
-            .arg(self.mesh_file())
-            .arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
+        cmd.arg("run");
+        if self.api.is_some() {
+            cmd.arg("--source=kubernetes")
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig());
+        } else {
+            cmd.arg("--mesh-file").arg(self.mesh_file());
+        }
+        cmd.arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
             .arg("--file-poll-ms=20")
             .arg("--shrink-hold-ms=1000")
             .arg("--ca-dir")

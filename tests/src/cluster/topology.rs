@@ -12,7 +12,9 @@ use std::time::Duration;
 use ambit_mesh::netns::Netns;
 use anyhow::{Context, bail};
 
-use super::{CLUSTERS, Cluster, ClusterSpec, FIRST_POD, NAME_PREFIX, Node, Pod};
+use super::{
+    API_SERVER_ADDR, CLUSTERS, Cluster, ClusterSpec, FIRST_POD, MeshSource, NAME_PREFIX, Node, Pod,
+};
 use crate::require_root;
 
 impl Cluster {
@@ -34,6 +36,7 @@ impl Cluster {
             nodes: Vec::new(),
             agent_args: spec.agent_args.clone(),
             control_plane: Mutex::new(None),
+            api: None,
             xds: false,
             netns_created: Mutex::new(Vec::new()),
             torn_down: Default::default(),
@@ -163,7 +166,19 @@ impl Cluster {
             )?;
             std::fs::create_dir_all(c.cp_state_dir())?;
             std::fs::create_dir(c.cgroup_root.join("control-plane"))?;
-            c.write_mesh(&c.mesh_yaml(false))?;
+            match spec.source {
+                MeshSource::File => c.write_mesh(&c.mesh_yaml(false))?,
+                MeshSource::Kubernetes => {
+                    let netns = Netns::open(&Path::new("/var/run/netns").join(&c.bridge_netns))?;
+                    let listener = netns.run(|| std::net::TcpListener::bind(API_SERVER_ADDR))??;
+                    let api = crate::kube_api::ApiServer::start(listener)?;
+                    for o in c.kube_objects(false) {
+                        api.apply(o);
+                    }
+                    api.write_kubeconfig(&c.kubeconfig())?;
+                    c.api = Some(api);
+                }
+            }
             c.start_control_plane()?;
             c.xds = true;
         }
