@@ -141,7 +141,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         xds.clone(),
         config.xds_address.is_some(),
         data_plane.handle().clone(),
-    ));
+    )
+    .discovering_under(pod_cgroup.clone()));
     capture
         .restore()
         .context("taking over previously enrolled pods")?;

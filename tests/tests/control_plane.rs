@@ -386,3 +386,43 @@ fn kube_namespace_label_enrolls_running_pods_on_every_node_and_a_pod_can_opt_out
     assert!(!goes_through_agent(&c, client, server));
     assert_eq!(c.config_dump(1).unwrap()["xds"]["nacks"], 0);
 }
+
+#[test]
+fn kube_pods_running_before_the_agent_started_are_found_through_their_cgroups() {
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        source: MeshSource::Kubernetes,
+        agents: false,
+        ..Default::default()
+    })
+    .unwrap();
+    c.api().apply(c.kube_namespace(true));
+    // Both pods run before there is an agent (Ambit installed on a busy cluster); no CNI
+    // call ever announces them.
+    let (client, server) = (c.pod(1, 0), c.pod(2, 0));
+    let _srv = c
+        .start_server(server, &[format!("{}:8080", server.ip4)])
+        .unwrap();
+    let _other = c
+        .start_server(client, &[format!("{}:8081", client.ip4)])
+        .unwrap();
+    for n in 1..=2 {
+        c.start_agent(n).unwrap();
+    }
+    let took = wait_until(
+        "the running pods are captured",
+        Duration::from_secs(10),
+        || {
+            [(1, client), (2, server)]
+                .iter()
+                .all(|(n, p)| captured(&c, *n).contains(&(p.uid.clone(), true)))
+        },
+    );
+    eprintln!(
+        "kube: running pods found and captured {:.0} ms after the agents were ready",
+        took.as_secs_f64() * 1e3
+    );
+    // The pods without a process (nothing to find a namespace through) are not.
+    assert!(!captured(&c, 1).iter().any(|(uid, _)| *uid == c.pod(1, 1).uid));
+    assert!(goes_through_agent(&c, client, server));
+}

@@ -18,6 +18,7 @@
 pub mod cgroups;
 pub mod counters;
 pub mod datapath;
+pub mod discover;
 pub mod enroll_server;
 pub mod listeners;
 pub mod podnet;
@@ -26,6 +27,7 @@ pub mod pods;
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ambit_mesh::enroll::{EnrolledPod, PodSpec};
@@ -111,6 +113,8 @@ pub struct Capture {
     lock: Mutex<()>,
     /// Where reconciles run (they enter namespaces, so on blocking threads).
     blocking: tokio::runtime::Handle,
+    /// The pod cgroup, where pods no CNI call announced are looked for ([`discover`]).
+    discover_under: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -142,7 +146,16 @@ impl Capture {
             xds_driven,
             lock: Mutex::new(()),
             blocking,
+            discover_under: None,
         }
+    }
+
+    /// Also finds running pods the enrollment API was not told about: those the control
+    /// plane says are enrolled on this node, through their kubelet cgroup under
+    /// `pod_cgroup` ([`discover`]).
+    pub fn discovering_under(mut self, pod_cgroup: PathBuf) -> Self {
+        self.discover_under = Some(pod_cgroup);
+        self
     }
 
     fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -228,7 +241,7 @@ impl Capture {
             return;
         }
         let _serial = self.serial();
-        let mut changed = false;
+        let mut changed = self.discover();
         for spec in self.pods.known() {
             let want = self.store.captures(&spec.uid, &spec.namespace);
             let have = self.pods.get(&spec.uid).is_some();
@@ -246,6 +259,55 @@ impl Capture {
         if changed {
             self.save_state();
         }
+    }
+
+    /// Adds to the known pods every enrolled workload of this node that runs but was not
+    /// announced, found through its cgroup; true if it found any.
+    fn discover(&self) -> bool {
+        let Some(root) = &self.discover_under else {
+            return false;
+        };
+        let missing: Vec<_> = self
+            .store
+            .read(|s| s.local_enrolled())
+            .into_iter()
+            .filter(|w| !self.pods.is_known(&w.uid))
+            .collect();
+        if missing.is_empty() {
+            return false;
+        }
+        let cgroups = discover::pod_cgroups(root);
+        let mut found = false;
+        for w in missing {
+            let Some(pid) = cgroups.get(&*w.uid).and_then(|dir| discover::any_pid(dir)) else {
+                continue; // not started yet, or on its way: the CNI plugin will announce it
+            };
+            let netns = match discover::netns_path(pid, &discover::NETNS_DIRS) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(uid = %w.uid, pid, "found a running pod but not its network namespace: {e}");
+                    continue;
+                }
+            };
+            let spec = PodSpec {
+                uid: w.uid.to_string(),
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                netns,
+                ips: w.ips.clone(),
+            };
+            if validate_request(&spec).is_err() {
+                continue;
+            }
+            if let Some(other) = self.pods.known().into_iter().find(|k| k.netns == spec.netns) {
+                warn!(uid = %w.uid, other = %other.uid, "found a running pod whose network namespace is another pod's; leaving it");
+                continue;
+            }
+            info!(uid = %w.uid, pod = %format!("{}/{}", w.namespace, w.name), netns = %spec.netns, "found a running pod through its cgroup; enrolling it");
+            self.pods.add_known(spec);
+            found = true;
+        }
+        found
     }
 
     /// Runs [`Capture::reconcile`] on a blocking thread (it enters namespaces).

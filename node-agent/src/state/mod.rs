@@ -310,6 +310,16 @@ impl MeshState {
         }
     }
 
+    /// This node's enrolled workloads.
+    pub fn local_enrolled(&self) -> Vec<Arc<Workload>> {
+        self.local
+            .iter()
+            .filter_map(|uid| self.workloads.get(uid))
+            .filter(|w| w.enrolled)
+            .cloned()
+            .collect()
+    }
+
     /// The identities of this node's enrolled workloads (they need certificates).
     pub fn local_identities(&self) -> HashSet<Identity> {
         self.local

@@ -113,16 +113,26 @@ impl Cluster {
             c.nodes.push(node);
 
             for m in FIRST_POD..FIRST_POD + spec.pods_per_node {
+                let uid = format!("{}-uid-{n}-{m}", c.prefix);
+                // Named as the kubelet's systemd cgroup driver names a pod's cgroup, so
+                // the agent can find a running pod by its uid.
+                let cgroup = c.nodes[n - 1]
+                    .pod_cgroup
+                    .join("kubepods-besteffort.slice")
+                    .join(format!(
+                        "kubepods-besteffort-pod{}.slice",
+                        uid.replace('-', "_")
+                    ));
                 let pod = Pod {
                     node: n,
                     name: format!("pod-{n}-{m}"),
-                    uid: format!("{}-uid-{n}-{m}", c.prefix),
+                    uid,
                     netns: format!("{}-n{n}-p{m}", c.prefix),
                     ip4: Ipv4Addr::new(10, 244, n as u8, m as u8),
                     ip6: format!("fd00:10:244:{n:x}::{m:x}").parse().unwrap(),
-                    cgroup: c.nodes[n - 1].pod_cgroup.join(format!("pod{m}")),
+                    cgroup,
                 };
-                std::fs::create_dir(&pod.cgroup)
+                std::fs::create_dir_all(&pod.cgroup)
                     .with_context(|| format!("creating {}", pod.cgroup.display()))?;
                 c.add_netns(&pod.netns)?;
                 set_sysctls(
