@@ -21,6 +21,18 @@ pub struct Config {
     #[arg(long, env = "AMBIT_POD_CGROUP")]
     pub pod_cgroup: Option<PathBuf>,
 
+    /// The cgroup-v2 hierarchy as the agent sees it (default: `/sys/fs/cgroup`, or
+    /// `/sys/fs/cgroup/unified` on hybrid hosts). In a container, the host's, mounted
+    /// from the host (e.g. `/host/sys/fs/cgroup`).
+    #[arg(long, env = "AMBIT_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Enter this cgroup namespace first (e.g. `/proc/1/ns/cgroup` with the host's PID
+    /// namespace): a container's private cgroup namespace hides where the agent is in the
+    /// host's hierarchy and forbids moving it out of the pod cgroup.
+    #[arg(long, env = "AMBIT_HOST_CGROUPNS")]
+    pub host_cgroupns: Option<PathBuf>,
+
     /// Move the agent into this cgroup before anything else (created if missing): how a
     /// DaemonSet's agent, whose own pod is under the pod cgroup, gets out of it.
     #[arg(long, env = "AMBIT_OWN_CGROUP")]

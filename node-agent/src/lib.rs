@@ -50,6 +50,10 @@ use crate::telemetry::Telemetry;
 /// Runs the agent until SIGTERM or SIGINT, then drains and exits, leaving capture in
 /// place (see the crate docs).
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // Before any thread starts: threads inherit the namespace of the thread creating them.
+    if let Some(ns) = &config.host_cgroupns {
+        capture::cgroups::enter_cgroupns(ns)?;
+    }
     raise_fd_limit();
     let data_plane = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads.max(1))
@@ -73,7 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             config.state_dir.display()
         )
     })?;
-    let cgroup_root = cgroup2_mount();
+    let cgroup_root = config.cgroup_root.clone().unwrap_or_else(cgroup2_mount);
     let pod_cgroup = capture::cgroups::prepare(
         config.pod_cgroup.as_deref(),
         config.own_cgroup.as_deref(),

@@ -78,6 +78,21 @@ pub fn check_outside(own: &Path, pods: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Enters the cgroup namespace at `path` (this thread, and the threads it creates from
+/// now on).
+pub fn enter_cgroupns(path: &Path) -> Result<(), CgroupError> {
+    let err = |source| CgroupError::Io {
+        what: format!("entering the cgroup namespace {}", path.display()),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    // SAFETY: setns on an open namespace fd; it changes only this thread's namespace.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Moves this process (all its threads) into `dir`, creating it.
 pub fn move_self(dir: &Path) -> Result<(), CgroupError> {
     let io = |what: &str| {
