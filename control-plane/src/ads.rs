@@ -29,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Authenticator, authenticate};
 use crate::translate::{Snapshot, VersionedResource, set_version};
 
 /// What the server has seen, for metrics, the admin endpoint and tests.
@@ -90,6 +91,7 @@ impl AdsStats {
 pub struct AdsServer {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     stats: Arc<AdsStats>,
+    auth: Option<Arc<dyn Authenticator>>,
 }
 
 impl AdsServer {
@@ -98,6 +100,23 @@ impl AdsServer {
         Self {
             snapshots,
             stats: Arc::default(),
+            auth: None,
+        }
+    }
+
+    /// Serves only callers `auth` authenticates, each only its own node's view: a stream
+    /// whose `node.id` is not the node its credential names is refused
+    /// (`PERMISSION_DENIED`). Without this (in-process tests and benchmarks), the first
+    /// request's `node.id` is believed.
+    pub fn authenticated_by(mut self, auth: Arc<dyn Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        match &self.auth {
+            Some(auth) => Ok(Some(authenticate(&**auth, request.metadata()).await?)),
+            None => Ok(None),
         }
     }
 
@@ -123,8 +142,10 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request).await?;
         Ok(Response::new(open::<SotwStream>(
             self,
+            caller,
             request.into_inner(),
         )))
     }
@@ -133,8 +154,10 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = self.caller(&request).await?;
         Ok(Response::new(open::<DeltaStream>(
             self,
+            caller,
             request.into_inner(),
         )))
     }
@@ -191,6 +214,8 @@ struct Core<R> {
     tx: mpsc::Sender<Result<R, Status>>,
     /// Named by the first request.
     node: Option<String>,
+    /// The node the caller's credential names, if the server authenticates.
+    caller: Option<String>,
     nonces: Nonces,
 }
 
@@ -213,6 +238,7 @@ trait Protocol: Sized + Send + 'static {
 /// Opens a stream of protocol `P`: its task and the response stream tonic sends.
 fn open<P: Protocol>(
     server: &AdsServer,
+    caller: Option<String>,
     requests: Streaming<P::Request>,
 ) -> ResponseStream<P::Response>
 where
@@ -225,6 +251,7 @@ where
         stats: server.stats.clone(),
         tx,
         node: None,
+        caller,
         nonces: Nonces::default(),
     };
     tokio::spawn(drive(P::new(core), requests));
@@ -290,7 +317,11 @@ impl Protocol for SotwStream {
     }
 
     async fn on_request(&mut self, r: DiscoveryRequest) -> Result<(), Status> {
-        let node = node_of(&mut self.core.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let node = node_of(
+            &mut self.core.node,
+            self.core.caller.as_deref(),
+            r.node.as_ref().map(|n| n.id.as_str()),
+        )?;
         let Some(type_url) = known_type(&r.type_url) else {
             warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
             return Ok(());
@@ -372,10 +403,32 @@ impl SotwStream {
     }
 }
 
-/// The node named by the stream's first request; later requests may omit it.
-fn node_of(node: &mut Option<String>, id: Option<&str>) -> Result<String, Status> {
+/// The node named by the stream's first request; later requests may omit it. An
+/// authenticated caller may name only its own node (or none: then it is its own).
+fn node_of(
+    node: &mut Option<String>,
+    caller: Option<&str>,
+    id: Option<&str>,
+) -> Result<String, Status> {
     match (node.as_ref(), id.filter(|i| !i.is_empty())) {
         (Some(n), _) => Ok(n.clone()),
+        (None, Some(id)) if caller.is_some_and(|c| c != id) => {
+            let c = caller.unwrap_or_default();
+            warn!(
+                claimed = id,
+                authenticated = c,
+                "refused a stream claiming another node's id"
+            );
+            Err(Status::permission_denied(format!(
+                "the credential is node {c:?}'s; it cannot subscribe as node {id:?}"
+            )))
+        }
+        (None, None) if caller.is_some() => {
+            let c = caller.unwrap_or_default();
+            info!(node = c, "node agent connected");
+            *node = Some(c.to_owned());
+            Ok(c.to_owned())
+        }
         (None, Some(id)) => {
             info!(node = id, "node agent connected");
             *node = Some(id.to_owned());
@@ -428,7 +481,11 @@ impl Protocol for DeltaStream {
     }
 
     async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> Result<(), Status> {
-        let node = node_of(&mut self.core.node, r.node.as_ref().map(|n| n.id.as_str()))?;
+        let node = node_of(
+            &mut self.core.node,
+            self.core.caller.as_deref(),
+            r.node.as_ref().map(|n| n.id.as_str()),
+        )?;
         let Some(type_url) = known_type(&r.type_url) else {
             warn!(%node, type_url = %r.type_url, "ignoring a request for an unknown type");
             return Ok(());

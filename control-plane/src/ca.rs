@@ -3,8 +3,7 @@
 //!
 //! - The root (ECDSA P-256) is read from `<ca-dir>/root-cert.pem` and `root-key.pem`, or
 //!   generated on first start and written there (the key with mode 0600).
-//! - A caller authenticates as a node ([`Authenticator`]; file mode: a per-node bootstrap
-//!   token, [`NodeTokens`]) and may obtain certificates only for identities of workloads
+//! - A caller authenticates as a node ([`crate::auth`]) and may obtain certificates only for identities of workloads
 //!   that the current model places on that node. Everything else is refused and logged.
 //! - Only the CSR's public key and its single SPIFFE URI SAN are used: the certificate's
 //!   other fields are the CA's own (validity, key usages, no subject).
@@ -27,6 +26,7 @@ use tracing::{info, warn};
 
 use ambit_identity::Identity;
 
+use crate::auth::Authenticator;
 use crate::model::Model;
 
 /// Why the CA could not start.
@@ -129,6 +129,41 @@ impl CertificateAuthority {
         &self.root_pem
     }
 
+    /// A fresh key and a certificate for the control plane's own TLS server, valid for
+    /// `names` (DNS names or IP addresses) for `ttl`: `(certificate chain PEM, key PEM)`.
+    /// Agents trust it because they trust the root.
+    pub fn server_certificate(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let crypto = |what| move |source| CaError::Crypto { what, source };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(crypto("generating the server key"))?;
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(crypto("the server's names"))?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ambit-control-plane");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.is_ca = IsCa::ExplicitNoCa;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::try_from(ttl).unwrap_or(time::Duration::days(365));
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(crypto("signing the server certificate"))?;
+        info!(names = ?names, "issued the control plane's server certificate");
+        Ok((
+            format!("{}{}", cert.pem(), self.root_pem),
+            key.serialize_pem(),
+        ))
+    }
+
     /// Signs `csr_pem` for `node` if its one SPIFFE identity belongs to a workload of
     /// `model` on that node. Returns the PEM chain, leaf first.
     pub fn sign(
@@ -227,7 +262,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn write_private(path: &Path, contents: &str) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -238,94 +273,8 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
     f.write_all(contents.as_bytes())
 }
 
-/// Who is calling: maps a bearer credential to a node name.
-pub trait Authenticator: Send + Sync + 'static {
-    /// The node `credential` authenticates, if any.
-    fn node_of(&self, credential: &str) -> Option<String>;
-}
-
-/// File-mode bootstrap credentials: `<dir>/<node>.token`, one random token per node,
-/// created (mode 0600) for every node of the model that has none. A node agent is given
-/// its file (`--node-credential-file`); Kubernetes service-account tokens can replace
-/// this by implementing [`Authenticator`].
-///
-/// The tokens are read once (at start, and when [`NodeTokens::ensure`] creates one) and
-/// kept in memory, so authenticating a request touches no file.
-#[derive(Debug)]
-pub struct NodeTokens {
-    dir: PathBuf,
-    /// node → token.
-    tokens: std::sync::RwLock<std::collections::BTreeMap<String, String>>,
-}
-
-impl NodeTokens {
-    /// The tokens of `dir` (created if missing).
-    pub fn new(dir: PathBuf) -> io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        let t = Self {
-            dir,
-            tokens: Default::default(),
-        };
-        t.reload()?;
-        Ok(t)
-    }
-
-    /// Reads every `<node>.token` of the directory.
-    fn reload(&self) -> io::Result<()> {
-        let mut tokens = std::collections::BTreeMap::new();
-        for e in std::fs::read_dir(&self.dir)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(node) = name.strip_suffix(".token") {
-                let token = std::fs::read_to_string(e.path())?;
-                tokens.insert(node.to_owned(), token.trim().to_owned());
-            }
-        }
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
-        Ok(())
-    }
-
-    /// Makes sure every node of the model has a token.
-    pub fn ensure(&self, model: &Model) -> io::Result<()> {
-        let mut created = false;
-        for node in &model.nodes {
-            let path = self.dir.join(format!("{node}.token"));
-            if !path.exists() {
-                let mut b = [0u8; 32];
-                ring::rand::SystemRandom::new()
-                    .fill(&mut b)
-                    .map_err(|_| io::Error::other("RNG"))?;
-                let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-                write_private(&path, &token)?;
-                info!(node, file = %path.display(), "created a node credential");
-                created = true;
-            }
-        }
-        if created {
-            self.reload()?;
-        }
-        Ok(())
-    }
-}
-
-impl Authenticator for NodeTokens {
-    fn node_of(&self, credential: &str) -> Option<String> {
-        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        // Compare with every token, so the time taken says nothing about which matched.
-        let mut found = None;
-        for (node, token) in tokens.iter() {
-            if constant_time_eq(token.as_bytes(), credential.as_bytes()) {
-                found = Some(node.clone());
-            }
-        }
-        found
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The gRPC `CertificateService`.
+#[derive(Clone)]
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     auth: Arc<dyn Authenticator>,
@@ -354,18 +303,7 @@ impl CertificateService for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let credential = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <node credential>`")
-            })?;
-        let Some(node) = self.auth.node_of(credential) else {
-            warn!("refused a certificate request with an unknown credential");
-            return Err(Status::unauthenticated("unknown node credential"));
-        };
+        let node = crate::auth::authenticate(&*self.auth, request.metadata()).await?;
         let req = request.into_inner();
         let ttl = Duration::from_secs(req.validity_seconds.max(0) as u64);
         let model = self.models.borrow().clone();
@@ -379,30 +317,4 @@ impl CertificateService for CaService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_tokens_are_created_kept_in_memory_and_matched() {
-        let dir = std::env::temp_dir().join(format!("ambit-tokens-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let tokens = NodeTokens::new(dir.clone()).unwrap();
-        let model = Model {
-            nodes: ["n1".to_string(), "n2".to_string()].into(),
-            ..Default::default()
-        };
-        tokens.ensure(&model).unwrap();
-        let t1 = std::fs::read_to_string(dir.join("n1.token")).unwrap();
-        assert_eq!(tokens.node_of(&t1).as_deref(), Some("n1"));
-        assert_eq!(tokens.node_of("nope"), None);
-        assert_eq!(tokens.node_of(""), None);
-        // Authentication reads no file: removing them changes nothing until a reload.
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(tokens.node_of(&t1).as_deref(), Some("n1"));
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-    }
 }

@@ -4,6 +4,7 @@
 //! - [`source`]: where the model comes from (a YAML file today);
 //! - [`translate`]: the model as xDS resources, and each node's view of them;
 //! - [`ads`]: the Aggregated Discovery Service (state of the world and delta);
+//! - [`auth`]: who is calling (a node's bearer credential);
 //! - [`ca`]: the certificate authority (workload certificates, node-scoped);
 //! - [`metrics`]: Prometheus metrics.
 
@@ -29,6 +30,7 @@ pub fn snapshots(mut models: watch::Receiver<Arc<Model>>) -> watch::Receiver<Arc
     rx
 }
 pub mod ads;
+pub mod auth;
 pub mod ca;
 pub mod metrics;
 pub mod model;

@@ -49,9 +49,22 @@ struct RunArgs {
     /// mesh file names its own).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Plaintext xDS (ADS) listener.
-    #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15010")]
+    /// xDS (ADS) and the CA, over TLS with a server certificate from the mesh root.
+    #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15012")]
     xds_addr: std::net::SocketAddr,
+    /// Names (DNS names or IPs) the TLS server's certificate is valid for: what agents
+    /// dial.
+    #[arg(
+        long = "server-name",
+        env = "AMBIT_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "ambit-control-plane.ambit-system.svc,ambit-control-plane.ambit-system.svc.cluster.local"
+    )]
+    server_names: Vec<String>,
+    /// For debugging only: also serve xDS and the CA in plaintext here (callers are still
+    /// authenticated, but anyone on the path reads the mesh). No default or manifest uses it.
+    #[arg(long, env = "AMBIT_INSECURE_PLAINTEXT_ADDR")]
+    insecure_plaintext_addr: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` and `/healthz/ready`.
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
     metrics_addr: std::net::SocketAddr,
@@ -137,7 +150,8 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use ambit_control_plane::{ads::AdsServer, snapshots};
     let source = start_source(&args).await?;
-    use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
+    use ambit_control_plane::auth::NodeTokens;
+    use ambit_control_plane::ca::{CaService, CertificateAuthority};
     use std::time::Duration;
     let ads = AdsServer::new(snapshots(source.models.clone()));
     let metrics = std::sync::Arc::new(ambit_control_plane::metrics::ControlPlaneMetrics::new(
@@ -170,17 +184,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let ca = CaService::new(std::sync::Arc::new(ca), tokens, source.models.clone());
+    let (cert, key) =
+        ca.server_certificate(&args.server_names, Duration::from_secs(365 * 86_400))?;
+    let ca = CaService::new(
+        std::sync::Arc::new(ca),
+        tokens.clone(),
+        source.models.clone(),
+    );
+    let ads = ads.authenticated_by(tokens);
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
     let listener = tokio::net::TcpListener::bind(args.xds_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving xDS and the CA");
-    tonic::transport::Server::builder()
-        .add_service(ads.into_service())
-        .add_service(ca.into_service())
+    tracing::info!(addr = %listener.local_addr()?, names = ?args.server_names, "serving xDS and the CA over TLS");
+    let secure = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(ads.clone().into_service())
+        .add_service(ca.clone().into_service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),
-        )
-        .await?;
+        );
+    match args.insecure_plaintext_addr {
+        None => secure.await?,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::warn!(addr = %listener.local_addr()?, "also serving xDS and the CA in PLAINTEXT (--insecure-plaintext-addr): for debugging only");
+            let plain = tonic::transport::Server::builder()
+                .add_service(ads.into_service())
+                .add_service(ca.into_service())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown(),
+                );
+            tokio::try_join!(secure, plain)?;
+        }
+    }
     Ok(())
 }
 

@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_control_plane::ca::{CaService, CertificateAuthority, NodeTokens};
+use ambit_control_plane::auth::NodeTokens;
+use ambit_control_plane::ca::{CaService, CertificateAuthority};
 use ambit_control_plane::source::file::parse;
 use ambit_xds::ambit::CreateCertificateRequest;
 use ambit_xds::ambit::certificate_service_client::CertificateServiceClient;

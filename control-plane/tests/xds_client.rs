@@ -104,7 +104,7 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 
 fn config(addr: std::net::SocketAddr) -> XdsClientConfig {
     XdsClientConfig {
-        control_plane: ambit_xds::channel::ControlPlane::new(&format!("http://{addr}"), None)
+        control_plane: ambit_xds::channel::ControlPlane::new(&format!("http://{addr}"), None, None)
             .unwrap(),
         node_id: "node-1".into(),
         types: NODE_AGENT.to_vec(),

@@ -92,10 +92,17 @@ pub struct Config {
     #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// The control plane's xDS address (e.g. `http://172.18.0.254:15010`). Without it the
-    /// agent runs standalone: the enrollment API's `add` captures a pod at once.
+    /// The control plane's xDS address (e.g.
+    /// `https://ambit-control-plane.ambit-system.svc:15012`). Without it the agent runs
+    /// standalone: the enrollment API's `add` captures a pod at once. `http://` (the
+    /// control plane's `--insecure-plaintext-addr`) is for debugging only.
     #[arg(long, env = "AMBIT_XDS_ADDRESS")]
     pub xds_address: Option<String>,
+
+    /// The mesh's root certificate (PEM), which the control plane's TLS certificate must
+    /// chain to; required with an `https://` xDS address.
+    #[arg(long, env = "AMBIT_XDS_ROOT_CERT")]
+    pub xds_root_cert: Option<PathBuf>,
 
     /// This node's name, as the control plane knows it (sent as the xDS node id).
     #[arg(long, env = "NODE_NAME", default_value = "node")]

@@ -137,16 +137,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         recent: recent.clone(),
     });
     let proxy = Arc::new(Proxy::new(inputs.clone(), data_plane.handle().clone()));
-    let capture = Arc::new(Capture::new(
-        datapath.clone(),
-        pods.clone(),
-        proxy,
-        store.clone(),
-        xds.clone(),
-        config.xds_address.is_some(),
-        data_plane.handle().clone(),
-    )
-    .discovering_under(pod_cgroup.clone()));
+    let capture = Arc::new(
+        Capture::new(
+            datapath.clone(),
+            pods.clone(),
+            proxy,
+            store.clone(),
+            xds.clone(),
+            config.xds_address.is_some(),
+            data_plane.handle().clone(),
+        )
+        .discovering_under(pod_cgroup.clone()),
+    );
     capture
         .restore()
         .context("taking over previously enrolled pods")?;
@@ -232,9 +234,19 @@ fn start_control(
     let control_plane = match &config.xds_address {
         Some(address) => {
             let _g = rt.enter();
+            let root = match &config.xds_root_cert {
+                Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+                    format!("reading the mesh root certificate {}", path.display())
+                })?),
+                None => None,
+            };
             Some(
-                ambit_xds::channel::ControlPlane::new(address, node_credential.as_deref())
-                    .with_context(|| format!("the control plane address {address:?}"))?,
+                ambit_xds::channel::ControlPlane::new(
+                    address,
+                    node_credential.as_deref(),
+                    root.as_deref(),
+                )
+                .with_context(|| format!("the control plane address {address:?}"))?,
             )
         }
         None => None,

@@ -274,7 +274,10 @@ impl ApiServer {
     /// Deletes an object; returns the deletion's resourceVersion, or `None` if there was
     /// no such object.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Option<u64> {
-        let ty = TYPES.iter().find(|t| t.kind == kind).expect("a served kind");
+        let ty = TYPES
+            .iter()
+            .find(|t| t.kind == kind)
+            .expect("a served kind");
         let namespace = if ty.namespaced { namespace } else { "" };
         let mut st = self.shared.state.lock().unwrap();
         let mut object = st
@@ -314,7 +317,10 @@ impl ApiServer {
 
     /// An object as stored, if it exists.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let ty = TYPES.iter().find(|t| t.kind == kind).expect("a served kind");
+        let ty = TYPES
+            .iter()
+            .find(|t| t.kind == kind)
+            .expect("a served kind");
         let namespace = if ty.namespaced { namespace } else { "" };
         let st = self.shared.state.lock().unwrap();
         st.objects
@@ -380,7 +386,9 @@ impl ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("addr", &self.addr).finish()
+        f.debug_struct("ApiServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -626,12 +634,9 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
                 ),
             }
         }
-        Target::Collection { ty, namespace } if watching => watch_response(
-            shared,
-            ty,
-            namespace.map(str::to_owned),
-            &q,
-        ),
+        Target::Collection { ty, namespace } if watching => {
+            watch_response(shared, ty, namespace.map(str::to_owned), &q)
+        }
         Target::Collection { ty, namespace } => {
             let st = shared.state.lock().unwrap();
             let items: Vec<&Value> = st
@@ -795,7 +800,8 @@ fn watch_response(
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     use futures::StreamExt;
     let body = StreamBody::new(
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b))),
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
     );
     Response::builder()
         .status(StatusCode::OK)

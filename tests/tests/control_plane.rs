@@ -341,7 +341,9 @@ fn kube_namespace_label_enrolls_running_pods_on_every_node_and_a_pod_can_opt_out
         c.enroll(p).unwrap(); // the CNI's part: the agent now knows the pod's netns
     }
     wait_until("agents synced", Duration::from_secs(10), || {
-        c.nodes.iter().all(|n| store_workloads(&c, n.index).len() == 4)
+        c.nodes
+            .iter()
+            .all(|n| store_workloads(&c, n.index).len() == 4)
     });
     assert!(all_captured(&c, false), "captured before the label");
 
@@ -366,11 +368,15 @@ fn kube_namespace_label_enrolls_running_pods_on_every_node_and_a_pod_can_opt_out
         .unwrap();
     pod["metadata"]["labels"]["ambit.dev/dataplane"] = "none".into();
     c.api().apply(pod);
-    wait_until("the opted-out pod is released", Duration::from_secs(10), || {
-        captured(&c, 2)
-            .iter()
-            .any(|(uid, cap)| *uid == server.uid && !cap)
-    });
+    wait_until(
+        "the opted-out pod is released",
+        Duration::from_secs(10),
+        || {
+            captured(&c, 2)
+                .iter()
+                .any(|(uid, cap)| *uid == server.uid && !cap)
+        },
+    );
     assert!(captured(&c, 1).iter().all(|(_, cap)| *cap));
 
     c.api().apply(c.kube_namespace(false));
@@ -423,6 +429,10 @@ fn kube_pods_running_before_the_agent_started_are_found_through_their_cgroups() 
         took.as_secs_f64() * 1e3
     );
     // The pods without a process (nothing to find a namespace through) are not.
-    assert!(!captured(&c, 1).iter().any(|(uid, _)| *uid == c.pod(1, 1).uid));
+    assert!(
+        !captured(&c, 1)
+            .iter()
+            .any(|(uid, _)| *uid == c.pod(1, 1).uid)
+    );
     assert!(goes_through_agent(&c, client, server));
 }

@@ -44,15 +44,31 @@ fn cluster() -> ApiServer {
     api.apply(namespace("lab", json!({})));
     api.apply(node("node-1"));
     api.apply(node("node-2"));
-    api.apply(pod("shop", "web-0", "node-1", "10.244.1.10", json!({"app": "web"})));
-    api.apply(pod("shop", "web-1", "node-2", "10.244.2.10", json!({"app": "web"})));
+    api.apply(pod(
+        "shop",
+        "web-0",
+        "node-1",
+        "10.244.1.10",
+        json!({"app": "web"}),
+    ));
+    api.apply(pod(
+        "shop",
+        "web-1",
+        "node-2",
+        "10.244.2.10",
+        json!({"app": "web"}),
+    ));
     api.apply(pod("lab", "job-0", "node-1", "10.244.1.11", json!({})));
     api.apply(service("shop", "web", "10.96.0.10", json!({"app": "web"})));
     api
 }
 
 async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
-    let dir = std::env::temp_dir().join(format!("ambit-kube-{}-{}", std::process::id(), api.addr().port()));
+    let dir = std::env::temp_dir().join(format!(
+        "ambit-kube-{}-{}",
+        std::process::id(),
+        api.addr().port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("kubeconfig");
     api.write_kubeconfig(&path).unwrap();
@@ -82,7 +98,10 @@ async fn until(
         if ok(&m) {
             return m;
         }
-        if tokio::time::timeout_at(deadline, models.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, models.changed())
+            .await
+            .is_err()
+        {
             panic!("timed out waiting for: {what}; the model is {m:#?}");
         }
     }
@@ -104,7 +123,10 @@ async fn kube_source_serves_the_clusters_mesh_and_follows_its_changes() {
     assert_eq!(enrolled(&m), ["web-0", "web-1"]);
     assert_eq!(m.nodes.len(), 2);
     let w = &m.workloads["uid-shop-web-0"];
-    assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web-0");
+    assert_eq!(
+        w.identity.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web-0"
+    );
     assert_eq!(w.node, "node-1");
     let svc = m.services.values().next().unwrap();
     assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
@@ -114,10 +136,22 @@ async fn kube_source_serves_the_clusters_mesh_and_follows_its_changes() {
 
     // Label a namespace (a MODIFIED event): its pods are enrolled.
     api.apply(namespace("lab", json!({ENROLLED: "ambient"})));
-    until(&mut s.models, "lab enrolled", |m| enrolled(m).contains(&"job-0")).await;
+    until(&mut s.models, "lab enrolled", |m| {
+        enrolled(m).contains(&"job-0")
+    })
+    .await;
     // A pod opts out.
-    api.apply(pod("shop", "web-1", "node-2", "10.244.2.10", json!({"app": "web", ENROLLED: "none"})));
-    until(&mut s.models, "web-1 opted out", |m| !enrolled(m).contains(&"web-1")).await;
+    api.apply(pod(
+        "shop",
+        "web-1",
+        "node-2",
+        "10.244.2.10",
+        json!({"app": "web", ENROLLED: "none"}),
+    ));
+    until(&mut s.models, "web-1 opted out", |m| {
+        !enrolled(m).contains(&"web-1")
+    })
+    .await;
     // Unlabel: released.
     api.apply(namespace("shop", json!({})));
     until(&mut s.models, "shop released", |m| enrolled(m) == ["job-0"]).await;
@@ -126,16 +160,28 @@ async fn kube_source_serves_the_clusters_mesh_and_follows_its_changes() {
     pending["status"] = json!({"phase": "Pending"});
     api.apply(pending);
     api.apply(pod("lab", "job-2", "node-2", "10.244.2.12", json!({})));
-    let m = until(&mut s.models, "job-2 in", |m| m.workloads.contains_key("uid-lab-job-2")).await;
+    let m = until(&mut s.models, "job-2 in", |m| {
+        m.workloads.contains_key("uid-lab-job-2")
+    })
+    .await;
     assert!(!m.workloads.contains_key("uid-lab-job-1"));
     api.apply(pod("lab", "job-1", "node-2", "10.244.2.11", json!({})));
-    until(&mut s.models, "job-1 in", |m| m.workloads.contains_key("uid-lab-job-1")).await;
+    until(&mut s.models, "job-1 in", |m| {
+        m.workloads.contains_key("uid-lab-job-1")
+    })
+    .await;
     // Host-network pods are never part of the mesh.
     let mut host = pod("lab", "agent", "node-1", "172.18.0.1", json!({}));
     host["spec"]["hostNetwork"] = json!(true);
     api.apply(host);
     // A terminating pod stays in the mesh but is no endpoint; a deleted one is gone.
-    let mut leaving = pod("shop", "web-0", "node-1", "10.244.1.10", json!({"app": "web"}));
+    let mut leaving = pod(
+        "shop",
+        "web-0",
+        "node-1",
+        "10.244.1.10",
+        json!({"app": "web"}),
+    );
     leaving["metadata"]["deletionTimestamp"] = json!("2026-12-02T10:00:00Z");
     api.apply(leaving);
     let m = until(&mut s.models, "web-0 terminating", |m| {
@@ -145,7 +191,10 @@ async fn kube_source_serves_the_clusters_mesh_and_follows_its_changes() {
     assert!(m.workloads.contains_key("uid-shop-web-0"));
     assert!(!m.workloads.values().any(|w| w.name == "agent"));
     api.delete("Pod", "shop", "web-0");
-    until(&mut s.models, "web-0 gone", |m| !m.workloads.contains_key("uid-shop-web-0")).await;
+    until(&mut s.models, "web-0 gone", |m| {
+        !m.workloads.contains_key("uid-shop-web-0")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -174,7 +223,10 @@ async fn kube_source_converges_after_410_gone_dropped_watches_and_a_restart() {
     })
     .await;
     assert_eq!(m.workloads.len(), 3);
-    assert!(api.expired_watches() > 0, "the watchers resumed through 410 Gone");
+    assert!(
+        api.expired_watches() > 0,
+        "the watchers resumed through 410 Gone"
+    );
 
     // An API server restart: connections drop, the server is gone for a while (the last
     // good model stays served), and comes back with changes made meanwhile.
@@ -182,7 +234,11 @@ async fn kube_source_converges_after_410_gone_dropped_watches_and_a_restart() {
     api.stop();
     api.apply(pod("lab", "job-8", "node-1", "10.244.1.18", json!({})));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(*s.models.borrow().clone(), *served, "kept while the API server was down");
+    assert_eq!(
+        *s.models.borrow().clone(),
+        *served,
+        "kept while the API server was down"
+    );
     api.resume().unwrap();
     until(&mut s.models, "job-8 after the restart", |m| {
         m.workloads.contains_key("uid-lab-job-8")
@@ -265,8 +321,15 @@ async fn kube_source_holds_a_relist_that_loses_most_of_the_mesh_until_the_hold_p
     })
     .await
     .expect("the shrink is held");
-    assert_eq!(s.models.borrow().workloads.len(), 3, "still served meanwhile");
-    until(&mut s.models, "served after the hold", |m| m.workloads.is_empty()).await;
+    assert_eq!(
+        s.models.borrow().workloads.len(),
+        3,
+        "still served meanwhile"
+    );
+    until(&mut s.models, "served after the hold", |m| {
+        m.workloads.is_empty()
+    })
+    .await;
 }
 
 #[test]
@@ -295,7 +358,15 @@ fn kube_api_stand_in_answers_kubectl_get_and_watch() {
     let out = kubectl(&["get", "pods", "-n", "shop", "-o", "json"]);
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "{out}");
-    let out = kubectl(&["get", "pod", "web-0", "-n", "shop", "-o", "jsonpath={.status.podIP}"]);
+    let out = kubectl(&[
+        "get",
+        "pod",
+        "web-0",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
     assert_eq!(out, "10.244.1.10");
     let out = kubectl(&["get", "pods", "-A", "-o", "name"]);
     assert_eq!(out.lines().count(), 3, "{out}");
@@ -304,7 +375,14 @@ fn kube_api_stand_in_answers_kubectl_get_and_watch() {
     let child = std::process::Command::new("kubectl")
         .env("KUBECONFIG", &kubeconfig)
         .env("HOME", &dir)
-        .args(["get", "namespaces", "--watch", "-o", "name", "--request-timeout=20s"])
+        .args([
+            "get",
+            "namespaces",
+            "--watch",
+            "-o",
+            "name",
+            "--request-timeout=20s",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -316,5 +394,9 @@ fn kube_api_stand_in_answers_kubectl_get_and_watch() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("namespace/new-one"), "kubectl --watch printed: {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("namespace/new-one"),
+        "kubectl --watch printed: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

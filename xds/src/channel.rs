@@ -21,6 +21,12 @@ pub enum ChannelError {
     /// The credential cannot be sent as a header.
     #[error("the credential is not valid in an HTTP header")]
     Credential,
+    /// An `https://` address needs the root to verify the server with.
+    #[error("an https:// control-plane address needs the mesh root certificate (--xds-root-cert)")]
+    NoRoot,
+    /// The TLS settings were refused.
+    #[error("TLS to the control plane: {0}")]
+    Tls(String),
 }
 
 /// A lazily connected, shared channel to the control plane (reconnecting on demand).
@@ -32,10 +38,16 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Addresses the control plane at `address` (`http://host:port`); `credential`, if
-    /// any, is sent as `authorization: Bearer <credential>` where a call needs it. Must
-    /// be called inside a tokio runtime; nothing is dialed until the first call.
-    pub fn new(address: &str, credential: Option<&str>) -> Result<Self, ChannelError> {
+    /// Addresses the control plane at `address` (`https://host:port`, its certificate
+    /// verified against `root_pem`; or `http://host:port`, plaintext, for debugging);
+    /// `credential`, if any, is sent as `authorization: Bearer <credential>` where a call
+    /// needs it. Must be called inside a tokio runtime; nothing is dialed until the first
+    /// call.
+    pub fn new(
+        address: &str,
+        credential: Option<&str>,
+        root_pem: Option<&str>,
+    ) -> Result<Self, ChannelError> {
         let bad = |reason: String| ChannelError::Address {
             address: address.to_owned(),
             reason,
@@ -46,6 +58,16 @@ impl ControlPlane {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        let endpoint = if address.starts_with("https://") {
+            let root = root_pem.ok_or(ChannelError::NoRoot)?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(root));
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| ChannelError::Tls(e.to_string()))?
+        } else {
+            endpoint
+        };
         let credential = credential
             .map(|c| {
                 format!("Bearer {c}")
@@ -90,14 +112,18 @@ mod tests {
     #[tokio::test]
     async fn bad_addresses_and_credentials_are_refused() {
         assert!(matches!(
-            ControlPlane::new("not a uri", None),
+            ControlPlane::new("not a uri", None, None),
             Err(ChannelError::Address { .. })
         ));
         assert!(matches!(
-            ControlPlane::new("http://127.0.0.1:1", Some("a\nb")),
+            ControlPlane::new("http://127.0.0.1:1", Some("a\nb"), None),
             Err(ChannelError::Credential)
         ));
-        let cp = ControlPlane::new("http://127.0.0.1:1", Some("tok")).unwrap();
+        assert!(matches!(
+            ControlPlane::new("https://127.0.0.1:1", None, None),
+            Err(ChannelError::NoRoot)
+        ));
+        let cp = ControlPlane::new("http://127.0.0.1:1", Some("tok"), None).unwrap();
         let mut req = tonic::Request::new(());
         cp.authorize(&mut req);
         assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer tok");

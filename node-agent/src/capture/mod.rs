@@ -299,7 +299,12 @@ impl Capture {
             if validate_request(&spec).is_err() {
                 continue;
             }
-            if let Some(other) = self.pods.known().into_iter().find(|k| k.netns == spec.netns) {
+            if let Some(other) = self
+                .pods
+                .known()
+                .into_iter()
+                .find(|k| k.netns == spec.netns)
+            {
                 warn!(uid = %w.uid, other = %other.uid, "found a running pod whose network namespace is another pod's; leaving it");
                 continue;
             }

@@ -177,7 +177,11 @@ async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
     );
     let store = Arc::new(Store::new("node-1"));
     let config = XdsClientConfig {
-        control_plane: ambit_xds::channel::ControlPlane::new(&format!("http://{addr}"), None)?,
+        control_plane: ambit_xds::channel::ControlPlane::new(
+            &format!("http://{addr}"),
+            None,
+            None,
+        )?,
         node_id: "node-1".into(),
         types: NODE_AGENT.to_vec(),
         backoff_min: Duration::from_millis(50),

@@ -72,7 +72,7 @@ impl Default for ClusterSpec {
 }
 
 /// Where the simulated cluster's control plane serves xDS (on the bridge).
-pub const CONTROL_PLANE_ADDR: &str = "172.18.0.254:15010";
+pub const CONTROL_PLANE_ADDR: &str = "172.18.0.254:15012";
 
 /// A pod: a network namespace, two addresses and a cgroup.
 #[derive(Clone, Debug)]

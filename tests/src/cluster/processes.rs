@@ -127,6 +127,10 @@ impl Cluster {
             cmd.arg("--mesh-file").arg(self.mesh_file());
         }
         cmd.arg(format!("--xds-addr={CONTROL_PLANE_ADDR}"))
+            .arg(format!(
+                "--server-name={}",
+                CONTROL_PLANE_ADDR.split(':').next().unwrap_or_default()
+            ))
             .arg("--file-poll-ms=20")
             .arg("--shrink-hold-ms=1000")
             .arg("--ca-dir")
@@ -208,7 +212,11 @@ impl Cluster {
                 self.xds
                     .then(|| {
                         [
-                            format!("--xds-address=http://{CONTROL_PLANE_ADDR}"),
+                            format!("--xds-address=https://{CONTROL_PLANE_ADDR}"),
+                            format!(
+                                "--xds-root-cert={}",
+                                self.ca_dir().join("root-cert.pem").display()
+                            ),
                             format!("--node-name=node-{n}"),
                             format!(
                                 "--node-credential-file={}",

@@ -94,10 +94,7 @@ pub fn pod(p: &Pod) -> PodView {
             name,
             namespace,
             node,
-            service_account: spec
-                .service_account_name
-                .clone()
-                .filter(|s| !s.is_empty()),
+            service_account: spec.service_account_name.clone().filter(|s| !s.is_empty()),
             ips,
             labels: m.labels.clone().unwrap_or_default(),
             terminating: m.deletion_timestamp.is_some(),

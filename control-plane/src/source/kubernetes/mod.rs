@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{BoxStream, SelectAll, StreamExt};
 use futures::FutureExt;
+use futures::stream::{BoxStream, SelectAll, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -455,7 +455,10 @@ mod tests {
         assert!(!t.event(Event::Init, conv));
         assert!(!t.event(Event::InitApply(ns("a", true)), conv));
         assert!(!t.synced && t.live.is_empty(), "nothing before InitDone");
-        assert!(t.event(Event::InitDone, conv), "the first listing is a change");
+        assert!(
+            t.event(Event::InitDone, conv),
+            "the first listing is a change"
+        );
         assert!(t.synced && t.live.len() == 1);
         assert!(t.event(Event::Apply(ns("b", true)), conv));
         assert!(!t.event(Event::Apply(ns("b", true)), conv), "same object");
@@ -497,7 +500,11 @@ mod tests {
         let mut node = Node::default();
         node.metadata.name = Some("node-1".into());
         v.take((Kind::Nodes, Ok(Change::Node(Event::Apply(node)))));
-        for p in [pod("a", "10.244.1.10"), pod("b", "10.244.1.10"), pod("c", "10.244.1.11")] {
+        for p in [
+            pod("a", "10.244.1.10"),
+            pod("b", "10.244.1.10"),
+            pod("c", "10.244.1.11"),
+        ] {
             v.take((Kind::Pods, Ok(Change::Pod(Event::Apply(p)))));
         }
         let (m, problems) = v.build("cluster.local");

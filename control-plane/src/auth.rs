@@ -1,0 +1,160 @@
+//! Who is calling the control plane: a bearer credential in the request's
+//! `authorization` metadata, mapped to the node it speaks for. The CA signs only that
+//! node's identities, and the xDS server serves only that node's view, whatever node id
+//! the caller claims.
+//!
+//! - [`NodeTokens`]: the file source's per-node bootstrap tokens (the simulated cluster);
+//! - Kubernetes ServiceAccount tokens can replace them by implementing [`Authenticator`].
+
+use std::io;
+use std::path::PathBuf;
+
+use ring::rand::SecureRandom;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+use tracing::{info, warn};
+
+use crate::ca::write_private;
+use crate::model::Model;
+
+/// The node the request's `authorization: Bearer <credential>` authenticates, or the
+/// gRPC status refusing it.
+pub async fn authenticate(
+    auth: &dyn Authenticator,
+    metadata: &MetadataMap,
+) -> Result<String, Status> {
+    let credential = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <node credential>`")
+        })?;
+    match auth.node_of(credential).await {
+        Some(node) => Ok(node),
+        None => {
+            warn!("refused a request with an unknown credential");
+            Err(Status::unauthenticated("unknown node credential"))
+        }
+    }
+}
+
+/// Who is calling: maps a bearer credential to a node name.
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
+    /// The node `credential` authenticates, if any.
+    async fn node_of(&self, credential: &str) -> Option<String>;
+}
+
+/// File-mode bootstrap credentials: `<dir>/<node>.token`, one random token per node,
+/// created (mode 0600) for every node of the model that has none. A node agent is given
+/// its file (`--node-credential-file`); Kubernetes service-account tokens can replace
+/// this by implementing [`Authenticator`].
+///
+/// The tokens are read once (at start, and when [`NodeTokens::ensure`] creates one) and
+/// kept in memory, so authenticating a request touches no file.
+#[derive(Debug)]
+pub struct NodeTokens {
+    dir: PathBuf,
+    /// node → token.
+    tokens: std::sync::RwLock<std::collections::BTreeMap<String, String>>,
+}
+
+impl NodeTokens {
+    /// The tokens of `dir` (created if missing).
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let t = Self {
+            dir,
+            tokens: Default::default(),
+        };
+        t.reload()?;
+        Ok(t)
+    }
+
+    /// Reads every `<node>.token` of the directory.
+    fn reload(&self) -> io::Result<()> {
+        let mut tokens = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(node) = name.strip_suffix(".token") {
+                let token = std::fs::read_to_string(e.path())?;
+                tokens.insert(node.to_owned(), token.trim().to_owned());
+            }
+        }
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
+        Ok(())
+    }
+
+    /// Makes sure every node of the model has a token.
+    pub fn ensure(&self, model: &Model) -> io::Result<()> {
+        let mut created = false;
+        for node in &model.nodes {
+            let path = self.dir.join(format!("{node}.token"));
+            if !path.exists() {
+                let mut b = [0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut b)
+                    .map_err(|_| io::Error::other("RNG"))?;
+                let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                write_private(&path, &token)?;
+                info!(node, file = %path.display(), "created a node credential");
+                created = true;
+            }
+        }
+        if created {
+            self.reload()?;
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for NodeTokens {
+    async fn node_of(&self, credential: &str) -> Option<String> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        // Compare with every token, so the time taken says nothing about which matched.
+        let mut found = None;
+        for (node, token) in tokens.iter() {
+            if constant_time_eq(token.as_bytes(), credential.as_bytes()) {
+                found = Some(node.clone());
+            }
+        }
+        found
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn node_tokens_are_created_kept_in_memory_and_matched() {
+        let dir = std::env::temp_dir().join(format!("ambit-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tokens = NodeTokens::new(dir.clone()).unwrap();
+        let model = Model {
+            nodes: ["n1".to_string(), "n2".to_string()].into(),
+            ..Default::default()
+        };
+        tokens.ensure(&model).unwrap();
+        let t1 = std::fs::read_to_string(dir.join("n1.token")).unwrap();
+        assert_eq!(tokens.node_of(&t1).await.as_deref(), Some("n1"));
+        assert_eq!(tokens.node_of("nope").await, None);
+        assert_eq!(tokens.node_of("").await, None);
+        // Authentication reads no file: removing them changes nothing until a reload.
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(tokens.node_of(&t1).await.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
