@@ -49,6 +49,14 @@ struct RunArgs {
     /// mesh file names its own).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// The control plane's namespace, for `--source kubernetes`: a PeerAuthentication there
+    /// without a selector is the mesh-wide default.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ambit-system")]
+    root_namespace: String,
+    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication
+    /// objects (migrating from Istio ambient), for `--source kubernetes`.
+    #[arg(long, env = "AMBIT_WATCH_ISTIO_POLICIES")]
+    watch_istio_policies: bool,
     /// xDS (ADS) and the CA, over TLS with a server certificate from the mesh root.
     #[arg(long, env = "AMBIT_XDS_ADDR", default_value = "0.0.0.0:15012")]
     xds_addr: std::net::SocketAddr,
@@ -136,6 +144,8 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
             let options = kubernetes::Options {
                 trust_domain: args.trust_domain.clone(),
                 hold,
+                root_namespace: args.root_namespace.clone(),
+                istio_policies: args.watch_istio_policies,
             };
             let s = kubernetes::KubeSource::start(client, options).await;
             Source {

@@ -147,7 +147,7 @@ pub struct ServicePort {
 }
 
 /// An authorization policy as a source reads it, before validation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySpec {
     /// Its name, unique in its namespace.
     pub name: String,

@@ -22,7 +22,9 @@
 //! open watch ends, as when a load balancer cuts them), [`ApiServer::restart`] (the
 //! listener and every connection go away, then come back with the same objects).
 //!
-//! Not implemented: writes over HTTP, label and field selectors, paginated lists (the
+//! Over HTTP it takes one kind of write: JSON merge patches of an object's `status`
+//! subresource (what a controller writes). Not implemented: other writes, label and field
+//! selectors, paginated lists (the
 //! whole list is one page, which clients must accept), protobuf encoding, TLS and
 //! authentication.
 
@@ -56,6 +58,24 @@ pub struct ApiType {
 }
 
 impl ApiType {
+    /// `group/plural`: unique among the served types.
+    fn key(&self) -> &'static str {
+        // Leaked once per type and call site is wasteful; the table is static, so build
+        // the keys once.
+        static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let keys = KEYS.get_or_init(|| {
+            TYPES
+                .iter()
+                .map(|t| format!("{}/{}", t.group, t.plural))
+                .collect()
+        });
+        let i = TYPES
+            .iter()
+            .position(|t| t.group == self.group && t.plural == self.plural)
+            .expect("a served type");
+        keys[i].as_str()
+    }
+
     fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.to_owned()
@@ -66,7 +86,7 @@ impl ApiType {
 }
 
 /// The types a Kubernetes mesh source reads.
-pub const TYPES: &[ApiType] = &[
+pub static TYPES: &[ApiType] = &[
     ApiType {
         group: "",
         version: "v1",
@@ -103,6 +123,34 @@ pub const TYPES: &[ApiType] = &[
         namespaced: true,
     },
     ApiType {
+        group: "ambit.dev",
+        version: "v1alpha1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        namespaced: true,
+    },
+    ApiType {
+        group: "ambit.dev",
+        version: "v1alpha1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        namespaced: true,
+    },
+    ApiType {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        namespaced: true,
+    },
+    ApiType {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        namespaced: true,
+    },
+    ApiType {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -126,7 +174,7 @@ struct WatchEvent {
 struct State {
     /// The last resourceVersion handed out.
     rv: u64,
-    /// (plural, namespace, name) → object.
+    /// (type, namespace, name) → object; the type is `group/plural`.
     objects: BTreeMap<(&'static str, String, String), Value>,
     /// Recent events, oldest first.
     log: VecDeque<Arc<WatchEvent>>,
@@ -134,6 +182,8 @@ struct State {
     oldest: u64,
     forbidden: HashSet<&'static str>,
     uids: u64,
+    /// Status subresource writes taken.
+    status_writes: u64,
 }
 
 struct Shared {
@@ -173,6 +223,7 @@ impl ApiServer {
                 oldest: 1000,
                 forbidden: HashSet::new(),
                 uids: 0,
+                status_writes: 0,
             }),
             events: broadcast::channel(65_536).0,
             cut: watch::channel(0).0,
@@ -246,7 +297,7 @@ impl ApiServer {
         let mut st = self.shared.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
-        let key = (ty.plural, namespace.clone(), name);
+        let key = (ty.key(), namespace.clone(), name);
         let old = st.objects.get(&key).cloned();
         let meta = &mut object["metadata"];
         meta["resourceVersion"] = json!(rv.to_string());
@@ -259,6 +310,13 @@ impl ApiServer {
                 }
             };
         }
+        // As the API server does: generation counts spec changes, not status writes.
+        let generation = match &old {
+            Some(o) if o.get("spec") == object.get("spec") => o["metadata"]["generation"].clone(),
+            Some(o) => json!(o["metadata"]["generation"].as_i64().unwrap_or(0) + 1),
+            None => json!(1),
+        };
+        object["metadata"]["generation"] = generation;
         if object["metadata"].get("creationTimestamp").is_none() {
             object["metadata"]["creationTimestamp"] = match &old {
                 Some(o) => o["metadata"]["creationTimestamp"].clone(),
@@ -271,18 +329,16 @@ impl ApiServer {
         rv
     }
 
-    /// Deletes an object; returns the deletion's resourceVersion, or `None` if there was
-    /// no such object.
+    /// Deletes an object (`kind`: `Pod`, or `security.istio.io/v1/AuthorizationPolicy`
+    /// where a kind is served in two groups); returns the deletion's resourceVersion, or
+    /// `None` if there was no such object.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Option<u64> {
-        let ty = TYPES
-            .iter()
-            .find(|t| t.kind == kind)
-            .expect("a served kind");
+        let ty = served(kind);
         let namespace = if ty.namespaced { namespace } else { "" };
         let mut st = self.shared.state.lock().unwrap();
         let mut object = st
             .objects
-            .remove(&(ty.plural, namespace.to_owned(), name.to_owned()))?;
+            .remove(&(ty.key(), namespace.to_owned(), name.to_owned()))?;
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -301,7 +357,7 @@ impl ApiServer {
     ) {
         let ev = Arc::new(WatchEvent {
             rv,
-            plural: ty.plural,
+            plural: ty.key(),
             namespace,
             kind,
             object,
@@ -317,14 +373,11 @@ impl ApiServer {
 
     /// An object as stored, if it exists.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let ty = TYPES
-            .iter()
-            .find(|t| t.kind == kind)
-            .expect("a served kind");
+        let ty = served(kind);
         let namespace = if ty.namespaced { namespace } else { "" };
         let st = self.shared.state.lock().unwrap();
         st.objects
-            .get(&(ty.plural, namespace.to_owned(), name.to_owned()))
+            .get(&(ty.key(), namespace.to_owned(), name.to_owned()))
             .cloned()
     }
 
@@ -339,6 +392,11 @@ impl ApiServer {
     /// Ends every open watch stream (cleanly, as a proxy's idle timeout would).
     pub fn drop_watches(&self) {
         self.shared.cut.send_modify(|g| *g += 1);
+    }
+
+    /// How many status writes the stand-in has taken.
+    pub fn status_writes(&self) -> u64 {
+        self.shared.state.lock().unwrap().status_writes
     }
 
     /// How many watches were answered with 410 Gone so far.
@@ -403,6 +461,14 @@ impl Drop for ApiServer {
     }
 }
 
+/// The type named `Kind` (the first served) or `apiVersion/Kind`.
+fn served(kind: &str) -> &'static ApiType {
+    TYPES
+        .iter()
+        .find(|t| t.kind == kind || format!("{}/{}", t.api_version(), t.kind) == kind)
+        .unwrap_or_else(|| panic!("the stand-in does not serve {kind}"))
+}
+
 fn type_of(object: &Value) -> &'static ApiType {
     let kind = object["kind"].as_str().expect("kind");
     let api_version = object["apiVersion"].as_str().expect("apiVersion");
@@ -429,7 +495,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
@@ -500,7 +566,7 @@ fn route(path: &str) -> Option<Target<'_>> {
                 .map(|t| {
                     json!({"name": t.plural, "singularName": t.kind.to_lowercase(),
                            "namespaced": t.namespaced, "kind": t.kind,
-                           "verbs": ["get", "list", "watch"]})
+                           "verbs": ["get", "list", "watch", "patch"]})
                 })
                 .collect();
             if resources.is_empty() {
@@ -568,7 +634,10 @@ fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() == hyper::Method::PATCH {
+        return patch_status(shared, req).await;
+    }
     if req.method() != hyper::Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -623,7 +692,7 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             let st = shared.state.lock().unwrap();
             match st
                 .objects
-                .get(&(ty.plural, namespace.to_owned(), name.to_owned()))
+                .get(&(ty.key(), namespace.to_owned(), name.to_owned()))
             {
                 Some(o) if table => json_response(StatusCode::OK, &to_table(ty, [o])),
                 Some(o) => json_response(StatusCode::OK, o),
@@ -642,7 +711,7 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             let items: Vec<&Value> = st
                 .objects
                 .iter()
-                .filter(|((p, ns, _), _)| *p == ty.plural && namespace.is_none_or(|n| n == ns))
+                .filter(|((p, ns, _), _)| *p == ty.key() && namespace.is_none_or(|n| n == ns))
                 .map(|(_, o)| o)
                 .collect();
             if table {
@@ -657,6 +726,106 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
             )
         }
         Target::Discovery(_) => unreachable!("answered above"),
+    }
+}
+
+/// `PATCH .../<name>/status` with a JSON merge patch: the status subresource, the one
+/// write the stand-in takes over HTTP (the control plane writes policy conditions).
+async fn patch_status(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let ctype = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let Some(object_path) = path.strip_suffix("/status") else {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the stand-in takes writes to the status subresource only".into(),
+        );
+    };
+    let Some(Target::Object {
+        ty,
+        namespace,
+        name,
+    }) = route(object_path)
+    else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no such object: {path}"),
+        );
+    };
+    if ctype != "application/merge-patch+json" {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the stand-in takes application/merge-patch+json, not {ctype:?}"),
+        );
+    }
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "unreadable body".into(),
+        );
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the patch is not JSON".into(),
+        );
+    };
+    let mut st = shared.state.lock().unwrap();
+    let key = (ty.key(), namespace.to_owned(), name.to_owned());
+    let Some(mut object) = st.objects.get(&key).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} \"{name}\" not found", ty.plural),
+        );
+    };
+    merge_patch(
+        &mut object["status"],
+        patch.get("status").cloned().unwrap_or(Value::Null),
+    );
+    st.rv += 1;
+    let rv = st.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    st.objects.insert(key, object.clone());
+    st.status_writes += 1;
+    let ev = Arc::new(WatchEvent {
+        rv,
+        plural: ty.key(),
+        namespace: namespace.to_owned(),
+        kind: "MODIFIED",
+        object: object.clone(),
+    });
+    st.log.push_back(ev.clone());
+    let _ = shared.events.send(ev);
+    json_response(StatusCode::OK, &object)
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("an object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other,
     }
 }
 
@@ -704,7 +873,7 @@ fn watch_response(
         Bytes::from(s)
     };
     let matches = move |ev: &WatchEvent| {
-        ev.plural == ty.plural && namespace.as_deref().is_none_or(|n| n == ev.namespace)
+        ev.plural == ty.key() && namespace.as_deref().is_none_or(|n| n == ev.namespace)
     };
     // Subscribe before reading the log, so nothing falls between the two.
     let mut live = shared.events.subscribe();
@@ -740,7 +909,7 @@ fn watch_response(
             None => {
                 // No resourceVersion: every current object as ADDED, then changes.
                 for ((p, ns, _), o) in &st.objects {
-                    if *p == ty.plural
+                    if *p == ty.key()
                         && matches(&WatchEvent {
                             rv: 0,
                             plural: p,

@@ -80,6 +80,8 @@ async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
     let options = Options {
         trust_domain: "cluster.local".into(),
         hold,
+        root_namespace: "ambit-system".into(),
+        istio_policies: true,
     };
     tokio::time::timeout(Duration::from_secs(20), KubeSource::start(client, options))
         .await
@@ -265,6 +267,8 @@ async fn kube_source_reports_rbac_errors_and_serves_nothing_before_every_kind_is
         Options {
             trust_domain: "cluster.local".into(),
             hold: Duration::ZERO,
+            root_namespace: "ambit-system".into(),
+            istio_policies: true,
         },
     );
     tokio::pin!(start);

@@ -1,8 +1,8 @@
 //! The Kubernetes source: the mesh as the cluster's API server describes it.
 //!
 //! kube-rs watchers (LIST, then WATCH from the list's resourceVersion, with bookmarks;
-//! on 410 Gone or a broken watch they re-list) follow Namespaces, Nodes, Pods and
-//! Services. Each object is converted when its event arrives ([`convert`]); the model is
+//! on 410 Gone or a broken watch they re-list) follow Namespaces, Nodes, Pods, Services
+//! and the policy objects. Each object is converted when its event arrives ([`convert`]); the model is
 //! assembled from the converted objects and built by the same [`Model::build_lenient`]
 //! and guard as the file source's, so both sources follow one set of rules.
 //!
@@ -18,10 +18,15 @@
 //! pods claiming one IP) are left out with a warning naming them, and the rest of the
 //! mesh is served.
 //!
-//! Not yet followed: EndpointSlices (services without a selector), ServiceAccounts,
-//! Gateway API HTTPRoutes and Ambit's policy CRDs.
+//! Policies: Ambit's CRDs ([`policy`]) and, with `--watch-istio-policies`, Istio's; each
+//! Ambit object's `Accepted` condition is written to its status ([`status`]).
+//!
+//! Not yet followed: EndpointSlices (services without a selector), ServiceAccounts and
+//! Gateway API HTTPRoutes (they need the waypoint's L7 model).
 
 pub mod convert;
+pub mod policy;
+mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -30,6 +35,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
@@ -37,8 +43,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use self::convert::{PodView, ServiceView};
+use self::policy::{AuthorizationPolicy, PeerAuthentication};
+use self::status::{PeerView, PolicyView, StatusWriter, istio_spec, peer_view};
 use super::guard::Publisher;
-use crate::model::{MeshSpec, Model, NamespaceSpec, NodeSpec};
+use crate::model::{MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec};
 
 /// How the Kubernetes source behaves.
 #[derive(Clone, Debug)]
@@ -47,6 +55,11 @@ pub struct Options {
     pub trust_domain: String,
     /// How long a change that removes most of the mesh must persist before it is served.
     pub hold: Duration,
+    /// The control plane's namespace: a PeerAuthentication there without a selector is
+    /// the mesh-wide default.
+    pub root_namespace: String,
+    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication.
+    pub istio_policies: bool,
 }
 
 /// Serves the model of the cluster, from its first complete listing on.
@@ -70,18 +83,47 @@ pub enum Kind {
     Pods,
     /// `v1` Service.
     Services,
+    /// `ambit.dev/v1alpha1` AuthorizationPolicy.
+    AuthorizationPolicies,
+    /// `ambit.dev/v1alpha1` PeerAuthentication.
+    PeerAuthentications,
+    /// `security.istio.io/v1` AuthorizationPolicy.
+    IstioAuthorizationPolicies,
+    /// `security.istio.io/v1` PeerAuthentication.
+    IstioPeerAuthentications,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Namespaces, Kind::Nodes, Kind::Pods, Kind::Services];
-
     fn plural(self) -> &'static str {
         match self {
             Kind::Namespaces => "namespaces",
             Kind::Nodes => "nodes",
             Kind::Pods => "pods",
             Kind::Services => "services",
+            Kind::AuthorizationPolicies => "authorizationpolicies.ambit.dev",
+            Kind::PeerAuthentications => "peerauthentications.ambit.dev",
+            Kind::IstioAuthorizationPolicies => "authorizationpolicies.security.istio.io",
+            Kind::IstioPeerAuthentications => "peerauthentications.security.istio.io",
         }
+    }
+
+    /// The kinds watched with these options.
+    fn watched(options: &Options) -> Vec<Kind> {
+        let mut kinds = vec![
+            Kind::Namespaces,
+            Kind::Nodes,
+            Kind::Pods,
+            Kind::Services,
+            Kind::AuthorizationPolicies,
+            Kind::PeerAuthentications,
+        ];
+        if options.istio_policies {
+            kinds.extend([
+                Kind::IstioAuthorizationPolicies,
+                Kind::IstioPeerAuthentications,
+            ]);
+        }
+        kinds
     }
 }
 
@@ -91,6 +133,10 @@ enum Change {
     Node(Event<Node>),
     Pod(Event<Pod>),
     Service(Event<Service>),
+    Authorization(Event<AuthorizationPolicy>),
+    PeerAuthentication(Event<PeerAuthentication>),
+    IstioAuthorization(Event<DynamicObject>),
+    IstioPeerAuthentication(Event<DynamicObject>),
 }
 
 type Changes = SelectAll<BoxStream<'static, (Kind, Result<Change, watcher::Error>)>>;
@@ -102,7 +148,6 @@ fn watch_kind<K>(
 ) -> BoxStream<'static, (Kind, Result<Change, watcher::Error>)>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
 {
     watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -110,7 +155,46 @@ where
         .boxed()
 }
 
-fn changes(client: &Client) -> Changes {
+fn istio(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn changes(client: &Client, options: &Options) -> Changes {
+    let mut all = changes_core(client);
+    all.push(watch_kind(
+        Api::<AuthorizationPolicy>::all(client.clone()),
+        Kind::AuthorizationPolicies,
+        Change::Authorization,
+    ));
+    all.push(watch_kind(
+        Api::<PeerAuthentication>::all(client.clone()),
+        Kind::PeerAuthentications,
+        Change::PeerAuthentication,
+    ));
+    if options.istio_policies {
+        let ap = istio("AuthorizationPolicy", "authorizationpolicies");
+        all.push(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &ap),
+            Kind::IstioAuthorizationPolicies,
+            Change::IstioAuthorization,
+        ));
+        let pa = istio("PeerAuthentication", "peerauthentications");
+        all.push(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &pa),
+            Kind::IstioPeerAuthentications,
+            Change::IstioPeerAuthentication,
+        ));
+    }
+    all
+}
+
+fn changes_core(client: &Client) -> Changes {
     futures::stream::select_all([
         watch_kind(
             Api::<Namespace>::all(client.clone()),
@@ -132,8 +216,9 @@ impl KubeSource {
     /// and the first model is built (until then, logs what it is waiting for every ten
     /// seconds: a missing RBAC permission, an unreachable API server).
     pub async fn start(client: Client, options: Options) -> Self {
-        let mut changes = changes(&client);
-        let mut view = View::default();
+        let mut changes = changes(&client, &options);
+        let mut view = View::new(&options);
+        let status = StatusWriter::new(client.clone());
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.tick().await;
         while !view.synced() {
@@ -143,12 +228,13 @@ impl KubeSource {
                     None => unreachable!("watchers never end"),
                 },
                 _ = report.tick() => {
-                    let waiting: Vec<&str> = Kind::ALL.iter().filter(|k| !view.is_synced(**k)).map(|k| k.plural()).collect();
+                    let waiting: Vec<&str> = view.kinds.iter().filter(|k| !view.is_synced(**k)).map(|k| k.plural()).collect();
                     warn!(waiting = ?waiting, errors = ?view.watch_errors.values().collect::<Vec<_>>(), "not serving yet: waiting for the first complete list of every watched kind");
                 }
             }
         }
         let (model, problems) = view.build(&options.trust_domain);
+        status.write(&mut view);
         info!(
             namespaces = model.namespaces.len(),
             nodes = model.nodes.len(),
@@ -192,6 +278,7 @@ impl KubeSource {
                     continue;
                 }
                 let (model, problems) = view.build(&options.trust_domain);
+                status.write(&mut view);
                 reporter.report(&problems, &view.watch_errors, &err_tx);
                 if !publisher.offer(Arc::new(model)) {
                     return;
@@ -300,10 +387,17 @@ impl<V: PartialEq> Table<V> {
 /// Everything the watchers have said, converted.
 #[derive(Default)]
 struct View {
+    /// What is watched.
+    kinds: Vec<Kind>,
+    root_namespace: String,
     namespaces: Table<Option<NamespaceSpec>>,
     nodes: Table<Option<NodeSpec>>,
     pods: Table<PodView>,
     services: Table<ServiceView>,
+    authorizations: Table<PolicyView<PolicySpec>>,
+    peer_authentications: Table<PolicyView<PeerView>>,
+    istio_authorizations: Table<PolicyView<PolicySpec>>,
+    istio_peer_authentications: Table<PolicyView<PeerView>>,
     /// The latest error of each kind's watch, until it makes progress again.
     watch_errors: BTreeMap<Kind, String>,
     /// Something changed since the last build.
@@ -311,17 +405,29 @@ struct View {
 }
 
 impl View {
+    fn new(options: &Options) -> Self {
+        Self {
+            kinds: Kind::watched(options),
+            root_namespace: options.root_namespace.clone(),
+            ..Default::default()
+        }
+    }
+
     fn is_synced(&self, kind: Kind) -> bool {
         match kind {
             Kind::Namespaces => self.namespaces.synced,
             Kind::Nodes => self.nodes.synced,
             Kind::Pods => self.pods.synced,
             Kind::Services => self.services.synced,
+            Kind::AuthorizationPolicies => self.authorizations.synced,
+            Kind::PeerAuthentications => self.peer_authentications.synced,
+            Kind::IstioAuthorizationPolicies => self.istio_authorizations.synced,
+            Kind::IstioPeerAuthentications => self.istio_peer_authentications.synced,
         }
     }
 
     fn synced(&self) -> bool {
-        Kind::ALL.iter().all(|k| self.is_synced(*k))
+        self.kinds.iter().all(|k| self.is_synced(*k))
     }
 
     fn take(&mut self, (kind, item): (Kind, Result<Change, watcher::Error>)) {
@@ -348,6 +454,24 @@ impl View {
                 v
             }),
             Change::Service(ev) => self.services.event(ev, convert::service),
+            Change::Authorization(ev) => self.authorizations.event(ev, |p| {
+                PolicyView::of(p, |ns, name| policy::authorization(ns, name, &p.spec))
+            }),
+            Change::PeerAuthentication(ev) => self.peer_authentications.event(ev, |p| {
+                PolicyView::of(p, |_, _| peer_view(&p.spec))
+            }),
+            Change::IstioAuthorization(ev) => self.istio_authorizations.event(ev, |o| {
+                PolicyView::of(o, |ns, name| match istio_spec(o) {
+                    Ok(spec) => policy::authorization(ns, name, &spec),
+                    Err(v) => (None, v),
+                })
+            }),
+            Change::IstioPeerAuthentication(ev) => self.istio_peer_authentications.event(ev, |o| {
+                PolicyView::of(o, |_, _| match istio_spec(o) {
+                    Ok(spec) => peer_view(&spec),
+                    Err(v) => (None, v),
+                })
+            }),
         };
         self.dirty |= changed;
     }
@@ -371,11 +495,32 @@ impl View {
                     .push((spec, named_ports));
             }
         }
+        let modes = self.peer_modes();
         spec.workloads = by_namespace
             .values()
             .flatten()
-            .map(|(w, _)| (*w).clone())
+            .map(|(w, _)| {
+                let mut w = (*w).clone();
+                if let Some(mode) = modes.for_workload(&w.namespace, &w.labels) {
+                    w.labels.insert(MTLS_LABEL.into(), mode.into());
+                }
+                w
+            })
             .collect();
+        for ns in &mut spec.namespaces {
+            if let Some(mode) = modes.for_namespace(&ns.name, &ns.labels) {
+                ns.labels.insert(MTLS_LABEL.into(), mode.into());
+            }
+        }
+        spec.policies = self
+            .authorizations
+            .live
+            .values()
+            .chain(self.istio_authorizations.live.values())
+            .filter_map(|p| p.converted.clone())
+            .collect();
+        spec.policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for (key, v) in &self.services.live {
             if let ServiceView::Service { namespace, .. } = v {
                 let pods = by_namespace.get(namespace.as_str()).into_iter().flatten();

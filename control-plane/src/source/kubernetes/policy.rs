@@ -1,0 +1,629 @@
+//! Ambit's policy CRDs (`ambit.dev/v1alpha1` AuthorizationPolicy and
+//! PeerAuthentication), whose fields are Istio's (`security.istio.io/v1`), so the same
+//! types also read Istio's objects (`--watch-istio-policies`).
+//!
+//! The node agent enforces at L4. What an L4 enforcer cannot see (request principals,
+//! hosts, methods, paths, `when` conditions) is handled as Istio's ztunnel handles it,
+//! failing closed: an ALLOW rule that needs any of it matches nothing; a DENY rule
+//! ignores those fields and denies on its L4 part alone. A policy with `targetRefs`
+//! applies to a waypoint, not to workloads, and is left to the waypoint. Each object's
+//! `Accepted` condition says which of these happened, or why it was refused.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Action, Cidr, Destination, PolicySpec, PrincipalPattern, Rule, Source};
+
+/// The workloads of the policy's namespace it applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Labels a workload must have, all of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Istio's `PolicyTargetReference`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TargetRef {
+    /// API group of the target (`""`, `gateway.networking.k8s.io`).
+    #[serde(default)]
+    pub group: String,
+    /// Its kind (`Service`, `Gateway`, `ServiceEntry`).
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (the policy's if absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// What a matching AuthorizationPolicy does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PolicyAction {
+    /// Allow what matches (and, once any ALLOW applies to a workload, only that).
+    #[default]
+    Allow,
+    /// Deny what matches, whatever ALLOW policies say.
+    Deny,
+    /// Istio's audit logging: not supported (refused in status).
+    Audit,
+    /// Istio's external authorizer: not supported (refused in status).
+    Custom,
+}
+
+/// Ambit's AuthorizationPolicy (Istio's fields).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ambit.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ap",
+    category = "ambit",
+    doc = "L4 authorization of connections to enrolled workloads, enforced by the destination's node agent. Fields as in Istio's security.istio.io/v1 AuthorizationPolicy.",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// The workloads it applies to; absent: every workload of its namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// Istio: the waypoint or service it applies to. Such a policy is the waypoint's and
+    /// is not applied to workloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<TargetRef>,
+    /// ALLOW (the default) or DENY.
+    #[serde(default)]
+    pub action: PolicyAction,
+    /// A connection matches if any rule matches; with no rules the policy matches nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// One rule: every present part must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    /// Sources; any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<RuleFrom>,
+    /// Operations; any of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<RuleTo>,
+    /// Conditions (L7 in Ambit today).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+/// `from[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RuleFrom {
+    /// The source.
+    #[serde(default)]
+    pub source: SourceFields,
+}
+
+/// `to[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RuleTo {
+    /// The operation.
+    #[serde(default)]
+    pub operation: OperationFields,
+}
+
+/// Who connects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceFields {
+    /// Peer identities (`cluster.local/ns/<ns>/sa/<sa>`, `*`, `prefix*`, `*suffix`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    /// Peer identities that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    /// JWT principals (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    /// JWT principals that do not match (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    /// The peer's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Namespaces that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    /// The peer's IP (CIDRs or addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    /// IPs that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+    /// The original client's IP from X-Forwarded-For (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    /// Original client IPs that do not match (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+/// What is asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationFields {
+    /// HTTP hosts (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Hosts that do not match (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    /// Destination ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    /// Ports that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    /// HTTP methods (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Methods that do not match (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    /// HTTP paths (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Paths that do not match (L7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+/// A `when` condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// The attribute (`request.headers[...]`, `source.ip`, ...).
+    pub key: String,
+    /// Values that match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// Values that do not match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// A policy object's status: its `Accepted` condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// `Accepted`: True (applied, perhaps in part: see the reason) or False (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// A status condition, as in `metav1.Condition`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    /// The condition's type (`Accepted`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase reason.
+    pub reason: String,
+    /// What a person needs to know.
+    pub message: String,
+    /// The `metadata.generation` this condition describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `status` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+/// The mTLS mode of a PeerAuthentication.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsModeField {
+    /// Inherit from the namespace, or the mesh.
+    #[default]
+    Unset,
+    /// Plaintext accepted (at L4 Ambit treats it as PERMISSIVE).
+    Disable,
+    /// Both accepted; policy applied to plaintext by source IP.
+    Permissive,
+    /// Only mutual TLS (HBONE).
+    Strict,
+}
+
+/// `mtls`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MtlsField {
+    /// The mode.
+    #[serde(default)]
+    pub mode: MtlsModeField,
+}
+
+/// Ambit's PeerAuthentication (Istio's fields).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ambit.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "pa",
+    category = "ambit",
+    doc = "How enrolled workloads treat plaintext inbound connections. Fields as in Istio's security.istio.io/v1 PeerAuthentication; in the control plane's own namespace without a selector, the mesh-wide default.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// The workloads it applies to; absent: the namespace (or, in the root namespace, the
+    /// mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsField>,
+    /// Per-port modes: not supported at L4 yet (refused in status).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<String, MtlsField>,
+}
+
+/// What became of a policy object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Applied as written.
+    Accepted,
+    /// Applied, with this caveat (`reason`, `message`).
+    Partly(&'static str, String),
+    /// Not applied (`reason`, `message`).
+    Refused(&'static str, String),
+}
+
+impl Verdict {
+    /// The `Accepted` condition for `generation`.
+    pub fn condition(&self, generation: Option<i64>) -> StatusCondition {
+        let (status, reason, message) = match self {
+            Verdict::Accepted => ("True", "Accepted", "applied by the node agents".to_owned()),
+            Verdict::Partly(r, m) => ("True", *r, m.clone()),
+            Verdict::Refused(r, m) => ("False", *r, m.clone()),
+        };
+        StatusCondition {
+            type_: "Accepted".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time: None,
+        }
+    }
+}
+
+/// An AuthorizationPolicy as the model's policy, and what became of it.
+pub fn authorization(
+    namespace: &str,
+    name: &str,
+    spec: &AuthorizationPolicySpec,
+) -> (Option<PolicySpec>, Verdict) {
+    if !spec.target_refs.is_empty() {
+        return (
+            None,
+            Verdict::Refused(
+                "TargetsWaypoint",
+                "targetRefs: this policy is a waypoint's; workloads are not affected by it".into(),
+            ),
+        );
+    }
+    let action = match spec.action {
+        PolicyAction::Allow => Action::Allow,
+        PolicyAction::Deny => Action::Deny,
+        other => {
+            return (
+                None,
+                Verdict::Refused(
+                    "UnsupportedAction",
+                    format!("action {other:?} is not supported: only ALLOW and DENY"),
+                ),
+            );
+        }
+    };
+    let mut l7 = Vec::new();
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().enumerate() {
+        let needs_l7 = l7_fields(r);
+        if !needs_l7.is_empty() {
+            l7.push(format!("rules[{i}] ({})", needs_l7.join(", ")));
+            if action == Action::Allow {
+                continue; // matches nothing: fail closed
+            }
+        }
+        match l4_rule(r) {
+            Ok(rule) => rules.push(rule),
+            Err(e) => {
+                return (
+                    None,
+                    Verdict::Refused("Invalid", format!("rules[{i}]: {e}")),
+                );
+            }
+        }
+    }
+    let verdict = if l7.is_empty() {
+        Verdict::Accepted
+    } else {
+        let what = match action {
+            Action::Allow => "those rules match nothing",
+            Action::Deny => "those rules deny on their L4 fields alone",
+        };
+        Verdict::Partly(
+            "L7NeedsWaypoint",
+            format!(
+                "{} use L7 attributes, which the node agents cannot see: {what}",
+                l7.join("; ")
+            ),
+        )
+    };
+    (
+        Some(PolicySpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
+            action,
+            rules,
+        }),
+        verdict,
+    )
+}
+
+fn l7_fields(r: &AuthorizationRule) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for f in &r.from {
+        let s = &f.source;
+        for (name, v) in [
+            ("requestPrincipals", &s.request_principals),
+            ("notRequestPrincipals", &s.not_request_principals),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ] {
+            if !v.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    for t in &r.to {
+        let o = &t.operation;
+        for (name, v) in [
+            ("hosts", &o.hosts),
+            ("notHosts", &o.not_hosts),
+            ("methods", &o.methods),
+            ("notMethods", &o.not_methods),
+            ("paths", &o.paths),
+            ("notPaths", &o.not_paths),
+        ] {
+            if !v.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    if !r.when.is_empty() {
+        out.push("when");
+    }
+    out
+}
+
+fn l4_rule(r: &AuthorizationRule) -> Result<Rule, String> {
+    let principals = |v: &[String]| -> Result<Vec<PrincipalPattern>, String> {
+        v.iter().map(|p| PrincipalPattern::parse(p)).collect()
+    };
+    let cidrs = |v: &[String]| -> Result<Vec<Cidr>, String> {
+        v.iter()
+            .map(|c| c.parse().map_err(|e| format!("{c:?}: {e}")))
+            .collect()
+    };
+    let ports = |v: &[String]| -> Result<Vec<u16>, String> {
+        v.iter()
+            .map(|p| match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("port {p:?} is not 1-65535")),
+            })
+            .collect()
+    };
+    let mut from = Vec::new();
+    for f in &r.from {
+        let s = &f.source;
+        from.push(Source {
+            principals: principals(&s.principals)?,
+            not_principals: principals(&s.not_principals)?,
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+            ip_blocks: cidrs(&s.ip_blocks)?,
+            not_ip_blocks: cidrs(&s.not_ip_blocks)?,
+        });
+    }
+    let mut to = Vec::new();
+    for t in &r.to {
+        let o = &t.operation;
+        to.push(Destination {
+            ports: ports(&o.ports)?,
+            not_ports: ports(&o.not_ports)?,
+        });
+    }
+    Ok(Rule { from, to })
+}
+
+/// A PeerAuthentication's mode as the value of the model's `ambit.dev/mtls` label (None:
+/// UNSET, inherit), and what became of it.
+pub fn peer_authentication(spec: &PeerAuthenticationSpec) -> (Option<&'static str>, Verdict) {
+    let mode = match spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default() {
+        MtlsModeField::Unset => None,
+        MtlsModeField::Strict => Some("STRICT"),
+        MtlsModeField::Permissive | MtlsModeField::Disable => Some("PERMISSIVE"),
+    };
+    let disable = spec.mtls.as_ref().map(|m| m.mode) == Some(MtlsModeField::Disable);
+    let verdict = if !spec.port_level_mtls.is_empty() {
+        Verdict::Partly(
+            "PortLevelUnsupported",
+            "portLevelMtls is not supported yet: the workload-wide mode applies to every port"
+                .into(),
+        )
+    } else if disable {
+        Verdict::Partly(
+            "DisableIsPermissive",
+            "DISABLE: node agents accept plaintext and still accept mutual TLS (as PERMISSIVE)"
+                .into(),
+        )
+    } else {
+        Verdict::Accepted
+    };
+    (mode, verdict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn spec(y: &str) -> AuthorizationPolicySpec {
+        serde_yaml_ng::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn l4_fields_convert_and_l7_rules_fail_closed() {
+        let (p, v) = authorization(
+            "shop",
+            "web",
+            &spec(
+                r#"
+selector: {matchLabels: {app: web}}
+rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/front"], ipBlocks: ["10.0.0.0/8"]}}]
+    to: [{operation: {ports: ["8080"]}}]
+  - from: [{source: {namespaces: [lab]}}]
+    to: [{operation: {methods: [GET]}}]
+"#,
+            ),
+        );
+        let p = p.unwrap();
+        assert_eq!(p.action, Action::Allow);
+        assert_eq!(
+            p.rules.len(),
+            1,
+            "the ALLOW rule that needs L7 matches nothing"
+        );
+        assert_eq!(p.rules[0].to[0].ports, [8080]);
+        assert_eq!(
+            p.selector.unwrap(),
+            [("app".to_string(), "web".to_string())].into()
+        );
+        assert!(
+            matches!(v, Verdict::Partly("L7NeedsWaypoint", m) if m.contains("rules[1] (methods)"))
+        );
+
+        let (p, v) = authorization(
+            "shop",
+            "deny",
+            &spec(
+                "action: DENY\nrules: [{from: [{source: {namespaces: [lab]}}], to: [{operation: {paths: [/admin]}}]}]",
+            ),
+        );
+        let p = p.unwrap();
+        assert_eq!(p.rules.len(), 1, "a DENY rule keeps its L4 part");
+        assert_eq!(p.rules[0].from[0].namespaces, ["lab"]);
+        assert!(matches!(v, Verdict::Partly(..)));
+    }
+
+    #[test]
+    fn unsupported_and_invalid_policies_are_refused_with_a_reason() {
+        for (y, reason) in [
+            ("action: AUDIT", "UnsupportedAction"),
+            ("action: CUSTOM", "UnsupportedAction"),
+            (
+                "targetRefs: [{kind: Service, group: \"\", name: web}]",
+                "TargetsWaypoint",
+            ),
+            (
+                "rules: [{to: [{operation: {ports: [\"http\"]}}]}]",
+                "Invalid",
+            ),
+            (
+                "rules: [{from: [{source: {principals: [\"spiffe://x/y\"]}}]}]",
+                "Invalid",
+            ),
+            (
+                "rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]}]",
+                "Invalid",
+            ),
+        ] {
+            let (p, v) = authorization("ns", "p", &spec(y));
+            assert!(p.is_none(), "{y}");
+            assert!(
+                matches!(v, Verdict::Refused(r, _) if r == reason),
+                "{y}: {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn peer_authentication_modes_map_to_the_mtls_label() {
+        let pa = |y: &str| peer_authentication(&serde_yaml_ng::from_str(y).unwrap());
+        assert_eq!(
+            pa("mtls: {mode: STRICT}"),
+            (Some("STRICT"), Verdict::Accepted)
+        );
+        assert_eq!(pa("mtls: {mode: PERMISSIVE}").0, Some("PERMISSIVE"));
+        assert_eq!(pa("mtls: {mode: UNSET}").0, None);
+        assert_eq!(pa("{}").0, None);
+        assert!(matches!(
+            pa("mtls: {mode: DISABLE}"),
+            (Some("PERMISSIVE"), Verdict::Partly(..))
+        ));
+        assert!(matches!(
+            pa("mtls: {mode: STRICT}\nportLevelMtls: {\"8080\": {mode: PERMISSIVE}}").1,
+            Verdict::Partly("PortLevelUnsupported", _)
+        ));
+    }
+
+    /// The CRDs in deploy/ are these types' schemas: regenerate them with
+    /// `AMBIT_WRITE_CRDS=1 cargo test -p ambit-control-plane crds_in_deploy`.
+    #[test]
+    fn kube_crds_in_deploy_are_generated_from_these_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        for (crd, file) in [
+            (
+                AuthorizationPolicy::crd(),
+                "authorizationpolicies.ambit.dev.yaml",
+            ),
+            (
+                PeerAuthentication::crd(),
+                "peerauthentications.ambit.dev.yaml",
+            ),
+        ] {
+            let text = format!(
+                "# Generated from control-plane/src/source/kubernetes/policy.rs by its test\n# kube_crds_in_deploy_are_generated_from_these_types (AMBIT_WRITE_CRDS=1 rewrites it).\n{}",
+                serde_yaml_ng::to_string(&crd).unwrap()
+            );
+            let path = dir.join(file);
+            if std::env::var_os("AMBIT_WRITE_CRDS").is_some() {
+                std::fs::write(&path, &text).unwrap();
+            }
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == text,
+                "{} is not the types' CRD: run AMBIT_WRITE_CRDS=1 cargo test -p ambit-control-plane crds_in_deploy",
+                path.display()
+            );
+        }
+    }
+}

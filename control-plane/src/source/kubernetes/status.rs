@@ -1,0 +1,229 @@
+//! Policy objects as the source keeps them, the mTLS modes PeerAuthentications set, and
+//! writing each Ambit policy object's `Accepted` condition back to its `status`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::{Api, Client, Resource};
+use serde_json::json;
+use tracing::{debug, warn};
+
+use super::View;
+use super::policy::{
+    AuthorizationPolicy, PeerAuthentication, PeerAuthenticationSpec, PolicyStatus, StatusCondition,
+    Verdict, peer_authentication,
+};
+use crate::model::{Labels, selects};
+
+/// A policy object, converted, with what became of it and its current status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyView<T> {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// What the model gets of it (nothing if refused).
+    pub converted: Option<T>,
+    /// What became of it.
+    pub verdict: Verdict,
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+    /// Its `Accepted` condition as stored in the API.
+    pub current: Option<StatusCondition>,
+}
+
+impl<T> PolicyView<T> {
+    /// Converts `o` with `convert(namespace, name)`.
+    pub fn of<K: Resource>(o: &K, convert: impl FnOnce(&str, &str) -> (Option<T>, Verdict)) -> Self
+    where
+        K: serde::Serialize,
+    {
+        let m = o.meta();
+        let namespace = m.namespace.clone().unwrap_or_default();
+        let name = m.name.clone().unwrap_or_default();
+        let (converted, verdict) = convert(&namespace, &name);
+        let current = serde_json::to_value(o)
+            .ok()
+            .and_then(|v| serde_json::from_value::<PolicyStatus>(v["status"].clone()).ok())
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Accepted"));
+        Self {
+            namespace,
+            name,
+            converted,
+            verdict,
+            generation: m.generation,
+            current,
+        }
+    }
+}
+
+/// A PeerAuthentication: the mode it sets (None: UNSET) on what it selects (None: its
+/// namespace, or in the root namespace the mesh).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    /// `STRICT` or `PERMISSIVE`.
+    pub mode: Option<&'static str>,
+    /// Its workload selector.
+    pub selector: Option<Labels>,
+}
+
+/// A PeerAuthentication spec as the source keeps it.
+pub fn peer_view(spec: &PeerAuthenticationSpec) -> (Option<PeerView>, Verdict) {
+    let (mode, verdict) = peer_authentication(spec);
+    let selector = spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone())
+        .filter(|l| !l.is_empty());
+    (Some(PeerView { mode, selector }), verdict)
+}
+
+/// The `spec` of an Istio object.
+pub fn istio_spec<T: serde::de::DeserializeOwned>(o: &DynamicObject) -> Result<T, Verdict> {
+    serde_json::from_value(o.data.get("spec").cloned().unwrap_or(json!({})))
+        .map_err(|e| Verdict::Refused("Invalid", format!("spec: {e}")))
+}
+
+/// The modes PeerAuthentications set, by level.
+#[derive(Debug, Default)]
+pub struct PeerModes<'a> {
+    mesh: Option<&'static str>,
+    namespaces: HashMap<&'a str, &'static str>,
+    /// By namespace: (selector, mode), in name order (the first match wins).
+    workloads: HashMap<&'a str, Vec<(&'a Labels, &'static str)>>,
+}
+
+impl PeerModes<'_> {
+    /// A namespace's mode: its own PeerAuthentication's; else, if it has no
+    /// `ambit.dev/mtls` label, the mesh's.
+    pub fn for_namespace(&self, namespace: &str, labels: &Labels) -> Option<&'static str> {
+        self.namespaces.get(namespace).copied().or_else(|| {
+            (!labels.contains_key(crate::model::MTLS_LABEL))
+                .then_some(self.mesh)
+                .flatten()
+        })
+    }
+
+    /// A workload's own mode (over its namespace's): the first selecting
+    /// PeerAuthentication's.
+    pub fn for_workload(&self, namespace: &str, labels: &Labels) -> Option<&'static str> {
+        self.workloads
+            .get(namespace)?
+            .iter()
+            .find(|(sel, _)| selects(sel, labels))
+            .map(|(_, m)| *m)
+    }
+}
+
+impl View {
+    /// The modes of every PeerAuthentication (Ambit's and Istio's).
+    pub(super) fn peer_modes(&self) -> PeerModes<'_> {
+        let mut modes = PeerModes::default();
+        let mut all: Vec<&PolicyView<PeerView>> = self
+            .peer_authentications
+            .live
+            .values()
+            .chain(self.istio_peer_authentications.live.values())
+            .collect();
+        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for p in all {
+            let Some(PeerView {
+                mode: Some(mode),
+                selector,
+            }) = &p.converted
+            else {
+                continue;
+            };
+            match selector {
+                Some(sel) => modes
+                    .workloads
+                    .entry(p.namespace.as_str())
+                    .or_default()
+                    .push((sel, mode)),
+                None => {
+                    if p.namespace == self.root_namespace {
+                        modes.mesh.get_or_insert(mode);
+                    }
+                    modes.namespaces.entry(p.namespace.as_str()).or_insert(mode);
+                }
+            }
+        }
+        modes
+    }
+}
+
+/// Writes Ambit policy objects' `Accepted` conditions, each only when it changes.
+pub struct StatusWriter {
+    client: Client,
+    /// What was last written per object, so a write is not repeated while its echo (a
+    /// MODIFIED event) is on its way.
+    written: Arc<Mutex<HashMap<(&'static str, String, String), StatusCondition>>>,
+}
+
+impl StatusWriter {
+    /// Writes through `client`.
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            written: Arc::default(),
+        }
+    }
+
+    /// Brings every Ambit policy object's status in line with its verdict.
+    pub(super) fn write(&self, view: &mut View) {
+        for p in view.authorizations.live.values() {
+            self.write_one::<AuthorizationPolicy, _>("AuthorizationPolicy", p);
+        }
+        for p in view.peer_authentications.live.values() {
+            self.write_one::<PeerAuthentication, _>("PeerAuthentication", p);
+        }
+    }
+
+    fn write_one<K, T>(&self, kind: &'static str, p: &PolicyView<T>)
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + 'static,
+    {
+        let mut want = p.verdict.condition(p.generation);
+        let same = |a: &StatusCondition, b: &StatusCondition| {
+            (&a.status, &a.reason, &a.message, a.observed_generation)
+                == (&b.status, &b.reason, &b.message, b.observed_generation)
+        };
+        if p.current.as_ref().is_some_and(|c| same(c, &want)) {
+            return;
+        }
+        let key = (kind, p.namespace.clone(), p.name.clone());
+        {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            if written.get(&key).is_some_and(|c| same(c, &want)) {
+                return;
+            }
+            written.insert(key, want.clone());
+        }
+        want.last_transition_time = match &p.current {
+            Some(c) if c.status == want.status => c.last_transition_time.clone(),
+            _ => serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now()))
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+        };
+        let api: Api<K> = Api::namespaced(self.client.clone(), &p.namespace);
+        let (name, ns) = (p.name.clone(), p.namespace.clone());
+        let patch = json!({"status": {"conditions": [want]}});
+        tokio::spawn(async move {
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => debug!(kind, namespace = %ns, name = %name, "status written"),
+                Err(e) => {
+                    warn!(kind, namespace = %ns, name = %name, "could not write the status: {e}")
+                }
+            }
+        });
+    }
+}
