@@ -76,6 +76,12 @@ impl ApiType {
         keys[i].as_str()
     }
 
+    /// Whether `status` is a subresource (as for CRDs declaring one), not part of the
+    /// object written through the main resource.
+    fn status_subresource(&self) -> bool {
+        matches!(self.group, "ambit.dev" | "security.istio.io")
+    }
+
     fn api_version(&self) -> String {
         if self.group.is_empty() {
             self.version.to_owned()
@@ -317,6 +323,18 @@ impl ApiServer {
             None => json!(1),
         };
         object["metadata"]["generation"] = generation;
+        // Types with a status subresource (the policy CRDs) keep their status when the
+        // main resource is written; `status` is written through `/status` only.
+        if ty.status_subresource() {
+            match old.as_ref().and_then(|o| o.get("status")) {
+                Some(status) => object["status"] = status.clone(),
+                None => {
+                    if let Some(o) = object.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            }
+        }
         if object["metadata"].get("creationTimestamp").is_none() {
             object["metadata"]["creationTimestamp"] = match &old {
                 Some(o) => o["metadata"]["creationTimestamp"].clone(),

@@ -404,3 +404,277 @@ fn kube_api_stand_in_answers_kubectl_get_and_watch() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn ambit(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "ambit.dev/v1alpha1", "kind": kind,
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+fn istio(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": kind,
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// The mesh file describing what `cluster()` plus `policies` describe.
+const CLUSTER_AS_A_MESH_FILE: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - {name: lab, labels: {ambit.dev/mtls: PERMISSIVE}}
+  - {name: shop, labels: {ambit.dev/dataplane: ambient, ambit.dev/mtls: STRICT}}
+nodes: [{name: node-1}, {name: node-2}]
+workloads:
+  - {uid: uid-lab-job-0, name: job-0, namespace: lab, node: node-1, serviceAccount: job-0, ips: [10.244.1.11]}
+  - {uid: uid-shop-canary-0, name: canary-0, namespace: shop, node: node-1, serviceAccount: canary-0,
+     ips: [10.244.1.12], labels: {app: canary, ambit.dev/mtls: PERMISSIVE}}
+  - {uid: uid-shop-web-0, name: web-0, namespace: shop, node: node-1, serviceAccount: web-0, ips: [10.244.1.10], labels: {app: web}}
+  - {uid: uid-shop-web-1, name: web-1, namespace: shop, node: node-2, serviceAccount: web-1, ips: [10.244.2.10], labels: {app: web}}
+services:
+  - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}], selector: {app: web}}
+policies:
+  - name: no-admin-port
+    namespace: shop
+    action: DENY
+    rules: [{to: [{ports: [9090]}]}]
+  - name: no-legacy
+    namespace: shop
+    action: DENY
+    rules: [{from: [{namespaces: [legacy], notIpBlocks: [10.244.0.0/16]}]}]
+  - name: only-with-a-jwt
+    namespace: shop
+    selector: {app: canary}
+    action: ALLOW
+    rules: []
+  - name: web-from-frontend
+    namespace: shop
+    selector: {app: web}
+    action: ALLOW
+    rules:
+      - from: [{principals: [cluster.local/ns/shop/sa/frontend, "*/sa/monitor"]}]
+        to: [{ports: [8080], notPorts: [8081]}]
+"#;
+
+/// The `Accepted` condition an object's status holds about its current spec, as
+/// (status, reason, message).
+fn accepted(api: &ApiServer, kind: &str, ns: &str, name: &str) -> Option<(String, String, String)> {
+    let o = api.get(kind, ns, name)?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?
+        .clone();
+    if c["observedGeneration"] != o["metadata"]["generation"] {
+        return None; // about an older spec
+    }
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    Some((s("status"), s("reason"), s("message")))
+}
+
+async fn until_accepted(
+    api: &ApiServer,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    ok: impl Fn(&(String, String, String)) -> bool,
+) -> (String, String, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = accepted(api, kind, ns, name);
+        if let Some(c) = c.as_ref().filter(|c| ok(c)) {
+            return c.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{kind} {ns}/{name}: its status is {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refused_in_status() {
+    let api = cluster();
+    api.apply(pod(
+        "shop",
+        "canary-0",
+        "node-1",
+        "10.244.1.12",
+        json!({"app": "canary"}),
+    ));
+    // Ambit's objects and Istio's, side by side, as a migration would have them.
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "web-from-frontend",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend", "*/sa/monitor"]}}],
+                          "to": [{"operation": {"ports": ["8080"], "notPorts": ["8081"]}}]}]}),
+    ));
+    api.apply(istio(
+        "AuthorizationPolicy",
+        "shop",
+        "no-legacy",
+        json!({"action": "DENY",
+               "rules": [{"from": [{"source": {"namespaces": ["legacy"], "notIpBlocks": ["10.244.0.0/16"]}}]}]}),
+    ));
+    // L7 fields, failing closed: a DENY rule denies on its L4 part alone; an ALLOW rule
+    // that needs a request principal matches nothing.
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "no-admin-port",
+        json!({"action": "DENY",
+               "rules": [{"to": [{"operation": {"ports": ["9090"], "paths": ["/admin*"]}}]}]}),
+    ));
+    api.apply(istio(
+        "AuthorizationPolicy",
+        "shop",
+        "only-with-a-jwt",
+        json!({"selector": {"matchLabels": {"app": "canary"}},
+               "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}),
+    ));
+    // PeerAuthentication: mesh-wide (the root namespace), per namespace, per workload.
+    api.apply(ambit(
+        "PeerAuthentication",
+        "ambit-system",
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    ));
+    api.apply(istio(
+        "PeerAuthentication",
+        "shop",
+        "strict",
+        json!({"mtls": {"mode": "STRICT"}}),
+    ));
+    api.apply(ambit(
+        "PeerAuthentication",
+        "shop",
+        "canary",
+        json!({"selector": {"matchLabels": {"app": "canary"}}, "mtls": {"mode": "PERMISSIVE"}}),
+    ));
+    // Refused: a waypoint's policy, an unsupported action, invalid values.
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "at-the-waypoint",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+               "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+    ));
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "audit",
+        json!({"action": "AUDIT", "rules": [{}]}),
+    ));
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "bad-port",
+        json!({"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+    ));
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "bad-cidr",
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
+    ));
+
+    let s = source(&api, Duration::ZERO).await;
+    let file =
+        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), CLUSTER_AS_A_MESH_FILE)
+            .expect("the mesh file is valid");
+    let m = s.models.borrow().clone();
+    assert_eq!(m.policies, file.policies);
+    assert_eq!(m.namespaces, file.namespaces);
+    assert_eq!(m.workloads, file.workloads);
+    assert_eq!(*m, file, "the same model, so the same xDS");
+
+    // What became of each Ambit object is in its status; Istio's objects are not
+    // written to (Istio's own control plane may own their status).
+    for (name, status, reason, says) in [
+        ("web-from-frontend", "True", "Accepted", ""),
+        ("no-admin-port", "True", "L7NeedsWaypoint", "paths"),
+        ("at-the-waypoint", "False", "TargetsWaypoint", "waypoint"),
+        ("audit", "False", "UnsupportedAction", "AUDIT"),
+        ("bad-port", "False", "Invalid", "\"http\""),
+        ("bad-cidr", "False", "Invalid", "10.0.0.0/33"),
+    ] {
+        let (st, r, msg) =
+            until_accepted(&api, "AuthorizationPolicy", "shop", name, |_| true).await;
+        assert_eq!((st.as_str(), r.as_str()), (status, reason), "{name}: {msg}");
+        assert!(msg.contains(says), "{name}: {msg:?} should say {says:?}");
+    }
+    let (st, ..) = until_accepted(&api, "PeerAuthentication", "shop", "canary", |_| true).await;
+    assert_eq!(st, "True");
+    assert!(
+        api.get(
+            "security.istio.io/v1/AuthorizationPolicy",
+            "shop",
+            "no-legacy"
+        )
+        .unwrap()
+        .get("status")
+        .is_none()
+    );
+    // Written once each, not again for unrelated changes (nor for their own echoes).
+    let writes = api.status_writes();
+    assert_eq!(
+        writes, 8,
+        "six AuthorizationPolicies and two PeerAuthentications"
+    );
+    api.apply(namespace("lab", json!({ENROLLED: "ambient"})));
+    let mut models = s.models.clone();
+    until(&mut models, "lab enrolled", |m| {
+        enrolled(m).contains(&"job-0")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(api.status_writes(), writes);
+
+    // Fixing an object: it is applied and its condition follows its new generation.
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "bad-port",
+        json!({"rules": [{"to": [{"operation": {"ports": ["8443"]}}]}]}),
+    ));
+    until_accepted(&api, "AuthorizationPolicy", "shop", "bad-port", |c| {
+        c.0 == "True"
+    })
+    .await;
+    let m = until(&mut models, "bad-port applied", |m| {
+        m.policies.keys().any(|k| k.name == "bad-port")
+    })
+    .await;
+    assert_eq!(m.policies.len(), 5);
+    // Breaking a working object (a `spiffe://` principal, which Istio's fields never
+    // carry): refused in status, and its last valid version stays applied, so a typo
+    // neither opens nor closes anything.
+    let before = m.clone();
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "web-from-frontend",
+        json!({"selector": {"matchLabels": {"app": "web"}},
+               "rules": [{"from": [{"source": {"principals": ["spiffe://cluster.local/ns/shop/sa/frontend"]}}]}]}),
+    ));
+    let (_, reason, msg) = until_accepted(
+        &api,
+        "AuthorizationPolicy",
+        "shop",
+        "web-from-frontend",
+        |c| c.0 == "False",
+    )
+    .await;
+    assert_eq!(reason, "Invalid", "{msg}");
+    assert!(msg.contains("generation 1 stays applied"), "{msg}");
+    assert_eq!(*s.models.borrow(), before);
+    // Deleting it withdraws it.
+    api.delete("AuthorizationPolicy", "shop", "web-from-frontend");
+    let m = until(&mut models, "web-from-frontend withdrawn", |m| {
+        m.policies.len() == 4
+    })
+    .await;
+    let mut expected = before.policies.clone();
+    expected.retain(|k, _| k.name != "web-from-frontend");
+    assert_eq!(m.policies, expected);
+}

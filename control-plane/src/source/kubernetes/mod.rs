@@ -344,8 +344,9 @@ impl<V> Default for Table<V> {
 }
 
 impl<V: PartialEq> Table<V> {
-    /// Applies one event; true if the live objects changed.
-    fn event<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> V) -> bool {
+    /// Applies one event, converting objects with `convert(object, its live version)`;
+    /// true if the live objects changed.
+    fn event<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K, Option<&V>) -> V) -> bool {
         let key = |o: &K| {
             let m = o.meta();
             format!(
@@ -356,7 +357,8 @@ impl<V: PartialEq> Table<V> {
         };
         match ev {
             Event::Apply(o) => {
-                let (k, v) = (key(&o), convert(&o));
+                let k = key(&o);
+                let v = convert(&o, self.live.get(&k));
                 if self.live.get(&k) == Some(&v) {
                     return false;
                 }
@@ -369,8 +371,9 @@ impl<V: PartialEq> Table<V> {
                 false
             }
             Event::InitApply(o) => {
-                let v = convert(&o);
-                self.relist.get_or_insert_default().insert(key(&o), v);
+                let k = key(&o);
+                let v = convert(&o, self.live.get(&k));
+                self.relist.get_or_insert_default().insert(k, v);
                 false
             }
             Event::InitDone => {
@@ -444,34 +447,39 @@ impl View {
             }
         };
         let changed = match change {
-            Change::Namespace(ev) => self.namespaces.event(ev, convert::namespace),
-            Change::Node(ev) => self.nodes.event(ev, convert::node),
-            Change::Pod(ev) => self.pods.event(ev, |p| {
+            Change::Namespace(ev) => self.namespaces.event(ev, |n, _| convert::namespace(n)),
+            Change::Node(ev) => self.nodes.event(ev, |n, _| convert::node(n)),
+            Change::Pod(ev) => self.pods.event(ev, |p, _| {
                 let v = convert::pod(p);
                 if let PodView::Skipped(why) = &v {
                     debug!(pod = ?p.metadata.name, namespace = ?p.metadata.namespace, "pod not in the mesh: {why}");
                 }
                 v
             }),
-            Change::Service(ev) => self.services.event(ev, convert::service),
-            Change::Authorization(ev) => self.authorizations.event(ev, |p| {
+            Change::Service(ev) => self.services.event(ev, |s, _| convert::service(s)),
+            Change::Authorization(ev) => self.authorizations.event(ev, |p, old| {
                 PolicyView::of(p, |ns, name| policy::authorization(ns, name, &p.spec))
+                    .keeping_last_valid(old)
             }),
-            Change::PeerAuthentication(ev) => self.peer_authentications.event(ev, |p| {
-                PolicyView::of(p, |_, _| peer_view(&p.spec))
+            Change::PeerAuthentication(ev) => self.peer_authentications.event(ev, |p, old| {
+                PolicyView::of(p, |_, _| peer_view(&p.spec)).keeping_last_valid(old)
             }),
-            Change::IstioAuthorization(ev) => self.istio_authorizations.event(ev, |o| {
+            Change::IstioAuthorization(ev) => self.istio_authorizations.event(ev, |o, old| {
                 PolicyView::of(o, |ns, name| match istio_spec(o) {
                     Ok(spec) => policy::authorization(ns, name, &spec),
                     Err(v) => (None, v),
                 })
+                .keeping_last_valid(old)
             }),
-            Change::IstioPeerAuthentication(ev) => self.istio_peer_authentications.event(ev, |o| {
-                PolicyView::of(o, |_, _| match istio_spec(o) {
-                    Ok(spec) => peer_view(&spec),
-                    Err(v) => (None, v),
+            Change::IstioPeerAuthentication(ev) => {
+                self.istio_peer_authentications.event(ev, |o, old| {
+                    PolicyView::of(o, |_, _| match istio_spec(o) {
+                        Ok(spec) => peer_view(&spec),
+                        Err(v) => (None, v),
+                    })
+                    .keeping_last_valid(old)
                 })
-            }),
+            }
         };
         self.dirty |= changed;
     }

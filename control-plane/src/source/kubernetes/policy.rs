@@ -335,7 +335,13 @@ pub fn authorization(
                 None,
                 Verdict::Refused(
                     "UnsupportedAction",
-                    format!("action {other:?} is not supported: only ALLOW and DENY"),
+                    format!(
+                        "action {} is not supported: only ALLOW and DENY",
+                        serde_json::to_value(other)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?")
+                    ),
                 ),
             );
         }

@@ -30,6 +30,9 @@ pub struct PolicyView<T> {
     pub verdict: Verdict,
     /// Its `metadata.generation`.
     pub generation: Option<i64>,
+    /// The generation `converted` comes from: older than `generation` when the current
+    /// spec is invalid and the last valid one stays applied.
+    pub applied_generation: Option<i64>,
     /// Its `Accepted` condition as stored in the API.
     pub current: Option<StatusCondition>,
 }
@@ -44,6 +47,7 @@ impl<T> PolicyView<T> {
         let namespace = m.namespace.clone().unwrap_or_default();
         let name = m.name.clone().unwrap_or_default();
         let (converted, verdict) = convert(&namespace, &name);
+        let applied_generation = converted.as_ref().and(m.generation);
         let current = serde_json::to_value(o)
             .ok()
             .and_then(|v| serde_json::from_value::<PolicyStatus>(v["status"].clone()).ok())
@@ -54,8 +58,35 @@ impl<T> PolicyView<T> {
             converted,
             verdict,
             generation: m.generation,
+            applied_generation,
             current,
         }
+    }
+
+    /// An invalid edit of a valid object leaves its last valid version applied (as an
+    /// admission webhook's rejection would have), so that a typo cannot silently widen
+    /// or narrow who may connect; its status says so. An object that was never valid,
+    /// or that now targets a waypoint or asks for an unsupported action, is not kept.
+    pub fn keeping_last_valid(mut self, old: Option<&Self>) -> Self
+    where
+        T: Clone,
+    {
+        if let (None, Verdict::Refused("Invalid", msg), Some(old)) =
+            (&self.converted, &self.verdict, old)
+            && old.converted.is_some()
+        {
+            let kept = match old.applied_generation {
+                Some(g) => format!("generation {g}"),
+                None => "the last valid version".into(),
+            };
+            self.verdict = Verdict::Refused(
+                "Invalid",
+                format!("{msg}; {kept} stays applied until this is fixed"),
+            );
+            self.converted = old.converted.clone();
+            self.applied_generation = old.applied_generation;
+        }
+        self
     }
 }
 
