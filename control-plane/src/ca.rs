@@ -313,8 +313,3 @@ impl CertificateService for CaService {
         }))
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}

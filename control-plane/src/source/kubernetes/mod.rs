@@ -604,7 +604,7 @@ mod tests {
     #[test]
     fn a_relist_replaces_a_kind_at_once_and_never_shows_half_of_it() {
         let mut t: Table<Option<NamespaceSpec>> = Table::default();
-        let conv = convert::namespace;
+        let conv = |n: &_, _: Option<&_>| convert::namespace(n);
         assert!(!t.event(Event::Init, conv));
         assert!(!t.event(Event::InitApply(ns("a", true)), conv));
         assert!(!t.synced && t.live.is_empty(), "nothing before InitDone");
