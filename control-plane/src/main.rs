@@ -33,6 +33,16 @@ enum SourceKind {
     Kubernetes,
 }
 
+/// How callers of xDS and the CA prove which node they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuthKind {
+    /// Per-node bootstrap tokens in `--node-tokens-dir` (the simulated cluster).
+    NodeTokens,
+    /// Pod-bound ServiceAccount tokens (audience `ambit-ca`) of `--agent-service-account`,
+    /// checked with TokenReview; the node is the bound pod's.
+    Kubernetes,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Where the mesh comes from.
@@ -77,9 +87,28 @@ struct RunArgs {
     #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "0.0.0.0:15014")]
     metrics_addr: std::net::SocketAddr,
     /// Directory of the root CA (`root-cert.pem`, `root-key.pem`); created with a new root
-    /// on first start.
+    /// on first start. Not used with `--ca-secret`.
     #[arg(long, env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
     ca_dir: PathBuf,
+    /// For `--source kubernetes`: keep the root CA in this Secret of the control plane's
+    /// namespace (created with a new root by the first replica), instead of `--ca-dir`.
+    #[arg(long, env = "AMBIT_CA_SECRET")]
+    ca_secret: Option<String>,
+    /// For `--source kubernetes`: publish the root certificate in this ConfigMap of the
+    /// control plane's namespace (key `root-cert.pem`), for agents' `--xds-root-cert`.
+    #[arg(long, env = "AMBIT_ROOT_CERT_CONFIGMAP")]
+    root_cert_configmap: Option<String>,
+    /// How callers authenticate (default: `kubernetes` with `--source kubernetes`,
+    /// `node-tokens` with `--source file`).
+    #[arg(long, env = "AMBIT_AUTHENTICATE", value_enum)]
+    authenticate: Option<AuthKind>,
+    /// The node agents' ServiceAccount (`namespace/name`), for `--authenticate kubernetes`.
+    #[arg(
+        long,
+        env = "AMBIT_AGENT_SERVICE_ACCOUNT",
+        default_value = "ambit-system/ambit-agent"
+    )]
+    agent_service_account: String,
     /// Directory of per-node bootstrap credentials (`<node>.token`, created for new nodes).
     #[arg(
         long,
@@ -106,11 +135,13 @@ struct RunArgs {
     log: String,
 }
 
-/// What every source gives the server: the model, its problems, and why a change is held.
+/// What every source gives the server: the model, its problems, and why a change is held;
+/// and, for the Kubernetes source, its API client.
 struct Source {
     models: tokio::sync::watch::Receiver<std::sync::Arc<ambit_control_plane::model::Model>>,
     errors: tokio::sync::watch::Receiver<Option<String>>,
     held: tokio::sync::watch::Receiver<Option<String>>,
+    client: Option<kube::Client>,
 }
 
 async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
@@ -128,6 +159,7 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
                 models: s.models,
                 errors: s.errors,
                 held: s.held,
+                client: None,
             }
         }
         SourceKind::Kubernetes => {
@@ -147,11 +179,12 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
                 root_namespace: args.root_namespace.clone(),
                 istio_policies: args.watch_istio_policies,
             };
-            let s = kubernetes::KubeSource::start(client, options).await;
+            let s = kubernetes::KubeSource::start(client.clone(), options).await;
             Source {
                 models: s.models,
                 errors: s.errors,
                 held: s.held,
+                client: Some(client),
             }
         }
     })
@@ -175,33 +208,74 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_listener,
         metrics,
     ));
-    let ca = CertificateAuthority::load_or_create(
-        &args.ca_dir,
+    let (ttl, max_ttl) = (
         Duration::from_secs(args.cert_ttl_s),
         Duration::from_secs(args.max_cert_ttl_s),
-    )?;
-    let tokens = std::sync::Arc::new(NodeTokens::new(args.node_tokens_dir.clone())?);
-    tokens.ensure(&source.models.borrow())?;
-    {
-        // New nodes in the mesh file get a credential too.
-        let (tokens, mut models) = (tokens.clone(), source.models.clone());
-        tokio::spawn(async move {
-            while models.changed().await.is_ok() {
-                let model = models.borrow_and_update().clone();
-                if let Err(e) = tokens.ensure(&model) {
-                    tracing::warn!("creating node credentials: {e}");
-                }
-            }
-        });
+    );
+    let needs_client = |flag: &str| {
+        source.client.clone().ok_or_else(|| {
+            anyhow::anyhow!("{flag} needs --source kubernetes (it uses the cluster's API)")
+        })
+    };
+    let ca = match &args.ca_secret {
+        Some(name) => {
+            let client = needs_client("--ca-secret")?;
+            let (cert, key) = ambit_control_plane::ca::secret::load_or_create(
+                &client,
+                &args.root_namespace,
+                name,
+            )
+            .await?;
+            CertificateAuthority::from_pem(&cert, &key, ttl, max_ttl)?
+        }
+        None => CertificateAuthority::load_or_create(&args.ca_dir, ttl, max_ttl)?,
+    };
+    if let Some(name) = &args.root_cert_configmap {
+        let client = needs_client("--root-cert-configmap")?;
+        ambit_control_plane::ca::secret::publish_root(
+            &client,
+            &args.root_namespace,
+            name,
+            ca.root_pem(),
+        )
+        .await?;
     }
+    let auth_kind = args.authenticate.unwrap_or(match args.source {
+        SourceKind::File => AuthKind::NodeTokens,
+        SourceKind::Kubernetes => AuthKind::Kubernetes,
+    });
+    let auth: std::sync::Arc<dyn ambit_control_plane::auth::Authenticator> = match auth_kind {
+        AuthKind::Kubernetes => {
+            let client = needs_client("--authenticate kubernetes")?;
+            tracing::info!(agents = %args.agent_service_account, "callers authenticate with pod-bound ServiceAccount tokens (TokenReview)");
+            std::sync::Arc::new(
+                ambit_control_plane::auth::kubernetes::TokenReviews::new(
+                    client,
+                    &args.agent_service_account,
+                )
+                .map_err(|e| anyhow::anyhow!("--agent-service-account: {e}"))?,
+            )
+        }
+        AuthKind::NodeTokens => {
+            let tokens = std::sync::Arc::new(NodeTokens::new(args.node_tokens_dir.clone())?);
+            tokens.ensure(&source.models.borrow())?;
+            // New nodes in the mesh get a credential too.
+            let (t, mut models) = (tokens.clone(), source.models.clone());
+            tokio::spawn(async move {
+                while models.changed().await.is_ok() {
+                    let model = models.borrow_and_update().clone();
+                    if let Err(e) = t.ensure(&model) {
+                        tracing::warn!("creating node credentials: {e}");
+                    }
+                }
+            });
+            tokens
+        }
+    };
     let (cert, key) =
         ca.server_certificate(&args.server_names, Duration::from_secs(365 * 86_400))?;
-    let ca = CaService::new(
-        std::sync::Arc::new(ca),
-        tokens.clone(),
-        source.models.clone(),
-    );
-    let ads = ads.authenticated_by(tokens);
+    let ca = CaService::new(std::sync::Arc::new(ca), auth.clone(), source.models.clone());
+    let ads = ads.authenticated_by(auth);
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert, key));
     let listener = tokio::net::TcpListener::bind(args.xds_addr).await?;

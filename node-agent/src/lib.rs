@@ -240,14 +240,17 @@ fn start_control(
                 })?),
                 None => None,
             };
-            Some(
-                ambit_xds::channel::ControlPlane::new(
-                    address,
-                    node_credential.as_deref(),
-                    root.as_deref(),
-                )
-                .with_context(|| format!("the control plane address {address:?}"))?,
-            )
+            Some({
+                let cp = ambit_xds::channel::ControlPlane::new(address, None, root.as_deref())
+                    .with_context(|| format!("the control plane address {address:?}"))?;
+                // Read again for every call: a projected ServiceAccount token rotates.
+                match &config.node_credential_file {
+                    Some(path) => cp
+                        .with_credential_file(path)
+                        .with_context(|| format!("the node credential {}", path.display()))?,
+                    None => cp,
+                }
+            })
         }
         None => None,
     };

@@ -28,7 +28,7 @@
 //! whole list is one page, which clients must accept), protobuf encoding, TLS and
 //! authentication.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -157,6 +157,27 @@ pub static TYPES: &[ApiType] = &[
         namespaced: true,
     },
     ApiType {
+        group: "",
+        version: "v1",
+        kind: "Secret",
+        plural: "secrets",
+        namespaced: true,
+    },
+    ApiType {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        namespaced: true,
+    },
+    ApiType {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "TokenReview",
+        plural: "tokenreviews",
+        namespaced: false,
+    },
+    ApiType {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -190,6 +211,29 @@ struct State {
     uids: u64,
     /// Status subresource writes taken.
     status_writes: u64,
+    /// ServiceAccount tokens TokenReview knows, with the uid of the pod each was bound to.
+    tokens: HashMap<String, (Token, Option<Value>)>,
+    /// TokenReviews answered.
+    reviews: u64,
+}
+
+/// A ServiceAccount token the stand-in's TokenReview knows, as the kubelet would get it
+/// for a pod through the TokenRequest API.
+#[derive(Clone, Debug)]
+pub struct Token {
+    /// Its ServiceAccount `(namespace, name)`.
+    pub service_account: (String, String),
+    /// The pod it is bound to, by name, in the ServiceAccount's namespace (`None`: a
+    /// legacy, unbound token). The token is valid only while that pod exists with the
+    /// uid it had when the token was issued.
+    pub pod: Option<String>,
+    /// Put the pod's node in the review's `extra` (as Kubernetes 1.32 does), or not (as
+    /// older API servers do).
+    pub node_in_extra: bool,
+    /// Its audiences.
+    pub audiences: Vec<String>,
+    /// Past its expiry.
+    pub expired: bool,
 }
 
 struct Shared {
@@ -201,6 +245,96 @@ struct Shared {
     bookmark: watch::Sender<u64>,
     /// Watches answered with 410 Gone.
     expired: std::sync::atomic::AtomicUsize,
+}
+
+impl Shared {
+    /// Creates or replaces an object (`kind`, `apiVersion`, `metadata.name` and, for a
+    /// namespaced type, `metadata.namespace` must be set); returns its resourceVersion.
+    fn apply(&self, mut object: Value) -> u64 {
+        let ty = type_of(&object);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
+        let namespace = if ty.namespaced {
+            object["metadata"]["namespace"]
+                .as_str()
+                .expect("metadata.namespace")
+                .to_owned()
+        } else {
+            String::new()
+        };
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let key = (ty.key(), namespace.clone(), name);
+        let old = st.objects.get(&key).cloned();
+        let meta = &mut object["metadata"];
+        meta["resourceVersion"] = json!(rv.to_string());
+        if meta.get("uid").and_then(Value::as_str).is_none() {
+            meta["uid"] = match &old {
+                Some(o) => o["metadata"]["uid"].clone(),
+                None => {
+                    st.uids += 1;
+                    json!(format!("00000000-0000-4000-8000-{:012}", st.uids))
+                }
+            };
+        }
+        // As the API server does: generation counts spec changes, not status writes.
+        let generation = match &old {
+            Some(o) if o.get("spec") == object.get("spec") => o["metadata"]["generation"].clone(),
+            Some(o) => json!(o["metadata"]["generation"].as_i64().unwrap_or(0) + 1),
+            None => json!(1),
+        };
+        object["metadata"]["generation"] = generation;
+        // Types with a status subresource (the policy CRDs) keep their status when the
+        // main resource is written; `status` is written through `/status` only.
+        if ty.status_subresource() {
+            match old.as_ref().and_then(|o| o.get("status")) {
+                Some(status) => object["status"] = status.clone(),
+                None => {
+                    if let Some(o) = object.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            }
+        }
+        if object["metadata"].get("creationTimestamp").is_none() {
+            object["metadata"]["creationTimestamp"] = match &old {
+                Some(o) => o["metadata"]["creationTimestamp"].clone(),
+                None => json!("2026-12-02T00:00:00Z"),
+            };
+        }
+        st.objects.insert(key, object.clone());
+        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(&mut st, ty, namespace, kind, object, rv);
+        rv
+    }
+
+    fn record(
+        &self,
+        st: &mut State,
+        ty: &'static ApiType,
+        namespace: String,
+        kind: &'static str,
+        object: Value,
+        rv: u64,
+    ) {
+        let ev = Arc::new(WatchEvent {
+            rv,
+            plural: ty.key(),
+            namespace,
+            kind,
+            object,
+        });
+        st.log.push_back(ev.clone());
+        while st.log.len() > LOG_LEN {
+            let gone = st.log.pop_front().expect("not empty");
+            st.oldest = gone.rv;
+        }
+        // Sent under the lock, so watchers see events in resourceVersion order.
+        let _ = self.events.send(ev);
+    }
 }
 
 /// A running stand-in; dropping it stops it.
@@ -230,6 +364,8 @@ impl ApiServer {
                 forbidden: HashSet::new(),
                 uids: 0,
                 status_writes: 0,
+                tokens: HashMap::new(),
+                reviews: 0,
             }),
             events: broadcast::channel(65_536).0,
             cut: watch::channel(0).0,
@@ -286,65 +422,26 @@ impl ApiServer {
 
     /// Creates or replaces an object (`kind`, `apiVersion`, `metadata.name` and, for a
     /// namespaced type, `metadata.namespace` must be set); returns its resourceVersion.
-    pub fn apply(&self, mut object: Value) -> u64 {
-        let ty = type_of(&object);
-        let name = object["metadata"]["name"]
-            .as_str()
-            .expect("metadata.name")
-            .to_owned();
-        let namespace = if ty.namespaced {
-            object["metadata"]["namespace"]
-                .as_str()
-                .expect("metadata.namespace")
-                .to_owned()
-        } else {
-            String::new()
-        };
+    pub fn apply(&self, object: Value) -> u64 {
+        self.shared.apply(object)
+    }
+
+    /// Issues `token` for TokenReview to know.
+    pub fn issue_token(&self, token: &str, t: Token) {
         let mut st = self.shared.state.lock().unwrap();
-        st.rv += 1;
-        let rv = st.rv;
-        let key = (ty.key(), namespace.clone(), name);
-        let old = st.objects.get(&key).cloned();
-        let meta = &mut object["metadata"];
-        meta["resourceVersion"] = json!(rv.to_string());
-        if meta.get("uid").and_then(Value::as_str).is_none() {
-            meta["uid"] = match &old {
-                Some(o) => o["metadata"]["uid"].clone(),
-                None => {
-                    st.uids += 1;
-                    json!(format!("00000000-0000-4000-8000-{:012}", st.uids))
-                }
-            };
-        }
-        // As the API server does: generation counts spec changes, not status writes.
-        let generation = match &old {
-            Some(o) if o.get("spec") == object.get("spec") => o["metadata"]["generation"].clone(),
-            Some(o) => json!(o["metadata"]["generation"].as_i64().unwrap_or(0) + 1),
-            None => json!(1),
-        };
-        object["metadata"]["generation"] = generation;
-        // Types with a status subresource (the policy CRDs) keep their status when the
-        // main resource is written; `status` is written through `/status` only.
-        if ty.status_subresource() {
-            match old.as_ref().and_then(|o| o.get("status")) {
-                Some(status) => object["status"] = status.clone(),
-                None => {
-                    if let Some(o) = object.as_object_mut() {
-                        o.remove("status");
-                    }
-                }
-            }
-        }
-        if object["metadata"].get("creationTimestamp").is_none() {
-            object["metadata"]["creationTimestamp"] = match &old {
-                Some(o) => o["metadata"]["creationTimestamp"].clone(),
-                None => json!("2026-12-02T00:00:00Z"),
-            };
-        }
-        st.objects.insert(key, object.clone());
-        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        self.record(&mut st, ty, namespace, kind, object, rv);
-        rv
+        let uid = t.pod.as_ref().map(|p| {
+            let key = ("/pods", t.service_account.0.clone(), p.clone());
+            st.objects
+                .get(&key)
+                .unwrap_or_else(|| panic!("no pod {p} to bind the token to"))["metadata"]["uid"]
+                .clone()
+        });
+        st.tokens.insert(token.to_owned(), (t, uid));
+    }
+
+    /// How many TokenReviews were answered.
+    pub fn token_reviews(&self) -> u64 {
+        self.shared.state.lock().unwrap().reviews
     }
 
     /// Deletes an object (`kind`: `Pod`, or `security.istio.io/v1/AuthorizationPolicy`
@@ -373,20 +470,7 @@ impl ApiServer {
         object: Value,
         rv: u64,
     ) {
-        let ev = Arc::new(WatchEvent {
-            rv,
-            plural: ty.key(),
-            namespace,
-            kind,
-            object,
-        });
-        st.log.push_back(ev.clone());
-        while st.log.len() > LOG_LEN {
-            let gone = st.log.pop_front().expect("not empty");
-            st.oldest = gone.rv;
-        }
-        // Sent under the lock, so watchers see events in resourceVersion order.
-        let _ = self.shared.events.send(ev);
+        self.shared.record(st, ty, namespace, kind, object, rv)
     }
 
     /// An object as stored, if it exists.
@@ -656,11 +740,14 @@ async fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Re
     if req.method() == hyper::Method::PATCH {
         return patch_status(shared, req).await;
     }
+    if req.method() == hyper::Method::POST || req.method() == hyper::Method::PUT {
+        return write(shared, req).await;
+    }
     if req.method() != hyper::Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            format!("the stand-in serves reads only, not {}", req.method()),
+            format!("the stand-in does not serve {}", req.method()),
         );
     }
     let q = query(&req);
@@ -825,6 +912,171 @@ async fn patch_status(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>)
     st.log.push_back(ev.clone());
     let _ = shared.events.send(ev);
     json_response(StatusCode::OK, &object)
+}
+
+/// POST to a collection (create; TokenReview) or PUT to an object (replace, refused
+/// with 409 Conflict if the body's resourceVersion is not the stored one).
+async fn write(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let put = req.method() == hyper::Method::PUT;
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "unreadable body".into(),
+        );
+    };
+    let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let (ty, namespace, name) = match route(&path) {
+        Some(Target::Collection { ty, namespace }) if !put => {
+            if ty.kind == "TokenReview" {
+                return json_response(StatusCode::CREATED, &token_review(shared, object));
+            }
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (ty, namespace.unwrap_or_default().to_owned(), name)
+        }
+        Some(Target::Object {
+            ty,
+            namespace,
+            name,
+        }) if put => (ty, namespace.to_owned(), name.to_owned()),
+        _ => {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("the stand-in cannot write {path} this way"),
+            );
+        }
+    };
+    if name.is_empty() || object["metadata"]["name"].as_str() != Some(name.as_str()) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "metadata.name is missing or is not the path's".into(),
+        );
+    }
+    object["apiVersion"] = json!(ty.api_version());
+    object["kind"] = json!(ty.kind);
+    if ty.namespaced {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
+    {
+        let st = shared.state.lock().unwrap();
+        let stored = st.objects.get(&(ty.key(), namespace.clone(), name.clone()));
+        match (put, stored) {
+            (false, Some(_)) => {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("{} \"{name}\" already exists", ty.plural),
+                );
+            }
+            (true, None) => {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{} \"{name}\" not found", ty.plural),
+                );
+            }
+            (true, Some(o)) => {
+                let sent = object["metadata"]["resourceVersion"].as_str();
+                if sent.is_some_and(|v| Some(v) != o["metadata"]["resourceVersion"].as_str()) {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!(
+                            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                            ty.plural
+                        ),
+                    );
+                }
+            }
+            (false, None) => {}
+        }
+    }
+    shared.apply(object);
+    let stored = shared.state.lock().unwrap().objects[&(ty.key(), namespace, name)].clone();
+    let code = if put {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    json_response(code, &stored)
+}
+
+/// Answers a TokenReview as the API server's ServiceAccount token authenticator does.
+fn token_review(shared: &Shared, mut review: Value) -> Value {
+    const DEFAULT_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+    let mut st = shared.state.lock().unwrap();
+    st.reviews += 1;
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => vec![DEFAULT_AUDIENCE.to_owned()],
+    };
+    let refuse = |why: String| json!({"authenticated": false, "error": format!("[invalid bearer token, {why}]")});
+    let answer = match st.tokens.get(token) {
+        None => refuse("square/go-jose: error in cryptographic primitive".into()),
+        Some((t, _)) if t.expired => refuse("service account token has expired".into()),
+        Some((t, uid)) => {
+            let both: Vec<&String> = t.audiences.iter().filter(|a| wanted.contains(a)).collect();
+            let (ns, sa) = &t.service_account;
+            let pod = t
+                .pod
+                .as_ref()
+                .map(|p| st.objects.get(&("/pods", ns.clone(), p.clone())))
+                .map(|p| p.filter(|p| Some(&p["metadata"]["uid"]) == uid.as_ref()));
+            if both.is_empty() {
+                refuse(format!(
+                    "token audiences {:?} is invalid for the target audiences {:?}",
+                    t.audiences, wanted
+                ))
+            } else if let Some(None) = pod {
+                refuse(format!(
+                    "pod \"{}\" not found",
+                    t.pod.as_deref().unwrap_or_default()
+                ))
+            } else {
+                let mut extra = serde_json::Map::new();
+                if let Some(Some(p)) = &pod {
+                    extra.insert(
+                        "authentication.kubernetes.io/pod-name".into(),
+                        json!([p["metadata"]["name"]]),
+                    );
+                    extra.insert(
+                        "authentication.kubernetes.io/pod-uid".into(),
+                        json!([p["metadata"]["uid"]]),
+                    );
+                    if t.node_in_extra {
+                        extra.insert(
+                            "authentication.kubernetes.io/node-name".into(),
+                            json!([p["spec"]["nodeName"]]),
+                        );
+                    }
+                }
+                json!({"authenticated": true, "audiences": both,
+                       "user": {"username": format!("system:serviceaccount:{ns}:{sa}"),
+                                "uid": format!("uid-sa-{ns}-{sa}"),
+                                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                                "extra": extra}})
+            }
+        }
+    };
+    review["status"] = answer;
+    review["metadata"] = json!({"creationTimestamp": null});
+    review
 }
 
 /// RFC 7386 JSON merge patch.

@@ -34,7 +34,26 @@ pub enum ChannelError {
 pub struct ControlPlane {
     address: String,
     channel: Channel,
-    credential: Option<MetadataValue<tonic::metadata::Ascii>>,
+    credential: Option<Credential>,
+}
+
+/// What the caller presents.
+#[derive(Clone, Debug)]
+enum Credential {
+    /// A fixed token.
+    Token(MetadataValue<tonic::metadata::Ascii>),
+    /// A token file read again for every call (a Kubernetes projected ServiceAccount
+    /// token, which the kubelet rotates), with the last good value for when a read fails.
+    File(
+        std::path::PathBuf,
+        std::sync::Arc<std::sync::Mutex<Option<MetadataValue<tonic::metadata::Ascii>>>>,
+    ),
+}
+
+fn bearer(token: &str) -> Result<MetadataValue<tonic::metadata::Ascii>, ChannelError> {
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| ChannelError::Credential)
 }
 
 impl ControlPlane {
@@ -68,18 +87,25 @@ impl ControlPlane {
         } else {
             endpoint
         };
-        let credential = credential
-            .map(|c| {
-                format!("Bearer {c}")
-                    .parse()
-                    .map_err(|_| ChannelError::Credential)
-            })
-            .transpose()?;
+        let credential = credential.map(bearer).transpose()?.map(Credential::Token);
         Ok(Self {
             address: address.to_owned(),
             channel: endpoint.connect_lazy(),
             credential,
         })
+    }
+
+    /// Presents the token in `path` instead, read again for every call, so a rotated
+    /// token (the kubelet refreshes projected ServiceAccount tokens) is picked up. Fails
+    /// if the file cannot be read now.
+    pub fn with_credential_file(mut self, path: &std::path::Path) -> Result<Self, ChannelError> {
+        let token = std::fs::read_to_string(path).map_err(|_| ChannelError::Credential)?;
+        let value = bearer(&token)?;
+        self.credential = Some(Credential::File(
+            path.to_owned(),
+            std::sync::Arc::new(std::sync::Mutex::new(Some(value))),
+        ));
+        Ok(self)
     }
 
     /// Where the control plane is.
@@ -99,9 +125,28 @@ impl ControlPlane {
 
     /// Adds the credential (if any) to a request.
     pub fn authorize<T>(&self, req: &mut tonic::Request<T>) {
-        if let Some(c) = &self.credential {
-            req.metadata_mut().insert("authorization", c.clone());
-        }
+        let value = match &self.credential {
+            None => return,
+            Some(Credential::Token(v)) => v.clone(),
+            Some(Credential::File(path, last)) => {
+                let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+                match std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| bearer(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(v) => *last = Some(v),
+                    Err(e) => tracing::warn!(
+                        file = %path.display(),
+                        "re-reading the credential: {e}; presenting the last one read"
+                    ),
+                }
+                match last.clone() {
+                    Some(v) => v,
+                    None => return,
+                }
+            }
+        };
+        req.metadata_mut().insert("authorization", value);
     }
 }
 
@@ -127,5 +172,24 @@ mod tests {
         let mut req = tonic::Request::new(());
         cp.authorize(&mut req);
         assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer tok");
+
+        // A token file is read again for every call; a failed read keeps the last token.
+        let path = std::env::temp_dir().join(format!("ambit-credential-{}", std::process::id()));
+        std::fs::write(&path, "one\n").unwrap();
+        let cp = cp.with_credential_file(&path).unwrap();
+        let header = |cp: &ControlPlane| {
+            let mut req = tonic::Request::new(());
+            cp.authorize(&mut req);
+            req.metadata().get("authorization").unwrap().clone()
+        };
+        assert_eq!(header(&cp), "Bearer one");
+        std::fs::write(&path, "two").unwrap();
+        assert_eq!(header(&cp), "Bearer two");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(header(&cp), "Bearer two");
+        assert!(matches!(
+            cp.with_credential_file(&path),
+            Err(ChannelError::Credential)
+        ));
     }
 }

@@ -4,7 +4,10 @@
 //! the caller claims.
 //!
 //! - [`NodeTokens`]: the file source's per-node bootstrap tokens (the simulated cluster);
-//! - Kubernetes ServiceAccount tokens can replace them by implementing [`Authenticator`].
+//! - [`kubernetes::TokenReviews`]: pod-bound Kubernetes ServiceAccount tokens, checked
+//!   with the API server's TokenReview; the node is the bound pod's.
+
+pub mod kubernetes;
 
 use std::io;
 use std::path::PathBuf;
@@ -30,20 +33,18 @@ pub async fn authenticate(
         .ok_or_else(|| {
             Status::unauthenticated("missing `authorization: Bearer <node credential>`")
         })?;
-    match auth.node_of(credential).await {
-        Some(node) => Ok(node),
-        None => {
-            warn!("refused a request with an unknown credential");
-            Err(Status::unauthenticated("unknown node credential"))
-        }
-    }
+    auth.node_of(credential).await.inspect_err(|e| {
+        warn!(code = ?e.code(), "refused a caller: {}", e.message());
+    })
 }
 
 /// Who is calling: maps a bearer credential to a node name.
 #[tonic::async_trait]
 pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
-    /// The node `credential` authenticates, if any.
-    async fn node_of(&self, credential: &str) -> Option<String>;
+    /// The node `credential` authenticates; or why not, as the status to answer with
+    /// (`UNAUTHENTICATED` for a bad credential, `PERMISSION_DENIED` for a good one that
+    /// may not act as a node, `UNAVAILABLE` when it cannot be checked now).
+    async fn node_of(&self, credential: &str) -> Result<String, Status>;
 }
 
 /// File-mode bootstrap credentials: `<dir>/<node>.token`, one random token per node,
@@ -111,7 +112,7 @@ impl NodeTokens {
 
 #[tonic::async_trait]
 impl Authenticator for NodeTokens {
-    async fn node_of(&self, credential: &str) -> Option<String> {
+    async fn node_of(&self, credential: &str) -> Result<String, Status> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         // Compare with every token, so the time taken says nothing about which matched.
         let mut found = None;
@@ -120,7 +121,7 @@ impl Authenticator for NodeTokens {
                 found = Some(node.clone());
             }
         }
-        found
+        found.ok_or_else(|| Status::unauthenticated("unknown node credential"))
     }
 }
 
@@ -143,12 +144,12 @@ mod tests {
         };
         tokens.ensure(&model).unwrap();
         let t1 = std::fs::read_to_string(dir.join("n1.token")).unwrap();
-        assert_eq!(tokens.node_of(&t1).await.as_deref(), Some("n1"));
-        assert_eq!(tokens.node_of("nope").await, None);
-        assert_eq!(tokens.node_of("").await, None);
+        assert_eq!(tokens.node_of(&t1).await.unwrap(), "n1");
+        assert!(tokens.node_of("nope").await.is_err());
+        assert!(tokens.node_of("").await.is_err());
         // Authentication reads no file: removing them changes nothing until a reload.
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(tokens.node_of(&t1).await.as_deref(), Some("n1"));
+        assert_eq!(tokens.node_of(&t1).await.unwrap(), "n1");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! identities, for node agents, one node's workloads at a time.
 //!
 //! - The root (ECDSA P-256) is read from `<ca-dir>/root-cert.pem` and `root-key.pem`, or
-//!   generated on first start and written there (the key with mode 0600).
+//!   generated on first start and written there (the key with mode 0600); on Kubernetes
+//!   it lives in a Secret shared by the replicas ([`secret`]).
 //! - A caller authenticates as a node ([`crate::auth`]) and may obtain certificates only for identities of workloads
 //!   that the current model places on that node. Everything else is refused and logged.
 //! - Only the CSR's public key and its single SPIFFE URI SAN are used: the certificate's
@@ -26,6 +27,8 @@ use tracing::{info, warn};
 
 use ambit_identity::Identity;
 
+pub mod secret;
+
 use crate::auth::Authenticator;
 use crate::model::Model;
 
@@ -48,6 +51,34 @@ pub enum CaError {
         /// Why.
         source: rcgen::Error,
     },
+}
+
+/// A new self-signed root (ECDSA P-256, ten years): `(certificate PEM, key PEM)`.
+pub fn generate_root() -> Result<(String, String), CaError> {
+    let crypto = |what| move |source| CaError::Crypto { what, source };
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(crypto("generating the root key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Ambit");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Ambit root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+    params.serial_number = Some(random_serial());
+    let cert = params
+        .self_signed(&key)
+        .map_err(crypto("signing the root"))?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// The signing half of the CA.
@@ -78,47 +109,36 @@ impl CertificateAuthority {
             let path = path.to_owned();
             move |source| CaError::Io { path, source }
         };
-        let crypto = |what| move |source| CaError::Crypto { what, source };
-        let (root_pem, key) = if cert_path.exists() {
+        let (cert_pem, key_pem) = if cert_path.exists() {
             let pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
             let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(crypto("reading the root key"))?;
             info!(cert = %cert_path.display(), "loaded the root CA");
-            (pem, key)
+            (pem, key_pem)
         } else {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .map_err(crypto("generating the root key"))?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = DistinguishedName::new();
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, "Ambit");
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "Ambit root CA");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
-            params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
-            params.serial_number = Some(random_serial());
-            let cert = params
-                .self_signed(&key)
-                .map_err(crypto("signing the root"))?;
-            write_private(&key_path, &key.serialize_pem()).map_err(io_err(&key_path))?;
-            std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+            let (cert, key) = generate_root()?;
+            write_private(&key_path, &key).map_err(io_err(&key_path))?;
+            std::fs::write(&cert_path, &cert).map_err(io_err(&cert_path))?;
             info!(cert = %cert_path.display(), "generated a new root CA");
-            (cert.pem(), key)
+            (cert, key)
         };
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key)
+        Self::from_pem(&cert_pem, &key_pem, default_ttl, max_ttl)
+    }
+
+    /// The CA of this root certificate and key (PEM).
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let crypto = |what| move |source| CaError::Crypto { what, source };
+        let key = KeyPair::from_pem(key_pem).map_err(crypto("reading the root key"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(crypto("reading the root certificate"))?;
         Ok(Self {
             issuer,
-            root_pem,
+            root_pem: cert_pem.to_owned(),
             default_ttl,
             max_ttl,
         })

@@ -1,0 +1,188 @@
+//! Kubernetes callers: a node agent presents its pod's projected ServiceAccount token
+//! (audience [`AUDIENCE`]); the API server's TokenReview says whose it is, and the node
+//! it speaks for is the one the token's bound pod is scheduled on.
+//!
+//! A token is accepted only if the API server authenticates it for [`AUDIENCE`], it
+//! belongs to the agents' ServiceAccount, and it is bound to a pod (so it dies with the
+//! pod) that is still that pod (same uid) and is scheduled on a node. The node comes
+//! from the review's `authentication.kubernetes.io/node-name` extra when the API server
+//! sets it (Kubernetes 1.32 does, by default), else from the bound pod's `spec.nodeName`.
+//!
+//! Accepted tokens are remembered for [`CACHE_FOR`], so an agent's reconnects do not
+//! each cost a review; a deleted pod's token therefore works for at most that long.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tonic::Status;
+use tracing::debug;
+
+use super::Authenticator;
+
+/// The audience node agents' tokens must be issued for.
+pub const AUDIENCE: &str = "ambit-ca";
+
+/// How long an accepted token is remembered.
+pub const CACHE_FOR: Duration = Duration::from_secs(30);
+
+/// At most this many tokens are remembered (then the memory starts over).
+const CACHE_MAX: usize = 10_000;
+
+const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+/// Authenticates callers with TokenReview.
+pub struct TokenReviews {
+    client: Client,
+    /// `system:serviceaccount:<namespace>:<name>` of the node agents.
+    agents: String,
+    /// SHA-256 of a token → (its node, until when that answer stands).
+    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl std::fmt::Debug for TokenReviews {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviews")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenReviews {
+    /// Accepts the tokens of ServiceAccount `agents` (`namespace/name`).
+    pub fn new(client: Client, agents: &str) -> Result<Self, String> {
+        let (ns, name) = agents
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            .ok_or_else(|| format!("{agents:?} is not a ServiceAccount as <namespace>/<name>"))?;
+        Ok(Self {
+            client,
+            agents: format!("system:serviceaccount:{ns}:{name}"),
+            cache: Mutex::default(),
+        })
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(key)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(node, _)| node.clone())
+    }
+
+    async fn review(&self, token: &str) -> Result<String, Status> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![AUDIENCE.to_owned()]),
+            },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("the TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(Status::unauthenticated(format!(
+                "the API server refuses the token: {why}"
+            )));
+        }
+        if !status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == AUDIENCE))
+        {
+            return Err(Status::unauthenticated(format!(
+                "the token is not for the audience {AUDIENCE:?}"
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.agents {
+            return Err(Status::permission_denied(format!(
+                "{username:?} is not the node agents' ServiceAccount ({})",
+                self.agents
+            )));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        let (Some(pod), Some(uid)) = (one(POD_NAME), one(POD_UID)) else {
+            return Err(Status::unauthenticated(
+                "the token is not bound to a pod (use a projected ServiceAccount token)",
+            ));
+        };
+        if let Some(node) = one(NODE_NAME).filter(|n| !n.is_empty()) {
+            return Ok(node);
+        }
+        // An API server that does not put the node in the review: the bound pod's.
+        let namespace = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or_default();
+        let bound = Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .get_opt(&pod)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the bound pod {pod}: {e}")))?
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
+            .ok_or_else(|| {
+                Status::unauthenticated(format!("the token's pod {namespace}/{pod} is gone"))
+            })?;
+        bound
+            .spec
+            .and_then(|s| s.node_name)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "the token's pod {namespace}/{pod} is not scheduled on a node"
+                ))
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for TokenReviews {
+    async fn node_of(&self, credential: &str) -> Result<String, Status> {
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
+        if let Some(node) = self.cached(&key) {
+            return Ok(node);
+        }
+        let node = self.review(credential).await?;
+        debug!(node, "a node agent's token was reviewed");
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (node.clone(), Instant::now() + CACHE_FOR));
+        Ok(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_agents_service_account_is_namespace_slash_name() {
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let t = TokenReviews::new(client.clone(), "ambit-system/ambit-agent").unwrap();
+        assert_eq!(t.agents, "system:serviceaccount:ambit-system:ambit-agent");
+        for bad in ["ambit-agent", "/a", "a/", "a/b/c"] {
+            assert!(TokenReviews::new(client.clone(), bad).is_err(), "{bad}");
+        }
+        // An API server that cannot be reached: unavailable, not "unauthenticated".
+        let e = t.node_of("token").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    }
+}
