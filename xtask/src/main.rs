@@ -261,6 +261,23 @@ fn ensure_cni_plugins() -> anyhow::Result<()> {
     apt_install(&["containernetworking-plugins"])
 }
 
+/// `kubernetes-validate` (PyPI): validates manifests against Kubernetes' own schemas,
+/// offline; the manifest test uses it.
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    let present = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(
+        "installing kubernetes-validate",
+        Command::new("python3").args(["-m", "pip", "install", "-q", "kubernetes-validate==1.37.*"]),
+        "python3 -m pip install kubernetes-validate==1.37.*",
+    )
+}
+
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let list = packages.join(" ");
     run(
@@ -296,6 +313,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("the test suite")?;
     ensure_iproute2()?;
     ensure_cni_plugins()?;
+    ensure_kubernetes_validate()?;
     build_ebpf()?;
     build_workspace(false)?;
     eprintln!("xtask: running the test suite");

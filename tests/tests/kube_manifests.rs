@@ -1,0 +1,306 @@
+//! The Kubernetes manifests (`deploy/`): they render with `kubectl kustomize`, every
+//! flag they pass exists in the binary it is passed to, the names that tie the parts
+//! together agree (service and server name, ServiceAccounts, Secret and ConfigMap, token
+//! audience), and the examples are valid, accepted policies.
+//!
+//! No API server runs here, so nothing is applied; `kube_source` and `kube_security`
+//! test the behaviour against the stand-in.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ambit_control_plane::auth::kubernetes::AUDIENCE;
+use ambit_control_plane::source::kubernetes::policy::{
+    AuthorizationPolicy, PeerAuthentication, Verdict, authorization, peer_authentication,
+};
+use ambit_tests::workspace_bin;
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn rendered() -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy())
+        .output()
+        .expect("kubectl (installed by `cargo xtask test`)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The long flags `<bin> <subcommand> --help` lists.
+fn flags_of(bin: &str, sub: &str) -> BTreeSet<String> {
+    let out = Command::new(workspace_bin(bin))
+        .args([sub, "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    assert!(out.status.success(), "{bin} {sub} --help");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|f| {
+            f.trim_end_matches([',', '>'])
+                .split(['=', ' '])
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Every container of our images in `objects`, as (binary, arguments).
+fn ambit_containers(objects: &[Value]) -> Vec<(String, Vec<String>)> {
+    let mut found = Vec::new();
+    for o in objects {
+        let spec = &o["spec"]["template"]["spec"];
+        let all = [&spec["initContainers"], &spec["containers"]];
+        for c in all.into_iter().filter_map(Value::as_array).flatten() {
+            let image = c["image"].as_str().unwrap_or_default();
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            let (command, args) = (strings(&c["command"]), strings(&c["args"]));
+            let mut argv: Vec<String> = command.into_iter().chain(args).collect();
+            let bin = if image.starts_with("ambit/control-plane") {
+                "ambit-control-plane".to_owned()
+            } else if image.starts_with("ambit/agent") {
+                match argv.first() {
+                    Some(c) if c.starts_with('/') => {
+                        let b = Path::new(&argv.remove(0))
+                            .file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .into_owned();
+                        b
+                    }
+                    _ => "ambit-agent".to_owned(),
+                }
+            } else {
+                continue;
+            };
+            found.push((bin, argv));
+        }
+    }
+    found
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("--{name}=");
+    args.iter().find_map(|a| a.strip_prefix(&prefix))
+}
+
+#[test]
+fn kube_manifests_render_and_pass_only_flags_the_binaries_have() {
+    let objects = rendered();
+    let kinds: BTreeSet<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    for k in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "Deployment",
+        "DaemonSet",
+    ] {
+        assert!(kinds.contains(k), "no {k} in {kinds:?}");
+    }
+    let cleanup = docs(&std::fs::read_to_string(deploy().join("uninstall/cleanup.yaml")).unwrap());
+    let containers: Vec<_> = ambit_containers(&objects)
+        .into_iter()
+        .chain(ambit_containers(&cleanup))
+        .collect();
+    assert_eq!(
+        containers.len(),
+        5,
+        "control plane, agent, install-cni, 2 cleanup"
+    );
+    for (bin, args) in &containers {
+        let sub = args.first().expect("a subcommand");
+        let known = flags_of(bin, sub);
+        for a in &args[1..] {
+            let name = a
+                .strip_prefix("--")
+                .unwrap_or_else(|| panic!("{bin} {sub}: {a:?} is not a flag"))
+                .split('=')
+                .next()
+                .unwrap();
+            assert!(
+                known.contains(name),
+                "{bin} {sub} has no --{name} (it has {known:?})"
+            );
+        }
+        assert!(
+            !args.iter().any(|a| a.contains("insecure-plaintext")),
+            "no manifest serves plaintext"
+        );
+    }
+
+    // The names that tie the parts together.
+    let (_, cp) = containers
+        .iter()
+        .find(|(b, _)| b == "ambit-control-plane")
+        .unwrap();
+    let (_, agent) = containers
+        .iter()
+        .find(|(b, a)| b == "ambit-agent" && a[0] == "run")
+        .unwrap();
+    let service = find(&objects, "Service", "ambit-control-plane");
+    let ns = service["metadata"]["namespace"].as_str().unwrap();
+    let xds = flag(agent, "xds-address").unwrap();
+    assert_eq!(
+        xds,
+        format!("https://ambit-control-plane.{ns}.svc:15012"),
+        "the agents dial the Service over TLS"
+    );
+    let server_names = flags_of("ambit-control-plane", "run");
+    assert!(server_names.contains("server-name"));
+    assert!(
+        !cp.iter().any(|a| a.starts_with("--server-name")),
+        "the default server names are the Service's"
+    );
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 15012)
+    );
+    let ds = find(&objects, "DaemonSet", "ambit-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent_sa = format!("{ns}/{}", pod["serviceAccountName"].as_str().unwrap());
+    assert_eq!(flag(cp, "agent-service-account"), Some(agent_sa.as_str()));
+    let volumes = pod["volumes"].as_array().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap();
+    let token = &volume("token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], AUDIENCE);
+    assert_eq!(
+        flag(agent, "node-credential-file"),
+        Some(format!("/var/run/secrets/ambit/{}", token["path"].as_str().unwrap()).as_str())
+    );
+    let root_cm = flag(cp, "root-cert-configmap").unwrap();
+    assert_eq!(volume("root-cert")["configMap"]["name"], root_cm);
+    assert_eq!(
+        flag(agent, "xds-root-cert"),
+        Some(
+            format!(
+                "/etc/ambit/root/{}",
+                ambit_control_plane::ca::secret::ROOT_CERT_KEY
+            )
+            .as_str()
+        )
+    );
+    // The control plane may touch exactly its Secret and ConfigMap by name.
+    let role = find(&objects, "Role", "ambit-control-plane");
+    let named: BTreeSet<&str> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["resourceNames"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let secret = flag(cp, "ca-secret").unwrap();
+    assert_eq!(named, BTreeSet::from([secret, root_cm]));
+    assert_eq!(flag(cp, "authenticate"), Some("kubernetes"));
+}
+
+/// `kubernetes-validate --strict` (Kubernetes' own OpenAPI schemas, unknown fields
+/// refused) on `file`.
+fn validate(file: &Path) {
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.32.0"])
+        .arg(file)
+        .output()
+        .expect("kubernetes-validate: `cargo xtask test` installs it (pip install kubernetes-validate==1.37.*)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{}: {text}", file.display());
+    assert!(!text.contains("ERROR"), "{}: {text}", file.display());
+}
+
+#[test]
+fn kube_manifests_are_valid_against_the_kubernetes_1_32_schemas() {
+    let dir = std::env::temp_dir().join(format!("ambit-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy())
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success());
+    let file = dir.join("rendered.yaml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    validate(&file);
+    validate(&deploy().join("uninstall/cleanup.yaml"));
+    validate(&deploy().join("examples/shop.yaml"));
+    // The check is real: a misspelt field fails it.
+    let broken = String::from_utf8(out.stdout).unwrap().replacen(
+        "serviceAccountName:",
+        "serviceAcountName:",
+        1,
+    );
+    std::fs::write(&file, broken).unwrap();
+    let status = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.32.0"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!status.status.success(), "a misspelt field passed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn kube_example_policies_are_valid_and_accepted() {
+    let yaml = std::fs::read_to_string(deploy().join("examples/policies.yaml")).unwrap();
+    let mut seen = 0;
+    for doc in docs(&yaml) {
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        let verdict = match doc["kind"].as_str().unwrap() {
+            "AuthorizationPolicy" => {
+                let ap: AuthorizationPolicy = serde_json::from_value(doc).expect(&name);
+                let ns = ap.metadata.namespace.clone().unwrap();
+                authorization(&ns, &name, &ap.spec).1
+            }
+            "PeerAuthentication" => {
+                let pa: PeerAuthentication = serde_json::from_value(doc).expect(&name);
+                peer_authentication(&pa.spec).1
+            }
+            k => panic!("unexpected {k}"),
+        };
+        assert_eq!(verdict, Verdict::Accepted, "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+}
