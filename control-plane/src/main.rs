@@ -15,8 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the mesh described by a YAML file (re-read when it changes) over xDS.
-    Run(RunArgs),
+    /// Serve the mesh (from a YAML file or the cluster) over xDS, with the CA.
+    Run(Box<RunArgs>),
     /// Check a mesh file and print what it describes; exit 1 with every problem if invalid.
     Validate {
         /// The mesh YAML file.
@@ -323,7 +323,7 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .init();
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(run(args)) {
+            match rt.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ambit-control-plane: {e:#}");

@@ -91,14 +91,11 @@ fn ambit_containers(objects: &[Value]) -> Vec<(String, Vec<String>)> {
                 "ambit-control-plane".to_owned()
             } else if image.starts_with("ambit/agent") {
                 match argv.first() {
-                    Some(c) if c.starts_with('/') => {
-                        let b = Path::new(&argv.remove(0))
-                            .file_name()
-                            .unwrap()
-                            .to_string_lossy()
-                            .into_owned();
-                        b
-                    }
+                    Some(c) if c.starts_with('/') => Path::new(&argv.remove(0))
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
                     _ => "ambit-agent".to_owned(),
                 }
             } else {

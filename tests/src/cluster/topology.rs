@@ -179,7 +179,7 @@ impl Cluster {
             match spec.source {
                 MeshSource::File => c.write_mesh(&c.mesh_yaml(false))?,
                 MeshSource::Kubernetes => {
-                    let netns = Netns::open(&Path::new("/var/run/netns").join(&c.bridge_netns))?;
+                    let netns = Netns::open(Path::new("/var/run/netns").join(&c.bridge_netns))?;
                     let listener = netns.run(|| std::net::TcpListener::bind(API_SERVER_ADDR))??;
                     let api = crate::kube_api::ApiServer::start(listener)?;
                     for o in c.kube_objects(false) {

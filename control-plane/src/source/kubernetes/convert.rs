@@ -162,7 +162,7 @@ pub fn service(s: &Service) -> ServiceView {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
-    if ips.iter().any(|ip| *ip == "None") {
+    if ips.contains(&"None") {
         return ServiceView::Skipped("headless (no virtual IP)");
     }
     let vips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();

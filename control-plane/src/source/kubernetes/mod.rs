@@ -128,6 +128,8 @@ impl Kind {
 }
 
 /// One event of one of the watchers.
+// Events are handled one at a time as they arrive: boxing the large ones would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Change {
     Namespace(Event<Namespace>),
     Node(Event<Node>),

@@ -39,9 +39,9 @@ pub struct PolicyView<T> {
 
 impl<T> PolicyView<T> {
     /// Converts `o` with `convert(namespace, name)`.
-    pub fn of<K: Resource>(o: &K, convert: impl FnOnce(&str, &str) -> (Option<T>, Verdict)) -> Self
+    pub fn of<K>(o: &K, convert: impl FnOnce(&str, &str) -> (Option<T>, Verdict)) -> Self
     where
-        K: serde::Serialize,
+        K: Resource + serde::Serialize,
     {
         let m = o.meta();
         let namespace = m.namespace.clone().unwrap_or_default();
@@ -190,8 +190,11 @@ pub struct StatusWriter {
     client: Client,
     /// What was last written per object, so a write is not repeated while its echo (a
     /// MODIFIED event) is on its way.
-    written: Arc<Mutex<HashMap<(&'static str, String, String), StatusCondition>>>,
+    written: Arc<Mutex<Written>>,
 }
+
+/// (kind, namespace, name) → the condition last written.
+type Written = HashMap<(&'static str, String, String), StatusCondition>;
 
 impl StatusWriter {
     /// Writes through `client`.
