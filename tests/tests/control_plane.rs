@@ -359,6 +359,17 @@ fn kube_namespace_label_enrolls_running_pods_on_every_node_and_a_pod_can_opt_out
         took.as_secs_f64() * 1e3
     );
     assert!(goes_through_agent(&c, client, server));
+    // Across nodes, so through HBONE: both agents hold certificates, issued on the
+    // strength of their pod-bound ServiceAccount tokens (TokenReview).
+    for n in &c.nodes {
+        let dump = c.config_dump(n.index).unwrap();
+        assert!(
+            !dump["certificates"].as_array().unwrap().is_empty(),
+            "node {}: {dump}",
+            n.index
+        );
+    }
+    assert!(c.api().token_reviews() > 0);
 
     // The server pod opts out (`ambit.dev/dataplane=none` on the pod).
     let mut pod = c

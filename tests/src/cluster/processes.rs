@@ -72,6 +72,21 @@ impl Cluster {
             objects.push(json!({"apiVersion": "v1", "kind": "Node",
                                 "metadata": {"name": format!("node-{}", n.index)}}));
         }
+        // The agents' DaemonSet pods (host network: never part of the mesh).
+        objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": "ambit-system"}}));
+        for n in &self.nodes {
+            let name = format!("ambit-agent-node-{}", n.index);
+            objects.push(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ambit-system",
+                             "uid": format!("uid-{name}")},
+                "spec": {"nodeName": format!("node-{}", n.index), "hostNetwork": true,
+                         "serviceAccountName": "ambit-agent",
+                         "containers": [{"name": "agent", "image": "ambit/agent"}]},
+                "status": {"phase": "Running", "podIP": format!("172.18.0.{}", n.index)}
+            }));
+        }
         for p in self.nodes.iter().flat_map(|n| &n.pods) {
             objects.push(json!({
                 "apiVersion": "v1", "kind": "Pod",
@@ -120,9 +135,13 @@ impl Cluster {
         let mut cmd = Command::new(workspace_bin("ambit-control-plane"));
         cmd.arg("run");
         if self.api.is_some() {
+            // As deploy/ runs it: the root in a Secret, published in a ConfigMap, callers
+            // authenticated with TokenReview (the default with this source).
             cmd.arg("--source=kubernetes")
                 .arg("--kubeconfig")
-                .arg(self.kubeconfig());
+                .arg(self.kubeconfig())
+                .arg("--ca-secret=ambit-ca")
+                .arg("--root-cert-configmap=ambit-root-cert");
         } else {
             cmd.arg("--mesh-file").arg(self.mesh_file());
         }
@@ -152,6 +171,17 @@ impl Cluster {
                 .run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))?
                 .is_ok()
             {
+                if let Some(api) = &self.api {
+                    // What the kubelet would mount for the agents: the published root.
+                    let cm = api
+                        .get("ConfigMap", "ambit-system", "ambit-root-cert")
+                        .context("the control plane published no root ConfigMap")?;
+                    let pem = cm["data"]["root-cert.pem"]
+                        .as_str()
+                        .context("no root-cert.pem in the ConfigMap")?;
+                    std::fs::create_dir_all(self.ca_dir())?;
+                    std::fs::write(self.ca_dir().join("root-cert.pem"), pem)?;
+                }
                 return Ok(());
             }
             if let Some(status) = self

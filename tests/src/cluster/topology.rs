@@ -185,6 +185,24 @@ impl Cluster {
                     for o in c.kube_objects(false) {
                         api.apply(o);
                     }
+                    // Each node's agent authenticates as a DaemonSet's would: a token of
+                    // the agents' ServiceAccount, bound to its pod on that node, where
+                    // the agent reads its credential.
+                    std::fs::create_dir_all(c.node_tokens_dir())?;
+                    for n in 1..=spec.nodes {
+                        let token = format!("agent-token-node-{n}-{}", std::process::id());
+                        api.issue_token(
+                            &token,
+                            crate::kube_api::Token {
+                                service_account: ("ambit-system".into(), "ambit-agent".into()),
+                                pod: Some(format!("ambit-agent-node-{n}")),
+                                node_in_extra: true,
+                                audiences: vec!["ambit-ca".into()],
+                                expired: false,
+                            },
+                        );
+                        std::fs::write(c.node_tokens_dir().join(format!("node-{n}.token")), token)?;
+                    }
                     api.write_kubeconfig(&c.kubeconfig())?;
                     c.api = Some(api);
                 }
