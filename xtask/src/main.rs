@@ -78,12 +78,14 @@ fn main() -> ExitCode {
         Cmd::Bench { only } => match only.as_deref() {
             None => run_harness_bin("ambit-bench")
                 .and_then(|()| run_harness_bin("ambit-bench-hbone"))
-                .and_then(|()| run_harness_bin("ambit-bench-xds")),
+                .and_then(|()| run_harness_bin("ambit-bench-xds"))
+                .and_then(|()| run_harness_bin("ambit-bench-k8s")),
             Some("datapath") => run_harness_bin("ambit-bench"),
             Some("hbone") => run_harness_bin("ambit-bench-hbone"),
             Some("xds") => run_harness_bin("ambit-bench-xds"),
+            Some("k8s") => run_harness_bin("ambit-bench-k8s"),
             Some(other) => Err(anyhow::anyhow!(
-                "unknown benchmark {other:?}: use datapath, hbone or xds"
+                "unknown benchmark {other:?}: use datapath, hbone, xds or k8s"
             )),
         },
     };
