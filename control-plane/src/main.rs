@@ -280,28 +280,57 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .identity(tonic::transport::Identity::from_pem(cert, key));
     let listener = tokio::net::TcpListener::bind(args.xds_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, names = ?args.server_names, "serving xDS and the CA over TLS");
+    // SIGTERM: stop accepting and let calls finish, but agents' ADS streams never end
+    // by themselves, so after GRACE close them (agents reconnect to another replica).
+    const GRACE: Duration = Duration::from_secs(2);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let secure = tonic::transport::Server::builder()
         .tls_config(tls)?
         .add_service(ads.clone().into_service())
         .add_service(ca.clone().into_service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown(),
+            stopped(),
         );
-    match args.insecure_plaintext_addr {
-        None => secure.await?,
+    let plain = match args.insecure_plaintext_addr {
+        None => None,
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::warn!(addr = %listener.local_addr()?, "also serving xDS and the CA in PLAINTEXT (--insecure-plaintext-addr): for debugging only");
-            let plain = tonic::transport::Server::builder()
-                .add_service(ads.into_service())
-                .add_service(ca.into_service())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    shutdown(),
-                );
-            tokio::try_join!(secure, plain)?;
+            Some(
+                tonic::transport::Server::builder()
+                    .add_service(ads.into_service())
+                    .add_service(ca.into_service())
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        stopped(),
+                    ),
+            )
         }
+    };
+    let serve = async move {
+        match plain {
+            None => secure.await,
+            Some(plain) => tokio::try_join!(secure, plain).map(drop),
+        }
+    };
+    let grace = async {
+        stopped().await;
+        tokio::time::sleep(GRACE).await;
+    };
+    tokio::select! {
+        r = serve => r?,
+        _ = grace => tracing::info!("open streams closed after {GRACE:?}"),
     }
     Ok(())
 }

@@ -104,7 +104,16 @@ fn main() -> anyhow::Result<()> {
     while !agents_have_all() {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(180),
-            "agents did not get the mesh in 180 s"
+            "agents did not get the mesh in 180 s: they hold {:?} workloads and {:?} services; the control plane serves {} workloads\n{}",
+            (1..=2).map(|n| resources(n, WORKLOAD)).collect::<Vec<_>>(),
+            (1..=2).map(|n| resources(n, SERVICE)).collect::<Vec<_>>(),
+            cp_metric("ambit_mesh_workloads"),
+            c.control_plane_log()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(5));
     }

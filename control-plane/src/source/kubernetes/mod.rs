@@ -32,7 +32,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::api::{ApiResource, DynamicObject};
@@ -61,6 +60,12 @@ pub struct Options {
     /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication.
     pub istio_policies: bool,
 }
+
+/// After an event, further events arriving within this of the previous one join its
+/// build.
+const QUIET: Duration = Duration::from_millis(2);
+/// A build waits for at most this long after the first event of its batch.
+const BATCH: Duration = Duration::from_millis(100);
 
 /// Serves the model of the cluster, from its first complete listing on.
 pub struct KubeSource {
@@ -262,12 +267,18 @@ impl KubeSource {
                     item = changes.next() => {
                         let Some(item) = item else { return };
                         view.take(item);
-                        // Take everything already waiting, then build once.
-                        for _ in 0..100_000 {
-                            match changes.next().now_or_never() {
-                                Some(Some(item)) => view.take(item),
-                                _ => break,
-                            }
+                        // A burst (a rollout, a re-list, a namespace of pods created)
+                        // arrives as a stream of events, each decoded only when polled:
+                        // take what follows within QUIET of the previous one, for up to
+                        // BATCH, then build once. A lone change waits QUIET at most.
+                        let batch_end = tokio::time::Instant::now() + BATCH;
+                        while let Ok(Some(item)) = tokio::time::timeout_at(
+                            (tokio::time::Instant::now() + QUIET).min(batch_end),
+                            changes.next(),
+                        )
+                        .await
+                        {
+                            view.take(item);
                         }
                     }
                     _ = hold_timer => {
