@@ -245,6 +245,9 @@ struct Shared {
     bookmark: watch::Sender<u64>,
     /// Watches answered with 410 Gone.
     expired: std::sync::atomic::AtomicUsize,
+    /// Between `stop` and `resume`: watches still open deliver nothing more (the
+    /// server is down, whatever its connection tasks have yet to notice).
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -371,6 +374,7 @@ impl ApiServer {
             cut: watch::channel(0).0,
             bookmark: watch::channel(0).0,
             expired: Default::default(),
+            down: Default::default(),
         });
         let addr = listener.local_addr()?;
         let mut s = Self {
@@ -457,20 +461,9 @@ impl ApiServer {
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(&mut st, ty, namespace.to_owned(), "DELETED", object, rv);
+        self.shared
+            .record(&mut st, ty, namespace.to_owned(), "DELETED", object, rv);
         Some(rv)
-    }
-
-    fn record(
-        &self,
-        st: &mut State,
-        ty: &'static ApiType,
-        namespace: String,
-        kind: &'static str,
-        object: Value,
-        rv: u64,
-    ) {
-        self.shared.record(st, ty, namespace, kind, object, rv)
     }
 
     /// An object as stored, if it exists.
@@ -526,6 +519,9 @@ impl ApiServer {
     /// Stops listening and drops every connection, as a stopped server would; objects can
     /// still be changed meanwhile through [`ApiServer::apply`] and [`ApiServer::delete`].
     pub fn stop(&mut self) {
+        self.shared
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(true);
         }
@@ -539,6 +535,9 @@ impl ApiServer {
     /// current resourceVersion, so clients resuming an older one get 410 Gone).
     pub fn resume(&mut self) -> anyhow::Result<()> {
         self.compact();
+        self.shared
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let listener = std::net::TcpListener::bind(self.addr)?;
         self.serve(listener)
     }
@@ -902,15 +901,14 @@ async fn patch_status(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>)
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
     st.objects.insert(key, object.clone());
     st.status_writes += 1;
-    let ev = Arc::new(WatchEvent {
+    shared.record(
+        &mut st,
+        ty,
+        namespace.to_owned(),
+        "MODIFIED",
+        object.clone(),
         rv,
-        plural: ty.key(),
-        namespace: namespace.to_owned(),
-        kind: "MODIFIED",
-        object: object.clone(),
-    });
-    st.log.push_back(ev.clone());
-    let _ = shared.events.send(ev);
+    );
     json_response(StatusCode::OK, &object)
 }
 
@@ -1147,6 +1145,7 @@ fn watch_response(
     };
     // Subscribe before reading the log, so nothing falls between the two.
     let mut live = shared.events.subscribe();
+    let watching = shared.clone();
     let mut cut = shared.cut.subscribe();
     let mut bookmark = shared.bookmark.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
@@ -1213,6 +1212,7 @@ fn watch_response(
         loop {
             let out = tokio::select! {
                 ev = live.recv() => match ev {
+                    _ if watching.down.load(std::sync::atomic::Ordering::SeqCst) => return,
                     Ok(ev) if ev.rv > last_rv => {
                         last_rv = ev.rv;
                         if !matches(&ev) { continue }

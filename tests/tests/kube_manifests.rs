@@ -29,18 +29,23 @@ fn docs(yaml: &str) -> Vec<Value> {
         .collect()
 }
 
-fn rendered() -> Vec<Value> {
+/// `kubectl kustomize deploy/`, as YAML.
+fn kustomize() -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
         .arg(deploy())
         .output()
-        .expect("kubectl (installed by `cargo xtask test`)");
+        .expect("kubectl (the machine image ships it)");
     assert!(
         out.status.success(),
         "kubectl kustomize deploy/: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    docs(&String::from_utf8(out.stdout).unwrap())
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn rendered() -> Vec<Value> {
+    docs(&kustomize())
 }
 
 fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -251,23 +256,14 @@ fn validate(file: &Path) {
 fn kube_manifests_are_valid_against_the_kubernetes_1_32_schemas() {
     let dir = std::env::temp_dir().join(format!("ambit-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(deploy())
-        .output()
-        .expect("kubectl");
-    assert!(out.status.success());
+    let yaml = kustomize();
     let file = dir.join("rendered.yaml");
-    std::fs::write(&file, &out.stdout).unwrap();
+    std::fs::write(&file, &yaml).unwrap();
     validate(&file);
     validate(&deploy().join("uninstall/cleanup.yaml"));
     validate(&deploy().join("examples/shop.yaml"));
     // The check is real: a misspelt field fails it.
-    let broken = String::from_utf8(out.stdout).unwrap().replacen(
-        "serviceAccountName:",
-        "serviceAcountName:",
-        1,
-    );
+    let broken = yaml.replacen("serviceAccountName:", "serviceAcountName:", 1);
     std::fs::write(&file, broken).unwrap();
     let status = Command::new("kubernetes-validate")
         .args(["--strict", "--kubernetes-version", "1.32.0"])

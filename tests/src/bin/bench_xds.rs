@@ -100,25 +100,10 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let cp_loaded = rss_kib(cp)?;
 
-    let acks = |n: usize| -> f64 {
-        c.metrics(n)
-            .ok()
-            .and_then(|m| metric_value(&m, "ambit_xds_acks_total", &[]))
-            .unwrap_or(0.0)
-    };
     let mut single = Vec::new();
     for v in 1..=SINGLE_CHANGES {
-        let before: Vec<f64> = (1..=2).map(acks).collect();
-        let t = Instant::now();
-        c.write_mesh(&mesh(v))?;
-        while !(1..=2).all(|n| acks(n) > before[n - 1]) {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(30),
-                "a single change did not arrive in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        single.push(t.elapsed().as_secs_f64() * 1e3);
+        let took = c.time_until_acked(|| c.write_mesh(&mesh(v)))?;
+        single.push(took.as_secs_f64() * 1e3);
     }
 
     rows.push((

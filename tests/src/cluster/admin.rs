@@ -9,6 +9,32 @@ use ambit_mesh::netns::Netns;
 use super::Cluster;
 
 impl Cluster {
+    /// Makes `change` and times until every node's agent has ACKed an xDS update since
+    /// (its `ambit_xds_acks_total` grew); fails after 30 s.
+    pub fn time_until_acked(
+        &self,
+        change: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<std::time::Duration> {
+        let acks = |n: usize| -> f64 {
+            self.metrics(n)
+                .ok()
+                .and_then(|m| metric_value(&m, "ambit_xds_acks_total", &[]))
+                .unwrap_or(0.0)
+        };
+        let nodes: Vec<usize> = self.nodes.iter().map(|n| n.index).collect();
+        let before: Vec<f64> = nodes.iter().map(|&n| acks(n)).collect();
+        let t = std::time::Instant::now();
+        change()?;
+        while !nodes.iter().zip(&before).all(|(&n, b)| acks(n) > *b) {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "a single change did not arrive in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(t.elapsed())
+    }
+
     /// Node `n`'s agent's `/debug/config_dump`.
     pub fn config_dump(&self, n: usize) -> anyhow::Result<serde_json::Value> {
         let (_, body) = self.http_get(n, "127.0.0.1:15000", "/debug/config_dump")?;
