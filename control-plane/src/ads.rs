@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::auth::{Authenticator, authenticate};
+use crate::auth::{Authenticator, Caller, authenticate, workload_of};
 use crate::translate::{Snapshot, VersionedResource, set_version};
 
 /// What the server has seen, for metrics, the admin endpoint and tests.
@@ -113,9 +113,18 @@ impl AdsServer {
         self
     }
 
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Option<Caller>, Status> {
+        if self.auth.is_none() {
+            return Ok(None);
+        }
+        // A verified client certificate (a waypoint's SPIFFE identity) comes first.
+        if let Some(id) = workload_of(request)? {
+            return Ok(Some(Caller::Workload(id)));
+        }
         match &self.auth {
-            Some(auth) => Ok(Some(authenticate(&**auth, request.metadata()).await?)),
+            Some(auth) => Ok(Some(Caller::Node(
+                authenticate(&**auth, request.metadata()).await?,
+            ))),
             None => Ok(None),
         }
     }
@@ -167,6 +176,7 @@ impl AggregatedDiscoveryService for AdsServer {
 fn known_type(type_url: &str) -> Option<&'static str> {
     ambit_xds::type_url::NODE_AGENT
         .into_iter()
+        .chain(ambit_xds::type_url::WAYPOINT)
         .find(|t| *t == type_url)
 }
 
@@ -214,8 +224,8 @@ struct Core<R> {
     tx: mpsc::Sender<Result<R, Status>>,
     /// Named by the first request.
     node: Option<String>,
-    /// The node the caller's credential names, if the server authenticates.
-    caller: Option<String>,
+    /// Who the caller authenticated as, if the server authenticates.
+    caller: Option<Caller>,
     nonces: Nonces,
 }
 
@@ -238,7 +248,7 @@ trait Protocol: Sized + Send + 'static {
 /// Opens a stream of protocol `P`: its task and the response stream tonic sends.
 fn open<P: Protocol>(
     server: &AdsServer,
-    caller: Option<String>,
+    caller: Option<Caller>,
     requests: Streaming<P::Request>,
 ) -> ResponseStream<P::Response>
 where
@@ -319,7 +329,8 @@ impl Protocol for SotwStream {
     async fn on_request(&mut self, r: DiscoveryRequest) -> Result<(), Status> {
         let node = node_of(
             &mut self.core.node,
-            self.core.caller.as_deref(),
+            self.core.caller.as_ref(),
+            &self.core.snapshots,
             r.node.as_ref().map(|n| n.id.as_str()),
         )?;
         let Some(type_url) = known_type(&r.type_url) else {
@@ -407,37 +418,51 @@ impl SotwStream {
 /// authenticated caller may name only its own node (or none: then it is its own).
 fn node_of(
     node: &mut Option<String>,
-    caller: Option<&str>,
+    caller: Option<&Caller>,
+    snapshot: &watch::Receiver<Arc<Snapshot>>,
     id: Option<&str>,
 ) -> Result<String, Status> {
-    match (node.as_ref(), id.filter(|i| !i.is_empty())) {
-        (Some(n), _) => Ok(n.clone()),
-        (None, Some(id)) if caller.is_some_and(|c| c != id) => {
-            let c = caller.unwrap_or_default();
+    let id = id.filter(|i| !i.is_empty());
+    if let Some(n) = node.as_ref() {
+        return Ok(n.clone());
+    }
+    let chosen = match (caller, id) {
+        (Some(Caller::Node(c)), Some(id)) if c != id => {
             warn!(
                 claimed = id,
-                authenticated = c,
+                authenticated = %c,
                 "refused a stream claiming another node's id"
             );
-            Err(Status::permission_denied(format!(
+            return Err(Status::permission_denied(format!(
                 "the credential is node {c:?}'s; it cannot subscribe as node {id:?}"
-            )))
+            )));
         }
-        (None, None) if caller.is_some() => {
-            let c = caller.unwrap_or_default();
-            info!(node = c, "node agent connected");
-            *node = Some(c.to_owned());
-            Ok(c.to_owned())
+        (Some(Caller::Node(c)), _) => c.clone(),
+        (Some(Caller::Workload(who)), Some(id)) => {
+            let allowed = snapshot.borrow().waypoint_identity(id) == Some(who);
+            if !allowed {
+                warn!(claimed = id, authenticated = %who, "refused a workload stream for a waypoint it is not");
+                return Err(Status::permission_denied(format!(
+                    "{who} is not the identity of waypoint {id:?}"
+                )));
+            }
+            id.to_owned()
         }
-        (None, Some(id)) => {
-            info!(node = id, "node agent connected");
-            *node = Some(id.to_owned());
-            Ok(id.to_owned())
+        (Some(Caller::Workload(who)), None) => {
+            return Err(Status::invalid_argument(format!(
+                "{who}: a waypoint's first request must carry node.id <namespace>/<name>"
+            )));
         }
-        (None, None) => Err(Status::invalid_argument(
-            "the first request of a stream must carry node.id",
-        )),
-    }
+        (None, Some(id)) => id.to_owned(),
+        (None, None) => {
+            return Err(Status::invalid_argument(
+                "the first request of a stream must carry node.id",
+            ));
+        }
+    };
+    info!(node = %chosen, "xDS client connected");
+    *node = Some(chosen.clone());
+    Ok(chosen)
 }
 
 // ---------------------------------------------------------------- incremental (delta)
@@ -483,7 +508,8 @@ impl Protocol for DeltaStream {
     async fn on_request(&mut self, r: DeltaDiscoveryRequest) -> Result<(), Status> {
         let node = node_of(
             &mut self.core.node,
-            self.core.caller.as_deref(),
+            self.core.caller.as_ref(),
+            &self.core.snapshots,
             r.node.as_ref().map(|n| n.id.as_str()),
         )?;
         let Some(type_url) = known_type(&r.type_url) else {

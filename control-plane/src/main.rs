@@ -274,10 +274,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (cert, key) =
         ca.server_certificate(&args.server_names, Duration::from_secs(365 * 86_400))?;
+    let root = ca.root_pem().to_owned();
     let ca = CaService::new(std::sync::Arc::new(ca), auth.clone(), source.models.clone());
     let ads = ads.authenticated_by(auth);
+    // Node agents authenticate with a bearer credential; waypoints may instead present
+    // their mesh certificate (verified here against the mesh root).
     let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(root))
+        .client_auth_optional(true);
     let listener = tokio::net::TcpListener::bind(args.xds_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, names = ?args.server_names, "serving xDS and the CA over TLS");
     // SIGTERM: stop accepting and let calls finish, but agents' ADS streams never end

@@ -43,6 +43,31 @@ pub mod type_url {
     pub const AUTHORIZATION: &str = "type.googleapis.com/ambit.v1.Authorization";
     /// Every type an Ambit node agent subscribes to.
     pub const NODE_AGENT: [&str; 3] = [WORKLOAD, SERVICE, AUTHORIZATION];
+
+    /// Envoy `Listener`.
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    /// Envoy `RouteConfiguration`.
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    /// Envoy `Cluster`.
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    /// Envoy `ClusterLoadAssignment`.
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    /// Envoy `Secret` (SDS).
+    pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// Every type a waypoint subscribes to, in the order Envoy's xDS protocol wants them
+    /// applied (clusters before endpoints, listeners before routes).
+    pub const WAYPOINT: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+    /// The HTTP connection manager network filter.
+    pub const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    /// The TCP proxy network filter.
+    pub const TCP_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+    /// The router HTTP filter.
+    pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+    /// Upstream HTTP protocol options of a cluster.
+    pub const HTTP_PROTOCOL_OPTIONS: &str =
+        "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 }
 
 #[cfg(test)]

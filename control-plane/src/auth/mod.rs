@@ -20,6 +20,52 @@ use tracing::{info, warn};
 use crate::ca::write_private;
 use crate::model::Model;
 
+/// Who a call comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node agent, by its credential: the node it speaks for.
+    Node(String),
+    /// A workload (a waypoint) by its mesh certificate, verified against the mesh root
+    /// during the TLS handshake.
+    Workload(ambit_identity::Identity),
+}
+
+/// The SPIFFE identity of the request's TLS client certificate, if it presented one (the
+/// TLS layer has verified it chains to the mesh root). A certificate without exactly one
+/// mesh URI SAN is refused.
+pub fn workload_of<T>(
+    request: &tonic::Request<T>,
+) -> Result<Option<ambit_identity::Identity>, Status> {
+    let Some(certs) = request.peer_certs() else {
+        return Ok(None);
+    };
+    let Some(leaf) = certs.first() else {
+        return Ok(None);
+    };
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+    let (_, c) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
+    let mut uris = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for n in &san.general_names {
+                if let GeneralName::URI(u) = n {
+                    uris.push(u.to_string());
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [one] => ambit_identity::Identity::parse(one)
+            .map(Some)
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}"))),
+        _ => Err(Status::unauthenticated(format!(
+            "the client certificate has {} URI SANs, not exactly one SPIFFE ID",
+            uris.len()
+        ))),
+    }
+}
+
 /// The node the request's `authorization: Bearer <credential>` authenticates, or the
 /// gRPC status refusing it.
 pub async fn authenticate(

@@ -26,8 +26,9 @@ use tracing::{info, warn};
 
 use super::guard::Publisher;
 use crate::model::{
-    Action, Cidr, Destination, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec,
-    PrincipalPattern, Problem, Rule, ServicePort, ServiceSpec, Source, WorkloadSpec,
+    Action, Cidr, Destination, HttpRouteSpec, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec,
+    PolicySpec, PrincipalPattern, Problem, Rule, ServicePort, ServiceSpec, Source, WaypointSpec,
+    WorkloadSpec,
 };
 
 /// Why a mesh file was rejected.
@@ -284,6 +285,19 @@ struct MeshFile {
     services: Vec<ServiceFile>,
     #[serde(default)]
     policies: Vec<PolicyFile>,
+    #[serde(default)]
+    waypoints: Vec<WaypointFile>,
+    #[serde(default)]
+    http_routes: Vec<HttpRouteSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaypointFile {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    vips: Vec<IpAddr>,
 }
 
 fn default_trust_domain() -> String {
@@ -340,6 +354,8 @@ struct PortFile {
     port: u16,
     #[serde(default)]
     target_port: Option<u16>,
+    #[serde(default)]
+    app_protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +481,7 @@ impl MeshFile {
                             name: p.name,
                             port: p.port,
                             target_port: p.target_port.unwrap_or(p.port),
+                            app_protocol: p.app_protocol,
                         })
                         .collect(),
                     selector: s.selector,
@@ -510,6 +527,16 @@ impl MeshFile {
                         .collect(),
                 })
                 .collect(),
+            waypoints: self
+                .waypoints
+                .into_iter()
+                .map(|w| WaypointSpec {
+                    name: w.name,
+                    namespace: w.namespace,
+                    vips: w.vips,
+                })
+                .collect(),
+            http_routes: self.http_routes,
         }
     }
 }

@@ -112,6 +112,8 @@ pub struct PortView {
     pub port: u16,
     /// The endpoints' port: a number, or a container port name.
     pub target: Target,
+    /// Its `appProtocol`.
+    pub app_protocol: Option<String>,
 }
 
 /// A `targetPort`.
@@ -188,6 +190,7 @@ pub fn service(s: &Service) -> ServiceView {
                 name: p.name.clone(),
                 port,
                 target,
+                app_protocol: p.app_protocol.clone(),
             })
         })
         .collect();
@@ -238,6 +241,7 @@ pub fn resolve_service<'a>(
                 name: p.name.clone(),
                 port: p.port,
                 target_port,
+                app_protocol: p.app_protocol.clone(),
             }),
             None => unresolved.push(p.port),
         }

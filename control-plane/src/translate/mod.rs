@@ -10,6 +10,11 @@
 //! - every service (any pod may dial any VIP);
 //! - the authorization policies that select a workload on that node (the destination's
 //!   agent enforces them).
+//!
+//! A waypoint (node id `<namespace>/<name>`) is sent standard Envoy resources instead:
+//! see [`waypoint`].
+
+pub mod waypoint;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -46,6 +51,10 @@ pub struct Snapshot {
     workloads: BTreeMap<String, Arc<VersionedResource>>,
     services: BTreeMap<String, Arc<VersionedResource>>,
     policies: BTreeMap<String, (Arc<VersionedResource>, BTreeSet<String>)>,
+    /// By waypoint node id.
+    waypoints: BTreeMap<String, waypoint::Resources>,
+    /// Each waypoint's identity, by node id.
+    waypoint_identities: BTreeMap<String, ambit_identity::Identity>,
 }
 
 impl Snapshot {
@@ -68,6 +77,7 @@ impl Snapshot {
                     crate::model::MtlsMode::Strict => ambit::MtlsMode::Strict,
                     crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
                 } as i32,
+                native_tunnel: w.native_tunnel,
             };
             s.workloads
                 .insert(w.uid.clone(), encode(type_url::WORKLOAD, &w.uid, &r));
@@ -115,6 +125,13 @@ impl Snapshot {
                 ),
             );
         }
+        for wp in m.waypoints.values() {
+            let node = waypoint::node_id(&wp.namespace, &wp.name);
+            if let Some(id) = &wp.identity {
+                s.waypoint_identities.insert(node.clone(), id.clone());
+            }
+            s.waypoints.insert(node, waypoint::resources(m, wp));
+        }
         s.version = s.content_version();
         s
     }
@@ -130,6 +147,16 @@ impl Snapshot {
             name.hash(&mut h);
             r.version.hash(&mut h);
             nodes.hash(&mut h);
+        }
+        for (node, types) in &self.waypoints {
+            node.hash(&mut h);
+            for (t, rs) in types {
+                t.hash(&mut h);
+                for (name, r) in rs {
+                    name.hash(&mut h);
+                    r.version.hash(&mut h);
+                }
+            }
         }
         format!("{:016x}", h.finish())
     }
@@ -154,7 +181,10 @@ impl Snapshot {
                     .filter(move |(_, nodes)| nodes.contains(node))
                     .map(|(r, _)| r),
             ),
-            _ => Box::new(std::iter::empty()),
+            _ => match self.waypoints.get(node).and_then(|w| w.get(type_url)) {
+                Some(rs) => Box::new(rs.values()),
+                None => Box::new(std::iter::empty()),
+            },
         }
     }
 
@@ -168,8 +198,27 @@ impl Snapshot {
                 .get(name)
                 .filter(|(_, nodes)| nodes.contains(node))
                 .map(|(r, _)| r),
-            _ => None,
+            _ => self
+                .waypoints
+                .get(node)
+                .and_then(|w| w.get(type_url))
+                .and_then(|rs| rs.get(name)),
         }
+    }
+
+    /// The identity of the waypoint whose node id is `node` (its pods').
+    pub fn waypoint_identity(&self, node: &str) -> Option<&ambit_identity::Identity> {
+        self.waypoint_identities.get(node)
+    }
+
+    /// Is `node` a waypoint's node id (served Envoy types rather than Ambit's)?
+    pub fn is_waypoint(&self, node: &str) -> bool {
+        self.waypoints.contains_key(node)
+    }
+
+    /// What waypoint `node` is sent, as maps (copies; for tests and the admin API).
+    pub fn waypoint_view(&self, node: &str) -> Option<&waypoint::Resources> {
+        self.waypoints.get(node)
     }
 
     /// What the agent on `node` is sent, as maps (copies the view; for tests).
@@ -196,7 +245,7 @@ impl Snapshot {
     }
 }
 
-fn encode(type_url: &str, name: &str, m: &impl Message) -> Arc<VersionedResource> {
+pub(crate) fn encode(type_url: &str, name: &str, m: &impl Message) -> Arc<VersionedResource> {
     let value = m.encode_to_vec();
     let mut h = std::hash::DefaultHasher::new();
     value.hash(&mut h);
@@ -229,7 +278,7 @@ mod tests {
     fn model() -> Model {
         parse(
             Path::new("examples/mesh.yaml"),
-            include_str!("../../examples/mesh.yaml"),
+            include_str!("../../../examples/mesh.yaml"),
         )
         .unwrap()
     }

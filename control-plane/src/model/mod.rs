@@ -5,9 +5,13 @@
 //! workloads are enrolled, each service's endpoints), so every source gets the same
 //! rules and the translator never looks at a source.
 
+pub mod http;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+
+pub use http::{HttpRoute, HttpRouteSpec, Protocol};
 
 /// Namespace label that enrolls a namespace's pods (`ambient`), and pod label that opts
 /// one out (`none`).
@@ -18,6 +22,11 @@ pub const DATAPLANE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_NONE: &str = "none";
 /// Namespace or service label naming a waypoint.
 pub const WAYPOINT_LABEL: &str = "ambit.dev/waypoint";
+/// Label of a waypoint's pods naming their waypoint (as Gateway API implementations
+/// label the pods of a Gateway's deployment).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The port a waypoint accepts HBONE on.
+pub const WAYPOINT_PORT: u16 = 15008;
 
 /// Namespace or pod label choosing how an enrolled workload's agent treats plaintext
 /// inbound connections: `STRICT` (refused; the default) or `PERMISSIVE` (accepted, with
@@ -77,6 +86,23 @@ pub struct MeshSpec {
     pub services: Vec<ServiceSpec>,
     /// The authorization policies.
     pub policies: Vec<PolicySpec>,
+    /// The waypoints.
+    pub waypoints: Vec<WaypointSpec>,
+    /// The HTTP routes.
+    pub http_routes: Vec<HttpRouteSpec>,
+}
+
+/// A waypoint as a source reads it (a Gateway of Ambit's waypoint class). Its pods are
+/// the workloads of its namespace labelled [`GATEWAY_NAME_LABEL`]`: <name>`; it gets a
+/// service of its name whose endpoints they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaypointSpec {
+    /// Its name (a DNS label), unique among the namespace's services.
+    pub name: String,
+    /// Its namespace; it serves services of this namespace.
+    pub namespace: String,
+    /// Its service's virtual IPs (may be empty: agents reach its pods directly).
+    pub vips: Vec<IpAddr>,
 }
 
 /// A namespace as a source reads it.
@@ -144,6 +170,17 @@ pub struct ServicePort {
     pub port: u16,
     /// The port of the endpoints that connections to it go to.
     pub target_port: u16,
+    /// `tcp`, `http`, `http2`, `grpc` (or `kubernetes.io/h2c`); without it the name's
+    /// prefix decides (`http-web`), and otherwise the port is TCP.
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// The port's protocol (TCP if its `appProtocol` is not valid: the model refuses
+    /// such ports, so this only matters before validation).
+    pub fn protocol(&self) -> Protocol {
+        Protocol::of(self.app_protocol.as_deref(), self.name.as_deref()).unwrap_or_default()
+    }
 }
 
 /// An authorization policy as a source reads it, before validation.
@@ -183,6 +220,23 @@ pub struct Model {
     pub services: BTreeMap<NamespacedName, Service>,
     /// Authorization policies, by namespace and name.
     pub policies: BTreeMap<NamespacedName, Policy>,
+    /// Waypoints, by namespace and name.
+    pub waypoints: BTreeMap<NamespacedName, Waypoint>,
+    /// HTTP routes, by namespace and name.
+    pub http_routes: BTreeMap<NamespacedName, HttpRoute>,
+}
+
+/// A validated waypoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    /// Its name (also its service's).
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its pods' identity (`None` while it has no pods).
+    pub identity: Option<Identity>,
+    /// uids of its pods.
+    pub replicas: Vec<String>,
 }
 
 /// A validated namespace.
@@ -220,9 +274,13 @@ pub struct Workload {
     pub labels: Labels,
     /// Shutting down: in the mesh, but no service's endpoint.
     pub terminating: bool,
-    /// Derived: its namespace is enrolled and it did not opt out.
+    /// Derived: its namespace is enrolled and it did not opt out (never for a
+    /// waypoint's pod).
     pub enrolled: bool,
-    /// Derived: the waypoint its namespace names, if any.
+    /// Derived: a waypoint's pod, which speaks HBONE itself and is never captured.
+    pub native_tunnel: bool,
+    /// Derived: the waypoint its traffic must come through: its namespace's, or that of
+    /// a service selecting it (never for a waypoint's own pods).
     pub waypoint: Option<String>,
     /// Derived: from its own or its namespace's [`MTLS_LABEL`].
     pub mtls: MtlsMode,
@@ -249,6 +307,8 @@ pub struct Service {
     pub endpoints: Vec<String>,
     /// From the service's or its namespace's `ambit.dev/waypoint` label.
     pub waypoint: Option<String>,
+    /// This is a waypoint's own service (its endpoints are the waypoint's pods).
+    pub is_waypoint: bool,
 }
 
 /// One problem with a source's input: where, and what.
@@ -335,6 +395,31 @@ impl Model {
             }
         }
 
+        // Waypoints first: whether a workload is a waypoint's pod depends on them.
+        let mut declared: BTreeMap<NamespacedName, WaypointSpec> = BTreeMap::new();
+        for (i, wp) in spec.waypoints.into_iter().enumerate() {
+            let place = format!("waypoints[{i}] ({}/{})", wp.namespace, wp.name);
+            let key = NamespacedName {
+                namespace: wp.namespace.clone(),
+                name: wp.name.clone(),
+            };
+            if !is_dns_label(&wp.name) {
+                p.add(&place, "name must be a DNS label");
+            } else if !m.namespaces.contains_key(&wp.namespace) {
+                p.add(
+                    &place,
+                    format!(
+                        "namespace {:?} is not defined under namespaces",
+                        wp.namespace
+                    ),
+                );
+            } else if declared.contains_key(&key) {
+                p.add(&place, format!("waypoint {key} is defined twice"));
+            } else {
+                declared.insert(key, wp);
+            }
+        }
+
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
         for (i, w) in spec.workloads.into_iter().enumerate() {
             let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
@@ -396,11 +481,19 @@ impl Model {
             let ns = ns.expect("checked above");
             let opted_out =
                 w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE);
+            let native_tunnel = w.labels.get(GATEWAY_NAME_LABEL).is_some_and(|g| {
+                declared.contains_key(&NamespacedName {
+                    namespace: w.namespace.clone(),
+                    name: g.clone(),
+                })
+            });
             m.workloads.insert(
                 uid.clone(),
                 Workload {
-                    enrolled: ns.enrolled() && !opted_out,
-                    waypoint: ns.labels.get(WAYPOINT_LABEL).cloned(),
+                    enrolled: ns.enrolled() && !opted_out && !native_tunnel,
+                    native_tunnel,
+                    // Derived below, once services are known.
+                    waypoint: None,
                     mtls: w
                         .labels
                         .get(MTLS_LABEL)
@@ -460,10 +553,19 @@ impl Model {
             if s.ports.is_empty() {
                 p.add(&place, "ports is empty");
             }
+            if declared.contains_key(&key) {
+                p.add(
+                    &place,
+                    format!("{key} is a waypoint, which has a service of its own by that name"),
+                );
+            }
             let mut seen = BTreeSet::new();
             for (j, port) in s.ports.iter().enumerate() {
                 if port.port == 0 || port.target_port == 0 {
                     p.add(&format!("{place}.ports[{j}]"), "ports must be 1-65535");
+                }
+                if let Err(e) = Protocol::of(port.app_protocol.as_deref(), port.name.as_deref()) {
+                    p.add(&format!("{place}.ports[{j}]"), e);
                 }
                 if !seen.insert(port.port) {
                     p.add(
@@ -500,23 +602,131 @@ impl Model {
                     ports: s.ports,
                     selector: s.selector,
                     endpoints,
+                    is_waypoint: false,
                 },
             );
         }
-        // A waypoint must name a service of the same namespace.
+        // A waypoint label must name a waypoint of the same namespace.
         for s in m.services.values() {
             if let Some(wp) = &s.waypoint {
                 let key = NamespacedName {
                     namespace: s.namespace.clone(),
                     name: wp.clone(),
                 };
-                if !m.services.contains_key(&key) {
+                if !declared.contains_key(&key) {
                     p.add(
                         &format!("services ({}/{})", s.namespace, s.name),
-                        format!("waypoint {key} is not a defined service"),
+                        format!("waypoint {key} is not defined under waypoints"),
                     );
                 }
             }
+        }
+        for ns in m.namespaces.values() {
+            if let Some(wp) = ns.labels.get(WAYPOINT_LABEL) {
+                let key = NamespacedName {
+                    namespace: ns.name.clone(),
+                    name: wp.clone(),
+                };
+                if !declared.contains_key(&key) {
+                    p.add(
+                        &format!("namespaces ({}).labels.{WAYPOINT_LABEL}", ns.name),
+                        format!("waypoint {key} is not defined under waypoints"),
+                    );
+                }
+            }
+        }
+        // Each waypoint: its pods, their one identity, and its own service.
+        for (i, (key, wp)) in declared.into_iter().enumerate() {
+            let place = format!("waypoints ({key})");
+            let pods: Vec<&Workload> = by_namespace
+                .get(key.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|w| w.native_tunnel && w.labels.get(GATEWAY_NAME_LABEL) == Some(&key.name))
+                .copied()
+                .collect();
+            let identities: BTreeSet<&Identity> = pods.iter().map(|w| &w.identity).collect();
+            if identities.len() > 1 {
+                p.add(
+                    &place,
+                    format!(
+                        "its pods run as {} different service accounts; a waypoint has one identity",
+                        identities.len()
+                    ),
+                );
+                continue;
+            }
+            // A waypoint's service may have no VIP: agents reach its pods directly.
+            if !wp.vips.is_empty() {
+                check_ips(
+                    &mut p,
+                    &format!("waypoints[{i}] ({key})"),
+                    &wp.vips,
+                    &format!("waypoint {key}"),
+                    &mut ip_owner,
+                );
+            }
+            let ready: Vec<String> = pods
+                .iter()
+                .filter(|w| !w.terminating)
+                .map(|w| w.uid.clone())
+                .collect();
+            m.services.insert(
+                key.clone(),
+                Service {
+                    name: key.name.clone(),
+                    namespace: key.namespace.clone(),
+                    hostname: format!("{}.{}.svc.cluster.local", key.name, key.namespace),
+                    vips: wp.vips,
+                    ports: vec![ServicePort {
+                        name: Some("mesh".into()),
+                        port: WAYPOINT_PORT,
+                        target_port: WAYPOINT_PORT,
+                        app_protocol: None,
+                    }],
+                    selector: [(GATEWAY_NAME_LABEL.to_owned(), key.name.clone())].into(),
+                    endpoints: ready.clone(),
+                    waypoint: None,
+                    is_waypoint: true,
+                },
+            );
+            m.waypoints.insert(
+                key.clone(),
+                Waypoint {
+                    name: key.name,
+                    namespace: key.namespace,
+                    identity: identities.into_iter().next().cloned(),
+                    replicas: ready,
+                },
+            );
+        }
+        // Which waypoint a workload's traffic must come through: its namespace's, or
+        // (for the workloads a service with a waypoint selects) the service's.
+        let mut via: HashMap<String, String> = HashMap::new();
+        for s in m.services.values() {
+            if let Some(wp) = &s.waypoint {
+                for uid in &s.endpoints {
+                    via.entry(uid.clone()).or_insert_with(|| wp.clone());
+                }
+            }
+        }
+        drop(by_namespace);
+        for w in m.workloads.values_mut() {
+            if w.native_tunnel {
+                continue;
+            }
+            w.waypoint = m
+                .namespaces
+                .get(&w.namespace)
+                .and_then(|ns| ns.labels.get(WAYPOINT_LABEL))
+                .or_else(|| via.get(&w.uid))
+                .filter(|wp| {
+                    m.waypoints.contains_key(&NamespacedName {
+                        namespace: w.namespace.clone(),
+                        name: (*wp).clone(),
+                    })
+                })
+                .cloned();
         }
 
         for (i, pol) in spec.policies.into_iter().enumerate() {
@@ -570,6 +780,7 @@ impl Model {
                 },
             );
         }
+        m.http_routes = http::validate(&mut p, spec.http_routes, &m.services);
         (m, p.0)
     }
 }
@@ -685,11 +896,14 @@ mod tests {
                     name: None,
                     port: 80,
                     target_port: 8080,
+                    app_protocol: None,
                 }],
                 selector: labels(&[("app", "web")]),
                 labels: Labels::new(),
             }],
             policies: vec![],
+            waypoints: vec![],
+            http_routes: vec![],
         }
     }
 
