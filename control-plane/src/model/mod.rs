@@ -413,10 +413,15 @@ impl Model {
                         wp.namespace
                     ),
                 );
-            } else if declared.contains_key(&key) {
-                p.add(&place, format!("waypoint {key} is defined twice"));
             } else {
-                declared.insert(key, wp);
+                match declared.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        p.add(&place, format!("waypoint {} is defined twice", e.key()));
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(wp);
+                    }
+                }
             }
         }
 

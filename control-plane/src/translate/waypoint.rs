@@ -289,9 +289,7 @@ fn route_configuration(
         for (vh_name, domains) in hosts {
             let routes: Vec<route::Route> = entries
                 .iter()
-                .filter(|(h, _, _)| {
-                    h.is_empty() || (vh_name != "*" && h.iter().any(|x| *x == vh_name))
-                })
+                .filter(|(h, _, _)| h.is_empty() || (vh_name != "*" && h.contains(&vh_name)))
                 .map(|(_, rule, mt)| envoy_route(m, rule, mt, clusters))
                 .collect();
             if routes.is_empty() {

@@ -1,0 +1,580 @@
+//! Envoy resources → the waypoint's [`config`](super) types, refusing what would
+//! change behaviour and is not implemented.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ambit_identity::Identity;
+use ambit_xds::type_url;
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf;
+use prost::Message;
+
+use super::{
+    Action, Cluster, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Listener, ListenerKind,
+    PathMatch, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteConfig, RouteMatch,
+    StringMatch, UpstreamProtocol, VirtualHost,
+};
+
+/// Why a resource was refused.
+pub type Error = String;
+
+fn unpack<M: Message + Default>(any: &protobuf::Any, want: &str) -> Result<M, Error> {
+    if any.type_url != want {
+        return Err(format!("typed_config is {}, expected {want}", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("{want}: {e}"))
+}
+
+fn duration(d: &protobuf::Duration) -> Result<Duration, Error> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err("negative duration".into());
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn socket_address(a: &Option<core::Address>) -> Result<SocketAddr, Error> {
+    let Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(sa)),
+    }) = a
+    else {
+        return Err("only socket addresses are supported".into());
+    };
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let port = match sa.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+        }
+        _ => return Err("a socket address needs port_value".into()),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// A `Listener`.
+pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
+    let l: listener::Listener = unpack(any, type_url::LISTENER)?;
+    let mut addrs = vec![socket_address(&l.address)?];
+    for a in &l.additional_addresses {
+        addrs.push(socket_address(&a.address)?);
+    }
+    if !l.listener_filters.is_empty() {
+        return Err("listener_filters are not supported".into());
+    }
+    let [chain] = l.filter_chains.as_slice() else {
+        return Err(format!(
+            "exactly one filter chain is supported, found {}",
+            l.filter_chains.len()
+        ));
+    };
+    if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
+        return Err("filter_chain_match and transport_socket are not supported".into());
+    }
+    let [filter] = chain.filters.as_slice() else {
+        return Err("exactly one network filter is supported".into());
+    };
+    let Some(listener::filter::ConfigType::TypedConfig(cfg)) = &filter.config_type else {
+        return Err(format!("filter {}: needs a typed_config", filter.name));
+    };
+    let kind = match cfg.type_url.as_str() {
+        type_url::HCM => {
+            let h: hcm::HttpConnectionManager = unpack(cfg, type_url::HCM)?;
+            let Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) = &h.route_specifier
+            else {
+                return Err("the HTTP connection manager must take its routes from RDS".into());
+            };
+            for f in &h.http_filters {
+                match &f.config_type {
+                    Some(hcm::http_filter::ConfigType::TypedConfig(c))
+                        if c.type_url == type_url::ROUTER => {}
+                    _ => {
+                        return Err(format!(
+                            "HTTP filter {:?} is not supported (only the router)",
+                            f.name
+                        ));
+                    }
+                }
+            }
+            ListenerKind::Http {
+                route_config: rds.route_config_name.clone(),
+            }
+        }
+        type_url::TCP_PROXY => {
+            let t: tcp_proxy::TcpProxy = unpack(cfg, type_url::TCP_PROXY)?;
+            match t.cluster_specifier {
+                Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(c)) => {
+                    ListenerKind::Tcp { cluster: c }
+                }
+                _ => return Err("tcp_proxy needs one cluster".into()),
+            }
+        }
+        other => return Err(format!("network filter {other} is not supported")),
+    };
+    Ok(Listener {
+        name: l.name,
+        addrs,
+        kind,
+    })
+}
+
+fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Error> {
+    // Whole-string semantics, as Envoy's safe_regex.
+    regex::Regex::new(&format!("^(?:{})$", r.regex))
+        .map_err(|e| format!("regex {:?}: {e}", r.regex))
+}
+
+fn string_match(m: &matcher::StringMatcher) -> Result<StringMatch, Error> {
+    use matcher::string_matcher::MatchPattern;
+    if m.ignore_case {
+        return Err("ignore_case is not supported".into());
+    }
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
+        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
+        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
+        Some(MatchPattern::Contains(s)) => StringMatch::Contains(s.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StringMatch::Regex(regex(r)?),
+        _ => return Err("unsupported string matcher".into()),
+    })
+}
+
+// Deprecated fields still configure a stock Envoy, so they are honoured or refused.
+#[allow(deprecated)]
+fn header_ops(opts: &[core::HeaderValueOption]) -> Result<Vec<HeaderOp>, Error> {
+    use core::header_value_option::HeaderAppendAction;
+    opts.iter()
+        .map(|o| {
+            let h = o.header.as_ref().ok_or("header option without a header")?;
+            let name = http::HeaderName::from_bytes(h.key.as_bytes())
+                .map_err(|_| format!("{:?} is not a header name", h.key))?;
+            let value = http::HeaderValue::from_str(&h.value)
+                .map_err(|_| format!("header {}: invalid value", h.key))?;
+            let overwrite = match HeaderAppendAction::try_from(o.append_action) {
+                Ok(HeaderAppendAction::AppendIfExistsOrAdd) => {
+                    // The deprecated `append` field, if set, says the same or the opposite.
+                    o.append.is_some_and(|a| !a.value)
+                }
+                Ok(HeaderAppendAction::OverwriteIfExistsOrAdd) => true,
+                _ => return Err(format!("header {}: append_action not supported", h.key)),
+            };
+            Ok(HeaderOp {
+                name,
+                value,
+                overwrite,
+            })
+        })
+        .collect()
+}
+
+fn header_names(v: &[String]) -> Result<Vec<http::HeaderName>, Error> {
+    v.iter()
+        .map(|n| {
+            http::HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| format!("{n:?} is not a header name"))
+        })
+        .collect()
+}
+
+fn retry_policy(r: &route::RetryPolicy) -> Result<RetryPolicy, Error> {
+    let mut on = RetryOn::default();
+    for c in r
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        match c {
+            "5xx" => on.five_xx = true,
+            "gateway-error" => on.gateway_error = true,
+            "reset" => on.reset = true,
+            "connect-failure" => on.connect_failure = true,
+            "retriable-4xx" => on.retriable_4xx = true,
+            "refused-stream" => on.refused_stream = true,
+            "retriable-status-codes" => on.retriable_status_codes = true,
+            "cancelled" => on.grpc_cancelled = true,
+            "deadline-exceeded" => on.grpc_deadline_exceeded = true,
+            "internal" => on.grpc_internal = true,
+            "resource-exhausted" => on.grpc_resource_exhausted = true,
+            "unavailable" => on.grpc_unavailable = true,
+            other => return Err(format!("retry_on {other:?} is not supported")),
+        }
+    }
+    if r.retry_priority.is_some() || !r.retry_host_predicate.is_empty() {
+        return Err("retry_priority and retry_host_predicate are not supported".into());
+    }
+    let (base, max) = match &r.retry_back_off {
+        Some(b) => {
+            let base = b
+                .base_interval
+                .as_ref()
+                .map(duration)
+                .transpose()?
+                .unwrap_or(Duration::from_millis(25));
+            let max = b
+                .max_interval
+                .as_ref()
+                .map(duration)
+                .transpose()?
+                .unwrap_or(base * 10);
+            (base, max)
+        }
+        None => (Duration::from_millis(25), Duration::from_millis(250)),
+    };
+    Ok(RetryPolicy {
+        retry_on: on,
+        num_retries: r.num_retries.map_or(1, |n| n.value),
+        per_try_timeout: r.per_try_timeout.as_ref().map(duration).transpose()?,
+        retriable_status_codes: r
+            .retriable_status_codes
+            .iter()
+            .map(|c| u16::try_from(*c).map_err(|_| format!("status code {c}")))
+            .collect::<Result<_, _>>()?,
+        base_interval: base,
+        max_interval: max.max(base),
+    })
+}
+
+// Deprecated fields still configure a stock Envoy, so they are honoured or refused.
+#[allow(deprecated)]
+fn route_match(m: &route::RouteMatch) -> Result<RouteMatch, Error> {
+    use route::route_match::PathSpecifier;
+    if m.case_sensitive.is_some_and(|c| !c.value) {
+        return Err("case-insensitive paths are not supported".into());
+    }
+    if m.runtime_fraction.is_some() || m.grpc.is_some() || m.tls_context.is_some() {
+        return Err("runtime_fraction, grpc and tls_context matches are not supported".into());
+    }
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::SeparatedPrefix(p.clone()),
+        Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(regex(r)?),
+        _ => return Err("unsupported path match".into()),
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        use route::header_matcher::HeaderMatchSpecifier;
+        let value = match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s)?,
+            Some(HeaderMatchSpecifier::ExactMatch(s)) => StringMatch::Exact(s.clone()),
+            Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => StringMatch::Regex(regex(r)?),
+            Some(HeaderMatchSpecifier::PrefixMatch(s)) => StringMatch::Prefix(s.clone()),
+            Some(HeaderMatchSpecifier::SuffixMatch(s)) => StringMatch::Suffix(s.clone()),
+            Some(HeaderMatchSpecifier::PresentMatch(true)) | None => StringMatch::Present,
+            _ => return Err(format!("header {}: unsupported match", h.name)),
+        };
+        headers.push(HeaderMatch {
+            name: h.name.to_ascii_lowercase(),
+            value,
+            invert: h.invert_match,
+        });
+    }
+    let mut query = Vec::new();
+    for q in &m.query_parameters {
+        use route::query_parameter_matcher::QueryParameterMatchSpecifier;
+        let value = match &q.query_parameter_match_specifier {
+            Some(QueryParameterMatchSpecifier::StringMatch(s)) => string_match(s)?,
+            Some(QueryParameterMatchSpecifier::PresentMatch(true)) | None => StringMatch::Present,
+            _ => return Err(format!("query parameter {}: unsupported match", q.name)),
+        };
+        query.push(QueryMatch {
+            name: q.name.clone(),
+            value,
+        });
+    }
+    Ok(RouteMatch {
+        path,
+        headers,
+        query,
+    })
+}
+
+// Deprecated fields still configure a stock Envoy, so they are honoured or refused.
+#[allow(deprecated)]
+fn action(a: &Option<route::route::Action>) -> Result<Action, Error> {
+    match a {
+        Some(route::route::Action::Route(ra)) => {
+            use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+            let clusters = match &ra.cluster_specifier {
+                Some(ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
+                Some(ClusterSpecifier::WeightedClusters(w)) => w
+                    .clusters
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weight.map_or(0, |w| w.value)))
+                    .collect(),
+                _ => return Err("a route needs a cluster or weighted clusters".into()),
+            };
+            if clusters.iter().all(|(_, w)| *w == 0) {
+                return Err("every weighted cluster has weight 0".into());
+            }
+            if !ra.request_mirror_policies.is_empty()
+                || !ra.hash_policy.is_empty()
+                || ra.hedge_policy.is_some()
+                || !ra.rate_limits.is_empty()
+                || ra.cors.is_some()
+            {
+                return Err(
+                    "request mirroring, hashing, hedging, rate limits and CORS are not supported yet"
+                        .into(),
+                );
+            }
+            // Envoy's default route timeout is 15 s; 0 disables it.
+            let timeout = match &ra.timeout {
+                None => Some(Duration::from_secs(15)),
+                Some(d) => Some(duration(d)?).filter(|d| !d.is_zero()),
+            };
+            Ok(Action::Forward(Forward {
+                clusters,
+                timeout,
+                retry: ra.retry_policy.as_ref().map(retry_policy).transpose()?,
+                prefix_rewrite: Some(ra.prefix_rewrite.clone()).filter(|p| !p.is_empty()),
+                regex_rewrite: ra
+                    .regex_rewrite
+                    .as_ref()
+                    .map(|r| {
+                        let m = r.pattern.as_ref().ok_or("regex_rewrite without pattern")?;
+                        let re = regex::Regex::new(&m.regex)
+                            .map_err(|e| format!("regex {:?}: {e}", m.regex))?;
+                        Ok::<_, Error>((re, r.substitution.clone()))
+                    })
+                    .transpose()?,
+                host_rewrite: match &ra.host_rewrite_specifier {
+                    None => None,
+                    Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+                    Some(_) => return Err("only host_rewrite_literal is supported".into()),
+                },
+            }))
+        }
+        Some(route::route::Action::Redirect(r)) => {
+            use route::redirect_action::{
+                PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier,
+            };
+            let status = match RedirectResponseCode::try_from(r.response_code) {
+                Ok(RedirectResponseCode::MovedPermanently) => 301,
+                Ok(RedirectResponseCode::Found) => 302,
+                Ok(RedirectResponseCode::SeeOther) => 303,
+                Ok(RedirectResponseCode::TemporaryRedirect) => 307,
+                Ok(RedirectResponseCode::PermanentRedirect) => 308,
+                Err(_) => return Err(format!("redirect code {}", r.response_code)),
+            };
+            let (path, prefix_rewrite) = match &r.path_rewrite_specifier {
+                None => (None, None),
+                Some(PathRewriteSpecifier::PathRedirect(p)) => (Some(p.clone()), None),
+                Some(PathRewriteSpecifier::PrefixRewrite(p)) => (None, Some(p.clone())),
+                Some(_) => return Err("regex path redirects are not supported".into()),
+            };
+            Ok(Action::Redirect(Redirect {
+                scheme: match &r.scheme_rewrite_specifier {
+                    None => None,
+                    Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+                    Some(SchemeRewriteSpecifier::HttpsRedirect(false)) => None,
+                    Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+                },
+                host: Some(r.host_redirect.clone()).filter(|h| !h.is_empty()),
+                port: match r.port_redirect {
+                    0 => None,
+                    p => Some(u16::try_from(p).map_err(|_| format!("port {p}"))?),
+                },
+                path,
+                prefix_rewrite,
+                status: http::StatusCode::from_u16(status).expect("valid"),
+                strip_query: r.strip_query,
+            }))
+        }
+        Some(route::route::Action::DirectResponse(d)) => {
+            use core::data_source::Specifier;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => bytes::Bytes::new(),
+                Some(Specifier::InlineString(s)) => bytes::Bytes::from(s.clone()),
+                Some(Specifier::InlineBytes(b)) => bytes::Bytes::from(b.clone()),
+                Some(_) => return Err("direct response bodies must be inline".into()),
+            };
+            Ok(Action::Direct {
+                status: http::StatusCode::from_u16(u16::try_from(d.status).map_err(|_| "status")?)
+                    .map_err(|_| format!("status {}", d.status))?,
+                body,
+            })
+        }
+        _ => Err("unsupported route action".into()),
+    }
+}
+
+/// A `RouteConfiguration`.
+pub fn route_config(any: &protobuf::Any) -> Result<RouteConfig, Error> {
+    let rc: route::RouteConfiguration = unpack(any, type_url::ROUTE)?;
+    let mut virtual_hosts = Vec::new();
+    for vh in &rc.virtual_hosts {
+        if vh.require_tls != 0 || vh.retry_policy.is_some() || !vh.rate_limits.is_empty() {
+            return Err(format!(
+                "virtual host {}: require_tls, virtual-host retry policies and rate limits are not supported",
+                vh.name
+            ));
+        }
+        let mut routes = Vec::new();
+        for r in &vh.routes {
+            let at = |e: Error| format!("virtual host {}, route {:?}: {e}", vh.name, r.name);
+            let matcher = r
+                .r#match
+                .as_ref()
+                .ok_or("a route without a match")
+                .map_err(|e| at(e.into()))
+                .and_then(|m| route_match(m).map_err(at))?;
+            routes.push(Route {
+                name: r.name.clone(),
+                matcher,
+                action: action(&r.action).map_err(at)?,
+                request_headers_to_add: header_ops(&r.request_headers_to_add).map_err(at)?,
+                request_headers_to_remove: header_names(&r.request_headers_to_remove)
+                    .map_err(at)?,
+                response_headers_to_add: header_ops(&r.response_headers_to_add).map_err(at)?,
+                response_headers_to_remove: header_names(&r.response_headers_to_remove)
+                    .map_err(at)?,
+            });
+        }
+        virtual_hosts.push(VirtualHost {
+            name: vh.name.clone(),
+            domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+            routes,
+        });
+    }
+    Ok(RouteConfig {
+        name: rc.name,
+        virtual_hosts,
+    })
+}
+
+/// A `Cluster`.
+pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
+    let c: cluster::Cluster = unpack(any, type_url::CLUSTER)?;
+    match c.cluster_discovery_type {
+        Some(cluster::cluster::ClusterDiscoveryType::Type(t))
+            if t == cluster::cluster::DiscoveryType::Eds as i32 => {}
+        _ => {
+            return Err(format!(
+                "cluster {}: only EDS clusters are supported",
+                c.name
+            ));
+        }
+    }
+    let lb = match cluster::cluster::LbPolicy::try_from(c.lb_policy) {
+        Ok(cluster::cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(cluster::cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        _ => {
+            return Err(format!(
+                "cluster {}: lb_policy must be ROUND_ROBIN or LEAST_REQUEST",
+                c.name
+            ));
+        }
+    };
+    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        return Err(format!(
+            "cluster {}: transport sockets are not supported (HBONE comes from endpoint metadata)",
+            c.name
+        ));
+    }
+    if c.circuit_breakers.is_some() || c.outlier_detection.is_some() || !c.health_checks.is_empty()
+    {
+        return Err(format!(
+            "cluster {}: circuit breakers, outlier detection and health checks are not supported yet",
+            c.name
+        ));
+    }
+    let mut protocol = UpstreamProtocol::Http1;
+    for (k, v) in &c.typed_extension_protocol_options {
+        if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
+            return Err(format!(
+                "cluster {}: protocol options {k} not supported",
+                c.name
+            ));
+        }
+        let o: upstream_http::HttpProtocolOptions = unpack(v, type_url::HTTP_PROTOCOL_OPTIONS)?;
+        use upstream_http::http_protocol_options::UpstreamProtocolOptions;
+        use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
+        protocol = match o.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
+                Some(ProtocolConfig::HttpProtocolOptions(_)) | None => UpstreamProtocol::Http1,
+                Some(_) => {
+                    return Err(format!("cluster {}: HTTP/3 is not supported", c.name));
+                }
+            },
+            None => UpstreamProtocol::Http1,
+            Some(_) => {
+                return Err(format!(
+                    "cluster {}: only explicit HTTP protocol configuration is supported",
+                    c.name
+                ));
+            }
+        };
+    }
+    let eds_name = c
+        .eds_cluster_config
+        .as_ref()
+        .map(|e| e.service_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| c.name.clone());
+    Ok(Cluster {
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .map(duration)
+            .transpose()?
+            .unwrap_or(Duration::from_secs(5)),
+        name: c.name,
+        protocol,
+        lb,
+        eds_name,
+    })
+}
+
+/// A `ClusterLoadAssignment`.
+pub fn endpoints(any: &protobuf::Any) -> Result<(String, Vec<Endpoint>), Error> {
+    let cla: endpoint::ClusterLoadAssignment = unpack(any, type_url::ENDPOINT)?;
+    let mut out = Vec::new();
+    for loc in &cla.endpoints {
+        for e in &loc.lb_endpoints {
+            let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier
+            else {
+                return Err("named endpoints are not supported".into());
+            };
+            // Unhealthy endpoints (as EDS says) get no traffic.
+            let health = core::HealthStatus::try_from(e.health_status).unwrap_or_default();
+            if matches!(
+                health,
+                core::HealthStatus::Unhealthy
+                    | core::HealthStatus::Draining
+                    | core::HealthStatus::Timeout
+            ) {
+                continue;
+            }
+            let hbone = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("ambit"))
+                .and_then(|s| s.fields.get("hbone_identity"))
+                .map(|v| match &v.kind {
+                    Some(protobuf::value::Kind::StringValue(s)) => {
+                        Identity::parse(s).map_err(|e| format!("hbone_identity: {e}"))
+                    }
+                    _ => Err("hbone_identity must be a string".to_owned()),
+                })
+                .transpose()?;
+            out.push(Endpoint {
+                addr: socket_address(&ep.address)?,
+                hbone,
+                weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
+            });
+        }
+    }
+    Ok((cla.cluster_name, out))
+}

@@ -1,0 +1,375 @@
+//! The waypoint's configuration: the subset of Envoy's Listener, RouteConfiguration,
+//! Cluster and ClusterLoadAssignment it implements, decoded and checked once when xDS
+//! delivers them ([`decode`]), then joined into one immutable [`Config`] that requests
+//! read through an `Arc` (a change never disturbs a request in flight: it keeps the
+//! `Arc` it started with).
+//!
+//! A field that would change behaviour and that the waypoint does not implement is an
+//! error (the update is NACKed), never silently ignored. Fields that only tune (stats
+//! prefixes, names) are accepted.
+
+pub mod decode;
+pub mod xds;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_identity::Identity;
+
+/// One service port the waypoint serves, picked by the CONNECT authority.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    /// Its name (`<hostname>:<port>`).
+    pub name: String,
+    /// The VIP:port addresses it answers for.
+    pub addrs: Vec<SocketAddr>,
+    /// What it does.
+    pub kind: ListenerKind,
+}
+
+/// A listener's one filter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerKind {
+    /// HTTP connection manager with routes from RDS.
+    Http {
+        /// The `RouteConfiguration`'s name.
+        route_config: String,
+    },
+    /// TCP proxy to one cluster.
+    Tcp {
+        /// The cluster.
+        cluster: String,
+    },
+}
+
+/// A `RouteConfiguration`.
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    /// Its name.
+    pub name: String,
+    /// Virtual hosts, in order.
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+/// A virtual host: routes for some `Host` names.
+#[derive(Clone, Debug)]
+pub struct VirtualHost {
+    /// Its name.
+    pub name: String,
+    /// Domains: exact (`a.b`), suffix wildcards (`*.b`), prefix wildcards (`a.*`) or `*`.
+    pub domains: Vec<String>,
+    /// Routes; the first that matches wins.
+    pub routes: Vec<Route>,
+}
+
+/// A route.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Its name, if any.
+    pub name: String,
+    /// When it applies.
+    pub matcher: RouteMatch,
+    /// What it does.
+    pub action: Action,
+    /// Headers set on requests.
+    pub request_headers_to_add: Vec<HeaderOp>,
+    /// Headers removed from requests.
+    pub request_headers_to_remove: Vec<http::HeaderName>,
+    /// Headers set on responses.
+    pub response_headers_to_add: Vec<HeaderOp>,
+    /// Headers removed from responses.
+    pub response_headers_to_remove: Vec<http::HeaderName>,
+}
+
+/// Adds or replaces one header.
+#[derive(Clone, Debug)]
+pub struct HeaderOp {
+    /// The header.
+    pub name: http::HeaderName,
+    /// Its value.
+    pub value: http::HeaderValue,
+    /// Replace existing values (else append).
+    pub overwrite: bool,
+}
+
+/// Envoy's `RouteMatch` subset.
+#[derive(Clone, Debug)]
+pub struct RouteMatch {
+    /// The path (without the query).
+    pub path: PathMatch,
+    /// Every header must match.
+    pub headers: Vec<HeaderMatch>,
+    /// Every query parameter must match.
+    pub query: Vec<QueryMatch>,
+}
+
+/// How the path is matched.
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    /// A string prefix.
+    Prefix(String),
+    /// The whole path.
+    Exact(String),
+    /// Whole segments: `/a` matches `/a`, `/a/`, `/a/b`, not `/ab`.
+    SeparatedPrefix(String),
+    /// A regular expression matching the whole path.
+    Regex(regex::Regex),
+}
+
+/// A string matcher.
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Contains.
+    Contains(String),
+    /// The whole value matches.
+    Regex(regex::Regex),
+    /// Present, whatever its value.
+    Present,
+}
+
+/// A header match (`:method`, `:authority`, `:path` are pseudo-headers).
+#[derive(Clone, Debug)]
+pub struct HeaderMatch {
+    /// The header's name (lowercase).
+    pub name: String,
+    /// Its value.
+    pub value: StringMatch,
+    /// Invert the result.
+    pub invert: bool,
+}
+
+/// A query parameter match.
+#[derive(Clone, Debug)]
+pub struct QueryMatch {
+    /// The parameter's name.
+    pub name: String,
+    /// Its value.
+    pub value: StringMatch,
+}
+
+/// What a route does.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Proxy to a cluster.
+    Forward(Forward),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer directly.
+    Direct {
+        /// The status.
+        status: http::StatusCode,
+        /// The body.
+        body: bytes::Bytes,
+    },
+}
+
+/// Proxying.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    /// Clusters with weights (one with weight 1 when not split).
+    pub clusters: Vec<(String, u32)>,
+    /// The whole request, retries included; `None`: no limit.
+    pub timeout: Option<Duration>,
+    /// Retries, if any.
+    pub retry: Option<RetryPolicy>,
+    /// Replaces the matched prefix.
+    pub prefix_rewrite: Option<String>,
+    /// Replaces what the regular expression matches in the path.
+    pub regex_rewrite: Option<(regex::Regex, String)>,
+    /// Replaces the `Host`.
+    pub host_rewrite: Option<String>,
+}
+
+/// Envoy's retry policy subset.
+#[derive(Clone, Debug, Default)]
+pub struct RetryPolicy {
+    /// The conditions (`5xx`, `gateway-error`, `reset`, `connect-failure`,
+    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`, gRPC `cancelled`,
+    /// `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`).
+    pub retry_on: RetryOn,
+    /// Retries at most.
+    pub num_retries: u32,
+    /// Each attempt's timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// For `retriable-status-codes`.
+    pub retriable_status_codes: Vec<u16>,
+    /// Backoff base (Envoy's default 25 ms).
+    pub base_interval: Duration,
+    /// Backoff cap (default 10× the base).
+    pub max_interval: Duration,
+}
+
+/// Parsed `retry_on` conditions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Any 5xx, or a reset/connect failure/timeout.
+    pub five_xx: bool,
+    /// 502, 503, 504.
+    pub gateway_error: bool,
+    /// The upstream reset or closed before a response.
+    pub reset: bool,
+    /// The connection could not be made.
+    pub connect_failure: bool,
+    /// 409.
+    pub retriable_4xx: bool,
+    /// An HTTP/2 REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// The codes in `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    /// gRPC CANCELLED (1).
+    pub grpc_cancelled: bool,
+    /// gRPC DEADLINE_EXCEEDED (4).
+    pub grpc_deadline_exceeded: bool,
+    /// gRPC INTERNAL (13).
+    pub grpc_internal: bool,
+    /// gRPC RESOURCE_EXHAUSTED (8).
+    pub grpc_resource_exhausted: bool,
+    /// gRPC UNAVAILABLE (14).
+    pub grpc_unavailable: bool,
+}
+
+/// A redirect.
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New host.
+    pub host: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New path.
+    pub path: Option<String>,
+    /// Replaces the matched prefix.
+    pub prefix_rewrite: Option<String>,
+    /// The status (301, 302, 303, 307, 308).
+    pub status: http::StatusCode,
+    /// Drop the query.
+    pub strip_query: bool,
+}
+
+/// The upstream protocol of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (prior knowledge).
+    Http2,
+}
+
+/// How a cluster picks endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// In turn.
+    RoundRobin,
+    /// The less loaded of two random endpoints.
+    LeastRequest,
+}
+
+/// A `Cluster`.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// Its name.
+    pub name: String,
+    /// Its upstream protocol (HTTP/1.1 unless it says HTTP/2).
+    pub protocol: UpstreamProtocol,
+    /// Its load balancing.
+    pub lb: LbPolicy,
+    /// How long a new connection may take.
+    pub connect_timeout: Duration,
+    /// The `ClusterLoadAssignment` to use (its `service_name`, else its name).
+    pub eds_name: String,
+}
+
+/// One endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Where it is.
+    pub addr: SocketAddr,
+    /// Reached over HBONE to its node agent as this identity; plaintext if `None`.
+    pub hbone: Option<Identity>,
+    /// Its weight.
+    pub weight: u32,
+}
+
+/// Every resource, decoded, by type; [`Config::join`] makes the request-time view.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    /// By name.
+    pub listeners: BTreeMap<String, Arc<Listener>>,
+    /// By name.
+    pub routes: BTreeMap<String, Arc<RouteConfig>>,
+    /// By name.
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// By cluster (EDS) name.
+    pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
+}
+
+/// What a request reads: every listener indexed by address, with its route
+/// configuration, clusters and endpoints resolved.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// What it was joined from.
+    pub resources: Resources,
+    by_addr: HashMap<SocketAddr, Arc<Listener>>,
+    hbone: HashMap<SocketAddr, Identity>,
+}
+
+impl Config {
+    /// Joins the decoded resources.
+    pub fn join(resources: Resources) -> Self {
+        let mut by_addr = HashMap::new();
+        for l in resources.listeners.values() {
+            for a in &l.addrs {
+                by_addr.insert(*a, l.clone());
+            }
+        }
+        let mut hbone = HashMap::new();
+        for eps in resources.endpoints.values() {
+            for e in eps.iter() {
+                if let Some(id) = &e.hbone {
+                    hbone.insert(e.addr, id.clone());
+                }
+            }
+        }
+        Self {
+            resources,
+            by_addr,
+            hbone,
+        }
+    }
+
+    /// The listener for a CONNECT authority.
+    pub fn listener(&self, authority: SocketAddr) -> Option<&Arc<Listener>> {
+        self.by_addr.get(&authority)
+    }
+
+    /// A route configuration by name.
+    pub fn route_config(&self, name: &str) -> Option<&Arc<RouteConfig>> {
+        self.resources.routes.get(name)
+    }
+
+    /// A cluster and its endpoints (none yet if EDS has not delivered them).
+    pub fn cluster(&self, name: &str) -> Option<(&Arc<Cluster>, Arc<Vec<Endpoint>>)> {
+        let c = self.resources.clusters.get(name)?;
+        let eps = self
+            .resources
+            .endpoints
+            .get(&c.eds_name)
+            .cloned()
+            .unwrap_or_default();
+        Some((c, eps))
+    }
+
+    /// The HBONE identity of an endpoint address, if it is reached over HBONE.
+    pub fn hbone_identity(&self, addr: SocketAddr) -> Option<&Identity> {
+        self.hbone.get(&addr)
+    }
+}

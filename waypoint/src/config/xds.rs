@@ -1,0 +1,106 @@
+//! The xDS [`Handler`]: each response is decoded whole (any bad resource NACKs all of it
+//! and changes nothing), then a new [`Config`] is published.
+
+use std::sync::Arc;
+
+use ambit_xds::client::{ApplyError, Handler};
+use ambit_xds::convert::DecodeError;
+use ambit_xds::envoy::Any;
+use ambit_xds::type_url;
+use tokio::sync::watch;
+
+use super::{Config, Resources, decode};
+
+/// Keeps the decoded resources and publishes each new [`Config`].
+#[derive(Debug)]
+pub struct ConfigHandler {
+    resources: Resources,
+    tx: watch::Sender<Arc<Config>>,
+}
+
+impl ConfigHandler {
+    /// A handler publishing on a new channel, and that channel's receiver.
+    pub fn new() -> (Self, watch::Receiver<Arc<Config>>) {
+        let (tx, rx) = watch::channel(Arc::new(Config::default()));
+        (
+            Self {
+                resources: Resources::default(),
+                tx,
+            },
+            rx,
+        )
+    }
+}
+
+fn refuse(name: &str, problem: String) -> ApplyError {
+    ApplyError::Resource {
+        name: name.to_owned(),
+        source: DecodeError::Field {
+            field: "resource",
+            problem,
+        },
+    }
+}
+
+impl Handler for ConfigHandler {
+    fn apply(
+        &mut self,
+        type_url: &str,
+        updated: Vec<(String, Any)>,
+        removed: Vec<String>,
+    ) -> Result<(), ApplyError> {
+        let mut next = self.resources.clone();
+        for (name, any) in &updated {
+            if any.type_url != type_url {
+                return Err(ApplyError::WrongType {
+                    name: name.clone(),
+                    found: any.type_url.clone(),
+                    expected: type_url.to_owned(),
+                });
+            }
+        }
+        match type_url {
+            type_url::LISTENER => {
+                for (name, any) in updated {
+                    let l = decode::listener(&any).map_err(|e| refuse(&name, e))?;
+                    next.listeners.insert(name, Arc::new(l));
+                }
+                for n in removed {
+                    next.listeners.remove(&n);
+                }
+            }
+            type_url::ROUTE => {
+                for (name, any) in updated {
+                    let r = decode::route_config(&any).map_err(|e| refuse(&name, e))?;
+                    next.routes.insert(name, Arc::new(r));
+                }
+                for n in removed {
+                    next.routes.remove(&n);
+                }
+            }
+            type_url::CLUSTER => {
+                for (name, any) in updated {
+                    let c = decode::cluster(&any).map_err(|e| refuse(&name, e))?;
+                    next.clusters.insert(name, Arc::new(c));
+                }
+                for n in removed {
+                    next.clusters.remove(&n);
+                }
+            }
+            type_url::ENDPOINT => {
+                for (name, any) in updated {
+                    let (_, eps) = decode::endpoints(&any).map_err(|e| refuse(&name, e))?;
+                    next.endpoints.insert(name, Arc::new(eps));
+                }
+                for n in removed {
+                    next.endpoints.remove(&n);
+                }
+            }
+            other => return Err(ApplyError::UnexpectedType(other.to_owned())),
+        }
+        self.resources = next;
+        self.tx
+            .send_replace(Arc::new(Config::join(self.resources.clone())));
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Inbound: HBONE (mutual TLS + HTTP/2 CONNECT) on the waypoint's `:15008`.
+//!
+//! Each CONNECT names a service VIP and port (or an address of one): its listener says
+//! what the tunnel carries. HTTP ports are served by hyper on the tunnel's bytes (HTTP/1.1
+//! or HTTP/2 with prior knowledge, told apart by the HTTP/2 preface, never by sniffing
+//! the application); TCP ports are forwarded to an endpoint of the listener's cluster.
+//! An authority no listener answers for gets 400.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_hbone::connect::{ConnectRequest, Refusal, Tunnel};
+use ambit_hbone::stream::H2Stream;
+use ambit_identity::Identity;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::config::{Config, ListenerKind};
+use crate::identity::Certs;
+use crate::proxy::{self, RequestContext};
+use crate::upstream::Upstreams;
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the inbound side needs.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    /// The current configuration.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// The current certificate.
+    pub certs: watch::Receiver<Option<Arc<Certs>>>,
+    /// Upstream connections.
+    pub upstreams: Arc<Upstreams>,
+}
+
+impl Inbound {
+    /// Accepts HBONE connections on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move { me.connection(tcp, peer).await });
+        }
+    }
+
+    async fn connection(self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let Some(certs) = self.certs.borrow().clone() else {
+            debug!(%peer, "no certificate yet; closing");
+            return;
+        };
+        let accept = tokio_rustls::TlsAcceptor::from(certs.server()).accept(tcp);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                debug!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        let identity = ambit_hbone::tls::peer_identity(tls.get_ref().1);
+        let me = self.clone();
+        let handler = move |req: ConnectRequest| {
+            let me = me.clone();
+            let identity = identity.clone();
+            async move { me.admit(req, identity) }
+        };
+        if let Err(e) = ambit_hbone::connect::serve(tls, handler).await {
+            debug!(%peer, "HBONE connection ended: {e}");
+        }
+    }
+
+    fn admit(
+        &self,
+        req: ConnectRequest,
+        peer: Option<Identity>,
+    ) -> Result<WaypointTunnel, Refusal> {
+        let config = self.config.borrow().clone();
+        let Some(listener) = config.listener(req.authority) else {
+            debug!(authority = %req.authority, "no listener for this authority");
+            return Err(Refusal::BadRequest);
+        };
+        Ok(WaypointTunnel {
+            kind: listener.kind.clone(),
+            ctx: Arc::new(RequestContext {
+                config: self.config.clone(),
+                upstreams: self.upstreams.clone(),
+                route_config: match &listener.kind {
+                    ListenerKind::Http { route_config } => route_config.clone(),
+                    ListenerKind::Tcp { .. } => String::new(),
+                },
+                listener: listener.name.clone(),
+                peer,
+                client: req.forwarded_for,
+            }),
+        })
+    }
+}
+
+/// One accepted CONNECT.
+pub struct WaypointTunnel {
+    kind: ListenerKind,
+    ctx: Arc<RequestContext>,
+}
+
+impl Tunnel for WaypointTunnel {
+    async fn run(self, stream: H2Stream) {
+        match self.kind {
+            ListenerKind::Http { .. } => {
+                let ctx = self.ctx;
+                let service =
+                    hyper::service::service_fn(move |req| proxy::handle(ctx.clone(), req));
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .max_buf_size(64 * 1024)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30));
+                builder.http2().max_header_list_size(64 * 1024);
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("HTTP on a tunnel ended: {e}");
+                }
+            }
+            ListenerKind::Tcp { cluster } => tcp(self.ctx, &cluster, stream).await,
+        }
+    }
+}
+
+/// A TCP port: the bytes go to one endpoint of the cluster (another if the first
+/// cannot be reached).
+async fn tcp(ctx: Arc<RequestContext>, cluster: &str, mut stream: H2Stream) {
+    let config = ctx.config.borrow().clone();
+    let Some((c, eps)) = config.cluster(cluster) else {
+        debug!(cluster, "TCP listener without its cluster");
+        return;
+    };
+    let mut tried = Vec::new();
+    for _ in 0..2 {
+        let Some(ep) = ctx.upstreams.order(c, &eps, &tried).into_iter().next() else {
+            return;
+        };
+        tried.push(ep.addr);
+        match ctx.upstreams.dial(&ep, ctx.client, c).await {
+            Ok(mut up) => {
+                let _guard = ctx.upstreams.start(ep.addr);
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+                return;
+            }
+            Err(e) => {
+                debug!(endpoint = %ep.addr, "TCP upstream: {e}");
+                ctx.upstreams.failed(ep.addr);
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! `ambit-waypoint`: Ambit's per-service L7 proxy.
+//!
+//! A waypoint is a mesh workload with its own identity. Node agents send it the traffic
+//! of the services that name it (`ambit.dev/waypoint`), as HBONE tunnels to its `:15008`
+//! whose CONNECT authority is the service VIP and port the client dialed. It routes each
+//! HTTP request as Envoy would with the same configuration — which it receives as
+//! standard Envoy xDS (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment) —
+//! and sends it to an endpoint over HBONE (mesh workloads) or plaintext.
+//!
+//! - [`config`]: the Envoy subset, decoded and checked (`decode`), and the xDS handler;
+//! - [`router`]: virtual host and route selection;
+//! - [`proxy`]: one request: actions, header changes, retries, timeouts;
+//! - [`upstream`]: endpoint choice and pooled upstream connections (HBONE or plaintext);
+//! - [`inbound`]: the HBONE server;
+//! - [`identity`]: the waypoint's certificate and TLS configurations;
+//! - [`body`]: request buffering for retries.
+
+pub mod body;
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod proxy;
+pub mod router;
+pub mod upstream;

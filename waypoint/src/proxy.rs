@@ -1,0 +1,584 @@
+//! One HTTP request through the waypoint, with Envoy's router semantics: the route
+//! ([`router`](crate::router)), then its action — a direct response, a redirect, or
+//! forwarding to a weighted cluster with header changes, rewrites, retries (backoff with
+//! jitter, per-try timeouts, another endpoint each time) and the route timeout (504).
+//!
+//! Responses stream back as they arrive; only a retryable request's body is held, up to
+//! [`RETRY_BUFFER`](crate::body::RETRY_BUFFER).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_identity::Identity;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::body::{self, Buffered, ProxyBody, RETRY_BUFFER, Replay};
+use crate::config::{
+    Action, Cluster, Config, Endpoint, Forward, HeaderOp, PathMatch, Redirect, RetryPolicy, Route,
+    UpstreamProtocol,
+};
+use crate::router;
+use crate::upstream::{UpstreamError, Upstreams};
+
+/// What every request on one inbound tunnel shares.
+#[derive(Debug)]
+pub struct RequestContext {
+    /// The configuration (each request reads the latest and keeps it).
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Upstream connections.
+    pub upstreams: Arc<Upstreams>,
+    /// The listener's route configuration.
+    pub route_config: String,
+    /// The listener's name (for the access log).
+    pub listener: String,
+    /// The caller's identity (from its HBONE certificate), if any.
+    pub peer: Option<Identity>,
+    /// The caller's IP (`forwarded: for=` of its tunnel).
+    pub client: Option<IpAddr>,
+}
+
+/// Envoy's response flags, for the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flag {
+    /// No route.
+    NoRoute,
+    /// No healthy upstream.
+    NoHealthy,
+    /// Upstream connection failure.
+    ConnectFailure,
+    /// Upstream reset.
+    Reset,
+    /// Upstream request timeout.
+    Timeout,
+    /// Retry limit exceeded (the last response was retryable).
+    RetryExceeded,
+    /// Direct response or redirect.
+    Direct,
+}
+
+impl Flag {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flag::NoRoute => "NR",
+            Flag::NoHealthy => "UH",
+            Flag::ConnectFailure => "UF",
+            Flag::Reset => "UR",
+            Flag::Timeout => "UT",
+            Flag::RetryExceeded => "URX",
+            Flag::Direct => "DR",
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(body));
+    *r.status_mut() = status;
+    if !body.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
+/// Serves one request.
+pub async fn handle(
+    ctx: Arc<RequestContext>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let config = ctx.config.borrow().clone();
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let mut attempts = 0;
+    let mut upstream: Option<SocketAddr> = None;
+    let (resp, flag) = match pick(&config, &ctx.route_config, &parts) {
+        None => (text(StatusCode::NOT_FOUND, ""), Some(Flag::NoRoute)),
+        Some(route) => match &route.action {
+            Action::Direct { status, body: b } => {
+                let mut r = Response::new(body::full(b.clone()));
+                *r.status_mut() = *status;
+                (r, Some(Flag::Direct))
+            }
+            Action::Redirect(rd) => (redirect(rd, route, &parts), Some(Flag::Direct)),
+            Action::Forward(fw) => {
+                let out = forward(&ctx, &config, route, fw, parts, body).await;
+                attempts = out.attempts;
+                upstream = out.upstream;
+                let mut resp = out.response;
+                edit_headers(
+                    resp.headers_mut(),
+                    &route.response_headers_to_add,
+                    &route.response_headers_to_remove,
+                );
+                (resp, out.flag)
+            }
+        },
+    };
+    info!(
+        target: "access",
+        listener = %ctx.listener,
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        flags = flag.map_or("-", Flag::as_str),
+        attempts,
+        upstream = upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        peer = ctx.peer.as_ref().map_or("-", |p| p.as_str()),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    Ok(resp)
+}
+
+fn pick<'a>(config: &'a Config, rc: &str, parts: &http::request::Parts) -> Option<&'a Route> {
+    let rc = config.route_config(rc)?;
+    let vh = router::virtual_host(rc, &router::host_of(parts))?;
+    router::route(vh, parts)
+}
+
+fn edit_headers(h: &mut HeaderMap, add: &[HeaderOp], remove: &[HeaderName]) {
+    for name in remove {
+        h.remove(name);
+    }
+    for op in add {
+        if op.overwrite {
+            h.insert(op.name.clone(), op.value.clone());
+        } else {
+            h.append(op.name.clone(), op.value.clone());
+        }
+    }
+}
+
+/// The path with the route's matched prefix replaced by `rewrite`.
+fn replace_prefix(route: &Route, path: &str, rewrite: &str) -> String {
+    let prefix = match &route.matcher.path {
+        PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.as_str(),
+        PathMatch::Exact(p) => p.as_str(),
+        PathMatch::Regex(_) => "",
+    };
+    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let joined = if rewrite.ends_with('/') && rest.starts_with('/') {
+        format!("{rewrite}{}", &rest[1..])
+    } else if !rewrite.ends_with('/')
+        && !rest.is_empty()
+        && !rest.starts_with('/')
+        && prefix.ends_with('/')
+    {
+        format!("{rewrite}/{rest}")
+    } else {
+        format!("{rewrite}{rest}")
+    };
+    if joined.is_empty() {
+        "/".into()
+    } else {
+        joined
+    }
+}
+
+fn redirect(rd: &Redirect, route: &Route, parts: &http::request::Parts) -> Response<ProxyBody> {
+    let host = router::host_of(parts);
+    let scheme = rd
+        .scheme
+        .clone()
+        .or_else(|| parts.uri.scheme_str().map(str::to_owned))
+        .unwrap_or_else(|| "http".into());
+    let host = rd.host.clone().unwrap_or(host);
+    let port = rd.port.map(|p| format!(":{p}")).unwrap_or_default();
+    let path = match (&rd.path, &rd.prefix_rewrite) {
+        (Some(p), _) => p.clone(),
+        (None, Some(rw)) => replace_prefix(route, parts.uri.path(), rw),
+        (None, None) => parts.uri.path().to_owned(),
+    };
+    let query = match parts.uri.query() {
+        Some(q) if !rd.strip_query && !path.contains('?') => format!("?{q}"),
+        _ => String::new(),
+    };
+    let location = format!("{scheme}://{host}{port}{path}{query}");
+    let mut r = Response::new(body::full(""));
+    *r.status_mut() = rd.status;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+    }
+    r
+}
+
+struct Outcome {
+    response: Response<ProxyBody>,
+    flag: Option<Flag>,
+    attempts: u32,
+    upstream: Option<SocketAddr>,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+fn weighted(clusters: &[(String, u32)]) -> Option<&str> {
+    let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = fastrand::u64(..total);
+    for (name, w) in clusters {
+        if x < u64::from(*w) {
+            return Some(name);
+        }
+        x -= u64::from(*w);
+    }
+    None
+}
+
+/// What an attempt gave.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(UpstreamError),
+    TimedOut,
+}
+
+async fn forward(
+    ctx: &RequestContext,
+    config: &Config,
+    route: &Route,
+    fw: &Forward,
+    mut parts: http::request::Parts,
+    body: Incoming,
+) -> Outcome {
+    let fail = |status, msg, flag| Outcome {
+        response: text(status, msg),
+        flag: Some(flag),
+        attempts: 0,
+        upstream: None,
+    };
+    let Some(name) = weighted(&fw.clusters) else {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            Flag::NoHealthy,
+        );
+    };
+    let Some((cluster, endpoints)) = config.cluster(name) else {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            Flag::NoHealthy,
+        );
+    };
+    if endpoints.is_empty() {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            Flag::NoHealthy,
+        );
+    }
+
+    // The request as the upstream gets it.
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let host = fw.host_rewrite.clone().unwrap_or(host);
+    let mut path = parts.uri.path().to_owned();
+    if let Some(rw) = &fw.prefix_rewrite {
+        path = replace_prefix(route, &path, rw);
+    }
+    if let Some((re, sub)) = &fw.regex_rewrite {
+        path = re.replace_all(&path, sub.as_str()).into_owned();
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let te_trailers = parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    parts.headers.remove(header::TE);
+    if te_trailers && cluster.protocol == UpstreamProtocol::Http2 {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    edit_headers(
+        &mut parts.headers,
+        &route.request_headers_to_add,
+        &route.request_headers_to_remove,
+    );
+    let uri = match cluster.protocol {
+        UpstreamProtocol::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                parts.headers.insert(header::HOST, v);
+            }
+            path_and_query.parse::<Uri>()
+        }
+        UpstreamProtocol::Http2 => {
+            parts.headers.remove(header::HOST);
+            format!("http://{host}{path_and_query}").parse::<Uri>()
+        }
+    };
+    let Ok(uri) = uri else {
+        return fail(StatusCode::BAD_REQUEST, "bad request", Flag::Direct);
+    };
+    parts.uri = uri;
+    parts.version = match cluster.protocol {
+        UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        UpstreamProtocol::Http2 => http::Version::HTTP_2,
+    };
+
+    let retry = fw.retry.clone().unwrap_or(RetryPolicy {
+        num_retries: 0,
+        ..Default::default()
+    });
+    // Only a body that fits the buffer can be sent twice.
+    let (mut replay, mut once) = (None, None);
+    if retry.num_retries > 0 {
+        match body::buffer(body, RETRY_BUFFER).await {
+            Ok(Buffered::Whole(frames)) => replay = Some(frames),
+            Ok(Buffered::Partial(frames, rest)) => once = Some(Replay::then(frames, rest)),
+            Err(_) => {
+                return fail(StatusCode::BAD_REQUEST, "bad request body", Flag::Direct);
+            }
+        }
+    } else {
+        once = Some(Replay::then(Vec::new(), body));
+    }
+    let retries = if replay.is_some() {
+        retry.num_retries
+    } else {
+        0
+    };
+
+    let deadline = fw.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        let order = ctx.upstreams.order(cluster, &endpoints, &tried);
+        let Some(ep) = order.first().cloned() else {
+            return fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                Flag::NoHealthy,
+            );
+        };
+        tried.push(ep.addr);
+        let body = match (&replay, once.take()) {
+            (Some(frames), _) => http_body_util::BodyExt::boxed(Replay::of(frames)),
+            (None, Some(b)) => http_body_util::BodyExt::boxed(b),
+            (None, None) => unreachable!("a streamed body is sent once"),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        if attempt > 1 {
+            req.headers_mut().insert(
+                HeaderName::from_static("x-envoy-attempt-count"),
+                HeaderValue::from(attempt),
+            );
+        }
+        let result = one_attempt(ctx, cluster, &ep, req, retry.per_try_timeout, deadline).await;
+        let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        let retryable = match &result {
+            Attempt::Response(r) => retriable_response(&retry, r),
+            Attempt::Failed(e) => {
+                ctx.upstreams.failed(ep.addr);
+                retriable_error(&retry, e)
+            }
+            Attempt::TimedOut => {
+                retry.retry_on.five_xx || retry.retry_on.gateway_error || retry.retry_on.reset
+            }
+        };
+        if retryable && attempt <= retries && !route_timed_out {
+            // Fully jittered exponential backoff, as Envoy: [0, base * 2^(n-1)], capped.
+            let cap = retry
+                .base_interval
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(retry.max_interval);
+            let wait = cap.mul_f64(fastrand::f64());
+            let wait = match deadline {
+                Some(d) => wait.min(d.saturating_duration_since(tokio::time::Instant::now())),
+                None => wait,
+            };
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let upstream = Some(ep.addr);
+        return match result {
+            Attempt::Response(r) => Outcome {
+                flag: retryable.then_some(Flag::RetryExceeded),
+                response: response_from(r),
+                attempts: attempt,
+                upstream,
+            },
+            Attempt::TimedOut => Outcome {
+                response: text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                flag: Some(Flag::Timeout),
+                attempts: attempt,
+                upstream,
+            },
+            Attempt::Failed(e) => {
+                let (msg, flag) = match e {
+                    UpstreamError::Connect(_) => (
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        Flag::ConnectFailure,
+                    ),
+                    _ => (
+                        "upstream connect error or disconnect/reset before headers. reset reason: remote reset",
+                        Flag::Reset,
+                    ),
+                };
+                Outcome {
+                    response: text(StatusCode::SERVICE_UNAVAILABLE, msg),
+                    flag: Some(flag),
+                    attempts: attempt,
+                    upstream,
+                }
+            }
+        };
+    }
+}
+
+async fn one_attempt(
+    ctx: &RequestContext,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    req: Request<ProxyBody>,
+    per_try: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
+) -> Attempt {
+    let _in_flight = ctx.upstreams.start(ep.addr);
+    let now = tokio::time::Instant::now();
+    let limit = match (per_try.map(|t| now + t), deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let send = ctx.upstreams.send(cluster, ep, ctx.client, req);
+    let result = match limit {
+        Some(at) => match tokio::time::timeout_at(at, send).await {
+            Ok(r) => r,
+            Err(_) => return Attempt::TimedOut,
+        },
+        None => send.await,
+    };
+    match result {
+        Ok(r) => Attempt::Response(r),
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+fn grpc_status(r: &Response<Incoming>) -> Option<u32> {
+    r.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn retriable_response(p: &RetryPolicy, r: &Response<Incoming>) -> bool {
+    let s = r.status().as_u16();
+    let on = &p.retry_on;
+    (on.five_xx && (500..600).contains(&s))
+        || (on.gateway_error && matches!(s, 502..=504))
+        || (on.retriable_4xx && s == 409)
+        || (on.retriable_status_codes && p.retriable_status_codes.contains(&s))
+        || match grpc_status(r) {
+            Some(1) => on.grpc_cancelled,
+            Some(4) => on.grpc_deadline_exceeded,
+            Some(8) => on.grpc_resource_exhausted,
+            Some(13) => on.grpc_internal,
+            Some(14) => on.grpc_unavailable,
+            _ => false,
+        }
+}
+
+fn retriable_error(p: &RetryPolicy, e: &UpstreamError) -> bool {
+    let on = &p.retry_on;
+    match e {
+        UpstreamError::Connect(_) => on.connect_failure || on.five_xx || on.gateway_error,
+        UpstreamError::Refused => on.refused_stream || on.five_xx,
+        UpstreamError::Reset(_) => on.reset || on.five_xx || on.gateway_error,
+    }
+}
+
+fn response_from(r: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, b) = r.into_parts();
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    Response::from_parts(parts, body::stream(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteMatch;
+
+    fn route(path: PathMatch) -> Route {
+        Route {
+            name: String::new(),
+            matcher: RouteMatch {
+                path,
+                headers: vec![],
+                query: vec![],
+            },
+            action: Action::Direct {
+                status: StatusCode::OK,
+                body: Default::default(),
+            },
+            request_headers_to_add: vec![],
+            request_headers_to_remove: vec![],
+            response_headers_to_add: vec![],
+            response_headers_to_remove: vec![],
+        }
+    }
+
+    #[test]
+    fn prefix_rewrites_keep_segments_whole() {
+        let r = route(PathMatch::SeparatedPrefix("/old".into()));
+        assert_eq!(replace_prefix(&r, "/old/x", "/new"), "/new/x");
+        assert_eq!(replace_prefix(&r, "/old", "/new"), "/new");
+        assert_eq!(replace_prefix(&r, "/old/x", "/"), "/x");
+        assert_eq!(replace_prefix(&r, "/old", "/"), "/");
+        assert_eq!(replace_prefix(&r, "/old/x", ""), "/x");
+    }
+
+    #[test]
+    fn weights_pick_in_proportion() {
+        let c = vec![
+            ("a".to_owned(), 80),
+            ("b".to_owned(), 20),
+            ("z".to_owned(), 0),
+        ];
+        let a = (0..10_000).filter(|_| weighted(&c) == Some("a")).count();
+        assert!((7_600..8_400).contains(&a), "{a}");
+        assert!((0..1000).all(|_| weighted(&c) != Some("z")));
+        assert_eq!(weighted(&[("x".into(), 0)]), None);
+    }
+}

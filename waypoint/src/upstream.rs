@@ -1,0 +1,451 @@
+//! Upstream connections: choosing an endpoint, and HTTP connections to it, pooled.
+//!
+//! An endpoint with an HBONE identity (an enrolled workload) is reached through a
+//! CONNECT tunnel to its node agent's `:15008`, as the waypoint's identity, with
+//! `forwarded: for=<original client>` so the application still sees its caller; the
+//! tunnels share pooled HBONE connections per destination agent. Other endpoints are
+//! dialed in plaintext.
+//!
+//! HTTP connections are pooled per (endpoint, original client, protocol): HTTP/2
+//! connections are shared by concurrent requests; HTTP/1.1 connections carry one
+//! request at a time and go back to the pool once their response has been read.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ambit_hbone::connect::HboneClient;
+use ambit_hbone::pool::{Dialer, Pool, PoolConfig, PoolError, PoolKey, PooledStream};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::body::ProxyBody;
+use crate::config::{Cluster, Endpoint, LbPolicy, UpstreamProtocol};
+use crate::identity::Certs;
+
+/// The port node agents accept HBONE on.
+pub const HBONE_PORT: u16 = 15008;
+/// Idle HTTP/1.1 connections kept per key.
+const MAX_IDLE: usize = 64;
+/// An endpoint that failed this recently is tried after the others.
+const FAILED_FOR: Duration = Duration::from_secs(10);
+
+/// Why no response came from an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The connection (TCP, HBONE or the HTTP handshake) could not be made.
+    #[error("connection failure: {0}")]
+    Connect(String),
+    /// The upstream refused the stream before processing it (HTTP/2 REFUSED_STREAM).
+    #[error("refused stream")]
+    Refused,
+    /// The connection or stream ended before a response.
+    #[error("reset before headers: {0}")]
+    Reset(String),
+}
+
+type Sender1 = http1::SendRequest<ProxyBody>;
+type Sender2 = http2::SendRequest<ProxyBody>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ConnKey {
+    addr: SocketAddr,
+    client: Option<IpAddr>,
+    protocol: UpstreamProtocol,
+}
+
+/// Dials HBONE connections to node agents as the waypoint's identity.
+#[derive(Debug)]
+pub struct HboneDialer {
+    certs: watch::Receiver<Option<Arc<Certs>>>,
+    timeout: Duration,
+}
+
+/// Why an HBONE dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// No certificate yet.
+    #[error("the waypoint has no certificate yet")]
+    NoCertificate,
+    /// TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] ambit_hbone::tls::TlsError),
+    /// TCP or the handshake.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// HTTP/2.
+    #[error(transparent)]
+    Hbone(#[from] ambit_hbone::connect::HboneError),
+    /// Took too long.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl Dialer for HboneDialer {
+    type Target = ();
+    type Error = DialError;
+
+    async fn dial(&self, key: &PoolKey, _: &()) -> Result<HboneClient, DialError> {
+        let certs = self
+            .certs
+            .borrow()
+            .clone()
+            .ok_or(DialError::NoCertificate)?;
+        let config = certs.client(&key.dst_identity)?;
+        let work = async {
+            let tcp = TcpStream::connect(key.dst).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, DialError>(HboneClient::handshake(tls).await?)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| DialError::Timeout)?
+    }
+}
+
+/// The bytes under an upstream HTTP connection.
+pub enum UpstreamIo {
+    /// Plaintext TCP.
+    Tcp(TcpStream),
+    /// A CONNECT tunnel.
+    Hbone(PooledStream),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Hbone(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Upstream connections and the load-balancing state.
+pub struct Upstreams {
+    hbone: Arc<Pool<HboneDialer>>,
+    certs: watch::Receiver<Option<Arc<Certs>>>,
+    idle1: Arc<Mutex<HashMap<ConnKey, Vec<Sender1>>>>,
+    shared2: Mutex<HashMap<ConnKey, Sender2>>,
+    /// Round-robin position per cluster.
+    next: Mutex<HashMap<String, usize>>,
+    /// Requests in flight per endpoint (least request).
+    active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    failed: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams").finish_non_exhaustive()
+    }
+}
+
+/// Counts a request against its endpoint while it lives.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstreams {
+    /// Upstreams dialing HBONE with the certificates published on `certs`.
+    pub fn new(certs: watch::Receiver<Option<Arc<Certs>>>) -> Arc<Self> {
+        let hbone = Pool::new(
+            HboneDialer {
+                certs: certs.clone(),
+                timeout: Duration::from_secs(5),
+            },
+            PoolConfig::default(),
+        );
+        hbone.reap_periodically();
+        Arc::new(Self {
+            hbone,
+            certs,
+            idle1: Arc::default(),
+            shared2: Mutex::default(),
+            next: Mutex::default(),
+            active: Mutex::default(),
+            failed: Mutex::default(),
+        })
+    }
+
+    /// Endpoints of `cluster` in the order to try them: the balancer's choice first,
+    /// endpoints already tried (`tried`) and recently failed ones last.
+    pub fn order(
+        &self,
+        cluster: &Cluster,
+        endpoints: &[Endpoint],
+        tried: &[SocketAddr],
+    ) -> Vec<Endpoint> {
+        if endpoints.is_empty() {
+            return Vec::new();
+        }
+        let n = endpoints.len();
+        let first = match cluster.lb {
+            LbPolicy::RoundRobin => {
+                let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+                let i = next.entry(cluster.name.clone()).or_default();
+                let first = *i % n;
+                *i = i.wrapping_add(1);
+                first
+            }
+            LbPolicy::LeastRequest => {
+                // Power of two choices.
+                let (a, b) = (fastrand::usize(..n), fastrand::usize(..n));
+                let load = |i: usize| self.counter(endpoints[i].addr).load(Ordering::Relaxed);
+                if load(b) < load(a) { b } else { a }
+            }
+        };
+        let now = Instant::now();
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let bad = |e: &Endpoint| {
+            tried.contains(&e.addr)
+                || failed
+                    .get(&e.addr)
+                    .is_some_and(|t| now.duration_since(*t) < FAILED_FOR)
+        };
+        let mut v: Vec<Endpoint> = (0..n).map(|k| endpoints[(first + k) % n].clone()).collect();
+        v.sort_by_key(|e| bad(e));
+        v
+    }
+
+    fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone()
+    }
+
+    /// Counts a request to `addr` until the guard is dropped.
+    pub fn start(&self, addr: SocketAddr) -> InFlight {
+        let c = self.counter(addr);
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+
+    /// Remembers that `addr` failed (it is tried last for a while).
+    pub fn failed(&self, addr: SocketAddr) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, Instant::now());
+    }
+
+    /// Sends `req` to `ep` (`client`: the original caller, for `forwarded`).
+    pub async fn send(
+        &self,
+        cluster: &Cluster,
+        ep: &Endpoint,
+        client: Option<IpAddr>,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let key = ConnKey {
+            addr: ep.addr,
+            client: ep.hbone.as_ref().and(client),
+            protocol: cluster.protocol,
+        };
+        match cluster.protocol {
+            UpstreamProtocol::Http2 => {
+                let mut sender = self.sender2(&key, ep, cluster).await?;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                sender.send_request(req).await.map_err(classify)
+            }
+            UpstreamProtocol::Http1 => {
+                let mut sender = self.sender1(&key, ep, cluster).await?;
+                let resp = sender.send_request(req).await.map_err(classify)?;
+                // Back to the pool once the response has been read.
+                let pool = self.idle1.clone();
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
+                        let v = idle.entry(key).or_default();
+                        if v.len() < MAX_IDLE {
+                            v.push(sender);
+                        }
+                    }
+                });
+                Ok(resp)
+            }
+        }
+    }
+
+    async fn sender1(
+        &self,
+        key: &ConnKey,
+        ep: &Endpoint,
+        cluster: &Cluster,
+    ) -> Result<Sender1, UpstreamError> {
+        {
+            let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = idle.get_mut(key) {
+                while let Some(s) = v.pop() {
+                    if s.is_ready() {
+                        return Ok(s);
+                    }
+                }
+            }
+        }
+        let io = self.dial(ep, key.client, cluster).await?;
+        let (sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("upstream HTTP/1.1 connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn sender2(
+        &self,
+        key: &ConnKey,
+        ep: &Endpoint,
+        cluster: &Cluster,
+    ) -> Result<Sender2, UpstreamError> {
+        if let Some(s) = self
+            .shared2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .filter(|s| !s.is_closed())
+        {
+            return Ok(s.clone());
+        }
+        let io = self.dial(ep, key.client, cluster).await?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("upstream HTTP/2 connection ended: {e}");
+            }
+        });
+        self.shared2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+
+    /// A byte stream to `ep`: HBONE if it has an identity, else plaintext TCP.
+    pub async fn dial(
+        &self,
+        ep: &Endpoint,
+        client: Option<IpAddr>,
+        cluster: &Cluster,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let connect = async {
+            match &ep.hbone {
+                None => {
+                    let s = TcpStream::connect(ep.addr)
+                        .await
+                        .map_err(|e| UpstreamError::Connect(format!("{}: {e}", ep.addr)))?;
+                    let _ = s.set_nodelay(true);
+                    Ok(UpstreamIo::Tcp(s))
+                }
+                Some(dst) => {
+                    let certs = self
+                        .certs
+                        .borrow()
+                        .clone()
+                        .ok_or_else(|| UpstreamError::Connect("no certificate yet".into()))?;
+                    let key = PoolKey {
+                        src_identity: certs.identity.clone(),
+                        src: IpAddr::from([0, 0, 0, 0]),
+                        dst_identity: dst.clone(),
+                        dst: SocketAddr::new(ep.addr.ip(), HBONE_PORT),
+                    };
+                    let tp = traceparent();
+                    let source = client.unwrap_or(key.src);
+                    match self.hbone.connect(&key, &(), ep.addr, source, &tp).await {
+                        Ok(s) => Ok(UpstreamIo::Hbone(s)),
+                        Err(PoolError::Dial(e)) => {
+                            Err(UpstreamError::Connect(format!("HBONE to {}: {e}", key.dst)))
+                        }
+                        Err(PoolError::Tunnel(e)) => Err(UpstreamError::Connect(format!(
+                            "HBONE tunnel to {}: {e}",
+                            ep.addr
+                        ))),
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(cluster.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::Connect(format!("{}: connect timeout", ep.addr)))?
+    }
+}
+
+fn classify(e: hyper::Error) -> UpstreamError {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return UpstreamError::Refused;
+        }
+        source = s.source();
+    }
+    UpstreamError::Reset(e.to_string())
+}
+
+/// A random W3C `traceparent` for a tunnel.
+fn traceparent() -> String {
+    format!(
+        "00-{:016x}{:016x}-{:016x}-00",
+        fastrand::u64(..),
+        fastrand::u64(..),
+        fastrand::u64(1..)
+    )
+}

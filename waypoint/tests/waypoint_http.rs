@@ -1,0 +1,443 @@
+//! The waypoint's HTTP behaviour, in process on loopback: routing, weights, retries,
+//! timeouts, HTTP/2 multiplexing, bad xDS and config changes. The configuration is the
+//! control plane's own translation of the mesh file below.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+
+const MESH: &str = r#"
+namespaces:
+  - name: shop
+nodes: [{name: node-1}, {name: node-2}]
+waypoints: [{name: wp, namespace: shop}]
+workloads:
+  - {name: wp-0, namespace: shop, node: node-1, serviceAccount: wp, ips: [10.244.1.20],
+     labels: {gateway.networking.k8s.io/gateway-name: wp}}
+  - {name: v1, namespace: shop, node: node-2, ips: [10.244.2.10], labels: {app: web, v: "1"}}
+  - {name: v2, namespace: shop, node: node-2, ips: [10.244.2.11], labels: {app: web, v: "2"}}
+  - {name: flaky, namespace: shop, node: node-2, ips: [10.244.2.12], labels: {app: flaky}}
+  - {name: broken, namespace: shop, node: node-2, ips: [10.244.2.13], labels: {app: broken}}
+  - {name: dead, namespace: shop, node: node-2, ips: [10.244.2.14], labels: {app: failover}}
+  - {name: alive, namespace: shop, node: node-2, ips: [10.244.2.15], labels: {app: failover}}
+  - {name: slow, namespace: shop, node: node-2, ips: [10.244.2.16], labels: {app: pertry}}
+  - {name: fast, namespace: shop, node: node-2, ips: [10.244.2.17], labels: {app: pertry}}
+  - {name: stuck, namespace: shop, node: node-2, ips: [10.244.2.18], labels: {app: stuck}}
+services:
+  - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
+  - {name: web-v1, namespace: shop, vips: [10.96.0.11], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, v: "1"}}
+  - {name: web-v2, namespace: shop, vips: [10.96.0.12], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, v: "2"}}
+  - {name: split, namespace: shop, vips: [10.96.0.20], ports: [{name: http, port: 80}],
+     selector: {app: nothing}, labels: {ambit.dev/waypoint: wp}}
+  - {name: flaky, namespace: shop, vips: [10.96.0.30], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: flaky}, labels: {ambit.dev/waypoint: wp}}
+  - {name: broken, namespace: shop, vips: [10.96.0.31], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: broken}, labels: {ambit.dev/waypoint: wp}}
+  - {name: failover, namespace: shop, vips: [10.96.0.40], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: failover}, labels: {ambit.dev/waypoint: wp}}
+  - {name: pertry, namespace: shop, vips: [10.96.0.50], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: pertry}, labels: {ambit.dev/waypoint: wp}}
+  - {name: stuck, namespace: shop, vips: [10.96.0.60], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
+httpRoutes:
+  - name: web
+    namespace: shop
+    parentRefs: [{kind: Service, name: web, port: 80}]
+    rules:
+      - matches: [{path: {type: Exact, value: /exact}}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-version, value: v2}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /api}}]
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-secret]}
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {add: [{name: x-resp, value: r}]}
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: RegularExpression, value: "/users/[0-9]+"}}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{queryParams: [{name: debug, value: "1"}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{method: POST, path: {type: Exact, value: /submit}}]
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /old}}]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+      - matches: [{path: {type: PathPrefix, value: /rewrite}}]
+        filters:
+          - type: URLRewrite
+            urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+        backendRefs: [{name: web-v1, port: 80}]
+  - name: split
+    namespace: shop
+    parentRefs: [{kind: Service, name: split}]
+    rules:
+      - backendRefs: [{name: web-v1, port: 80, weight: 80}, {name: web-v2, port: 80, weight: 20}]
+  - name: retries
+    namespace: shop
+    parentRefs: [{kind: Service, name: flaky}, {kind: Service, name: broken}, {kind: Service, name: failover}]
+    rules:
+      - backendRefs: []
+        retry: {attempts: 2, codes: [503], backoff: 1ms}
+  - name: pertry
+    namespace: shop
+    parentRefs: [{kind: Service, name: pertry}]
+    rules:
+      - backendRefs: [{name: pertry, port: 80}]
+        timeouts: {request: 5s, backendRequest: 300ms}
+        retry: {attempts: 2, backoff: 1ms}
+  - name: stuck
+    namespace: shop
+    parentRefs: [{kind: Service, name: stuck}]
+    rules:
+      - backendRefs: [{name: stuck, port: 80}]
+        timeouts: {request: 500ms}
+"#;
+
+/// The mesh with the retries route sending each service to itself.
+fn mesh() -> String {
+    MESH.replace(
+        "      - backendRefs: []\n        retry: {attempts: 2, codes: [503], backoff: 1ms}",
+        "      - matches: [{headers: [{name: host, value: flaky}]}]\n        backendRefs: [{name: flaky, port: 80}]\n        retry: {attempts: 2, codes: [503], backoff: 1ms}\n      - matches: [{headers: [{name: host, value: broken}]}]\n        backendRefs: [{name: broken, port: 80}]\n        retry: {attempts: 2, codes: [503], backoff: 1ms}\n      - matches: [{headers: [{name: host, value: failover}]}]\n        backendRefs: [{name: failover, port: 80}]\n        retry: {attempts: 2, codes: [503], backoff: 1ms}",
+    )
+}
+
+struct World {
+    wp: TestWaypoint,
+    backends: std::collections::HashMap<&'static str, Backend>,
+}
+
+async fn world() -> World {
+    let wp = TestWaypoint::start().await;
+    let mut backends = std::collections::HashMap::new();
+    for (name, ip) in [
+        ("v1", "10.244.2.10"),
+        ("v2", "10.244.2.11"),
+        ("flaky", "10.244.2.12"),
+        ("broken", "10.244.2.13"),
+        ("alive", "10.244.2.15"),
+        ("slow", "10.244.2.16"),
+        ("fast", "10.244.2.17"),
+        ("stuck", "10.244.2.18"),
+    ] {
+        let b = Backend::start(name).await;
+        wp.map(&format!("{ip}:8080"), b.addr);
+        backends.insert(name, b);
+    }
+    // `dead` (10.244.2.14) is left unmapped: nothing listens there.
+    backends["broken"].state.status.store(500, Ordering::SeqCst);
+    backends["flaky"].state.flaky.store(true, Ordering::SeqCst);
+    backends["slow"]
+        .state
+        .delay_ms
+        .store(2_000, Ordering::SeqCst);
+    backends["stuck"]
+        .state
+        .delay_ms
+        .store(3_000, Ordering::SeqCst);
+    wp.apply(&model(&mesh())).unwrap();
+    World { wp, backends }
+}
+
+fn req(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn waypoint_routes_by_path_header_query_and_method_first_match_wins() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    let host = "web.shop.svc.cluster.local";
+    // (method, path, headers, status, backend)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+    let cases: &[Case] = &[
+        ("GET", "/exact", &[], 200, "v2"),
+        ("GET", "/exact/more", &[], 404, "-"),
+        ("GET", "/api/x", &[("x-version", "v2")], 200, "v2"),
+        ("GET", "/api/x", &[], 200, "v1"),
+        ("GET", "/api", &[], 200, "v1"),
+        ("GET", "/apix", &[], 404, "-"),
+        ("GET", "/users/42", &[], 200, "v2"),
+        ("GET", "/users/x", &[], 404, "-"),
+        ("GET", "/anything?debug=1", &[], 200, "v2"),
+        ("GET", "/anything?debug=2", &[], 404, "-"),
+        ("POST", "/submit", &[], 200, "v1"),
+        ("GET", "/submit", &[], 404, "-"),
+        ("GET", "/", &[], 404, "-"),
+    ];
+    for (method, path, headers, status, backend) in cases {
+        let a = send1(&mut c, req(method, host, path, headers)).await;
+        assert_eq!(
+            (a.status, a.backend()),
+            (*status, *backend),
+            "{method} {path} {headers:?}: {a:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn waypoint_redirects_rewrites_and_edits_headers() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    let host = "web.shop.svc.cluster.local";
+    let a = send1(&mut c, req("GET", host, "/old/page?q=1", &[])).await;
+    assert_eq!(a.status, 301);
+    assert_eq!(
+        a.headers["location"],
+        "http://web.shop.svc.cluster.local/new/page?q=1"
+    );
+    let a = send1(&mut c, req("GET", host, "/rewrite/x?y=2", &[])).await;
+    assert_eq!((a.status, a.backend()), (200, "v1"));
+    assert!(a.body.starts_with("v1 GET /v2/x?y=2 "), "{}", a.body);
+    assert!(a.body.contains("host=rewritten.example"), "{}", a.body);
+    let a = send1(
+        &mut c,
+        req(
+            "GET",
+            host,
+            "/api/h",
+            &[("x-secret", "s"), ("x-added", "no")],
+        ),
+    )
+    .await;
+    assert!(a.body.contains("x-added=yes"), "{}", a.body);
+    assert!(
+        !a.body.contains("x-added=no") && !a.body.contains("x-secret"),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.headers["x-resp"], "r");
+    // Hop-by-hop headers never reach the backend.
+    let a = send1(
+        &mut c,
+        req("GET", host, "/api/h", &[("keep-alive", "timeout=5")]),
+    )
+    .await;
+    assert!(!a.body.contains("keep-alive"), "{}", a.body);
+}
+
+#[tokio::test]
+async fn waypoint_splits_by_weight() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.20:80").await;
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        let a = send1(&mut c, req("GET", "split", "/", &[])).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        if a.backend() == "v1" {
+            v1 += 1;
+        }
+    }
+    // 80/20 within ±5 points.
+    assert!((750..=850).contains(&v1), "v1 got {v1} of 1000");
+}
+
+#[tokio::test]
+async fn waypoint_retries_hide_a_flaky_backend_and_only_what_is_retriable() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.30:80").await;
+    for _ in 0..20 {
+        let a = send1(&mut c, req("GET", "flaky", "/", &[])).await;
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    // Every other attempt failed and was retried: 20 answers took 40 attempts.
+    assert_eq!(
+        w.backends["flaky"].state.requests.load(Ordering::SeqCst),
+        40
+    );
+
+    // 500 is not in the codes: answered as is, tried once.
+    let mut c = w.wp.http1("10.96.0.31:80").await;
+    let a = send1(&mut c, req("GET", "broken", "/", &[])).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(
+        w.backends["broken"].state.requests.load(Ordering::SeqCst),
+        1
+    );
+
+    // A dead endpoint: the connection failure is retried on the other one.
+    let mut c = w.wp.http1("10.96.0.40:80").await;
+    for _ in 0..10 {
+        let a = send1(&mut c, req("GET", "failover", "/", &[])).await;
+        assert_eq!((a.status, a.backend()), (200, "alive"), "{a:?}");
+    }
+}
+
+#[tokio::test]
+async fn waypoint_never_retries_a_body_over_the_buffer() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.30:80").await;
+    // The flaky backend fails its first request: a 2 MiB POST cannot be replayed.
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let post = http::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "flaky")
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    let a = send1(&mut c, post).await;
+    assert_eq!(a.status, 503, "{a:?}");
+    assert_eq!(w.backends["flaky"].state.requests.load(Ordering::SeqCst), 1);
+    // A small one is buffered and retried.
+    let post = http::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", "flaky")
+        .body(Full::new(Bytes::from_static(b"small")))
+        .unwrap();
+    let a = send1(&mut c, post).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.headers["x-body-bytes"], "5");
+}
+
+#[tokio::test]
+async fn waypoint_per_try_timeout_retries_and_the_route_timeout_answers_504_on_time() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.50:80").await;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let a = send1(&mut c, req("GET", "pertry", "/", &[])).await;
+        assert_eq!((a.status, a.backend()), (200, "fast"), "{a:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert!(w.backends["slow"].state.requests.load(Ordering::SeqCst) >= 1);
+
+    let mut c = w.wp.http1("10.96.0.60:80").await;
+    let t = Instant::now();
+    let a = send1(&mut c, req("GET", "stuck", "/", &[])).await;
+    let took = t.elapsed();
+    assert_eq!(a.status, 504, "{a:?}");
+    assert_eq!(a.body, "upstream request timeout");
+    // 500 ms ± 20%.
+    assert!(
+        took >= Duration::from_millis(400) && took <= Duration::from_millis(600),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn waypoint_multiplexes_100_streams_on_one_http2_connection() {
+    let w = world().await;
+    let c = w.wp.http2("10.96.0.10:80").await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = http::Request::builder()
+                .uri(format!("http://web.shop.svc.cluster.local/api/{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            c.ready().await.unwrap();
+            let r = c.send_request(r).await.unwrap();
+            r.status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test]
+async fn waypoint_refuses_bad_xds_and_keeps_the_last_good_config() {
+    let w = world().await;
+    let before = w.wp.config.borrow().clone();
+    let garbage = ambit_xds::envoy::Any {
+        type_url: ambit_xds::type_url::LISTENER.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let e =
+        w.wp.apply_raw(
+            ambit_xds::type_url::LISTENER,
+            vec![("bad".into(), garbage)],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("resource bad"), "{e}");
+    // An unsupported behaviour-changing field is refused with its reason, too.
+    use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+    use prost::Message;
+    let c = cluster::Cluster {
+        name: "c".into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::StrictDns as i32,
+        )),
+        ..Default::default()
+    };
+    let any = ambit_xds::envoy::Any {
+        type_url: ambit_xds::type_url::CLUSTER.into(),
+        value: c.encode_to_vec(),
+    };
+    let e =
+        w.wp.apply_raw(
+            ambit_xds::type_url::CLUSTER,
+            vec![("c".into(), any)],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("only EDS clusters"), "{e}");
+    assert!(std::sync::Arc::ptr_eq(&before, &w.wp.config.borrow()));
+    // And it still serves.
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    let a = send1(&mut c, req("GET", "web", "/api", &[])).await;
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn waypoint_config_changes_do_not_drop_requests_in_flight() {
+    let w = world().await;
+    w.backends["v1"].state.delay_ms.store(500, Ordering::SeqCst);
+    let mut c = w.wp.http1("10.96.0.20:80").await;
+    // Force v1 by making the split 100/0.
+    let m = mesh().replace(
+        "weight: 80}, {name: web-v2, port: 80, weight: 20}",
+        "weight: 1}, {name: web-v2, port: 80, weight: 0}",
+    );
+    w.wp.apply(&model(&m)).unwrap();
+    let inflight = tokio::spawn(async move { send1(&mut c, req("GET", "split", "/", &[])).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Now send everything to v2 instead, while the request is waiting on v1.
+    let m = mesh().replace(
+        "weight: 80}, {name: web-v2, port: 80, weight: 20}",
+        "weight: 0}, {name: web-v2, port: 80, weight: 1}",
+    );
+    w.wp.apply(&model(&m)).unwrap();
+    let a = inflight.await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "v1"));
+    let mut c = w.wp.http1("10.96.0.20:80").await;
+    let a = send1(&mut c, req("GET", "split", "/", &[])).await;
+    assert_eq!((a.status, a.backend()), (200, "v2"));
+}
+
+#[tokio::test]
+async fn waypoint_refuses_tunnels_to_what_it_does_not_serve() {
+    let w = world().await;
+    // web-v1 has no waypoint: this waypoint has no listener for it.
+    let e = w.wp.tunnel("10.96.0.11:80").await.unwrap_err();
+    assert!(e.to_string().contains("400"), "{e}");
+}
