@@ -136,6 +136,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where waypoints on this node get their certificate (Envoy SDS).
+    pub fn sds_socket(&self) -> PathBuf {
+        self.state_dir.join("sds.sock")
+    }
+
     /// The enrollment socket path, defaulted from the state directory.
     pub fn enroll_socket(&self) -> PathBuf {
         self.enroll_socket

@@ -231,6 +231,17 @@ fn start_control(
         capture::enroll_server::bind(&enroll_path)
             .with_context(|| format!("binding {}", enroll_path.display()))?
     };
+    let sds_path = config.sds_socket();
+    let sds = {
+        let _g = rt.enter();
+        let _ = std::fs::remove_file(&sds_path);
+        let l = tokio::net::UnixListener::bind(&sds_path)
+            .with_context(|| format!("binding {}", sds_path.display()))?;
+        // Anyone may connect: a caller is known by its process, not by the file's mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sds_path, std::fs::Permissions::from_mode(0o666))?;
+        l
+    };
     let control_plane = match &config.xds_address {
         Some(address) => {
             let _g = rt.enter();
@@ -268,6 +279,21 @@ fn start_control(
                 tokio::spawn(admin::serve(ready, admin.clone(), Endpoints::Ready));
                 tokio::spawn(admin::serve(admin_l, admin.clone(), Endpoints::Admin));
                 tokio::spawn(capture::enroll_server::serve(enroll, capture.clone()));
+                let service = identity::sds::Sds {
+                    state: inputs.state.clone(),
+                    certs: inputs.certs.clone(),
+                    pods: capture.pods.clone(),
+                }
+                .into_service();
+                tokio::spawn(async move {
+                    if let Err(e) = tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(sds))
+                        .await
+                    {
+                        warn!("the SDS server stopped: {e}");
+                    }
+                });
                 if let Some(logger) = logger {
                     tokio::spawn(forward_kernel_logs(logger));
                 }

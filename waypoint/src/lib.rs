@@ -13,6 +13,7 @@
 //! - [`upstream`]: endpoint choice and pooled upstream connections (HBONE or plaintext);
 //! - [`inbound`]: the HBONE server;
 //! - [`identity`]: the waypoint's certificate and TLS configurations;
+//! - [`sds`]: that certificate, from the node agent's SDS socket;
 //! - [`body`]: request buffering for retries.
 
 pub mod body;
@@ -21,4 +22,5 @@ pub mod identity;
 pub mod inbound;
 pub mod proxy;
 pub mod router;
+pub mod sds;
 pub mod upstream;

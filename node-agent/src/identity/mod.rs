@@ -3,6 +3,7 @@
 //! from them ([`tls`]).
 
 pub mod ca_client;
+pub mod sds;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -62,6 +63,8 @@ pub struct Certificates {
     pub failures: AtomicU64,
     /// Woken when a certificate is stored.
     stored: tokio::sync::Notify,
+    /// Bumped when a certificate is stored (SDS pushes renewals on it).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Certificates {
@@ -110,6 +113,12 @@ impl Certificates {
             .unwrap_or_else(|e| e.into_inner())
             .insert(cert.identity.clone(), Arc::new(cert));
         self.stored.notify_waiters();
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever a certificate is stored.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Drops the certificates of identities `keep` refuses.

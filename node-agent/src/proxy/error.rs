@@ -29,6 +29,24 @@ pub enum Error {
     /// Outbound: the service has no endpoint of the connection's family.
     #[error("service {0} has no endpoint to send the connection to")]
     NoHealthyUpstream(String),
+    /// The service has a waypoint and none of its pods is ready: fail closed.
+    #[error("service {service} goes through waypoint {waypoint}, which has no ready pod")]
+    NoWaypoint {
+        /// The service's hostname.
+        service: String,
+        /// `namespace/name` of its waypoint.
+        waypoint: String,
+    },
+    /// Inbound: the workload takes traffic only through its waypoint.
+    #[error("{workload} takes traffic only through waypoint {waypoint}; the caller is {caller}")]
+    NotFromWaypoint {
+        /// The local workload.
+        workload: String,
+        /// Its waypoint.
+        waypoint: String,
+        /// Who called (`plaintext` without an identity).
+        caller: String,
+    },
     /// Outbound: the source pod has no IP of the destination's family.
     #[error("the source pod has no IP of the destination's address family")]
     NoSourceIp,
@@ -126,6 +144,8 @@ impl Error {
             Self::NoOriginalDestination => "no_original_destination",
             Self::ServicePortNotFound { .. } => "service_port_not_found",
             Self::NoHealthyUpstream(_) => "no_healthy_upstream",
+            Self::NoWaypoint { .. } => "no_waypoint",
+            Self::NotFromWaypoint { .. } => "not_from_waypoint",
             Self::NoSourceIp => "no_source_ip_of_family",
             Self::NoCertificate(_) => "no_certificate",
             Self::TlsConfig(_) => "tls_config",
@@ -153,7 +173,10 @@ impl Error {
     /// turns away, `failed` for what it tried and could not do.
     pub fn result(&self) -> &'static str {
         match self {
-            Self::PolicyDenied(_) | Self::TunnelDenied | Self::StrictMtls => "denied",
+            Self::PolicyDenied(_)
+            | Self::TunnelDenied
+            | Self::StrictMtls
+            | Self::NotFromWaypoint { .. } => "denied",
             Self::NoOriginalDestination
             | Self::BadAuthority(_)
             | Self::BadDestination(_)

@@ -79,6 +79,26 @@ pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Erro
     if a.identity.is_none() && me.mtls == MtlsMode::Strict {
         return Err(Error::StrictMtls);
     }
+    // A workload behind a waypoint takes traffic only from it: L7 policy cannot be
+    // bypassed by dialing the pod's IP.
+    if let Some(wp) = &me.waypoint {
+        let from_waypoint = a.identity.as_ref().is_some_and(|id| {
+            state
+                .waypoint_pods(&me.namespace, wp)
+                .iter()
+                .any(|p| &p.identity == id)
+        });
+        if !from_waypoint {
+            return Err(Error::NotFromWaypoint {
+                workload: format!("{}/{}", me.namespace, me.name),
+                waypoint: format!("{}/{wp}", me.namespace),
+                caller: a
+                    .identity
+                    .as_ref()
+                    .map_or_else(|| "plaintext".into(), ToString::to_string),
+            });
+        }
+    }
     let decision = state.authorize(
         me,
         &Connection {

@@ -6,7 +6,7 @@
 //! reset on either side resets both, so the application sees what a direct connection
 //! would have shown it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ambit_ebpf_common::INBOUND_HBONE_PORT;
@@ -44,16 +44,53 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Tunnel it (the destination is enrolled and the source has an identity).
     pub hbone: bool,
+    /// Tunnel to this waypoint pod (whose `workload` this is), not to `addr`'s owner:
+    /// `addr` is then the service VIP and port, the CONNECT authority the waypoint routes.
+    pub waypoint: Option<IpAddr>,
 }
 
 /// Resolves an original destination against the mesh; `meshed` says whether the source
 /// has an identity (is a workload the control plane knows):
+/// - a service VIP of a service with a waypoint → that waypoint's pods (tunnelled,
+///   the VIP and port as the authority); none ready is an error, never a way around it
+///   (fail closed);
 /// - a service VIP → its endpoints of the destination's family (in the service's
 ///   order; the caller applies load balancing), each tunnelled if enrolled;
 /// - a workload's IP → HBONE if it is enrolled;
 /// - anything else → passthrough.
 pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Error> {
     if let Some(svc) = state.service_by_vip(dst.ip()) {
+        if let Some(wp) = svc.waypoint.as_deref().filter(|_| meshed) {
+            if svc.target_port(dst.port()).is_none() {
+                return Err(Error::ServicePortNotFound {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                });
+            }
+            let targets: Vec<Target> = state
+                .waypoint_pods(&svc.namespace, wp)
+                .into_iter()
+                .filter_map(|w| {
+                    let ip = w.ip_like(dst.ip())?;
+                    Some(Target {
+                        workload: Some(w),
+                        addr: dst,
+                        hbone: true,
+                        waypoint: Some(ip),
+                    })
+                })
+                .collect();
+            if targets.is_empty() {
+                return Err(Error::NoWaypoint {
+                    service: svc.hostname.clone(),
+                    waypoint: format!("{}/{wp}", svc.namespace),
+                });
+            }
+            return Ok(Plan {
+                targets,
+                service: Some(svc.clone()),
+            });
+        }
         let target_port =
             svc.target_port(dst.port())
                 .ok_or_else(|| Error::ServicePortNotFound {
@@ -70,6 +107,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
                     workload: Some(w.clone()),
                     addr: SocketAddr::new(ip, target_port),
                     hbone: meshed && w.enrolled,
+                    waypoint: None,
                 })
             })
             .collect();
@@ -88,6 +126,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
             workload,
             addr: dst,
             hbone,
+            waypoint: None,
         }],
         service: None,
     })
@@ -261,7 +300,10 @@ async fn open_hbone(
         src_identity: source.identity.clone(),
         src: src_ip,
         dst_identity: dst.identity.clone(),
-        dst: SocketAddr::new(target.addr.ip(), INBOUND_HBONE_PORT),
+        dst: SocketAddr::new(
+            target.waypoint.unwrap_or(target.addr.ip()),
+            INBOUND_HBONE_PORT,
+        ),
     };
     let tp = traceparent();
     let connect = inputs.pool.connect(&key, pod, target.addr, src_ip, &tp);

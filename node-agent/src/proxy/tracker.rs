@@ -124,6 +124,7 @@ mod tests {
             service_account: "web".into(),
             ips: vec!["10.244.2.10".parse().unwrap()],
             enrolled: true,
+            native_tunnel: false,
             waypoint: None,
             identity: Identity::new("cluster.local", "shop", "web").unwrap(),
             labels: Default::default(),

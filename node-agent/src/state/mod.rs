@@ -38,7 +38,10 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     /// Its traffic is captured and tunnelled.
     pub enrolled: bool,
-    /// The waypoint its namespace names, if any.
+    /// A waypoint's pod: it speaks HBONE on 15008 itself (never captured), and gets its
+    /// certificate from this agent's SDS if it runs here.
+    pub native_tunnel: bool,
+    /// The waypoint (of its namespace) its inbound traffic must come through, if any.
     pub waypoint: Option<String>,
     /// Its SPIFFE identity.
     pub identity: Identity,
@@ -325,8 +328,25 @@ impl MeshState {
         self.local
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
-            .filter(|w| w.enrolled)
+            .filter(|w| w.enrolled || w.native_tunnel)
             .map(|w| w.identity.clone())
+            .collect()
+    }
+
+    /// The service by its resource name (`namespace/name`).
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The pods of the waypoint `name` of `namespace` (its service's endpoints).
+    pub fn waypoint_pods(&self, namespace: &str, name: &str) -> Vec<Arc<Workload>> {
+        self.services
+            .get(&format!("{namespace}/{name}"))
+            .into_iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter_map(|uid| self.workloads.get(uid))
+            .filter(|w| w.native_tunnel)
+            .cloned()
             .collect()
     }
 
@@ -504,6 +524,7 @@ pub(crate) mod fixtures {
             service_account: uid.into(),
             ips: vec![ip.parse().unwrap()],
             enrolled,
+            native_tunnel: false,
             waypoint: None,
             identity: Identity::new("cluster.local", "shop", uid).unwrap(),
             labels: Labels::new(),

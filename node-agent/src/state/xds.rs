@@ -145,6 +145,7 @@ pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError
         service_account: w.service_account,
         ips,
         enrolled: w.enrolled,
+        native_tunnel: w.native_tunnel,
         waypoint: Some(w.waypoint).filter(|s| !s.is_empty()),
         identity,
         labels,

@@ -1,0 +1,123 @@
+//! `ambit-waypoint`: gets its certificate from the node agent (SDS), its configuration
+//! from the control plane (standard Envoy xDS, authenticated with that certificate), and
+//! serves HBONE on `:15008`. See the library's documentation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambit_waypoint::config::xds::ConfigHandler;
+use ambit_waypoint::inbound::Inbound;
+use ambit_waypoint::upstream::Upstreams;
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Ambit's waypoint: a per-service L7 proxy")]
+struct Args {
+    /// The control plane (`https://host:15012`).
+    #[arg(long, env = "AMBIT_XDS_ADDRESS")]
+    xds_address: String,
+    /// The waypoint's namespace.
+    #[arg(long, env = "AMBIT_WAYPOINT_NAMESPACE")]
+    namespace: String,
+    /// The waypoint's name (its Gateway's; its pods carry
+    /// `gateway.networking.k8s.io/gateway-name: <name>`).
+    #[arg(long, env = "AMBIT_WAYPOINT_NAME")]
+    name: String,
+    /// The node agent's SDS socket, where this pod's certificate comes from.
+    #[arg(
+        long,
+        env = "AMBIT_SDS_SOCKET",
+        default_value = "/var/run/ambit/sds.sock"
+    )]
+    sds_socket: PathBuf,
+    /// Where HBONE is accepted.
+    #[arg(long, default_value = "[::]:15008")]
+    listen: SocketAddr,
+    /// Log filter (tracing's `EnvFilter` syntax).
+    #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (material_tx, mut material) = watch::channel(None);
+    tokio::spawn(ambit_waypoint::sds::run(
+        args.sds_socket.clone(),
+        material_tx,
+    ));
+    info!(socket = %args.sds_socket.display(), "waiting for a certificate from the node agent");
+    let first = material
+        .wait_for(Option::is_some)
+        .await
+        .context("the SDS client stopped")?
+        .clone()
+        .expect("some");
+    // The certificates the data path uses follow every renewal.
+    let (certs_tx, certs) = watch::channel(Some(first.certs.clone()));
+    {
+        let mut material = material.clone();
+        tokio::spawn(async move {
+            while material.changed().await.is_ok() {
+                let m = material.borrow_and_update().clone();
+                certs_tx.send_replace(m.map(|m| m.certs));
+            }
+        });
+    }
+    let control_plane = ambit_xds::channel::ControlPlane::with_client_certificate(
+        &args.xds_address,
+        &first.roots_pem,
+        &first.chain_pem,
+        &first.key_pem,
+    )
+    .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
+    let (handler, config) = ConfigHandler::new();
+    let node_id = format!("{}/{}", args.namespace, args.name);
+    let _xds = ambit_xds::client::XdsClient::spawn(
+        ambit_xds::client::XdsClientConfig {
+            control_plane,
+            node_id: node_id.clone(),
+            types: ambit_xds::type_url::WAYPOINT.to_vec(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
+        },
+        handler,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
+    let inbound = Inbound {
+        config,
+        upstreams: Upstreams::new(certs.clone()),
+        certs,
+    };
+    tokio::select! {
+        _ = inbound.serve(listener) => {}
+        _ = shutdown() => info!("stopping"),
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
