@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -87,7 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
     let (handler, config) = ConfigHandler::new();
     let node_id = format!("{}/{}", args.namespace, args.name);
-    let _xds = ambit_xds::client::XdsClient::spawn(
+    let xds = ambit_xds::client::XdsClient::spawn(
         ambit_xds::client::XdsClientConfig {
             control_plane,
             node_id: node_id.clone(),
@@ -97,10 +98,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         handler,
     );
+    // Ready only with a whole configuration: before it, every tunnel would get 400.
+    let mut waited = Duration::ZERO;
+    while !xds.status.synced(&ambit_xds::type_url::WAYPOINT) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+        if waited.as_millis() % 5_000 == 0 {
+            info!(address = %args.xds_address, "still waiting for the first configuration");
+        }
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
+    // One line on stdout for whoever waits for readiness (logs go to stderr).
+    println!("waypoint ready");
     let inbound = Inbound {
         config,
         upstreams: Upstreams::new(certs.clone()),

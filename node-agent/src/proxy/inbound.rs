@@ -205,9 +205,27 @@ async fn open_tunnel(
 ) -> Result<Delivery, Refusal> {
     let started = Started::now();
     let dst = req.authority;
+    // From this workload's own waypoint, `forwarded` names the original caller: deliver
+    // as it, so the application still sees who called. From anyone else it is not
+    // trusted over the connection's own source.
+    let via_waypoint = inputs.state.read(|s| {
+        s.workload(&pod.spec.uid).is_some_and(|me| {
+            me.waypoint.as_ref().is_some_and(|wp| {
+                s.waypoint_pods(&me.namespace, wp)
+                    .iter()
+                    .any(|p| p.identity == client_id)
+            })
+        })
+    });
+    let src = match req.forwarded_for {
+        Some(ip) if via_waypoint && ip.is_ipv4() == dst.is_ipv4() => {
+            SocketAddr::new(ip, peer.port())
+        }
+        _ => delivery_source(peer, req.forwarded_for, dst),
+    };
     let arrival = Arrival {
         // Deliver as the caller: the HBONE connection's source is the calling pod's IP.
-        src: delivery_source(peer, req.forwarded_for, dst),
+        src,
         dst,
         identity: Some(client_id),
     };

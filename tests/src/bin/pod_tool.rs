@@ -77,6 +77,29 @@ enum Cmd {
         #[arg(long, default_value_t = 5_000)]
         count: usize,
     },
+    /// An HTTP/1.1 and HTTP/2 server answering every request with 200, header
+    /// `x-backend: <name>` and body `<name> <peer ip>`.
+    HttpServe {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
+    /// HTTP/1.1 GETs on one connection; one JSON line per request
+    /// (`{"status", "backend", "body"}` or `{"error"}`), exits non-zero on a failure.
+    HttpGet {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: String,
+        /// `name:value`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
     /// Connections per second (connect, hello, close), sequentially.
     Cps {
         #[arg(long)]
@@ -122,6 +145,14 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         match Cli::parse().cmd {
             Cmd::Serve { listen } => serve(listen).await,
+            Cmd::HttpServe { listen, name } => http_serve(listen, name).await,
+            Cmd::HttpGet {
+                connect,
+                path,
+                host,
+                headers,
+                count,
+            } => http_get(connect, path, host, headers, count).await,
             Cmd::Client {
                 connect,
                 conns,
@@ -509,4 +540,97 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+async fn http_serve(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for addr in listen {
+        let l = TcpListener::bind(addr).await?;
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = l.accept().await else {
+                    return;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = format!("{name} {}", peer.ip());
+                        let name = name.clone();
+                        async move {
+                            hyper::Response::builder()
+                                .header("x-backend", name)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        }));
+    }
+    println!("listening");
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+async fn http_get(
+    connect: SocketAddr,
+    path: String,
+    host: String,
+    headers: Vec<String>,
+    count: usize,
+) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let fail = |e: String| {
+        println!("{}", serde_json::json!({ "error": e }));
+        anyhow::anyhow!(e)
+    };
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(connect))
+        .await
+        .map_err(|_| fail("connect timeout".into()))?
+        .map_err(|e| fail(format!("connect: {e}")))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| fail(format!("handshake: {e}")))?;
+    tokio::spawn(conn);
+    for _ in 0..count {
+        let mut req = hyper::Request::builder()
+            .uri(path.as_str())
+            .header("host", host.as_str());
+        for h in &headers {
+            let (k, v) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("header {h:?}: want name:value"))?;
+            req = req.header(k.trim(), v.trim());
+        }
+        let req = req.body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let work = async {
+            send.ready().await?;
+            let r = send.send_request(req).await?;
+            let status = r.status().as_u16();
+            let backend = r
+                .headers()
+                .get("x-backend")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            let body = r.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, backend, String::from_utf8_lossy(&body).into_owned()))
+        };
+        let (status, backend, body) = tokio::time::timeout(Duration::from_secs(10), work)
+            .await
+            .map_err(|_| fail("request timeout".into()))?
+            .map_err(|e| fail(format!("request: {e}")))?;
+        println!(
+            "{}",
+            serde_json::json!({ "status": status, "backend": backend, "body": body })
+        );
+    }
+    Ok(())
 }

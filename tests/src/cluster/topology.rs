@@ -170,10 +170,13 @@ impl Cluster {
             }
         }
         if spec.control_plane {
-            ip_batch(
-                &c.bridge_netns,
-                &["addr add 172.18.0.254/24 dev br0".into()],
-            )?;
+            // Pods reach the control plane too (a waypoint is a pod), as pods reach the
+            // control plane's Service on a real cluster.
+            let mut cmds = vec!["addr add 172.18.0.254/24 dev br0".to_string()];
+            for k in 1..=spec.nodes {
+                cmds.push(format!("route add 10.244.{k}.0/24 via 172.18.0.{k}"));
+            }
+            ip_batch(&c.bridge_netns, &cmds)?;
             std::fs::create_dir_all(c.cp_state_dir())?;
             std::fs::create_dir(c.cgroup_root.join("control-plane"))?;
             match spec.source {

@@ -1,0 +1,210 @@
+//! The waypoint end to end in the simulated cluster (run as root: `cargo xtask test`):
+//! a client pod's connection to a service with a waypoint is tunnelled by its agent to
+//! the waypoint pod, routed at L7 (header match, weighted canary), and tunnelled on to
+//! the chosen backend's agent, which sees the waypoint's identity and delivers as the
+//! original client. Dialing a backend pod directly is refused; with the waypoint gone,
+//! the service fails closed.
+
+use std::time::Duration;
+
+use ambit_tests::cluster::{CONTROL_PLANE_ADDR, metric_sum};
+use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, wait_until, workspace_bin};
+use serde_json::Value;
+
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/wp";
+
+/// Node 1: the client (pod 0) and the waypoint (pod 1); node 2: web v1 (pod 0) and v2
+/// (pod 1).
+fn mesh(c: &Cluster) -> String {
+    let w = |p: &Pod, sa: &str, labels: &str| {
+        format!(
+            "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {sa}, ips: [{}, {}], labels: {{{labels}}}}}\n",
+            p.uid, p.name, p.node, p.ip4, p.ip6
+        )
+    };
+    let mut y = String::from(
+        "namespaces:\n  - name: default\n    labels: {ambit.dev/dataplane: ambient}\nnodes: [{name: node-1}, {name: node-2}]\nwaypoints: [{name: wp, namespace: default}]\nworkloads:\n",
+    );
+    y += &w(c.pod(1, 0), "client", "app: client");
+    y += &w(
+        c.pod(1, 1),
+        "wp",
+        "gateway.networking.k8s.io/gateway-name: wp",
+    );
+    y += &w(c.pod(2, 0), "web", "app: web, version: v1");
+    y += &w(c.pod(2, 1), "web", "app: web, version: v2");
+    y += r#"services:
+  - {name: web, namespace: default, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
+  - {name: web-v1, namespace: default, vips: [10.96.0.11], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, version: v1}}
+  - {name: web-v2, namespace: default, vips: [10.96.0.12], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, version: v2}}
+httpRoutes:
+  - name: web
+    namespace: default
+    parentRefs: [{kind: Service, name: web, port: 80}]
+    rules:
+      - matches: [{headers: [{name: x-canary, value: "1"}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - backendRefs: [{name: web-v1, port: 80, weight: 80}, {name: web-v2, port: 80, weight: 20}]
+"#;
+    y
+}
+
+fn start_waypoint(c: &Cluster) -> PodProcess {
+    let pod = c.pod(1, 1);
+    let args = [
+        format!("--xds-address=https://{CONTROL_PLANE_ADDR}"),
+        "--namespace=default".into(),
+        "--name=wp".into(),
+        format!(
+            "--sds-socket={}",
+            c.node(1).state_dir.join("sds.sock").display()
+        ),
+        "--listen=[::]:15008".into(),
+    ];
+    let mut p = PodProcess::start(
+        &pod.netns_path(),
+        &pod.cgroup,
+        &workspace_bin("ambit-waypoint"),
+        &args,
+    )
+    .unwrap();
+    // Bounded: a waypoint that never gets its certificate or configuration fails the
+    // test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = p.wait_for_line("waypoint ready");
+        let _ = tx.send((r, p));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok((Ok(()), p)) => p,
+        Ok((Err(e), _)) => panic!("the waypoint exited before it was ready: {e}"),
+        Err(_) => panic!(
+            "the waypoint was not ready after 30 s:\n{}",
+            c.control_plane_log()
+        ),
+    }
+}
+
+/// `count` GETs from the client pod to `target`; one report per request.
+fn get(c: &Cluster, target: &str, headers: &[&str], count: usize) -> (bool, Vec<Value>) {
+    let mut args = vec![
+        "http-get".to_string(),
+        format!("--connect={target}"),
+        "--host=web.default.svc.cluster.local".into(),
+        format!("--count={count}"),
+    ];
+    for h in headers {
+        args.push(format!("--header={h}"));
+    }
+    let p = c.spawn_in_pod(c.pod(1, 0), &args).unwrap();
+    let (status, lines) = p.finish(Duration::from_secs(60)).unwrap();
+    let reports = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (status.success(), reports)
+}
+
+#[test]
+fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut servers = Vec::new();
+    for (i, name) in [(0, "v1"), (1, "v2")] {
+        let pod = c.pod(2, i);
+        let mut p = c
+            .spawn_in_pod(
+                pod,
+                &[
+                    "http-serve".into(),
+                    format!("--listen={}:8080", pod.ip4),
+                    format!("--name={name}"),
+                ],
+            )
+            .unwrap();
+        p.wait_for_line("listening").unwrap();
+        servers.push(p);
+    }
+    for n in &c.nodes {
+        for p in &n.pods {
+            c.enroll(p).unwrap();
+        }
+    }
+    c.write_mesh(&mesh(&c)).unwrap();
+    wait_until(
+        "backends and client captured",
+        Duration::from_secs(15),
+        || {
+            [(1, 0), (2, 0), (2, 1)].iter().all(|&(n, i)| {
+                c.enroll_client(n)
+                    .unwrap()
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+            })
+        },
+    );
+    let waypoint = start_waypoint(&c);
+
+    // Header match: every request with x-canary goes to v2.
+    let (ok, r) = get(&c, "10.96.0.10:80", &["x-canary: 1"], 10);
+    assert!(ok, "{r:?}\n{}", c.agent_log_tail(1));
+    assert!(
+        r.iter().all(|x| x["status"] == 200 && x["backend"] == "v2"),
+        "{r:?}"
+    );
+    // The application sees the original client's IP, not the waypoint's.
+    let client_ip = c.pod(1, 0).ip4.to_string();
+    assert_eq!(
+        r[0]["body"].as_str().unwrap(),
+        format!("v2 {client_ip}"),
+        "{r:?}"
+    );
+
+    // The 80/20 canary over 200 requests.
+    let (ok, r) = get(&c, "10.96.0.10:80", &[], 200);
+    assert!(ok, "{r:?}");
+    let v2 = r.iter().filter(|x| x["backend"] == "v2").count();
+    eprintln!("canary: v2 answered {v2} of 200 (weight 20%)");
+    assert!(r.iter().all(|x| x["status"] == 200), "{r:?}");
+    assert!((15..=70).contains(&v2), "v2 answered {v2} of 200");
+
+    // The backends' agent saw the waypoint as the peer.
+    let m = c.metrics(2).unwrap();
+    let via = metric_sum(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", WAYPOINT_ID),
+        ],
+    );
+    assert!(via >= 1.0, "no inbound connection from the waypoint:\n{m}");
+
+    // Dialing a backend pod's IP directly is refused by its agent.
+    let direct = format!("{}:8080", c.pod(2, 0).ip4);
+    let (ok, r) = get(&c, &direct, &[], 1);
+    assert!(!ok, "a direct dial bypassed the waypoint: {r:?}");
+    let m = c.metrics(2).unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "ambit_inbound_refused_total",
+            &[("reason", "not_from_waypoint")]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // With the waypoint gone the service fails closed.
+    drop(waypoint);
+    let (ok, r) = get(&c, "10.96.0.10:80", &[], 1);
+    assert!(!ok, "served without its waypoint: {r:?}");
+    drop(servers);
+}
