@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while !xds.status.synced(&ambit_xds::type_url::WAYPOINT) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         waited += Duration::from_millis(20);
-        if waited.as_millis() % 5_000 == 0 {
+        if waited.as_millis().is_multiple_of(5_000) {
             info!(address = %args.xds_address, "still waiting for the first configuration");
         }
     }
