@@ -385,7 +385,9 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
     }
     wp.apply(&m).unwrap();
 
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    // (method, path, headers)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
         ("GET", "/exact", vec![]),
         ("GET", "/exact/more", vec![]),
         ("GET", "/api/x", vec![("x-version", "v2")]),
