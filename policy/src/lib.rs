@@ -289,9 +289,19 @@ pub fn authorize<'a>(
     target: Target<'_>,
     conn: &Connection<'_>,
 ) -> Decision<'a> {
+    decide(policies.into_iter().filter(|p| p.applies_to(target)), conn)
+}
+
+/// Decides `conn` under `policies`, all of which apply to its destination (a waypoint is
+/// sent only the policies that select its pods): a matching DENY denies; otherwise, if
+/// any ALLOW applies, one must match.
+pub fn decide<'a>(
+    policies: impl IntoIterator<Item = &'a Authorization>,
+    conn: &Connection<'_>,
+) -> Decision<'a> {
     let mut any_allow = false;
     let mut allowed_by = None;
-    for p in policies.into_iter().filter(|p| p.applies_to(target)) {
+    for p in policies {
         match p.action {
             Action::Deny if p.matches(conn) => {
                 return Decision::Deny {

@@ -74,7 +74,7 @@ impl Inbound {
         let handler = move |req: ConnectRequest| {
             let me = me.clone();
             let identity = identity.clone();
-            async move { me.admit(req, identity) }
+            async move { me.admit(req, peer, identity) }
         };
         if let Err(e) = ambit_hbone::connect::serve(tls, handler).await {
             debug!(%peer, "HBONE connection ended: {e}");
@@ -84,6 +84,7 @@ impl Inbound {
     fn admit(
         &self,
         req: ConnectRequest,
+        from: SocketAddr,
         peer: Option<Identity>,
     ) -> Result<WaypointTunnel, Refusal> {
         let config = self.config.borrow().clone();
@@ -91,6 +92,22 @@ impl Inbound {
             debug!(authority = %req.authority, "no listener for this authority");
             return Err(Refusal::BadRequest);
         };
+        // L4 policy on the waypoint's own pods: the caller's identity and its pod's IP
+        // (the client agent dials from inside the client pod), the service port.
+        let conn = ambit_policy::Connection {
+            src_identity: peer.as_ref(),
+            src_ip: from.ip(),
+            dst_port: req.authority.port(),
+        };
+        if let Err(reason) = config.authorize(&conn) {
+            warn!(
+                peer = peer.as_ref().map_or("-", |p| p.as_str()),
+                src = %from,
+                authority = %req.authority,
+                "tunnel denied: {reason}"
+            );
+            return Err(Refusal::Denied);
+        }
         Ok(WaypointTunnel {
             kind: listener.kind.clone(),
             ctx: Arc::new(RequestContext {

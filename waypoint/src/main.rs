@@ -87,12 +87,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
     let (handler, config) = ConfigHandler::new();
+    // Envoy's four types, and the L4 policies that select the waypoint's pods.
+    let types = [
+        ambit_xds::type_url::CLUSTER,
+        ambit_xds::type_url::ENDPOINT,
+        ambit_xds::type_url::LISTENER,
+        ambit_xds::type_url::ROUTE,
+        ambit_xds::type_url::AUTHORIZATION,
+    ];
     let node_id = format!("{}/{}", args.namespace, args.name);
     let xds = ambit_xds::client::XdsClient::spawn(
         ambit_xds::client::XdsClientConfig {
             control_plane,
             node_id: node_id.clone(),
-            types: ambit_xds::type_url::WAYPOINT.to_vec(),
+            types: types.to_vec(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(15),
         },
@@ -100,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     // Ready only with a whole configuration: before it, every tunnel would get 400.
     let mut waited = Duration::ZERO;
-    while !xds.status.synced(&ambit_xds::type_url::WAYPOINT) {
+    while !xds.status.synced(&types) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         waited += Duration::from_millis(20);
         if waited.as_millis().is_multiple_of(5_000) {

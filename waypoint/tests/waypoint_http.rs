@@ -441,3 +441,34 @@ async fn waypoint_refuses_tunnels_to_what_it_does_not_serve() {
     let e = w.wp.tunnel("10.96.0.11:80").await.unwrap_err();
     assert!(e.to_string().contains("400"), "{e}");
 }
+
+#[tokio::test]
+async fn waypoint_enforces_the_l4_policies_that_select_its_pods() {
+    let w = world().await;
+    let policy = |action: &str, principal: &str| {
+        format!(
+            "{}\npolicies:\n  - name: wp-l4\n    namespace: shop\n    selector: {{gateway.networking.k8s.io/gateway-name: wp}}\n    action: {action}\n    rules: [{{from: [{{principals: [{principal}]}}], to: [{{ports: [80]}}]}}]\n",
+            mesh()
+        )
+    };
+    // Only another identity is allowed: the test client's tunnel is refused (401).
+    w.wp.apply(&model(&policy("ALLOW", "cluster.local/ns/shop/sa/other")))
+        .unwrap();
+    let e = w.wp.tunnel("10.96.0.10:80").await.unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    // Allowed by name.
+    w.wp.apply(&model(&policy("ALLOW", "cluster.local/ns/shop/sa/client")))
+        .unwrap();
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    assert_eq!(
+        send1(&mut c, req("GET", "web", "/api", &[])).await.status,
+        200
+    );
+    // Denied by name.
+    w.wp.apply(&model(&policy("DENY", "cluster.local/ns/shop/sa/client")))
+        .unwrap();
+    assert!(w.wp.tunnel("10.96.0.10:80").await.is_err());
+    // No policy: open again.
+    w.wp.apply(&model(&mesh())).unwrap();
+    assert!(w.wp.tunnel("10.96.0.10:80").await.is_ok());
+}

@@ -106,6 +106,8 @@ impl Snapshot {
         }
         for p in m.policies.values() {
             let name = format!("{}/{}", p.namespace, p.name);
+            // The nodes of the workloads it selects; a waypoint's pods are selected for
+            // their waypoint, which enforces it on its own tunnels (they are not captured).
             let nodes = m
                 .workloads
                 .values()
@@ -115,7 +117,14 @@ impl Snapshot {
                             .as_ref()
                             .is_none_or(|sel| selects(sel, &w.labels))
                 })
-                .map(|w| w.node.clone())
+                .flat_map(|w| {
+                    let wp = w
+                        .native_tunnel
+                        .then(|| w.labels.get(crate::model::GATEWAY_NAME_LABEL))
+                        .flatten()
+                        .map(|g| waypoint::node_id(&w.namespace, g));
+                    std::iter::once(w.node.clone()).chain(wp)
+                })
                 .collect();
             s.policies.insert(
                 name.clone(),

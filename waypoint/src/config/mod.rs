@@ -310,6 +310,9 @@ pub struct Resources {
     pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// By cluster (EDS) name.
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    /// The L4 policies that select the waypoint's pods (`ambit.v1.Authorization`; a stock
+    /// Envoy does not subscribe to them), by name.
+    pub policies: BTreeMap<String, Arc<ambit_policy::Authorization>>,
 }
 
 /// What a request reads: every listener indexed by address, with its route
@@ -366,6 +369,15 @@ impl Config {
             .cloned()
             .unwrap_or_default();
         Some((c, eps))
+    }
+
+    /// Authorizes a tunnel to the waypoint with the L4 policies that select its pods,
+    /// with the semantics node agents apply.
+    pub fn authorize(&self, conn: &ambit_policy::Connection<'_>) -> Result<(), String> {
+        match ambit_policy::decide(self.resources.policies.values().map(|p| &**p), conn) {
+            ambit_policy::Decision::Allow { .. } => Ok(()),
+            ambit_policy::Decision::Deny { reason } => Err(reason.to_string()),
+        }
     }
 
     /// The HBONE identity of an endpoint address, if it is reached over HBONE.

@@ -96,6 +96,22 @@ impl Handler for ConfigHandler {
                     next.endpoints.remove(&n);
                 }
             }
+            type_url::AUTHORIZATION => {
+                use prost::Message;
+                for (name, any) in updated {
+                    let p = ambit_xds::ambit::Authorization::decode(any.value.as_slice())
+                        .map_err(|e| DecodeError::protobuf("Authorization", e))
+                        .and_then(ambit_xds::convert::authorization_from_proto)
+                        .map_err(|source| ApplyError::Resource {
+                            name: name.clone(),
+                            source,
+                        })?;
+                    next.policies.insert(name, Arc::new(p));
+                }
+                for n in removed {
+                    next.policies.remove(&n);
+                }
+            }
             other => return Err(ApplyError::UnexpectedType(other.to_owned())),
         }
         self.resources = next;

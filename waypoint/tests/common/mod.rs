@@ -234,8 +234,23 @@ impl TestWaypoint {
     /// Applies what the control plane would send waypoint `shop/wp` for `m`.
     pub fn apply(&self, m: &Model) -> Result<(), ApplyError> {
         let wp = m.waypoints.values().next().expect("a waypoint");
-        let resources = tw::resources(m, wp);
-        for t in type_url::WAYPOINT {
+        let mut resources = tw::resources(m, wp);
+        // And the L4 policies selecting its pods, as the control plane sends them.
+        let snapshot = ambit_control_plane::translate::Snapshot::from_model(m);
+        resources.insert(
+            type_url::AUTHORIZATION,
+            snapshot
+                .resources(
+                    &tw::node_id(&wp.namespace, &wp.name),
+                    type_url::AUTHORIZATION,
+                )
+                .map(|r| (r.name.clone(), r.clone()))
+                .collect(),
+        );
+        for t in type_url::WAYPOINT
+            .into_iter()
+            .chain([type_url::AUTHORIZATION])
+        {
             let rs = resources.get(t).cloned().unwrap_or_default();
             let updated: Vec<(String, Any)> = rs
                 .iter()
