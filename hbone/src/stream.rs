@@ -40,6 +40,15 @@ impl H2Stream {
             read_done: false,
         }
     }
+
+    /// Ends our side of the stream (END_STREAM), once: what was written is then whole.
+    pub fn finish(&mut self) -> Result<(), h2::Error> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.send_data(Bytes::new(), true)?;
+        }
+        Ok(())
+    }
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -120,18 +129,17 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.write_closed {
-            this.write_closed = true;
-            this.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        }
+        self.finish().map_err(h2_io)?;
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        if !(self.write_closed && self.read_done) {
+        // Our side never finished: the peer must not take what it got as whole. (If it
+        // did finish and the peer has not, h2 itself resets the stream once what we
+        // queued is sent, so an early complete answer still arrives: RFC 9113 §8.1.)
+        if !self.write_closed {
             self.send.send_reset(h2::Reason::CANCEL);
         }
     }

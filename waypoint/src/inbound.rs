@@ -147,7 +147,7 @@ impl Tunnel for WaypointTunnel {
                     .header_read_timeout(Duration::from_secs(30));
                 builder.http2().max_header_list_size(64 * 1024);
                 if let Err(e) = builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(Finishing(stream)), service)
                     .await
                 {
                     debug!("HTTP on a tunnel ended: {e}");
@@ -183,5 +183,49 @@ async fn tcp(ctx: Arc<RequestContext>, cluster: &str, mut stream: H2Stream) {
                 ctx.upstreams.failed(ep.addr);
             }
         }
+    }
+}
+
+/// The tunnel under an HTTP connection: when hyper lets go of it (even without shutting
+/// it down, as after answering a malformed request with 400), the stream is ended, not
+/// reset, so the answer it queued is delivered. HTTP's own framing says whether a
+/// response was whole.
+struct Finishing(H2Stream);
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        let _ = self.0.finish();
+    }
+}
+
+impl tokio::io::AsyncRead for Finishing {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Finishing {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -472,3 +472,72 @@ async fn waypoint_enforces_the_l4_policies_that_select_its_pods() {
     w.wp.apply(&model(&mesh())).unwrap();
     assert!(w.wp.tunnel("10.96.0.10:80").await.is_ok());
 }
+
+/// Raw bytes through a tunnel; what comes back until the waypoint closes or 2 s pass.
+async fn raw(w: &World, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = w.wp.tunnel("10.96.0.10:80").await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn waypoint_refuses_malformed_http_and_keeps_serving() {
+    let w = world().await;
+    // Conflicting framing (request smuggling's raw material).
+    let r = raw(
+        &w,
+        b"POST /api HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r:?}");
+    let r = raw(
+        &w,
+        b"POST /api HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r:?}");
+    // Oversized headers.
+    let big = format!(
+        "GET /api HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n",
+        "a".repeat(128 * 1024)
+    );
+    let r = raw(&w, big.as_bytes()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400") || r.is_empty(),
+        "{r:?}"
+    );
+    // Not HTTP at all, and a broken HTTP/2 connection (preface, then a frame of an
+    // unknown stream state: DATA on stream 0).
+    let _ = raw(&w, b"\x00\x01\x02garbage\r\n\r\n").await;
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    h2.extend_from_slice(&[0, 0, 4, 0, 0, 0, 0, 0, 0, b'x', b'x', b'x', b'x']); // DATA on 0
+    let r = raw(&w, &h2).await;
+    // A GOAWAY (type 7) comes back before the close.
+    assert!(
+        r.as_bytes().windows(2).any(|x| x == [7, 0]) || r.is_empty(),
+        "{r:?}"
+    );
+    // Nothing else was disturbed.
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    assert_eq!(
+        send1(&mut c, req("GET", "web", "/api", &[])).await.status,
+        200
+    );
+    let c2 = w.wp.http2("10.96.0.10:80").await;
+    let mut c2 = c2.clone();
+    c2.ready().await.unwrap();
+    let r = c2
+        .send_request(
+            http::Request::builder()
+                .uri("http://web/api")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
