@@ -35,6 +35,8 @@ pub struct Inbound {
     pub certs: watch::Receiver<Option<Arc<Certs>>>,
     /// Upstream connections.
     pub upstreams: Arc<Upstreams>,
+    /// Istio's HTTP metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl Inbound {
@@ -120,6 +122,7 @@ impl Inbound {
                 listener: listener.name.clone(),
                 peer,
                 client: req.forwarded_for,
+                metrics: self.metrics.clone(),
             }),
         })
     }

@@ -14,7 +14,8 @@
 //! - [`inbound`]: the HBONE server;
 //! - [`identity`]: the waypoint's certificate and TLS configurations;
 //! - [`sds`]: that certificate, from the node agent's SDS socket;
-//! - [`body`]: request buffering for retries.
+//! - [`body`]: request buffering for retries;
+//! - [`telemetry`]: Istio's HTTP metrics.
 
 pub mod body;
 pub mod config;
@@ -23,4 +24,5 @@ pub mod inbound;
 pub mod proxy;
 pub mod router;
 pub mod sds;
+pub mod telemetry;
 pub mod upstream;

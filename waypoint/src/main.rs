@@ -37,6 +37,9 @@ struct Args {
     /// Where HBONE is accepted.
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
+    /// Where `/metrics` (Istio's HTTP metrics) and `/healthz/ready` are served.
+    #[arg(long, default_value = "[::]:15020")]
+    metrics_addr: SocketAddr,
     /// Log filter (tracing's `EnvFilter` syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     log: String,
@@ -121,16 +124,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
     // One line on stdout for whoever waits for readiness (logs go to stderr).
     println!("waypoint ready");
+    let metrics = std::sync::Arc::new(ambit_waypoint::telemetry::Metrics::default());
+    let admin = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    tokio::spawn(serve_metrics(admin, metrics.clone()));
     let inbound = Inbound {
         config,
         upstreams: Upstreams::new(certs.clone()),
         certs,
+        metrics,
     };
     tokio::select! {
         _ = inbound.serve(listener) => {}
         _ = shutdown() => info!("stopping"),
     }
     Ok(())
+}
+
+/// `/metrics` and `/healthz/ready` (the waypoint is ready once this runs).
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<ambit_waypoint::telemetry::Metrics>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (200, metrics.encode()),
+                            "/healthz/ready" => (200, "ready\n".to_owned()),
+                            _ => (404, String::new()),
+                        };
+                        hyper::Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
 }
 
 async fn shutdown() {

@@ -41,6 +41,8 @@ pub struct RequestContext {
     pub peer: Option<Identity>,
     /// The caller's IP (`forwarded: for=` of its tunnel).
     pub client: Option<IpAddr>,
+    /// Where requests are counted.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// Envoy's response flags, for the access log.
@@ -121,6 +123,34 @@ pub async fn handle(
             }
         },
     };
+    let host = ctx
+        .listener
+        .rsplit_once(':')
+        .map_or(ctx.listener.as_str(), |(h, _)| h);
+    let grpc = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    ctx.metrics.record(
+        crate::telemetry::RequestLabels {
+            reporter: "waypoint",
+            source_principal: ctx
+                .peer
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |p| p.to_string()),
+            source_workload_namespace: ctx
+                .peer
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |p| p.namespace().to_owned()),
+            destination_service: host.to_owned(),
+            destination_service_namespace: host.split('.').nth(1).unwrap_or("unknown").to_owned(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: resp.status().as_u16(),
+            response_flags: flag.map_or("-", Flag::as_str),
+            connection_security_policy: "mutual_tls",
+        },
+        started.elapsed().as_secs_f64() * 1e3,
+    );
     info!(
         target: "access",
         listener = %ctx.listener,

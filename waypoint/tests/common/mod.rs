@@ -183,6 +183,7 @@ pub struct TestWaypoint {
     /// Mesh endpoint address → where it really listens.
     pub endpoints: Mutex<HashMap<SocketAddr, SocketAddr>>,
     _certs: watch::Sender<Option<Arc<Certs>>>,
+    pub metrics: Arc<ambit_waypoint::telemetry::Metrics>,
     pub config: watch::Receiver<Arc<ambit_waypoint::config::Config>>,
 }
 
@@ -206,10 +207,12 @@ impl TestWaypoint {
         let (handler, config) = ConfigHandler::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(ambit_waypoint::telemetry::Metrics::default());
         let inbound = Inbound {
             config: config.clone(),
             upstreams: Upstreams::new(certs_rx.clone()),
             certs: certs_rx,
+            metrics: metrics.clone(),
         };
         tokio::spawn(inbound.serve(listener));
         Self {
@@ -220,6 +223,7 @@ impl TestWaypoint {
             endpoints: Mutex::default(),
             _certs: certs_tx,
             config,
+            metrics,
         }
     }
 

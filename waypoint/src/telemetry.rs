@@ -1,0 +1,89 @@
+//! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
+//! `istio_requests_total` and `istio_request_duration_milliseconds`, with the labels the
+//! waypoint knows (the caller from its certificate, the service from the listener, the
+//! answer's code and Envoy response flags), served on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// One request series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// The caller's SPIFFE ID (`unknown` without one).
+    pub source_principal: String,
+    /// The caller's namespace, from its identity.
+    pub source_workload_namespace: String,
+    /// The service's hostname (from the listener).
+    pub destination_service: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// The HTTP status answered.
+    pub response_code: u16,
+    /// Envoy's response flags (`-` for none).
+    pub response_flags: &'static str,
+    /// Always `mutual_tls` (every tunnel to a waypoint is).
+    pub connection_security_policy: &'static str,
+}
+
+/// The waypoint's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub duration: Family<RequestLabels, Histogram>,
+}
+
+/// Istio's duration buckets (milliseconds).
+const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(BUCKETS.into_iter())
+        });
+        registry.register(
+            "istio_requests",
+            "Requests the waypoint answered",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "How long the waypoint took to answer, in milliseconds",
+            duration.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn record(&self, labels: RequestLabels, millis: f64) {
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&labels).observe(millis);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
