@@ -52,9 +52,8 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(BUCKETS.into_iter())
-        });
+        let duration =
+            Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS));
         registry.register(
             "istio_requests",
             "Requests the waypoint answered",
