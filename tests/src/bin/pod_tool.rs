@@ -99,6 +99,9 @@ enum Cmd {
         headers: Vec<String>,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// POST a body of this many bytes (made as it is sent) instead of a GET.
+        #[arg(long)]
+        upload: Option<u64>,
     },
     /// Connections per second (connect, hello, close), sequentially.
     Cps {
@@ -152,7 +155,8 @@ fn run() -> anyhow::Result<()> {
                 host,
                 headers,
                 count,
-            } => http_get(connect, path, host, headers, count).await,
+                upload,
+            } => http_get(connect, path, host, headers, count, upload).await,
             Cmd::Client {
                 connect,
                 conns,
@@ -554,15 +558,13 @@ async fn http_serve(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()>
                 };
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
-                        let body = format!("{name} {}", peer.ip());
-                        let name = name.clone();
-                        async move {
-                            hyper::Response::builder()
-                                .header("x-backend", name)
-                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                        }
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let text = format!("{name} {}", peer.ip());
+                            let name = name.clone();
+                            async move { http_answer(req, name, text).await }
+                        },
+                    );
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
@@ -579,12 +581,60 @@ async fn http_serve(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()>
     Ok(())
 }
 
+type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// `n` bytes of `fill` as a body, made as it is sent (never held whole).
+fn made_body(n: u64, fill: u8) -> HttpBody {
+    use http_body_util::BodyExt;
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = bytes::Bytes::from(vec![fill; CHUNK as usize]);
+    let frames = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(n - i * CHUNK) as usize;
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.slice(..len)))
+    });
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
+/// Drains the request body (counting it, never holding it: header `x-body-bytes`), then
+/// answers `<text>`, or for `/bytes/<n>` streams `n` bytes.
+async fn http_answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    name: String,
+    text: String,
+) -> Result<hyper::Response<HttpBody>, hyper::Error> {
+    use http_body_util::BodyExt;
+    let n: Option<u64> = req
+        .uri()
+        .path()
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse().ok());
+    let mut body = req.into_body();
+    let mut received = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Some(d) = f?.data_ref() {
+            received += d.len() as u64;
+        }
+    }
+    let out = match n {
+        None => http_body_util::Full::new(bytes::Bytes::from(text))
+            .map_err(|e| match e {})
+            .boxed(),
+        Some(n) => made_body(n, b'x'),
+    };
+    Ok(hyper::Response::builder()
+        .header("x-backend", name)
+        .header("x-body-bytes", received.to_string())
+        .body(out)
+        .expect("a valid response"))
+}
+
 async fn http_get(
     connect: SocketAddr,
     path: String,
     host: String,
     headers: Vec<String>,
     count: usize,
+    upload: Option<u64>,
 ) -> anyhow::Result<()> {
     use http_body_util::BodyExt;
     let fail = |e: String| {
@@ -601,6 +651,7 @@ async fn http_get(
     tokio::spawn(conn);
     for _ in 0..count {
         let mut req = hyper::Request::builder()
+            .method(if upload.is_some() { "POST" } else { "GET" })
             .uri(path.as_str())
             .header("host", host.as_str());
         for h in &headers {
@@ -609,7 +660,7 @@ async fn http_get(
                 .ok_or_else(|| anyhow::anyhow!("header {h:?}: want name:value"))?;
             req = req.header(k.trim(), v.trim());
         }
-        let req = req.body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let req = req.body(made_body(upload.unwrap_or(0), b'u'))?;
         let work = async {
             send.ready().await?;
             let r = send.send_request(req).await?;
@@ -620,16 +671,38 @@ async fn http_get(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
                 .to_owned();
-            let body = r.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, backend, String::from_utf8_lossy(&body).into_owned()))
+            let uploaded: u64 = r
+                .headers()
+                .get("x-body-bytes")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            // Counted as it arrives; kept only if small.
+            let mut body = r.into_body();
+            let (mut kept, mut downloaded) = (Vec::new(), 0u64);
+            while let Some(f) = body.frame().await {
+                if let Some(d) = f?.data_ref() {
+                    downloaded += d.len() as u64;
+                    if kept.len() < 4096 {
+                        kept.extend_from_slice(d);
+                    }
+                }
+            }
+            let text = if downloaded > 4096 {
+                format!("{downloaded} bytes")
+            } else {
+                String::from_utf8_lossy(&kept).into_owned()
+            };
+            anyhow::Ok((status, backend, text, uploaded, downloaded))
         };
-        let (status, backend, body) = tokio::time::timeout(Duration::from_secs(10), work)
-            .await
-            .map_err(|_| fail("request timeout".into()))?
-            .map_err(|e| fail(format!("request: {e}")))?;
+        let (status, backend, body, uploaded, downloaded) =
+            tokio::time::timeout(Duration::from_secs(120), work)
+                .await
+                .map_err(|_| fail("request timeout".into()))?
+                .map_err(|e| fail(format!("request: {e}")))?;
         println!(
             "{}",
-            serde_json::json!({ "status": status, "backend": backend, "body": body })
+            serde_json::json!({ "status": status, "backend": backend, "body": body,
+                                "uploaded": uploaded, "downloaded": downloaded })
         );
     }
     Ok(())
