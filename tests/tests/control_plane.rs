@@ -156,6 +156,13 @@ fn agents_keep_serving_without_the_control_plane_and_converge_when_it_returns() 
     wait_until("enrolled", Duration::from_secs(10), || {
         all_captured(&c, true)
     });
+    // Serving without the control plane needs the certificates it issued first: one per
+    // pod (each has its own service account).
+    wait_until("certificates issued", Duration::from_secs(10), || {
+        c.nodes
+            .iter()
+            .all(|n| certificates(&c, n.index).len() == n.pods.len())
+    });
 
     c.stop_control_plane(libc::SIGKILL).unwrap();
     wait_until("agents notice", Duration::from_secs(10), || {
