@@ -361,24 +361,5 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
 /// The certificate's SPIFFE ID; an error unless it has exactly one URI SAN and it is a
 /// mesh identity.
 pub fn single_spiffe_id(cert: &CertificateDer<'_>) -> Result<Identity, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
-    let (_, c) =
-        X509Certificate::from_der(cert).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let mut uris = Vec::new();
-    for ext in c.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            for n in &san.general_names {
-                if let GeneralName::URI(u) = n {
-                    uris.push(u.to_string());
-                }
-            }
-        }
-    }
-    match uris.as_slice() {
-        [one] => Identity::parse(one).map_err(|e| format!("URI SAN: {e}")),
-        _ => Err(format!(
-            "the certificate has {} URI SANs, not exactly one",
-            uris.len()
-        )),
-    }
+    Identity::from_certificate(cert)
 }

@@ -58,6 +58,32 @@ impl Identity {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
+    /// The identity a certificate (DER) proves: its one URI SAN, which must be a mesh
+    /// identity. An error names what is wrong (unreadable, no or several URI SANs, not
+    /// a mesh identity). It does not verify the certificate: callers do, first.
+    pub fn from_certificate(der: &[u8]) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+        let (_, c) =
+            X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        let mut uris = Vec::new();
+        for ext in c.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for n in &san.general_names {
+                    if let GeneralName::URI(u) = n {
+                        uris.push(u.to_string());
+                    }
+                }
+            }
+        }
+        match uris.as_slice() {
+            [one] => Self::parse(one).map_err(|e| format!("URI SAN: {e}")),
+            _ => Err(format!(
+                "the certificate has {} URI SANs, not exactly one",
+                uris.len()
+            )),
+        }
+    }
+
     /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>`.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
         let rest = s

@@ -119,6 +119,7 @@ impl Inbound {
                     ListenerKind::Http { route_config } => route_config.clone(),
                     ListenerKind::Tcp { .. } => String::new(),
                 },
+                labels: crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &listener.name),
                 listener: listener.name.clone(),
                 peer,
                 client: req.forwarded_for,

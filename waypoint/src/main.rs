@@ -98,7 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ambit_xds::type_url::ROUTE,
         ambit_xds::type_url::AUTHORIZATION,
     ];
-    let node_id = format!("{}/{}", args.namespace, args.name);
+    let node_id = ambit_xds::waypoint::node_id(&args.namespace, &args.name);
     let xds = ambit_xds::client::XdsClient::spawn(
         ambit_xds::client::XdsClientConfig {
             control_plane,
@@ -148,8 +148,14 @@ async fn serve_metrics(
     metrics: std::sync::Arc<ambit_waypoint::telemetry::Metrics>,
 ) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Typically EMFILE: wait for descriptors instead of spinning.
+                tracing::warn!("metrics listener: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -43,6 +43,9 @@ pub struct RequestContext {
     pub client: Option<IpAddr>,
     /// Where requests are counted.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// What every request of the tunnel is counted under (its code, flags and protocol
+    /// are filled in per request).
+    pub labels: crate::telemetry::RequestLabels,
 }
 
 /// Envoy's response flags, for the access log.
@@ -123,31 +126,16 @@ pub async fn handle(
             }
         },
     };
-    let host = ctx
-        .listener
-        .rsplit_once(':')
-        .map_or(ctx.listener.as_str(), |(h, _)| h);
     let grpc = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     ctx.metrics.record(
         crate::telemetry::RequestLabels {
-            reporter: "waypoint",
-            source_principal: ctx
-                .peer
-                .as_ref()
-                .map_or_else(|| "unknown".into(), |p| p.to_string()),
-            source_workload_namespace: ctx
-                .peer
-                .as_ref()
-                .map_or_else(|| "unknown".into(), |p| p.namespace().to_owned()),
-            destination_service: host.to_owned(),
-            destination_service_namespace: host.split('.').nth(1).unwrap_or("unknown").to_owned(),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: resp.status().as_u16(),
             response_flags: flag.map_or("-", Flag::as_str),
-            connection_security_policy: "mutual_tls",
+            ..ctx.labels.clone()
         },
         started.elapsed().as_secs_f64() * 1e3,
     );

@@ -21,7 +21,10 @@ use tracing::{info, warn};
 use crate::identity::Certs;
 
 /// What the waypoint asks for.
-const NAMES: [&str; 2] = ["default", "ROOTCA"];
+const NAMES: [&str; 2] = [
+    ambit_xds::waypoint::SDS_CERTIFICATE,
+    ambit_xds::waypoint::SDS_ROOTS,
+];
 
 /// The PEM blocks of `pem`, one string each.
 pub fn split_pem(pem: &str) -> Vec<String> {
@@ -42,7 +45,7 @@ fn inline(d: &Option<core::DataSource>) -> Option<String> {
 }
 
 /// The certificate and roots in a response.
-fn certs_of(resp: &DiscoveryResponse) -> Result<(Certs, String, String), String> {
+fn material(resp: &DiscoveryResponse) -> Result<Material, String> {
     let (mut chain, mut key, mut roots) = (None, None, None);
     for any in &resp.resources {
         let s = tls::Secret::decode(any.value.as_slice()).map_err(|e| format!("Secret: {e}"))?;
@@ -65,7 +68,12 @@ fn certs_of(resp: &DiscoveryResponse) -> Result<(Certs, String, String), String>
         .map_err(|e: rustls::pki_types::pem::Error| e.to_string())?;
     let identity: Identity = ambit_hbone::tls::single_spiffe_id(&der)?;
     let certs = Certs::from_pem(identity, &blocks, &key, &roots).map_err(|e| e.to_string())?;
-    Ok((certs, chain, key))
+    Ok(Material {
+        certs: Arc::new(certs),
+        chain_pem: chain,
+        key_pem: key,
+        roots_pem: roots,
+    })
 }
 
 /// What the SDS client publishes: the TLS material, and the PEM the xDS channel needs.
@@ -136,24 +144,10 @@ async fn session(socket: &Path, tx: &watch::Sender<Option<Material>>) -> Result<
         .await
         .map_err(|e| format!("{}: {}", e.code(), e.message()))?
     {
-        match certs_of(&resp) {
-            Ok((certs, chain_pem, key_pem)) => {
-                info!(identity = %certs.identity, version = %resp.version_info, "certificate from SDS");
-                let roots_pem = resp
-                    .resources
-                    .iter()
-                    .filter_map(|a| tls::Secret::decode(a.value.as_slice()).ok())
-                    .find_map(|s| match s.r#type {
-                        Some(tls::secret::Type::ValidationContext(v)) => inline(&v.trusted_ca),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                tx.send_replace(Some(Material {
-                    certs: Arc::new(certs),
-                    chain_pem,
-                    key_pem,
-                    roots_pem,
-                }));
+        match material(&resp) {
+            Ok(m) => {
+                info!(identity = %m.certs.identity, version = %resp.version_info, "certificate from SDS");
+                tx.send_replace(Some(m));
                 let _ = req_tx
                     .send(request(resp.version_info.clone(), resp.nonce.clone(), None))
                     .await;

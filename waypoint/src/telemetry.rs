@@ -72,6 +72,25 @@ impl Default for Metrics {
     }
 }
 
+impl RequestLabels {
+    /// The labels of a tunnel from `peer` to the service of `listener` (`<host>:<port>`).
+    pub fn tunnel(peer: Option<&ambit_identity::Identity>, listener: &str) -> Self {
+        let host = listener.rsplit_once(':').map_or(listener, |(h, _)| h);
+        Self {
+            reporter: "waypoint",
+            source_principal: peer.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            source_workload_namespace: peer
+                .map_or_else(|| "unknown".into(), |p| p.namespace().to_owned()),
+            destination_service: host.to_owned(),
+            destination_service_namespace: host.split('.').nth(1).unwrap_or("unknown").to_owned(),
+            request_protocol: "http",
+            response_code: 0,
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+}
+
 impl Metrics {
     /// Counts one answered request.
     pub fn record(&self, labels: RequestLabels, millis: f64) {

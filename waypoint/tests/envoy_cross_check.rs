@@ -253,22 +253,6 @@ async fn admin_get(addr: SocketAddr, path: &str) -> String {
     a.body
 }
 
-fn req(
-    method: &str,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> http::Request<Full<Bytes>> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::new(Bytes::new())).unwrap()
-}
-
 /// What must agree: the status, which backend answered, the `location` and `x-resp`
 /// headers, and what the backend saw of the path and the headers routes change.
 fn essence(a: &Answer) -> String {

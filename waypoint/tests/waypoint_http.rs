@@ -149,22 +149,6 @@ async fn world() -> World {
     World { wp, backends }
 }
 
-fn req(
-    method: &str,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> http::Request<Full<Bytes>> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(Full::new(Bytes::new())).unwrap()
-}
-
 #[tokio::test]
 async fn waypoint_routes_by_path_header_query_and_method_first_match_wins() {
     let w = world().await;

@@ -33,6 +33,25 @@ pub mod envoy {
     pub use envoy_types::pb::google::rpc::Status;
 }
 
+/// Names the control plane, node agents and waypoints must agree on.
+pub mod waypoint {
+    /// The xDS node id of waypoint `name` of `namespace`: `<namespace>/<name>` (node names
+    /// are DNS names, so it can never be a node's).
+    pub fn node_id(namespace: &str, name: &str) -> String {
+        format!("{namespace}/{name}")
+    }
+
+    /// The endpoint filter-metadata namespace of Ambit's facts.
+    pub const METADATA: &str = "ambit";
+    /// In [`METADATA`]: the identity of an endpoint reached over HBONE (an enrolled
+    /// workload, through its node agent); endpoints without it are reached in plaintext.
+    pub const HBONE_IDENTITY: &str = "hbone_identity";
+    /// SDS: the workload certificate and key (Istio's name).
+    pub const SDS_CERTIFICATE: &str = "default";
+    /// SDS: the mesh roots (Istio's name).
+    pub const SDS_ROOTS: &str = "ROOTCA";
+}
+
 /// Type URLs of Ambit's resources.
 pub mod type_url {
     /// `ambit.v1.Workload`.

@@ -42,28 +42,9 @@ pub fn workload_of<T>(
     let Some(leaf) = certs.first() else {
         return Ok(None);
     };
-    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
-    let (_, c) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
-    let mut uris = Vec::new();
-    for ext in c.extensions() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
-            for n in &san.general_names {
-                if let GeneralName::URI(u) = n {
-                    uris.push(u.to_string());
-                }
-            }
-        }
-    }
-    match uris.as_slice() {
-        [one] => ambit_identity::Identity::parse(one)
-            .map(Some)
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}"))),
-        _ => Err(Status::unauthenticated(format!(
-            "the client certificate has {} URI SANs, not exactly one SPIFFE ID",
-            uris.len()
-        ))),
-    }
+    ambit_identity::Identity::from_certificate(leaf.as_ref())
+        .map(Some)
+        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
 }
 
 /// The node the request's `authorization: Bearer <credential>` authenticates, or the

@@ -41,11 +41,7 @@ use crate::model::http::{
 };
 use crate::model::{Model, NamespacedName, Protocol, Service, Waypoint};
 
-/// The metadata namespace of Ambit's endpoint facts.
-pub const METADATA: &str = "ambit";
-/// In [`METADATA`]: the identity of an endpoint reached over HBONE (an enrolled
-/// workload, through its node agent); endpoints without it are reached in plaintext.
-pub const HBONE_IDENTITY: &str = "hbone_identity";
+pub use ambit_xds::waypoint::{HBONE_IDENTITY, METADATA, node_id};
 /// How long a new upstream connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries of a route no HTTPRoute configures: only what never reached the backend.
@@ -54,12 +50,6 @@ const DEFAULT_RETRIES: u32 = 2;
 
 /// Resources by type URL, then by name.
 pub type Resources = BTreeMap<&'static str, BTreeMap<String, Arc<VersionedResource>>>;
-
-/// The xDS node id a waypoint's pods use: `<namespace>/<name>` (node names are DNS
-/// names, so it can never be a node's).
-pub fn node_id(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
 
 /// Istio's cluster name for a service port.
 pub fn cluster_name(hostname: &str, port: u16) -> String {

@@ -34,10 +34,7 @@ use super::{Certificates, WorkloadCert};
 use crate::capture::pods::PodRegistry;
 use crate::state::Store;
 
-/// The workload certificate's resource name.
-pub const DEFAULT: &str = "default";
-/// The mesh roots' resource name.
-pub const ROOTCA: &str = "ROOTCA";
+use ambit_xds::waypoint::{SDS_CERTIFICATE as DEFAULT, SDS_ROOTS as ROOTCA};
 
 /// The SDS service.
 #[derive(Clone)]

@@ -82,12 +82,10 @@ pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Erro
     // A workload behind a waypoint takes traffic only from it: L7 policy cannot be
     // bypassed by dialing the pod's IP.
     if let Some(wp) = &me.waypoint {
-        let from_waypoint = a.identity.as_ref().is_some_and(|id| {
-            state
-                .waypoint_pods(&me.namespace, wp)
-                .iter()
-                .any(|p| &p.identity == id)
-        });
+        let from_waypoint = a
+            .identity
+            .as_ref()
+            .is_some_and(|id| state.is_from_waypoint(me, id));
         if !from_waypoint {
             return Err(Error::NotFromWaypoint {
                 workload: format!("{}/{}", me.namespace, me.name),
@@ -209,13 +207,8 @@ async fn open_tunnel(
     // as it, so the application still sees who called. From anyone else it is not
     // trusted over the connection's own source.
     let via_waypoint = inputs.state.read(|s| {
-        s.workload(&pod.spec.uid).is_some_and(|me| {
-            me.waypoint.as_ref().is_some_and(|wp| {
-                s.waypoint_pods(&me.namespace, wp)
-                    .iter()
-                    .any(|p| p.identity == client_id)
-            })
-        })
+        s.workload(&pod.spec.uid)
+            .is_some_and(|me| s.is_from_waypoint(me, &client_id))
     });
     let src = match req.forwarded_for {
         Some(ip) if via_waypoint && ip.is_ipv4() == dst.is_ipv4() => {

@@ -338,6 +338,22 @@ impl MeshState {
         self.services.get(name)
     }
 
+    /// Does `id` belong to a pod of `me`'s waypoint? (False without a waypoint.)
+    pub fn is_from_waypoint(&self, me: &Workload, id: &Identity) -> bool {
+        let Some(wp) = &me.waypoint else {
+            return false;
+        };
+        self.services
+            .get(&format!("{}/{wp}", me.namespace))
+            .is_some_and(|s| {
+                s.endpoints.iter().any(|uid| {
+                    self.workloads
+                        .get(uid)
+                        .is_some_and(|w| w.native_tunnel && &w.identity == id)
+                })
+            })
+    }
+
     /// The pods of the waypoint `name` of `namespace` (its service's endpoints).
     pub fn waypoint_pods(&self, namespace: &str, name: &str) -> Vec<Arc<Workload>> {
         self.services

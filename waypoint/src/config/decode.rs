@@ -560,8 +560,8 @@ pub fn endpoints(any: &protobuf::Any) -> Result<(String, Vec<Endpoint>), Error> 
             let hbone = e
                 .metadata
                 .as_ref()
-                .and_then(|m| m.filter_metadata.get("ambit"))
-                .and_then(|s| s.fields.get("hbone_identity"))
+                .and_then(|m| m.filter_metadata.get(ambit_xds::waypoint::METADATA))
+                .and_then(|s| s.fields.get(ambit_xds::waypoint::HBONE_IDENTITY))
                 .map(|v| match &v.kind {
                     Some(protobuf::value::Kind::StringValue(s)) => {
                         Identity::parse(s).map_err(|e| format!("hbone_identity: {e}"))

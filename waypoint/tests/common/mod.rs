@@ -398,6 +398,23 @@ impl Answer {
     }
 }
 
+/// A request with `headers`, and an empty body.
+pub fn req(
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
 pub fn get(host: &str, path: &str) -> http::Request<Full<Bytes>> {
     http::Request::builder()
         .uri(path)
