@@ -23,10 +23,13 @@ fn addr(v: &Value, key: &str) -> std::net::SocketAddr {
         .unwrap()
 }
 
-/// True if the server saw a different client port than the client used: the connection
-/// went through the agent (which dials its own connection from the pod's netns).
+/// Did the connection go through the agent? A direct connection's server sees the client's own
+/// socket as its peer; a proxied one sees the agent's socket. Whole addresses are compared: the
+/// agent's socket may well get the same ephemeral port as the client's (another local address),
+/// which comparing ports alone mistook for "not proxied" once in a few hundred connections.
 fn proxied(report: &Value) -> bool {
-    addr(report, "local").port() != addr(report, "server_peer").port()
+    let canonical = |a: std::net::SocketAddr| (a.ip().to_canonical(), a.port());
+    canonical(addr(report, "local")) != canonical(addr(report, "server_peer"))
 }
 
 fn client_args<T: AsRef<str>>(targets: &[T], conns: usize, bytes: u64) -> Vec<String> {
