@@ -40,16 +40,12 @@ fn goes_through_agent(c: &Cluster, from: &Pod, to: &Pod) -> bool {
     let args = ["--connect", &format!("{}:8080", to.ip4), "--bytes", "10000"].map(String::from);
     let (ok, r) = c.run_client(from, &args).unwrap();
     assert!(ok, "{r:?}");
-    let port = |k: &str| {
-        r[0][k]
-            .as_str()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .to_owned()
+    // Whole addresses, not ports: the agent's socket may get the client's ephemeral port.
+    let addr = |k: &str| {
+        let a: std::net::SocketAddr = r[0][k].as_str().unwrap().parse().unwrap();
+        (a.ip().to_canonical(), a.port())
     };
-    port("local") != port("server_peer")
+    addr("local") != addr("server_peer")
 }
 
 fn store_workloads(c: &Cluster, n: usize) -> Vec<String> {
