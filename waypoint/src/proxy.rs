@@ -423,6 +423,13 @@ async fn forward(
             );
         }
         let result = one_attempt(ctx, cluster, &ep, req, retry.per_try_timeout, deadline).await;
+        let (code, flags) = match &result {
+            Attempt::Response(r) => (r.status().as_u16(), "-"),
+            Attempt::Failed(UpstreamError::Connect(_)) => (0, Flag::ConnectFailure.as_str()),
+            Attempt::Failed(_) => (0, Flag::Reset.as_str()),
+            Attempt::TimedOut => (0, Flag::Timeout.as_str()),
+        };
+        ctx.metrics.attempt(name, code, flags);
         let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         let retryable = match &result {
             Attempt::Response(r) => retriable_response(&retry, r),
@@ -446,6 +453,7 @@ async fn forward(
                 None => wait,
             };
             tokio::time::sleep(wait).await;
+            ctx.metrics.retry(name);
             continue;
         }
         let upstream = Some(ep.addr);

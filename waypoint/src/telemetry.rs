@@ -1,7 +1,10 @@
 //! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
 //! `istio_requests_total` and `istio_request_duration_milliseconds`, with the labels the
 //! waypoint knows (the caller from its certificate, the service from the listener, the
-//! answer's code and Envoy response flags), served on `/metrics`.
+//! answer's code and Envoy response flags), served on `/metrics`; and, like Envoy's
+//! per-cluster `upstream_rq_*` statistics, every attempt sent upstream and every retry:
+//! `ambit_waypoint_upstream_requests_total{cluster, response_code, response_flags}` and
+//! `ambit_waypoint_upstream_retries_total{cluster}`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +35,24 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// One upstream attempt series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The Envoy cluster (`outbound|<port>||<host>`).
+    pub cluster: String,
+    /// The upstream's status, 0 when none came (connect failure, reset, timeout).
+    pub response_code: u16,
+    /// `UF`, `UR` or `UT` when no response came, `-` otherwise.
+    pub response_flags: &'static str,
+}
+
+/// A cluster's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// The Envoy cluster.
+    pub cluster: String,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +61,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub duration: Family<RequestLabels, Histogram>,
+    /// `ambit_waypoint_upstream_requests_total`: every attempt, retries included.
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    /// `ambit_waypoint_upstream_retries_total`.
+    pub retries: Family<ClusterLabels, Counter>,
 }
 
 /// Istio's duration buckets (milliseconds).
@@ -64,10 +89,24 @@ impl Default for Metrics {
             "How long the waypoint took to answer, in milliseconds",
             duration.clone(),
         );
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        let retries = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_upstream_requests",
+            "Attempts the waypoint sent upstream (retries included), by answer",
+            upstream_requests.clone(),
+        );
+        registry.register(
+            "ambit_waypoint_upstream_retries",
+            "Retries the waypoint made",
+            retries.clone(),
+        );
         Self {
             registry,
             requests,
             duration,
+            upstream_requests,
+            retries,
         }
     }
 }
@@ -96,6 +135,26 @@ impl Metrics {
     pub fn record(&self, labels: RequestLabels, millis: f64) {
         self.requests.get_or_create(&labels).inc();
         self.duration.get_or_create(&labels).observe(millis);
+    }
+
+    /// Counts one attempt sent to `cluster`.
+    pub fn attempt(&self, cluster: &str, response_code: u16, response_flags: &'static str) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                cluster: cluster.to_owned(),
+                response_code,
+                response_flags,
+            })
+            .inc();
+    }
+
+    /// Counts one retry to `cluster`.
+    pub fn retry(&self, cluster: &str) {
+        self.retries
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.

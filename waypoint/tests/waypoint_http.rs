@@ -251,6 +251,28 @@ async fn waypoint_retries_hide_a_flaky_backend_and_only_what_is_retriable() {
         w.backends["flaky"].state.requests.load(Ordering::SeqCst),
         40
     );
+    // And the waypoint says so, per attempt, as Envoy's upstream_rq_* statistics do.
+    let m = w.wp.metrics.encode();
+    let series = |name: &str, labels: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cluster = "cluster=\"outbound|80||flaky.shop.svc.cluster.local\"";
+    assert_eq!(
+        series("ambit_waypoint_upstream_retries_total", cluster),
+        20.0,
+        "{m}"
+    );
+    assert_eq!(
+        series(
+            "ambit_waypoint_upstream_requests_total",
+            &format!("{cluster},response_code=\"503\"")
+        ),
+        20.0,
+        "{m}"
+    );
 
     // 500 is not in the codes: answered as is, tried once.
     let mut c = w.wp.http1("10.96.0.31:80").await;
