@@ -354,6 +354,7 @@ fn main() -> ExitCode {
                 tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -369,12 +370,14 @@ fn main() -> ExitCode {
             Ok(m) => {
                 let enrolled = m.workloads.values().filter(|w| w.enrolled).count();
                 println!(
-                    "{}: ok: {} namespaces, {} nodes, {} workloads ({enrolled} enrolled), {} services, {} policies",
+                    "{}: ok: {} namespaces, {} nodes, {} workloads ({enrolled} enrolled), {} services, {} waypoints, {} HTTP routes, {} policies",
                     file.display(),
                     m.namespaces.len(),
                     m.nodes.len(),
                     m.workloads.len(),
                     m.services.len(),
+                    m.waypoints.len(),
+                    m.http_routes.len(),
                     m.policies.len()
                 );
                 ExitCode::SUCCESS

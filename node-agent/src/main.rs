@@ -128,8 +128,10 @@ fn init_tracing(config: &Config) {
         eprintln!("bad --log filter {:?} ({e}); using info", config.log);
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colours only for a person at a terminal, never into a log file or a collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if config.log_json {
         builder.json().init()

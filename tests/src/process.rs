@@ -58,11 +58,22 @@ pub struct PodProcess {
 impl PodProcess {
     /// Starts `program args..` in the pod, with piped stdin/stdout (stderr inherited).
     pub fn start(netns: &Path, cgroup: &Path, program: &Path, args: &[String]) -> io::Result<Self> {
+        Self::start_with_stderr(netns, cgroup, program, args, Stdio::inherit())
+    }
+
+    /// [`start`](Self::start), with stderr going to `stderr` (a log file, say).
+    pub fn start_with_stderr(
+        netns: &Path,
+        cgroup: &Path,
+        program: &Path,
+        args: &[String],
+        stderr: Stdio,
+    ) -> io::Result<Self> {
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let mut child = spawn_in(netns, cgroup, &mut cmd)?;
         Ok(Self {
             stdin: child.stdin.take(),

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use ambit_tests::cluster::{CONTROL_PLANE_ADDR, metric_sum};
-use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, wait_until, workspace_bin};
+use ambit_tests::cluster::metric_sum;
+use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, wait_until};
 use serde_json::Value;
 
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/wp";
@@ -53,39 +53,8 @@ httpRoutes:
 }
 
 fn start_waypoint(c: &Cluster) -> PodProcess {
-    let pod = c.pod(1, 1);
-    let args = [
-        format!("--xds-address=https://{CONTROL_PLANE_ADDR}"),
-        "--namespace=default".into(),
-        "--name=wp".into(),
-        format!(
-            "--sds-socket={}",
-            c.node(1).state_dir.join("sds.sock").display()
-        ),
-        "--listen=[::]:15008".into(),
-    ];
-    let mut p = PodProcess::start(
-        &pod.netns_path(),
-        &pod.cgroup,
-        &workspace_bin("ambit-waypoint"),
-        &args,
-    )
-    .unwrap();
-    // Bounded: a waypoint that never gets its certificate or configuration fails the
-    // test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = p.wait_for_line("waypoint ready");
-        let _ = tx.send((r, p));
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok((Ok(()), p)) => p,
-        Ok((Err(e), _)) => panic!("the waypoint exited before it was ready: {e}"),
-        Err(_) => panic!(
-            "the waypoint was not ready after 30 s:\n{}",
-            c.control_plane_log()
-        ),
-    }
+    c.start_waypoint(c.pod(1, 1), "default", "wp")
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `count` GETs from the client pod to `target`; one report per request.

@@ -43,14 +43,27 @@ struct Args {
     /// Log filter (tracing's `EnvFilter` syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     log: String,
+    /// Log (the access log included) as JSON lines.
+    #[arg(long, env = "AMBIT_LOG_JSON")]
+    log_json: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+        eprintln!("bad --log filter {:?} ({e}); using info", args.log);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    // Colours only for a person at a terminal, never into a log file or a collector.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -303,11 +303,16 @@ mod tests {
             [
                 "legacy/batch-0",
                 "shop/frontend-0",
+                "shop/reviews-v1-0",
+                "shop/reviews-v1-1",
+                "shop/reviews-v2-0",
+                "shop/shop-waypoint-0",
                 "shop/web-0",
                 "shop/web-1"
             ]
         );
-        assert_eq!(n1[type_url::SERVICE].len(), 1);
+        // web, reviews, reviews-v1, reviews-v2 and the waypoint's own service.
+        assert_eq!(n1[type_url::SERVICE].len(), 5);
         // The web policy selects only node-2's workloads; no-legacy is namespace-wide and
         // shop has frontend-0 on node-1.
         assert_eq!(

@@ -3,15 +3,17 @@
 //! and get their workloads' certificates from its CA. Pods send traffic across nodes,
 //! pod to pod and through a service VIP, inside mutual TLS (HBONE) where both ends are in
 //! the mesh; the demo shows a plaintext caller refused (STRICT), a policy edit denying a
-//! caller, Istio's TCP metrics, access-log lines, what was captured, each workload's
-//! counters and the certificates, then a namespace being released by editing the file,
-//! and removes everything (also on Ctrl-C).
+//! caller, then the L7 half: a waypoint routing the `reviews` service (a 90/10 canary over
+//! 200 requests, a header-matched route, retries hiding a flaky pod, a route timeout,
+//! Istio's request metrics and its access log); then Istio's TCP metrics, access-log
+//! lines, what was captured, each workload's counters and the certificates, then a
+//! namespace being released by editing the file, and removes everything (also on Ctrl-C).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_mesh::enroll::PodSpec;
-use ambit_tests::cluster::metric_value;
+use ambit_tests::cluster::{metric_sum, metric_value};
 use ambit_tests::{Cluster, ClusterSpec, Pod};
 
 const MESH: &str = include_str!("../../../examples/mesh.yaml");
@@ -32,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     );
     let cluster = Arc::new(Cluster::new(ClusterSpec {
         control_plane: true,
+        pods_per_node: 4,
         ..Default::default()
     })?);
     cleanup_on_signal(cluster.clone());
@@ -138,15 +141,17 @@ fn main() -> anyhow::Result<()> {
     traffic(c, frontend, &format!("{}:8080", web0.pod.ip4))?;
     c.write_mesh(MESH)?;
 
+    let l7_processes = l7(c, &by_name)?;
+
     println!(
         "\nIstio's standard TCP metrics (GET /metrics on node-2's agent, reporter=destination):"
     );
     println!(
-        "  {:<44} {:<12} {:<11} {:>6} {:>10}",
+        "  {:<49} {:<13} {:<11} {:>6} {:>10}",
         "SOURCE PRINCIPAL", "DESTINATION", "SECURITY", "CONNS", "BYTES IN"
     );
     for line in c.metrics(2)?.lines() {
-        if !line.starts_with("istio_tcp_connections_closed_total{")
+        if !line.starts_with("istio_tcp_connections_opened_total{")
             || !line.contains("reporter=\"destination\"")
         {
             continue;
@@ -170,7 +175,7 @@ fn main() -> anyhow::Result<()> {
         let bytes =
             metric_value(&c.metrics(2)?, "istio_tcp_received_bytes_total", &want).unwrap_or(0.0);
         println!(
-            "  {:<44} {:<12} {:<11} {:>6} {:>10}",
+            "  {:<49} {:<13} {:<11} {:>6} {:>10}",
             labels[0].1,
             labels[1].1,
             labels[2].1,
@@ -297,10 +302,170 @@ fn main() -> anyhow::Result<()> {
     );
     traffic(c, frontend, &format!("{}:8080", web0.pod.ip4))?;
 
+    drop(l7_processes);
     println!("\nCleaning up (namespaces, cgroups, pinned programs, processes)...");
     cluster.teardown();
     println!("Done.");
     Ok(())
+}
+
+const REVIEWS: &str = "10.96.0.20:80";
+
+/// The L7 half: reviews' pods serve HTTP (reviews-v1-1 flaky), the waypoint starts in its
+/// pod, and frontend-0's requests to the reviews VIP cross it: the 90/10 canary, a
+/// header-matched route, retries hiding the flaky pod, a route timeout, and the Istio
+/// request metrics and access log the waypoint keeps. Returns the processes it started
+/// (stopped, by their PIDs, when dropped).
+fn l7<'a>(
+    c: &'a Cluster,
+    by_name: &dyn Fn(&str) -> &'a Cast<'a>,
+) -> anyhow::Result<Vec<ambit_tests::PodProcess>> {
+    let frontend = by_name("frontend-0");
+    let mut backends = Vec::new();
+    for (pod, version, flaky) in [
+        ("reviews-v1-0", "v1", false),
+        ("reviews-v1-1", "v1", true),
+        ("reviews-v2-0", "v2", false),
+    ] {
+        let w = by_name(pod);
+        let mut args = vec![
+            "http-serve".to_string(),
+            format!("--listen={}:8080", w.pod.ip4),
+            format!("--name={version}"),
+        ];
+        if flaky {
+            args.push("--fail-every=2".into());
+        }
+        let mut p = c.spawn_in_pod(w.pod, &args)?;
+        p.wait_for_line("listening")?;
+        backends.push(p);
+    }
+    let wp = by_name("shop-waypoint-0");
+    wait("reviews' pods enrolled", Duration::from_secs(15), || {
+        ["reviews-v1-0", "reviews-v1-1", "reviews-v2-0"]
+            .iter()
+            .all(|n| captured(c, by_name(n)))
+    })?;
+    let waypoint = c.start_waypoint(wp.pod, "shop", "shop-waypoint")?;
+    println!(
+        "\nL7: shop-waypoint-0 (pod on node-1, pid {}) got its certificate from node-1's agent",
+        waypoint.pid()
+    );
+    println!(
+        "(SDS) and its routes from the control plane (Envoy xDS). frontend-0's requests to reviews"
+    );
+    println!(
+        "({REVIEWS}) go to it over HBONE; it routes each one and tunnels it on to a reviews pod:"
+    );
+
+    let r = http(c, frontend, "/", &[], 200)?;
+    let v2 = r.iter().filter(|x| x["backend"] == "v2").count();
+    let ok = r.iter().filter(|x| x["status"] == 200).count();
+    println!(
+        "  canary (weights 90/10), 200 requests: v1 answered {}, v2 {v2}; {ok} of 200 were 200 OK",
+        r.len() - v2
+    );
+    let m = waypoint_metrics(c, wp)?;
+    let sum = |name: &str, labels: &[(&str, &str)]| metric_sum(&m, name, labels);
+    println!(
+        "  reviews-v1-1 answers every other request 503: the waypoint retried {} of them on another",
+        sum("ambit_waypoint_upstream_retries_total", &[])
+    );
+    println!(
+        "    pod ({} upstream 503s in ambit_waypoint_upstream_requests_total); no client saw one",
+        sum(
+            "ambit_waypoint_upstream_requests_total",
+            &[("response_code", "503")]
+        )
+    );
+    let r = http(c, frontend, "/", &["x-user: tester"], 10)?;
+    println!(
+        "  header x-user: tester, 10 requests: v2 answered {}; the app saw the caller as {:?}",
+        r.iter().filter(|x| x["backend"] == "v2").count(),
+        r.first().and_then(|x| x["body"].as_str()).unwrap_or("?")
+    );
+    let r = http(c, frontend, "/delay/2000", &[], 1)?;
+    println!(
+        "  /delay/2000 (a 2 s answer; route timeout 300 ms): {} after {:.0} ms",
+        r.first().map_or(0, |x| x["status"].as_u64().unwrap_or(0)),
+        r.first().and_then(|x| x["ms"].as_f64()).unwrap_or(0.0)
+    );
+
+    println!("\nIstio's request metrics (GET :15020/metrics on the waypoint, reporter=waypoint):");
+    println!(
+        "  {:<44} {:<32} {:>5} {:>6} {:>6}",
+        "SOURCE PRINCIPAL", "DESTINATION SERVICE", "CODE", "FLAGS", "COUNT"
+    );
+    let m = waypoint_metrics(c, wp)?;
+    for line in m.lines().filter(|l| l.starts_with("istio_requests_total{")) {
+        let label = |k: &str| {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("?")
+                .to_owned()
+        };
+        println!(
+            "  {:<44} {:<32} {:>5} {:>6} {:>6}",
+            label("source_principal"),
+            label("destination_service"),
+            label("response_code"),
+            label("response_flags"),
+            line.rsplit(' ').next().unwrap_or("?")
+        );
+    }
+    println!("\nThe waypoint's access log (stderr), last 3 requests:");
+    let log = std::fs::read_to_string(c.waypoint_log(wp.pod)).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" access:")).collect();
+    for l in lines.iter().skip(lines.len().saturating_sub(3)) {
+        println!("  {}", l.trim());
+    }
+    backends.push(waypoint);
+    Ok(backends)
+}
+
+/// `count` HTTP/1.1 requests on one connection from `from` to reviews.
+fn http(
+    c: &Cluster,
+    from: &Cast,
+    path: &str,
+    headers: &[&str],
+    count: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut args = vec![
+        "http-get".to_string(),
+        format!("--connect={REVIEWS}"),
+        "--host=reviews.shop.svc.cluster.local".into(),
+        format!("--path={path}"),
+        format!("--count={count}"),
+    ];
+    for h in headers {
+        args.push(format!("--header={h}"));
+    }
+    let (_, lines) = c
+        .spawn_in_pod(from.pod, &args)?
+        .finish(Duration::from_secs(60))?;
+    Ok(lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// The waypoint's `/metrics`, fetched inside its pod.
+fn waypoint_metrics(c: &Cluster, wp: &Cast) -> anyhow::Result<String> {
+    let args = [
+        "http-get",
+        "--connect=127.0.0.1:15020",
+        "--host=localhost",
+        "--path=/metrics",
+        "--keep=10000000",
+    ]
+    .map(String::from);
+    let (_, lines) = c
+        .spawn_in_pod(wp.pod, &args)?
+        .finish(Duration::from_secs(10))?;
+    let r: serde_json::Value = serde_json::from_str(lines.first().map_or("{}", |l| l))?;
+    Ok(r["body"].as_str().unwrap_or_default().to_owned())
 }
 
 /// Maps the example file's workloads onto the simulated pods by IPv4 address.
@@ -372,10 +537,15 @@ fn traffic(c: &Cluster, from: &Cast, to: &str) -> anyhow::Result<()> {
     let r = reports.first().cloned().unwrap_or_default();
     let local = r["local"].as_str().unwrap_or("");
     let peer = r["server_peer"].as_str().unwrap_or("?");
-    let port = |a: &str| a.rsplit(':').next().unwrap_or("").to_owned();
+    // The agent's socket may get the app's ephemeral port: compare whole addresses.
+    let canonical = |a: &str| {
+        a.parse::<std::net::SocketAddr>()
+            .map(|a| (a.ip().to_canonical(), a.port()))
+            .ok()
+    };
     let how = if !ok {
         format!("FAILED: {}", r["error"])
-    } else if port(local) != port(peer) {
+    } else if canonical(local) != canonical(peer) {
         format!("from {peer} via the agent (captured; the app's socket was {local})")
     } else {
         format!("from {peer} directly (not captured)")

@@ -78,12 +78,16 @@ enum Cmd {
         count: usize,
     },
     /// An HTTP/1.1 and HTTP/2 server answering every request with 200, header
-    /// `x-backend: <name>` and body `<name> <peer ip>`.
+    /// `x-backend: <name>` and body `<name> <peer ip>`; `/bytes/<n>` streams n bytes,
+    /// `/delay/<ms>` answers after ms milliseconds.
     HttpServe {
         #[arg(long = "listen", required = true)]
         listen: Vec<SocketAddr>,
         #[arg(long)]
         name: String,
+        /// Answer every Nth request (1st, N+1th, ...) with 503: a flaky backend.
+        #[arg(long)]
+        fail_every: Option<u64>,
     },
     /// HTTP/1.1 GETs on one connection; one JSON line per request
     /// (`{"status", "backend", "body"}` or `{"error"}`), exits non-zero on a failure.
@@ -102,6 +106,9 @@ enum Cmd {
         /// POST a body of this many bytes (made as it is sent) instead of a GET.
         #[arg(long)]
         upload: Option<u64>,
+        /// Report bodies up to this many bytes as text (longer ones as their size).
+        #[arg(long, default_value_t = 4096)]
+        keep: usize,
     },
     /// Connections per second (connect, hello, close), sequentially.
     Cps {
@@ -148,7 +155,11 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async {
         match Cli::parse().cmd {
             Cmd::Serve { listen } => serve(listen).await,
-            Cmd::HttpServe { listen, name } => http_serve(listen, name).await,
+            Cmd::HttpServe {
+                listen,
+                name,
+                fail_every,
+            } => http_serve(listen, name, fail_every).await,
             Cmd::HttpGet {
                 connect,
                 path,
@@ -156,7 +167,18 @@ fn run() -> anyhow::Result<()> {
                 headers,
                 count,
                 upload,
-            } => http_get(connect, path, host, headers, count, upload).await,
+                keep,
+            } => {
+                let req = GetRequests {
+                    path,
+                    host,
+                    headers,
+                    count,
+                    upload,
+                    keep,
+                };
+                http_get(connect, req).await
+            }
             Cmd::Client {
                 connect,
                 conns,
@@ -546,23 +568,43 @@ fn raise_fd_limit() {
     }
 }
 
-async fn http_serve(listen: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
+async fn http_serve(
+    listen: Vec<SocketAddr>,
+    name: String,
+    fail_every: Option<u64>,
+) -> anyhow::Result<()> {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for addr in listen {
         let l = TcpListener::bind(addr).await?;
         let name = name.clone();
+        let served = served.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((tcp, peer)) = l.accept().await else {
                     return;
                 };
                 let name = name.clone();
+                let served = served.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
                             let text = format!("{name} {}", peer.ip());
                             let name = name.clone();
-                            async move { http_answer(req, name, text).await }
+                            let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let fail = fail_every.is_some_and(|k| k > 0 && n % k == 0);
+                            async move {
+                                if fail {
+                                    return Ok(hyper::Response::builder()
+                                        .status(503)
+                                        .header("x-backend", name)
+                                        .body(http_body_util::BodyExt::boxed(
+                                            http_body_util::Empty::new(),
+                                        ))
+                                        .expect("a valid response"));
+                                }
+                                http_answer(req, name, text).await
+                            }
                         },
                     );
                     let _ = hyper_util::server::conn::auto::Builder::new(
@@ -608,6 +650,14 @@ async fn http_answer(
         .path()
         .strip_prefix("/bytes/")
         .and_then(|n| n.parse().ok());
+    if let Some(ms) = req
+        .uri()
+        .path()
+        .strip_prefix("/delay/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     let mut body = req.into_body();
     let mut received = 0u64;
     while let Some(f) = body.frame().await {
@@ -628,14 +678,25 @@ async fn http_answer(
         .expect("a valid response"))
 }
 
-async fn http_get(
-    connect: SocketAddr,
+/// What `http-get` sends.
+struct GetRequests {
     path: String,
     host: String,
     headers: Vec<String>,
     count: usize,
     upload: Option<u64>,
-) -> anyhow::Result<()> {
+    keep: usize,
+}
+
+async fn http_get(connect: SocketAddr, r: GetRequests) -> anyhow::Result<()> {
+    let GetRequests {
+        path,
+        host,
+        headers,
+        count,
+        upload,
+        keep,
+    } = r;
     use http_body_util::BodyExt;
     let fail = |e: String| {
         println!("{}", serde_json::json!({ "error": e }));
@@ -661,6 +722,7 @@ async fn http_get(
             req = req.header(k.trim(), v.trim());
         }
         let req = req.body(made_body(upload.unwrap_or(0), b'u'))?;
+        let started = std::time::Instant::now();
         let work = async {
             send.ready().await?;
             let r = send.send_request(req).await?;
@@ -682,12 +744,12 @@ async fn http_get(
             while let Some(f) = body.frame().await {
                 if let Some(d) = f?.data_ref() {
                     downloaded += d.len() as u64;
-                    if kept.len() < 4096 {
+                    if kept.len() < keep {
                         kept.extend_from_slice(d);
                     }
                 }
             }
-            let text = if downloaded > 4096 {
+            let text = if downloaded > keep as u64 {
                 format!("{downloaded} bytes")
             } else {
                 String::from_utf8_lossy(&kept).into_owned()
@@ -702,7 +764,8 @@ async fn http_get(
         println!(
             "{}",
             serde_json::json!({ "status": status, "backend": backend, "body": body,
-                                "uploaded": uploaded, "downloaded": downloaded })
+                                "uploaded": uploaded, "downloaded": downloaded,
+                                "ms": started.elapsed().as_secs_f64() * 1e3 })
         );
     }
     Ok(())

@@ -367,6 +367,62 @@ impl Cluster {
         Ok(self.enroll_client(pod.node)?.remove(&pod.uid)?)
     }
 
+    /// Starts `ambit-waypoint` for waypoint `namespace/name` in `pod` (its certificate from
+    /// the pod's node agent over SDS, its configuration from the control plane), logging
+    /// to [`waypoint_log`](Self::waypoint_log), and waits (at most 30 s) until it says it is
+    /// ready: certificate and every xDS type received.
+    pub fn start_waypoint(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PodProcess> {
+        let args = [
+            format!("--xds-address=https://{CONTROL_PLANE_ADDR}"),
+            format!("--namespace={namespace}"),
+            format!("--name={name}"),
+            format!(
+                "--sds-socket={}",
+                self.node(pod.node).state_dir.join("sds.sock").display()
+            ),
+            "--listen=[::]:15008".into(),
+        ];
+        let log = std::fs::File::create(self.waypoint_log(pod))?;
+        let mut p = PodProcess::start_with_stderr(
+            &pod.netns_path(),
+            &pod.cgroup,
+            &workspace_bin("ambit-waypoint"),
+            &args,
+            log.into(),
+        )?;
+        // Bounded: a waypoint that never gets its certificate or configuration is an error,
+        // not a hang.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = p.wait_for_line("waypoint ready");
+            let _ = tx.send((r, p));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((Ok(()), p)) => Ok(p),
+            Ok((Err(e), _)) => bail!(
+                "the waypoint exited before it was ready: {e}\n{}",
+                std::fs::read_to_string(self.waypoint_log(pod)).unwrap_or_default()
+            ),
+            Err(_) => bail!(
+                "the waypoint was not ready after 30 s:\n{}\ncontrol plane:\n{}",
+                std::fs::read_to_string(self.waypoint_log(pod)).unwrap_or_default(),
+                self.control_plane_log()
+            ),
+        }
+    }
+
+    /// Where the waypoint in `pod` logs (its access log included).
+    pub fn waypoint_log(&self, pod: &Pod) -> PathBuf {
+        self.node(pod.node)
+            .state_dir
+            .join(format!("waypoint-{}.log", pod.name))
+    }
+
     /// Starts `ambit-pod-tool args..` inside `pod`.
     pub fn spawn_in_pod(&self, pod: &Pod, args: &[String]) -> anyhow::Result<PodProcess> {
         Ok(PodProcess::start(
