@@ -1,5 +1,5 @@
 //! The waypoint's HTTP behaviour, in process on loopback: routing, weights, retries,
-//! timeouts, HTTP/2 multiplexing, bad xDS and config changes. The configuration is the
+//! timeouts, HTTP/2 multiplexing, TCP ports at L4, bad xDS and config changes. The configuration is the
 //! control plane's own translation of the mesh file below.
 
 mod common;
@@ -28,6 +28,7 @@ workloads:
   - {name: slow, namespace: shop, node: node-2, ips: [10.244.2.16], labels: {app: pertry}}
   - {name: fast, namespace: shop, node: node-2, ips: [10.244.2.17], labels: {app: pertry}}
   - {name: stuck, namespace: shop, node: node-2, ips: [10.244.2.18], labels: {app: stuck}}
+  - {name: db, namespace: shop, node: node-2, ips: [10.244.2.19], labels: {app: db}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -47,6 +48,8 @@ services:
      selector: {app: pertry}, labels: {ambit.dev/waypoint: wp}}
   - {name: stuck, namespace: shop, vips: [10.96.0.60], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
+  - {name: db, namespace: shop, vips: [10.96.0.70], ports: [{name: tcp-db, port: 5432}],
+     selector: {app: db}, labels: {ambit.dev/waypoint: wp}}
 httpRoutes:
   - name: web
     namespace: shop
@@ -546,4 +549,54 @@ async fn waypoint_refuses_malformed_http_and_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A server-first TCP service: greets, then echoes every byte.
+async fn tcp_echo() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"220 db ready\n").await?;
+                let (mut r, mut w) = s.split();
+                tokio::io::copy(&mut r, &mut w).await?;
+                w.shutdown().await
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn waypoint_forwards_tcp_ports_at_l4_without_waiting_for_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = world().await;
+    w.wp.map("10.244.2.19:5432", tcp_echo().await);
+    w.wp.apply(&model(&mesh())).unwrap();
+    let mut s = w.wp.tunnel("10.96.0.70:5432").await.unwrap();
+    // The server speaks first: its greeting arrives before the client sends anything (the
+    // port's declared protocol decides, nothing is sniffed).
+    let mut greeting = [0u8; 13];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
+        .await
+        .expect("the greeting was held back")
+        .unwrap();
+    assert_eq!(&greeting, b"220 db ready\n");
+    // Then 1 MiB both ways, byte exact, and the client's half-close reaches the server.
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let (mut r, mut wr) = tokio::io::split(s);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&sent).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .expect("the echo did not end")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(back == data, "{} bytes came back", back.len());
 }
