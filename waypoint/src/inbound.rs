@@ -110,7 +110,16 @@ impl Inbound {
             );
             return Err(Refusal::Denied);
         }
-        Ok(WaypointTunnel {
+        Ok(self.tunnel(listener, peer, req.forwarded_for))
+    }
+
+    fn tunnel(
+        &self,
+        listener: &crate::config::Listener,
+        peer: Option<Identity>,
+        client: Option<std::net::IpAddr>,
+    ) -> WaypointTunnel {
+        WaypointTunnel {
             kind: listener.kind.clone(),
             ctx: Arc::new(RequestContext {
                 config: self.config.clone(),
@@ -122,10 +131,36 @@ impl Inbound {
                 labels: crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &listener.name),
                 listener: listener.name.clone(),
                 peer,
-                client: req.forwarded_for,
+                client,
                 metrics: self.metrics.clone(),
             }),
-        })
+        }
+    }
+
+    /// For benchmarks and debugging only, never in a deployment: serves on `listener`, in
+    /// plaintext, what an HBONE tunnel to `authority` (a service VIP:port) would carry —
+    /// without mutual TLS, so without the caller's identity and without the waypoint's L4
+    /// policy. It lets a load generator or a person with curl reach the L7 proxy alone,
+    /// as they reach a stock Envoy's plain HTTP listener.
+    pub async fn serve_plaintext(self, listener: TcpListener, authority: SocketAddr) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let config = self.config.borrow().clone();
+            let Some(l) = config.listener(authority) else {
+                debug!(%authority, "plaintext listener: no listener for this authority");
+                continue;
+            };
+            let tunnel = self.tunnel(l, None, Some(peer.ip()));
+            tokio::spawn(tunnel.serve(tcp));
+        }
     }
 }
 
@@ -137,6 +172,18 @@ pub struct WaypointTunnel {
 
 impl Tunnel for WaypointTunnel {
     async fn run(self, stream: H2Stream) {
+        // HTTP's own framing says whether a response was whole; the tunnel is ended, not
+        // reset, when hyper lets go of it.
+        self.serve(Finishing(stream)).await
+    }
+}
+
+impl WaypointTunnel {
+    /// Serves the listener's protocol on `io`.
+    async fn serve<S>(self, io: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         match self.kind {
             ListenerKind::Http { .. } => {
                 let ctx = self.ctx;
@@ -150,21 +197,21 @@ impl Tunnel for WaypointTunnel {
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30));
                 builder.http2().max_header_list_size(64 * 1024);
-                if let Err(e) = builder
-                    .serve_connection(TokioIo::new(Finishing(stream)), service)
-                    .await
-                {
+                if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
                     debug!("HTTP on a tunnel ended: {e}");
                 }
             }
-            ListenerKind::Tcp { cluster } => tcp(self.ctx, &cluster, stream).await,
+            ListenerKind::Tcp { cluster } => tcp(self.ctx, &cluster, io).await,
         }
     }
 }
 
 /// A TCP port: the bytes go to one endpoint of the cluster (another if the first
 /// cannot be reached).
-async fn tcp(ctx: Arc<RequestContext>, cluster: &str, mut stream: H2Stream) {
+async fn tcp<S>(ctx: Arc<RequestContext>, cluster: &str, mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let config = ctx.config.borrow().clone();
     let Some((c, eps)) = config.cluster(cluster) else {
         debug!(cluster, "TCP listener without its cluster");

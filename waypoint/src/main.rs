@@ -43,9 +43,25 @@ struct Args {
     /// Log filter (tracing's `EnvFilter` syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     log: String,
+    /// For benchmarks and debugging only, never in a deployment: `ADDR=VIP:PORT` serves on
+    /// ADDR, in plaintext, what a tunnel to the service VIP:PORT carries, without mutual
+    /// TLS, caller identity or L4 policy (as a stock Envoy's plain HTTP listener). Repeatable.
+    #[arg(long = "plaintext-listener", value_parser = parse_plaintext)]
+    plaintext_listeners: Vec<(SocketAddr, SocketAddr)>,
     /// Log (the access log included) as JSON lines.
     #[arg(long, env = "AMBIT_LOG_JSON")]
     log_json: bool,
+}
+
+fn parse_plaintext(v: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (addr, authority) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?}: want ADDR=VIP:PORT"))?;
+    let parse = |s: &str| {
+        s.parse::<SocketAddr>()
+            .map_err(|e| format!("{s:?} is not an address with a port: {e}"))
+    };
+    Ok((parse(addr)?, parse(authority)?))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,9 +150,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
-    // One line on stdout for whoever waits for readiness (logs go to stderr).
-    println!("waypoint ready");
     let metrics = std::sync::Arc::new(ambit_waypoint::telemetry::Metrics::default());
     let admin = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
@@ -148,6 +161,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         certs,
         metrics,
     };
+    for (addr, authority) in &args.plaintext_listeners {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tracing::warn!(%addr, %authority, "plaintext listener (benchmarks and debugging only): no mutual TLS, no caller identity, no L4 policy");
+        tokio::spawn(inbound.clone().serve_plaintext(l, *authority));
+    }
+    info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
+    // One line on stdout for whoever waits for readiness (logs go to stderr).
+    println!("waypoint ready");
     tokio::select! {
         _ = inbound.serve(listener) => {}
         _ = shutdown() => info!("stopping"),

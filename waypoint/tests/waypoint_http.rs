@@ -600,3 +600,28 @@ async fn waypoint_forwards_tcp_ports_at_l4_without_waiting_for_the_client() {
     writer.await.unwrap();
     assert!(back == data, "{} bytes came back", back.len());
 }
+
+#[tokio::test]
+async fn waypoint_plaintext_listener_serves_one_service_without_tls() {
+    let w = world().await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(
+        w.wp.inbound
+            .clone()
+            .serve_plaintext(l, "10.96.0.10:80".parse().unwrap()),
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // The service's routes, as over HBONE.
+    let a = send1(&mut c, req("GET", "web", "/exact", &[])).await;
+    assert_eq!((a.status, a.backend()), (200, "v2"), "{a:?}");
+    let a = send1(&mut c, req("GET", "web", "/api", &[])).await;
+    assert_eq!((a.status, a.backend()), (200, "v1"), "{a:?}");
+    // Without TLS there is no caller identity.
+    let m = w.wp.metrics.encode();
+    assert!(m.contains("source_principal=\"unknown\""), "{m}");
+}

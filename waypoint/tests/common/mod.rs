@@ -185,6 +185,7 @@ pub struct TestWaypoint {
     _certs: watch::Sender<Option<Arc<Certs>>>,
     pub metrics: Arc<ambit_waypoint::telemetry::Metrics>,
     pub config: watch::Receiver<Arc<ambit_waypoint::config::Config>>,
+    pub inbound: Inbound,
 }
 
 pub fn model(yaml: &str) -> Model {
@@ -214,8 +215,9 @@ impl TestWaypoint {
             certs: certs_rx,
             metrics: metrics.clone(),
         };
-        tokio::spawn(inbound.serve(listener));
+        tokio::spawn(inbound.clone().serve(listener));
         Self {
+            inbound,
             addr,
             pki,
             handler: Mutex::new(handler),
