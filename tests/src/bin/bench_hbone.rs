@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_tests::{Cluster, ClusterSpec, Pod, median, pki, rss_kib};
+use ambit_tests::{Cluster, ClusterSpec, Pod, cpu_seconds, median, pki, rss_kib};
 use anyhow::Context;
 use serde_json::Value;
 
@@ -245,24 +245,6 @@ fn three_ways<'a>(
 /// The median of `f` over each path's runs.
 fn medians(runs: &[Vec<Run>; 3], f: impl Fn(&Run) -> f64) -> [f64; 3] {
     [0, 1, 2].map(|i| median(runs[i].iter().map(&f).collect()))
-}
-
-/// User + system CPU seconds of the given processes.
-fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .context("stat")?
-            .1
-            .split_whitespace()
-            .collect();
-        // utime and stime are fields 14 and 15 (1-based); after the ')' they are 12 and 13.
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        total += ticks / 100.0;
-    }
-    Ok(total)
 }
 
 /// New HBONE connections per second against the server agent (TCP, TLS 1.3 handshake as a

