@@ -45,7 +45,7 @@ pub struct RequestContext {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// What every request of the tunnel is counted under (its code, flags and protocol
     /// are filled in per request).
-    pub labels: crate::telemetry::RequestLabels,
+    pub series: crate::telemetry::TunnelSeries,
 }
 
 /// Envoy's response flags, for the access log.
@@ -130,13 +130,11 @@ pub async fn handle(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    ctx.metrics.record(
-        crate::telemetry::RequestLabels {
-            request_protocol: if grpc { "grpc" } else { "http" },
-            response_code: resp.status().as_u16(),
-            response_flags: flag.map_or("-", Flag::as_str),
-            ..ctx.labels.clone()
-        },
+    ctx.series.request(
+        &ctx.metrics,
+        if grpc { "grpc" } else { "http" },
+        resp.status().as_u16(),
+        flag.map_or("-", Flag::as_str),
         started.elapsed().as_secs_f64() * 1e3,
     );
     info!(
@@ -397,8 +395,7 @@ async fn forward(
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        let order = ctx.upstreams.order(cluster, &endpoints, &tried);
-        let Some(ep) = order.first().cloned() else {
+        let Some(ep) = ctx.upstreams.choose(cluster, &endpoints, &tried) else {
             return fail(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no healthy upstream",
@@ -429,7 +426,7 @@ async fn forward(
             Attempt::Failed(_) => (0, Flag::Reset.as_str()),
             Attempt::TimedOut => (0, Flag::Timeout.as_str()),
         };
-        ctx.metrics.attempt(name, code, flags);
+        ctx.series.attempt(&ctx.metrics, name, code, flags);
         let route_timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
         let retryable = match &result {
             Attempt::Response(r) => retriable_response(&retry, r),

@@ -6,6 +6,8 @@
 //! `ambit_waypoint_upstream_requests_total{cluster, response_code, response_flags}` and
 //! `ambit_waypoint_upstream_retries_total{cluster}`.
 
+use std::sync::Mutex;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -131,23 +133,6 @@ impl RequestLabels {
 }
 
 impl Metrics {
-    /// Counts one answered request.
-    pub fn record(&self, labels: RequestLabels, millis: f64) {
-        self.requests.get_or_create(&labels).inc();
-        self.duration.get_or_create(&labels).observe(millis);
-    }
-
-    /// Counts one attempt sent to `cluster`.
-    pub fn attempt(&self, cluster: &str, response_code: u16, response_flags: &'static str) {
-        self.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                cluster: cluster.to_owned(),
-                response_code,
-                response_flags,
-            })
-            .inc();
-    }
-
     /// Counts one retry to `cluster`.
     pub fn retry(&self, cluster: &str) {
         self.retries
@@ -162,5 +147,94 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Series a tunnel keeps at hand, so that none is looked up more than once per tunnel.
+const SERIES_PER_TUNNEL: usize = 16;
+
+type RequestKey = (&'static str, u16, &'static str);
+type AttemptKey = (String, u16, &'static str);
+
+/// What one tunnel's requests are counted under, and the series it has used so far: a
+/// request then costs neither label hashing nor allocation (the families hash four
+/// strings per lookup). At most [`SERIES_PER_TUNNEL`] of each are kept; a tunnel seeing
+/// more (a backend answering every status code) counts the rest through the families.
+#[derive(Debug)]
+pub struct TunnelSeries {
+    base: RequestLabels,
+    requests: Mutex<Vec<(RequestKey, Counter, Histogram)>>,
+    attempts: Mutex<Vec<(AttemptKey, Counter)>>,
+}
+
+impl TunnelSeries {
+    /// A tunnel's series: its requests are counted under `base` (code, flags and protocol
+    /// filled in per request).
+    pub fn new(base: RequestLabels) -> Self {
+        Self {
+            base,
+            requests: Mutex::default(),
+            attempts: Mutex::default(),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(
+        &self,
+        m: &Metrics,
+        request_protocol: &'static str,
+        response_code: u16,
+        response_flags: &'static str,
+        millis: f64,
+    ) {
+        let key = (request_protocol, response_code, response_flags);
+        let mut cache = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c, h)) = cache.iter().find(|(k, _, _)| *k == key) {
+            c.inc();
+            h.observe(millis);
+            return;
+        }
+        let labels = RequestLabels {
+            request_protocol,
+            response_code,
+            response_flags,
+            ..self.base.clone()
+        };
+        let c = m.requests.get_or_create(&labels).clone();
+        let h = m.duration.get_or_create(&labels).clone();
+        c.inc();
+        h.observe(millis);
+        if cache.len() < SERIES_PER_TUNNEL {
+            cache.push((key, c, h));
+        }
+    }
+
+    /// Counts one attempt sent to `cluster`.
+    pub fn attempt(
+        &self,
+        m: &Metrics,
+        cluster: &str,
+        response_code: u16,
+        response_flags: &'static str,
+    ) {
+        let mut cache = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = cache.iter().find(|((cl, code, flags), _)| {
+            *code == response_code && *flags == response_flags && cl == cluster
+        }) {
+            c.inc();
+            return;
+        }
+        let c = m
+            .upstream_requests
+            .get_or_create(&UpstreamLabels {
+                cluster: cluster.to_owned(),
+                response_code,
+                response_flags,
+            })
+            .clone();
+        c.inc();
+        if cache.len() < SERIES_PER_TUNNEL {
+            cache.push(((cluster.to_owned(), response_code, response_flags), c));
+        }
     }
 }

@@ -35,8 +35,11 @@ use crate::identity::Certs;
 
 /// The port node agents accept HBONE on.
 pub const HBONE_PORT: u16 = 15008;
-/// Idle HTTP/1.1 connections kept per key.
-const MAX_IDLE: usize = 64;
+/// Idle HTTP/1.1 connections kept per key: as many as were needed at once, up to this
+/// (64 made 100 concurrent HTTP/2 streams to an HTTP/1.1 backend reconnect constantly).
+const MAX_IDLE: usize = 512;
+/// An idle HTTP/1.1 connection unused this long is closed.
+const IDLE_FOR: Duration = Duration::from_secs(60);
 /// An endpoint that failed this recently is tried after the others.
 const FAILED_FOR: Duration = Duration::from_secs(10);
 
@@ -56,6 +59,8 @@ pub enum UpstreamError {
 
 type Sender1 = http1::SendRequest<ProxyBody>;
 type Sender2 = http2::SendRequest<ProxyBody>;
+/// Idle HTTP/1.1 connections per key, with when each was last used.
+type IdlePool = HashMap<ConnKey, Vec<(Sender1, Instant)>>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ConnKey {
@@ -167,7 +172,8 @@ impl AsyncWrite for UpstreamIo {
 pub struct Upstreams {
     hbone: Arc<Pool<HboneDialer>>,
     certs: watch::Receiver<Option<Arc<Certs>>>,
-    idle1: Arc<Mutex<HashMap<ConnKey, Vec<Sender1>>>>,
+    /// Per key, most recently used last.
+    idle1: Arc<Mutex<IdlePool>>,
     shared2: Mutex<HashMap<ConnKey, Sender2>>,
     /// Round-robin position per cluster.
     next: Mutex<HashMap<String, usize>>,
@@ -202,10 +208,26 @@ impl Upstreams {
             PoolConfig::default(),
         );
         hbone.reap_periodically();
+        let idle1: Arc<Mutex<IdlePool>> = Arc::default();
+        // Idle HTTP/1.1 connections past IDLE_FOR are closed, also for keys no longer used.
+        let weak = Arc::downgrade(&idle1);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE_FOR / 2).await;
+                let Some(idle) = weak.upgrade() else { return };
+                let now = Instant::now();
+                idle.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, v| {
+                        v.retain(|(s, t)| now.duration_since(*t) <= IDLE_FOR && !s.is_closed());
+                        !v.is_empty()
+                    });
+            }
+        });
         Arc::new(Self {
             hbone,
             certs,
-            idle1: Arc::default(),
+            idle1,
             shared2: Mutex::default(),
             next: Mutex::default(),
             active: Mutex::default(),
@@ -213,22 +235,27 @@ impl Upstreams {
         })
     }
 
-    /// Endpoints of `cluster` in the order to try them: the balancer's choice first,
-    /// endpoints already tried (`tried`) and recently failed ones last.
-    pub fn order(
+    /// The endpoint of `cluster` to try next: the balancer's choice, unless it was already
+    /// tried (`tried`) or failed recently, in which case the next one after it that was
+    /// not; if every endpoint was, the balancer's choice anyway. `None` without endpoints.
+    pub fn choose(
         &self,
         cluster: &Cluster,
         endpoints: &[Endpoint],
         tried: &[SocketAddr],
-    ) -> Vec<Endpoint> {
-        if endpoints.is_empty() {
-            return Vec::new();
-        }
+    ) -> Option<Endpoint> {
         let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
         let first = match cluster.lb {
             LbPolicy::RoundRobin => {
                 let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-                let i = next.entry(cluster.name.clone()).or_default();
+                // No allocation per request: the key is inserted once per cluster.
+                let i = match next.get_mut(&cluster.name) {
+                    Some(i) => i,
+                    None => next.entry(cluster.name.clone()).or_default(),
+                };
                 let first = *i % n;
                 *i = i.wrapping_add(1);
                 first
@@ -236,7 +263,7 @@ impl Upstreams {
             LbPolicy::LeastRequest => {
                 // Power of two choices.
                 let (a, b) = (fastrand::usize(..n), fastrand::usize(..n));
-                let load = |i: usize| self.counter(endpoints[i].addr).load(Ordering::Relaxed);
+                let load = |i: usize| self.load(endpoints[i].addr);
                 if load(b) < load(a) { b } else { a }
             }
         };
@@ -248,9 +275,20 @@ impl Upstreams {
                     .get(&e.addr)
                     .is_some_and(|t| now.duration_since(*t) < FAILED_FOR)
         };
-        let mut v: Vec<Endpoint> = (0..n).map(|k| endpoints[(first + k) % n].clone()).collect();
-        v.sort_by_key(|e| bad(e));
-        v
+        let pick = (0..n)
+            .map(|k| &endpoints[(first + k) % n])
+            .find(|e| !bad(e))
+            .unwrap_or(&endpoints[first]);
+        Some(pick.clone())
+    }
+
+    /// Requests in flight to `addr`.
+    fn load(&self, addr: SocketAddr) -> usize {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
@@ -306,10 +344,17 @@ impl Upstreams {
                 let pool = self.idle1.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
+                        let now = Instant::now();
                         let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
                         let v = idle.entry(key).or_default();
+                        // The least recently used are first: close those idle too long.
+                        let stale = v
+                            .iter()
+                            .take_while(|(_, t)| now.duration_since(*t) > IDLE_FOR)
+                            .count();
+                        v.drain(..stale);
                         if v.len() < MAX_IDLE {
-                            v.push(sender);
+                            v.push((sender, now));
                         }
                     }
                 });
@@ -327,23 +372,28 @@ impl Upstreams {
         {
             let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = idle.get_mut(key) {
-                while let Some(s) = v.pop() {
+                while let Some((s, _)) = v.pop() {
                     if s.is_ready() {
                         return Ok(s);
                     }
                 }
             }
         }
-        let io = self.dial(ep, key.client, cluster).await?;
-        let (sender, conn) = http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!("upstream HTTP/1.1 connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        // Boxed: a new connection is rare (they are pooled) and its future is large;
+        // inline, it would make every request's future that much bigger.
+        Box::pin(async {
+            let io = self.dial(ep, key.client, cluster).await?;
+            let (sender, conn) = http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!("upstream HTTP/1.1 connection ended: {e}");
+                }
+            });
+            Ok(sender)
+        })
+        .await
     }
 
     async fn sender2(
@@ -361,15 +411,20 @@ impl Upstreams {
         {
             return Ok(s.clone());
         }
-        let io = self.dial(ep, key.client, cluster).await?;
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!("upstream HTTP/2 connection ended: {e}");
-            }
-        });
+        // Boxed, as for HTTP/1.1.
+        let sender = Box::pin(async {
+            let io = self.dial(ep, key.client, cluster).await?;
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!("upstream HTTP/2 connection ended: {e}");
+                }
+            });
+            Ok::<_, UpstreamError>(sender)
+        })
+        .await?;
         self.shared2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
