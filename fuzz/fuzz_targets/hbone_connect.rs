@@ -1,9 +1,10 @@
 //! The HBONE server's reading of a CONNECT request head (`ConnectRequest::from_head`) and
-//! of the `forwarded` header, from arbitrary method, URI and headers.
+//! of the `forwarded` and `baggage` headers, from arbitrary method, URI and headers.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
 
+use ambit_hbone::baggage::PeerMetadata;
 use ambit_hbone::connect::{ConnectRequest, parse_forwarded};
 use arbitrary::Arbitrary;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -15,6 +16,8 @@ struct Head<'a> {
     uri: &'a str,
     headers: Vec<(&'a str, &'a [u8])>,
     forwarded: &'a str,
+    baggage: &'a str,
+    workload: String,
     ip: IpAddr,
 }
 
@@ -27,6 +30,22 @@ fuzz_target!(|head: Head<'_>| {
         IpAddr::V6(a) => format!("for=\"[{a}]\""),
     };
     assert_eq!(parse_forwarded(&written), Some(head.ip), "{written}");
+    // Baggage: any value reads without panicking; what we write reads back the same and
+    // is a valid header value.
+    let _ = PeerMetadata::parse(head.baggage);
+    if !head.workload.is_empty() {
+        let meta = PeerMetadata {
+            namespace: Some("shop".into()),
+            workload_kind: Some("pod".into()),
+            workload: Some(head.workload.clone()),
+            ..Default::default()
+        };
+        let h = meta.to_header();
+        assert!(HeaderValue::from_str(&h).is_ok(), "{h:?}");
+        if h.len() <= ambit_hbone::baggage::MAX_LEN {
+            assert_eq!(PeerMetadata::parse(&h), meta, "{h:?}");
+        }
+    }
 
     let (Ok(method), Ok(uri)) = (Method::from_bytes(head.method), head.uri.parse::<Uri>()) else {
         return;

@@ -71,6 +71,20 @@ pub struct ConnectRequest {
     pub forwarded_for: Option<IpAddr>,
     /// The W3C trace context the client sent.
     pub traceparent: Option<String>,
+    /// The client's `baggage` (peer metadata for telemetry; see [`crate::baggage`]), if
+    /// it sent one no longer than [`crate::baggage::MAX_LEN`].
+    pub baggage: Option<String>,
+}
+
+/// What a CONNECT carries besides its authority.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectHeaders<'a> {
+    /// The source workload's IP (`forwarded: for=`).
+    pub source: IpAddr,
+    /// The W3C trace context.
+    pub traceparent: &'a str,
+    /// Peer metadata ([`crate::baggage::PeerMetadata::to_header`]), if any.
+    pub baggage: Option<&'a str>,
 }
 
 impl ConnectRequest {
@@ -93,6 +107,9 @@ impl ConnectRequest {
             authority,
             forwarded_for: header("forwarded").and_then(parse_forwarded),
             traceparent: header("traceparent").map(str::to_owned),
+            baggage: header("baggage")
+                .filter(|b| b.len() <= crate::baggage::MAX_LEN)
+                .map(str::to_owned),
         })
     }
 }
@@ -135,19 +152,36 @@ impl HboneClient {
         Ok(Self { send, closed })
     }
 
-    /// Opens a tunnel to `authority`.
+    /// Opens a tunnel to `authority` for `source`.
     pub async fn connect(
         &self,
         authority: SocketAddr,
         source: IpAddr,
         traceparent: &str,
     ) -> Result<H2Stream, HboneError> {
-        let req = Request::builder()
+        let headers = ConnectHeaders {
+            source,
+            traceparent,
+            baggage: None,
+        };
+        self.connect_with(authority, &headers).await
+    }
+
+    /// Opens a tunnel to `authority` with these headers.
+    pub async fn connect_with(
+        &self,
+        authority: SocketAddr,
+        headers: &ConnectHeaders<'_>,
+    ) -> Result<H2Stream, HboneError> {
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
-            .header("forwarded", format!("for={}", forwarded_ip(source)))
-            .header("traceparent", traceparent)
-            .body(())?;
+            .header("forwarded", format!("for={}", forwarded_ip(headers.source)))
+            .header("traceparent", headers.traceparent);
+        if let Some(b) = headers.baggage {
+            req = req.header("baggage", b);
+        }
+        let req = req.body(())?;
         // REFUSED_STREAM means the server did not process the stream (RFC 9113 §8.7), e.g.
         // one opened before its SETTINGS lowered the stream limit: safe to retry.
         let mut attempts = 0;

@@ -2,9 +2,11 @@
 //! SPIFFE identities), wire-compatible with Istio's.
 //!
 //! - [`tls`]: TLS configuration and SPIFFE peer verification;
+//! - [`baggage`]: the peer metadata ztunnel sends in a `baggage` header;
 //! - [`connect`]: HTTP/2 CONNECT client and server;
 //! - [`pool`]: connections shared by tunnels, single-flight dialing, idle timeout;
 //! - [`stream`]: an HTTP/2 stream as a byte pipe.
+pub mod baggage;
 pub mod connect;
 pub mod pool;
 pub mod stream;

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use ambit_identity::Identity;
 
-use crate::connect::{HboneClient, HboneError};
+use crate::connect::{ConnectHeaders, HboneClient, HboneError};
 use crate::stream::H2Stream;
 
 /// Identifies a pool of connections. The source IP is part of it: the connection's TCP
@@ -131,8 +131,24 @@ impl<D: Dialer> Pool<D> {
         source: IpAddr,
         traceparent: &str,
     ) -> Result<PooledStream, PoolError<D::Error>> {
+        let headers = ConnectHeaders {
+            source,
+            traceparent,
+            baggage: None,
+        };
+        self.connect_with(key, target, authority, &headers).await
+    }
+
+    /// [`connect`](Self::connect) with every header given.
+    pub async fn connect_with(
+        &self,
+        key: &PoolKey,
+        target: &D::Target,
+        authority: SocketAddr,
+        headers: &ConnectHeaders<'_>,
+    ) -> Result<PooledStream, PoolError<D::Error>> {
         let conn = self.checkout(key, target).await.map_err(PoolError::Dial)?;
-        match conn.client.connect(authority, source, traceparent).await {
+        match conn.client.connect_with(authority, headers).await {
             Ok(stream) => Ok(PooledStream {
                 stream,
                 _lease: Lease(conn),

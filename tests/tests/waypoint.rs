@@ -163,6 +163,24 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     assert!(r.iter().all(|x| x["status"] == 200), "{r:?}");
     assert!((15..=70).contains(&v2), "v2 answered {v2} of 200");
 
+    // The waypoint counted them with Istio's labels, the caller named by the `baggage`
+    // its agent sent (workload and canonical service), its principal by its certificate.
+    let m = c
+        .http_get_in(c.pod(1, 1), "127.0.0.1:15020", "/metrics")
+        .unwrap();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .unwrap_or_else(|| panic!("no request series:\n{m}"));
+    for label in [
+        format!("source_workload=\"{}\"", c.pod(1, 0).name),
+        "source_canonical_service=\"client\"".to_string(),
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"".to_string(),
+        "destination_service=\"web.default.svc.cluster.local\"".to_string(),
+    ] {
+        assert!(line.contains(&label), "{label} missing: {line}");
+    }
+
     // The backends' agent saw the waypoint as the peer.
     let m = c.metrics(2).unwrap();
     let via = metric_sum(

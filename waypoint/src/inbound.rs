@@ -110,7 +110,12 @@ impl Inbound {
             );
             return Err(Refusal::Denied);
         }
-        Ok(self.tunnel(listener, peer, req.forwarded_for))
+        let meta = req
+            .baggage
+            .as_deref()
+            .map(ambit_hbone::baggage::PeerMetadata::parse)
+            .unwrap_or_default();
+        Ok(self.tunnel(listener, peer, req.forwarded_for, &meta))
     }
 
     fn tunnel(
@@ -118,6 +123,7 @@ impl Inbound {
         listener: &crate::config::Listener,
         peer: Option<Identity>,
         client: Option<std::net::IpAddr>,
+        meta: &ambit_hbone::baggage::PeerMetadata,
     ) -> WaypointTunnel {
         WaypointTunnel {
             kind: listener.kind.clone(),
@@ -129,7 +135,7 @@ impl Inbound {
                     ListenerKind::Tcp { .. } => String::new(),
                 },
                 series: crate::telemetry::TunnelSeries::new(
-                    crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &listener.name),
+                    crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &listener.name, meta),
                 ),
                 listener: listener.name.clone(),
                 peer,
@@ -160,7 +166,7 @@ impl Inbound {
                 debug!(%authority, "plaintext listener: no listener for this authority");
                 continue;
             };
-            let tunnel = self.tunnel(l, None, Some(peer.ip()));
+            let tunnel = self.tunnel(l, None, Some(peer.ip()), &Default::default());
             tokio::spawn(tunnel.serve(tcp));
         }
     }

@@ -23,10 +23,20 @@ pub struct RequestLabels {
     pub source_principal: String,
     /// The caller's namespace, from its identity.
     pub source_workload_namespace: String,
+    /// The caller's workload, from the `baggage` its agent sent (`unknown` without).
+    pub source_workload: String,
+    /// Its canonical service (`service.name` of its baggage).
+    pub source_canonical_service: String,
+    /// Its canonical revision (`service.version`).
+    pub source_canonical_revision: String,
+    /// Its cluster (`k8s.cluster.name`).
+    pub source_cluster: String,
     /// The service's hostname (from the listener).
     pub destination_service: String,
     /// The service's namespace.
     pub destination_service_namespace: String,
+    /// The service's name.
+    pub destination_service_name: String,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// The HTTP status answered.
@@ -114,14 +124,28 @@ impl Default for Metrics {
 }
 
 impl RequestLabels {
-    /// The labels of a tunnel from `peer` to the service of `listener` (`<host>:<port>`).
-    pub fn tunnel(peer: Option<&ambit_identity::Identity>, listener: &str) -> Self {
+    /// The labels of a tunnel from `peer` to the service of `listener` (`<host>:<port>`);
+    /// `meta`: what the caller's `baggage` said about it (telemetry only: the principal
+    /// and namespace come from the certificate).
+    pub fn tunnel(
+        peer: Option<&ambit_identity::Identity>,
+        listener: &str,
+        meta: &ambit_hbone::baggage::PeerMetadata,
+    ) -> Self {
         let host = listener.rsplit_once(':').map_or(listener, |(h, _)| h);
+        let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
         Self {
             reporter: "waypoint",
             source_principal: peer.map_or_else(|| "unknown".into(), |p| p.to_string()),
-            source_workload_namespace: peer
-                .map_or_else(|| "unknown".into(), |p| p.namespace().to_owned()),
+            source_workload_namespace: peer.map_or_else(
+                || or_unknown(&meta.namespace),
+                |p| p.namespace().to_owned(),
+            ),
+            source_workload: or_unknown(&meta.workload),
+            source_canonical_service: or_unknown(&meta.service),
+            source_canonical_revision: meta.revision.clone().unwrap_or_else(|| "latest".into()),
+            source_cluster: or_unknown(&meta.cluster),
+            destination_service_name: host.split('.').next().unwrap_or("unknown").to_owned(),
             destination_service: host.to_owned(),
             destination_service_namespace: host.split('.').nth(1).unwrap_or("unknown").to_owned(),
             request_protocol: "http",

@@ -239,6 +239,22 @@ async fn waypoint_splits_by_weight() {
     }
     // 80/20 within ±5 points.
     assert!((750..=850).contains(&v1), "v1 got {v1} of 1000");
+    // The caller's baggage names it in Istio's request labels.
+    let m = w.wp.metrics.encode();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("split.shop"))
+        .unwrap_or_else(|| panic!("{m}"));
+    for label in [
+        "source_workload=\"client\"",
+        "source_canonical_service=\"client-svc\"",
+        "source_canonical_revision=\"v7\"",
+        "source_cluster=\"Kubernetes\"",
+        "source_workload_namespace=\"shop\"",
+        "destination_service_name=\"split\"",
+    ] {
+        assert!(line.contains(label), "{label} missing: {line}");
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ambit_ebpf_common::INBOUND_HBONE_PORT;
-use ambit_hbone::connect::HboneError;
+use ambit_hbone::connect::{ConnectHeaders, HboneError};
 use ambit_hbone::pool::{PoolError, PoolKey, PooledStream};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -306,7 +306,15 @@ async fn open_hbone(
         ),
     };
     let tp = traceparent();
-    let connect = inputs.pool.connect(&key, pod, target.addr, src_ip, &tp);
+    let baggage = crate::telemetry::tcp::baggage(source);
+    let headers = ConnectHeaders {
+        source: src_ip,
+        traceparent: &tp,
+        baggage: Some(&baggage),
+    };
+    let connect = inputs
+        .pool
+        .connect_with(&key, pod, target.addr, &headers);
     match tokio::time::timeout(inputs.connect_timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(PoolError::Dial(e))) => Err(e),

@@ -24,6 +24,20 @@ const UNKNOWN: &str = "unknown";
 /// Istio's default cluster name.
 const CLUSTER: &str = "Kubernetes";
 
+/// The peer metadata a tunnel from `w` carries (`baggage`, as Istio's ztunnel sends it):
+/// the far side's telemetry can then name the source even if it does not know it.
+pub fn baggage(w: &Workload) -> String {
+    ambit_hbone::baggage::PeerMetadata {
+        cluster: Some(CLUSTER.to_owned()),
+        namespace: Some(w.namespace.clone()),
+        workload_kind: Some("pod".to_owned()),
+        workload: Some(w.name.clone()),
+        service: Some(w.canonical.service.to_string()),
+        revision: Some(w.canonical.revision.to_string()),
+    }
+    .to_header()
+}
+
 /// What names a connection's series.
 #[derive(Clone, Debug)]
 pub struct TcpKey {

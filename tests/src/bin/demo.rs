@@ -453,19 +453,7 @@ fn http(
 
 /// The waypoint's `/metrics`, fetched inside its pod.
 fn waypoint_metrics(c: &Cluster, wp: &Cast) -> anyhow::Result<String> {
-    let args = [
-        "http-get",
-        "--connect=127.0.0.1:15020",
-        "--host=localhost",
-        "--path=/metrics",
-        "--keep=10000000",
-    ]
-    .map(String::from);
-    let (_, lines) = c
-        .spawn_in_pod(wp.pod, &args)?
-        .finish(Duration::from_secs(10))?;
-    let r: serde_json::Value = serde_json::from_str(lines.first().map_or("{}", |l| l))?;
-    Ok(r["body"].as_str().unwrap_or_default().to_owned())
+    c.http_get_in(wp.pod, "127.0.0.1:15020", "/metrics")
 }
 
 /// Maps the example file's workloads onto the simulated pods by IPv4 address.

@@ -428,6 +428,26 @@ impl Cluster {
         }
     }
 
+    /// The body of `GET http://<addr><path>` made from inside `pod` (e.g. a waypoint's
+    /// `/metrics` on its loopback), at most 10 MB.
+    pub fn http_get_in(&self, pod: &Pod, addr: &str, path: &str) -> anyhow::Result<String> {
+        let args = [
+            "http-get".to_string(),
+            format!("--connect={addr}"),
+            "--host=localhost".into(),
+            format!("--path={path}"),
+            "--keep=10000000".into(),
+        ];
+        let (_, lines) = self
+            .spawn_in_pod(pod, &args)?
+            .finish(Duration::from_secs(10))?;
+        let r: serde_json::Value = serde_json::from_str(lines.first().map_or("{}", |l| l))?;
+        r["body"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("GET {addr}{path} in {}: {lines:?}", pod.name))
+    }
+
     /// Where the waypoint in `pod` logs (its access log included).
     pub fn waypoint_log(&self, pod: &Pod) -> PathBuf {
         self.node(pod.node)

@@ -193,6 +193,9 @@ pub fn model(yaml: &str) -> Model {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The `baggage` the test client sends.
+pub const CLIENT_BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.deployment.name=client,service.name=client-svc,service.version=v7";
+
 impl TestWaypoint {
     pub async fn start() -> Self {
         let pki = Pki::new();
@@ -345,12 +348,14 @@ impl TestWaypoint {
             .await
             .unwrap();
         let client = HboneClient::handshake(tls).await?;
+        // Peer metadata as Istio's ztunnel sends it.
+        let headers = ambit_hbone::connect::ConnectHeaders {
+            source: "10.244.1.10".parse().unwrap(),
+            traceparent: "00-0-0-00",
+            baggage: Some(CLIENT_BAGGAGE),
+        };
         client
-            .connect(
-                authority.parse().unwrap(),
-                "10.244.1.10".parse().unwrap(),
-                "00-0-0-00",
-            )
+            .connect_with(authority.parse().unwrap(), &headers)
             .await
     }
 
