@@ -108,9 +108,31 @@ fn encode_into(v: &str, out: &mut String) {
         let plain = b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'#' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
-                    | b'+' | b'/' | b':' | b'<' | b'>' | b'?' | b'@' | b'[' | b']' | b'^' | b'`'
-                    | b'{' | b'|' | b'}'
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'#'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b'/'
+                    | b':'
+                    | b'<'
+                    | b'>'
+                    | b'?'
+                    | b'@'
+                    | b'['
+                    | b']'
+                    | b'^'
+                    | b'`'
+                    | b'{'
+                    | b'|'
+                    | b'}'
             );
         if plain {
             out.push(b as char);

@@ -137,10 +137,8 @@ impl RequestLabels {
         Self {
             reporter: "waypoint",
             source_principal: peer.map_or_else(|| "unknown".into(), |p| p.to_string()),
-            source_workload_namespace: peer.map_or_else(
-                || or_unknown(&meta.namespace),
-                |p| p.namespace().to_owned(),
-            ),
+            source_workload_namespace: peer
+                .map_or_else(|| or_unknown(&meta.namespace), |p| p.namespace().to_owned()),
             source_workload: or_unknown(&meta.workload),
             source_canonical_service: or_unknown(&meta.service),
             source_canonical_revision: meta.revision.clone().unwrap_or_else(|| "latest".into()),

@@ -312,9 +312,7 @@ async fn open_hbone(
         traceparent: &tp,
         baggage: Some(&baggage),
     };
-    let connect = inputs
-        .pool
-        .connect_with(&key, pod, target.addr, &headers);
+    let connect = inputs.pool.connect_with(&key, pod, target.addr, &headers);
     match tokio::time::timeout(inputs.connect_timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(PoolError::Dial(e))) => Err(e),
