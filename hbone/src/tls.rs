@@ -299,8 +299,9 @@ impl fmt::Display for WebpkiError {
 
 impl std::error::Error for WebpkiError {}
 
-/// The provider: ring, TLS 1.3 AES-GCM suites only.
-fn provider() -> Arc<CryptoProvider> {
+/// The provider: ring, TLS 1.3 AES-GCM suites only (shared by every TLS config Ambit
+/// makes).
+pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite, default_provider};
     Arc::new(CryptoProvider {
         cipher_suites: vec![

@@ -19,6 +19,7 @@
 
 pub mod body;
 pub mod config;
+pub mod control_plane;
 pub mod identity;
 pub mod inbound;
 pub mod proxy;

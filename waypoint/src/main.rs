@@ -111,13 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let control_plane = ambit_xds::channel::ControlPlane::with_client_certificate(
-        &args.xds_address,
-        &first.roots_pem,
-        &first.chain_pem,
-        &first.key_pem,
-    )
-    .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
+    // Every (re)connection presents the certificate current then: renewals included.
+    let control_plane = ambit_waypoint::control_plane::channel(&args.xds_address, material.clone())
+        .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
     let (handler, config) = ConfigHandler::new();
     // Envoy's four types, and the L4 policies that select the waypoint's pods.
     let types = [

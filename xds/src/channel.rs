@@ -95,37 +95,14 @@ impl ControlPlane {
         })
     }
 
-    /// A TLS channel that authenticates with a mesh certificate (a waypoint's) instead
-    /// of a bearer credential, verifying the server against `root_pem`.
-    pub fn with_client_certificate(
-        address: &str,
-        root_pem: &str,
-        chain_pem: &str,
-        key_pem: &str,
-    ) -> Result<Self, ChannelError> {
-        let bad = |reason: String| ChannelError::Address {
+    /// A channel the caller built (for example with its own TLS connector, to present a
+    /// certificate that is renewed while the channel lives), with no bearer credential.
+    pub fn from_channel(address: &str, channel: Channel) -> Self {
+        Self {
             address: address.to_owned(),
-            reason,
-        };
-        if !address.starts_with("https://") {
-            return Err(bad("a client certificate needs an https:// address".into()));
-        }
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(root_pem))
-            .identity(tonic::transport::Identity::from_pem(chain_pem, key_pem));
-        let endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .tls_config(tls)
-            .map_err(|e| ChannelError::Tls(e.to_string()))?;
-        Ok(Self {
-            address: address.to_owned(),
-            channel: endpoint.connect_lazy(),
+            channel,
             credential: None,
-        })
+        }
     }
 
     /// Presents the token in `path` instead, read again for every call, so a rotated

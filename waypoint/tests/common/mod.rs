@@ -76,6 +76,20 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A server certificate for `ip` (an IP SAN), as the control plane's CA issues its own.
+    pub fn server_for_ip(&self, ip: std::net::IpAddr) -> (Vec<String>, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::IpAddress(ip)];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.is_ca = IsCa::ExplicitNoCa;
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (vec![cert.pem()], key.serialize_pem())
+    }
+}
+
 /// A backend's knobs and counters.
 #[derive(Default)]
 pub struct BackendState {
