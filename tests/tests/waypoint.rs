@@ -16,12 +16,7 @@ const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/wp";
 /// Node 1: the client (pod 0) and the waypoint (pod 1); node 2: web v1 (pod 0) and v2
 /// (pod 1).
 fn mesh(c: &Cluster) -> String {
-    let w = |p: &Pod, sa: &str, labels: &str| {
-        format!(
-            "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {sa}, ips: [{}, {}], labels: {{{labels}}}}}\n",
-            p.uid, p.name, p.node, p.ip4, p.ip6
-        )
-    };
+    let w = |p: &Pod, sa: &str, labels: &str| p.mesh_workload("default", sa, labels);
     let mut y = String::from(
         "namespaces:\n  - name: default\n    labels: {ambit.dev/dataplane: ambient}\nnodes: [{name: node-1}, {name: node-2}]\nwaypoints: [{name: wp, namespace: default}]\nworkloads:\n",
     );
@@ -213,12 +208,7 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     );
     assert_eq!(down["downloaded"], GIB, "{down:?}");
     let took_down = t.elapsed();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", waypoint.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = ambit_tests::peak_rss_kib(waypoint.pid()).unwrap();
     eprintln!(
         "1 GiB through the waypoint: up {took_up:.1?}, down {took_down:.1?}; waypoint peak RSS {} MiB",
         peak_kib / 1024

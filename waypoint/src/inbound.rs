@@ -43,14 +43,7 @@ impl Inbound {
     /// Accepts HBONE connections on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = accept(&listener).await;
             let me = self.clone();
             tokio::spawn(async move { me.connection(tcp, peer).await });
         }
@@ -152,14 +145,7 @@ impl Inbound {
     /// as they reach a stock Envoy's plain HTTP listener.
     pub async fn serve_plaintext(self, listener: TcpListener, authority: SocketAddr) {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = accept(&listener).await;
             let _ = tcp.set_nodelay(true);
             let config = self.config.borrow().clone();
             let Some(l) = config.listener(authority) else {
@@ -168,6 +154,20 @@ impl Inbound {
             };
             let tunnel = self.tunnel(l, None, Some(peer.ip()), &Default::default());
             tokio::spawn(tunnel.serve(tcp));
+        }
+    }
+}
+
+/// The next connection on `listener`. Accept errors (typically EMFILE) are logged and
+/// waited out instead of spun on.
+pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                warn!(addr = ?listener.local_addr().ok(), "accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

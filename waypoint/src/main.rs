@@ -116,19 +116,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
     let (handler, config) = ConfigHandler::new();
     // Envoy's four types, and the L4 policies that select the waypoint's pods.
-    let types = [
-        ambit_xds::type_url::CLUSTER,
-        ambit_xds::type_url::ENDPOINT,
-        ambit_xds::type_url::LISTENER,
-        ambit_xds::type_url::ROUTE,
-        ambit_xds::type_url::AUTHORIZATION,
-    ];
+    let types: Vec<&'static str> = ambit_xds::type_url::WAYPOINT
+        .into_iter()
+        .chain([ambit_xds::type_url::AUTHORIZATION])
+        .collect();
     let node_id = ambit_xds::waypoint::node_id(&args.namespace, &args.name);
     let xds = ambit_xds::client::XdsClient::spawn(
         ambit_xds::client::XdsClientConfig {
             control_plane,
             node_id: node_id.clone(),
-            types: types.to_vec(),
+            types: types.clone(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(15),
         },
@@ -180,15 +177,7 @@ async fn serve_metrics(
     metrics: std::sync::Arc<ambit_waypoint::telemetry::Metrics>,
 ) {
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                // Typically EMFILE: wait for descriptors instead of spinning.
-                tracing::warn!("metrics listener: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, _) = ambit_waypoint::inbound::accept(&listener).await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc =

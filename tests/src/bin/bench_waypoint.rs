@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use ambit_tests::cluster::CONTROL_PLANE_ADDR;
 use ambit_tests::process::spawn_in;
-use ambit_tests::{Cluster, ClusterSpec, Pod, PodProcess, cpu_seconds, median, rss_kib};
+use ambit_tests::{
+    Cluster, ClusterSpec, Pod, PodProcess, cpu_seconds, median, peak_rss_kib, rss_kib,
+};
 use anyhow::{Context, bail};
 
 const ROUNDS: usize = 3;
@@ -34,12 +36,7 @@ const MESH_HOST: &str = "web.bench.svc.cluster.local";
 const ENVOY_EXAMPLE: &str = include_str!("../../../examples/envoy-waypoint.yaml");
 
 fn mesh(c: &Cluster, with_envoy: bool) -> String {
-    let w = |p: &Pod, sa: &str, labels: &str| {
-        format!(
-            "  - {{uid: {}, name: {}, namespace: bench, node: node-{}, serviceAccount: {sa}, ips: [{}, {}], labels: {{{labels}}}}}\n",
-            p.uid, p.name, p.node, p.ip4, p.ip6
-        )
-    };
+    let w = |p: &Pod, sa: &str, labels: &str| p.mesh_workload("bench", sa, labels);
     let mut y = String::from(
         "namespaces:\n  - name: bench\n    labels: {ambit.dev/dataplane: ambient}\nnodes: [{name: node-1}, {name: node-2}]\nwaypoints: [{name: wp, namespace: bench}]\nworkloads:\n",
     );
@@ -142,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     let h2 = rounds(&targets, &pids, |to| h2load(load, to, PLAIN_HOST))?;
     eprintln!("bench-waypoint: latency at 1 connection...");
     let one = rounds(&targets, &pids, |to| wrk(load, to, PLAIN_HOST, 1))?;
-    let peak_rss = [peak_kib(pids[0])?, peak_kib(pids[1])?];
+    let peak_rss = [peak_rss_kib(pids[0])?, peak_rss_kib(pids[1])?];
     let rejected = envoy_rejected(&c, envoy_pod)?;
     drop(envoy);
 
@@ -266,38 +263,38 @@ fn main() -> anyhow::Result<()> {
         "| measurement | L4 only (agents, HBONE) | L7 (agents, waypoint, HBONE twice) | L7/L4 |"
     );
     println!("|---|---:|---:|---:|");
-    println!(
-        "| 50 connections: requests/s | {} | {} | {} |",
-        cell(&mesh50[0].rps, &n0),
-        cell(&mesh50[1].rps, &n0),
-        ratio(median(mesh50[1].rps.clone()), median(mesh50[0].rps.clone()))
+    // One row per figure: L4 and L7 with their spread, and L7/L4 of the medians.
+    let mesh_row = |name: &str, a: &[f64], b: &[f64], f: &dyn Fn(f64) -> String| {
+        println!(
+            "| {name} | {} | {} | {} |",
+            cell(a, f),
+            cell(b, f),
+            ratio(median(b.to_vec()), median(a.to_vec()))
+        );
+    };
+    mesh_row(
+        "50 connections: requests/s",
+        &mesh50[0].rps,
+        &mesh50[1].rps,
+        &n0,
     );
-    println!(
-        "| 50 connections: CPU ms per 1,000 requests | {} | {} | {} |",
-        cell(&mesh50[0].cpu_ms_per_k, &n2),
-        cell(&mesh50[1].cpu_ms_per_k, &n2),
-        ratio(
-            median(mesh50[1].cpu_ms_per_k.clone()),
-            median(mesh50[0].cpu_ms_per_k.clone())
-        )
+    mesh_row(
+        "50 connections: CPU ms per 1,000 requests",
+        &mesh50[0].cpu_ms_per_k,
+        &mesh50[1].cpu_ms_per_k,
+        &n2,
     );
-    println!(
-        "| 1 connection: p50 (us) | {} | {} | {} |",
-        cell(&mesh1[0].p50_us, &n0),
-        cell(&mesh1[1].p50_us, &n0),
-        ratio(
-            median(mesh1[1].p50_us.clone()),
-            median(mesh1[0].p50_us.clone())
-        )
+    mesh_row(
+        "1 connection: p50 (us)",
+        &mesh1[0].p50_us,
+        &mesh1[1].p50_us,
+        &n0,
     );
-    println!(
-        "| 1 connection: p99 (us) | {} | {} | {} |",
-        cell(&mesh1[0].p99_us, &n0),
-        cell(&mesh1[1].p99_us, &n0),
-        ratio(
-            median(mesh1[1].p99_us.clone()),
-            median(mesh1[0].p99_us.clone())
-        )
+    mesh_row(
+        "1 connection: p99 (us)",
+        &mesh1[0].p99_us,
+        &mesh1[1].p99_us,
+        &n0,
     );
     Ok(())
 }
@@ -495,15 +492,6 @@ fn wait_for_200(c: &Cluster, pod: &Pod, to: &str, host: &str) -> anyhow::Result<
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn peak_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM")
 }
 
 /// Envoy in its pod, killed by its PID when dropped.

@@ -156,13 +156,7 @@ fn main() -> anyhow::Result<()> {
         {
             continue;
         }
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_owned()
-        };
+        let label = |k: &str| label_of(line, k);
         let labels: Vec<(&str, String)> = [
             "source_principal",
             "destination_workload",
@@ -398,13 +392,7 @@ fn l7<'a>(
     );
     let m = waypoint_metrics(c, wp)?;
     for line in m.lines().filter(|l| l.starts_with("istio_requests_total{")) {
-        let label = |k: &str| {
-            line.split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?")
-                .to_owned()
-        };
+        let label = |k: &str| label_of(line, k);
         println!(
             "  {:<44} {:<32} {:>5} {:>6} {:>6}",
             label("source_principal"),
@@ -487,6 +475,15 @@ fn cast(c: &Cluster) -> anyhow::Result<Vec<Cast<'_>>> {
         });
     }
     Ok(out)
+}
+
+/// The value of label `key` on a Prometheus text line (`?` if it has none).
+fn label_of(line: &str, key: &str) -> String {
+    line.split(&format!("{key}=\""))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_owned()
 }
 
 fn captured(c: &Cluster, w: &Cast) -> bool {

@@ -94,6 +94,16 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The pod as one `workloads:` entry of a mesh file (flow style, with its uid, node
+    /// and both IPs), in `namespace`, with service account `sa` and `labels` (the inside
+    /// of a flow mapping, e.g. `app: web, version: v1`).
+    pub fn mesh_workload(&self, namespace: &str, sa: &str, labels: &str) -> String {
+        format!(
+            "  - {{uid: {}, name: {}, namespace: {namespace}, node: node-{}, serviceAccount: {sa}, ips: [{}, {}], labels: {{{labels}}}}}\n",
+            self.uid, self.name, self.node, self.ip4, self.ip6
+        )
+    }
+
     /// Path of the pod's network namespace (`/var/run/netns/<netns>`).
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/var/run/netns").join(&self.netns)

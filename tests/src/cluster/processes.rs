@@ -54,10 +54,7 @@ impl Cluster {
         }
         y.push_str("workloads:\n");
         for p in self.nodes.iter().flat_map(|n| &n.pods) {
-            y.push_str(&format!(
-                "  - {{uid: {}, name: {}, namespace: default, node: node-{}, serviceAccount: {}, ips: [{}, {}], labels: {{app: {}}}}}\n",
-                p.uid, p.name, p.node, p.name, p.ip4, p.ip6, p.name
-            ));
+            y.push_str(&p.mesh_workload("default", &p.name, &format!("app: {}", p.name)));
         }
         y
     }
