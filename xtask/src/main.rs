@@ -109,7 +109,13 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // A CI run builds once in a fresh clone: incremental state would only cost disk
+    // (gigabytes for the test binaries) and never be reused.
+    if std::env::var_os("CI").is_some_and(|v| v == "true") {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
+    cmd
 }
 
 /// Runs `cmd`, failing with `step` and the hint if it does not succeed.
@@ -353,6 +359,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     ensure_cni_plugins()?;
     ensure_kubernetes_validate()?;
     ensure_envoy()?;
+    disk_report("before the build");
     build_ebpf()?;
     build_workspace(false)?;
     eprintln!("xtask: running the test suite");
@@ -386,6 +393,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let fuzz_failed = fuzz(&targets, seconds)?;
     passed += targets.len() as u64 - fuzz_failed;
     failed += fuzz_failed;
+    disk_report("after the suite");
     println!("summary: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!(
@@ -393,6 +401,41 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints the free space of the filesystem holding `target/` and the size of `target/`:
+/// a cold `cargo xtask test` needs several GiB, and a full disk shows up as a linker
+/// "Bus error" far from its cause.
+fn disk_report(when: &str) {
+    let target = workspace_root().join("target");
+    let df = Command::new("df")
+        .args(["-h", "--output=avail"])
+        .arg(if target.exists() {
+            target.clone()
+        } else {
+            workspace_root()
+        })
+        .output();
+    let du = Command::new("du").args(["-sh"]).arg(&target).output();
+    let last = |out: std::io::Result<std::process::Output>| {
+        out.ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| {
+                s.lines()
+                    .last()
+                    .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    eprintln!(
+        "xtask: disk {when}: {} free, target/ {}",
+        last(df),
+        if target.exists() {
+            last(du)
+        } else {
+            "0".into()
+        }
+    );
 }
 
 /// Installs cargo-fuzz when missing.
