@@ -19,8 +19,13 @@ pub fn in_netns<T: Send + 'static>(
     .unwrap()
 }
 
+/// The `baggage` [`hbone_probe`] sends: ztunnel's form, for a deployment `ratings-v1`.
+pub const PROBE_BAGGAGE: &str = "k8s.cluster.name=east,k8s.namespace.name=default,\
+    k8s.deployment.name=ratings-v1,service.name=ratings,service.version=v1";
+
 /// Connects to `addr` from node `n`'s namespace (outside every pod), presenting `client`
-/// and expecting the server to be `server_id`; opens one CONNECT to `authority`.
+/// and expecting the server to be `server_id`; opens one CONNECT to `authority` (with
+/// [`PROBE_BAGGAGE`]).
 pub fn hbone_probe(
     c: &Cluster,
     n: usize,
@@ -56,8 +61,15 @@ pub fn hbone_probe(
             let client = ambit_hbone::connect::HboneClient::handshake(tls)
                 .await
                 .map_err(|e| format!("h2: {e}"))?;
+            // It says who it is as a ztunnel's peer would: the agent cannot know it (it
+            // dials from the node, not from a pod), so its telemetry takes these names.
+            let headers = ambit_hbone::connect::ConnectHeaders {
+                source: "172.18.0.1".parse().unwrap(),
+                traceparent: "00-0-0-00",
+                baggage: Some(PROBE_BAGGAGE),
+            };
             let mut s = client
-                .connect(authority, "172.18.0.1".parse().unwrap(), "00-0-0-00")
+                .connect_with(authority, &headers)
                 .await
                 .map_err(|e| e.to_string())?;
             use tokio::io::AsyncReadExt;

@@ -334,6 +334,24 @@ fn a_foreign_root_or_the_wrong_identity_is_refused_as_client_and_as_server() {
         app,
     )
     .expect("a mesh client is accepted");
+    // The agent does not know the caller's IP (a node's): its metrics name it as its
+    // baggage does, and its namespace as its certificate does.
+    let opened = metric(
+        &c,
+        2,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_workload", "ratings-v1"),
+            ("source_canonical_service", "ratings"),
+            ("source_canonical_revision", "v1"),
+            ("source_app", "ratings"),
+            ("source_cluster", "east"),
+            ("source_workload_namespace", "default"),
+            ("destination_workload", &to.name),
+        ],
+    );
+    assert_eq!(opened, 1.0, "{}", c.metrics(2).unwrap_or_default());
     // ...and refuses the same identity from another root.
     let err = hbone_probe(
         &c,

@@ -175,6 +175,25 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     ] {
         assert!(line.contains(&label), "{label} missing: {line}");
     }
+    // ...and the backend that answered, from its endpoint's metadata, its principal as
+    // its HBONE tunnel proved it.
+    let v2 = c.pod(2, 1);
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains(&format!("destination_workload=\"{}\"", v2.name))
+        })
+        .unwrap_or_else(|| panic!("no series for {}:\n{m}", v2.name));
+    for label in [
+        "destination_workload_namespace=\"default\"".to_string(),
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/web\"".to_string(),
+        "destination_canonical_service=\"web\"".to_string(),
+        "destination_canonical_revision=\"v2\"".to_string(),
+        "request_protocol=\"http\"".to_string(),
+    ] {
+        assert!(line.contains(&label), "{label} missing: {line}");
+    }
 
     // The backends' agent saw the waypoint as the peer.
     let m = c.metrics(2).unwrap();

@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -34,16 +36,56 @@ pub fn stream(b: Incoming) -> ProxyBody {
     b.map_err(BoxError::from).boxed()
 }
 
+/// A request body as it arrives, counting its bytes into a counter the request's report
+/// reads when the response ends.
+pub struct Counted {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Counted {
+    /// `inner`, counted into `bytes`.
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body, as read for retries.
 pub enum Buffered {
     /// Wholly in memory: replayable.
     Whole(Vec<Frame<Bytes>>),
     /// Over the limit: what was read, and the rest. Sent once.
-    Partial(Vec<Frame<Bytes>>, Incoming),
+    Partial(Vec<Frame<Bytes>>, Counted),
 }
 
 /// Reads `body` until it ends or more than `limit` bytes have arrived.
-pub async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+pub async fn buffer(mut body: Counted, limit: usize) -> Result<Buffered, hyper::Error> {
     let mut frames = Vec::new();
     let mut size = 0;
     while let Some(f) = body.frame().await {
@@ -69,7 +111,7 @@ fn copy(f: &Frame<Bytes>) -> Frame<Bytes> {
 /// A body made of buffered frames, then (maybe) the rest of a streamed one.
 pub struct Replay {
     frames: VecDeque<Frame<Bytes>>,
-    rest: Option<Incoming>,
+    rest: Option<Counted>,
     remaining: u64,
 }
 
@@ -88,7 +130,7 @@ impl Replay {
     }
 
     /// The buffered frames followed by `rest`.
-    pub fn then(frames: Vec<Frame<Bytes>>, rest: Incoming) -> Self {
+    pub fn then(frames: Vec<Frame<Bytes>>, rest: Counted) -> Self {
         Self {
             frames: frames.into(),
             rest: Some(rest),
@@ -126,4 +168,107 @@ impl Body for Replay {
             Some(_) => SizeHint::default(),
         }
     }
+}
+
+/// How a response body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Its last byte was sent.
+    Complete,
+    /// The upstream failed mid-body.
+    UpstreamFailed,
+    /// Dropped unfinished: the client went away.
+    Abandoned,
+}
+
+/// What a response's end reports: its body's size and, for gRPC, the status its
+/// trailers carried. Called exactly once: at the end, on an error, or when the body is
+/// dropped unfinished.
+pub trait OnEnd: Send + 'static {
+    /// `bytes`: the body's size as sent; `grpc_status` from the trailers.
+    fn end(self, bytes: u64, grpc_status: Option<u32>, end: End);
+}
+
+/// A response body that reports its end.
+pub struct Reported<R: OnEnd> {
+    inner: ProxyBody,
+    bytes: u64,
+    grpc_status: Option<u32>,
+    report: Option<R>,
+}
+
+impl<R: OnEnd> Reported<R> {
+    /// `inner`, reporting to `report`.
+    pub fn new(inner: ProxyBody, report: R) -> Self {
+        let mut r = Self {
+            inner,
+            bytes: 0,
+            grpc_status: None,
+            report: Some(report),
+        };
+        // An empty body is never polled: it is done as soon as it exists.
+        if r.inner.is_end_stream() {
+            r.finish(End::Complete);
+        }
+        r
+    }
+
+    fn finish(&mut self, end: End) {
+        if let Some(r) = self.report.take() {
+            r.end(self.bytes, self.grpc_status, end);
+        }
+    }
+}
+
+impl<R: OnEnd> Drop for Reported<R> {
+    fn drop(&mut self) {
+        self.finish(End::Abandoned);
+    }
+}
+
+// Nothing in it is pinned structurally: the inner body is a `Box`.
+impl<R: OnEnd> Unpin for Reported<R> {}
+
+impl<R: OnEnd> Body for Reported<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref() {
+                    self.grpc_status = grpc_status(t);
+                }
+                // A body that says it is done may never be polled again.
+                if self.inner.is_end_stream() {
+                    self.finish(End::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(End::UpstreamFailed),
+            Poll::Ready(None) => self.finish(End::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `grpc-status` of a header map (trailers, or a trailers-only response's headers).
+pub fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }

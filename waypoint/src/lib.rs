@@ -14,8 +14,9 @@
 //! - [`inbound`]: the HBONE server;
 //! - [`identity`]: the waypoint's certificate and TLS configurations;
 //! - [`sds`]: that certificate, from the node agent's SDS socket;
-//! - [`body`]: request buffering for retries;
-//! - [`telemetry`]: Istio's HTTP metrics.
+//! - [`body`]: request buffering for retries, byte counting, the report at a response's end;
+//! - [`telemetry`]: Istio's HTTP metrics;
+//! - [`trace`]: W3C `traceparent`, propagated or started.
 
 pub mod body;
 pub mod config;
@@ -26,4 +27,5 @@ pub mod proxy;
 pub mod router;
 pub mod sds;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;

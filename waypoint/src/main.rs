@@ -150,7 +150,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(serve_metrics(admin, metrics.clone()));
     let inbound = Inbound {
         config,
-        upstreams: Upstreams::new(certs.clone()),
+        upstreams: Upstreams::new(
+            certs.clone(),
+            Some(ambit_waypoint::telemetry::baggage(
+                &args.namespace,
+                &args.name,
+            )),
+        ),
         certs,
         metrics,
     };

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_identity::Identity;
@@ -18,13 +19,13 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::body::{self, Buffered, ProxyBody, RETRY_BUFFER, Replay};
+use crate::body::{self, Buffered, Counted, End, OnEnd, ProxyBody, RETRY_BUFFER, Replay, Reported};
 use crate::config::{
     Action, Cluster, Config, Endpoint, Forward, HeaderOp, PathMatch, Redirect, RetryPolicy, Route,
     UpstreamProtocol,
 };
-use crate::router;
 use crate::upstream::{UpstreamError, Upstreams};
+use crate::{router, trace};
 
 /// What every request on one inbound tunnel shares.
 #[derive(Debug)]
@@ -65,6 +66,8 @@ enum Flag {
     RetryExceeded,
     /// Direct response or redirect.
     Direct,
+    /// The client went away before the response ended.
+    DownstreamClosed,
 }
 
 impl Flag {
@@ -77,6 +80,7 @@ impl Flag {
             Flag::Timeout => "UT",
             Flag::RetryExceeded => "URX",
             Flag::Direct => "DR",
+            Flag::DownstreamClosed => "DC",
         }
     }
 }
@@ -91,18 +95,29 @@ fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     r
 }
 
-/// Serves one request.
+/// Serves one request. Its metrics and access-log line are written when its response
+/// ends ([`Report`]), so that they carry the sizes, the gRPC status of the trailers and
+/// the duration to the last byte, as Envoy's do.
 pub async fn handle(
     ctx: Arc<RequestContext>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<Reported<Report>>, Infallible> {
     let started = Instant::now();
     let config = ctx.config.borrow().clone();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let traceparent = trace_context(&mut parts.headers);
+    let request_header_bytes = (parts.method.as_str().len()
+        + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len()))
+        as u64
+        + header_bytes(&parts.headers);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let body = Counted::new(body, request_bytes.clone());
     let method = parts.method.clone();
+    let authority = router::host_of(&parts);
     let path = parts.uri.path().to_owned();
     let mut attempts = 0;
-    let mut upstream: Option<SocketAddr> = None;
+    let mut upstream: Option<Endpoint> = None;
     let (resp, flag) = match pick(&config, &ctx.route_config, &parts) {
         None => (text(StatusCode::NOT_FOUND, ""), Some(Flag::NoRoute)),
         Some(route) => match &route.action {
@@ -130,27 +145,128 @@ pub async fn handle(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    ctx.series.request(
-        &ctx.metrics,
-        if grpc { "grpc" } else { "http" },
-        resp.status().as_u16(),
-        flag.map_or("-", Flag::as_str),
-        started.elapsed().as_secs_f64() * 1e3,
-    );
-    info!(
-        target: "access",
-        listener = %ctx.listener,
-        method = %method,
-        path = %path,
-        status = resp.status().as_u16(),
-        flags = flag.map_or("-", Flag::as_str),
+    let (parts, body) = resp.into_parts();
+    let report = Report {
+        ctx,
+        started,
+        method,
+        authority,
+        path,
+        status: parts.status.as_u16(),
+        flag,
         attempts,
-        upstream = upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-        peer = ctx.peer.as_ref().map_or("-", |p| p.as_str()),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
-    Ok(resp)
+        upstream,
+        grpc,
+        // A trailers-only answer carries its status in the headers.
+        grpc_status: body::grpc_status(&parts.headers),
+        request_header_bytes,
+        request_bytes,
+        response_header_bytes: header_bytes(&parts.headers),
+        traceparent,
+    };
+    Ok(Response::from_parts(parts, Reported::new(body, report)))
+}
+
+/// The request's `traceparent`: its own if valid, else a new one put in its place (an
+/// invalid one starts a new trace, as the W3C spec says).
+fn trace_context(h: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = h.get(trace::TRACEPARENT)
+        && trace::is_valid(v.as_bytes())
+    {
+        return v.clone();
+    }
+    let v = HeaderValue::try_from(trace::new_traceparent()).expect("hex and dashes");
+    h.insert(trace::TRACEPARENT, v.clone());
+    v
+}
+
+/// The size of a header block as Envoy approximates it: names and values.
+fn header_bytes(h: &HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + v.len()) as u64)
+        .sum()
+}
+
+/// What a request reports when its response ends: one count in Istio's metrics and one
+/// access-log line.
+pub struct Report {
+    ctx: Arc<RequestContext>,
+    started: Instant,
+    method: http::Method,
+    authority: String,
+    path: String,
+    status: u16,
+    flag: Option<Flag>,
+    attempts: u32,
+    upstream: Option<Endpoint>,
+    grpc: bool,
+    grpc_status: Option<u32>,
+    request_header_bytes: u64,
+    request_bytes: Arc<AtomicU64>,
+    response_header_bytes: u64,
+    traceparent: HeaderValue,
+}
+
+impl OnEnd for Report {
+    fn end(self, bytes: u64, trailer_status: Option<u32>, end: End) {
+        let flag = self.flag.or(match end {
+            End::Complete => None,
+            End::UpstreamFailed => Some(Flag::Reset),
+            End::Abandoned => Some(Flag::DownstreamClosed),
+        });
+        let flags = flag.map_or("-", Flag::as_str);
+        let grpc_status = if self.grpc {
+            trailer_status.or(self.grpc_status)
+        } else {
+            None
+        };
+        let received = self.request_bytes.load(Ordering::Relaxed);
+        let millis = self.started.elapsed().as_secs_f64() * 1e3;
+        let up = self
+            .upstream
+            .as_ref()
+            .map(|e| crate::telemetry::Upstream {
+                workload: e.workload.clone(),
+                principal: e.hbone.clone(),
+            })
+            .unwrap_or_default();
+        self.ctx.series.request(
+            &self.ctx.metrics,
+            &crate::telemetry::Answered {
+                protocol: if self.grpc { "grpc" } else { "http" },
+                code: self.status,
+                grpc_status,
+                flags,
+                upstream: &up,
+                millis,
+                request_bytes: self.request_header_bytes + received,
+                response_bytes: self.response_header_bytes + bytes,
+            },
+        );
+        let ep = self.upstream.as_ref();
+        info!(
+            target: "access",
+            listener = %self.ctx.listener,
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            status = self.status,
+            grpc_status = grpc_status.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            flags,
+            attempts = self.attempts,
+            upstream = ep.map_or_else(|| "-".into(), |e| e.addr.to_string()),
+            upstream_workload = ep
+                .and_then(|e| e.workload.as_deref())
+                .map_or("-", |w| w.name.as_str()),
+            upstream_principal = ep.and_then(|e| e.hbone.as_ref()).map_or("-", |p| p.as_str()),
+            peer = self.ctx.peer.as_ref().map_or("-", |p| p.as_str()),
+            bytes_received = received,
+            bytes_sent = bytes,
+            duration_ms = millis as u64,
+            traceparent = self.traceparent.to_str().unwrap_or("-"),
+            "request"
+        );
+    }
 }
 
 fn pick<'a>(config: &'a Config, rc: &str, parts: &http::request::Parts) -> Option<&'a Route> {
@@ -232,7 +348,7 @@ struct Outcome {
     response: Response<ProxyBody>,
     flag: Option<Flag>,
     attempts: u32,
-    upstream: Option<SocketAddr>,
+    upstream: Option<Endpoint>,
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
@@ -273,7 +389,7 @@ async fn forward(
     route: &Route,
     fw: &Forward,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: Counted,
 ) -> Outcome {
     let fail = |status, msg, flag| Outcome {
         response: text(status, msg),
@@ -453,7 +569,7 @@ async fn forward(
             ctx.metrics.retry(name);
             continue;
         }
-        let upstream = Some(ep.addr);
+        let upstream = Some(ep.clone());
         return match result {
             Attempt::Response(r) => Outcome {
                 flag: retryable.then_some(Flag::RetryExceeded),
@@ -517,13 +633,6 @@ async fn one_attempt(
     }
 }
 
-fn grpc_status(r: &Response<Incoming>) -> Option<u32> {
-    r.headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 fn retriable_response(p: &RetryPolicy, r: &Response<Incoming>) -> bool {
     let s = r.status().as_u16();
     let on = &p.retry_on;
@@ -531,7 +640,7 @@ fn retriable_response(p: &RetryPolicy, r: &Response<Incoming>) -> bool {
         || (on.gateway_error && matches!(s, 502..=504))
         || (on.retriable_4xx && s == 409)
         || (on.retriable_status_codes && p.retriable_status_codes.contains(&s))
-        || match grpc_status(r) {
+        || match body::grpc_status(r.headers()) {
             Some(1) => on.grpc_cancelled,
             Some(4) => on.grpc_deadline_exceeded,
             Some(8) => on.grpc_resource_exhausted,

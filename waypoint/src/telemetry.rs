@@ -14,33 +14,55 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// One request series.
+/// One request series: Istio's standard label set, as its waypoints report it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Always `waypoint`.
     pub reporter: &'static str,
-    /// The caller's SPIFFE ID (`unknown` without one).
-    pub source_principal: String,
-    /// The caller's namespace, from its identity.
-    pub source_workload_namespace: String,
     /// The caller's workload, from the `baggage` its agent sent (`unknown` without).
     pub source_workload: String,
+    /// The caller's namespace, from its identity.
+    pub source_workload_namespace: String,
+    /// The caller's SPIFFE ID (`unknown` without one).
+    pub source_principal: String,
+    /// Its app: its canonical service (as ztunnel derives it from baggage).
+    pub source_app: String,
+    /// Its version: its canonical revision.
+    pub source_version: String,
     /// Its canonical service (`service.name` of its baggage).
     pub source_canonical_service: String,
     /// Its canonical revision (`service.version`).
     pub source_canonical_revision: String,
     /// Its cluster (`k8s.cluster.name`).
     pub source_cluster: String,
+    /// The upstream workload that answered (its endpoint's `istio.workload` metadata).
+    pub destination_workload: String,
+    /// Its namespace.
+    pub destination_workload_namespace: String,
+    /// Its SPIFFE ID (the identity its HBONE tunnel proved).
+    pub destination_principal: String,
+    /// Its app (its canonical service).
+    pub destination_app: String,
+    /// Its version (its canonical revision).
+    pub destination_version: String,
     /// The service's hostname (from the listener).
     pub destination_service: String,
-    /// The service's namespace.
-    pub destination_service_namespace: String,
     /// The service's name.
     pub destination_service_name: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// The upstream's canonical service.
+    pub destination_canonical_service: String,
+    /// The upstream's canonical revision.
+    pub destination_canonical_revision: String,
+    /// The upstream's cluster.
+    pub destination_cluster: String,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// The HTTP status answered.
     pub response_code: u16,
+    /// The gRPC status (from the trailers, or a trailers-only answer), empty for HTTP.
+    pub grpc_response_status: String,
     /// Envoy's response flags (`-` for none).
     pub response_flags: &'static str,
     /// Always `mutual_tls` (every tunnel to a waypoint is).
@@ -73,6 +95,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
     pub duration: Family<RequestLabels, Histogram>,
+    /// `istio_request_bytes`: the request's headers and body.
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    /// `istio_response_bytes`: the response's headers and body.
+    pub response_bytes: Family<RequestLabels, Histogram>,
     /// `ambit_waypoint_upstream_requests_total`: every attempt, retries included.
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     /// `ambit_waypoint_upstream_retries_total`.
@@ -85,12 +111,21 @@ const BUCKETS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// Istio's size buckets (bytes): powers of ten up to 1 GB.
+const SIZE_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration =
             Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(BUCKETS));
+        let sizes = || {
+            Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(SIZE_BUCKETS)
+            })
+        };
+        let (request_bytes, response_bytes) = (sizes(), sizes());
         registry.register(
             "istio_requests",
             "Requests the waypoint answered",
@@ -98,8 +133,18 @@ impl Default for Metrics {
         );
         registry.register(
             "istio_request_duration_milliseconds",
-            "How long the waypoint took to answer, in milliseconds",
+            "How long the waypoint took to answer, to the response's last byte, in milliseconds",
             duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes (headers and body), in bytes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes (headers and body), in bytes",
+            response_bytes.clone(),
         );
         let upstream_requests = Family::<UpstreamLabels, Counter>::default();
         let retries = Family::<ClusterLabels, Counter>::default();
@@ -117,41 +162,121 @@ impl Default for Metrics {
             registry,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
             upstream_requests,
             retries,
         }
     }
 }
 
+const UNKNOWN: &str = "unknown";
+
+/// What waypoint `name` of `namespace` says about itself on its upstream tunnels
+/// (`baggage`, in ztunnel's form: its pods are a Deployment of its name, as Istio's).
+pub fn baggage(namespace: &str, name: &str) -> String {
+    ambit_hbone::baggage::PeerMetadata {
+        cluster: Some(ambit_xds::istio::CLUSTER.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        workload_kind: Some("deployment".to_owned()),
+        workload: Some(name.to_owned()),
+        service: Some(name.to_owned()),
+        revision: Some("latest".to_owned()),
+    }
+    .to_header()
+}
+
 impl RequestLabels {
     /// The labels of a tunnel from `peer` to the service of `listener` (`<host>:<port>`);
     /// `meta`: what the caller's `baggage` said about it (telemetry only: the principal
-    /// and namespace come from the certificate).
+    /// and namespace come from the certificate). The upstream's labels are `unknown`
+    /// until a request picks one ([`RequestLabels::with_upstream`]).
     pub fn tunnel(
         peer: Option<&ambit_identity::Identity>,
         listener: &str,
         meta: &ambit_hbone::baggage::PeerMetadata,
     ) -> Self {
         let host = listener.rsplit_once(':').map_or(listener, |(h, _)| h);
-        let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+        let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| UNKNOWN.into());
+        let unknown = || UNKNOWN.to_owned();
+        let service = or_unknown(&meta.service);
+        let revision = meta.revision.clone().unwrap_or_else(|| "latest".into());
         Self {
             reporter: "waypoint",
-            source_principal: peer.map_or_else(|| "unknown".into(), |p| p.to_string()),
+            source_workload: or_unknown(&meta.workload),
             source_workload_namespace: peer
                 .map_or_else(|| or_unknown(&meta.namespace), |p| p.namespace().to_owned()),
-            source_workload: or_unknown(&meta.workload),
-            source_canonical_service: or_unknown(&meta.service),
-            source_canonical_revision: meta.revision.clone().unwrap_or_else(|| "latest".into()),
+            source_principal: peer.map_or_else(unknown, |p| p.to_string()),
+            source_app: service.clone(),
+            source_version: revision.clone(),
+            source_canonical_service: service,
+            source_canonical_revision: revision,
             source_cluster: or_unknown(&meta.cluster),
-            destination_service_name: host.split('.').next().unwrap_or("unknown").to_owned(),
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_service_name: host.split('.').next().unwrap_or(UNKNOWN).to_owned(),
             destination_service: host.to_owned(),
-            destination_service_namespace: host.split('.').nth(1).unwrap_or("unknown").to_owned(),
+            destination_service_namespace: host.split('.').nth(1).unwrap_or(UNKNOWN).to_owned(),
+            destination_canonical_service: unknown(),
+            destination_canonical_revision: "latest".into(),
+            destination_cluster: unknown(),
             request_protocol: "http",
             response_code: 0,
+            grpc_response_status: String::new(),
             response_flags: "-",
             connection_security_policy: "mutual_tls",
         }
     }
+
+    /// These labels with the upstream that answered.
+    fn with_upstream(mut self, up: &Upstream) -> Self {
+        if let Some(w) = &up.workload {
+            self.destination_workload = w.name.clone();
+            self.destination_workload_namespace = w.namespace.clone();
+            self.destination_app = w.canonical_service.clone();
+            self.destination_version = w.canonical_revision.clone();
+            self.destination_canonical_service = w.canonical_service.clone();
+            self.destination_canonical_revision = w.canonical_revision.clone();
+            self.destination_cluster = w.cluster.clone();
+        }
+        if let Some(p) = &up.principal {
+            self.destination_principal = p.to_string();
+        }
+        self
+    }
+}
+
+/// The upstream that answered a request, as its labels name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// Its endpoint's workload metadata.
+    pub workload: Option<std::sync::Arc<ambit_xds::istio::WorkloadMetadata>>,
+    /// The identity its tunnel proved.
+    pub principal: Option<ambit_identity::Identity>,
+}
+
+/// What one answered request is counted as.
+#[derive(Clone, Debug)]
+pub struct Answered<'a> {
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// The HTTP status.
+    pub code: u16,
+    /// The gRPC status, if any.
+    pub grpc_status: Option<u32>,
+    /// Envoy's response flags.
+    pub flags: &'static str,
+    /// Who answered (a default one when nobody upstream did).
+    pub upstream: &'a Upstream,
+    /// To the last byte.
+    pub millis: f64,
+    /// Request headers and body.
+    pub request_bytes: u64,
+    /// Response headers and body.
+    pub response_bytes: u64,
 }
 
 impl Metrics {
@@ -175,23 +300,42 @@ impl Metrics {
 /// Series a tunnel keeps at hand, so that none is looked up more than once per tunnel.
 const SERIES_PER_TUNNEL: usize = 16;
 
-type RequestKey = (&'static str, u16, &'static str);
+/// What varies between a tunnel's request series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RequestKey {
+    protocol: &'static str,
+    code: u16,
+    grpc_status: Option<u32>,
+    flags: &'static str,
+    upstream: Upstream,
+}
+
+/// A request series' metrics.
+#[derive(Debug)]
+struct RequestSeries {
+    key: RequestKey,
+    count: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
 type AttemptKey = (String, u16, &'static str);
 
 /// What one tunnel's requests are counted under, and the series it has used so far: a
-/// request then costs neither label hashing nor allocation (the families hash four
-/// strings per lookup). At most [`SERIES_PER_TUNNEL`] of each are kept; a tunnel seeing
-/// more (a backend answering every status code) counts the rest through the families.
+/// request then costs neither label hashing nor allocation (the families hash 25 labels
+/// per lookup). At most [`SERIES_PER_TUNNEL`] of each are kept; a tunnel seeing more
+/// (a backend answering every status code) counts the rest through the families.
 #[derive(Debug)]
 pub struct TunnelSeries {
     base: RequestLabels,
-    requests: Mutex<Vec<(RequestKey, Counter, Histogram)>>,
+    requests: Mutex<Vec<RequestSeries>>,
     attempts: Mutex<Vec<(AttemptKey, Counter)>>,
 }
 
 impl TunnelSeries {
-    /// A tunnel's series: its requests are counted under `base` (code, flags and protocol
-    /// filled in per request).
+    /// A tunnel's series: its requests are counted under `base` (the upstream, code,
+    /// flags and protocol filled in per request).
     pub fn new(base: RequestLabels) -> Self {
         Self {
             base,
@@ -201,33 +345,55 @@ impl TunnelSeries {
     }
 
     /// Counts one answered request.
-    pub fn request(
-        &self,
-        m: &Metrics,
-        request_protocol: &'static str,
-        response_code: u16,
-        response_flags: &'static str,
-        millis: f64,
-    ) {
-        let key = (request_protocol, response_code, response_flags);
+    pub fn request(&self, m: &Metrics, a: &Answered<'_>) {
+        let observe = |s: &RequestSeries| {
+            s.count.inc();
+            s.duration.observe(a.millis);
+            s.request_bytes.observe(a.request_bytes as f64);
+            s.response_bytes.observe(a.response_bytes as f64);
+        };
         let mut cache = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, c, h)) = cache.iter().find(|(k, _, _)| *k == key) {
-            c.inc();
-            h.observe(millis);
+        // Endpoints are shared `Arc`s: comparing them is a pointer comparison.
+        let same = |k: &RequestKey| {
+            k.code == a.code
+                && k.flags == a.flags
+                && k.protocol == a.protocol
+                && k.grpc_status == a.grpc_status
+                && k.upstream.principal == a.upstream.principal
+                && match (&k.upstream.workload, &a.upstream.workload) {
+                    (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y) || x == y,
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        if let Some(s) = cache.iter().find(|s| same(&s.key)) {
+            observe(s);
             return;
         }
         let labels = RequestLabels {
-            request_protocol,
-            response_code,
-            response_flags,
+            request_protocol: a.protocol,
+            response_code: a.code,
+            grpc_response_status: a.grpc_status.map(|g| g.to_string()).unwrap_or_default(),
+            response_flags: a.flags,
             ..self.base.clone()
+        }
+        .with_upstream(a.upstream);
+        let s = RequestSeries {
+            key: RequestKey {
+                protocol: a.protocol,
+                code: a.code,
+                grpc_status: a.grpc_status,
+                flags: a.flags,
+                upstream: a.upstream.clone(),
+            },
+            count: m.requests.get_or_create(&labels).clone(),
+            duration: m.duration.get_or_create(&labels).clone(),
+            request_bytes: m.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: m.response_bytes.get_or_create(&labels).clone(),
         };
-        let c = m.requests.get_or_create(&labels).clone();
-        let h = m.duration.get_or_create(&labels).clone();
-        c.inc();
-        h.observe(millis);
+        observe(&s);
         if cache.len() < SERIES_PER_TUNNEL {
-            cache.push((key, c, h));
+            cache.push(s);
         }
     }
 

@@ -180,6 +180,8 @@ pub struct Upstreams {
     /// Requests in flight per endpoint (least request).
     active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     failed: Mutex<HashMap<SocketAddr, Instant>>,
+    /// What the waypoint says about itself on every tunnel (`baggage`).
+    baggage: Option<String>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -198,8 +200,9 @@ impl Drop for InFlight {
 }
 
 impl Upstreams {
-    /// Upstreams dialing HBONE with the certificates published on `certs`.
-    pub fn new(certs: watch::Receiver<Option<Arc<Certs>>>) -> Arc<Self> {
+    /// Upstream connections with the waypoint's certificate from `certs`; its tunnels
+    /// carry `baggage` (peer metadata, as ztunnel's do).
+    pub fn new(certs: watch::Receiver<Option<Arc<Certs>>>, baggage: Option<String>) -> Arc<Self> {
         let hbone = Pool::new(
             HboneDialer {
                 certs: certs.clone(),
@@ -232,6 +235,7 @@ impl Upstreams {
             next: Mutex::default(),
             active: Mutex::default(),
             failed: Mutex::default(),
+            baggage,
         })
     }
 
@@ -460,9 +464,13 @@ impl Upstreams {
                         dst_identity: dst.clone(),
                         dst: SocketAddr::new(ep.addr.ip(), HBONE_PORT),
                     };
-                    let tp = traceparent();
-                    let source = client.unwrap_or(key.src);
-                    match self.hbone.connect(&key, &(), ep.addr, source, &tp).await {
+                    let tp = crate::trace::new_traceparent();
+                    let headers = ambit_hbone::connect::ConnectHeaders {
+                        source: client.unwrap_or(key.src),
+                        traceparent: &tp,
+                        baggage: self.baggage.as_deref(),
+                    };
+                    match self.hbone.connect_with(&key, &(), ep.addr, &headers).await {
                         Ok(s) => Ok(UpstreamIo::Hbone(s)),
                         Err(PoolError::Dial(e)) => {
                             Err(UpstreamError::Connect(format!("HBONE to {}: {e}", key.dst)))
@@ -493,14 +501,4 @@ fn classify(e: hyper::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::Reset(e.to_string())
-}
-
-/// A random W3C `traceparent` for a tunnel.
-fn traceparent() -> String {
-    format!(
-        "00-{:016x}{:016x}-{:016x}-00",
-        fastrand::u64(..),
-        fastrand::u64(..),
-        fastrand::u64(1..)
-    )
 }

@@ -160,4 +160,25 @@ async fn waypoint_carries_grpc_unary_streaming_trailers_and_retries_unavailable(
     let end = end.expect("the trailers' status");
     assert_eq!(end.code(), tonic::Code::DataLoss);
     assert_eq!(end.message(), "the end, with a status in the trailers");
+
+    // Istio's request metrics carry each call's gRPC status: from a trailers-only
+    // answer (PERMISSION_DENIED) and from the trailers after a stream (DATA_LOSS).
+    let count = |status: &str| {
+        let m = wp.metrics.encode();
+        m.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("request_protocol=\"grpc\"")
+                    && l.contains(&format!("grpc_response_status=\"{status}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while count("15") < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(count("0"), 11.0, "{}", wp.metrics.encode());
+    assert_eq!(count("7"), 1.0, "{}", wp.metrics.encode());
+    assert_eq!(count("15"), 1.0, "{}", wp.metrics.encode());
 }

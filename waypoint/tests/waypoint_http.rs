@@ -255,6 +255,98 @@ async fn waypoint_splits_by_weight() {
     ] {
         assert!(line.contains(label), "{label} missing: {line}");
     }
+    // And the upstream that answered, from its endpoint's metadata: one series per
+    // backend workload, whose counts add up to the split.
+    let v1_line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("split.shop")
+                && l.contains("destination_workload=\"v1\"")
+        })
+        .unwrap_or_else(|| panic!("{m}"));
+    for label in [
+        "destination_workload_namespace=\"shop\"",
+        "destination_canonical_service=\"web\"",
+        "destination_app=\"web\"",
+        "destination_canonical_revision=\"latest\"",
+        "destination_cluster=\"Kubernetes\"",
+        // Plaintext backends (the namespace is not enrolled) prove no identity.
+        "destination_principal=\"unknown\"",
+        "response_code=\"200\"",
+        "grpc_response_status=\"\"",
+        "response_flags=\"-\"",
+    ] {
+        assert!(v1_line.contains(label), "{label} missing: {v1_line}");
+    }
+    assert_eq!(
+        v1_line.rsplit(' ').next().unwrap().parse::<f64>().unwrap(),
+        f64::from(v1)
+    );
+}
+
+/// The sum of the samples of `name` whose labels contain all of `labels`.
+fn sample(m: &str, name: &str, labels: &[&str]) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn waypoint_propagates_trace_context_and_reports_sizes_when_the_response_ends() {
+    let w = world().await;
+    let mut c = w.wp.http1("10.96.0.10:80").await;
+    let seen_traceparent = |a: &Answer| {
+        let at = a
+            .body
+            .find("traceparent=")
+            .expect("the backend saw a traceparent");
+        a.body[at + "traceparent=".len()..][..55].to_owned()
+    };
+    // A valid trace context reaches the backend as it came.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a = send1(&mut c, req("GET", "web", "/exact", &[("traceparent", tp)])).await;
+    assert_eq!(seen_traceparent(&a), tp);
+    // Without one, or with a malformed one, a new trace starts.
+    let mut started = std::collections::BTreeSet::new();
+    for headers in [&[][..], &[("traceparent", "00-not-a-trace-01")][..]] {
+        let a = send1(&mut c, req("GET", "web", "/exact", headers)).await;
+        let got = seen_traceparent(&a);
+        assert!(ambit_waypoint::trace::is_valid(got.as_bytes()), "{got}");
+        assert_ne!(got, tp);
+        started.insert(got);
+    }
+    assert_eq!(started.len(), 2, "each request starts its own trace");
+
+    // Sizes: a 10,000-byte POST to web-v1 (the only request to it here).
+    let post = http::Request::builder()
+        .method("POST")
+        .uri("/submit")
+        .header("host", "web")
+        .body(Full::new(Bytes::from(vec![b'x'; 10_000])))
+        .unwrap();
+    let a = send1(&mut c, post).await;
+    assert_eq!((a.status, a.backend()), (200, "v1"), "{a:?}");
+    let m = w.wp.metrics.encode();
+    let v1 = [
+        "destination_workload=\"v1\"",
+        "destination_service_name=\"web\"",
+    ];
+    assert_eq!(sample(&m, "istio_request_bytes_count", &v1), 1.0, "{m}");
+    let sent = sample(&m, "istio_request_bytes_sum", &v1);
+    // The body and its headers (method, path, host, content-length): within 200 bytes.
+    assert!((10_000.0..10_200.0).contains(&sent), "request bytes {sent}");
+    let got = sample(&m, "istio_response_bytes_sum", &v1);
+    let body = a.body.len() as f64;
+    assert!(
+        (body..body + 300.0).contains(&got),
+        "response bytes {got}, body {body}"
+    );
+    assert_eq!(
+        sample(&m, "istio_request_duration_milliseconds_count", &v1),
+        1.0
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! rules and the translator never looks at a source.
 
 pub mod http;
+pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -90,6 +91,8 @@ pub struct MeshSpec {
     pub waypoints: Vec<WaypointSpec>,
     /// The HTTP routes.
     pub http_routes: Vec<HttpRouteSpec>,
+    /// Istio `DestinationRule`s: traffic policy per service.
+    pub destination_rules: Vec<traffic::DestinationRuleSpec>,
 }
 
 /// A waypoint as a source reads it (a Gateway of Ambit's waypoint class). Its pods are
@@ -309,6 +312,8 @@ pub struct Service {
     pub waypoint: Option<String>,
     /// This is a waypoint's own service (its endpoints are the waypoint's pods).
     pub is_waypoint: bool,
+    /// How waypoints balance requests to it (its `DestinationRule`).
+    pub load_balancer: traffic::LoadBalancer,
 }
 
 /// One problem with a source's input: where, and what.
@@ -608,6 +613,7 @@ impl Model {
                     selector: s.selector,
                     endpoints,
                     is_waypoint: false,
+                    load_balancer: Default::default(),
                 },
             );
         }
@@ -693,6 +699,7 @@ impl Model {
                     endpoints: ready.clone(),
                     waypoint: None,
                     is_waypoint: true,
+                    load_balancer: Default::default(),
                 },
             );
             m.waypoints.insert(
@@ -786,6 +793,7 @@ impl Model {
             );
         }
         m.http_routes = http::validate(&mut p, spec.http_routes, &m.services);
+        traffic::apply(&mut p, spec.destination_rules, &mut m.services);
         (m, p.0)
     }
 }
@@ -909,6 +917,7 @@ mod tests {
             policies: vec![],
             waypoints: vec![],
             http_routes: vec![],
+            destination_rules: vec![],
         }
     }
 

@@ -289,6 +289,8 @@ struct MeshFile {
     waypoints: Vec<WaypointFile>,
     #[serde(default)]
     http_routes: Vec<HttpRouteSpec>,
+    #[serde(default)]
+    destination_rules: Vec<crate::model::traffic::DestinationRuleSpec>,
 }
 
 #[derive(Deserialize)]
@@ -537,6 +539,7 @@ impl MeshFile {
                 })
                 .collect(),
             http_routes: self.http_routes,
+            destination_rules: self.destination_rules,
         }
     }
 }

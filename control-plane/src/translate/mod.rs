@@ -268,6 +268,27 @@ pub(crate) fn encode(type_url: &str, name: &str, m: &impl Message) -> Arc<Versio
     })
 }
 
+/// Like [`encode`], for a message whose encoding is not deterministic (prost encodes its
+/// maps, such as endpoint metadata, in hash order): the version is a hash of `content`,
+/// everything the message was built from.
+pub(crate) fn encode_keyed(
+    type_url: &str,
+    name: &str,
+    m: &impl Message,
+    content: impl Hash,
+) -> Arc<VersionedResource> {
+    let mut h = std::hash::DefaultHasher::new();
+    content.hash(&mut h);
+    Arc::new(VersionedResource {
+        name: name.to_owned(),
+        version: format!("{:016x}", h.finish()),
+        resource: Any {
+            type_url: type_url.to_owned(),
+            value: m.encode_to_vec(),
+        },
+    })
+}
+
 /// A version for a whole set of resources (state-of-the-world responses).
 pub fn set_version(resources: &BTreeMap<String, Arc<VersionedResource>>) -> String {
     let mut h = std::hash::DefaultHasher::new();

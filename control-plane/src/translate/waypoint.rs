@@ -14,14 +14,15 @@
 //!   names them, with HTTP/2 upstream for `http2` and `grpc` ports;
 //! - its `ClusterLoadAssignment`: each endpoint's IP and target port, and in filter
 //!   metadata `ambit` (`hbone_identity`) the endpoint's identity when it is enrolled
-//!   (reached over HBONE to its node agent; others in plaintext).
+//!   (reached over HBONE to its node agent; others in plaintext), and in `istio`
+//!   (`workload`) who it is, in Istio's form, for the waypoint's `destination_*` labels.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambit_xds::type_url;
+use ambit_xds::{istio, type_url};
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
@@ -35,10 +36,11 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf;
 use prost::Message;
 
-use super::{VersionedResource, encode};
+use super::{VersionedResource, encode, encode_keyed};
 use crate::model::http::{
     HeaderModifier, HttpMatch, HttpRule, PathMatch, PathModifier, StringMatch, precedence,
 };
+use crate::model::traffic::LoadBalancer;
 use crate::model::{Model, NamespacedName, Protocol, Service, Waypoint};
 
 pub use ambit_xds::waypoint::{HBONE_IDENTITY, METADATA, node_id};
@@ -173,13 +175,12 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
             &mut out,
             type_url::CLUSTER,
             &name,
-            &cluster_for(&name, sp.protocol()),
+            &cluster_for(&name, sp.protocol(), svc.load_balancer),
         );
-        insert(
-            &mut out,
-            type_url::ENDPOINT,
-            &name,
-            &load_assignment(m, svc, &name, sp.target_port),
+        let (cla, content) = load_assignment(m, svc, &name, sp.target_port);
+        out.entry(type_url::ENDPOINT).or_default().insert(
+            name.clone(),
+            encode_keyed(type_url::ENDPOINT, &name, &cla, content),
         );
     }
     out
@@ -512,7 +513,7 @@ fn envoy_route(
     }
 }
 
-fn cluster_for(name: &str, protocol: Protocol) -> cluster::Cluster {
+fn cluster_for(name: &str, protocol: Protocol, lb: LoadBalancer) -> cluster::Cluster {
     use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
     let config = match protocol {
         Protocol::Http2 | Protocol::Grpc => {
@@ -547,18 +548,29 @@ fn cluster_for(name: &str, protocol: Protocol) -> cluster::Cluster {
             service_name: name.to_owned(),
         }),
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        lb_policy: match lb {
+            LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
+            LoadBalancer::LeastRequest => cluster::cluster::LbPolicy::LeastRequest,
+        } as i32,
         typed_extension_protocol_options: options.into_iter().collect(),
         ..Default::default()
     }
 }
 
+/// What an endpoint is built from (its resource's version is a hash of these).
+type EndpointContent = (IpAddr, u16, Option<String>, String);
+
+/// A cluster's endpoints, and what they were built from.
 fn load_assignment(
     m: &Model,
     svc: &Service,
     name: &str,
     target_port: u16,
-) -> endpoint::ClusterLoadAssignment {
+) -> (endpoint::ClusterLoadAssignment, Vec<EndpointContent>) {
+    let string = |s: String| protobuf::Value {
+        kind: Some(protobuf::value::Kind::StringValue(s)),
+    };
+    let mut content = Vec::new();
     let lb_endpoints = svc
         .endpoints
         .iter()
@@ -570,26 +582,28 @@ fn load_assignment(
                 .find(|ip| ip.is_ipv4())
                 .or(w.ips.first())
                 .copied()?;
-            // One field only: protobuf maps are hash maps in prost, and a single entry
-            // keeps the encoding (and so the resource's version) deterministic.
-            let metadata = w.enrolled.then(|| core::Metadata {
-                filter_metadata: [(
+            let hbone = w.enrolled.then(|| w.identity.to_string());
+            // Who it is, as Istio's proxies learn it (their `destination_*` labels).
+            let workload = istio::WorkloadMetadata::derive(&w.name, &w.namespace, |k| {
+                w.labels.get(k).map(String::as_str)
+            })
+            .encode();
+            let mut filter_metadata = std::collections::HashMap::new();
+            filter_metadata.insert(
+                istio::METADATA.to_owned(),
+                protobuf::Struct {
+                    fields: [(istio::WORKLOAD.to_owned(), string(workload.clone()))].into(),
+                },
+            );
+            if let Some(id) = &hbone {
+                filter_metadata.insert(
                     METADATA.to_owned(),
                     protobuf::Struct {
-                        fields: [(
-                            HBONE_IDENTITY.to_owned(),
-                            protobuf::Value {
-                                kind: Some(protobuf::value::Kind::StringValue(
-                                    w.identity.to_string(),
-                                )),
-                            },
-                        )]
-                        .into(),
+                        fields: [(HBONE_IDENTITY.to_owned(), string(id.clone()))].into(),
                     },
-                )]
-                .into(),
-                ..Default::default()
-            });
+                );
+            }
+            content.push((ip, target_port, hbone, workload));
             Some(endpoint::LbEndpoint {
                 host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                     endpoint::Endpoint {
@@ -597,20 +611,24 @@ fn load_assignment(
                         ..Default::default()
                     },
                 )),
-                metadata,
+                metadata: Some(core::Metadata {
+                    filter_metadata,
+                    ..Default::default()
+                }),
                 load_balancing_weight: Some(protobuf::UInt32Value { value: 1 }),
                 ..Default::default()
             })
         })
         .collect();
-    endpoint::ClusterLoadAssignment {
+    let cla = endpoint::ClusterLoadAssignment {
         cluster_name: name.to_owned(),
         endpoints: vec![endpoint::LocalityLbEndpoints {
             lb_endpoints,
             ..Default::default()
         }],
         ..Default::default()
-    }
+    };
+    (cla, content)
 }
 
 #[cfg(test)]
@@ -669,6 +687,11 @@ httpRoutes:
         filters:
           - type: RequestRedirect
             requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+destinationRules:
+  - name: web-v2
+    namespace: shop
+    host: web-v2.shop.svc.cluster.local
+    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
 "#;
 
     fn model() -> Model {
@@ -838,12 +861,25 @@ httpRoutes:
                 "spiffe://cluster.local/ns/shop/sa/default".into()
             ))
         );
+        let md =
+            &e.metadata.as_ref().unwrap().filter_metadata[istio::METADATA].fields[istio::WORKLOAD];
+        assert_eq!(
+            md.kind,
+            Some(protobuf::value::Kind::StringValue(
+                "web-v2-0;shop;web;latest;Kubernetes".into()
+            ))
+        );
         let c: cluster::Cluster =
             decode(&r[type_url::CLUSTER]["outbound|80||web-v2.shop.svc.cluster.local"]);
         assert!(
             c.typed_extension_protocol_options
                 .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
         );
+        // Its DestinationRule asks for least request; other clusters keep round robin.
+        assert_eq!(c.lb_policy, cluster::cluster::LbPolicy::LeastRequest as i32);
+        let c: cluster::Cluster =
+            decode(&r[type_url::CLUSTER]["outbound|80||web-v1.shop.svc.cluster.local"]);
+        assert_eq!(c.lb_policy, cluster::cluster::LbPolicy::RoundRobin as i32);
     }
 
     #[test]
@@ -853,7 +889,17 @@ httpRoutes:
             resources(&a, a.waypoints.values().next().unwrap()),
             resources(&b, b.waypoints.values().next().unwrap()),
         );
-        assert_eq!(ra, rb);
+        // Versions, not bytes: prost encodes endpoint metadata maps in hash order.
+        let versions = |r: &Resources| {
+            r.iter()
+                .flat_map(|(t, m)| {
+                    m.iter()
+                        .map(move |(n, v)| (*t, n.clone(), v.version.clone()))
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(versions(&ra), versions(&rb));
+        assert!(!versions(&ra).is_empty());
     }
 
     #[test]
@@ -875,6 +921,20 @@ httpRoutes:
             "httpRoutes[0] (shop/web).rules[1].matches[0].path: \"v2\" must start with /",
             "httpRoutes[0] (shop/web).rules[1].backendRefs[0]: service shop/web-v3 is not defined",
             "httpRoutes[0] (shop/web).rules[0].retry.backoff: \"10\" is not a duration",
+        ] {
+            assert!(e.contains(want), "{want}\n{e}");
+        }
+        let bad_rules = MESH.replace(
+            "host: web-v2.shop.svc.cluster.local\n    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+            "host: web-v3\n  - name: again\n    namespace: shop\n    host: web-v1.other.example\n  - name: lb\n    namespace: shop\n    host: web-v1\n    trafficPolicy: {loadBalancer: {simple: RANDOM}}",
+        );
+        let e = parse(Path::new("mesh.yaml"), &bad_rules)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "destinationRules[0] (shop/web-v2).host: service shop/web-v3 is not defined",
+            "destinationRules[1] (shop/again).host: \"web-v1.other.example\" is neither",
+            "destinationRules[2] (shop/lb).trafficPolicy.loadBalancer.simple: \"RANDOM\" is not supported",
         ] {
             assert!(e.contains(want), "{want}\n{e}");
         }

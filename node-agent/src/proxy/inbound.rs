@@ -46,6 +46,9 @@ pub struct Arrival {
     pub dst: SocketAddr,
     /// The caller's identity, proven by mutual TLS; none for plaintext.
     pub identity: Option<Identity>,
+    /// The peer metadata its CONNECT carried (`baggage`), unparsed: read only when the
+    /// caller is not a workload the mesh state knows.
+    pub baggage: Option<String>,
 }
 
 /// An admitted connection: who it is for and who it is from.
@@ -154,6 +157,7 @@ pub async fn hbone_connection(
         src: peer,
         dst: local,
         identity: None,
+        baggage: None,
     };
     let fail = |e: Error| record(&inputs, &pod, &early, &e, started);
     // Only the identity is needed: one `Arc` clone per connection.
@@ -221,6 +225,7 @@ async fn open_tunnel(
         src,
         dst,
         identity: Some(client_id),
+        baggage: req.baggage,
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(&inputs, &pod, &arrival, &Error::BadAuthority(dst), started);
@@ -248,6 +253,7 @@ pub async fn plaintext_connection(
         src: peer,
         dst,
         identity: None,
+        baggage: None,
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(
@@ -348,6 +354,10 @@ impl Delivery {
             } else {
                 SecurityPolicy::None
             },
+            src_meta: match (&self.admitted.src, &a.baggage) {
+                (None, Some(b)) => Some(Arc::new(ambit_hbone::baggage::PeerMetadata::parse(b))),
+                _ => None,
+            },
         };
         let result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, self.started);
         let tracked = inputs.conns.track(
@@ -409,6 +419,7 @@ mod tests {
             src: "10.244.2.10:40000".parse().unwrap(),
             dst: "10.244.1.10:8080".parse().unwrap(),
             identity: identity.map(|s| Identity::new("cluster.local", "shop", s).unwrap()),
+            baggage: None,
         }
     }
 

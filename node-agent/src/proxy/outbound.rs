@@ -238,6 +238,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             } else {
                 SecurityPolicy::None
             },
+            src_meta: None,
         };
         let result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
         let mut client = client;

@@ -75,7 +75,8 @@ impl Canonical {
     pub fn derive(name: &str, labels: &Labels) -> Self {
         static LATEST: LazyLock<Arc<str>> = LazyLock::new(|| "latest".into());
         static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
-        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).map(String::as_str);
+        use ambit_xds::istio;
+        let label = |keys: &[&str]| istio::first(keys, |k| labels.get(k).map(String::as_str));
         let mut made: Vec<Arc<str>> = Vec::with_capacity(4);
         let mut intern = |v: &str| -> Arc<str> {
             if let Some(a) = made.iter().find(|a| ***a == *v) {
@@ -86,24 +87,11 @@ impl Canonical {
             a
         };
         Self {
-            service: intern(
-                label(&[
-                    "service.istio.io/canonical-name",
-                    "app.kubernetes.io/name",
-                    "app",
-                ])
-                .unwrap_or(name),
-            ),
-            revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .map_or_else(|| LATEST.clone(), &mut intern),
-            app: label(&["app", "app.kubernetes.io/name"])
-                .map_or_else(|| UNKNOWN.clone(), &mut intern),
-            version: label(&["version", "app.kubernetes.io/version"])
-                .map_or_else(|| UNKNOWN.clone(), &mut intern),
+            service: intern(label(&istio::CANONICAL_SERVICE_LABELS).unwrap_or(name)),
+            revision: label(&istio::CANONICAL_REVISION_LABELS)
+                .map_or_else(|| LATEST.clone(), &mut intern),
+            app: label(&istio::APP_LABELS).map_or_else(|| UNKNOWN.clone(), &mut intern),
+            version: label(&istio::VERSION_LABELS).map_or_else(|| UNKNOWN.clone(), &mut intern),
         }
     }
 }

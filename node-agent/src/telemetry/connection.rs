@@ -31,6 +31,9 @@ pub struct ConnectionDesc {
     pub service: Option<Arc<Service>>,
     /// How it crossed the network.
     pub security: SecurityPolicy,
+    /// What the caller's `baggage` says it is, when the mesh state does not know it (a
+    /// peer of another mesh or cluster): telemetry only, never policy.
+    pub src_meta: Option<Arc<ambit_hbone::baggage::PeerMetadata>>,
 }
 
 /// How a proxied connection ended.
@@ -73,6 +76,7 @@ impl ConnectionResult {
                 Direction::Inbound => Reporter::Destination,
             },
             source: desc.src_workload.clone(),
+            source_meta: desc.src_meta.clone(),
             source_principal: desc.src_identity.clone(),
             destination: desc.dst_workload.clone(),
             service: desc.service.clone(),
@@ -146,7 +150,18 @@ impl ConnectionResult {
             direction: d.direction.as_str(),
             src: d.src,
             dst: d.dst,
-            src_workload: d.src_workload.as_deref().map(Workload::display_name),
+            src_workload: d
+                .src_workload
+                .as_deref()
+                .map(Workload::display_name)
+                .or_else(|| {
+                    let m = d.src_meta.as_deref()?;
+                    Some(format!(
+                        "{}/{}",
+                        m.namespace.as_deref()?,
+                        m.workload.as_deref()?
+                    ))
+                }),
             dst_workload: d.dst_workload.as_deref().map(Workload::display_name),
             src_identity,
             dst_identity: d.dst_workload.as_deref().map(|w| &w.identity),

@@ -17,12 +17,14 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 
+use ambit_hbone::baggage::PeerMetadata;
+
 use super::{Reporter, SecurityPolicy};
 use crate::state::{Service, Workload};
 
 const UNKNOWN: &str = "unknown";
 /// Istio's default cluster name.
-const CLUSTER: &str = "Kubernetes";
+const CLUSTER: &str = ambit_xds::istio::CLUSTER;
 
 /// The peer metadata a tunnel from `w` carries (`baggage`, as Istio's ztunnel sends it):
 /// the far side's telemetry can then name the source even if it does not know it.
@@ -45,6 +47,8 @@ pub struct TcpKey {
     pub reporter: Reporter,
     /// The source workload, if known.
     pub source: Option<Arc<Workload>>,
+    /// Without it, what the source's `baggage` said about it.
+    pub source_meta: Option<Arc<ambit_hbone::baggage::PeerMetadata>>,
     /// The source's proven identity (inbound mTLS); else the source workload's.
     pub source_principal: Option<Identity>,
     /// The destination workload, if known.
@@ -85,19 +89,54 @@ impl TcpKey {
             Reporter::Destination => None,
         };
         let svc = self.service.as_deref();
+        // A source the mesh state does not know may have said who it is (`baggage`):
+        // named as ztunnel names such peers (app and version are its canonical ones).
+        let meta = s.is_none().then_some(self.source_meta.as_deref()).flatten();
+        let said = |f: fn(&PeerMetadata) -> &Option<String>, or: &'static str| -> &str {
+            meta.and_then(|m| f(m).as_deref()).unwrap_or(or)
+        };
+        let src_service = || said(|m| &m.service, UNKNOWN);
+        let src_revision = || said(|m| &m.revision, "latest");
         [
             ("reporter", self.reporter.as_str()),
-            ("source_workload", name(s)),
-            ("source_canonical_service", canon(s, |c| &c.service)),
-            ("source_canonical_revision", revision(s)),
-            ("source_workload_namespace", ns(s)),
+            (
+                "source_workload",
+                s.map_or_else(|| said(|m| &m.workload, UNKNOWN), |w| &w.name),
+            ),
+            (
+                "source_canonical_service",
+                s.map_or_else(src_service, |w| &w.canonical.service),
+            ),
+            (
+                "source_canonical_revision",
+                s.map_or_else(src_revision, |w| &w.canonical.revision),
+            ),
+            (
+                "source_workload_namespace",
+                s.map_or_else(
+                    || match &self.source_principal {
+                        Some(id) => id.namespace(),
+                        None => said(|m| &m.namespace, UNKNOWN),
+                    },
+                    |w| &w.namespace,
+                ),
+            ),
             (
                 "source_principal",
                 principal(self.source_principal.as_ref(), source_workload_identity),
             ),
-            ("source_app", canon(s, |c| &c.app)),
-            ("source_version", canon(s, |c| &c.version)),
-            ("source_cluster", CLUSTER),
+            (
+                "source_app",
+                s.map_or_else(src_service, |w| &w.canonical.app),
+            ),
+            (
+                "source_version",
+                s.map_or_else(src_revision, |w| &w.canonical.version),
+            ),
+            (
+                "source_cluster",
+                s.map_or_else(|| said(|m| &m.cluster, CLUSTER), |_| CLUSTER),
+            ),
             ("destination_service", svc.map_or(UNKNOWN, |s| &s.hostname)),
             (
                 "destination_service_namespace",

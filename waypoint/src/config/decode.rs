@@ -557,22 +557,39 @@ pub fn endpoints(any: &protobuf::Any) -> Result<(String, Vec<Endpoint>), Error> 
             ) {
                 continue;
             }
-            let hbone = e
-                .metadata
-                .as_ref()
-                .and_then(|m| m.filter_metadata.get(ambit_xds::waypoint::METADATA))
-                .and_then(|s| s.fields.get(ambit_xds::waypoint::HBONE_IDENTITY))
-                .map(|v| match &v.kind {
-                    Some(protobuf::value::Kind::StringValue(s)) => {
-                        Identity::parse(s).map_err(|e| format!("hbone_identity: {e}"))
-                    }
-                    _ => Err("hbone_identity must be a string".to_owned()),
+            let field = |ns: &str, key: &str| {
+                e.metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(ns))
+                    .and_then(|s| s.fields.get(key))
+                    .map(|v| match &v.kind {
+                        Some(protobuf::value::Kind::StringValue(s)) => Ok(s.as_str()),
+                        _ => Err(format!("metadata {ns}.{key} must be a string")),
+                    })
+                    .transpose()
+            };
+            use ambit_xds::{istio, waypoint};
+            let hbone = field(waypoint::METADATA, waypoint::HBONE_IDENTITY)?
+                .map(|s| Identity::parse(s).map_err(|e| format!("hbone_identity: {e}")))
+                .transpose()?;
+            // Telemetry only: a malformed value is refused rather than mislabelling.
+            let workload = field(istio::METADATA, istio::WORKLOAD)?
+                .map(|s| {
+                    istio::WorkloadMetadata::parse(s)
+                        .map(std::sync::Arc::new)
+                        .ok_or_else(|| {
+                            format!(
+                                "metadata istio.workload {s:?} is not \
+                             <name>;<namespace>;<canonical service>;<revision>;<cluster>"
+                            )
+                        })
                 })
                 .transpose()?;
             out.push(Endpoint {
                 addr: socket_address(&ep.address)?,
                 hbone,
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
+                workload,
             });
         }
     }

@@ -297,6 +297,9 @@ pub struct Endpoint {
     pub hbone: Option<Identity>,
     /// Its weight.
     pub weight: u32,
+    /// Who it is (Istio's `istio.workload` endpoint metadata), for `destination_*`
+    /// labels; shared by every request that picks it.
+    pub workload: Option<Arc<ambit_xds::istio::WorkloadMetadata>>,
 }
 
 /// Every resource, decoded, by type; [`Config::join`] makes the request-time view.

@@ -228,7 +228,10 @@ impl TestWaypoint {
         let metrics = Arc::new(ambit_waypoint::telemetry::Metrics::default());
         let inbound = Inbound {
             config: config.clone(),
-            upstreams: Upstreams::new(certs_rx.clone()),
+            upstreams: Upstreams::new(
+                certs_rx.clone(),
+                Some(ambit_waypoint::telemetry::baggage("shop", "wp")),
+            ),
             certs: certs_rx,
             metrics: metrics.clone(),
         };

@@ -1,0 +1,138 @@
+//! Traffic policy for a service's waypoint clusters: Istio's `DestinationRule`.
+//!
+//! [`DestinationRuleSpec`] has Istio's shape and field names (`host`,
+//! `trafficPolicy.loadBalancer.simple`), so a platform team moving off Istio reads it as
+//! it is, and the Kubernetes source can later take a real `DestinationRule`'s spec field
+//! for field. Today it sets the load balancer of the Envoy `Cluster`s the waypoint uses
+//! for the service (the node agents' L4 balancing is not affected, as ztunnel ignores
+//! DestinationRules too).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{NamespacedName, Problems, Service};
+
+/// A `DestinationRule` as a source reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// Its name, unique in its namespace.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The service: its short name (in the rule's namespace) or its full host name
+    /// (`<name>.<namespace>.svc.cluster.local`).
+    pub host: String,
+    /// What applies to traffic to it.
+    #[serde(default)]
+    pub traffic_policy: TrafficPolicySpec,
+}
+
+/// `trafficPolicy`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// `loadBalancer`.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
+}
+
+/// `loadBalancer`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    /// `ROUND_ROBIN` or `LEAST_REQUEST` (Istio's `simple` names).
+    pub simple: String,
+}
+
+/// How a waypoint picks among a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LoadBalancer {
+    /// In turn (Envoy's and Istio's default).
+    #[default]
+    RoundRobin,
+    /// The less busy of two endpoints drawn at random (power of two choices).
+    LeastRequest,
+}
+
+/// Checks the rules against the services and sets each service's
+/// [`Service::load_balancer`]. A service has at most one rule. It applies wherever a
+/// waypoint sends to the service (as a route's backend), whether or not the service
+/// has a waypoint of its own.
+pub(super) fn apply(
+    p: &mut Problems,
+    rules: Vec<DestinationRuleSpec>,
+    services: &mut BTreeMap<NamespacedName, Service>,
+) {
+    let mut seen: BTreeMap<NamespacedName, NamespacedName> = BTreeMap::new();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        let place = format!("destinationRules[{i}] ({}/{})", r.namespace, r.name);
+        let key = NamespacedName {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        };
+        if !super::is_dns_subdomain(&r.name) {
+            p.add(&place, "name must be a DNS name");
+        }
+        if !names.insert(key.clone()) {
+            p.add(&place, format!("destination rule {key} is defined twice"));
+            continue;
+        }
+        let svc = match r.host.split_once('.') {
+            None => NamespacedName {
+                namespace: r.namespace.clone(),
+                name: r.host.clone(),
+            },
+            Some((name, rest)) => match rest.strip_suffix(".svc.cluster.local") {
+                Some(ns) if !ns.contains('.') => NamespacedName {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                },
+                _ => {
+                    p.add(
+                        &format!("{place}.host"),
+                        format!(
+                            "{:?} is neither a service's name nor <name>.<namespace>.svc.cluster.local",
+                            r.host
+                        ),
+                    );
+                    continue;
+                }
+            },
+        };
+        let Some(service) = services.get_mut(&svc) else {
+            p.add(
+                &format!("{place}.host"),
+                format!("service {svc} is not defined"),
+            );
+            continue;
+        };
+        if let Some(other) = seen.get(&svc) {
+            p.add(
+                &format!("{place}.host"),
+                format!("service {svc} already has destination rule {other}"),
+            );
+            continue;
+        }
+        let lb = match r
+            .traffic_policy
+            .load_balancer
+            .as_ref()
+            .map(|l| l.simple.as_str())
+        {
+            None | Some("ROUND_ROBIN") | Some("UNSPECIFIED") => LoadBalancer::RoundRobin,
+            Some("LEAST_REQUEST") | Some("LEAST_CONN") => LoadBalancer::LeastRequest,
+            Some(other) => {
+                p.add(
+                    &format!("{place}.trafficPolicy.loadBalancer.simple"),
+                    format!("{other:?} is not supported: use ROUND_ROBIN or LEAST_REQUEST"),
+                );
+                continue;
+            }
+        };
+        service.load_balancer = lb;
+        seen.insert(svc, key);
+    }
+}
