@@ -265,8 +265,15 @@ impl Upstreams {
                 first
             }
             LbPolicy::LeastRequest => {
-                // Power of two choices.
-                let (a, b) = (fastrand::usize(..n), fastrand::usize(..n));
+                // Power of two choices, two different endpoints (with two, the less
+                // busy one always; drawing the same one twice would make half the
+                // choices random).
+                let a = fastrand::usize(..n);
+                let b = if n > 1 {
+                    (a + 1 + fastrand::usize(..n - 1)) % n
+                } else {
+                    a
+                };
                 let load = |i: usize| self.load(endpoints[i].addr);
                 if load(b) < load(a) { b } else { a }
             }

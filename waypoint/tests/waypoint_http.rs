@@ -29,6 +29,8 @@ workloads:
   - {name: fast, namespace: shop, node: node-2, ips: [10.244.2.17], labels: {app: pertry}}
   - {name: stuck, namespace: shop, node: node-2, ips: [10.244.2.18], labels: {app: stuck}}
   - {name: db, namespace: shop, node: node-2, ips: [10.244.2.19], labels: {app: db}}
+  - {name: lazy, namespace: shop, node: node-2, ips: [10.244.2.20], labels: {app: balance}}
+  - {name: quick, namespace: shop, node: node-2, ips: [10.244.2.21], labels: {app: balance}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -50,6 +52,15 @@ services:
      selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
   - {name: db, namespace: shop, vips: [10.96.0.70], ports: [{name: tcp-db, port: 5432}],
      selector: {app: db}, labels: {ambit.dev/waypoint: wp}}
+  - {name: balance-rr, namespace: shop, vips: [10.96.0.80], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: balance}, labels: {ambit.dev/waypoint: wp}}
+  - {name: balance-lr, namespace: shop, vips: [10.96.0.81], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: balance}, labels: {ambit.dev/waypoint: wp}}
+destinationRules:
+  - name: balance-lr
+    namespace: shop
+    host: balance-lr
+    trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
 httpRoutes:
   - name: web
     namespace: shop
@@ -132,6 +143,8 @@ async fn world() -> World {
         ("slow", "10.244.2.16"),
         ("fast", "10.244.2.17"),
         ("stuck", "10.244.2.18"),
+        ("lazy", "10.244.2.20"),
+        ("quick", "10.244.2.21"),
     ] {
         let b = Backend::start(name).await;
         wp.map(&format!("{ip}:8080"), b.addr);
@@ -148,8 +161,39 @@ async fn world() -> World {
         .state
         .delay_ms
         .store(3_000, Ordering::SeqCst);
+    backends["lazy"].state.delay_ms.store(100, Ordering::SeqCst);
     wp.apply(&model(&mesh())).unwrap();
     World { wp, backends }
+}
+
+#[tokio::test]
+async fn waypoint_balances_round_robin_or_least_request_as_the_destination_rule_says() {
+    let w = world().await;
+    // 8 clients, 10 requests each, to two endpoints of which one answers in 100 ms and
+    // the other at once. Returns how many requests the slow one got.
+    let lazy_share = |vip: &'static str| {
+        let w = &w;
+        async move {
+            let before = w.backends["lazy"].state.requests.load(Ordering::SeqCst);
+            let clients = (0..8).map(|_| async {
+                let mut c = w.wp.http1(vip).await;
+                for _ in 0..10 {
+                    let a = send1(&mut c, req("GET", "balance", "/", &[])).await;
+                    assert_eq!(a.status, 200, "{a:?}");
+                }
+            });
+            futures::future::join_all(clients).await;
+            w.backends["lazy"].state.requests.load(Ordering::SeqCst) - before
+        }
+    };
+    // Round robin alternates, whatever the endpoints' latency.
+    let rr = lazy_share("10.96.0.80:80").await;
+    assert_eq!(rr, 40, "round robin sent {rr} of 80 to the slow endpoint");
+    // Least request (the DestinationRule) sends to the less busy one: the slow endpoint
+    // gets only what arrives while the fast one is as busy.
+    let lr = lazy_share("10.96.0.81:80").await;
+    eprintln!("least request: {lr} of 80 to the slow endpoint (round robin: {rr})");
+    assert!(lr <= 24, "least request sent {lr} of 80 to the slow endpoint");
 }
 
 #[tokio::test]
