@@ -2,8 +2,9 @@
 //! a client pod's connection to a service with a waypoint is tunnelled by its agent to
 //! the waypoint pod, routed at L7 (header match, weighted canary), and tunnelled on to
 //! the chosen backend's agent, which sees the waypoint's identity and delivers as the
-//! original client. Dialing a backend pod directly is refused; with the waypoint gone,
-//! the service fails closed.
+//! original client. Dialing a backend pod's IP from a meshed client also goes through
+//! the waypoint (workload-addressed, at L4); any other caller of the pod's HBONE port is
+//! refused; with the waypoint gone, the service and its pods fail closed.
 
 use std::time::Duration;
 
@@ -234,10 +235,48 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     );
     assert!(peak_kib < 64 * 1024, "waypoint peak RSS {peak_kib} KiB");
 
-    // Dialing a backend pod's IP directly is refused by its agent.
-    let direct = format!("{}:8080", c.pod(2, 0).ip4);
+    // Dialing a backend pod's IP does not go around the waypoint: the client's agent
+    // sends the connection to it (workload-addressed, the pod's IP:port as authority),
+    // and it carries it at L4 to the pod, which sees the client's IP.
+    let (v1, direct) = (c.pod(2, 0), format!("{}:8080", c.pod(2, 0).ip4));
     let (ok, r) = get(&c, &direct, &[], 1);
-    assert!(!ok, "a direct dial bypassed the waypoint: {r:?}");
+    assert!(ok, "{r:?}\n{}", c.agent_log_tail(1));
+    assert_eq!(
+        r[0]["body"].as_str().unwrap(),
+        format!("v1 {client_ip}"),
+        "{r:?}"
+    );
+    let m = c
+        .http_get_in(c.pod(1, 1), "127.0.0.1:15020", "/metrics")
+        .unwrap();
+    let carried = metric_sum(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "waypoint"),
+            ("destination_workload", &v1.name),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+        ],
+    );
+    assert_eq!(
+        carried, 1.0,
+        "the waypoint did not carry the direct dial:\n{m}"
+    );
+    // Any other mesh identity dialing the pod's HBONE port itself is refused by its agent.
+    let mesh_ca = ambit_tests::pki::mesh_root(&c.ca_dir());
+    let err = ambit_tests::probes::hbone_probe(
+        &c,
+        1,
+        std::net::SocketAddr::new(v1.ip4.into(), 15008),
+        ambit_tests::pki::leaf(&mesh_ca, "spiffe://cluster.local/ns/default/sa/client"),
+        "spiffe://cluster.local/ns/default/sa/web",
+        std::net::SocketAddr::new(v1.ip4.into(), 8080),
+    )
+    .unwrap_err();
+    eprintln!("a direct HBONE dial to a waypointed pod: {err}");
     let m = c.metrics(2).unwrap();
     assert!(
         metric_sum(
@@ -252,5 +291,7 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     drop(waypoint);
     let (ok, r) = get(&c, "10.96.0.10:80", &[], 1);
     assert!(!ok, "served without its waypoint: {r:?}");
+    let (ok, r) = get(&c, &direct, &[], 1);
+    assert!(!ok, "a pod served without its waypoint: {r:?}");
     drop(servers);
 }

@@ -18,9 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::config::{Config, ListenerKind};
+use crate::config::{Config, Endpoint, FrontedWorkload, ListenerKind};
 use crate::identity::Certs;
 use crate::proxy::{self, RequestContext};
+use crate::telemetry::TcpLabels;
 use crate::upstream::Upstreams;
 
 /// How long a client has to finish its TLS handshake.
@@ -83,9 +84,18 @@ impl Inbound {
         peer: Option<Identity>,
     ) -> Result<WaypointTunnel, Refusal> {
         let config = self.config.borrow().clone();
-        let Some(listener) = config.listener(req.authority) else {
-            debug!(authority = %req.authority, "no listener for this authority");
-            return Err(Refusal::BadRequest);
+        // A service VIP:port is its listener's; a fronted workload's IP:port is carried
+        // to that workload at L4 (workload-addressed traffic, which its agent accepts
+        // only from this waypoint); anything else is not this waypoint's to carry.
+        let carry = match config.listener(req.authority) {
+            Some(l) => Carry::Listener(l.clone()),
+            None => match config.fronted(req.authority.ip()) {
+                Some(w) => Carry::Workload(w.clone()),
+                None => {
+                    debug!(authority = %req.authority, "no listener or fronted workload for this authority");
+                    return Err(Refusal::BadRequest);
+                }
+            },
         };
         // L4 policy on the waypoint's own pods: the caller's identity and its pod's IP
         // (the client agent dials from inside the client pod), the service port.
@@ -108,29 +118,39 @@ impl Inbound {
             .as_deref()
             .map(ambit_hbone::baggage::PeerMetadata::parse)
             .unwrap_or_default();
-        Ok(self.tunnel(listener, peer, req.forwarded_for, &meta))
+        Ok(self.tunnel(carry, req.authority, peer, req.forwarded_for, &meta))
     }
 
     fn tunnel(
         &self,
-        listener: &crate::config::Listener,
+        carry: Carry,
+        authority: SocketAddr,
         peer: Option<Identity>,
         client: Option<std::net::IpAddr>,
         meta: &ambit_hbone::baggage::PeerMetadata,
     ) -> WaypointTunnel {
-        WaypointTunnel {
-            kind: listener.kind.clone(),
-            ctx: Arc::new(RequestContext {
-                config: self.config.clone(),
-                upstreams: self.upstreams.clone(),
-                route_config: match &listener.kind {
+        let (name, route_config) = match &carry {
+            Carry::Listener(l) => (
+                l.name.clone(),
+                match &l.kind {
                     ListenerKind::Http { route_config } => route_config.clone(),
                     ListenerKind::Tcp { .. } => String::new(),
                 },
+            ),
+            Carry::Workload(w) => (format!("{}/{}", w.namespace, w.name), String::new()),
+        };
+        WaypointTunnel {
+            carry,
+            authority,
+            meta: meta.clone(),
+            ctx: Arc::new(RequestContext {
+                config: self.config.clone(),
+                upstreams: self.upstreams.clone(),
+                route_config,
                 series: crate::telemetry::TunnelSeries::new(
-                    crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &listener.name, meta),
+                    crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &name, meta),
                 ),
-                listener: listener.name.clone(),
+                listener: name,
                 peer,
                 client,
                 metrics: self.metrics.clone(),
@@ -152,7 +172,13 @@ impl Inbound {
                 debug!(%authority, "plaintext listener: no listener for this authority");
                 continue;
             };
-            let tunnel = self.tunnel(l, None, Some(peer.ip()), &Default::default());
+            let tunnel = self.tunnel(
+                Carry::Listener(l.clone()),
+                authority,
+                None,
+                Some(peer.ip()),
+                &Default::default(),
+            );
             tokio::spawn(tunnel.serve(tcp));
         }
     }
@@ -172,9 +198,19 @@ pub async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAdd
     }
 }
 
+/// What a tunnel carries.
+enum Carry {
+    /// A service port: HTTP routed, or TCP to an endpoint of the listener's cluster.
+    Listener(Arc<crate::config::Listener>),
+    /// Workload-addressed: the bytes to the CONNECT's IP:port.
+    Workload(Arc<FrontedWorkload>),
+}
+
 /// One accepted CONNECT.
 pub struct WaypointTunnel {
-    kind: ListenerKind,
+    carry: Carry,
+    authority: SocketAddr,
+    meta: ambit_hbone::baggage::PeerMetadata,
     ctx: Arc<RequestContext>,
 }
 
@@ -192,7 +228,30 @@ impl WaypointTunnel {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        match self.kind {
+        let kind = match self.carry {
+            Carry::Listener(l) => l.kind.clone(),
+            Carry::Workload(w) => {
+                let ep = Endpoint {
+                    addr: self.authority,
+                    hbone: w.hbone.clone(),
+                    weight: 1,
+                    workload: None,
+                };
+                let labels = TcpLabels::of(
+                    &self.ctx,
+                    &self.meta,
+                    "unknown",
+                    Some((&w.namespace, &w.name)),
+                    &ep,
+                );
+                return forward(&self.ctx, &ep, WORKLOAD_CONNECT_TIMEOUT, labels, io)
+                    .await
+                    .unwrap_or_else(
+                        |e| debug!(authority = %self.authority, "workload-addressed tunnel: {e}"),
+                    );
+            }
+        };
+        match kind {
             ListenerKind::Http { .. } => {
                 let ctx = self.ctx;
                 // Boxed: a request's future is ~3 KB (routing, retries, the upstream
@@ -215,15 +274,100 @@ impl WaypointTunnel {
                     debug!("HTTP on a tunnel ended: {e}");
                 }
             }
-            ListenerKind::Tcp { cluster } => tcp(self.ctx, &cluster, io).await,
+            ListenerKind::Tcp { cluster } => tcp(&self.ctx, &self.meta, &cluster, io).await,
         }
+    }
+}
+
+/// How long a workload-addressed tunnel's upstream connection may take (Envoy's default
+/// cluster connect timeout).
+const WORKLOAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Carries `stream` to `ep`, counted in Istio's TCP metrics.
+async fn forward<S>(
+    ctx: &RequestContext,
+    ep: &Endpoint,
+    connect_timeout: Duration,
+    labels: TcpLabels,
+    mut stream: S,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut up = ctx
+        .upstreams
+        .dial(ep, ctx.client, connect_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _guard = ctx.upstreams.start(ep.addr);
+    let m = &ctx.metrics;
+    m.tcp_opened.get_or_create(&labels).inc();
+    // Counted as read, so that a connection ended by a reset still reports its bytes.
+    let (mut down, mut up) = (ReadCount::new(&mut stream), ReadCount::new(&mut up));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        debug!(upstream = %ep.addr, "TCP tunnel ended: {e}");
+    }
+    m.tcp_closed.get_or_create(&labels).inc();
+    m.tcp_sent.get_or_create(&labels).inc_by(down.count);
+    m.tcp_received.get_or_create(&labels).inc_by(up.count);
+    Ok(())
+}
+
+/// A stream counting the bytes read from it.
+struct ReadCount<S> {
+    inner: S,
+    count: u64,
+}
+
+impl<S> ReadCount<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, count: 0 }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadCount<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.count += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ReadCount<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
 /// A TCP port: the bytes go to one endpoint of the cluster (another if the first
 /// cannot be reached).
-async fn tcp<S>(ctx: Arc<RequestContext>, cluster: &str, mut stream: S)
-where
+async fn tcp<S>(
+    ctx: &RequestContext,
+    meta: &ambit_hbone::baggage::PeerMetadata,
+    cluster: &str,
+    mut stream: S,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let config = ctx.config.borrow().clone();
@@ -231,18 +375,20 @@ where
         debug!(cluster, "TCP listener without its cluster");
         return;
     };
+    let service = ctx.listener.rsplit_once(':').map_or("unknown", |(h, _)| h);
     let mut tried = Vec::new();
     for _ in 0..2 {
         let Some(ep) = ctx.upstreams.choose(c, &eps, &tried) else {
             return;
         };
         tried.push(ep.addr);
-        match ctx.upstreams.dial(&ep, ctx.client, c).await {
-            Ok(mut up) => {
-                let _guard = ctx.upstreams.start(ep.addr);
-                let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
-                return;
-            }
+        let workload = ep
+            .workload
+            .as_deref()
+            .map(|w| (w.namespace.as_str(), w.name.as_str()));
+        let labels = TcpLabels::of(ctx, meta, service, workload, &ep);
+        match forward(ctx, &ep, c.connect_timeout, labels, &mut stream).await {
+            Ok(()) => return,
             Err(e) => {
                 debug!(endpoint = %ep.addr, "TCP upstream: {e}");
                 ctx.upstreams.failed(ep.addr);

@@ -115,10 +115,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let control_plane = ambit_waypoint::control_plane::channel(&args.xds_address, material.clone())
         .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
     let (handler, config) = ConfigHandler::new();
-    // Envoy's four types, and the L4 policies that select the waypoint's pods.
+    // Envoy's four types, the L4 policies that select the waypoint's pods and the
+    // workloads it fronts.
     let types: Vec<&'static str> = ambit_xds::type_url::WAYPOINT
         .into_iter()
-        .chain([ambit_xds::type_url::AUTHORIZATION])
+        .chain(ambit_xds::type_url::WAYPOINT_AMBIT)
         .collect();
     let node_id = ambit_xds::waypoint::node_id(&args.namespace, &args.name);
     let xds = ambit_xds::client::XdsClient::spawn(

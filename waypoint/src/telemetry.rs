@@ -80,6 +80,62 @@ pub struct UpstreamLabels {
     pub response_flags: &'static str,
 }
 
+/// One TCP series (`istio_tcp_*` with `reporter="waypoint"`): a `tcp` service port, or
+/// workload-addressed traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// The caller's workload, from its `baggage`.
+    pub source_workload: String,
+    /// The caller's namespace, from its identity.
+    pub source_workload_namespace: String,
+    /// The caller's SPIFFE ID.
+    pub source_principal: String,
+    /// The service (`unknown` for workload-addressed traffic).
+    pub destination_service: String,
+    /// The workload the bytes went to.
+    pub destination_workload: String,
+    /// Its namespace.
+    pub destination_workload_namespace: String,
+    /// Its identity (HBONE), `unknown` in plaintext.
+    pub destination_principal: String,
+    /// Always `tcp`.
+    pub request_protocol: &'static str,
+    /// Always `mutual_tls`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    /// The labels of a tunnel's bytes to `ep` (`workload`: its namespace and name).
+    pub fn of(
+        ctx: &crate::proxy::RequestContext,
+        meta: &ambit_hbone::baggage::PeerMetadata,
+        service: &str,
+        workload: Option<(&str, &str)>,
+        ep: &crate::config::Endpoint,
+    ) -> Self {
+        let unknown = || UNKNOWN.to_owned();
+        Self {
+            reporter: "waypoint",
+            source_workload: meta.workload.clone().unwrap_or_else(unknown),
+            source_workload_namespace: ctx
+                .peer
+                .as_ref()
+                .map(|p| p.namespace().to_owned())
+                .or_else(|| meta.namespace.clone())
+                .unwrap_or_else(unknown),
+            source_principal: ctx.peer.as_ref().map_or_else(unknown, |p| p.to_string()),
+            destination_service: service.to_owned(),
+            destination_workload: workload.map_or_else(unknown, |(_, n)| n.to_owned()),
+            destination_workload_namespace: workload.map_or_else(unknown, |(ns, _)| ns.to_owned()),
+            destination_principal: ep.hbone.as_ref().map_or_else(unknown, |p| p.to_string()),
+            request_protocol: "tcp",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+}
+
 /// A cluster's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
@@ -103,6 +159,14 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     /// `ambit_waypoint_upstream_retries_total`.
     pub retries: Family<ClusterLabels, Counter>,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total`: caller to upstream.
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: upstream to caller.
+    pub tcp_received: Family<TcpLabels, Counter>,
 }
 
 /// Istio's duration buckets (milliseconds).
@@ -158,6 +222,31 @@ impl Default for Metrics {
             "Retries the waypoint made",
             retries.clone(),
         );
+        let tcp = |registry: &mut Registry, name: &str, help: &str| {
+            let f = Family::<TcpLabels, Counter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let tcp_opened = tcp(
+            &mut registry,
+            "istio_tcp_connections_opened",
+            "TCP connections the waypoint opened upstream",
+        );
+        let tcp_closed = tcp(
+            &mut registry,
+            "istio_tcp_connections_closed",
+            "TCP connections the waypoint closed",
+        );
+        let tcp_sent = tcp(
+            &mut registry,
+            "istio_tcp_sent_bytes",
+            "Bytes from the caller to the upstream",
+        );
+        let tcp_received = tcp(
+            &mut registry,
+            "istio_tcp_received_bytes",
+            "Bytes from the upstream to the caller",
+        );
         Self {
             registry,
             requests,
@@ -166,6 +255,10 @@ impl Default for Metrics {
             response_bytes,
             upstream_requests,
             retries,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
         }
     }
 }

@@ -393,7 +393,7 @@ impl Upstreams {
         // Boxed: a new connection is rare (they are pooled) and its future is large;
         // inline, it would make every request's future that much bigger.
         Box::pin(async {
-            let io = self.dial(ep, key.client, cluster).await?;
+            let io = self.dial(ep, key.client, cluster.connect_timeout).await?;
             let (sender, conn) = http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -424,7 +424,7 @@ impl Upstreams {
         }
         // Boxed, as for HTTP/1.1.
         let sender = Box::pin(async {
-            let io = self.dial(ep, key.client, cluster).await?;
+            let io = self.dial(ep, key.client, cluster.connect_timeout).await?;
             let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -443,12 +443,13 @@ impl Upstreams {
         Ok(sender)
     }
 
-    /// A byte stream to `ep`: HBONE if it has an identity, else plaintext TCP.
+    /// A byte stream to `ep`: HBONE if it has an identity, else plaintext TCP, within
+    /// `connect_timeout`.
     pub async fn dial(
         &self,
         ep: &Endpoint,
         client: Option<IpAddr>,
-        cluster: &Cluster,
+        connect_timeout: Duration,
     ) -> Result<UpstreamIo, UpstreamError> {
         let connect = async {
             match &ep.hbone {
@@ -490,7 +491,7 @@ impl Upstreams {
                 }
             }
         };
-        tokio::time::timeout(cluster.connect_timeout, connect)
+        tokio::time::timeout(connect_timeout, connect)
             .await
             .map_err(|_| UpstreamError::Connect(format!("{}: connect timeout", ep.addr)))?
     }

@@ -44,6 +44,8 @@ services:
      selector: {app: flaky}, labels: {ambit.dev/waypoint: wp}}
   - {name: stuck, namespace: shop, vips: [10.96.1.14], ports: [{name: http, port: 80, targetPort: 18080}, {name: tcp, port: 9000}],
      selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
+destinationRules:
+  - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
 httpRoutes:
   - name: web
     namespace: shop

@@ -31,6 +31,7 @@ workloads:
   - {name: db, namespace: shop, node: node-2, ips: [10.244.2.19], labels: {app: db}}
   - {name: lazy, namespace: shop, node: node-2, ips: [10.244.2.20], labels: {app: balance}}
   - {name: quick, namespace: shop, node: node-2, ips: [10.244.2.21], labels: {app: balance}}
+  - {name: direct, namespace: shop, node: node-2, ips: [10.244.2.22], labels: {app: direct}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -56,6 +57,8 @@ services:
      selector: {app: balance}, labels: {ambit.dev/waypoint: wp}}
   - {name: balance-lr, namespace: shop, vips: [10.96.0.81], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: balance}, labels: {ambit.dev/waypoint: wp}}
+  - {name: direct, namespace: shop, vips: [10.96.0.90], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: direct}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - name: balance-lr
     namespace: shop
@@ -167,6 +170,66 @@ async fn world() -> World {
 }
 
 #[tokio::test]
+async fn waypoint_carries_workload_addressed_tunnels_at_l4_only_for_the_workloads_it_fronts() {
+    let w = world().await;
+    // A workload behind the waypoint (its service names it), listening for real on a
+    // loopback address: a CONNECT to its IP:port, not to a VIP, goes to it at L4.
+    let direct = Backend::start_at("direct", "127.0.0.77:8080".parse().unwrap()).await;
+    w.wp.workload_ips.lock().unwrap().insert(
+        "10.244.2.22".parse().unwrap(),
+        "127.0.0.77".parse().unwrap(),
+    );
+    w.wp.apply(&model(&mesh())).unwrap();
+    let mut c = w.wp.http1("127.0.0.77:8080").await;
+    let a = send1(&mut c, req("GET", "anything", "/whatever", &[])).await;
+    // Not routed (no route would match this host): the workload itself answered.
+    assert_eq!((a.status, a.backend()), (200, "direct"), "{a:?}");
+    assert_eq!(direct.state.requests.load(Ordering::SeqCst), 1);
+    drop(c);
+    // Counted as Istio counts the waypoint's TCP traffic.
+    let labels = [
+        "reporter=\"waypoint\"",
+        "destination_workload=\"direct\"",
+        "destination_workload_namespace=\"shop\"",
+        "destination_service=\"unknown\"",
+        "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &w.wp.metrics.encode(),
+        "istio_tcp_connections_closed_total",
+        &labels,
+    ) < 1.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = w.wp.metrics.encode();
+    assert_eq!(
+        sample(&m, "istio_tcp_connections_opened_total", &labels),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "istio_tcp_sent_bytes_total", &labels) > 0.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "istio_tcp_received_bytes_total", &labels) > 0.0,
+        "{m}"
+    );
+    // The waypoint's own pod, or an address no workload has, is not its to carry: a
+    // client cannot use the waypoint as a relay to arbitrary addresses.
+    for authority in ["10.244.1.20:8080", "10.244.9.9:80"] {
+        let err = w.wp.tunnel(authority).await.err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("400")),
+            "{authority}: {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn waypoint_balances_round_robin_or_least_request_as_the_destination_rule_says() {
     let w = world().await;
     // 8 clients, 10 requests each, to two endpoints of which one answers in 100 ms and
@@ -193,7 +256,10 @@ async fn waypoint_balances_round_robin_or_least_request_as_the_destination_rule_
     // gets only what arrives while the fast one is as busy.
     let lr = lazy_share("10.96.0.81:80").await;
     eprintln!("least request: {lr} of 80 to the slow endpoint (round robin: {rr})");
-    assert!(lr <= 24, "least request sent {lr} of 80 to the slow endpoint");
+    assert!(
+        lr <= 24,
+        "least request sent {lr} of 80 to the slow endpoint"
+    );
 }
 
 #[tokio::test]

@@ -78,6 +78,10 @@ pub mod type_url {
     /// Every type a waypoint subscribes to, in the order Envoy's xDS protocol wants them
     /// applied (clusters before endpoints, listeners before routes).
     pub const WAYPOINT: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+    /// Ambit's types an `ambit-waypoint` also subscribes to (a stock Envoy does not): the
+    /// L4 policies that select its pods, and the workloads it fronts (whose pod IPs it
+    /// takes workload-addressed tunnels for).
+    pub const WAYPOINT_AMBIT: [&str; 2] = [AUTHORIZATION, WORKLOAD];
 
     /// The HTTP connection manager network filter.
     pub const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";

@@ -55,6 +55,9 @@ pub struct Snapshot {
     waypoints: BTreeMap<String, waypoint::Resources>,
     /// Each waypoint's identity, by node id.
     waypoint_identities: BTreeMap<String, ambit_identity::Identity>,
+    /// The workloads each waypoint fronts (uids, by node id): the `ambit.v1.Workload`s it
+    /// is sent, so it knows which pod IPs it may take workload-addressed traffic for.
+    waypoint_workloads: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Snapshot {
@@ -81,6 +84,12 @@ impl Snapshot {
             };
             s.workloads
                 .insert(w.uid.clone(), encode(type_url::WORKLOAD, &w.uid, &r));
+            if let Some(wp) = &w.waypoint {
+                s.waypoint_workloads
+                    .entry(waypoint::node_id(&w.namespace, wp))
+                    .or_default()
+                    .insert(w.uid.clone());
+            }
         }
         for svc in m.services.values() {
             let name = format!("{}/{}", svc.namespace, svc.name);
@@ -157,6 +166,7 @@ impl Snapshot {
             r.version.hash(&mut h);
             nodes.hash(&mut h);
         }
+        self.waypoint_workloads.hash(&mut h);
         for (node, types) in &self.waypoints {
             node.hash(&mut h);
             for (t, rs) in types {
@@ -182,6 +192,14 @@ impl Snapshot {
         type_url: &str,
     ) -> Box<dyn Iterator<Item = &'a Arc<VersionedResource>> + 'a> {
         match type_url {
+            // A waypoint gets the workloads it fronts; an agent every workload.
+            type_url::WORKLOAD if self.is_waypoint(node) => Box::new(
+                self.waypoint_workloads
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|uid| self.workloads.get(uid)),
+            ),
             type_url::WORKLOAD => Box::new(self.workloads.values()),
             type_url::SERVICE => Box::new(self.services.values()),
             type_url::AUTHORIZATION => Box::new(
@@ -200,6 +218,11 @@ impl Snapshot {
     /// One resource, if `node` is sent it.
     pub fn get(&self, node: &str, type_url: &str, name: &str) -> Option<&Arc<VersionedResource>> {
         match type_url {
+            type_url::WORKLOAD if self.is_waypoint(node) => self
+                .waypoint_workloads
+                .get(node)
+                .filter(|uids| uids.contains(name))
+                .and_then(|_| self.workloads.get(name)),
             type_url::WORKLOAD => self.workloads.get(name),
             type_url::SERVICE => self.services.get(name),
             type_url::AUTHORIZATION => self

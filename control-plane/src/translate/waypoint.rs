@@ -883,6 +883,23 @@ destinationRules:
     }
 
     #[test]
+    fn a_waypoint_is_sent_the_workloads_it_fronts_and_no_others() {
+        let m = model();
+        let snap = super::super::Snapshot::from_model(&m);
+        let node = node_id("shop", "wp");
+        let names: Vec<String> = snap
+            .resources(&node, type_url::WORKLOAD)
+            .map(|r| r.name.clone())
+            .collect();
+        // web's pods (web names the waypoint) and db's; not the waypoint's own pod.
+        assert_eq!(names, ["shop/db-0", "shop/web-v1-0", "shop/web-v2-0"]);
+        assert!(snap.get(&node, type_url::WORKLOAD, "shop/wp-0").is_none());
+        assert!(snap.get(&node, type_url::WORKLOAD, "shop/db-0").is_some());
+        // An agent still gets every workload.
+        assert_eq!(snap.resources("node-1", type_url::WORKLOAD).count(), 4);
+    }
+
+    #[test]
     fn versions_are_stable_across_builds() {
         let (a, b) = (model(), model());
         let (ra, rb) = (

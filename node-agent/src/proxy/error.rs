@@ -29,10 +29,10 @@ pub enum Error {
     /// Outbound: the service has no endpoint of the connection's family.
     #[error("service {0} has no endpoint to send the connection to")]
     NoHealthyUpstream(String),
-    /// The service has a waypoint and none of its pods is ready: fail closed.
-    #[error("service {service} goes through waypoint {waypoint}, which has no ready pod")]
+    /// The service or workload has a waypoint and none of its pods is ready: fail closed.
+    #[error("{service} goes through waypoint {waypoint}, which has no ready pod")]
     NoWaypoint {
-        /// The service's hostname.
+        /// The service's hostname, or the workload's `namespace/name`.
         service: String,
         /// `namespace/name` of its waypoint.
         waypoint: String,

@@ -56,6 +56,8 @@ pub struct Target {
 ///   (fail closed);
 /// - a service VIP → its endpoints of the destination's family (in the service's
 ///   order; the caller applies load balancing), each tunnelled if enrolled;
+/// - a workload's IP, if it has a waypoint → that waypoint's pods (the IP and port as
+///   the authority), like a VIP;
 /// - a workload's IP → HBONE if it is enrolled;
 /// - anything else → passthrough.
 pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Error> {
@@ -120,6 +122,38 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         });
     }
     let workload = state.workload_by_ip(dst.ip()).cloned();
+    // A workload behind a waypoint takes traffic only from it: workload-addressed
+    // connections go to the waypoint too (the authority is the pod's IP and port), as
+    // ztunnel sends them; none ready fails closed.
+    if let Some((w, wp)) = workload
+        .as_ref()
+        .and_then(|w| Some((w, w.waypoint.as_deref()?)))
+        .filter(|_| meshed)
+    {
+        let targets: Vec<Target> = state
+            .waypoint_pods(&w.namespace, wp)
+            .into_iter()
+            .filter_map(|p| {
+                let ip = p.ip_like(dst.ip())?;
+                Some(Target {
+                    workload: Some(p),
+                    addr: dst,
+                    hbone: true,
+                    waypoint: Some(ip),
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(Error::NoWaypoint {
+                service: w.display_name(),
+                waypoint: format!("{}/{wp}", w.namespace),
+            });
+        }
+        return Ok(Plan {
+            targets,
+            service: None,
+        });
+    }
     let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled);
     Ok(Plan {
         targets: vec![Target {

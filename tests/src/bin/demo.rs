@@ -387,19 +387,36 @@ fn l7<'a>(
 
     println!("\nIstio's request metrics (GET :15020/metrics on the waypoint, reporter=waypoint):");
     println!(
-        "  {:<44} {:<32} {:>5} {:>6} {:>6}",
-        "SOURCE PRINCIPAL", "DESTINATION SERVICE", "CODE", "FLAGS", "COUNT"
+        "  {:<12} {:<32} {:<14} {:<8} {:>5} {:>6} {:>6} {:>10}",
+        "SOURCE",
+        "DESTINATION SERVICE",
+        "DESTINATION",
+        "VERSION",
+        "CODE",
+        "FLAGS",
+        "COUNT",
+        "RESP BYTES"
     );
     let m = waypoint_metrics(c, wp)?;
     for line in m.lines().filter(|l| l.starts_with("istio_requests_total{")) {
         let label = |k: &str| label_of(line, k);
+        // The response sizes of the same series.
+        let series = &line["istio_requests_total".len()..line.rfind(' ').unwrap_or(line.len())];
+        let bytes = m
+            .lines()
+            .find(|l| l.starts_with("istio_response_bytes_sum") && l.contains(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("?");
         println!(
-            "  {:<44} {:<32} {:>5} {:>6} {:>6}",
-            label("source_principal"),
+            "  {:<12} {:<32} {:<14} {:<8} {:>5} {:>6} {:>6} {:>10}",
+            label("source_workload"),
             label("destination_service"),
+            label("destination_workload"),
+            label("destination_version"),
             label("response_code"),
             label("response_flags"),
-            line.rsplit(' ').next().unwrap_or("?")
+            line.rsplit(' ').next().unwrap_or("?"),
+            bytes
         );
     }
     println!("\nThe waypoint's access log (stderr), last 3 requests:");

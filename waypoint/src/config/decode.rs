@@ -595,3 +595,27 @@ pub fn endpoints(any: &protobuf::Any) -> Result<(String, Vec<Endpoint>), Error> 
     }
     Ok((cla.cluster_name, out))
 }
+
+/// An `ambit.v1.Workload` the waypoint fronts.
+pub fn fronted_workload(any: &protobuf::Any) -> Result<super::FrontedWorkload, Error> {
+    let w: ambit_xds::ambit::Workload = unpack(any, type_url::WORKLOAD)?;
+    let ips = w
+        .ips
+        .iter()
+        .map(|b| ambit_xds::convert::ip_from_bytes(b).map_err(|e| format!("ips: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ips.is_empty() {
+        return Err(format!("workload {}/{} has no IP", w.namespace, w.name));
+    }
+    let hbone = if w.enrolled {
+        Some(Identity::parse(&w.identity).map_err(|e| format!("identity: {e}"))?)
+    } else {
+        None
+    };
+    Ok(super::FrontedWorkload {
+        namespace: w.namespace,
+        name: w.name,
+        ips,
+        hbone,
+    })
+}

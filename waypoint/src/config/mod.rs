@@ -316,6 +316,22 @@ pub struct Resources {
     /// The L4 policies that select the waypoint's pods (`ambit.v1.Authorization`; a stock
     /// Envoy does not subscribe to them), by name.
     pub policies: BTreeMap<String, Arc<ambit_policy::Authorization>>,
+    /// The workloads the waypoint fronts (`ambit.v1.Workload`), by uid.
+    pub workloads: BTreeMap<String, Arc<FrontedWorkload>>,
+}
+
+/// A workload whose traffic must cross this waypoint: a CONNECT to one of its IPs (not
+/// a service VIP) is workload-addressed, and forwarded to it at L4.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontedWorkload {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its IPs.
+    pub ips: Vec<std::net::IpAddr>,
+    /// Reached over HBONE as this identity if it is enrolled; plaintext otherwise.
+    pub hbone: Option<Identity>,
 }
 
 /// What a request reads: every listener indexed by address, with its route
@@ -326,6 +342,7 @@ pub struct Config {
     pub resources: Resources,
     by_addr: HashMap<SocketAddr, Arc<Listener>>,
     hbone: HashMap<SocketAddr, Identity>,
+    fronted: HashMap<std::net::IpAddr, Arc<FrontedWorkload>>,
 }
 
 impl Config {
@@ -345,11 +362,22 @@ impl Config {
                 }
             }
         }
+        let fronted = resources
+            .workloads
+            .values()
+            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w.clone())))
+            .collect();
         Self {
             resources,
             by_addr,
             hbone,
+            fronted,
         }
+    }
+
+    /// The workload fronted by this waypoint that owns `ip`, if any.
+    pub fn fronted(&self, ip: std::net::IpAddr) -> Option<&Arc<FrontedWorkload>> {
+        self.fronted.get(&ip)
     }
 
     /// The listener for a CONNECT authority.

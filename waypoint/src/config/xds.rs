@@ -112,6 +112,15 @@ impl Handler for ConfigHandler {
                     next.policies.remove(&n);
                 }
             }
+            type_url::WORKLOAD => {
+                for (name, any) in updated {
+                    let w = decode::fronted_workload(&any).map_err(|e| refuse(&name, e))?;
+                    next.workloads.insert(name, Arc::new(w));
+                }
+                for n in removed {
+                    next.workloads.remove(&n);
+                }
+            }
             other => return Err(ApplyError::UnexpectedType(other.to_owned())),
         }
         self.resources = next;

@@ -196,6 +196,9 @@ pub struct TestWaypoint {
     held: Mutex<BTreeMap<&'static str, Vec<String>>>,
     /// Mesh endpoint address → where it really listens.
     pub endpoints: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// Mesh workload IP → the loopback IP it really has (workload-addressed tunnels dial
+    /// the CONNECT's own address).
+    pub workload_ips: Mutex<HashMap<std::net::IpAddr, std::net::IpAddr>>,
     _certs: watch::Sender<Option<Arc<Certs>>>,
     pub metrics: Arc<ambit_waypoint::telemetry::Metrics>,
     pub config: watch::Receiver<Arc<ambit_waypoint::config::Config>>,
@@ -243,6 +246,7 @@ impl TestWaypoint {
             handler: Mutex::new(handler),
             held: Mutex::default(),
             endpoints: Mutex::default(),
+            workload_ips: Mutex::default(),
             _certs: certs_tx,
             config,
             metrics,
@@ -273,9 +277,17 @@ impl TestWaypoint {
                 .map(|r| (r.name.clone(), r.clone()))
                 .collect(),
         );
+        // And the workloads it fronts.
+        resources.insert(
+            type_url::WORKLOAD,
+            snapshot
+                .resources(&tw::node_id(&wp.namespace, &wp.name), type_url::WORKLOAD)
+                .map(|r| (r.name.clone(), r.clone()))
+                .collect(),
+        );
         for t in type_url::WAYPOINT
             .into_iter()
-            .chain([type_url::AUTHORIZATION])
+            .chain(type_url::WAYPOINT_AMBIT)
         {
             let rs = resources.get(t).cloned().unwrap_or_default();
             let updated: Vec<(String, Any)> = rs
@@ -284,6 +296,9 @@ impl TestWaypoint {
                     let mut any = r.resource.clone();
                     if t == type_url::ENDPOINT {
                         any.value = self.remap(&any.value);
+                    }
+                    if t == type_url::WORKLOAD {
+                        any.value = self.remap_workload(&any.value);
                     }
                     (name.clone(), any)
                 })
@@ -312,6 +327,18 @@ impl TestWaypoint {
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
         self.handler.lock().unwrap().apply(t, updated, removed)
+    }
+
+    fn remap_workload(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut w = ambit_xds::ambit::Workload::decode(bytes).unwrap();
+        let map = self.workload_ips.lock().unwrap();
+        for ip in &mut w.ips {
+            let mesh = ambit_xds::convert::ip_from_bytes(ip).unwrap();
+            if let Some(real) = map.get(&mesh) {
+                *ip = ambit_xds::convert::ip_to_bytes(real);
+            }
+        }
+        w.encode_to_vec()
     }
 
     fn remap(&self, bytes: &[u8]) -> Vec<u8> {
