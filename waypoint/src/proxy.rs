@@ -113,9 +113,10 @@ pub async fn handle(
         + header_bytes(&parts.headers);
     let request_bytes = Arc::new(AtomicU64::new(0));
     let body = Counted::new(body, request_bytes.clone());
+    // For the access log: cheap clones (shared bytes), read only when it is written.
     let method = parts.method.clone();
-    let authority = router::host_of(&parts);
-    let path = parts.uri.path().to_owned();
+    let uri = parts.uri.clone();
+    let host = parts.headers.get(header::HOST).cloned();
     let mut attempts = 0;
     let mut upstream: Option<Endpoint> = None;
     let (resp, flag) = match pick(&config, &ctx.route_config, &parts) {
@@ -150,8 +151,8 @@ pub async fn handle(
         ctx,
         started,
         method,
-        authority,
-        path,
+        uri,
+        host,
         status: parts.status.as_u16(),
         flag,
         attempts,
@@ -193,8 +194,8 @@ pub struct Report {
     ctx: Arc<RequestContext>,
     started: Instant,
     method: http::Method,
-    authority: String,
-    path: String,
+    uri: Uri,
+    host: Option<HeaderValue>,
     status: u16,
     flag: Option<Flag>,
     attempts: u32,
@@ -248,8 +249,13 @@ impl OnEnd for Report {
             target: "access",
             listener = %self.ctx.listener,
             method = %self.method,
-            authority = %self.authority,
-            path = %self.path,
+            authority = self
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+                .unwrap_or("-"),
+            path = self.uri.path(),
             status = self.status,
             grpc_status = grpc_status.map_or_else(|| "-".to_owned(), |g| g.to_string()),
             flags,
@@ -321,7 +327,7 @@ fn redirect(rd: &Redirect, route: &Route, parts: &http::request::Parts) -> Respo
         .clone()
         .or_else(|| parts.uri.scheme_str().map(str::to_owned))
         .unwrap_or_else(|| "http".into());
-    let host = rd.host.clone().unwrap_or(host);
+    let host = rd.host.clone().unwrap_or_else(|| host.into_owned());
     let port = rd.port.map(|p| format!(":{p}")).unwrap_or_default();
     let path = match (&rd.path, &rd.prefix_rewrite) {
         (Some(p), _) => p.clone(),
@@ -378,7 +384,7 @@ fn weighted(clusters: &[(String, u32)]) -> Option<&str> {
 
 /// What an attempt gave.
 enum Attempt {
-    Response(Response<Incoming>),
+    Response(Response<ProxyBody>),
     Failed(UpstreamError),
     TimedOut,
 }
@@ -419,30 +425,39 @@ async fn forward(
         );
     }
 
-    // The request as the upstream gets it.
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
+    // The request as the upstream gets it: its own path and authority (shared bytes, no
+    // copy) unless the route rewrites them.
+    let path_and_query = if fw.prefix_rewrite.is_some() || fw.regex_rewrite.is_some() {
+        let mut path = parts.uri.path().to_owned();
+        if let Some(rw) = &fw.prefix_rewrite {
+            path = replace_prefix(route, &path, rw);
+        }
+        if let Some((re, sub)) = &fw.regex_rewrite {
+            path = re.replace_all(&path, sub.as_str()).into_owned();
+        }
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        match http::uri::PathAndQuery::try_from(pq) {
+            Ok(pq) => pq,
+            Err(_) => return fail(StatusCode::BAD_REQUEST, "bad request", Flag::Direct),
+        }
+    } else {
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+    };
+    let authority = match &fw.host_rewrite {
+        Some(h) => http::uri::Authority::try_from(h.as_str()).ok(),
+        None => parts.uri.authority().cloned().or_else(|| {
             parts
                 .headers
                 .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let host = fw.host_rewrite.clone().unwrap_or(host);
-    let mut path = parts.uri.path().to_owned();
-    if let Some(rw) = &fw.prefix_rewrite {
-        path = replace_prefix(route, &path, rw);
-    }
-    if let Some((re, sub)) = &fw.regex_rewrite {
-        path = re.replace_all(&path, sub.as_str()).into_owned();
-    }
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        }),
     };
     let te_trailers = parts
         .headers
@@ -464,14 +479,27 @@ async fn forward(
     );
     let uri = match cluster.protocol {
         UpstreamProtocol::Http1 => {
-            if let Ok(v) = HeaderValue::from_str(&host) {
+            // HTTP/1.1 carries the authority in Host: kept as it came, unless rewritten
+            // or the request's URI has one (an HTTP/2 client's :authority, or an
+            // absolute-form request line, which wins over Host).
+            if (fw.host_rewrite.is_some()
+                || parts.uri.authority().is_some()
+                || !parts.headers.contains_key(header::HOST))
+                && let Some(v) = authority
+                    .as_ref()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 parts.headers.insert(header::HOST, v);
             }
-            path_and_query.parse::<Uri>()
+            Ok(Uri::from(path_and_query))
         }
         UpstreamProtocol::Http2 => {
             parts.headers.remove(header::HOST);
-            format!("http://{host}{path_and_query}").parse::<Uri>()
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(http::uri::Scheme::HTTP);
+            p.authority = authority;
+            p.path_and_query = Some(path_and_query);
+            Uri::from_parts(p)
         }
     };
     let Ok(uri) = uri else {
@@ -507,7 +535,8 @@ async fn forward(
     };
 
     let deadline = fw.timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Rarely more than a few: kept inline, no allocation per request.
+    let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
@@ -633,7 +662,7 @@ async fn one_attempt(
     }
 }
 
-fn retriable_response(p: &RetryPolicy, r: &Response<Incoming>) -> bool {
+fn retriable_response(p: &RetryPolicy, r: &Response<ProxyBody>) -> bool {
     let s = r.status().as_u16();
     let on = &p.retry_on;
     (on.five_xx && (500..600).contains(&s))
@@ -659,12 +688,11 @@ fn retriable_error(p: &RetryPolicy, e: &UpstreamError) -> bool {
     }
 }
 
-fn response_from(r: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, b) = r.into_parts();
+fn response_from(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
     for h in &HOP_BY_HOP {
-        parts.headers.remove(h);
+        r.headers_mut().remove(h);
     }
-    Response::from_parts(parts, body::stream(b))
+    r
 }
 
 #[cfg(test)]

@@ -7,20 +7,25 @@ use http::request::Parts;
 use crate::config::{HeaderMatch, PathMatch, Route, RouteConfig, StringMatch, VirtualHost};
 
 /// The `Host` a request names, without a port, lowercase.
-pub fn host_of(parts: &Parts) -> String {
+pub fn host_of(parts: &Parts) -> std::borrow::Cow<'_, str> {
     let raw = parts
         .uri
         .authority()
-        .map(|a| a.host().to_owned())
+        .map(|a| a.host())
         .or_else(|| {
             parts
                 .headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| strip_port(h).to_owned())
+                .map(strip_port)
         })
         .unwrap_or_default();
-    raw.to_ascii_lowercase()
+    // Borrowed unless it needs lowering: no allocation per request for the usual host.
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(raw)
+    }
 }
 
 fn strip_port(h: &str) -> &str {
@@ -108,7 +113,7 @@ fn header_matches(h: &HeaderMatch, parts: &Parts) -> bool {
     let value: Option<String> = match h.name.as_str() {
         ":method" => Some(parts.method.as_str().to_owned()),
         ":path" => parts.uri.path_and_query().map(|p| p.as_str().to_owned()),
-        ":authority" => Some(host_of(parts)),
+        ":authority" => Some(host_of(parts).into_owned()),
         ":scheme" => Some(parts.uri.scheme_str().unwrap_or("http").to_owned()),
         name => {
             // Several values are matched as Envoy does: joined with ",".

@@ -333,7 +333,7 @@ impl Upstreams {
         ep: &Endpoint,
         client: Option<IpAddr>,
         req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<ProxyBody>, UpstreamError> {
         let key = ConnKey {
             addr: ep.addr,
             client: ep.hbone.as_ref().and(client),
@@ -346,30 +346,30 @@ impl Upstreams {
                     .ready()
                     .await
                     .map_err(|e| UpstreamError::Reset(e.to_string()))?;
-                sender.send_request(req).await.map_err(classify)
+                let resp = sender.send_request(req).await.map_err(classify)?;
+                Ok(resp.map(crate::body::stream))
             }
             UpstreamProtocol::Http1 => {
                 let mut sender = self.sender1(&key, ep, cluster).await?;
                 let resp = sender.send_request(req).await.map_err(classify)?;
-                // Back to the pool once the response has been read.
-                let pool = self.idle1.clone();
-                tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        let now = Instant::now();
-                        let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
-                        let v = idle.entry(key).or_default();
-                        // The least recently used are first: close those idle too long.
-                        let stale = v
-                            .iter()
-                            .take_while(|(_, t)| now.duration_since(*t) > IDLE_FOR)
-                            .count();
-                        v.drain(..stale);
-                        if v.len() < MAX_IDLE {
-                            v.push((sender, now));
-                        }
+                // Back to the pool when the response body has been read to its end (by
+                // the body itself: no task per response). Dropped unfinished, the
+                // connection cannot be reused and goes with it.
+                let mut ret = PoolReturn {
+                    sender: Some(sender),
+                    key: Some(key),
+                    pool: self.idle1.clone(),
+                };
+                Ok(resp.map(|inner| {
+                    // An empty body is never polled: its connection is free already.
+                    if http_body::Body::is_end_stream(&inner) {
+                        ret.give_back();
                     }
-                });
-                Ok(resp)
+                    http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                        ReturningBody { inner, ret },
+                        crate::body::BoxError::from,
+                    ))
+                }))
             }
         }
     }
@@ -380,14 +380,19 @@ impl Upstreams {
         ep: &Endpoint,
         cluster: &Cluster,
     ) -> Result<Sender1, UpstreamError> {
-        {
-            let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = idle.get_mut(key) {
-                while let Some((s, _)) = v.pop() {
-                    if s.is_ready() {
-                        return Ok(s);
-                    }
-                }
+        loop {
+            let popped = {
+                let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
+                idle.get_mut(key).and_then(Vec::pop)
+            };
+            let Some((mut s, _)) = popped else { break };
+            if s.is_ready() {
+                return Ok(s);
+            }
+            // Returned as its response ended, the connection may not have seen that end
+            // yet; a closed one is dropped.
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Ok(s);
             }
         }
         // Boxed: a new connection is rare (they are pooled) and its future is large;
@@ -509,4 +514,69 @@ fn classify(e: hyper::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::Reset(e.to_string())
+}
+
+/// Puts an HTTP/1.1 connection back into its idle pool.
+struct PoolReturn {
+    sender: Option<Sender1>,
+    key: Option<ConnKey>,
+    pool: Arc<Mutex<IdlePool>>,
+}
+
+impl PoolReturn {
+    fn give_back(&mut self) {
+        let (Some(sender), Some(key)) = (self.sender.take(), self.key.take()) else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let v = idle.entry(key).or_default();
+        // The least recently used are first: close those idle too long.
+        let stale = v
+            .iter()
+            .take_while(|(_, t)| now.duration_since(*t) > IDLE_FOR)
+            .count();
+        v.drain(..stale);
+        if v.len() < MAX_IDLE {
+            v.push((sender, now));
+        }
+    }
+}
+
+/// An upstream HTTP/1.1 response body that returns its connection to the pool when it
+/// has been read to its end.
+pub struct ReturningBody {
+    inner: Incoming,
+    ret: PoolReturn,
+}
+
+impl http_body::Body for ReturningBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.ret.give_back(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
+                self.ret.give_back()
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

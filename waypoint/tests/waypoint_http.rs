@@ -349,6 +349,15 @@ async fn waypoint_splits_by_weight() {
     }
     // 80/20 within ±5 points.
     assert!((750..=850).contains(&v1), "v1 got {v1} of 1000");
+    // One client, one request at a time: each backend was reached over one kept-alive
+    // upstream connection (returned to the pool as each response ended).
+    for b in ["v1", "v2"] {
+        let conns = w.backends[b].state.connections.load(Ordering::SeqCst);
+        assert_eq!(
+            conns, 1,
+            "{b}: {conns} upstream connections for 1,000 requests"
+        );
+    }
     // The caller's baggage names it in Istio's request labels.
     let m = w.wp.metrics.encode();
     let line = m

@@ -94,6 +94,8 @@ impl Pki {
 #[derive(Default)]
 pub struct BackendState {
     pub requests: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
     /// Answer every other request with 503.
     pub flaky: AtomicBool,
     /// Answer every request with this status (0: 200).
@@ -125,6 +127,7 @@ impl Backend {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let (n, st) = (n.clone(), st.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
