@@ -29,7 +29,7 @@ use ambit_tests::{
 };
 use anyhow::{Context, bail};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECONDS: u32 = 3;
 const PLAIN_HOST: &str = "web-plain.bench.svc.cluster.local";
 const MESH_HOST: &str = "web.bench.svc.cluster.local";
