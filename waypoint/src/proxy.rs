@@ -113,10 +113,26 @@ pub async fn handle(
         + header_bytes(&parts.headers);
     let request_bytes = Arc::new(AtomicU64::new(0));
     let body = Counted::new(body, request_bytes.clone());
-    // For the access log: cheap clones (shared bytes), read only when it is written.
-    let method = parts.method.clone();
-    let uri = parts.uri.clone();
-    let host = parts.headers.get(header::HOST).cloned();
+    // Reported however the request ends: if the client goes away before the answer
+    // (this future is dropped), as code 0 with `DC`, as Envoy does. For the access log,
+    // cheap clones (shared bytes), read only when it is written.
+    let mut report = Report(Some(Exchange {
+        ctx: ctx.clone(),
+        started,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        host: parts.headers.get(header::HOST).cloned(),
+        status: 0,
+        flag: None,
+        attempts: 0,
+        upstream: None,
+        grpc: false,
+        grpc_status: None,
+        request_header_bytes,
+        request_bytes,
+        response_header_bytes: 0,
+        traceparent,
+    }));
     let mut attempts = 0;
     let mut upstream: Option<Endpoint> = None;
     let (resp, flag) = match pick(&config, &ctx.route_config, &parts) {
@@ -147,24 +163,16 @@ pub async fn handle(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let (parts, body) = resp.into_parts();
-    let report = Report {
-        ctx,
-        started,
-        method,
-        uri,
-        host,
-        status: parts.status.as_u16(),
-        flag,
-        attempts,
-        upstream,
-        grpc,
+    if let Some(x) = report.0.as_mut() {
+        x.status = parts.status.as_u16();
+        x.flag = flag;
+        x.attempts = attempts;
+        x.upstream = upstream;
+        x.grpc = grpc;
         // A trailers-only answer carries its status in the headers.
-        grpc_status: body::grpc_status(&parts.headers),
-        request_header_bytes,
-        request_bytes,
-        response_header_bytes: header_bytes(&parts.headers),
-        traceparent,
-    };
+        x.grpc_status = body::grpc_status(&parts.headers);
+        x.response_header_bytes = header_bytes(&parts.headers);
+    }
     Ok(Response::from_parts(parts, Reported::new(body, report)))
 }
 
@@ -189,8 +197,28 @@ fn header_bytes(h: &HeaderMap) -> u64 {
 }
 
 /// What a request reports when its response ends: one count in Istio's metrics and one
-/// access-log line.
-pub struct Report {
+/// access-log line. Dropped before that (the client left while the waypoint waited for
+/// the upstream), it reports the request as abandoned.
+pub struct Report(Option<Exchange>);
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(x) = self.0.take() {
+            x.record(0, None, End::Abandoned);
+        }
+    }
+}
+
+impl OnEnd for Report {
+    fn end(mut self, bytes: u64, trailer_status: Option<u32>, end: End) {
+        if let Some(x) = self.0.take() {
+            x.record(bytes, trailer_status, end);
+        }
+    }
+}
+
+/// One request, as far as it got.
+struct Exchange {
     ctx: Arc<RequestContext>,
     started: Instant,
     method: http::Method,
@@ -208,8 +236,8 @@ pub struct Report {
     traceparent: HeaderValue,
 }
 
-impl OnEnd for Report {
-    fn end(self, bytes: u64, trailer_status: Option<u32>, end: End) {
+impl Exchange {
+    fn record(self, bytes: u64, trailer_status: Option<u32>, end: End) {
         let flag = self.flag.or(match end {
             End::Complete => None,
             End::UpstreamFailed => Some(Flag::Reset),

@@ -549,6 +549,38 @@ async fn waypoint_never_retries_a_body_over_the_buffer() {
 }
 
 #[tokio::test]
+async fn a_request_the_client_abandons_is_still_counted_and_logged_with_dc() {
+    let w = world().await;
+    // web-v1 answers in 2 s; the client gives up (resets its stream) after 200 ms, while
+    // the waypoint still waits for the upstream.
+    w.backends["v1"]
+        .state
+        .delay_ms
+        .store(2_000, Ordering::SeqCst);
+    let mut c = w.wp.http2("10.96.0.10:80").await;
+    c.ready().await.unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        c.send_request(get("web.shop.svc.cluster.local", "/api/slow")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered before the client gave up");
+    let dc = [
+        "response_code=\"0\"",
+        "response_flags=\"DC\"",
+        "destination_service_name=\"web\"",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(&w.wp.metrics.encode(), "istio_requests_total", &dc) < 1.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = w.wp.metrics.encode();
+    assert_eq!(sample(&m, "istio_requests_total", &dc), 1.0, "{m}");
+}
+
+#[tokio::test]
 async fn waypoint_per_try_timeout_retries_and_the_route_timeout_answers_504_on_time() {
     let w = world().await;
     let mut c = w.wp.http1("10.96.0.50:80").await;
