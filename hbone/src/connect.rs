@@ -69,6 +69,9 @@ pub struct ConnectRequest {
     pub authority: SocketAddr,
     /// `forwarded: for=...`: the source workload's IP.
     pub forwarded_for: Option<IpAddr>,
+    /// `forwarded: ...;host=...`: the service the client dialed (its host name), as
+    /// ztunnel sends it; a claim, to be checked against the destination's services.
+    pub forwarded_host: Option<String>,
     /// The W3C trace context the client sent.
     pub traceparent: Option<String>,
     /// The client's `baggage` (peer metadata for telemetry; see [`crate::baggage`]), if
@@ -85,6 +88,8 @@ pub struct ConnectHeaders<'a> {
     pub traceparent: &'a str,
     /// Peer metadata ([`crate::baggage::PeerMetadata::to_header`]), if any.
     pub baggage: Option<&'a str>,
+    /// The service host name the client dialed, if it dialed one (`forwarded: host=`).
+    pub host: Option<&'a str>,
 }
 
 impl ConnectRequest {
@@ -106,6 +111,7 @@ impl ConnectRequest {
         Ok(Self {
             authority,
             forwarded_for: header("forwarded").and_then(parse_forwarded),
+            forwarded_host: header("forwarded").and_then(parse_forwarded_host),
             traceparent: header("traceparent").map(str::to_owned),
             baggage: header("baggage")
                 .filter(|b| b.len() <= crate::baggage::MAX_LEN)
@@ -163,6 +169,7 @@ impl HboneClient {
             source,
             traceparent,
             baggage: None,
+            host: None,
         };
         self.connect_with(authority, &headers).await
     }
@@ -176,7 +183,7 @@ impl HboneClient {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
-            .header("forwarded", format!("for={}", forwarded_ip(headers.source)))
+            .header("forwarded", forwarded(headers.source, headers.host))
             .header("traceparent", headers.traceparent);
         if let Some(b) = headers.baggage {
             req = req.header("baggage", b);
@@ -253,21 +260,54 @@ fn forwarded_ip(ip: IpAddr) -> String {
     }
 }
 
+/// A `forwarded` header value: `for=<source>`, and `;host=<host>` when the client
+/// dialed a service (a host name that is not an RFC 7230 token is left out).
+fn forwarded(source: IpAddr, host: Option<&str>) -> String {
+    let for_ = forwarded_ip(source);
+    match host.filter(|h| is_host_name(h)) {
+        Some(h) => format!("for={for_};host={h}"),
+        None => format!("for={for_}"),
+    }
+}
+
+/// A DNS name (letters, digits, `-`, `.`), at most 253 bytes: safe as a bare token.
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// The first value of parameter `param` (any case) among `pairs` (`name=value` pieces),
+/// unquoted.
+fn forwarded_param<'a>(mut pairs: impl Iterator<Item = &'a str>, param: &str) -> Option<&'a str> {
+    let value = pairs.find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case(param)
+            .then_some(value.trim())
+    })?;
+    Some(
+        value
+            .strip_prefix('"')
+            .and_then(|n| n.strip_suffix('"'))
+            .unwrap_or(value),
+    )
+}
+
+/// The `host=` of a `forwarded` header's first element, quoted or not, if it is a DNS
+/// name (lowercased).
+pub fn parse_forwarded_host(v: &str) -> Option<String> {
+    let value = forwarded_param(v.split(',').next()?.split(';'), "host")?;
+    is_host_name(value).then(|| value.to_ascii_lowercase())
+}
+
 /// The first `for=` address of a `forwarded` header (RFC 7239): the parameter name in
 /// any case, the node bare (`10.0.0.1`) or quoted, with or without a port
 /// (`"10.0.0.1:4711"`, `"[fd00::1]"`, `"[fd00::1]:4711"`). Obfuscated and `unknown`
 /// nodes give `None`.
 pub fn parse_forwarded(v: &str) -> Option<IpAddr> {
-    let node = v.split([';', ',']).find_map(|pair| {
-        let (name, value) = pair.trim().split_once('=')?;
-        name.trim()
-            .eq_ignore_ascii_case("for")
-            .then_some(value.trim())
-    })?;
-    let node = node
-        .strip_prefix('"')
-        .and_then(|n| n.strip_suffix('"'))
-        .unwrap_or(node);
+    let node = forwarded_param(v.split([';', ',']), "for")?;
     if let Some(rest) = node.strip_prefix('[') {
         let (ip, port) = rest.split_once(']')?;
         return match port {
@@ -415,5 +455,34 @@ mod tests {
         assert_eq!(parse_forwarded("for=unknown, for=10.0.0.2"), None);
         assert_eq!(parse_forwarded("for=_hidden;proto=http"), None);
         assert_eq!(parse_forwarded("for=\"[fd00::1]x\""), None);
+        // ztunnel's form: the quoted node with a port, then the service host name.
+        let zt = "for=\"10.244.1.10:41234\";host=reviews.shop.svc.cluster.local";
+        assert_eq!(parse_forwarded(zt), ip("10.244.1.10"));
+        assert_eq!(
+            parse_forwarded_host(zt).as_deref(),
+            Some("reviews.shop.svc.cluster.local")
+        );
+        assert_eq!(
+            parse_forwarded_host("for=10.0.0.1;Host=\"Web.X\"").as_deref(),
+            Some("web.x")
+        );
+        for bad in [
+            "for=10.0.0.1",
+            "for=1.2.3.4;host=a/b",
+            "for=1.2.3.4;host=",
+            "for=1.2.3.4, for=5.6.7.8;host=x",
+        ] {
+            assert_eq!(parse_forwarded_host(bad), None, "{bad}");
+        }
+        // What we send parses back.
+        let v = forwarded(
+            "10.0.0.9".parse().unwrap(),
+            Some("web.shop.svc.cluster.local"),
+        );
+        assert_eq!(v, "for=10.0.0.9;host=web.shop.svc.cluster.local");
+        assert_eq!(
+            forwarded("10.0.0.9".parse().unwrap(), Some("bad host")),
+            "for=10.0.0.9"
+        );
     }
 }

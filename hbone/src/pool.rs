@@ -135,6 +135,7 @@ impl<D: Dialer> Pool<D> {
             source,
             traceparent,
             baggage: None,
+            host: None,
         };
         self.connect_with(key, target, authority, &headers).await
     }

@@ -67,6 +67,7 @@ pub fn hbone_probe(
                 source: "172.18.0.1".parse().unwrap(),
                 traceparent: "00-0-0-00",
                 baggage: Some(PROBE_BAGGAGE),
+                host: None,
             };
             let mut s = client
                 .connect_with(authority, &headers)

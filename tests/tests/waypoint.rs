@@ -207,6 +207,23 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
         ],
     );
     assert!(via >= 1.0, "no inbound connection from the waypoint:\n{m}");
+    // ...and, from the waypoint's `forwarded: host=`, the service it came through (the
+    // header route's backend, web-v2, whose endpoint this pod is).
+    let via_v2 = metric_sum(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", WAYPOINT_ID),
+            ("destination_service", "web-v2.default.svc.cluster.local"),
+            ("destination_service_name", "web-v2"),
+            ("destination_workload", &c.pod(2, 1).name),
+        ],
+    );
+    assert!(
+        via_v2 >= 1.0,
+        "no destination_service from forwarded host:\n{m}"
+    );
 
     // Memory stays bounded under large bodies: a 1 GiB upload and a 1 GiB download
     // stream through the waypoint (never held), its peak RSS under 64 MiB.

@@ -244,7 +244,7 @@ impl WaypointTunnel {
                     Some((&w.namespace, &w.name)),
                     &ep,
                 );
-                return forward(&self.ctx, &ep, WORKLOAD_CONNECT_TIMEOUT, labels, io)
+                return forward(&self.ctx, &ep, None, WORKLOAD_CONNECT_TIMEOUT, labels, io)
                     .await
                     .unwrap_or_else(
                         |e| debug!(authority = %self.authority, "workload-addressed tunnel: {e}"),
@@ -287,6 +287,7 @@ const WORKLOAD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn forward<S>(
     ctx: &RequestContext,
     ep: &Endpoint,
+    service: Option<&str>,
     connect_timeout: Duration,
     labels: TcpLabels,
     mut stream: S,
@@ -296,7 +297,7 @@ where
 {
     let mut up = ctx
         .upstreams
-        .dial(ep, ctx.client, connect_timeout)
+        .dial(ep, ctx.client, service, connect_timeout)
         .await
         .map_err(|e| e.to_string())?;
     let _guard = ctx.upstreams.start(ep.addr);
@@ -387,7 +388,16 @@ async fn tcp<S>(
             .as_deref()
             .map(|w| (w.namespace.as_str(), w.name.as_str()));
         let labels = TcpLabels::of(ctx, meta, service, workload, &ep);
-        match forward(ctx, &ep, c.connect_timeout, labels, &mut stream).await {
+        match forward(
+            ctx,
+            &ep,
+            c.service_host(),
+            c.connect_timeout,
+            labels,
+            &mut stream,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(e) => {
                 debug!(endpoint = %ep.addr, "TCP upstream: {e}");

@@ -398,7 +398,7 @@ impl Upstreams {
         // Boxed: a new connection is rare (they are pooled) and its future is large;
         // inline, it would make every request's future that much bigger.
         Box::pin(async {
-            let io = self.dial(ep, key.client, cluster.connect_timeout).await?;
+            let io = self.dial_for(key, ep, cluster).await?;
             let (sender, conn) = http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -410,6 +410,18 @@ impl Upstreams {
             Ok(sender)
         })
         .await
+    }
+
+    /// A new upstream connection's bytes, for `key` to `ep` of `cluster`.
+    async fn dial_for(
+        &self,
+        key: &ConnKey,
+        ep: &Endpoint,
+        cluster: &Cluster,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let host = cluster.service_host();
+        self.dial(ep, key.client, host, cluster.connect_timeout)
+            .await
     }
 
     async fn sender2(
@@ -429,7 +441,7 @@ impl Upstreams {
         }
         // Boxed, as for HTTP/1.1.
         let sender = Box::pin(async {
-            let io = self.dial(ep, key.client, cluster.connect_timeout).await?;
+            let io = self.dial_for(key, ep, cluster).await?;
             let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -449,11 +461,13 @@ impl Upstreams {
     }
 
     /// A byte stream to `ep`: HBONE if it has an identity, else plaintext TCP, within
-    /// `connect_timeout`.
+    /// `connect_timeout`; `service`: the host name of the service it is an endpoint of
+    /// (`forwarded: host=` on the tunnel, for the far side's telemetry).
     pub async fn dial(
         &self,
         ep: &Endpoint,
         client: Option<IpAddr>,
+        service: Option<&str>,
         connect_timeout: Duration,
     ) -> Result<UpstreamIo, UpstreamError> {
         let connect = async {
@@ -482,6 +496,7 @@ impl Upstreams {
                         source: client.unwrap_or(key.src),
                         traceparent: &tp,
                         baggage: self.baggage.as_deref(),
+                        host: service,
                     };
                     match self.hbone.connect_with(&key, &(), ep.addr, &headers).await {
                         Ok(s) => Ok(UpstreamIo::Hbone(s)),

@@ -30,7 +30,7 @@ use super::relay::{End, relay};
 use super::{Failure, Inputs, reset};
 use crate::capture::listeners::is_agent_port;
 use crate::capture::pods::Pod;
-use crate::state::{MeshState, MtlsMode, Workload};
+use crate::state::{MeshState, MtlsMode, Service, Workload};
 use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
 use crate::telemetry::{Direction, ReasonLabels, SecurityPolicy, Started};
 
@@ -49,6 +49,8 @@ pub struct Arrival {
     /// The peer metadata its CONNECT carried (`baggage`), unparsed: read only when the
     /// caller is not a workload the mesh state knows.
     pub baggage: Option<String>,
+    /// The service host name the caller says it dialed (`forwarded: host=`).
+    pub service_host: Option<String>,
 }
 
 /// An admitted connection: who it is for and who it is from.
@@ -117,6 +119,19 @@ pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Erro
     })
 }
 
+/// The service named `host` (`<name>.<namespace>.svc.cluster.local`) if `me` is one of
+/// its endpoints.
+fn claimed_service<'a>(
+    state: &'a MeshState,
+    host: &str,
+    me: &Workload,
+) -> Option<&'a Arc<Service>> {
+    let (name, namespace) = host.strip_suffix(".svc.cluster.local")?.split_once('.')?;
+    state
+        .service(&format!("{namespace}/{name}"))
+        .filter(|s| s.endpoints.contains(&me.uid))
+}
+
 /// Records an inbound failure for `pod`, naming what the state knows of both ends.
 fn record(inputs: &Inputs, pod: &Pod, a: &Arrival, e: &Error, started: Started) {
     let (me, src) = inputs.state.read(|s| {
@@ -158,6 +173,7 @@ pub async fn hbone_connection(
         dst: local,
         identity: None,
         baggage: None,
+        service_host: None,
     };
     let fail = |e: Error| record(&inputs, &pod, &early, &e, started);
     // Only the identity is needed: one `Arc` clone per connection.
@@ -226,6 +242,7 @@ async fn open_tunnel(
         dst,
         identity: Some(client_id),
         baggage: req.baggage,
+        service_host: req.forwarded_host,
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(&inputs, &pod, &arrival, &Error::BadAuthority(dst), started);
@@ -254,6 +271,7 @@ pub async fn plaintext_connection(
         dst,
         identity: None,
         baggage: None,
+        service_host: None,
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(
@@ -348,7 +366,13 @@ impl Delivery {
             src_workload: self.admitted.src.clone(),
             dst_workload: Some(self.admitted.me.clone()),
             src_identity: a.identity.clone(),
-            service: None,
+            // The service it came through, for telemetry: what the caller says it
+            // dialed, if this workload is one of that service's endpoints.
+            service: a.service_host.as_deref().and_then(|h| {
+                inputs
+                    .state
+                    .read(|s| claimed_service(s, h, &self.admitted.me).cloned())
+            }),
             security: if a.identity.is_some() {
                 SecurityPolicy::MutualTls
             } else {
@@ -420,6 +444,7 @@ mod tests {
             dst: "10.244.1.10:8080".parse().unwrap(),
             identity: identity.map(|s| Identity::new("cluster.local", "shop", s).unwrap()),
             baggage: None,
+            service_host: None,
         }
     }
 

@@ -241,7 +241,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
     let mut last: Option<(Error, usize)> = None;
     for (i, target) in plan.targets.iter().enumerate().take(MAX_ATTEMPTS) {
         let opened = match (&source, target.hbone) {
-            (Some(src), true) => open_hbone(&inputs, &pod, src, target)
+            (Some(src), true) => open_hbone(&inputs, &pod, src, target, plan.service.as_deref())
                 .await
                 .map(Upstream::Hbone),
             _ => open_direct(&inputs, &pod, target.addr)
@@ -316,6 +316,7 @@ async fn open_hbone(
     pod: &Arc<Pod>,
     source: &Workload,
     target: &Target,
+    service: Option<&Service>,
 ) -> Result<PooledStream, Error> {
     let dst = target
         .workload
@@ -346,6 +347,8 @@ async fn open_hbone(
         source: src_ip,
         traceparent: &tp,
         baggage: Some(&baggage),
+        // The service dialed, for the far side's telemetry (as ztunnel sends it).
+        host: service.map(|s| s.hostname.as_str()),
     };
     let connect = inputs.pool.connect_with(&key, pod, target.addr, &headers);
     match tokio::time::timeout(inputs.connect_timeout, connect).await {

@@ -288,6 +288,17 @@ pub struct Cluster {
     pub eds_name: String,
 }
 
+impl Cluster {
+    /// The service host name in an Istio cluster name (`outbound|<port>|<subset>|<host>`).
+    pub fn service_host(&self) -> Option<&str> {
+        let mut parts = self.name.split('|');
+        (parts.next() == Some("outbound"))
+            .then(|| parts.nth(2))
+            .flatten()
+            .filter(|h| !h.is_empty())
+    }
+}
+
 /// One endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {

@@ -400,6 +400,7 @@ impl TestWaypoint {
             source: "10.244.1.10".parse().unwrap(),
             traceparent: "00-0-0-00",
             baggage: Some(CLIENT_BAGGAGE),
+            host: None,
         };
         client
             .connect_with(authority.parse().unwrap(), &headers)
