@@ -14,8 +14,8 @@ use serde_json::Value;
 
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/wp";
 
-/// Node 1: the client (pod 0) and the waypoint (pod 1); node 2: web v1 (pod 0) and v2
-/// (pod 1).
+/// Node 1: the client (pod 0), the waypoint (pod 1) and a pod outside the mesh (pod 2);
+/// node 2: web v1 (pod 0) and v2 (pod 1).
 fn mesh(c: &Cluster) -> String {
     let w = |p: &Pod, sa: &str, labels: &str| p.mesh_workload("default", sa, labels);
     let mut y = String::from(
@@ -29,6 +29,8 @@ fn mesh(c: &Cluster) -> String {
     );
     y += &w(c.pod(2, 0), "web", "app: web, version: v1");
     y += &w(c.pod(2, 1), "web", "app: web, version: v2");
+    // Outside the mesh: opted out, so neither captured nor given an identity.
+    y += &w(c.pod(1, 2), "outsider", "ambit.dev/dataplane: none");
     y += r#"services:
   - {name: web, namespace: default, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -55,6 +57,17 @@ fn start_waypoint(c: &Cluster) -> PodProcess {
 
 /// `count` GETs from the client pod to `target`; one report per request.
 fn get(c: &Cluster, target: &str, headers: &[&str], count: usize) -> (bool, Vec<Value>) {
+    get_from(c, c.pod(1, 0), target, headers, count)
+}
+
+/// `count` GETs from `from` to `target`.
+fn get_from(
+    c: &Cluster,
+    from: &Pod,
+    target: &str,
+    headers: &[&str],
+    count: usize,
+) -> (bool, Vec<Value>) {
     let mut args = vec![
         "http-get".to_string(),
         format!("--connect={target}"),
@@ -64,7 +77,7 @@ fn get(c: &Cluster, target: &str, headers: &[&str], count: usize) -> (bool, Vec<
     for h in headers {
         args.push(format!("--header={h}"));
     }
-    let p = c.spawn_in_pod(c.pod(1, 0), &args).unwrap();
+    let p = c.spawn_in_pod(from, &args).unwrap();
     let (status, lines) = p.finish(Duration::from_secs(60)).unwrap();
     let reports = lines
         .iter()
@@ -95,6 +108,7 @@ fn run(c: &Cluster, extra: &[String]) -> Value {
 fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     let c = Cluster::new(ClusterSpec {
         control_plane: true,
+        pods_per_node: 3,
         ..Default::default()
     })
     .unwrap();
@@ -135,6 +149,28 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
         },
     );
     let waypoint = start_waypoint(&c);
+    // Ready on 15021, and what it runs on its localhost admin port, as the agents.
+    let wp_pod = c.pod(1, 1);
+    assert_eq!(
+        c.http_get_in(wp_pod, "127.0.0.1:15021", "/healthz/ready")
+            .unwrap(),
+        "ready\n"
+    );
+    let dump: Value = serde_json::from_str(
+        &c.http_get_in(wp_pod, "127.0.0.1:15000", "/debug/config_dump")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dump["identity"], WAYPOINT_ID, "{dump}");
+    assert_eq!(dump["xds"]["connected"], true, "{dump}");
+    assert!(
+        dump["config"]["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "web.default.svc.cluster.local:80"),
+        "{dump}"
+    );
 
     // Header match: every request with x-canary goes to v2.
     let (ok, r) = get(&c, "10.96.0.10:80", &["x-canary: 1"], 10);
@@ -300,6 +336,23 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
             &m,
             "ambit_inbound_refused_total",
             &[("reason", "not_from_waypoint")]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // Nor can a client outside the mesh go around it: its plaintext to the pod is
+    // refused (STRICT).
+    let (ok, r) = get_from(&c, c.pod(1, 2), &direct, &[], 1);
+    assert!(
+        !ok,
+        "an outsider reached a waypointed pod in plaintext: {r:?}"
+    );
+    let m = c.metrics(2).unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "ambit_inbound_refused_total",
+            &[("reason", "strict_mtls")]
         ) >= 1.0,
         "{m}"
     );

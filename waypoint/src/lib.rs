@@ -16,8 +16,10 @@
 //! - [`sds`]: that certificate, from the node agent's SDS socket;
 //! - [`body`]: request buffering for retries, byte counting, the report at a response's end;
 //! - [`telemetry`]: Istio's HTTP metrics;
-//! - [`trace`]: W3C `traceparent`, propagated or started.
+//! - [`trace`]: W3C `traceparent`, propagated or started;
+//! - [`admin`]: `/metrics`, `/healthz/ready` and `/debug/config_dump`.
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod control_plane;

@@ -4,8 +4,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use ambit_waypoint::admin::{AdminState, Endpoints};
 use ambit_waypoint::config::xds::ConfigHandler;
 use ambit_waypoint::inbound::Inbound;
 use ambit_waypoint::upstream::Upstreams;
@@ -38,8 +41,16 @@ struct Args {
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
     /// Where `/metrics` (Istio's HTTP metrics) and `/healthz/ready` are served.
-    #[arg(long, default_value = "[::]:15020")]
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
+    /// Where `/healthz/ready` is served (200 once the waypoint has its certificate and a
+    /// whole configuration and serves HBONE; 503 before).
+    #[arg(long, env = "AMBIT_READY_ADDR", default_value = "[::]:15021")]
+    ready_addr: SocketAddr,
+    /// Where `/debug/config_dump`, `/metrics` and `/healthz/ready` are served (keep it on
+    /// localhost).
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// Log filter (tracing's `EnvFilter` syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     log: String,
@@ -88,6 +99,33 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let node_id = ambit_xds::waypoint::node_id(&args.namespace, &args.name);
+    let (handler, config) = ConfigHandler::new();
+    let (certs_tx, certs) = watch::channel(None);
+    let metrics = Arc::new(ambit_waypoint::telemetry::Metrics::default());
+    let xds_status = Arc::new(ambit_xds::client::XdsStatus::default());
+    // The admin, readiness and metrics endpoints answer from the start (not ready until
+    // the waypoint serves), so a probe or a person sees what it waits for.
+    let admin = Arc::new(AdminState {
+        node: node_id.clone(),
+        xds_address: args.xds_address.clone(),
+        ready: AtomicBool::new(false),
+        xds: xds_status.clone(),
+        config: config.clone(),
+        certs: certs.clone(),
+        metrics: metrics.clone(),
+    });
+    for (addr, endpoints) in [
+        (args.admin_addr, Endpoints::Admin),
+        (args.ready_addr, Endpoints::Ready),
+        (args.metrics_addr, Endpoints::Metrics),
+    ] {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(ambit_waypoint::admin::serve(l, admin.clone(), endpoints));
+    }
+
     let (material_tx, mut material) = watch::channel(None);
     tokio::spawn(ambit_waypoint::sds::run(
         args.sds_socket.clone(),
@@ -101,7 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .expect("some");
     // The certificates the data path uses follow every renewal.
-    let (certs_tx, certs) = watch::channel(Some(first.certs.clone()));
+    certs_tx.send_replace(Some(first.certs.clone()));
     {
         let mut material = material.clone();
         tokio::spawn(async move {
@@ -114,15 +152,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Every (re)connection presents the certificate current then: renewals included.
     let control_plane = ambit_waypoint::control_plane::channel(&args.xds_address, material.clone())
         .with_context(|| format!("the control plane address {:?}", args.xds_address))?;
-    let (handler, config) = ConfigHandler::new();
     // Envoy's four types, the L4 policies that select the waypoint's pods and the
     // workloads it fronts.
     let types: Vec<&'static str> = ambit_xds::type_url::WAYPOINT
         .into_iter()
         .chain(ambit_xds::type_url::WAYPOINT_AMBIT)
         .collect();
-    let node_id = ambit_xds::waypoint::node_id(&args.namespace, &args.name);
-    let xds = ambit_xds::client::XdsClient::spawn(
+    let xds = ambit_xds::client::XdsClient::spawn_with_status(
         ambit_xds::client::XdsClientConfig {
             control_plane,
             node_id: node_id.clone(),
@@ -131,6 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             backoff_max: Duration::from_secs(15),
         },
         handler,
+        xds_status,
     );
     // Ready only with a whole configuration: before it, every tunnel would get 400.
     let mut waited = Duration::ZERO;
@@ -144,11 +181,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let metrics = std::sync::Arc::new(ambit_waypoint::telemetry::Metrics::default());
-    let admin = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
-    tokio::spawn(serve_metrics(admin, metrics.clone()));
     let inbound = Inbound {
         config,
         upstreams: Upstreams::new(
@@ -168,44 +200,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(%addr, %authority, "plaintext listener (benchmarks and debugging only): no mutual TLS, no caller identity, no L4 policy");
         tokio::spawn(inbound.clone().serve_plaintext(l, *authority));
     }
+    admin.ready.store(true, Ordering::Release);
     info!(node = %node_id, identity = %first.certs.identity, listen = %args.listen, "waypoint ready");
     // One line on stdout for whoever waits for readiness (logs go to stderr).
     println!("waypoint ready");
     tokio::select! {
         _ = inbound.serve(listener) => {}
-        _ = shutdown() => info!("stopping"),
+        _ = shutdown() => {
+            admin.ready.store(false, Ordering::Release);
+            info!("stopping");
+        }
     }
     Ok(())
-}
-
-/// `/metrics` and `/healthz/ready` (the waypoint is ready once this runs).
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<ambit_waypoint::telemetry::Metrics>,
-) {
-    loop {
-        let (tcp, _) = ambit_waypoint::inbound::accept(&listener).await;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => (200, metrics.encode()),
-                            "/healthz/ready" => (200, "ready\n".to_owned()),
-                            _ => (404, String::new()),
-                        };
-                        hyper::Response::builder()
-                            .status(status)
-                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
 }
 
 async fn shutdown() {

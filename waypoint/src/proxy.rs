@@ -64,6 +64,9 @@ enum Flag {
     Timeout,
     /// Retry limit exceeded (the last response was retryable).
     RetryExceeded,
+    /// Upstream overflow: a retry was due, but the cluster's retry budget (or
+    /// `max_retries`) was spent.
+    Overflow,
     /// Direct response or redirect.
     Direct,
     /// The client went away before the response ended.
@@ -79,6 +82,7 @@ impl Flag {
             Flag::Reset => "UR",
             Flag::Timeout => "UT",
             Flag::RetryExceeded => "URX",
+            Flag::Overflow => "UO",
             Flag::Direct => "DR",
             Flag::DownstreamClosed => "DC",
         }
@@ -566,6 +570,10 @@ async fn forward(
     // Rarely more than a few: kept inline, no allocation per request.
     let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
     let mut attempt: u32 = 0;
+    // What the cluster's retry budget is measured against, until the answer's headers.
+    let _request = cluster.load.request();
+    // The retry being made, counted against the budget from its backoff to its answer.
+    let mut retrying = None;
     loop {
         attempt += 1;
         let Some(ep) = ctx.upstreams.choose(cluster, &endpoints, &tried) else {
@@ -593,6 +601,7 @@ async fn forward(
             );
         }
         let result = one_attempt(ctx, cluster, &ep, req, retry.per_try_timeout, deadline).await;
+        drop(retrying.take());
         let (code, flags) = match &result {
             Attempt::Response(r) => (r.status().as_u16(), "-"),
             Attempt::Failed(UpstreamError::Connect(_)) => (0, Flag::ConnectFailure.as_str()),
@@ -611,7 +620,14 @@ async fn forward(
                 retry.retry_on.five_xx || retry.retry_on.gateway_error || retry.retry_on.reset
             }
         };
+        let mut overflow = false;
         if retryable && attempt <= retries && !route_timed_out {
+            // As Envoy: a retry the cluster's budget cannot take is not made; the
+            // answer in hand goes back, flagged UO.
+            retrying = cluster.load.retry(cluster.retry_limit);
+            overflow = retrying.is_none();
+        }
+        if retrying.is_some() {
             // Fully jittered exponential backoff, as Envoy: [0, base * 2^(n-1)], capped.
             let cap = retry
                 .base_interval
@@ -626,17 +642,25 @@ async fn forward(
             ctx.metrics.retry(name);
             continue;
         }
+        if overflow {
+            ctx.metrics.retry_overflow(name);
+        }
         let upstream = Some(ep.clone());
+        let flag_if = |f: Flag| Some(if overflow { Flag::Overflow } else { f });
         return match result {
             Attempt::Response(r) => Outcome {
-                flag: retryable.then_some(Flag::RetryExceeded),
+                flag: if overflow {
+                    Some(Flag::Overflow)
+                } else {
+                    retryable.then_some(Flag::RetryExceeded)
+                },
                 response: response_from(r),
                 attempts: attempt,
                 upstream,
             },
             Attempt::TimedOut => Outcome {
                 response: text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
-                flag: Some(Flag::Timeout),
+                flag: flag_if(Flag::Timeout),
                 attempts: attempt,
                 upstream,
             },
@@ -653,7 +677,7 @@ async fn forward(
                 };
                 Outcome {
                     response: text(StatusCode::SERVICE_UNAVAILABLE, msg),
-                    flag: Some(flag),
+                    flag: flag_if(flag),
                     attempts: attempt,
                     upstream,
                 }

@@ -159,6 +159,9 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     /// `ambit_waypoint_upstream_retries_total`.
     pub retries: Family<ClusterLabels, Counter>,
+    /// `ambit_waypoint_upstream_retry_overflow_total`: retries not made because the
+    /// cluster's retry budget was spent (Envoy's `upstream_rq_retry_overflow`).
+    pub retry_overflow: Family<ClusterLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -222,6 +225,12 @@ impl Default for Metrics {
             "Retries the waypoint made",
             retries.clone(),
         );
+        let retry_overflow = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_upstream_retry_overflow",
+            "Retries not made because the cluster's retry budget was spent",
+            retry_overflow.clone(),
+        );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
             registry.register(name, help, f.clone());
@@ -255,6 +264,7 @@ impl Default for Metrics {
             response_bytes,
             upstream_requests,
             retries,
+            retry_overflow,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -376,6 +386,15 @@ impl Metrics {
     /// Counts one retry to `cluster`.
     pub fn retry(&self, cluster: &str) {
         self.retries
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one retry to `cluster` not made for want of budget.
+    pub fn retry_overflow(&self, cluster: &str) {
+        self.retry_overflow
             .get_or_create(&ClusterLabels {
                 cluster: cluster.to_owned(),
             })

@@ -33,6 +33,7 @@ workloads:
   - {name: v2, namespace: shop, node: node-1, ips: [10.244.1.31], labels: {app: web, v: "2"}}
   - {name: flaky, namespace: shop, node: node-1, ips: [10.244.1.32], labels: {app: flaky}}
   - {name: stuck, namespace: shop, node: node-1, ips: [10.244.1.33], labels: {app: stuck}}
+  - {name: storm, namespace: shop, node: node-1, ips: [10.244.1.34], labels: {app: storm}}
 services:
   - {name: web, namespace: shop, vips: [10.96.1.10], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -44,6 +45,8 @@ services:
      selector: {app: flaky}, labels: {ambit.dev/waypoint: wp}}
   - {name: stuck, namespace: shop, vips: [10.96.1.14], ports: [{name: http, port: 80, targetPort: 18080}, {name: tcp, port: 9000}],
      selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
+  - {name: storm, namespace: shop, vips: [10.96.1.15], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
 httpRoutes:
@@ -100,15 +103,22 @@ httpRoutes:
     rules:
       - backendRefs: [{name: stuck, port: 80}]
         timeouts: {request: 500ms}
+  - name: storm
+    namespace: shop
+    parentRefs: [{kind: Service, name: storm}]
+    rules:
+      - backendRefs: [{name: storm, port: 80}]
+        retry: {attempts: 1, codes: [503], backoff: 1ms}
 "#;
 
 /// The loopback address standing for each workload (Envoy cannot be pointed at 10.244/16
 /// here; the model refuses loopback, so it is swapped in after validation).
-const LOOPBACK: [(&str, &str); 4] = [
+const LOOPBACK: [(&str, &str); 5] = [
     ("v1", "127.0.1.30"),
     ("v2", "127.0.1.31"),
     ("flaky", "127.0.1.32"),
     ("stuck", "127.0.1.33"),
+    ("storm", "127.0.1.34"),
 ];
 
 fn model() -> Model {
@@ -150,6 +160,7 @@ struct Envoy {
     web: SocketAddr,
     flaky: SocketAddr,
     stuck: SocketAddr,
+    storm: SocketAddr,
     dir: std::path::PathBuf,
 }
 
@@ -187,7 +198,13 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         free_port()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (admin, web, flaky, stuck) = (free_port(), free_port(), free_port(), free_port());
+    let (admin, web, flaky, stuck, storm) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let mut y = format!(
         r#"node: {{id: shop/wp, cluster: wp}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -217,6 +234,7 @@ static_resources:
     y += &static_listener("web", web, "web.shop.svc.cluster.local:80");
     y += &static_listener("flaky", flaky, "flaky.shop.svc.cluster.local:80");
     y += &static_listener("stuck", stuck, "stuck.shop.svc.cluster.local:80");
+    y += &static_listener("storm", storm, "storm.shop.svc.cluster.local:80");
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, y).unwrap();
     let child = Command::new(envoy_binary())
@@ -236,6 +254,7 @@ static_resources:
         web: a(web),
         flaky: a(flaky),
         stuck: a(stuck),
+        storm: a(storm),
         dir,
     }
 }
@@ -300,6 +319,11 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         .state
         .delay_ms
         .store(3_000, Ordering::SeqCst);
+    backends["storm"].state.status.store(503, Ordering::SeqCst);
+    backends["storm"]
+        .state
+        .delay_ms
+        .store(300, Ordering::SeqCst);
 
     // The control plane's ADS, in process, serving this model.
     let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::from_model(&m)));
@@ -454,6 +478,48 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         (504, "upstream request timeout")
     );
     eprintln!("route timeout 500 ms: envoy answered after {te:?}, ambit-waypoint after {ta:?}");
+
+    // The retry budget: 40 requests at once to a backend that fails them all. Each may be
+    // retried once, but concurrent retries are held to 20 % of the requests in flight:
+    // both proxies send about 48 requests upstream, not 80, and say so.
+    let storm = &backends["storm"].state;
+    let mut seen = Vec::new();
+    for proxy in ["envoy", "ambit"] {
+        storm.requests.store(0, Ordering::SeqCst);
+        let c = match proxy {
+            "envoy" => plain_http2(envoy.storm).await,
+            _ => wp.http2("10.96.1.15:80").await,
+        };
+        let statuses = concurrent_gets(c, "storm.shop.svc.cluster.local", 40).await;
+        assert!(statuses.iter().all(|s| *s == 503), "{proxy}: {statuses:?}");
+        seen.push((proxy, storm.requests.load(Ordering::SeqCst)));
+    }
+    let overflow = admin_get(envoy.admin, "/stats?filter=storm.*retry_overflow").await;
+    eprintln!("40 failing requests at once, upstream requests: {seen:?}; envoy: {overflow}");
+    for (proxy, hits) in &seen {
+        assert!(
+            (41..=52).contains(hits),
+            "{proxy} sent {hits} upstream requests for 40 failing ones"
+        );
+    }
+    let envoy_overflow: u64 = overflow
+        .lines()
+        .find(|l| l.contains("upstream_rq_retry_overflow:"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(envoy_overflow >= 28, "{overflow}");
+}
+
+async fn plain_http2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 #[test]

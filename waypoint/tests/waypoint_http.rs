@@ -32,6 +32,7 @@ workloads:
   - {name: lazy, namespace: shop, node: node-2, ips: [10.244.2.20], labels: {app: balance}}
   - {name: quick, namespace: shop, node: node-2, ips: [10.244.2.21], labels: {app: balance}}
   - {name: direct, namespace: shop, node: node-2, ips: [10.244.2.22], labels: {app: direct}}
+  - {name: storm, namespace: shop, node: node-2, ips: [10.244.2.23], labels: {app: storm}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -59,11 +60,19 @@ services:
      selector: {app: balance}, labels: {ambit.dev/waypoint: wp}}
   - {name: direct, namespace: shop, vips: [10.96.0.90], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: direct}, labels: {ambit.dev/waypoint: wp}}
+  - {name: storm, namespace: shop, vips: [10.96.0.100], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
+  - {name: storm-capped, namespace: shop, vips: [10.96.0.101], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - name: balance-lr
     namespace: shop
     host: balance-lr
     trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  - name: storm-capped
+    namespace: shop
+    host: storm-capped.shop.svc.cluster.local
+    trafficPolicy: {connectionPool: {http: {maxRetries: 0}}}
 httpRoutes:
   - name: web
     namespace: shop
@@ -119,6 +128,18 @@ httpRoutes:
     rules:
       - backendRefs: [{name: stuck, port: 80}]
         timeouts: {request: 500ms}
+  - name: storm
+    namespace: shop
+    parentRefs: [{kind: Service, name: storm}]
+    rules:
+      - backendRefs: [{name: storm, port: 80}]
+        retry: {attempts: 1, codes: [503], backoff: 1ms}
+  - name: storm-capped
+    namespace: shop
+    parentRefs: [{kind: Service, name: storm-capped}]
+    rules:
+      - backendRefs: [{name: storm-capped, port: 80}]
+        retry: {attempts: 1, codes: [503], backoff: 1ms}
 "#;
 
 /// The mesh with the retries route sending each service to itself.
@@ -148,6 +169,7 @@ async fn world() -> World {
         ("stuck", "10.244.2.18"),
         ("lazy", "10.244.2.20"),
         ("quick", "10.244.2.21"),
+        ("storm", "10.244.2.23"),
     ] {
         let b = Backend::start(name).await;
         wp.map(&format!("{ip}:8080"), b.addr);
@@ -165,6 +187,11 @@ async fn world() -> World {
         .delay_ms
         .store(3_000, Ordering::SeqCst);
     backends["lazy"].state.delay_ms.store(100, Ordering::SeqCst);
+    backends["storm"].state.status.store(503, Ordering::SeqCst);
+    backends["storm"]
+        .state
+        .delay_ms
+        .store(300, Ordering::SeqCst);
     wp.apply(&model(&mesh())).unwrap();
     World { wp, backends }
 }
@@ -519,6 +546,121 @@ async fn waypoint_retries_hide_a_flaky_backend_and_only_what_is_retriable() {
         let a = send1(&mut c, req("GET", "failover", "/", &[])).await;
         assert_eq!((a.status, a.backend()), (200, "alive"), "{a:?}");
     }
+}
+
+#[tokio::test]
+async fn a_retry_budget_keeps_a_failing_backend_from_multiplying_its_load() {
+    let w = world().await;
+    let storm = &w.backends["storm"].state;
+    let m = || w.wp.metrics.encode();
+    let series = |m: &str, name: &str, cluster: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with(name) && l.contains(&format!("cluster=\"outbound|80||{cluster}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Alone, a failed request is retried: the budget never drops below 3 retries.
+    let mut c = w.wp.http1("10.96.0.100:80").await;
+    let a = send1(&mut c, req("GET", "storm.shop.svc.cluster.local", "/", &[])).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(storm.requests.load(Ordering::SeqCst), 2);
+
+    // 40 at once, all failing: retries may be at most 20 % of the requests in flight,
+    // so most are not retried (Envoy's retry budget, which the control plane sets on
+    // every waypoint cluster). Without it the backend would see 80 requests.
+    storm.requests.store(0, Ordering::SeqCst);
+    let c = w.wp.http2("10.96.0.100:80").await;
+    let statuses = concurrent_gets(c, "storm.shop.svc.cluster.local", 40).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    let hits = storm.requests.load(Ordering::SeqCst);
+    let m = m();
+    let cluster = "storm.shop.svc.cluster.local";
+    let retried = series(&m, "ambit_waypoint_upstream_retries_total", cluster);
+    let overflow = series(&m, "ambit_waypoint_upstream_retry_overflow_total", cluster);
+    eprintln!(
+        "40 failing requests at once: {hits} upstream attempts, {retried} retries (1 before), {overflow} overflows"
+    );
+    assert!(
+        (41..=52).contains(&hits),
+        "{hits} upstream requests for 40 failing requests"
+    );
+    assert_eq!(retried - 1.0 + overflow, 40.0, "{m}");
+    assert!(overflow >= 28.0, "{m}");
+    // Each overflow is flagged UO on the request's series.
+    let uo: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"storm.shop.svc.cluster.local\"")
+                && l.contains("response_flags=\"UO\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(uo, overflow, "{m}");
+
+    // A DestinationRule's `maxRetries: 0` replaces the budget: nothing is retried.
+    storm.requests.store(0, Ordering::SeqCst);
+    let mut c = w.wp.http1("10.96.0.101:80").await;
+    let a = send1(
+        &mut c,
+        req("GET", "storm-capped.shop.svc.cluster.local", "/", &[]),
+    )
+    .await;
+    assert_eq!(a.status, 503);
+    assert_eq!(storm.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        series(
+            &w.wp.metrics.encode(),
+            "ambit_waypoint_upstream_retry_overflow_total",
+            "storm-capped.shop.svc.cluster.local"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_config_dump_shows_every_resource_the_waypoint_runs() {
+    let w = world().await;
+    let dump = ambit_waypoint::admin::config_dump(&w.wp.config.borrow());
+    let text = serde_json::to_string_pretty(&dump).unwrap();
+    let listener = dump["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "web.shop.svc.cluster.local:80")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(listener["kind"], "http", "{text}");
+    assert_eq!(listener["addresses"][0], "10.96.0.10:80", "{text}");
+    let cluster = |name: &str| {
+        dump["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == format!("outbound|80||{name}.shop.svc.cluster.local"))
+            .unwrap_or_else(|| panic!("{name}: {text}"))
+            .clone()
+    };
+    assert_eq!(
+        cluster("storm")["retry_limit"]["retry_budget"]["budget_percent"],
+        20.0
+    );
+    assert_eq!(
+        cluster("storm-capped")["retry_limit"]["max_retries"],
+        0,
+        "{text}"
+    );
+    assert_eq!(cluster("balance-lr")["lb_policy"], "LeastRequest");
+    let eps = &dump["endpoints"]["outbound|80||web-v1.shop.svc.cluster.local"];
+    // (The test maps the pod's address to its backend on loopback.)
+    let v1 = w.backends["v1"].addr.to_string();
+    assert_eq!(eps[0]["address"], v1.as_str(), "{text}");
+    assert_eq!(eps[0]["workload"], "shop/v1", "{text}");
+    // The route table as the waypoint matches it: the first web route is /exact.
+    let routes = &dump["route_configs"].as_array().unwrap()[0]["virtual_hosts"][0]["routes"];
+    assert!(text.contains("\"path\": \"/exact\""), "{text}");
+    assert!(routes.as_array().is_some_and(|r| !r.is_empty()), "{text}");
 }
 
 #[tokio::test]

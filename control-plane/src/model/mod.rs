@@ -312,8 +312,8 @@ pub struct Service {
     pub waypoint: Option<String>,
     /// This is a waypoint's own service (its endpoints are the waypoint's pods).
     pub is_waypoint: bool,
-    /// How waypoints balance requests to it (its `DestinationRule`).
-    pub load_balancer: traffic::LoadBalancer,
+    /// How waypoints send requests to it (its `DestinationRule`).
+    pub traffic: traffic::TrafficPolicy,
 }
 
 /// One problem with a source's input: where, and what.
@@ -613,7 +613,7 @@ impl Model {
                     selector: s.selector,
                     endpoints,
                     is_waypoint: false,
-                    load_balancer: Default::default(),
+                    traffic: Default::default(),
                 },
             );
         }
@@ -699,7 +699,7 @@ impl Model {
                     endpoints: ready.clone(),
                     waypoint: None,
                     is_waypoint: true,
-                    load_balancer: Default::default(),
+                    traffic: Default::default(),
                 },
             );
             m.waypoints.insert(

@@ -3,8 +3,9 @@
 //! [`DestinationRuleSpec`] has Istio's shape and field names (`host`,
 //! `trafficPolicy.loadBalancer.simple`), so a platform team moving off Istio reads it as
 //! it is, and the Kubernetes source can later take a real `DestinationRule`'s spec field
-//! for field. Today it sets the load balancer of the Envoy `Cluster`s the waypoint uses
-//! for the service (the node agents' L4 balancing is not affected, as ztunnel ignores
+//! for field. Today it sets the load balancer and the retry limit
+//! (`connectionPool.http.maxRetries`) of the Envoy `Cluster`s the waypoint uses for the
+//! service (the node agents' L4 balancing is not affected, as ztunnel ignores
 //! DestinationRules too).
 
 use std::collections::BTreeMap;
@@ -36,6 +37,38 @@ pub struct TrafficPolicySpec {
     /// `loadBalancer`.
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSpec>,
+    /// `connectionPool`.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSpec>,
+}
+
+/// `connectionPool` (so far only its HTTP retry limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPoolSpec {
+    /// `http`.
+    #[serde(default)]
+    pub http: Option<HttpPoolSpec>,
+}
+
+/// `connectionPool.http`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpPoolSpec {
+    /// `maxRetries`: retries outstanding to the service at once, from all its waypoint's
+    /// requests (Envoy's `max_retries` circuit breaker). Without it, a retry budget
+    /// applies: 20 % of the requests in flight, at least 3.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+/// What a service's `DestinationRule` says, as the translator uses it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TrafficPolicy {
+    /// How a waypoint picks among its endpoints.
+    pub load_balancer: LoadBalancer,
+    /// A fixed limit on concurrent retries instead of the default retry budget.
+    pub max_retries: Option<u32>,
 }
 
 /// `loadBalancer`.
@@ -57,7 +90,7 @@ pub enum LoadBalancer {
 }
 
 /// Checks the rules against the services and sets each service's
-/// [`Service::load_balancer`]. A service has at most one rule. It applies wherever a
+/// [`Service::traffic`]. A service has at most one rule. It applies wherever a
 /// waypoint sends to the service (as a route's backend), whether or not the service
 /// has a waypoint of its own.
 pub(super) fn apply(
@@ -132,7 +165,15 @@ pub(super) fn apply(
                 continue;
             }
         };
-        service.load_balancer = lb;
+        service.traffic = TrafficPolicy {
+            load_balancer: lb,
+            max_retries: r
+                .traffic_policy
+                .connection_pool
+                .as_ref()
+                .and_then(|c| c.http.as_ref())
+                .and_then(|h| h.max_retries),
+        };
         seen.insert(svc, key);
     }
 }

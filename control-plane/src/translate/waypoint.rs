@@ -40,7 +40,7 @@ use super::{VersionedResource, encode, encode_keyed};
 use crate::model::http::{
     HeaderModifier, HttpMatch, HttpRule, PathMatch, PathModifier, StringMatch, precedence,
 };
-use crate::model::traffic::LoadBalancer;
+use crate::model::traffic::{LoadBalancer, TrafficPolicy};
 use crate::model::{Model, NamespacedName, Protocol, Service, Waypoint};
 
 pub use ambit_xds::waypoint::{HBONE_IDENTITY, METADATA, node_id};
@@ -175,7 +175,7 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
             &mut out,
             type_url::CLUSTER,
             &name,
-            &cluster_for(&name, sp.protocol(), svc.load_balancer),
+            &cluster_for(&name, sp.protocol(), &svc.traffic),
         );
         let (cla, content) = load_assignment(m, svc, &name, sp.target_port);
         out.entry(type_url::ENDPOINT).or_default().insert(
@@ -513,7 +513,48 @@ fn envoy_route(
     }
 }
 
-fn cluster_for(name: &str, protocol: Protocol, lb: LoadBalancer) -> cluster::Cluster {
+/// Envoy's retry budget defaults, set explicitly: concurrent retries to a cluster are at
+/// most 20 % of its requests in flight (and never held below 3), so a failing backend's
+/// retries cannot multiply its load. A DestinationRule's `maxRetries` replaces it.
+const RETRY_BUDGET_PERCENT: f64 = 20.0;
+const RETRY_BUDGET_MIN: u32 = 3;
+
+/// The circuit breakers of a waypoint cluster: the retry limit, and no connection or
+/// request limits (`u32::MAX`, as Istio writes them: Envoy's implicit 1,024 would
+/// otherwise apply to a stock Envoy fed the same clusters).
+fn circuit_breakers(traffic: &TrafficPolicy) -> cluster::CircuitBreakers {
+    use cluster::circuit_breakers::{Thresholds, thresholds::RetryBudget};
+    let unlimited = Some(protobuf::UInt32Value { value: u32::MAX });
+    let (max_retries, retry_budget) = match traffic.max_retries {
+        Some(n) => (Some(protobuf::UInt32Value { value: n }), None),
+        None => (
+            None,
+            Some(RetryBudget {
+                budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+                    value: RETRY_BUDGET_PERCENT,
+                }),
+                min_retry_concurrency: Some(protobuf::UInt32Value {
+                    value: RETRY_BUDGET_MIN,
+                }),
+                budget_interval: None,
+            }),
+        ),
+    };
+    cluster::CircuitBreakers {
+        thresholds: vec![Thresholds {
+            priority: core::RoutingPriority::Default as i32,
+            max_connections: unlimited,
+            max_pending_requests: unlimited,
+            max_requests: unlimited,
+            max_retries,
+            retry_budget,
+            ..Default::default()
+        }],
+        per_host_thresholds: vec![],
+    }
+}
+
+fn cluster_for(name: &str, protocol: Protocol, traffic: &TrafficPolicy) -> cluster::Cluster {
     use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
     let config = match protocol {
         Protocol::Http2 | Protocol::Grpc => {
@@ -548,7 +589,8 @@ fn cluster_for(name: &str, protocol: Protocol, lb: LoadBalancer) -> cluster::Clu
             service_name: name.to_owned(),
         }),
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        lb_policy: match lb {
+        circuit_breakers: (protocol != Protocol::Tcp).then(|| circuit_breakers(traffic)),
+        lb_policy: match traffic.load_balancer {
             LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
             LoadBalancer::LeastRequest => cluster::cluster::LbPolicy::LeastRequest,
         } as i32,

@@ -20,8 +20,8 @@ use prost::Message;
 
 use super::{
     Action, Cluster, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Listener, ListenerKind,
-    PathMatch, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteConfig, RouteMatch,
-    StringMatch, UpstreamProtocol, VirtualHost,
+    PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn, RetryPolicy, Route, RouteConfig,
+    RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
 };
 
 /// Why a resource was refused.
@@ -482,13 +482,16 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
             c.name
         ));
     }
-    if c.circuit_breakers.is_some() || c.outlier_detection.is_some() || !c.health_checks.is_empty()
-    {
+    if c.outlier_detection.is_some() || !c.health_checks.is_empty() {
         return Err(format!(
-            "cluster {}: circuit breakers, outlier detection and health checks are not supported yet",
+            "cluster {}: outlier detection and health checks are not supported yet",
             c.name
         ));
     }
+    let retry_limit = match &c.circuit_breakers {
+        Some(cb) => retry_limit(cb).map_err(|e| format!("cluster {}: {e}", c.name))?,
+        None => RetryLimit::default(),
+    };
     let mut protocol = UpstreamProtocol::Http1;
     for (k, v) in &c.typed_extension_protocol_options {
         if k != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
@@ -534,7 +537,58 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
         protocol,
         lb,
         eds_name,
+        retry_limit,
+        load: Default::default(),
     })
+}
+
+/// The retry limit of a cluster's circuit breakers. Only the retry thresholds are
+/// implemented so far: a connection, pending-request or request limit (other than
+/// "unlimited", `u32::MAX`, as Istio writes it) is refused rather than ignored.
+fn retry_limit(cb: &cluster::CircuitBreakers) -> Result<RetryLimit, Error> {
+    if !cb.per_host_thresholds.is_empty() {
+        return Err("per-host circuit breaker thresholds are not supported yet".into());
+    }
+    let mut limit = RetryLimit::default();
+    for t in &cb.thresholds {
+        if t.priority != core::RoutingPriority::Default as i32 {
+            return Err("only DEFAULT-priority circuit breaker thresholds are supported".into());
+        }
+        for (name, v) in [
+            ("max_connections", t.max_connections),
+            ("max_pending_requests", t.max_pending_requests),
+            ("max_requests", t.max_requests),
+            ("max_connection_pools", t.max_connection_pools),
+        ] {
+            if v.is_some_and(|v| v.value != u32::MAX) {
+                return Err(format!(
+                    "circuit breaker {name} is not supported yet (only unlimited, {})",
+                    u32::MAX
+                ));
+            }
+        }
+        if let Some(m) = t.max_retries {
+            limit = RetryLimit::Max(m.value);
+        }
+        if let Some(b) = &t.retry_budget {
+            if b.budget_interval
+                .is_some_and(|d| d.seconds != 0 || d.nanos != 0)
+            {
+                return Err("retry_budget.budget_interval is not supported".into());
+            }
+            let percent = b.budget_percent.map_or(20.0, |p| p.value);
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(format!(
+                    "retry_budget.budget_percent {percent} is not in [0, 100]"
+                ));
+            }
+            limit = RetryLimit::Budget {
+                percent,
+                min: b.min_retry_concurrency.map_or(3, |m| m.value),
+            };
+        }
+    }
+    Ok(limit)
 }
 
 /// A `ClusterLoadAssignment`.

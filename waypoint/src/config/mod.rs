@@ -286,6 +286,91 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// The `ClusterLoadAssignment` to use (its `service_name`, else its name).
     pub eds_name: String,
+    /// How many retries may be outstanding at once (Envoy's `circuit_breakers`).
+    pub retry_limit: RetryLimit,
+    /// Requests and retries in flight now, which the limit is checked against.
+    pub load: Arc<ClusterLoad>,
+}
+
+/// Envoy's limit on concurrent retries to one cluster (`CircuitBreakers.Thresholds` of
+/// the default priority), which keeps retries from multiplying the load on a cluster
+/// that is failing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RetryLimit {
+    /// `max_retries`: at most this many at once (Envoy's default, without thresholds: 3).
+    Max(u32),
+    /// `retry_budget`: at most `percent` % of the requests in flight, and never fewer
+    /// than `min` (Envoy's defaults: 20 %, 3). Overrides `max_retries`.
+    Budget {
+        /// Percent of the requests in flight.
+        percent: f64,
+        /// The floor.
+        min: u32,
+    },
+}
+
+impl Default for RetryLimit {
+    fn default() -> Self {
+        RetryLimit::Max(3)
+    }
+}
+
+impl RetryLimit {
+    /// How many retries may be outstanding while `requests` requests are in flight.
+    pub fn allowed(self, requests: u64) -> u64 {
+        match self {
+            RetryLimit::Max(n) => u64::from(n),
+            RetryLimit::Budget { percent, min } => {
+                ((requests as f64 * percent / 100.0) as u64).max(u64::from(min))
+            }
+        }
+    }
+}
+
+/// A cluster's requests and retries in flight (Envoy's `upstream_rq_active` and
+/// `upstream_rq_retry` resources). A cluster updated by xDS starts from zero, as
+/// Envoy's does; requests in flight count against the version they started with.
+#[derive(Debug, Default)]
+pub struct ClusterLoad {
+    requests: std::sync::atomic::AtomicU64,
+    retries: std::sync::atomic::AtomicU64,
+}
+
+/// Counts against a [`ClusterLoad`] while it lives.
+#[derive(Debug)]
+pub struct LoadGuard<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl ClusterLoad {
+    /// Counts one request (waiting for, or reading, an upstream's answer) while the
+    /// guard lives.
+    pub fn request(&self) -> LoadGuard<'_> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LoadGuard(&self.requests)
+    }
+
+    /// One more retry, if `limit` allows it with the requests in flight now; it counts
+    /// (its backoff included) while the guard lives. `None`: overflow.
+    pub fn retry(&self, limit: RetryLimit) -> Option<LoadGuard<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let allowed = limit.allowed(self.requests.load(Relaxed));
+        self.retries
+            .fetch_update(Relaxed, Relaxed, |n| (n < allowed).then_some(n + 1))
+            .ok()
+            .map(|_| LoadGuard(&self.retries))
+    }
+
+    /// Requests and retries in flight now.
+    pub fn now(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.requests.load(Relaxed), self.retries.load(Relaxed))
+    }
 }
 
 impl Cluster {

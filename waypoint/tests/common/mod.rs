@@ -492,3 +492,30 @@ pub async fn send1(
         body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
+
+/// `count` concurrent GETs of `http://<host>/` on one HTTP/2 connection; their statuses.
+pub async fn concurrent_gets(
+    c: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    host: &str,
+    count: usize,
+) -> Vec<u16> {
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let mut c = c.clone();
+            let uri = format!("http://{host}/");
+            tokio::spawn(async move {
+                let r = http::Request::builder()
+                    .uri(uri)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                c.ready().await.unwrap();
+                c.send_request(r).await.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
