@@ -33,6 +33,9 @@ pub struct Plan {
     pub targets: Vec<Target>,
     /// The service whose VIP was dialed, if any.
     pub service: Option<Arc<Service>>,
+    /// What the targets are balanced as (round robin per key): the service, or the
+    /// waypoint a workload-addressed connection goes through; `None`: one target.
+    pub balance: Option<String>,
 }
 
 /// One place a connection may go.
@@ -90,6 +93,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
             }
             return Ok(Plan {
                 targets,
+                balance: Some(svc.hostname.clone()),
                 service: Some(svc.clone()),
             });
         }
@@ -118,6 +122,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         }
         return Ok(Plan {
             targets,
+            balance: Some(svc.hostname.clone()),
             service: Some(svc.clone()),
         });
     }
@@ -149,9 +154,12 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
                 waypoint: format!("{}/{wp}", w.namespace),
             });
         }
+        // Spread over the waypoint's replicas like its services' traffic, not all onto
+        // the first.
         return Ok(Plan {
             targets,
             service: None,
+            balance: Some(format!("waypoint {}/{wp}", w.namespace)),
         });
     }
     let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled);
@@ -163,6 +171,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
             waypoint: None,
         }],
         service: None,
+        balance: None,
     })
 }
 
@@ -231,12 +240,10 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             return;
         }
     };
-    if let Some(svc) = &plan.service {
-        inputs
-            .lb
-            .order(&svc.hostname, &mut plan.targets, |t: &Target| {
-                t.workload.as_deref().map_or("", |w| &*w.uid)
-            });
+    if let Some(key) = &plan.balance {
+        inputs.lb.order(key, &mut plan.targets, |t: &Target| {
+            t.workload.as_deref().map_or("", |w| &*w.uid)
+        });
     }
     let mut last: Option<(Error, usize)> = None;
     for (i, target) in plan.targets.iter().enumerate().take(MAX_ATTEMPTS) {
@@ -425,6 +432,44 @@ mod tests {
         assert!(!p.targets[0].hbone, "not enrolled: plaintext");
         let p = plan(&m, true, "192.0.2.1:443".parse().unwrap()).unwrap();
         assert!(p.targets[0].workload.is_none() && !p.targets[0].hbone);
+    }
+
+    #[test]
+    fn connections_through_a_waypoint_are_spread_over_its_replicas() {
+        let mut m = mesh();
+        for (uid, ip) in [("wp-0", "10.244.1.20"), ("wp-1", "10.244.2.20")] {
+            let mut w = workload(uid, "n1", ip, false);
+            w.native_tunnel = true;
+            m.put_workload(w);
+        }
+        m.put_service(
+            "shop/wp".into(),
+            service("wp", "10.96.0.99", &[(15008, 15008)], &["wp-0", "wp-1"]),
+        );
+        let mut svc = service("svc", "10.96.0.10", &[(80, 8080)], &["b"]);
+        svc.waypoint = Some("wp".into());
+        m.put_service("shop/svc".into(), svc);
+        let mut b = workload("b", "n2", "10.244.2.10", true);
+        b.waypoint = Some("wp".into());
+        m.put_workload(b);
+        let lb = crate::proxy::lb::LoadBalancer::default();
+        // Both the service's VIP and the pod's own IP go to the waypoint, alternately to
+        // each replica.
+        for dst in ["10.96.0.10:80", "10.244.2.10:8080"] {
+            let firsts: Vec<String> = (0..4)
+                .map(|_| {
+                    let mut p = plan(&m, true, dst.parse().unwrap()).unwrap();
+                    assert_eq!(p.targets.len(), 2, "{dst}");
+                    assert!(p.targets.iter().all(|t| t.waypoint.is_some() && t.hbone));
+                    let key = p.balance.clone().expect("balanced");
+                    lb.order(&key, &mut p.targets, |t| {
+                        t.workload.as_deref().map_or("", |w| &*w.uid)
+                    });
+                    p.targets[0].workload.as_ref().unwrap().uid.to_string()
+                })
+                .collect();
+            assert_eq!(firsts, ["wp-0", "wp-1", "wp-0", "wp-1"], "{dst}");
+        }
     }
 
     #[test]
