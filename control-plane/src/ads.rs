@@ -122,9 +122,12 @@ impl AdsServer {
             return Ok(Some(Caller::Workload(id)));
         }
         match &self.auth {
-            Some(auth) => Ok(Some(Caller::Node(
-                authenticate(&**auth, request.metadata()).await?,
-            ))),
+            Some(auth) => match authenticate(&**auth, request.metadata()).await? {
+                Caller::Pod { namespace, uid } => Err(Status::permission_denied(format!(
+                    "pod {namespace}/{uid}: a workload subscribes with its mesh certificate, not a token"
+                ))),
+                caller => Ok(Some(caller)),
+            },
             None => Ok(None),
         }
     }
@@ -452,6 +455,11 @@ fn node_of(
             return Err(Status::invalid_argument(format!(
                 "{who}: a waypoint's first request must carry node.id <namespace>/<name>"
             )));
+        }
+        (Some(Caller::Pod { .. }), _) => {
+            return Err(Status::permission_denied(
+                "a pod's token does not subscribe to xDS",
+            ));
         }
         (None, Some(id)) => id.to_owned(),
         (None, None) => {

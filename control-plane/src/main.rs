@@ -95,7 +95,8 @@ struct RunArgs {
     #[arg(long, env = "AMBIT_CA_SECRET")]
     ca_secret: Option<String>,
     /// For `--source kubernetes`: publish the root certificate in this ConfigMap of the
-    /// control plane's namespace (key `root-cert.pem`), for agents' `--xds-root-cert`.
+    /// control plane's namespace (key `root-cert.pem`), for agents' `--xds-root-cert`,
+    /// and of every namespace with a waypoint, for its pods.
     #[arg(long, env = "AMBIT_ROOT_CERT_CONFIGMAP")]
     root_cert_configmap: Option<String>,
     /// How callers authenticate (default: `kubernetes` with `--source kubernetes`,
@@ -173,11 +174,30 @@ async fn start_source(args: &RunArgs) -> anyhow::Result<Source> {
             };
             tracing::info!(api_server = %config.cluster_url, "watching the cluster");
             let client = kube::Client::try_from(config)?;
+            // Gateway API's CRDs are not part of Kubernetes: read Gateways and HTTPRoutes
+            // only where they are installed (asked until the API server answers).
+            let gateway_api = loop {
+                match kubernetes::gateway_api_installed(&client).await {
+                    Ok(installed) => break installed,
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot tell whether the Gateway API is installed (asking again in 2 s): {e}"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                }
+            };
+            if !gateway_api {
+                tracing::warn!(
+                    "the cluster has no Gateway API v1 CRDs (gateway.networking.k8s.io): waypoints (Gateways of class ambit-waypoint) and HTTPRoutes are not read; install them and restart the control plane"
+                );
+            }
             let options = kubernetes::Options {
                 trust_domain: args.trust_domain.clone(),
                 hold,
                 root_namespace: args.root_namespace.clone(),
                 istio_policies: args.watch_istio_policies,
+                gateway_api,
             };
             let s = kubernetes::KubeSource::start(client.clone(), options).await;
             Source {
@@ -239,6 +259,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ca.root_pem(),
         )
         .await?;
+        // And in every namespace with a waypoint, for its pods.
+        tokio::spawn(ambit_control_plane::ca::secret::publish_root_to_waypoints(
+            client,
+            name.clone(),
+            ca.root_pem().to_owned(),
+            source.models.clone(),
+        ));
     }
     let auth_kind = args.authenticate.unwrap_or(match args.source {
         SourceKind::File => AuthKind::NodeTokens,

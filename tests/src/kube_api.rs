@@ -79,7 +79,10 @@ impl ApiType {
     /// Whether `status` is a subresource (as for CRDs declaring one), not part of the
     /// object written through the main resource.
     fn status_subresource(&self) -> bool {
-        matches!(self.group, "ambit.dev" | "security.istio.io")
+        matches!(
+            self.group,
+            "ambit.dev" | "security.istio.io" | "gateway.networking.k8s.io"
+        )
     }
 
     fn api_version(&self) -> String {
@@ -182,6 +185,20 @@ pub static TYPES: &[ApiType] = &[
         version: "v1",
         kind: "EndpointSlice",
         plural: "endpointslices",
+        namespaced: true,
+    },
+    ApiType {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "Gateway",
+        plural: "gateways",
+        namespaced: true,
+    },
+    ApiType {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
         namespaced: true,
     },
 ];
@@ -487,6 +504,20 @@ impl ApiServer {
     /// Ends every open watch stream (cleanly, as a proxy's idle timeout would).
     pub fn drop_watches(&self) {
         self.shared.cut.send_modify(|g| *g += 1);
+    }
+
+    /// Writes an object's status as a controller would (a JSON merge patch of
+    /// `{"status": …}` to its `/status`); `None` if there is no such object.
+    pub fn patch_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        patch: Value,
+    ) -> Option<Value> {
+        let ty = served(kind);
+        let namespace = if ty.namespaced { namespace } else { "" };
+        self.shared.patch_status(ty, namespace, name, patch)
     }
 
     /// How many status writes the stand-in has taken.
@@ -883,33 +914,48 @@ async fn patch_status(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>)
             "the patch is not JSON".into(),
         );
     };
-    let mut st = shared.state.lock().unwrap();
-    let key = (ty.key(), namespace.to_owned(), name.to_owned());
-    let Some(mut object) = st.objects.get(&key).cloned() else {
-        return status(
+    match shared.patch_status(ty, namespace, name, patch) {
+        Some(object) => json_response(StatusCode::OK, &object),
+        None => status(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("{} \"{name}\" not found", ty.plural),
+        ),
+    }
+}
+
+impl Shared {
+    /// Merges `patch`'s `status` into an object's, as a PATCH to its `/status` does;
+    /// `None` if there is no such object.
+    fn patch_status(
+        &self,
+        ty: &'static ApiType,
+        namespace: &str,
+        name: &str,
+        patch: Value,
+    ) -> Option<Value> {
+        let mut st = self.state.lock().unwrap();
+        let key = (ty.key(), namespace.to_owned(), name.to_owned());
+        let mut object = st.objects.get(&key).cloned()?;
+        merge_patch(
+            &mut object["status"],
+            patch.get("status").cloned().unwrap_or(Value::Null),
         );
-    };
-    merge_patch(
-        &mut object["status"],
-        patch.get("status").cloned().unwrap_or(Value::Null),
-    );
-    st.rv += 1;
-    let rv = st.rv;
-    object["metadata"]["resourceVersion"] = json!(rv.to_string());
-    st.objects.insert(key, object.clone());
-    st.status_writes += 1;
-    shared.record(
-        &mut st,
-        ty,
-        namespace.to_owned(),
-        "MODIFIED",
-        object.clone(),
-        rv,
-    );
-    json_response(StatusCode::OK, &object)
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.objects.insert(key, object.clone());
+        st.status_writes += 1;
+        self.record(
+            &mut st,
+            ty,
+            namespace.to_owned(),
+            "MODIFIED",
+            object.clone(),
+            rv,
+        );
+        Some(object)
+    }
 }
 
 /// POST to a collection (create; TokenReview) or PUT to an object (replace, refused

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use ambit_control_plane::ads::AdsServer;
 use ambit_control_plane::auth::kubernetes::{AUDIENCE, TokenReviews};
-use ambit_control_plane::ca::secret::{ROOT_CERT_KEY, SecretError, load_or_create, publish_root};
+use ambit_control_plane::ca::secret::{
+    ROOT_CERT_KEY, SecretError, load_or_create, publish_root, publish_root_to_waypoints,
+};
 use ambit_control_plane::ca::{CaService, CertificateAuthority};
 use ambit_control_plane::snapshots;
 use ambit_control_plane::source::kubernetes::{KubeSource, Options};
@@ -163,7 +165,8 @@ async fn kube_ca_root_is_one_secret_for_every_replica_and_published_for_agents()
 }
 
 /// A control plane on the Kubernetes source with TokenReview authentication, over TLS
-/// on loopback: `(address, root PEM)`.
+/// on loopback: `(address, root PEM)`. It publishes the root in ConfigMap
+/// `ambit-root-cert` of every namespace with a waypoint.
 async fn control_plane(api: &ApiServer) -> (String, String) {
     let c = client(api).await;
     let source = tokio::time::timeout(
@@ -175,6 +178,7 @@ async fn control_plane(api: &ApiServer) -> (String, String) {
                 hold: Duration::ZERO,
                 root_namespace: "ambit-system".into(),
                 istio_policies: false,
+                gateway_api: true,
             },
         ),
     )
@@ -190,11 +194,17 @@ async fn control_plane(api: &ApiServer) -> (String, String) {
         Duration::from_secs(3600),
     )
     .unwrap();
-    let auth = Arc::new(TokenReviews::new(c, "ambit-system/ambit-agent").unwrap());
+    let auth = Arc::new(TokenReviews::new(c.clone(), "ambit-system/ambit-agent").unwrap());
     let (scert, skey) = ca
         .server_certificate(&["127.0.0.1".into()], Duration::from_secs(3600))
         .unwrap();
     let root = ca.root_pem().to_owned();
+    tokio::spawn(publish_root_to_waypoints(
+        c.clone(),
+        "ambit-root-cert".into(),
+        root.clone(),
+        source.models.clone(),
+    ));
     let ads = AdsServer::new(snapshots(source.models.clone())).authenticated_by(auth.clone());
     let ca = CaService::new(Arc::new(ca), auth, source.models.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -311,7 +321,7 @@ async fn kube_agents_authenticate_with_pod_bound_tokens_and_get_only_their_nodes
         (
             "tok-web",
             tonic::Code::PermissionDenied,
-            "not the node agents' ServiceAccount",
+            "subscribes with its mesh certificate",
         ),
         (
             "tok-unbound",
@@ -353,4 +363,78 @@ async fn kube_agents_authenticate_with_pod_bound_tokens_and_get_only_their_nodes
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
+
+#[tokio::test]
+async fn kube_a_waypoint_pod_gets_only_its_waypoints_certificate_with_its_own_token() {
+    let api = cluster();
+    // Waypoint shop/wp: a Gateway of class ambit-waypoint and its pod (service account wp).
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "shop"},
+        "spec": {"gatewayClassName": "ambit-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    let mut wp = pod("shop", "wp-0", "node-2", "10.244.2.20", "wp", false);
+    wp["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
+    api.apply(wp);
+    // A pod that claims the label without a Gateway of its name is no waypoint's.
+    let mut fake = pod("shop", "fake-0", "node-1", "10.244.1.30", "wp", false);
+    fake["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "nope"});
+    api.apply(fake);
+    let (url, root) = control_plane(&api).await;
+    let as_caller = |token: &str| {
+        let cp = ControlPlane::new(&url, Some(token), Some(&root)).unwrap();
+        CaClient {
+            control_plane: cp,
+            ttl: Duration::from_secs(600),
+        }
+    };
+    let wp_id = Identity::new("cluster.local", "shop", "wp").unwrap();
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+
+    // Its own token, bound to its pod: its identity, and nothing else; no xDS by token
+    // (a waypoint subscribes with the certificate it got).
+    api.issue_token("tok-wp", token("shop", "wp", Some("wp-0")));
+    let wp = as_caller("tok-wp");
+    let cert = request(&wp, &wp_id)
+        .await
+        .expect("the waypoint's certificate");
+    assert_eq!(cert.identity, wp_id);
+    let e = request(&wp, &web).await.unwrap_err();
+    assert!(
+        matches!(&e, RequestError::Ca(s) if s.code() == tonic::Code::PermissionDenied && s.message().contains("is spiffe://cluster.local/ns/shop/sa/wp, not")),
+        "{e}"
+    );
+    let e = subscribe(&wp.control_plane, "shop/wp").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+
+    // The same service account's token bound to a pod that is not the waypoint's, and an
+    // application pod's token for its own identity: refused (its agent holds that).
+    api.issue_token("tok-fake", token("shop", "wp", Some("fake-0")));
+    let e = request(&as_caller("tok-fake"), &wp_id).await.unwrap_err();
+    assert!(
+        matches!(&e, RequestError::Ca(s) if s.code() == tonic::Code::PermissionDenied && s.message().contains("not a waypoint's")),
+        "{e}"
+    );
+    api.issue_token("tok-web", token("shop", "web", Some("web-0")));
+    assert_eq!(
+        ca_code(request(&as_caller("tok-web"), &web).await),
+        tonic::Code::PermissionDenied
+    );
+
+    // The waypoint's namespace got the root, which its pods verify the control plane with.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(cm) = api.get("ConfigMap", "shop", "ambit-root-cert") {
+            assert_eq!(cm["data"][ROOT_CERT_KEY], json!(root));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no root in shop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        api.get("ConfigMap", "ambit-system", "ambit-root-cert")
+            .is_none()
+    );
 }

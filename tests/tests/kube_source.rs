@@ -82,6 +82,7 @@ async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
         hold,
         root_namespace: "ambit-system".into(),
         istio_policies: true,
+        gateway_api: true,
     };
     tokio::time::timeout(Duration::from_secs(20), KubeSource::start(client, options))
         .await
@@ -269,6 +270,7 @@ async fn kube_source_reports_rbac_errors_and_serves_nothing_before_every_kind_is
             hold: Duration::ZERO,
             root_namespace: "ambit-system".into(),
             istio_policies: true,
+            gateway_api: true,
         },
     );
     tokio::pin!(start);
@@ -677,4 +679,342 @@ async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refus
     let mut expected = before.policies.clone();
     expected.retain(|k, _| k.name != "web-from-frontend");
     assert_eq!(m.policies, expected);
+}
+
+fn gateway_api(kind: &str, ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// The HTTPRoute `shop/web` as the API server returns it (its defaults filled in).
+fn web_route(extra_rule_field: Option<(&str, Value)>) -> Value {
+    let mut api_rule = json!({
+        "matches": [{"path": {"type": "PathPrefix", "value": "/api"},
+                     "headers": [{"type": "Exact", "name": "x-canary", "value": "1"}]}],
+        "filters": [{"type": "RequestHeaderModifier",
+                     "requestHeaderModifier": {"set": [{"name": "x-via", "value": "waypoint"}]}}],
+        "backendRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80, "weight": 1}],
+        "timeouts": {"request": "2s"}
+    });
+    if let Some((k, v)) = extra_rule_field {
+        api_rule[k] = v;
+    }
+    gateway_api(
+        "HTTPRoute",
+        "shop",
+        "web",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [
+                api_rule,
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                 "backendRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80, "weight": 1}],
+                 "retry": {"attempts": 2, "codes": [503]}}
+            ]
+        }),
+    )
+}
+
+/// What `cluster()` plus the waypoint and the route `shop/web` describe.
+const WAYPOINT_AS_A_MESH_FILE: &str = r#"
+trustDomain: cluster.local
+namespaces:
+  - {name: lab}
+  - {name: shop, labels: {ambit.dev/dataplane: ambient}}
+nodes: [{name: node-1}, {name: node-2}]
+waypoints: [{name: wp, namespace: shop, vips: [10.96.0.99]}]
+workloads:
+  - {uid: uid-lab-job-0, name: job-0, namespace: lab, node: node-1, serviceAccount: job-0, ips: [10.244.1.11]}
+  - {uid: uid-shop-web-0, name: web-0, namespace: shop, node: node-1, serviceAccount: web-0, ips: [10.244.1.10], labels: {app: web}}
+  - {uid: uid-shop-web-1, name: web-1, namespace: shop, node: node-2, serviceAccount: web-1, ips: [10.244.2.10], labels: {app: web}}
+  - {uid: uid-shop-wp-0, name: wp-0, namespace: shop, node: node-2, serviceAccount: wp, ips: [10.244.2.20],
+     labels: {gateway.networking.k8s.io/gateway-name: wp}}
+services:
+  - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}], selector: {app: web},
+     labels: {ambit.dev/waypoint: wp}}
+httpRoutes:
+  - name: web
+    namespace: shop
+    parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /api}, headers: [{type: Exact, name: x-canary, value: "1"}]}]
+        filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-via, value: waypoint}]}}]
+        backendRefs: [{group: "", kind: Service, name: web, port: 80, weight: 1}]
+        timeouts: {request: 2s}
+      - matches: [{path: {type: PathPrefix, value: /}}]
+        backendRefs: [{group: "", kind: Service, name: web, port: 80, weight: 1}]
+        retry: {attempts: 2, codes: [503]}
+"#;
+
+/// A condition as (status, reason, message).
+type Condition = (String, String, String);
+/// One `status.parents[]` entry: its controllerName and its Accepted and ResolvedRefs.
+type ParentStatus = (String, [Condition; 2]);
+
+/// `status.parents[]` of an HTTPRoute, conditions about its current generation only.
+fn route_parents(api: &ApiServer, name: &str) -> Vec<ParentStatus> {
+    let Some(o) = api.get("HTTPRoute", "shop", name) else {
+        return vec![];
+    };
+    let generation = o["metadata"]["generation"].clone();
+    o["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let cond = |t: &str| {
+                let c = p["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == t)?;
+                if c["observedGeneration"] != generation || c["lastTransitionTime"].is_null() {
+                    return None;
+                }
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                Some((s("status"), s("reason"), s("message")))
+            };
+            Some((
+                p["controllerName"].as_str()?.to_owned(),
+                [
+                    cond("Accepted").unwrap_or_default(),
+                    cond("ResolvedRefs").unwrap_or_default(),
+                ],
+            ))
+        })
+        .collect()
+}
+
+async fn until_route(
+    api: &ApiServer,
+    name: &str,
+    ok: impl Fn(&[ParentStatus]) -> bool,
+) -> Vec<ParentStatus> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = route_parents(api, name);
+        if ok(&p) {
+            return p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "HTTPRoute shop/{name}: its status.parents are {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_status() {
+    const MESH: &str = "ambit.dev/mesh-controller";
+    let api = cluster();
+    // The waypoint as deploy/waypoint/ makes it: a Gateway of class ambit-waypoint, its
+    // pods (labelled with its name, one service account) and a Service of its name.
+    api.apply(gateway_api(
+        "Gateway",
+        "shop",
+        "wp",
+        json!({"gatewayClassName": "ambit-waypoint",
+               "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE",
+                              "allowedRoutes": {"namespaces": {"from": "Same"}}}]}),
+    ));
+    let mut wp = pod(
+        "shop",
+        "wp-0",
+        "node-2",
+        "10.244.2.20",
+        json!({"gateway.networking.k8s.io/gateway-name": "wp"}),
+    );
+    wp["spec"]["serviceAccountName"] = json!("wp");
+    api.apply(wp);
+    api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "wp", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.99", "clusterIPs": ["10.96.0.99"],
+                 "selector": {"gateway.networking.k8s.io/gateway-name": "wp"},
+                 "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}]}}));
+    let mut web = service("shop", "web", "10.96.0.10", json!({"app": "web"}));
+    web["metadata"]["labels"] = json!({"ambit.dev/waypoint": "wp"});
+    api.apply(web);
+    api.apply(web_route(None));
+    // Not Ambit's: another class's Gateway, and an ingress route (Gateway parents only).
+    api.apply(gateway_api(
+        "Gateway",
+        "shop",
+        "ingress",
+        json!({"gatewayClassName": "other", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}),
+    ));
+    api.apply(gateway_api(
+        "HTTPRoute",
+        "shop",
+        "from-outside",
+        json!({"parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"}],
+               "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80, "weight": 1}]}]}),
+    ));
+    // Refused: a waypoint Gateway with an HTTP listener; a field Ambit does not
+    // implement; a backend that does not exist.
+    api.apply(gateway_api(
+        "Gateway",
+        "shop",
+        "not-a-waypoint",
+        json!({"gatewayClassName": "ambit-waypoint",
+               "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}),
+    ));
+    let mut sticky = web_route(Some((
+        "sessionPersistence",
+        json!({"sessionName": "s", "type": "Cookie"}),
+    )));
+    sticky["metadata"]["name"] = json!("sticky");
+    api.apply(sticky);
+    let mut lost = web_route(None);
+    lost["metadata"]["name"] = json!("lost");
+    lost["spec"]["rules"][1]["backendRefs"][0]["name"] = json!("nowhere");
+    api.apply(lost);
+    // Both kinds of parent: the ingress controller's status entry stays as it is.
+    let mut both = web_route(None);
+    both["metadata"]["name"] = json!("both");
+    both["spec"]["parentRefs"] = json!([
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"},
+        {"group": "", "kind": "Service", "name": "web", "port": 80}
+    ]);
+    both["spec"]["rules"] = json!([both["spec"]["rules"][1].clone()]);
+    api.apply(both);
+    let theirs = json!({"parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"},
+                        "controllerName": "example.com/ingress",
+                        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                                        "lastTransitionTime": "2026-12-01T00:00:00Z"}]});
+    api.patch_status(
+        "HTTPRoute",
+        "shop",
+        "both",
+        json!({"status": {"parents": [theirs.clone()]}}),
+    )
+    .unwrap();
+
+    let s = source(&api, Duration::ZERO).await;
+    let mut file =
+        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), WAYPOINT_AS_A_MESH_FILE)
+            .expect("the mesh file is valid");
+    let m = s.models.borrow().clone();
+    // `both` is `web`'s second rule on the same parent: the file has no such route, so
+    // compare the rest, then it alone.
+    let mut routes = m.http_routes.clone();
+    let both_route = routes
+        .remove(&ambit_control_plane::model::NamespacedName {
+            namespace: "shop".into(),
+            name: "both".into(),
+        })
+        .expect("the Service half of `both` is applied");
+    assert_eq!(
+        both_route.parents,
+        file.http_routes.values().next().unwrap().parents
+    );
+    assert_eq!(routes, file.http_routes, "the routes");
+    assert_eq!(m.waypoints, file.waypoints, "the waypoints");
+    file.http_routes = m.http_routes.clone();
+    assert_eq!(*m, file, "the same model, so the same xDS");
+
+    // Status: the waypoint Gateway is accepted, programmed (its pod runs) and has its
+    // Service's address; the refused one says why; other classes are left alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let wp_status = loop {
+        let g = api.get("Gateway", "shop", "wp").unwrap();
+        let conds = g["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let st = |t: &str| {
+            conds
+                .iter()
+                .find(|c| c["type"] == t)
+                .map(|c| c["status"].clone())
+        };
+        if st("Accepted") == Some(json!("True")) && st("Programmed") == Some(json!("True")) {
+            break g["status"].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{g}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        wp_status["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.0.99"}])
+    );
+    let (st, reason, msg) =
+        until_accepted(&api, "Gateway", "shop", "not-a-waypoint", |_| true).await;
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("False", "UnsupportedValue")
+    );
+    assert!(msg.contains("HBONE"), "{msg}");
+    assert!(api.get("Gateway", "shop", "ingress").unwrap()["status"].is_null());
+    assert!(api.get("HTTPRoute", "shop", "from-outside").unwrap()["status"].is_null());
+
+    // Routes: one entry per Service parent, Ambit's controller name, what became of it.
+    let p = until_route(&api, "web", |p| !p.is_empty()).await;
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, MESH);
+    assert_eq!(
+        (p[0].1[0].0.as_str(), p[0].1[1].0.as_str()),
+        ("True", "True"),
+        "{p:?}"
+    );
+    let p = until_route(&api, "sticky", |p| !p.is_empty()).await;
+    assert_eq!(
+        (p[0].1[0].0.as_str(), p[0].1[0].1.as_str()),
+        ("False", "UnsupportedValue"),
+        "{p:?}"
+    );
+    assert!(p[0].1[0].2.contains("sessionPersistence"), "{p:?}");
+    let p = until_route(&api, "lost", |p| !p.is_empty()).await;
+    assert_eq!(p[0].1[0].0, "False", "{p:?}");
+    assert_eq!(
+        (p[0].1[1].0.as_str(), p[0].1[1].1.as_str()),
+        ("False", "BackendNotFound"),
+        "{p:?}"
+    );
+    assert!(p[0].1[1].2.contains("shop/nowhere"), "{p:?}");
+    let p = until_route(&api, "both", |p| p.len() == 2).await;
+    assert!(p.iter().any(|(c, _)| c == "example.com/ingress"), "{p:?}");
+    assert!(
+        p.iter().any(|(c, a)| c == MESH && a[0].0 == "True"),
+        "{p:?}"
+    );
+    let stored = api.get("HTTPRoute", "shop", "both").unwrap();
+    assert!(
+        stored["status"]["parents"]
+            .as_array()
+            .unwrap()
+            .contains(&theirs),
+        "the other controller's entry is kept as it was: {stored}"
+    );
+
+    // An invalid edit of a valid route keeps its last valid generation applied, and
+    // says so; fixing it applies the fix.
+    let mut models = s.models.clone();
+    let writes = api.status_writes();
+    api.apply(web_route(Some((
+        "sessionPersistence",
+        json!({"type": "Cookie"}),
+    ))));
+    let p = until_route(&api, "web", |p| {
+        p.first().is_some_and(|x| x.1[0].0 == "False")
+    })
+    .await;
+    assert!(p[0].1[0].2.contains("generation 1 stays applied"), "{p:?}");
+    assert!(api.status_writes() > writes);
+    assert_eq!(models.borrow_and_update().http_routes, m.http_routes);
+    let mut fixed = web_route(None);
+    fixed["spec"]["rules"][0]["timeouts"]["request"] = json!("3s");
+    api.apply(fixed);
+    until(&mut models, "the fixed route", |m| {
+        m.http_routes
+            .values()
+            .any(|r| r.name == "web" && r.rules[0].request_timeout == Some(Duration::from_secs(3)))
+    })
+    .await;
+    until_route(&api, "web", |p| {
+        p.first().is_some_and(|x| x.1[0].0 == "True")
+    })
+    .await;
+
+    // Deleting the Gateway ends the waypoint: its service's route no longer applies.
+    api.delete("Gateway", "shop", "wp");
+    until(&mut models, "no waypoint", |m| m.waypoints.is_empty()).await;
 }

@@ -14,6 +14,7 @@
 //! - [`inbound`]: the HBONE server;
 //! - [`identity`]: the waypoint's certificate and TLS configurations;
 //! - [`sds`]: that certificate, from the node agent's SDS socket;
+//! - [`ca`]: or from the control plane's CA, with the pod's ServiceAccount token;
 //! - [`body`]: request buffering for retries, byte counting, the report at a response's end;
 //! - [`telemetry`]: Istio's HTTP metrics;
 //! - [`trace`]: W3C `traceparent`, propagated or started;
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod ca;
 pub mod config;
 pub mod control_plane;
 pub mod identity;

@@ -1,6 +1,7 @@
-//! `ambit-waypoint`: gets its certificate from the node agent (SDS), its configuration
-//! from the control plane (standard Envoy xDS, authenticated with that certificate), and
-//! serves HBONE on `:15008`. See the library's documentation.
+//! `ambit-waypoint`: gets its certificate from the node agent (SDS) or, with its pod's
+//! token, from the control plane's CA; its configuration from the control plane
+//! (standard Envoy xDS, authenticated with that certificate); and serves HBONE on
+//! `:15008`. See the library's documentation.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,13 +31,31 @@ struct Args {
     /// `gateway.networking.k8s.io/gateway-name: <name>`).
     #[arg(long, env = "AMBIT_WAYPOINT_NAME")]
     name: String,
-    /// The node agent's SDS socket, where this pod's certificate comes from.
+    /// The node agent's SDS socket, where this pod's certificate comes from (unless
+    /// `--ca-credential-file` is given).
     #[arg(
         long,
         env = "AMBIT_SDS_SOCKET",
         default_value = "/var/run/ambit/sds.sock"
     )]
     sds_socket: PathBuf,
+    /// Get the certificate from the control plane's CA instead of a node agent, with
+    /// this pod-bound ServiceAccount token (audience `ambit-ca`; re-read for every
+    /// request, so the kubelet's rotation is picked up). Needs `--xds-root-cert` and
+    /// `--service-account`. How waypoints run on Kubernetes.
+    #[arg(long, env = "AMBIT_CA_CREDENTIAL_FILE", requires_all = ["xds_root_cert", "service_account"])]
+    ca_credential_file: Option<PathBuf>,
+    /// The mesh root certificate (PEM) that the control plane's server certificate
+    /// and the waypoint's own chain to (with `--ca-credential-file`).
+    #[arg(long, env = "AMBIT_XDS_ROOT_CERT")]
+    xds_root_cert: Option<PathBuf>,
+    /// The pod's ServiceAccount (its identity is
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`).
+    #[arg(long, env = "AMBIT_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Where HBONE is accepted.
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
@@ -127,11 +146,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let (material_tx, mut material) = watch::channel(None);
-    tokio::spawn(ambit_waypoint::sds::run(
-        args.sds_socket.clone(),
-        material_tx,
-    ));
-    info!(socket = %args.sds_socket.display(), "waiting for a certificate from the node agent");
+    match &args.ca_credential_file {
+        Some(token) => {
+            let root_path = args.xds_root_cert.as_ref().expect("required by clap");
+            let roots_pem = std::fs::read_to_string(root_path)
+                .with_context(|| format!("reading {}", root_path.display()))?;
+            let sa = args.service_account.as_deref().expect("required by clap");
+            let identity = ambit_identity::Identity::new(&args.trust_domain, &args.namespace, sa)
+                .map_err(|e| anyhow::anyhow!("the waypoint's identity: {e}"))?;
+            let control_plane =
+                ambit_xds::channel::ControlPlane::new(&args.xds_address, None, Some(&roots_pem))?
+                    .with_credential_file(token)
+                    .with_context(|| format!("reading {}", token.display()))?;
+            info!(%identity, ca = %args.xds_address, "waiting for a certificate from the control plane's CA");
+            tokio::spawn(ambit_waypoint::ca::run(
+                ambit_waypoint::ca::CaSource {
+                    control_plane,
+                    identity,
+                    roots_pem,
+                    ttl: Duration::ZERO,
+                },
+                material_tx,
+            ));
+        }
+        None => {
+            tokio::spawn(ambit_waypoint::sds::run(
+                args.sds_socket.clone(),
+                material_tx,
+            ));
+            info!(socket = %args.sds_socket.display(), "waiting for a certificate from the node agent");
+        }
+    }
     let first = material
         .wait_for(Option::is_some)
         .await

@@ -6,9 +6,11 @@
 //! - [`type_url`]: the type URLs resources are served under;
 //! - [`client`]: the delta ADS client every Ambit process shares;
 //! - [`channel`]: the connection to the control plane that the xDS and CA clients share;
+//! - [`ca`]: the CA client (CSR → certificate);
 //! - [`convert`]: the wire form of shared types (policies, addresses, ports);
 //! - [`istio`]: Istio's telemetry conventions (canonical names, endpoint workload metadata).
 
+pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod convert;

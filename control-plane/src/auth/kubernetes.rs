@@ -8,6 +8,10 @@
 //! from the review's `authentication.kubernetes.io/node-name` extra when the API server
 //! sets it (Kubernetes 1.32 does, by default), else from the bound pod's `spec.nodeName`.
 //!
+//! Any other ServiceAccount's pod-bound token authenticates its pod ([`Caller::Pod`]):
+//! the CA then signs only what the model says that pod is (a waypoint's pod, its
+//! waypoint's identity), so a waypoint needs no secret of its own and no node agent.
+//!
 //! Accepted tokens are remembered for [`CACHE_FOR`], so an agent's reconnects do not
 //! each cost a review; a deleted pod's token therefore works for at most that long.
 
@@ -22,7 +26,7 @@ use kube::{Api, Client};
 use tonic::Status;
 use tracing::debug;
 
-use super::Authenticator;
+use super::{Authenticator, Caller};
 
 /// The audience node agents' tokens must be issued for.
 pub const AUDIENCE: &str = "ambit-ca";
@@ -42,8 +46,8 @@ pub struct TokenReviews {
     client: Client,
     /// `system:serviceaccount:<namespace>:<name>` of the node agents.
     agents: String,
-    /// SHA-256 of a token → (its node, until when that answer stands).
-    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// SHA-256 of a token → (who it is, until when that answer stands).
+    cache: Mutex<HashMap<[u8; 32], (Caller, Instant)>>,
 }
 
 impl std::fmt::Debug for TokenReviews {
@@ -68,15 +72,15 @@ impl TokenReviews {
         })
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<String> {
+    fn cached(&self, key: &[u8; 32]) -> Option<Caller> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .get(key)
             .filter(|(_, until)| Instant::now() < *until)
-            .map(|(node, _)| node.clone())
+            .map(|(caller, _)| caller.clone())
     }
 
-    async fn review(&self, token: &str) -> Result<String, Status> {
+    async fn review(&self, token: &str) -> Result<Caller, Status> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -106,12 +110,16 @@ impl TokenReviews {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if username != self.agents {
+        let Some(namespace) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split(':').next())
+            .filter(|ns| !ns.is_empty())
+            .map(str::to_owned)
+        else {
             return Err(Status::permission_denied(format!(
-                "{username:?} is not the node agents' ServiceAccount ({})",
-                self.agents
+                "{username:?} is not a ServiceAccount"
             )));
-        }
+        };
         let extra = user.extra.unwrap_or_default();
         let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
         let (Some(pod), Some(uid)) = (one(POD_NAME), one(POD_UID)) else {
@@ -119,15 +127,15 @@ impl TokenReviews {
                 "the token is not bound to a pod (use a projected ServiceAccount token)",
             ));
         };
+        if username != self.agents {
+            // A pod of some workload: what it may have is the model's to say.
+            return Ok(Caller::Pod { namespace, uid });
+        }
         if let Some(node) = one(NODE_NAME).filter(|n| !n.is_empty()) {
-            return Ok(node);
+            return Ok(Caller::Node(node));
         }
         // An API server that does not put the node in the review: the bound pod's.
-        let namespace = username
-            .strip_prefix("system:serviceaccount:")
-            .and_then(|r| r.split(':').next())
-            .unwrap_or_default();
-        let bound = Api::<Pod>::namespaced(self.client.clone(), namespace)
+        let bound = Api::<Pod>::namespaced(self.client.clone(), &namespace)
             .get_opt(&pod)
             .await
             .map_err(|e| Status::unavailable(format!("reading the bound pod {pod}: {e}")))?
@@ -139,6 +147,7 @@ impl TokenReviews {
             .spec
             .and_then(|s| s.node_name)
             .filter(|n| !n.is_empty())
+            .map(Caller::Node)
             .ok_or_else(|| {
                 Status::permission_denied(format!(
                     "the token's pod {namespace}/{pod} is not scheduled on a node"
@@ -149,22 +158,22 @@ impl TokenReviews {
 
 #[tonic::async_trait]
 impl Authenticator for TokenReviews {
-    async fn node_of(&self, credential: &str) -> Result<String, Status> {
+    async fn caller_of(&self, credential: &str) -> Result<Caller, Status> {
         let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes())
             .as_ref()
             .try_into()
             .expect("32 bytes");
-        if let Some(node) = self.cached(&key) {
-            return Ok(node);
+        if let Some(caller) = self.cached(&key) {
+            return Ok(caller);
         }
-        let node = self.review(credential).await?;
-        debug!(node, "a node agent's token was reviewed");
+        let caller = self.review(credential).await?;
+        debug!(?caller, "a token was reviewed");
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
-        cache.insert(key, (node.clone(), Instant::now() + CACHE_FOR));
-        Ok(node)
+        cache.insert(key, (caller.clone(), Instant::now() + CACHE_FOR));
+        Ok(caller)
     }
 }
 
@@ -182,7 +191,7 @@ mod tests {
             assert!(TokenReviews::new(client.clone(), bad).is_err(), "{bad}");
         }
         // An API server that cannot be reached: unavailable, not "unauthenticated".
-        let e = t.node_of("token").await.unwrap_err();
+        let e = t.caller_of("token").await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! - [`NodeTokens`]: the file source's per-node bootstrap tokens (the simulated cluster);
 //! - [`kubernetes::TokenReviews`]: pod-bound Kubernetes ServiceAccount tokens, checked
-//!   with the API server's TokenReview; the node is the bound pod's.
+//!   with the API server's TokenReview; a node agent's speaks for the node its pod runs
+//!   on, any other for its pod (a waypoint's, for its own certificate).
 
 pub mod kubernetes;
 
@@ -28,6 +29,15 @@ pub enum Caller {
     /// A workload (a waypoint) by its mesh certificate, verified against the mesh root
     /// during the TLS handshake.
     Workload(ambit_identity::Identity),
+    /// A pod, by a ServiceAccount token bound to it that is not a node agent's (a
+    /// waypoint asking the CA for its first certificate): what it may have is decided
+    /// by what the model says that pod is.
+    Pod {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's uid (the token dies with that pod).
+        uid: String,
+    },
 }
 
 /// The SPIFFE identity of the request's TLS client certificate, if it presented one (the
@@ -47,12 +57,12 @@ pub fn workload_of<T>(
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
 }
 
-/// The node the request's `authorization: Bearer <credential>` authenticates, or the
-/// gRPC status refusing it.
+/// Who the request's `authorization: Bearer <credential>` authenticates (a node, or a
+/// pod), or the gRPC status refusing it.
 pub async fn authenticate(
     auth: &dyn Authenticator,
     metadata: &MetadataMap,
-) -> Result<String, Status> {
+) -> Result<Caller, Status> {
     let credential = metadata
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -60,18 +70,19 @@ pub async fn authenticate(
         .ok_or_else(|| {
             Status::unauthenticated("missing `authorization: Bearer <node credential>`")
         })?;
-    auth.node_of(credential).await.inspect_err(|e| {
+    auth.caller_of(credential).await.inspect_err(|e| {
         warn!(code = ?e.code(), "refused a caller: {}", e.message());
     })
 }
 
-/// Who is calling: maps a bearer credential to a node name.
+/// Who is calling: maps a bearer credential to a node (or a pod).
 #[tonic::async_trait]
 pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
-    /// The node `credential` authenticates; or why not, as the status to answer with
-    /// (`UNAUTHENTICATED` for a bad credential, `PERMISSION_DENIED` for a good one that
-    /// may not act as a node, `UNAVAILABLE` when it cannot be checked now).
-    async fn node_of(&self, credential: &str) -> Result<String, Status>;
+    /// Who `credential` authenticates: [`Caller::Node`] or [`Caller::Pod`]; or why not,
+    /// as the status to answer with (`UNAUTHENTICATED` for a bad credential,
+    /// `PERMISSION_DENIED` for a good one that may not act as a caller,
+    /// `UNAVAILABLE` when it cannot be checked now).
+    async fn caller_of(&self, credential: &str) -> Result<Caller, Status>;
 }
 
 /// File-mode bootstrap credentials: `<dir>/<node>.token`, one random token per node,
@@ -139,7 +150,7 @@ impl NodeTokens {
 
 #[tonic::async_trait]
 impl Authenticator for NodeTokens {
-    async fn node_of(&self, credential: &str) -> Result<String, Status> {
+    async fn caller_of(&self, credential: &str) -> Result<Caller, Status> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
         // Compare with every token, so the time taken says nothing about which matched.
         let mut found = None;
@@ -148,7 +159,9 @@ impl Authenticator for NodeTokens {
                 found = Some(node.clone());
             }
         }
-        found.ok_or_else(|| Status::unauthenticated("unknown node credential"))
+        found
+            .map(Caller::Node)
+            .ok_or_else(|| Status::unauthenticated("unknown node credential"))
     }
 }
 
@@ -171,12 +184,18 @@ mod tests {
         };
         tokens.ensure(&model).unwrap();
         let t1 = std::fs::read_to_string(dir.join("n1.token")).unwrap();
-        assert_eq!(tokens.node_of(&t1).await.unwrap(), "n1");
-        assert!(tokens.node_of("nope").await.is_err());
-        assert!(tokens.node_of("").await.is_err());
+        assert_eq!(
+            tokens.caller_of(&t1).await.unwrap(),
+            Caller::Node("n1".into())
+        );
+        assert!(tokens.caller_of("nope").await.is_err());
+        assert!(tokens.caller_of("").await.is_err());
         // Authentication reads no file: removing them changes nothing until a reload.
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(tokens.node_of(&t1).await.unwrap(), "n1");
+        assert_eq!(
+            tokens.caller_of(&t1).await.unwrap(),
+            Caller::Node("n1".into())
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //!   generated on first start and written there (the key with mode 0600); on Kubernetes
 //!   it lives in a Secret shared by the replicas ([`secret`]).
 //! - A caller authenticates as a node ([`crate::auth`]) and may obtain certificates only for identities of workloads
-//!   that the current model places on that node. Everything else is refused and logged.
+//!   that the current model places on that node; or as a waypoint's pod (by its bound
+//!   ServiceAccount token), and then only for that waypoint's identity. Everything else
+//!   is refused and logged.
 //! - Only the CSR's public key and its single SPIFFE URI SAN are used: the certificate's
 //!   other fields are the CA's own (validity, key usages, no subject).
 
@@ -29,7 +31,7 @@ use ambit_identity::Identity;
 
 pub mod secret;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
 use crate::model::Model;
 
 /// Why the CA could not start.
@@ -184,12 +186,14 @@ impl CertificateAuthority {
         ))
     }
 
-    /// Signs `csr_pem` for `node` if its one SPIFFE identity belongs to a workload of
-    /// `model` on that node. Returns the PEM chain, leaf first.
+    /// Signs `csr_pem` for `caller` if its one SPIFFE identity is one `caller` may have
+    /// in `model`: a node, the identity of a workload on that node; a pod (by its
+    /// bound token), its own identity if it is a waypoint's pod (other pods get theirs
+    /// from their node agent). Returns the PEM chain, leaf first.
     pub fn sign(
         &self,
         model: &Model,
-        node: &str,
+        caller: &Caller,
         csr_pem: &str,
         requested: Duration,
     ) -> Result<Vec<String>, Status> {
@@ -224,15 +228,50 @@ impl CertificateAuthority {
                     model.trust_domain
                 ))
             })?;
-        let local = model
-            .workloads
-            .values()
-            .any(|w| w.node == node && w.identity == id);
-        if !local {
-            warn!(node, identity = %id, "refused a certificate for an identity with no workload on the asking node");
-            return Err(Status::permission_denied(format!(
-                "node {node} runs no workload with identity {id}"
-            )));
+        match caller {
+            Caller::Node(node) => {
+                let local = model
+                    .workloads
+                    .values()
+                    .any(|w| &w.node == node && w.identity == id);
+                if !local {
+                    warn!(node, identity = %id, "refused a certificate for an identity with no workload on the asking node");
+                    return Err(Status::permission_denied(format!(
+                        "node {node} runs no workload with identity {id}"
+                    )));
+                }
+            }
+            Caller::Pod { namespace, uid } => {
+                let Some(w) = model
+                    .workloads
+                    .get(uid)
+                    .filter(|w| &w.namespace == namespace)
+                else {
+                    warn!(namespace, uid, identity = %id, "refused a certificate for a pod the mesh does not know");
+                    return Err(Status::permission_denied(format!(
+                        "pod {uid} of {namespace} is not in the mesh (yet)"
+                    )));
+                };
+                if !w.native_tunnel {
+                    warn!(pod = %w.name, namespace, identity = %id, "refused a certificate to a pod that is not a waypoint's");
+                    return Err(Status::permission_denied(format!(
+                        "pod {namespace}/{} is not a waypoint's: its node agent holds its identity",
+                        w.name
+                    )));
+                }
+                if w.identity != id {
+                    warn!(pod = %w.name, namespace, identity = %id, "refused a certificate for another identity");
+                    return Err(Status::permission_denied(format!(
+                        "pod {namespace}/{} is {}, not {id}",
+                        w.name, w.identity
+                    )));
+                }
+            }
+            Caller::Workload(_) => {
+                return Err(Status::permission_denied(
+                    "certificates are issued to node agents and to waypoint pods by their tokens",
+                ));
+            }
         }
         let ttl = if requested.is_zero() {
             self.default_ttl
@@ -268,7 +307,7 @@ impl CertificateAuthority {
         }
         .signed_by(&self.issuer)
         .map_err(|e| Status::internal(format!("signing: {e}")))?;
-        info!(node, identity = %id, ttl_s = ttl.as_secs(), "issued a workload certificate");
+        info!(caller = ?caller, identity = %id, ttl_s = ttl.as_secs(), "issued a workload certificate");
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
 }
@@ -323,11 +362,11 @@ impl CertificateService for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let node = crate::auth::authenticate(&*self.auth, request.metadata()).await?;
+        let caller = crate::auth::authenticate(&*self.auth, request.metadata()).await?;
         let req = request.into_inner();
         let ttl = Duration::from_secs(req.validity_seconds.max(0) as u64);
         let model = self.models.borrow().clone();
-        let chain = self.ca.sign(&model, &node, &req.csr, ttl)?;
+        let chain = self.ca.sign(&model, &caller, &req.csr, ttl)?;
         Ok(Response::new(CreateCertificateResponse {
             cert_chain: chain,
         }))

@@ -165,3 +165,49 @@ pub async fn publish_root(
         source: kube::Error::Service("it kept changing under three attempts".into()),
     })
 }
+
+/// Keeps the root certificate published in ConfigMap `name` of every namespace that has
+/// a waypoint (as Istio publishes `istio-ca-root-cert`): a waypoint's pods verify the
+/// control plane with it, and a pod can mount only a ConfigMap of its own namespace.
+/// Runs until `models` closes; a namespace that could not be written is tried again
+/// with the next model, or after 10 s.
+pub async fn publish_root_to_waypoints(
+    client: Client,
+    name: String,
+    cert_pem: String,
+    mut models: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
+) {
+    let mut done = std::collections::BTreeSet::new();
+    loop {
+        let wanted: std::collections::BTreeSet<String> = models
+            .borrow_and_update()
+            .waypoints
+            .keys()
+            .map(|k| k.namespace.clone())
+            .collect();
+        let mut failed = false;
+        for ns in wanted.difference(&done.clone()) {
+            match publish_root(&client, ns, &name, &cert_pem).await {
+                Ok(()) => {
+                    done.insert(ns.clone());
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(namespace = %ns, "the waypoints of this namespace cannot verify the control plane yet: {e}");
+                }
+            }
+        }
+        done.retain(|ns| wanted.contains(ns));
+        let retry = async {
+            if failed {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            changed = models.changed() => if changed.is_err() { return },
+            _ = retry => {}
+        }
+    }
+}

@@ -11,13 +11,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use ambit_identity::Identity;
-use ambit_xds::ambit::CreateCertificateRequest;
-use ambit_xds::ambit::certificate_service_client::CertificateServiceClient;
+pub use ambit_xds::ca::RequestError;
+use ambit_xds::ca::unix;
 use ambit_xds::channel::ControlPlane;
-use rcgen::{CertificateParams, KeyPair, SanType};
 use tracing::{info, warn};
 
 use super::{Certificates, WorkloadCert};
@@ -27,28 +26,6 @@ use crate::state::Store;
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// How long one request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a certificate request failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    /// Making the key or the CSR failed.
-    #[error("CSR: {0}")]
-    Csr(#[from] rcgen::Error),
-    /// The identity cannot be a URI SAN.
-    #[error("{0} cannot be put in a certificate")]
-    Identity(Identity),
-    /// The CA refused or could not be reached.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Ca(Box<tonic::Status>),
-    /// The CA did not answer in time.
-    #[error("no answer from the CA within {0:?}")]
-    Timeout(Duration),
-    /// The CA answered with something that is not a certificate for us.
-    #[error("the CA's answer: {0}")]
-    BadAnswer(String),
-}
 
 /// The retry state of the identities whose last request failed.
 #[derive(Debug, Default)]
@@ -151,48 +128,7 @@ pub async fn run(client: CaClient, store: Arc<Store>, certs: Arc<Certificates>) 
 
 /// One CSR → certificate round trip.
 pub async fn request(client: &CaClient, identity: &Identity) -> Result<WorkloadCert, RequestError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(
-        identity
-            .as_str()
-            .try_into()
-            .map_err(|_| RequestError::Identity(identity.clone()))?,
-    )];
-    let csr = params.serialize_request(&key)?.pem()?;
-    let mut ca = CertificateServiceClient::new(client.control_plane.channel());
-    let mut req = tonic::Request::new(CreateCertificateRequest {
-        csr,
-        validity_seconds: client.ttl.as_secs() as i64,
-    });
-    req.set_timeout(REQUEST_TIMEOUT);
-    client.control_plane.authorize(&mut req);
-    let chain = tokio::time::timeout(REQUEST_TIMEOUT, ca.create_certificate(req))
-        .await
-        .map_err(|_| RequestError::Timeout(REQUEST_TIMEOUT))?
-        .map_err(|s| RequestError::Ca(Box::new(s)))?
-        .into_inner()
-        .cert_chain;
-    let bad = |m: String| RequestError::BadAnswer(m);
-    let leaf = chain.first().ok_or_else(|| bad("no certificate".into()))?;
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(leaf.as_bytes()).map_err(|e| bad(format!("leaf: {e}")))?;
-    let cert = pem.parse_x509().map_err(|e| bad(format!("leaf: {e}")))?;
-    Ok(WorkloadCert {
-        identity: identity.clone(),
-        serial: cert.raw_serial_as_string(),
-        not_before: cert.validity().not_before.timestamp().max(0) as u64,
-        not_after: cert.validity().not_after.timestamp().max(0) as u64,
-        received: unix(SystemTime::now()),
-        key_pem: key.serialize_pem(),
-        chain_pem: chain,
-    })
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    ambit_xds::ca::request(&client.control_plane, identity, client.ttl).await
 }
 
 #[cfg(test)]

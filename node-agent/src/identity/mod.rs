@@ -11,47 +11,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use ambit_identity::Identity;
-use serde::Serialize;
 
-/// A certificate and its key.
-#[derive(Clone, Serialize)]
-pub struct WorkloadCert {
-    /// The identity it proves.
-    pub identity: Identity,
-    /// Hex serial number.
-    pub serial: String,
-    /// Seconds since the Unix epoch.
-    pub not_before: u64,
-    /// Seconds since the Unix epoch.
-    pub not_after: u64,
-    /// When we got it (seconds since the epoch, local clock).
-    pub received: u64,
-    /// The private key (PKCS#8 PEM).
-    #[serde(skip)]
-    pub key_pem: String,
-    /// Leaf first, root last.
-    #[serde(skip)]
-    pub chain_pem: Vec<String>,
-}
-
-impl std::fmt::Debug for WorkloadCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadCert")
-            .field("identity", &self.identity)
-            .field("serial", &self.serial)
-            .finish()
-    }
-}
-
-impl WorkloadCert {
-    /// When to renew: half-way through its remaining life when we got it. Not from
-    /// `not_before`: the CA backdates that to absorb clock skew, which would make a
-    /// short-lived certificate look half-spent on arrival.
-    pub fn renew_at(&self) -> u64 {
-        let start = self.received.max(self.not_before);
-        start + self.not_after.saturating_sub(start) / 2
-    }
-}
+pub use ambit_xds::ca::WorkloadCert;
 
 /// The certificates this node holds, by identity.
 #[derive(Debug, Default)]

@@ -1,8 +1,8 @@
 //! The Kubernetes source: the mesh as the cluster's API server describes it.
 //!
 //! kube-rs watchers (LIST, then WATCH from the list's resourceVersion, with bookmarks;
-//! on 410 Gone or a broken watch they re-list) follow Namespaces, Nodes, Pods, Services
-//! and the policy objects. Each object is converted when its event arrives ([`convert`]); the model is
+//! on 410 Gone or a broken watch they re-list) follow Namespaces, Nodes, Pods, Services,
+//! the policy objects and Gateway API's Gateways and HTTPRoutes. Each object is converted when its event arrives ([`convert`]); the model is
 //! assembled from the converted objects and built by the same [`Model::build_lenient`]
 //! and guard as the file source's, so both sources follow one set of rules.
 //!
@@ -21,10 +21,13 @@
 //! Policies: Ambit's CRDs ([`policy`]) and, with `--watch-istio-policies`, Istio's; each
 //! Ambit object's `Accepted` condition is written to its status ([`status`]).
 //!
-//! Not yet followed: EndpointSlices (services without a selector), ServiceAccounts and
-//! Gateway API HTTPRoutes (they need the waypoint's L7 model).
+//! Gateway API ([`gateway`], when its CRDs are installed): Gateways of the `ambit-waypoint`
+//! class are waypoints, HTTPRoutes with Service parents their routes; both get status.
+//!
+//! Not yet followed: EndpointSlices (services without a selector) and ServiceAccounts.
 
 pub mod convert;
+pub mod gateway;
 pub mod policy;
 mod status;
 
@@ -42,10 +45,14 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use self::convert::{PodView, ServiceView};
+use self::gateway::{GatewayView, RouteView};
+use self::policy::Verdict;
 use self::policy::{AuthorizationPolicy, PeerAuthentication};
 use self::status::{PeerView, PolicyView, StatusWriter, istio_spec, peer_view};
 use super::guard::Publisher;
-use crate::model::{MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec};
+use crate::model::{
+    MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec, WaypointSpec,
+};
 
 /// How the Kubernetes source behaves.
 #[derive(Clone, Debug)]
@@ -59,6 +66,24 @@ pub struct Options {
     pub root_namespace: String,
     /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication.
     pub istio_policies: bool,
+    /// Read Gateway API `Gateway`s (waypoints) and `HTTPRoute`s: their CRDs are
+    /// installed ([`gateway_api_installed`]).
+    pub gateway_api: bool,
+}
+
+/// Whether the cluster serves Gateway API's `v1` Gateways and HTTPRoutes (their CRDs are
+/// not part of Kubernetes itself). Without them the source reads neither, and says so.
+pub async fn gateway_api_installed(client: &Client) -> Result<bool, kube::Error> {
+    match client
+        .list_api_group_resources(&format!("{}/v1", gateway::GROUP))
+        .await
+    {
+        Ok(list) => Ok(["gateways", "httproutes"]
+            .iter()
+            .all(|p| list.resources.iter().any(|r| r.name == *p))),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// After an event, further events arriving within this of the previous one join its
@@ -96,6 +121,10 @@ pub enum Kind {
     IstioAuthorizationPolicies,
     /// `security.istio.io/v1` PeerAuthentication.
     IstioPeerAuthentications,
+    /// `gateway.networking.k8s.io/v1` Gateway.
+    Gateways,
+    /// `gateway.networking.k8s.io/v1` HTTPRoute.
+    HttpRoutes,
 }
 
 impl Kind {
@@ -109,6 +138,8 @@ impl Kind {
             Kind::PeerAuthentications => "peerauthentications.ambit.dev",
             Kind::IstioAuthorizationPolicies => "authorizationpolicies.security.istio.io",
             Kind::IstioPeerAuthentications => "peerauthentications.security.istio.io",
+            Kind::Gateways => "gateways.gateway.networking.k8s.io",
+            Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
     }
 
@@ -128,6 +159,9 @@ impl Kind {
                 Kind::IstioPeerAuthentications,
             ]);
         }
+        if options.gateway_api {
+            kinds.extend([Kind::Gateways, Kind::HttpRoutes]);
+        }
         kinds
     }
 }
@@ -144,6 +178,8 @@ enum Change {
     PeerAuthentication(Event<PeerAuthentication>),
     IstioAuthorization(Event<DynamicObject>),
     IstioPeerAuthentication(Event<DynamicObject>),
+    Gateway(Event<DynamicObject>),
+    HttpRoute(Event<DynamicObject>),
 }
 
 type Changes = SelectAll<BoxStream<'static, (Kind, Result<Change, watcher::Error>)>>;
@@ -196,6 +232,20 @@ fn changes(client: &Client, options: &Options) -> Changes {
             Api::<DynamicObject>::all_with(client.clone(), &pa),
             Kind::IstioPeerAuthentications,
             Change::IstioPeerAuthentication,
+        ));
+    }
+    if options.gateway_api {
+        let gw = gateway::api_resource("Gateway", "gateways");
+        all.push(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &gw),
+            Kind::Gateways,
+            Change::Gateway,
+        ));
+        let routes = gateway::api_resource("HTTPRoute", "httproutes");
+        all.push(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &routes),
+            Kind::HttpRoutes,
+            Change::HttpRoute,
         ));
     }
     all
@@ -414,6 +464,12 @@ struct View {
     peer_authentications: Table<PolicyView<PeerView>>,
     istio_authorizations: Table<PolicyView<PolicySpec>>,
     istio_peer_authentications: Table<PolicyView<PeerView>>,
+    gateways: Table<GatewayView>,
+    routes: Table<Option<RouteView>>,
+    /// Per HTTPRoute (`namespace/name`): why the last build left it out.
+    route_problems: HashMap<String, Vec<String>>,
+    /// Per waypoint Gateway (`namespace/name`): its VIPs and ready pods in the last build.
+    waypoint_state: HashMap<String, (Vec<std::net::IpAddr>, usize)>,
     /// The latest error of each kind's watch, until it makes progress again.
     watch_errors: BTreeMap<Kind, String>,
     /// Something changed since the last build.
@@ -439,6 +495,8 @@ impl View {
             Kind::PeerAuthentications => self.peer_authentications.synced,
             Kind::IstioAuthorizationPolicies => self.istio_authorizations.synced,
             Kind::IstioPeerAuthentications => self.istio_peer_authentications.synced,
+            Kind::Gateways => self.gateways.synced,
+            Kind::HttpRoutes => self.routes.synced,
         }
     }
 
@@ -493,6 +551,10 @@ impl View {
                     .keeping_last_valid(old)
                 })
             }
+            Change::Gateway(ev) => self.gateways.event(ev, |o, _| gateway::gateway(o)),
+            Change::HttpRoute(ev) => self
+                .routes
+                .event(ev, |o, old| gateway::route(o, old.and_then(Option::as_ref))),
         };
         self.dirty |= changed;
     }
@@ -542,8 +604,42 @@ impl View {
             .collect();
         spec.policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        // Waypoints: the Gateways of Ambit's class. The Service of a Gateway's name is
+        // the waypoint's own (its VIPs), not a service of the mesh.
+        let mut waypoints: BTreeMap<String, WaypointSpec> = BTreeMap::new();
+        let mut waypoint_names = BTreeSet::new();
+        for g in self.gateways.live.values() {
+            if let GatewayView::Waypoint(w) = g {
+                let key = format!("{}/{}", w.namespace, w.name);
+                waypoint_names.insert(key.clone());
+                if matches!(w.verdict, Verdict::Refused(..)) {
+                    continue;
+                }
+                waypoints.insert(
+                    key,
+                    WaypointSpec {
+                        name: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        vips: Vec::new(),
+                    },
+                );
+            }
+        }
         for (key, v) in &self.services.live {
-            if let ServiceView::Service { namespace, .. } = v {
+            if let ServiceView::Service {
+                namespace,
+                name,
+                vips,
+                ..
+            } = v
+            {
+                let own = format!("{namespace}/{name}");
+                if waypoint_names.contains(&own) {
+                    if let Some(w) = waypoints.get_mut(&own) {
+                        w.vips = vips.clone();
+                    }
+                    continue;
+                }
                 let pods = by_namespace.get(namespace.as_str()).into_iter().flatten();
                 match convert::resolve_service(v, pods.map(|(w, n)| (*w, *n))) {
                     Ok(s) => spec.services.push(s),
@@ -551,6 +647,16 @@ impl View {
                 }
             }
         }
+        spec.waypoints = waypoints.into_values().collect();
+        spec.http_routes = self
+            .routes
+            .live
+            .values()
+            .flatten()
+            .filter_map(|r| r.policy.converted.clone())
+            .collect();
+        spec.http_routes
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         // A deterministic order, so a problem's report does not move between builds.
         spec.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
         spec.nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -559,14 +665,42 @@ impl View {
         spec.services
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let (model, model_problems) = Model::build_lenient(spec);
-        problems.extend(model_problems.iter().map(|p| {
+        self.route_problems.clear();
+        for p in &model_problems {
             // The file source's places carry list indexes; here the name says it.
             let place = match (p.place.find('['), p.place.find("] ")) {
                 (Some(a), Some(b)) if a < b => format!("{}{}", &p.place[..a], &p.place[b + 1..]),
                 _ => p.place.clone(),
             };
-            format!("{place}: {}", p.problem)
-        }));
+            // `httpRoutes (ns/name).rules[0]…`: the route's own status says it too.
+            if let Some(rest) = place.strip_prefix("httpRoutes (")
+                && let Some((key, at)) = rest.split_once(')')
+            {
+                let at = at.trim_start_matches('.');
+                let msg = if at.is_empty() {
+                    p.problem.clone()
+                } else {
+                    format!("{at}: {}", p.problem)
+                };
+                self.route_problems
+                    .entry(key.to_owned())
+                    .or_default()
+                    .push(msg);
+            }
+            problems.push(format!("{place}: {}", p.problem));
+        }
+        self.waypoint_state = model
+            .waypoints
+            .iter()
+            .map(|(key, w)| {
+                let vips = model
+                    .services
+                    .get(key)
+                    .map(|s| s.vips.clone())
+                    .unwrap_or_default();
+                (key.to_string(), (vips, w.replicas.len()))
+            })
+            .collect();
         (model, problems)
     }
 }

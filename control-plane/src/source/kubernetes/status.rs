@@ -11,6 +11,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use super::View;
+use super::gateway::{self, GatewayView};
 use super::policy::{
     AuthorizationPolicy, PeerAuthentication, PeerAuthenticationSpec, PolicyStatus, StatusCondition,
     Verdict, peer_authentication,
@@ -67,12 +68,20 @@ impl<T> PolicyView<T> {
     /// admission webhook's rejection would have), so that a typo cannot silently widen
     /// or narrow who may connect; its status says so. An object that was never valid,
     /// or that now targets a waypoint or asks for an unsupported action, is not kept.
-    pub fn keeping_last_valid(mut self, old: Option<&Self>) -> Self
+    pub fn keeping_last_valid(self, old: Option<&Self>) -> Self
     where
         T: Clone,
     {
-        if let (None, Verdict::Refused("Invalid", msg), Some(old)) =
-            (&self.converted, &self.verdict, old)
+        self.keeping_last_valid_for("Invalid", old)
+    }
+
+    /// [`keeping_last_valid`](Self::keeping_last_valid), for a refusal with `reason`.
+    pub fn keeping_last_valid_for(mut self, reason: &str, old: Option<&Self>) -> Self
+    where
+        T: Clone,
+    {
+        if let (None, Verdict::Refused(r, msg), Some(old)) = (&self.converted, &self.verdict, old)
+            && *r == reason
             && old.converted.is_some()
         {
             let kept = match old.applied_generation {
@@ -80,7 +89,7 @@ impl<T> PolicyView<T> {
                 None => "the last valid version".into(),
             };
             self.verdict = Verdict::Refused(
-                "Invalid",
+                r,
                 format!("{msg}; {kept} stays applied until this is fixed"),
             );
             self.converted = old.converted.clone();
@@ -191,10 +200,13 @@ pub struct StatusWriter {
     /// What was last written per object, so a write is not repeated while its echo (a
     /// MODIFIED event) is on its way.
     written: Arc<Mutex<Written>>,
+    written_values: Arc<Mutex<WrittenValues>>,
 }
 
 /// (kind, namespace, name) → the condition last written.
 type Written = HashMap<(&'static str, String, String), StatusCondition>;
+/// (kind, namespace, name) → the status last written (Gateway API objects).
+type WrittenValues = HashMap<(&'static str, String, String), serde_json::Value>;
 
 impl StatusWriter {
     /// Writes through `client`.
@@ -202,10 +214,12 @@ impl StatusWriter {
         Self {
             client,
             written: Arc::default(),
+            written_values: Arc::default(),
         }
     }
 
-    /// Brings every Ambit policy object's status in line with its verdict.
+    /// Brings every Ambit policy object's status in line with its verdict, and every
+    /// waypoint Gateway's and mesh HTTPRoute's with what became of it.
     pub(super) fn write(&self, view: &mut View) {
         for p in view.authorizations.live.values() {
             self.write_one::<AuthorizationPolicy, _>("AuthorizationPolicy", p);
@@ -213,6 +227,71 @@ impl StatusWriter {
         for p in view.peer_authentications.live.values() {
             self.write_one::<PeerAuthentication, _>("PeerAuthentication", p);
         }
+        let gateways = gateway::api_resource("Gateway", "gateways");
+        for g in view.gateways.live.values() {
+            let GatewayView::Waypoint(w) = g else {
+                continue;
+            };
+            let key = format!("{}/{}", w.namespace, w.name);
+            let (vips, ready) = view.waypoint_state.get(&key).cloned().unwrap_or_default();
+            let want = w.status(&vips, ready);
+            let stored = serde_json::json!({
+                "conditions": w.status.get("conditions").cloned().unwrap_or(serde_json::json!([])),
+                "addresses": w.status.get("addresses").cloned().unwrap_or(serde_json::json!([])),
+            });
+            self.write_value(&gateways, "Gateway", &w.namespace, &w.name, &stored, want);
+        }
+        let routes = gateway::api_resource("HTTPRoute", "httproutes");
+        for r in view.routes.live.values().flatten() {
+            let p = &r.policy;
+            let key = format!("{}/{}", p.namespace, p.name);
+            let problems = view.route_problems.get(&key).cloned().unwrap_or_default();
+            let want = serde_json::json!({"parents": r.status_parents(&problems)});
+            let stored = serde_json::json!({"parents": r.status_parents});
+            self.write_value(&routes, "HTTPRoute", &p.namespace, &p.name, &stored, want);
+        }
+    }
+
+    /// Merge-patches `want` into a Gateway API object's status, unless it says what
+    /// `stored` (or the last write) says, times aside.
+    fn write_value(
+        &self,
+        ar: &kube::api::ApiResource,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        stored: &serde_json::Value,
+        want: serde_json::Value,
+    ) {
+        let plain = gateway::without_times(&want);
+        if gateway::without_times(stored) == plain {
+            return;
+        }
+        let key = (kind, namespace.to_owned(), name.to_owned());
+        {
+            let mut written = self
+                .written_values
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if written.get(&key) == Some(&plain) {
+                return;
+            }
+            written.insert(key, plain);
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, ar);
+        let (name, ns) = (name.to_owned(), namespace.to_owned());
+        let patch = json!({ "status": want });
+        tokio::spawn(async move {
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => debug!(kind, namespace = %ns, name = %name, "status written"),
+                Err(e) => {
+                    warn!(kind, namespace = %ns, name = %name, "could not write the status: {e}")
+                }
+            }
+        });
     }
 
     fn write_one<K, T>(&self, kind: &'static str, p: &PolicyView<T>)
