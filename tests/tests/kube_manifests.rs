@@ -31,14 +31,20 @@ fn docs(yaml: &str) -> Vec<Value> {
 
 /// `kubectl kustomize deploy/`, as YAML.
 fn kustomize() -> String {
+    kustomize_dir(&deploy())
+}
+
+/// `kubectl kustomize <dir>`, as YAML.
+fn kustomize_dir(dir: &Path) -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(deploy())
+        .arg(dir)
         .output()
         .expect("kubectl (the machine image ships it)");
     assert!(
         out.status.success(),
-        "kubectl kustomize deploy/: {}",
+        "kubectl kustomize {}: {}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -55,10 +61,11 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-/// The long flags `<bin> <subcommand> --help` lists.
+/// The long flags `<bin> <subcommand> --help` lists (`sub` empty: a binary without
+/// subcommands).
 fn flags_of(bin: &str, sub: &str) -> BTreeSet<String> {
     let out = Command::new(workspace_bin(bin))
-        .args([sub, "--help"])
+        .args([sub, "--help"].into_iter().filter(|a| !a.is_empty()))
         .output()
         .unwrap_or_else(|e| panic!("{bin}: {e}"));
     assert!(out.status.success(), "{bin} {sub} --help");
@@ -94,6 +101,10 @@ fn ambit_containers(objects: &[Value]) -> Vec<(String, Vec<String>)> {
             let mut argv: Vec<String> = command.into_iter().chain(args).collect();
             let bin = if image.starts_with("ambit/control-plane") {
                 "ambit-control-plane".to_owned()
+            } else if image.starts_with("ambit/waypoint") {
+                // No subcommands: an empty one stands for it.
+                argv.insert(0, String::new());
+                "ambit-waypoint".to_owned()
             } else if image.starts_with("ambit/agent") {
                 match argv.first() {
                     Some(c) if c.starts_with('/') => Path::new(&argv.remove(0))
@@ -262,6 +273,11 @@ fn kube_manifests_are_valid_against_the_kubernetes_1_32_schemas() {
     validate(&file);
     validate(&deploy().join("uninstall/cleanup.yaml"));
     validate(&deploy().join("examples/shop.yaml"));
+    // The waypoint template's Kubernetes objects (its Gateway API ones have no schema
+    // here: `kube_waypoint_template_…` checks them with the control plane's own reader).
+    let waypoint = dir.join("waypoint.yaml");
+    std::fs::write(&waypoint, kustomize_dir(&deploy().join("waypoint"))).unwrap();
+    validate(&waypoint);
     // The check is real: a misspelt field fails it.
     let broken = yaml.replacen("serviceAccountName:", "serviceAcountName:", 1);
     std::fs::write(&file, broken).unwrap();
@@ -296,4 +312,80 @@ fn kube_example_policies_are_valid_and_accepted() {
         seen += 1;
     }
     assert_eq!(seen, 4);
+}
+
+#[test]
+fn kube_waypoint_template_is_a_waypoint_the_control_plane_accepts_and_its_parts_agree() {
+    use ambit_control_plane::source::kubernetes::gateway::{self, GatewayView};
+    let objects = docs(&kustomize_dir(&deploy().join("waypoint")));
+    let class = find(&objects, "GatewayClass", gateway::WAYPOINT_CLASS);
+    assert_eq!(class["spec"]["controllerName"], gateway::GATEWAY_CONTROLLER);
+    let gw = find(&objects, "Gateway", "waypoint");
+    let dynamic: kube::api::DynamicObject = serde_json::from_value(gw.clone()).unwrap();
+    let GatewayView::Waypoint(view) = gateway::gateway(&dynamic) else {
+        panic!("not of the waypoint class: {gw}")
+    };
+    assert_eq!(view.verdict, Verdict::Accepted, "{gw}");
+    // The Service and the pods carry the Gateway's name; the container says it too.
+    let label = ambit_control_plane::model::GATEWAY_NAME_LABEL;
+    let svc = find(&objects, "Service", "waypoint");
+    assert_eq!(svc["spec"]["selector"][label], "waypoint");
+    let deployment = find(&objects, "Deployment", "waypoint");
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"][label], "waypoint");
+    let containers = ambit_containers(&objects);
+    assert_eq!(containers.len(), 1);
+    let (bin, args) = &containers[0];
+    let known = flags_of(bin, "");
+    for a in &args[1..] {
+        let name = a.trim_start_matches("--").split('=').next().unwrap();
+        assert!(known.contains(name), "{bin} has no --{name} (it has {known:?})");
+    }
+    assert_eq!(flag(args, "name"), Some("waypoint"));
+    // Its certificate by its own token, verified against the root its namespace gets
+    // from the control plane; the same control plane the agents dial.
+    let spec = &pod["spec"];
+    let volumes = spec["volumes"].as_array().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).unwrap();
+    let token = &volume("token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], AUDIENCE);
+    assert_eq!(
+        flag(args, "ca-credential-file"),
+        Some(format!("/var/run/secrets/ambit/{}", token["path"].as_str().unwrap()).as_str())
+    );
+    let base = rendered();
+    let base_containers = ambit_containers(&base);
+    let (_, cp) = base_containers
+        .iter()
+        .find(|(b, _)| b == "ambit-control-plane")
+        .unwrap();
+    let (_, agent) = base_containers
+        .iter()
+        .find(|(b, a)| b == "ambit-agent" && a[0] == "run")
+        .unwrap();
+    assert_eq!(
+        volume("root-cert")["configMap"]["name"],
+        flag(cp, "root-cert-configmap").unwrap()
+    );
+    assert_eq!(flag(args, "xds-address"), flag(agent, "xds-address"));
+    // Nothing from the host: the pod passes the `restricted` Pod Security Standard.
+    assert!(volumes.iter().all(|v| v.get("hostPath").is_none()));
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(spec["serviceAccountName"], "waypoint");
+}
+
+#[test]
+fn kube_example_routes_are_mesh_routes_the_control_plane_reads_whole() {
+    use ambit_control_plane::source::kubernetes::gateway;
+    let yaml = std::fs::read_to_string(deploy().join("examples/routes.yaml")).unwrap();
+    let mut seen = 0;
+    for doc in docs(&yaml) {
+        let o: kube::api::DynamicObject = serde_json::from_value(doc).unwrap();
+        let name = o.metadata.name.clone().unwrap();
+        let view = gateway::route(&o, None).unwrap_or_else(|| panic!("{name}: no Service parent"));
+        assert_eq!(view.policy.verdict, Verdict::Accepted, "{name}");
+        assert!(view.policy.converted.is_some(), "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
 }

@@ -365,3 +365,169 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
     assert!(!ok, "a pod served without its waypoint: {r:?}");
     drop(servers);
 }
+
+/// The same on the Kubernetes source, deployed as `deploy/waypoint/` deploys it: a
+/// Gateway of class `ambit-waypoint`, its pod (labelled with its name, service account
+/// `wp`) and a Service of its name; an HTTPRoute on the service. The waypoint gets its
+/// certificate from the CA with its own pod-bound token — no node agent socket, no
+/// secret — and verifies the control plane with the root published in its namespace.
+#[test]
+fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_token() {
+    use serde_json::json;
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        source: ambit_tests::cluster::MeshSource::Kubernetes,
+        ..Default::default()
+    })
+    .unwrap();
+    let (client, wp_pod, backend) = (c.pod(1, 0), c.pod(1, 1), c.pod(2, 0));
+    let api = c.api();
+    let mut server = c
+        .spawn_in_pod(
+            backend,
+            &[
+                "http-serve".into(),
+                format!("--listen={}:8080", backend.ip4),
+                "--name=web".into(),
+            ],
+        )
+        .unwrap();
+    server.wait_for_line("listening").unwrap();
+    // The waypoint's pod, Gateway and Service; the application's Service and route.
+    let mut wp = c
+        .kube_objects(true)
+        .into_iter()
+        .find(|o| o["metadata"]["uid"] == wp_pod.uid.as_str())
+        .unwrap();
+    wp["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
+    wp["spec"]["serviceAccountName"] = json!("wp");
+    api.apply(wp);
+    api.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "default"},
+        "spec": {"gatewayClassName": "ambit-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}));
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "wp", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.99", "clusterIPs": ["10.96.0.99"],
+                 "selector": {"gateway.networking.k8s.io/gateway-name": "wp"},
+                 "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}]}}));
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"ambit.dev/waypoint": "wp"}},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "selector": {"app": backend.name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
+    api.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                 "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                     "filters": [{"type": "RequestRedirect",
+                                  "requestRedirect": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"},
+                                                      "statusCode": 301}}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                     "backendRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80, "weight": 1}]}]}}));
+    api.apply(c.kube_namespace(true));
+    for n in &c.nodes {
+        for p in &n.pods {
+            c.enroll(p).unwrap();
+        }
+    }
+    wait_until("client and backend captured", Duration::from_secs(15), || {
+        [(1, 0), (2, 0)].iter().all(|&(n, i)| {
+            c.enroll_client(n)
+                .unwrap()
+                .list()
+                .unwrap()
+                .iter()
+                .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+        })
+    });
+    // What the kubelet would mount: the pod's projected token (audience ambit-ca), and
+    // the root the control plane published in the waypoint's namespace.
+    let cm = api
+        .get("ConfigMap", "default", "ambit-root-cert")
+        .expect("the root published in the waypoint's namespace");
+    let dir = c.ca_dir().join("waypoint-wp");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("root-cert.pem"),
+        cm["data"]["root-cert.pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    let token = format!("wp-token-{}", std::process::id());
+    api.issue_token(
+        &token,
+        ambit_tests::kube_api::Token {
+            service_account: ("default".into(), "wp".into()),
+            pod: Some(wp_pod.name.clone()),
+            node_in_extra: true,
+            audiences: vec!["ambit-ca".into()],
+            expired: false,
+        },
+    );
+    std::fs::write(dir.join("token"), &token).unwrap();
+    let _waypoint = c
+        .start_waypoint_with(
+            wp_pod,
+            "default",
+            "wp",
+            &[
+                format!("--ca-credential-file={}", dir.join("token").display()),
+                format!("--xds-root-cert={}", dir.join("root-cert.pem").display()),
+                "--service-account=wp".into(),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // Through the waypoint: the route's redirect, and the backend behind the rest.
+    let (ok, r) = get_from(&c, client, "10.96.0.10:80", &[], 3);
+    assert!(ok, "{r:?}\n{}", c.agent_log_tail(1));
+    assert!(r.iter().all(|x| x["status"] == 200), "{r:?}");
+    assert_eq!(
+        r[0]["body"].as_str().unwrap(),
+        format!("web {}", client.ip4),
+        "{r:?}"
+    );
+    let p = c
+        .spawn_in_pod(
+            client,
+            &[
+                "http-get".into(),
+                "--connect=10.96.0.10:80".into(),
+                "--host=web.default.svc.cluster.local".into(),
+                "--path=/old/page".into(),
+            ],
+        )
+        .unwrap();
+    let (_, lines) = p.finish(Duration::from_secs(30)).unwrap();
+    let answer: Value = serde_json::from_str(lines.first().map_or("{}", |l| l)).unwrap();
+    assert_eq!(answer["status"], 301, "{lines:?}");
+    // The waypoint counted them under the identity the CA gave it.
+    let m = c
+        .http_get_in(wp_pod, "127.0.0.1:15020", "/metrics")
+        .unwrap();
+    assert!(
+        metric_sum(&m, "istio_requests_total", &[("response_code", "301")]) >= 1.0,
+        "{m}"
+    );
+    let dump: Value = serde_json::from_str(
+        &c.http_get_in(wp_pod, "127.0.0.1:15000", "/debug/config_dump")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dump["identity"], WAYPOINT_ID, "{dump}");
+    // And the objects say so: the Gateway is programmed, the route accepted.
+    wait_until("Gateway programmed", Duration::from_secs(10), || {
+        api.get("Gateway", "default", "wp").is_some_and(|g| {
+            g["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"))
+        })
+    });
+    let route = api.get("HTTPRoute", "default", "web").unwrap();
+    assert_eq!(
+        route["status"]["parents"][0]["conditions"][0]["status"], "True",
+        "{route}"
+    );
+    drop(server);
+}
