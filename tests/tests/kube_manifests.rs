@@ -339,7 +339,10 @@ fn kube_waypoint_template_is_a_waypoint_the_control_plane_accepts_and_its_parts_
     let known = flags_of(bin, "");
     for a in &args[1..] {
         let name = a.trim_start_matches("--").split('=').next().unwrap();
-        assert!(known.contains(name), "{bin} has no --{name} (it has {known:?})");
+        assert!(
+            known.contains(name),
+            "{bin} has no --{name} (it has {known:?})"
+        );
     }
     assert_eq!(flag(args, "name"), Some("waypoint"));
     // Its certificate by its own token, verified against the root its namespace gets

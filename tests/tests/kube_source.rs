@@ -1018,3 +1018,65 @@ async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_s
     api.delete("Gateway", "shop", "wp");
     until(&mut models, "no waypoint", |m| m.waypoints.is_empty()).await;
 }
+
+#[tokio::test]
+async fn kube_services_without_a_selector_take_their_pods_from_endpoint_slices() {
+    let api = cluster();
+    // A Service without a selector, its endpoints managed by hand (or by a controller):
+    // web-1 (a pod, ready) on port 9090, and an address outside the cluster.
+    api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}));
+    let slice = |ready: bool| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "legacy-abc", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "legacy"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.2.10"], "conditions": {"ready": ready},
+             "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1", "uid": "uid-shop-web-1"}},
+            {"addresses": ["203.0.113.7"], "conditions": {"ready": true}}
+        ]})
+    };
+    api.apply(slice(true));
+    // The slice of a service with a selector changes nothing: the selector decides.
+    api.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-xyz", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 1234}],
+        "endpoints": []}));
+    let s = source(&api, Duration::ZERO).await;
+    let mut models = s.models.clone();
+    let key = |n: &str| ambit_control_plane::model::NamespacedName {
+        namespace: "shop".into(),
+        name: n.into(),
+    };
+    let m = until(&mut models, "legacy's endpoints", |m| {
+        m.services
+            .get(&key("legacy"))
+            .is_some_and(|s| !s.endpoints.is_empty())
+    })
+    .await;
+    let legacy = &m.services[&key("legacy")];
+    assert_eq!(legacy.endpoints, ["uid-shop-web-1"]);
+    assert_eq!(
+        legacy.ports[0].target_port, 9090,
+        "the slice's port, by name"
+    );
+    let web = &m.services[&key("web")];
+    assert_eq!(web.endpoints.len(), 2, "web keeps its selector's pods");
+    assert_eq!(web.ports[0].target_port, 8080);
+    let errors = s.errors.borrow().clone().unwrap_or_default();
+    assert!(
+        errors.contains("203.0.113.7") && errors.contains("not pods"),
+        "{errors}"
+    );
+    // The pod is not ready any more: no endpoint.
+    api.apply(slice(false));
+    until(&mut models, "legacy without endpoints", |m| {
+        m.services
+            .get(&key("legacy"))
+            .is_some_and(|s| s.endpoints.is_empty())
+    })
+    .await;
+}

@@ -402,10 +402,12 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
     wp["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
     wp["spec"]["serviceAccountName"] = json!("wp");
     api.apply(wp);
-    api.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+    api.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "wp", "namespace": "default"},
         "spec": {"gatewayClassName": "ambit-waypoint",
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}));
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
     api.apply(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "wp", "namespace": "default"},
         "spec": {"clusterIP": "10.96.0.99", "clusterIPs": ["10.96.0.99"],
@@ -432,16 +434,20 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
             c.enroll(p).unwrap();
         }
     }
-    wait_until("client and backend captured", Duration::from_secs(15), || {
-        [(1, 0), (2, 0)].iter().all(|&(n, i)| {
-            c.enroll_client(n)
-                .unwrap()
-                .list()
-                .unwrap()
-                .iter()
-                .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
-        })
-    });
+    wait_until(
+        "client and backend captured",
+        Duration::from_secs(15),
+        || {
+            [(1, 0), (2, 0)].iter().all(|&(n, i)| {
+                c.enroll_client(n)
+                    .unwrap()
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+            })
+        },
+    );
     // What the kubelet would mount: the pod's projected token (audience ambit-ca), and
     // the root the control plane published in the waypoint's namespace.
     let cm = api
@@ -519,9 +525,10 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
     // And the objects say so: the Gateway is programmed, the route accepted.
     wait_until("Gateway programmed", Duration::from_secs(10), || {
         api.get("Gateway", "default", "wp").is_some_and(|g| {
-            g["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"))
+            g["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Programmed" && c["status"] == "True")
+            })
         })
     });
     let route = api.get("HTTPRoute", "default", "web").unwrap();

@@ -160,6 +160,9 @@ pub struct ServiceSpec {
     /// Workloads in the service's namespace whose labels contain all of these. An empty
     /// selector selects nothing (a service without endpoints), as in Kubernetes.
     pub selector: Labels,
+    /// A service without a selector: its endpoints as listed elsewhere (Kubernetes
+    /// EndpointSlices), as uids of workloads of its namespace. Ignored with a selector.
+    pub endpoints: Option<Vec<String>>,
     /// Its labels (may name a waypoint).
     pub labels: Labels,
 }
@@ -590,13 +593,30 @@ impl Model {
             let ns = ns.expect("checked above");
             // Only the service's namespace can hold its endpoints: look there, not at the
             // whole mesh (services × workloads would dominate a large mesh's build).
-            let endpoints = by_namespace
-                .get(s.namespace.as_str())
-                .into_iter()
-                .flatten()
-                .filter(|w| !w.terminating && selects(&s.selector, &w.labels))
-                .map(|w| w.uid.clone())
-                .collect();
+            let endpoints = match (&s.endpoints, s.selector.is_empty()) {
+                // Listed endpoints (no selector): those that are workloads of its
+                // namespace, in the order listed.
+                (Some(listed), true) => {
+                    let here: HashMap<&str, &&Workload> = by_namespace
+                        .get(s.namespace.as_str())
+                        .into_iter()
+                        .flatten()
+                        .map(|w| (w.uid.as_str(), w))
+                        .collect();
+                    listed
+                        .iter()
+                        .filter(|uid| here.get(uid.as_str()).is_some_and(|w| !w.terminating))
+                        .cloned()
+                        .collect()
+                }
+                _ => by_namespace
+                    .get(s.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| !w.terminating && selects(&s.selector, &w.labels))
+                    .map(|w| w.uid.clone())
+                    .collect(),
+            };
             m.services.insert(
                 key,
                 Service {
@@ -912,6 +932,7 @@ mod tests {
                     app_protocol: None,
                 }],
                 selector: labels(&[("app", "web")]),
+                endpoints: None,
                 labels: Labels::new(),
             }],
             policies: vec![],

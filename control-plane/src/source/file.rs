@@ -487,6 +487,7 @@ impl MeshFile {
                         })
                         .collect(),
                     selector: s.selector,
+                    endpoints: None,
                     labels: s.labels,
                 })
                 .collect(),

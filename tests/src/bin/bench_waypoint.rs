@@ -17,6 +17,11 @@
 //!
 //! Each measurement alternates its contenders and reports the median of `ROUNDS`, with the
 //! spread (min–max) of the rounds.
+//!
+//! `AMBIT_BENCH_PROFILE=h1|h2` profiles instead: ambit-waypoint alone under the HTTP/1.1
+//! or HTTP/2 load for `PROFILE_SECONDS`, with `perf record -F 499 --call-graph dwarf` (Debian
+//! `linux-perf`); the report's top lines are printed and `perf.data` is kept in
+//! `target/bench-waypoint-<h1|h2>.perf.data`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -31,6 +36,8 @@ use anyhow::{Context, bail};
 
 const ROUNDS: usize = 5;
 const SECONDS: u32 = 3;
+/// How long a profile's load runs.
+const PROFILE_SECONDS: u32 = 15;
 const PLAIN_HOST: &str = "web-plain.bench.svc.cluster.local";
 const MESH_HOST: &str = "web.bench.svc.cluster.local";
 const ENVOY_EXAMPLE: &str = include_str!("../../../examples/envoy-waypoint.yaml");
@@ -114,6 +121,15 @@ fn main() -> anyhow::Result<()> {
             "--log=warn".into(),
         ],
     )?;
+    if let Ok(which) = std::env::var("AMBIT_BENCH_PROFILE") {
+        let via_ambit = format!("{}:8080", wp_pod.ip4);
+        eprintln!(
+            "bench-waypoint: idle RSS {:.1} MiB",
+            rss_kib(waypoint.pid())? as f64 / 1024.0
+        );
+        wait_for_200(&c, load, &via_ambit, PLAIN_HOST)?;
+        return profile(&which, load, &via_ambit, waypoint.pid());
+    }
     let envoy = start_envoy(&c, envoy_pod)?;
     let direct = format!("{}:8080", c.pod(2, 0).ip4);
     let via_envoy = format!("{}:8080", envoy_pod.ip4);
@@ -360,7 +376,7 @@ fn run_in(pod: &Pod, cmd: &mut Command) -> anyhow::Result<String> {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let out = match rx.recv_timeout(Duration::from_secs(u64::from(SECONDS) + 30)) {
+    let out = match rx.recv_timeout(Duration::from_secs(u64::from(PROFILE_SECONDS) + 30)) {
         Ok(out) => out?,
         Err(_) => {
             // SAFETY: kill(2) on the PID of the child we started.
@@ -379,14 +395,71 @@ fn run_in(pod: &Pod, cmd: &mut Command) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
+/// Profiles `pid` (ambit-waypoint) under the `which` load (`h1`: wrk with 50
+/// connections, `h2`: h2load 10x10) from `load` to `to`.
+fn profile(which: &str, load: &Pod, to: &str, pid: u32) -> anyhow::Result<()> {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../target/bench-waypoint-{which}.perf.data"));
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string(), "--", "sleep"])
+        .arg((PROFILE_SECONDS + 1).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf (apt-get install linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu0 = cpu_seconds(&[pid])?;
+    let l = match which {
+        "h1" => wrk_for(load, to, PLAIN_HOST, 50, PROFILE_SECONDS)?,
+        "h2" => h2load_for(load, to, PLAIN_HOST, PROFILE_SECONDS)?,
+        other => bail!("AMBIT_BENCH_PROFILE={other:?}: h1 or h2"),
+    };
+    let cpu = cpu_seconds(&[pid])? - cpu0;
+    perf.wait()?;
+    println!(
+        "{which}: {:.0} requests/s, {:.2} ms CPU per 1,000 requests, RSS {:.1} MiB (peak {:.1}); profile in {}",
+        l.rps,
+        cpu * 1e3 / (l.requests / 1e3),
+        rss_kib(pid)? as f64 / 1024.0,
+        peak_rss_kib(pid)? as f64 / 1024.0,
+        data.display()
+    );
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "-i",
+        ])
+        .arg(&data)
+        .output()?;
+    for line in String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .take(60)
+    {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// wrk (HTTP/1.1 keep-alive, one thread) from `pod` to `to` for `SECONDS`.
 fn wrk(pod: &Pod, to: &str, host: &str, conns: u32) -> anyhow::Result<Load> {
+    wrk_for(pod, to, host, conns, SECONDS)
+}
+
+/// wrk for `seconds`.
+fn wrk_for(pod: &Pod, to: &str, host: &str, conns: u32, seconds: u32) -> anyhow::Result<Load> {
     let out = run_in(
         pod,
         Command::new("wrk")
             .args(["-t1", "--latency", "--timeout", "5s"])
             .arg(format!("-c{conns}"))
-            .arg(format!("-d{SECONDS}s"))
+            .arg(format!("-d{seconds}s"))
             .args(["-H", &format!("Host: {host}")])
             .arg(format!("http://{to}/")),
     )?;
@@ -431,11 +504,16 @@ fn micros(v: &str) -> anyhow::Result<f64> {
 
 /// h2load (HTTP/2 with prior knowledge, 10 connections x 10 concurrent streams).
 fn h2load(pod: &Pod, to: &str, host: &str) -> anyhow::Result<Load> {
+    h2load_for(pod, to, host, SECONDS)
+}
+
+/// h2load for `seconds`.
+fn h2load_for(pod: &Pod, to: &str, host: &str, seconds: u32) -> anyhow::Result<Load> {
     let out = run_in(
         pod,
         Command::new("h2load")
             .args(["-c10", "-m10", "-t1", "--warm-up-time=1"])
-            .arg(format!("-D{SECONDS}"))
+            .arg(format!("-D{seconds}"))
             .args(["-H", &format!(":authority: {host}")])
             .arg(format!("http://{to}/")),
     )?;

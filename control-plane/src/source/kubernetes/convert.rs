@@ -3,13 +3,15 @@
 //!
 //! Conversion is per object and happens when its event arrives, so a rebuild never
 //! re-reads the API objects. A Service's named `targetPort` is the one thing that needs
-//! other objects (the selected pods' container ports): it is resolved when the mesh is
+//! other objects (the selected pods' container ports), and a Service without a selector
+//! takes its endpoints from its EndpointSlices: both are resolved when the mesh is
 //! assembled ([`resolve_service`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{Labels, NamespaceSpec, NodeSpec, ServicePort, ServiceSpec, WorkloadSpec};
@@ -207,13 +209,99 @@ pub fn service(s: &Service) -> ServiceView {
     }
 }
 
+/// An EndpointSlice as the mesh uses it, or why it does not.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SliceView {
+    /// Endpoints of a service.
+    Slice {
+        /// The service's namespace.
+        namespace: String,
+        /// The service (label `kubernetes.io/service-name`).
+        service: String,
+        /// Port name (`""` when unnamed) → the endpoints' port (TCP only).
+        ports: BTreeMap<String, u16>,
+        /// The uids of its endpoints that are pods (ready or serving, not terminating).
+        pods: Vec<String>,
+        /// Addresses of its endpoints that are not pods.
+        others: Vec<IpAddr>,
+    },
+    /// Not used by the mesh, for this reason.
+    Skipped(&'static str),
+}
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// An EndpointSlice's service, ports and endpoints.
+pub fn endpoint_slice(s: &EndpointSlice) -> SliceView {
+    let m = &s.metadata;
+    let (Some(namespace), Some(service)) = (
+        m.namespace.clone(),
+        m.labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned(),
+    ) else {
+        return SliceView::Skipped("no namespace or no kubernetes.io/service-name label");
+    };
+    if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+        return SliceView::Skipped("FQDN endpoints");
+    }
+    let ports = s
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let (mut pods, mut others) = (Vec::new(), Vec::new());
+    for e in &s.endpoints {
+        let c = e.conditions.as_ref();
+        // Kubernetes: a nil `ready` means ready; terminating endpoints take no new
+        // connections.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        if !ready || terminating {
+            continue;
+        }
+        match e
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| r.uid.clone())
+        {
+            Some(uid) => pods.push(uid),
+            None => others.extend(e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok())),
+        }
+    }
+    SliceView::Slice {
+        namespace,
+        service,
+        ports,
+        pods,
+        others,
+    }
+}
+
 /// The service's spec, its named target ports resolved against the container ports of
 /// `pods` (the workloads of its namespace with their named ports). A name no selected
 /// pod defines leaves that port out (Kubernetes gives it no endpoints either); a service
 /// left without ports is left out, with the reason.
+///
+/// A service without a selector takes its endpoints from `slices` (its EndpointSlices):
+/// their pods, on the port of each service port's name (as kube-proxy matches them).
+/// Endpoints that are not pods are not supported yet: they are left out and named in
+/// `warnings`.
 pub fn resolve_service<'a>(
     view: &ServiceView,
     pods: impl Iterator<Item = (&'a WorkloadSpec, &'a BTreeMap<String, u16>)> + Clone,
+    slices: &[&SliceView],
+    warnings: &mut Vec<String>,
 ) -> Result<ServiceSpec, String> {
     let ServiceView::Service {
         name,
@@ -226,10 +314,21 @@ pub fn resolve_service<'a>(
     else {
         return Err("not a service".into());
     };
+    let listed = selector.is_empty() && !slices.is_empty();
+    let slice_port = |name: &str| {
+        slices.iter().find_map(|s| match s {
+            SliceView::Slice { ports, .. } => ports.get(name).copied(),
+            SliceView::Skipped(_) => None,
+        })
+    };
     let mut out = Vec::new();
     let mut unresolved = Vec::new();
     for p in ports {
         let target = match &p.target {
+            _ if listed => slice_port(p.name.as_deref().unwrap_or("")).or(match &p.target {
+                Target::Number(n) => Some(*n),
+                Target::Named(_) => None,
+            }),
             Target::Number(n) => Some(*n),
             Target::Named(port_name) => pods
                 .clone()
@@ -251,12 +350,36 @@ pub fn resolve_service<'a>(
             "no selected pod has a container port named by targetPort of port(s) {unresolved:?}"
         ));
     }
+    let endpoints = listed.then(|| {
+        let mut uids = Vec::new();
+        let mut others = Vec::new();
+        for s in slices {
+            if let SliceView::Slice {
+                pods, others: o, ..
+            } = s
+            {
+                uids.extend(pods.iter().cloned());
+                others.extend(o.iter().copied());
+            }
+        }
+        // Slices come in no particular order: sorted, the model is the same each build.
+        uids.sort();
+        uids.dedup();
+        others.sort();
+        if !others.is_empty() {
+            warnings.push(format!(
+                "service {namespace}/{name}: endpoints {others:?} are not pods; endpoints outside the cluster's pods are not supported yet and are left out"
+            ));
+        }
+        uids
+    });
     Ok(ServiceSpec {
         name: name.clone(),
         namespace: namespace.clone(),
         vips: vips.clone(),
         ports: out,
         selector: selector.clone(),
+        endpoints,
         labels: labels.clone(),
     })
 }
@@ -353,12 +476,13 @@ mod tests {
         let PodView::Workload { spec, named_ports } = pod(&pod_json(json!({}))) else {
             panic!()
         };
-        let s = resolve_service(&view, [(&spec, &named_ports)].into_iter()).unwrap();
+        let s =
+            resolve_service(&view, [(&spec, &named_ports)].into_iter(), &[], &mut vec![]).unwrap();
         assert_eq!(s.vips.len(), 2);
         let ports: Vec<(u16, u16)> = s.ports.iter().map(|p| (p.port, p.target_port)).collect();
         assert_eq!(ports, [(80, 8080), (9090, 9091)], "UDP left out");
         // Without a pod that names the port, that port has no target.
-        let s = resolve_service(&view, std::iter::empty()).unwrap();
+        let s = resolve_service(&view, std::iter::empty(), &[], &mut vec![]).unwrap();
         assert_eq!(s.ports.len(), 1);
     }
 

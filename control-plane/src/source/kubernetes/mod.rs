@@ -24,7 +24,9 @@
 //! Gateway API ([`gateway`], when its CRDs are installed): Gateways of the `ambit-waypoint`
 //! class are waypoints, HTTPRoutes with Service parents their routes; both get status.
 //!
-//! Not yet followed: EndpointSlices (services without a selector) and ServiceAccounts.
+//! EndpointSlices give the endpoints of services without a selector (pods only). Not
+//! followed: ServiceAccounts (a pod names its own, and the API server admits only pods
+//! whose ServiceAccount exists).
 
 pub mod convert;
 pub mod gateway;
@@ -37,6 +39,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -44,7 +47,7 @@ use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use self::convert::{PodView, ServiceView};
+use self::convert::{PodView, ServiceView, SliceView};
 use self::gateway::{GatewayView, RouteView};
 use self::policy::Verdict;
 use self::policy::{AuthorizationPolicy, PeerAuthentication};
@@ -113,6 +116,8 @@ pub enum Kind {
     Pods,
     /// `v1` Service.
     Services,
+    /// `discovery.k8s.io/v1` EndpointSlice (endpoints of services without a selector).
+    EndpointSlices,
     /// `ambit.dev/v1alpha1` AuthorizationPolicy.
     AuthorizationPolicies,
     /// `ambit.dev/v1alpha1` PeerAuthentication.
@@ -134,6 +139,7 @@ impl Kind {
             Kind::Nodes => "nodes",
             Kind::Pods => "pods",
             Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices.discovery.k8s.io",
             Kind::AuthorizationPolicies => "authorizationpolicies.ambit.dev",
             Kind::PeerAuthentications => "peerauthentications.ambit.dev",
             Kind::IstioAuthorizationPolicies => "authorizationpolicies.security.istio.io",
@@ -150,6 +156,7 @@ impl Kind {
             Kind::Nodes,
             Kind::Pods,
             Kind::Services,
+            Kind::EndpointSlices,
             Kind::AuthorizationPolicies,
             Kind::PeerAuthentications,
         ];
@@ -174,6 +181,7 @@ enum Change {
     Node(Event<Node>),
     Pod(Event<Pod>),
     Service(Event<Service>),
+    EndpointSlice(Event<EndpointSlice>),
     Authorization(Event<AuthorizationPolicy>),
     PeerAuthentication(Event<PeerAuthentication>),
     IstioAuthorization(Event<DynamicObject>),
@@ -264,6 +272,11 @@ fn changes_core(client: &Client) -> Changes {
             Api::<Service>::all(client.clone()),
             Kind::Services,
             Change::Service,
+        ),
+        watch_kind(
+            Api::<EndpointSlice>::all(client.clone()),
+            Kind::EndpointSlices,
+            Change::EndpointSlice,
         ),
     ])
 }
@@ -460,6 +473,7 @@ struct View {
     nodes: Table<Option<NodeSpec>>,
     pods: Table<PodView>,
     services: Table<ServiceView>,
+    slices: Table<SliceView>,
     authorizations: Table<PolicyView<PolicySpec>>,
     peer_authentications: Table<PolicyView<PeerView>>,
     istio_authorizations: Table<PolicyView<PolicySpec>>,
@@ -491,6 +505,7 @@ impl View {
             Kind::Nodes => self.nodes.synced,
             Kind::Pods => self.pods.synced,
             Kind::Services => self.services.synced,
+            Kind::EndpointSlices => self.slices.synced,
             Kind::AuthorizationPolicies => self.authorizations.synced,
             Kind::PeerAuthentications => self.peer_authentications.synced,
             Kind::IstioAuthorizationPolicies => self.istio_authorizations.synced,
@@ -528,6 +543,7 @@ impl View {
                 v
             }),
             Change::Service(ev) => self.services.event(ev, |s, _| convert::service(s)),
+            Change::EndpointSlice(ev) => self.slices.event(ev, |s, _| convert::endpoint_slice(s)),
             Change::Authorization(ev) => self.authorizations.event(ev, |p, old| {
                 PolicyView::of(p, |ns, name| policy::authorization(ns, name, &p.spec))
                     .keeping_last_valid(old)
@@ -625,6 +641,18 @@ impl View {
                 );
             }
         }
+        let mut slices_of: HashMap<(&str, &str), Vec<&SliceView>> = HashMap::new();
+        for sl in self.slices.live.values() {
+            if let SliceView::Slice {
+                namespace, service, ..
+            } = sl
+            {
+                slices_of
+                    .entry((namespace.as_str(), service.as_str()))
+                    .or_default()
+                    .push(sl);
+            }
+        }
         for (key, v) in &self.services.live {
             if let ServiceView::Service {
                 namespace,
@@ -641,7 +669,16 @@ impl View {
                     continue;
                 }
                 let pods = by_namespace.get(namespace.as_str()).into_iter().flatten();
-                match convert::resolve_service(v, pods.map(|(w, n)| (*w, *n))) {
+                let slices = slices_of
+                    .get(&(namespace.as_str(), name.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                match convert::resolve_service(
+                    v,
+                    pods.map(|(w, n)| (*w, *n)),
+                    slices,
+                    &mut problems,
+                ) {
                     Ok(s) => spec.services.push(s),
                     Err(e) => problems.push(format!("service {key}: {e}")),
                 }
