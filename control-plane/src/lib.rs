@@ -18,11 +18,25 @@ use crate::translate::Snapshot;
 /// Turns every model the source publishes into a [`Snapshot`] (translated once, shared
 /// by every stream).
 pub fn snapshots(mut models: watch::Receiver<Arc<Model>>) -> watch::Receiver<Arc<Snapshot>> {
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::from_model(&models.borrow_and_update())));
+    let mut model = models.borrow_and_update().clone();
+    let mut snapshot = Arc::new(Snapshot::from_model(&model));
+    let (tx, rx) = watch::channel(snapshot.clone());
     tokio::spawn(async move {
         while models.changed().await.is_ok() {
-            let snapshot = Arc::new(Snapshot::from_model(&models.borrow_and_update()));
-            if tx.send(snapshot).is_err() {
+            let started = std::time::Instant::now();
+            let next = models.borrow_and_update().clone();
+            // What did not change is taken from the last snapshot, not encoded again.
+            snapshot = Arc::new(Snapshot::from_model_reusing(
+                &next,
+                Some((&model, &snapshot)),
+            ));
+            model = next;
+            tracing::debug!(
+                translate_ms = started.elapsed().as_secs_f64() * 1e3,
+                version = snapshot.version(),
+                "snapshot translated"
+            );
+            if tx.send(snapshot.clone()).is_err() {
                 return;
             }
         }

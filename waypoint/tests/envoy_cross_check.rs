@@ -124,7 +124,8 @@ const LOOPBACK: [(&str, &str); 5] = [
 fn model() -> Model {
     let mut m = common::model(MESH);
     for (name, ip) in LOOPBACK {
-        m.workloads.get_mut(&format!("shop/{name}")).unwrap().ips = vec![ip.parse().unwrap()];
+        std::sync::Arc::make_mut(m.workloads.get_mut(&format!("shop/{name}")).unwrap()).ips =
+            vec![ip.parse().unwrap()];
     }
     m
 }

@@ -11,6 +11,7 @@ pub mod traffic;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use http::{HttpRoute, HttpRouteSpec, Protocol};
 
@@ -220,16 +221,38 @@ pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Node names.
     pub nodes: BTreeSet<String>,
-    /// By uid.
-    pub workloads: BTreeMap<String, Workload>,
-    /// By namespace and name.
-    pub services: BTreeMap<NamespacedName, Service>,
+    /// By uid. Each entry is shared: a model derived from another (a change to one pod)
+    /// shares what did not change with it, and cloning a model copies no workload.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// By namespace and name, shared as workloads are.
+    pub services: BTreeMap<NamespacedName, Arc<Service>>,
     /// Authorization policies, by namespace and name.
     pub policies: BTreeMap<NamespacedName, Policy>,
     /// Waypoints, by namespace and name.
     pub waypoints: BTreeMap<NamespacedName, Waypoint>,
     /// HTTP routes, by namespace and name.
     pub http_routes: BTreeMap<NamespacedName, HttpRoute>,
+}
+
+/// Which waypoint a workload's traffic must come through: its namespace's, or that of
+/// a service selecting it (`via`), if that waypoint exists.
+fn waypoint_of<'a>(
+    w: &Workload,
+    namespaces: &BTreeMap<String, Namespace>,
+    waypoints: &BTreeMap<NamespacedName, Waypoint>,
+    via: impl Fn(&str) -> Option<&'a String>,
+) -> Option<String> {
+    namespaces
+        .get(&w.namespace)
+        .and_then(|ns| ns.labels.get(WAYPOINT_LABEL))
+        .or_else(|| via(&w.uid))
+        .filter(|wp| {
+            waypoints.contains_key(&NamespacedName {
+                namespace: w.namespace.clone(),
+                name: (*wp).clone(),
+            })
+        })
+        .cloned()
 }
 
 /// A validated waypoint.
@@ -502,7 +525,7 @@ impl Model {
             });
             m.workloads.insert(
                 uid.clone(),
-                Workload {
+                Arc::new(Workload {
                     enrolled: ns.enrolled() && !opted_out && !native_tunnel,
                     native_tunnel,
                     // Derived below, once services are known.
@@ -522,7 +545,7 @@ impl Model {
                     ips: w.ips,
                     labels: w.labels,
                     terminating: w.terminating,
-                },
+                }),
             );
         }
 
@@ -619,7 +642,7 @@ impl Model {
             };
             m.services.insert(
                 key,
-                Service {
+                Arc::new(Service {
                     hostname: format!("{}.{}.svc.cluster.local", s.name, s.namespace),
                     waypoint: s
                         .labels
@@ -634,7 +657,7 @@ impl Model {
                     endpoints,
                     is_waypoint: false,
                     traffic: Default::default(),
-                },
+                }),
             );
         }
         // A waypoint label must name a waypoint of the same namespace.
@@ -704,7 +727,7 @@ impl Model {
                 .collect();
             m.services.insert(
                 key.clone(),
-                Service {
+                Arc::new(Service {
                     name: key.name.clone(),
                     namespace: key.namespace.clone(),
                     hostname: format!("{}.{}.svc.cluster.local", key.name, key.namespace),
@@ -720,7 +743,7 @@ impl Model {
                     waypoint: None,
                     is_waypoint: true,
                     traffic: Default::default(),
-                },
+                }),
             );
             m.waypoints.insert(
                 key.clone(),
@@ -747,18 +770,10 @@ impl Model {
             if w.native_tunnel {
                 continue;
             }
-            w.waypoint = m
-                .namespaces
-                .get(&w.namespace)
-                .and_then(|ns| ns.labels.get(WAYPOINT_LABEL))
-                .or_else(|| via.get(&w.uid))
-                .filter(|wp| {
-                    m.waypoints.contains_key(&NamespacedName {
-                        namespace: w.namespace.clone(),
-                        name: (*wp).clone(),
-                    })
-                })
-                .cloned();
+            let wp = waypoint_of(w, &m.namespaces, &m.waypoints, |uid| via.get(uid));
+            if wp != w.waypoint {
+                Arc::make_mut(w).waypoint = wp;
+            }
         }
 
         for (i, pol) in spec.policies.into_iter().enumerate() {

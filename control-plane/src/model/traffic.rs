@@ -96,7 +96,7 @@ pub enum LoadBalancer {
 pub(super) fn apply(
     p: &mut Problems,
     rules: Vec<DestinationRuleSpec>,
-    services: &mut BTreeMap<NamespacedName, Service>,
+    services: &mut BTreeMap<NamespacedName, std::sync::Arc<Service>>,
 ) {
     let mut seen: BTreeMap<NamespacedName, NamespacedName> = BTreeMap::new();
     let mut names = std::collections::BTreeSet::new();
@@ -165,7 +165,7 @@ pub(super) fn apply(
                 continue;
             }
         };
-        service.traffic = TrafficPolicy {
+        std::sync::Arc::make_mut(service).traffic = TrafficPolicy {
             load_balancer: lb,
             max_retries: r
                 .traffic_policy

@@ -63,8 +63,30 @@ pub struct Snapshot {
 impl Snapshot {
     /// Translates every resource of `m` and encodes it once.
     pub fn from_model(m: &Model) -> Self {
+        Self::from_model_reusing(m, None)
+    }
+
+    /// Translates `m`, taking from `prev` (the snapshot of the model before it) every
+    /// workload and service resource whose model entry has not changed, instead of
+    /// encoding and hashing it again: a change to one pod of a large mesh costs one
+    /// encoding, not one per workload.
+    pub fn from_model_reusing(m: &Model, prev: Option<(&Model, &Snapshot)>) -> Self {
         let mut s = Snapshot::default();
         for w in m.workloads.values() {
+            if let Some(r) = prev.and_then(|(pm, ps)| {
+                (pm.workloads.get(&w.uid) == Some(w))
+                    .then(|| ps.workloads.get(&w.uid))
+                    .flatten()
+            }) {
+                s.workloads.insert(w.uid.clone(), r.clone());
+                if let Some(wp) = &w.waypoint {
+                    s.waypoint_workloads
+                        .entry(waypoint::node_id(&w.namespace, wp))
+                        .or_default()
+                        .insert(w.uid.clone());
+                }
+                continue;
+            }
             let r = ambit::Workload {
                 uid: w.uid.clone(),
                 name: w.name.clone(),
@@ -91,8 +113,16 @@ impl Snapshot {
                     .insert(w.uid.clone());
             }
         }
-        for svc in m.services.values() {
+        for (key, svc) in &m.services {
             let name = format!("{}/{}", svc.namespace, svc.name);
+            if let Some(r) = prev.and_then(|(pm, ps)| {
+                (pm.services.get(key) == Some(svc))
+                    .then(|| ps.services.get(&name))
+                    .flatten()
+            }) {
+                s.services.insert(name, r.clone());
+                continue;
+            }
             let r = ambit::Service {
                 name: svc.name.clone(),
                 namespace: svc.namespace.clone(),
@@ -372,9 +402,7 @@ mod tests {
         let (a, b) = (Snapshot::from_model(&m), Snapshot::from_model(&m));
         assert_eq!(a.view_for("node-1"), b.view_for("node-1"));
         let mut m2 = m.clone();
-        m2.workloads
-            .get_mut("shop/web-0")
-            .unwrap()
+        Arc::make_mut(m2.workloads.get_mut("shop/web-0").unwrap())
             .labels
             .insert("v".into(), "2".into());
         let c = Snapshot::from_model(&m2);
@@ -391,6 +419,37 @@ mod tests {
         assert_eq!(a.version(), b.version());
         assert_ne!(a.version(), c.version());
         assert_eq!(a.version().len(), 16);
+    }
+
+    #[test]
+    fn reusing_the_last_snapshot_gives_what_translating_anew_gives() {
+        let m = model();
+        let a = Snapshot::from_model(&m);
+        let mut m2 = m.clone();
+        Arc::make_mut(m2.workloads.get_mut("shop/web-0").unwrap())
+            .labels
+            .insert("v".into(), "2".into());
+        m2.workloads.remove("shop/frontend-0");
+        let key = m2.services.keys().next().unwrap().clone();
+        Arc::make_mut(m2.services.get_mut(&key).unwrap())
+            .endpoints
+            .clear();
+        let anew = Snapshot::from_model(&m2);
+        let reused = Snapshot::from_model_reusing(&m2, Some((&m, &a)));
+        for node in ["node-1", "node-2"] {
+            assert_eq!(reused.view_for(node), anew.view_for(node), "{node}");
+        }
+        assert_eq!(reused.version(), anew.version());
+        // Unchanged entries are the very same resources, not new encodings.
+        let unchanged = m2.workloads.keys().find(|k| *k != "shop/web-0").unwrap();
+        assert!(Arc::ptr_eq(
+            &reused.workloads[unchanged],
+            &a.workloads[unchanged]
+        ));
+        assert!(!Arc::ptr_eq(
+            &reused.workloads["shop/web-0"],
+            &a.workloads["shop/web-0"]
+        ));
     }
 
     #[test]

@@ -577,6 +577,7 @@ impl View {
 
     /// The model of what the watchers have said, and what was left out and why.
     fn build(&mut self, trust_domain: &str) -> (Model, Vec<String>) {
+        let started = std::time::Instant::now();
         self.dirty = false;
         let mut problems = Vec::new();
         let mut spec = MeshSpec {
@@ -701,7 +702,14 @@ impl View {
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         spec.services
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let assembled = started.elapsed();
         let (model, model_problems) = Model::build_lenient(spec);
+        debug!(
+            assemble_ms = assembled.as_secs_f64() * 1e3,
+            build_ms = (started.elapsed() - assembled).as_secs_f64() * 1e3,
+            workloads = model.workloads.len(),
+            "model built"
+        );
         self.route_problems.clear();
         for p in &model_problems {
             // The file source's places carry list indexes; here the name says it.
