@@ -528,7 +528,7 @@ impl Protocol {
 pub(super) fn validate(
     p: &mut Problems,
     routes: Vec<HttpRouteSpec>,
-    services: &BTreeMap<NamespacedName, std::sync::Arc<Service>>,
+    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
 ) -> BTreeMap<NamespacedName, HttpRoute> {
     let mut out = BTreeMap::new();
     for (i, r) in routes.into_iter().enumerate() {
@@ -651,7 +651,7 @@ fn validate_rule(
     at: &str,
     namespace: &str,
     rule: RuleSpec,
-    services: &BTreeMap<NamespacedName, std::sync::Arc<Service>>,
+    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
 ) -> Option<HttpRule> {
     let before = p.0.len();
     let mut matches = Vec::new();

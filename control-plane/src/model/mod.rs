@@ -6,6 +6,7 @@
 //! rules and the translator never looks at a source.
 
 pub mod http;
+pub mod incremental;
 pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -221,17 +222,154 @@ pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Node names.
     pub nodes: BTreeSet<String>,
-    /// By uid. Each entry is shared: a model derived from another (a change to one pod)
-    /// shares what did not change with it, and cloning a model copies no workload.
-    pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// By uid. A persistent map of shared entries: a model derived from another (a
+    /// change to one pod) shares all that did not change with it, and cloning a model
+    /// copies nothing.
+    pub workloads: imbl::OrdMap<String, Arc<Workload>>,
     /// By namespace and name, shared as workloads are.
-    pub services: BTreeMap<NamespacedName, Arc<Service>>,
+    pub services: imbl::OrdMap<NamespacedName, Arc<Service>>,
     /// Authorization policies, by namespace and name.
     pub policies: BTreeMap<NamespacedName, Policy>,
     /// Waypoints, by namespace and name.
     pub waypoints: BTreeMap<NamespacedName, Waypoint>,
     /// HTTP routes, by namespace and name.
     pub http_routes: BTreeMap<NamespacedName, HttpRoute>,
+}
+
+/// What deriving a workload needs of the rest of the model.
+pub(crate) struct Context<'a> {
+    trust_domain: &'a str,
+    /// The trust domain is valid (its problem is reported once, not per workload).
+    trust_domain_ok: bool,
+    namespaces: &'a BTreeMap<String, Namespace>,
+    nodes: &'a BTreeSet<String>,
+    /// Whether a waypoint of this namespace and name is declared.
+    is_waypoint: &'a dyn Fn(&NamespacedName) -> bool,
+}
+
+/// A workload as its spec and the model make it (all but `waypoint`, which needs the
+/// services), or `None` with its problems added to `p`. Its IPs are claimed in
+/// `ip_owner`; `known` says whether a uid is taken already.
+fn derive_workload(
+    p: &mut Problems,
+    place: &str,
+    w: WorkloadSpec,
+    cx: &Context<'_>,
+    ip_owner: &mut HashMap<IpAddr, String>,
+    known: &dyn Fn(&str) -> bool,
+) -> Option<Workload> {
+    let before = p.0.len();
+    if !is_dns_subdomain(&w.name) {
+        p.add(place, "name must be a DNS name");
+    }
+    let ns = cx.namespaces.get(&w.namespace);
+    if ns.is_none() {
+        p.add(
+            place,
+            format!(
+                "namespace {:?} is not defined under namespaces",
+                w.namespace
+            ),
+        );
+    }
+    if !cx.nodes.contains(&w.node) {
+        p.add(
+            place,
+            format!("node {:?} is not defined under nodes", w.node),
+        );
+    }
+    let sa = w
+        .service_account
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    if !is_dns_subdomain(&sa) {
+        p.add(&format!("{place}.serviceAccount"), "must be a DNS name");
+    }
+    check_ips(
+        p,
+        place,
+        &w.ips,
+        &format!("workload {}/{}", w.namespace, w.name),
+        ip_owner,
+    );
+    let uid = w
+        .uid
+        .clone()
+        .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
+    if known(&uid) {
+        p.add(place, format!("uid {uid:?} is used twice"));
+    }
+    check_mtls_label(p, place, &w.labels);
+    if p.0.len() > before {
+        return None;
+    }
+    let identity = match Identity::new(cx.trust_domain, &w.namespace, &sa) {
+        Ok(id) => id,
+        Err(e) => {
+            // An invalid trust domain is reported once, by the caller.
+            if cx.trust_domain_ok {
+                p.add(place, e.to_string());
+            }
+            return None;
+        }
+    };
+    let ns = ns.expect("checked above");
+    let opted_out = w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE);
+    let native_tunnel = w.labels.get(GATEWAY_NAME_LABEL).is_some_and(|g| {
+        (cx.is_waypoint)(&NamespacedName {
+            namespace: w.namespace.clone(),
+            name: g.clone(),
+        })
+    });
+    Some(Workload {
+        enrolled: ns.enrolled() && !opted_out && !native_tunnel,
+        native_tunnel,
+        // Derived once services are known.
+        waypoint: None,
+        mtls: w
+            .labels
+            .get(MTLS_LABEL)
+            .or_else(|| ns.labels.get(MTLS_LABEL))
+            .and_then(|v| MtlsMode::parse(v))
+            .unwrap_or_default(),
+        uid,
+        identity,
+        name: w.name,
+        namespace: w.namespace,
+        node: w.node,
+        service_account: sa,
+        ips: w.ips,
+        labels: w.labels,
+        terminating: w.terminating,
+    })
+}
+
+/// The endpoints of a service of `namespace_workloads` (its namespace's, in uid order):
+/// those its selector selects, or, without a selector, those `listed` (in their order);
+/// never a terminating one.
+fn endpoints_of(
+    selector: &Labels,
+    listed: Option<&[String]>,
+    namespace_workloads: &[&Workload],
+) -> Vec<String> {
+    match (listed, selector.is_empty()) {
+        (Some(listed), true) => {
+            let here: HashMap<&str, &&Workload> = namespace_workloads
+                .iter()
+                .map(|w| (w.uid.as_str(), w))
+                .collect();
+            listed
+                .iter()
+                .filter(|uid| here.get(uid.as_str()).is_some_and(|w| !w.terminating))
+                .cloned()
+                .collect()
+        }
+        _ => namespace_workloads
+            .iter()
+            .filter(|w| !w.terminating && selects(selector, &w.labels))
+            .map(|w| w.uid.clone())
+            .collect(),
+    }
 }
 
 /// Which waypoint a workload's traffic must come through: its namespace's, or that of
@@ -459,94 +597,24 @@ impl Model {
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
         for (i, w) in spec.workloads.into_iter().enumerate() {
             let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
-            let before = p.0.len();
-            if !is_dns_subdomain(&w.name) {
-                p.add(&place, "name must be a DNS name");
-            }
-            let ns = m.namespaces.get(&w.namespace);
-            if ns.is_none() {
-                p.add(
-                    &place,
-                    format!(
-                        "namespace {:?} is not defined under namespaces",
-                        w.namespace
-                    ),
-                );
-            }
-            if !m.nodes.contains(&w.node) {
-                p.add(
-                    &place,
-                    format!("node {:?} is not defined under nodes", w.node),
-                );
-            }
-            let sa = w
-                .service_account
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            if !is_dns_subdomain(&sa) {
-                p.add(&format!("{place}.serviceAccount"), "must be a DNS name");
-            }
-            check_ips(
+            let known = |uid: &str| m.workloads.contains_key(uid);
+            let derived = derive_workload(
                 &mut p,
                 &place,
-                &w.ips,
-                &format!("workload {}/{}", w.namespace, w.name),
+                w,
+                &Context {
+                    trust_domain: &spec.trust_domain,
+                    trust_domain_ok: td_ok,
+                    namespaces: &m.namespaces,
+                    nodes: &m.nodes,
+                    is_waypoint: &|k| declared.contains_key(k),
+                },
                 &mut ip_owner,
+                &known,
             );
-            let uid = w
-                .uid
-                .clone()
-                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
-            if m.workloads.contains_key(&uid) {
-                p.add(&place, format!("uid {uid:?} is used twice"));
+            if let Some(w) = derived {
+                m.workloads.insert(w.uid.clone(), Arc::new(w));
             }
-            check_mtls_label(&mut p, &place, &w.labels);
-            if p.0.len() > before {
-                continue;
-            }
-            let identity = match Identity::new(&spec.trust_domain, &w.namespace, &sa) {
-                Ok(id) => id,
-                Err(e) => {
-                    // An invalid trust domain is reported once, above.
-                    if td_ok {
-                        p.add(&place, e.to_string());
-                    }
-                    continue;
-                }
-            };
-            let ns = ns.expect("checked above");
-            let opted_out =
-                w.labels.get(DATAPLANE_LABEL).map(String::as_str) == Some(DATAPLANE_NONE);
-            let native_tunnel = w.labels.get(GATEWAY_NAME_LABEL).is_some_and(|g| {
-                declared.contains_key(&NamespacedName {
-                    namespace: w.namespace.clone(),
-                    name: g.clone(),
-                })
-            });
-            m.workloads.insert(
-                uid.clone(),
-                Arc::new(Workload {
-                    enrolled: ns.enrolled() && !opted_out && !native_tunnel,
-                    native_tunnel,
-                    // Derived below, once services are known.
-                    waypoint: None,
-                    mtls: w
-                        .labels
-                        .get(MTLS_LABEL)
-                        .or_else(|| ns.labels.get(MTLS_LABEL))
-                        .and_then(|v| MtlsMode::parse(v))
-                        .unwrap_or_default(),
-                    uid,
-                    identity,
-                    name: w.name,
-                    namespace: w.namespace,
-                    node: w.node,
-                    service_account: sa,
-                    ips: w.ips,
-                    labels: w.labels,
-                    terminating: w.terminating,
-                }),
-            );
         }
 
         let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
@@ -616,30 +684,14 @@ impl Model {
             let ns = ns.expect("checked above");
             // Only the service's namespace can hold its endpoints: look there, not at the
             // whole mesh (services × workloads would dominate a large mesh's build).
-            let endpoints = match (&s.endpoints, s.selector.is_empty()) {
-                // Listed endpoints (no selector): those that are workloads of its
-                // namespace, in the order listed.
-                (Some(listed), true) => {
-                    let here: HashMap<&str, &&Workload> = by_namespace
-                        .get(s.namespace.as_str())
-                        .into_iter()
-                        .flatten()
-                        .map(|w| (w.uid.as_str(), w))
-                        .collect();
-                    listed
-                        .iter()
-                        .filter(|uid| here.get(uid.as_str()).is_some_and(|w| !w.terminating))
-                        .cloned()
-                        .collect()
-                }
-                _ => by_namespace
+            let endpoints = endpoints_of(
+                &s.selector,
+                s.endpoints.as_deref(),
+                by_namespace
                     .get(s.namespace.as_str())
-                    .into_iter()
-                    .flatten()
-                    .filter(|w| !w.terminating && selects(&s.selector, &w.labels))
-                    .map(|w| w.uid.clone())
-                    .collect(),
-            };
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            );
             m.services.insert(
                 key,
                 Arc::new(Service {
@@ -766,12 +818,17 @@ impl Model {
             }
         }
         drop(by_namespace);
-        for w in m.workloads.values_mut() {
-            if w.native_tunnel {
-                continue;
-            }
-            let wp = waypoint_of(w, &m.namespaces, &m.waypoints, |uid| via.get(uid));
-            if wp != w.waypoint {
+        let updates: Vec<(String, Option<String>)> = m
+            .workloads
+            .values()
+            .filter(|w| !w.native_tunnel)
+            .filter_map(|w| {
+                let wp = waypoint_of(w, &m.namespaces, &m.waypoints, |uid| via.get(uid));
+                (wp != w.waypoint).then(|| (w.uid.clone(), wp))
+            })
+            .collect();
+        for (uid, wp) in updates {
+            if let Some(w) = m.workloads.get_mut(&uid) {
                 Arc::make_mut(w).waypoint = wp;
             }
         }

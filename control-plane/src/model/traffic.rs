@@ -96,7 +96,7 @@ pub enum LoadBalancer {
 pub(super) fn apply(
     p: &mut Problems,
     rules: Vec<DestinationRuleSpec>,
-    services: &mut BTreeMap<NamespacedName, std::sync::Arc<Service>>,
+    services: &mut imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
 ) {
     let mut seen: BTreeMap<NamespacedName, NamespacedName> = BTreeMap::new();
     let mut names = std::collections::BTreeSet::new();

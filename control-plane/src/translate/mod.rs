@@ -26,6 +26,7 @@ use ambit_xds::type_url;
 use prost::Message;
 
 use ambit_xds::convert::{authorization_to_proto, ip_to_bytes};
+use imbl::ordmap::DiffItem;
 
 use crate::model::{Model, selects};
 
@@ -48,8 +49,13 @@ pub type ResourceMap = BTreeMap<&'static str, BTreeMap<String, Arc<VersionedReso
 #[derive(Debug, Default)]
 pub struct Snapshot {
     version: String,
-    workloads: BTreeMap<String, Arc<VersionedResource>>,
-    services: BTreeMap<String, Arc<VersionedResource>>,
+    /// Persistent maps: the next snapshot starts from these and changes only what the
+    /// model changed.
+    workloads: imbl::OrdMap<String, Arc<VersionedResource>>,
+    services: imbl::OrdMap<String, Arc<VersionedResource>>,
+    /// XOR of a hash of each workload's and service's name and version: kept as they
+    /// change, so the snapshot's version costs no pass over the whole mesh.
+    entries_hash: u64,
     policies: BTreeMap<String, (Arc<VersionedResource>, BTreeSet<String>)>,
     /// By waypoint node id.
     waypoints: BTreeMap<String, waypoint::Resources>,
@@ -72,76 +78,48 @@ impl Snapshot {
     /// encoding, not one per workload.
     pub fn from_model_reusing(m: &Model, prev: Option<(&Model, &Snapshot)>) -> Self {
         let mut s = Snapshot::default();
-        for w in m.workloads.values() {
-            if let Some(r) = prev.and_then(|(pm, ps)| {
-                (pm.workloads.get(&w.uid) == Some(w))
-                    .then(|| ps.workloads.get(&w.uid))
-                    .flatten()
-            }) {
-                s.workloads.insert(w.uid.clone(), r.clone());
-                if let Some(wp) = &w.waypoint {
-                    s.waypoint_workloads
-                        .entry(waypoint::node_id(&w.namespace, wp))
-                        .or_default()
-                        .insert(w.uid.clone());
+        match prev {
+            Some((pm, ps)) => {
+                s.workloads = ps.workloads.clone();
+                s.services = ps.services.clone();
+                s.entries_hash = ps.entries_hash;
+                s.waypoint_workloads = ps.waypoint_workloads.clone();
+                // Only what differs between the two models (the maps share the rest).
+                for d in pm.workloads.diff(&m.workloads) {
+                    match d {
+                        DiffItem::Add(_, w) => s.put_workload(w),
+                        DiffItem::Update {
+                            old: (_, o),
+                            new: (_, w),
+                        } => {
+                            s.drop_workload(o);
+                            s.put_workload(w);
+                        }
+                        DiffItem::Remove(_, o) => s.drop_workload(o),
+                    }
                 }
-                continue;
+                for d in pm.services.diff(&m.services) {
+                    match d {
+                        DiffItem::Add(_, svc) => s.put_service(svc),
+                        DiffItem::Update {
+                            old: (_, o),
+                            new: (_, svc),
+                        } => {
+                            s.drop_service(o);
+                            s.put_service(svc);
+                        }
+                        DiffItem::Remove(_, o) => s.drop_service(o),
+                    }
+                }
             }
-            let r = ambit::Workload {
-                uid: w.uid.clone(),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                node: w.node.clone(),
-                service_account: w.service_account.clone(),
-                ips: w.ips.iter().map(ip_to_bytes).collect(),
-                enrolled: w.enrolled,
-                waypoint: w.waypoint.clone().unwrap_or_default(),
-                labels: w.labels.clone().into_iter().collect(),
-                identity: w.identity.to_string(),
-                mtls: match w.mtls {
-                    crate::model::MtlsMode::Strict => ambit::MtlsMode::Strict,
-                    crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
-                } as i32,
-                native_tunnel: w.native_tunnel,
-            };
-            s.workloads
-                .insert(w.uid.clone(), encode(type_url::WORKLOAD, &w.uid, &r));
-            if let Some(wp) = &w.waypoint {
-                s.waypoint_workloads
-                    .entry(waypoint::node_id(&w.namespace, wp))
-                    .or_default()
-                    .insert(w.uid.clone());
+            None => {
+                for w in m.workloads.values() {
+                    s.put_workload(w);
+                }
+                for svc in m.services.values() {
+                    s.put_service(svc);
+                }
             }
-        }
-        for (key, svc) in &m.services {
-            let name = format!("{}/{}", svc.namespace, svc.name);
-            if let Some(r) = prev.and_then(|(pm, ps)| {
-                (pm.services.get(key) == Some(svc))
-                    .then(|| ps.services.get(&name))
-                    .flatten()
-            }) {
-                s.services.insert(name, r.clone());
-                continue;
-            }
-            let r = ambit::Service {
-                name: svc.name.clone(),
-                namespace: svc.namespace.clone(),
-                hostname: svc.hostname.clone(),
-                vips: svc.vips.iter().map(ip_to_bytes).collect(),
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| ambit::Port {
-                        port: p.port.into(),
-                        target_port: p.target_port.into(),
-                        name: p.name.clone().unwrap_or_default(),
-                    })
-                    .collect(),
-                endpoints: svc.endpoints.clone(),
-                waypoint: svc.waypoint.clone().unwrap_or_default(),
-            };
-            s.services
-                .insert(name.clone(), encode(type_url::SERVICE, &name, &r));
         }
         for p in m.policies.values() {
             let name = format!("{}/{}", p.namespace, p.name);
@@ -184,13 +162,89 @@ impl Snapshot {
         s
     }
 
+    fn put_workload(&mut self, w: &crate::model::Workload) {
+        let r = ambit::Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            node: w.node.clone(),
+            service_account: w.service_account.clone(),
+            ips: w.ips.iter().map(ip_to_bytes).collect(),
+            enrolled: w.enrolled,
+            waypoint: w.waypoint.clone().unwrap_or_default(),
+            labels: w.labels.clone().into_iter().collect(),
+            identity: w.identity.to_string(),
+            mtls: match w.mtls {
+                crate::model::MtlsMode::Strict => ambit::MtlsMode::Strict,
+                crate::model::MtlsMode::Permissive => ambit::MtlsMode::Permissive,
+            } as i32,
+            native_tunnel: w.native_tunnel,
+        };
+        let r = encode(type_url::WORKLOAD, &w.uid, &r);
+        self.entries_hash ^= entry_hash(&w.uid, &r.version);
+        if let Some(old) = self.workloads.insert(w.uid.clone(), r) {
+            self.entries_hash ^= entry_hash(&w.uid, &old.version);
+        }
+        if let Some(wp) = &w.waypoint {
+            self.waypoint_workloads
+                .entry(waypoint::node_id(&w.namespace, wp))
+                .or_default()
+                .insert(w.uid.clone());
+        }
+    }
+
+    fn drop_workload(&mut self, w: &crate::model::Workload) {
+        if let Some(old) = self.workloads.remove(&w.uid) {
+            self.entries_hash ^= entry_hash(&w.uid, &old.version);
+        }
+        if let Some(wp) = &w.waypoint {
+            let node = waypoint::node_id(&w.namespace, wp);
+            if let Some(uids) = self.waypoint_workloads.get_mut(&node) {
+                uids.remove(&w.uid);
+                if uids.is_empty() {
+                    self.waypoint_workloads.remove(&node);
+                }
+            }
+        }
+    }
+
+    fn put_service(&mut self, svc: &crate::model::Service) {
+        let name = format!("{}/{}", svc.namespace, svc.name);
+        let r = ambit::Service {
+            name: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+            hostname: svc.hostname.clone(),
+            vips: svc.vips.iter().map(ip_to_bytes).collect(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| ambit::Port {
+                    port: p.port.into(),
+                    target_port: p.target_port.into(),
+                    name: p.name.clone().unwrap_or_default(),
+                })
+                .collect(),
+            endpoints: svc.endpoints.clone(),
+            waypoint: svc.waypoint.clone().unwrap_or_default(),
+        };
+        let r = encode(type_url::SERVICE, &name, &r);
+        self.entries_hash ^= entry_hash(&name, &r.version);
+        if let Some(old) = self.services.insert(name.clone(), r) {
+            self.entries_hash ^= entry_hash(&name, &old.version);
+        }
+    }
+
+    fn drop_service(&mut self, svc: &crate::model::Service) {
+        let name = format!("{}/{}", svc.namespace, svc.name);
+        if let Some(old) = self.services.remove(&name) {
+            self.entries_hash ^= entry_hash(&name, &old.version);
+        }
+    }
+
     /// A hash of every resource's name and version: equal snapshots have equal versions.
     fn content_version(&self) -> String {
         let mut h = std::hash::DefaultHasher::new();
-        for (name, r) in self.workloads.iter().chain(&self.services) {
-            name.hash(&mut h);
-            r.version.hash(&mut h);
-        }
+        self.entries_hash.hash(&mut h);
         for (name, (r, nodes)) in &self.policies {
             name.hash(&mut h);
             r.version.hash(&mut h);
@@ -294,7 +348,13 @@ impl Snapshot {
                 .map(|(k, r)| (k.clone(), r.clone()))
                 .collect(),
         );
-        out.insert(type_url::SERVICE, self.services.clone());
+        out.insert(
+            type_url::SERVICE,
+            self.services
+                .iter()
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect(),
+        );
         out.insert(
             type_url::AUTHORIZATION,
             self.policies
@@ -305,6 +365,14 @@ impl Snapshot {
         );
         out
     }
+}
+
+/// A hash of one entry's name and version (one term of [`Snapshot::entries_hash`]).
+fn entry_hash(name: &str, version: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    version.hash(&mut h);
+    h.finish()
 }
 
 pub(crate) fn encode(type_url: &str, name: &str, m: &impl Message) -> Arc<VersionedResource> {

@@ -53,6 +53,7 @@ use self::policy::Verdict;
 use self::policy::{AuthorizationPolicy, PeerAuthentication};
 use self::status::{PeerView, PolicyView, StatusWriter, istio_spec, peer_view};
 use super::guard::Publisher;
+use crate::model::incremental::IpOwners;
 use crate::model::{
     MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec, WaypointSpec,
 };
@@ -419,18 +420,21 @@ impl<V> Default for Table<V> {
     }
 }
 
+/// An object's key in its [`Table`]: `namespace/name`.
+fn key_of<K: Resource>(o: &K) -> String {
+    let m = o.meta();
+    format!(
+        "{}/{}",
+        m.namespace.as_deref().unwrap_or(""),
+        m.name.as_deref().unwrap_or("")
+    )
+}
+
 impl<V: PartialEq> Table<V> {
     /// Applies one event, converting objects with `convert(object, its live version)`;
     /// true if the live objects changed.
     fn event<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K, Option<&V>) -> V) -> bool {
-        let key = |o: &K| {
-            let m = o.meta();
-            format!(
-                "{}/{}",
-                m.namespace.as_deref().unwrap_or(""),
-                m.name.as_deref().unwrap_or("")
-            )
-        };
+        let key = key_of::<K>;
         match ev {
             Event::Apply(o) => {
                 let k = key(&o);
@@ -488,6 +492,22 @@ struct View {
     watch_errors: BTreeMap<Kind, String>,
     /// Something changed since the last build.
     dirty: bool,
+    /// The last build, which pod changes can be applied to.
+    built: Option<Built>,
+    /// Pods changed since the last build (by table key), with what they were then.
+    changed_pods: BTreeMap<String, Option<PodView>>,
+    /// Something else changed (or pods were listed again): the next build is full.
+    full_build: bool,
+}
+
+/// What the last build left, for applying pod changes to it.
+struct Built {
+    model: Model,
+    owners: IpOwners,
+    problems: Vec<String>,
+    /// No pod was left out with a problem (a change could then bring it back, which
+    /// only a full build can tell).
+    pods_ok: bool,
 }
 
 impl View {
@@ -535,13 +555,30 @@ impl View {
         let changed = match change {
             Change::Namespace(ev) => self.namespaces.event(ev, |n, _| convert::namespace(n)),
             Change::Node(ev) => self.nodes.event(ev, |n, _| convert::node(n)),
-            Change::Pod(ev) => self.pods.event(ev, |p, _| {
-                let v = convert::pod(p);
-                if let PodView::Skipped(why) = &v {
-                    debug!(pod = ?p.metadata.name, namespace = ?p.metadata.namespace, "pod not in the mesh: {why}");
+            Change::Pod(ev) => {
+                // A pod that comes, goes or changes can be applied to the last model;
+                // a re-list is built in full.
+                let key = match &ev {
+                    Event::Apply(o) | Event::Delete(o) => Some(key_of(o)),
+                    _ => None,
+                };
+                let before = key.as_ref().map(|k| self.pods.live.get(k).cloned());
+                let changed = self.pods.event(ev, |p, _| {
+                    let v = convert::pod(p);
+                    if let PodView::Skipped(why) = &v {
+                        debug!(pod = ?p.metadata.name, namespace = ?p.metadata.namespace, "pod not in the mesh: {why}");
+                    }
+                    v
+                });
+                match (key, before) {
+                    (Some(k), Some(before)) if changed => {
+                        self.changed_pods.entry(k).or_insert(before);
+                    }
+                    _ if changed => self.full_build = true,
+                    _ => {}
                 }
-                v
-            }),
+                changed
+            }
             Change::Service(ev) => self.services.event(ev, |s, _| convert::service(s)),
             Change::EndpointSlice(ev) => self.slices.event(ev, |s, _| convert::endpoint_slice(s)),
             Change::Authorization(ev) => self.authorizations.event(ev, |p, old| {
@@ -572,13 +609,145 @@ impl View {
                 .routes
                 .event(ev, |o, old| gateway::route(o, old.and_then(Option::as_ref))),
         };
+        if changed && kind != Kind::Pods {
+            self.full_build = true;
+        }
         self.dirty |= changed;
     }
 
-    /// The model of what the watchers have said, and what was left out and why.
+    /// The model of what the watchers have said, and what was left out and why: the
+    /// last model with the changed pods applied when only pods changed
+    /// ([`Model::apply_pod_changes`]), else built in full.
     fn build(&mut self, trust_domain: &str) -> (Model, Vec<String>) {
         let started = std::time::Instant::now();
         self.dirty = false;
+        let changed = std::mem::take(&mut self.changed_pods);
+        if !std::mem::take(&mut self.full_build)
+            && let Some(model) = self.apply_pods(changed)
+        {
+            debug!(
+                apply_ms = started.elapsed().as_secs_f64() * 1e3,
+                workloads = model.workloads.len(),
+                "pod changes applied to the model"
+            );
+            let problems = self.built.as_ref().map(|b| b.problems.clone());
+            return (model, problems.unwrap_or_default());
+        }
+        let (model, problems) = self.build_full(trust_domain, started);
+        self.built = Some(Built {
+            model: model.clone(),
+            owners: IpOwners::of(&model),
+            pods_ok: !problems.iter().any(|p| p.starts_with("workloads")),
+            problems: problems.clone(),
+        });
+        (model, problems)
+    }
+
+    /// The last model with `changed` pods applied, if that gives what a full build
+    /// would: `None` when it cannot tell (then build in full).
+    fn apply_pods(&mut self, changed: BTreeMap<String, Option<PodView>>) -> Option<Model> {
+        let built = self.built.as_ref().filter(|b| b.pods_ok)?;
+        if changed.is_empty() {
+            return None;
+        }
+        let uid = |w: &crate::model::WorkloadSpec| {
+            w.uid
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name))
+        };
+        let modes = self.peer_modes();
+        let mut gone = Vec::new();
+        let mut specs = Vec::new();
+        let mut namespaces = BTreeSet::new();
+        for (key, before) in &changed {
+            if let Some(PodView::Workload { spec, .. }) = before {
+                gone.push(uid(spec));
+                namespaces.insert(spec.namespace.clone());
+            }
+            if let Some(PodView::Workload { spec, .. }) = self.pods.live.get(key) {
+                let mut w = spec.clone();
+                if let Some(mode) = modes.for_workload(&w.namespace, &w.labels) {
+                    w.labels.insert(MTLS_LABEL.into(), mode.into());
+                }
+                namespaces.insert(w.namespace.clone());
+                specs.push(w);
+            }
+        }
+        // A service's named target port comes from its pods' container ports: if the
+        // change moves one, only a full build says where.
+        for ns in &namespaces {
+            let pods: Vec<_> = self
+                .pods
+                .live
+                .values()
+                .filter_map(|v| match v {
+                    PodView::Workload { spec, named_ports } if &spec.namespace == ns => {
+                        Some((spec, named_ports))
+                    }
+                    _ => None,
+                })
+                .collect();
+            for v in self.services.live.values() {
+                let ServiceView::Service {
+                    namespace, name, ..
+                } = v
+                else {
+                    continue;
+                };
+                if namespace != ns {
+                    continue;
+                }
+                let key = crate::model::NamespacedName {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                let in_model = built.model.services.get(&key);
+                let a_gateways = self.gateways.live.values().any(|g| {
+                    matches!(g, GatewayView::Waypoint(w) if &w.namespace == namespace && &w.name == name)
+                });
+                if a_gateways {
+                    continue; // the waypoint's own service: not a mesh service
+                }
+                let slices: Vec<&SliceView> = self
+                    .slices
+                    .live
+                    .values()
+                    .filter(|sl| {
+                        matches!(sl, SliceView::Slice { namespace: n, service, .. }
+                            if n == namespace && service == name)
+                    })
+                    .collect();
+                let resolved = convert::resolve_service(
+                    v,
+                    pods.iter().map(|(w, n)| (*w, *n)),
+                    &slices,
+                    &mut Vec::new(),
+                )
+                .ok()
+                .map(|s| s.ports);
+                if resolved.as_ref() != in_model.map(|s| &s.ports) {
+                    return None;
+                }
+            }
+        }
+        // In place: on a refusal the full build replaces all of it.
+        let b = self.built.as_mut().expect("checked above");
+        match b.model.apply_pod_changes(&mut b.owners, &gone, specs) {
+            // A persistent model: the copy published shares everything with it.
+            Ok(()) => Some(b.model.clone()),
+            Err(why) => {
+                debug!(reason = why.0, "pod changes need a full build");
+                None
+            }
+        }
+    }
+
+    /// The model of everything the watchers have said, built from scratch.
+    fn build_full(
+        &mut self,
+        trust_domain: &str,
+        started: std::time::Instant,
+    ) -> (Model, Vec<String>) {
         let mut problems = Vec::new();
         let mut spec = MeshSpec {
             trust_domain: trust_domain.to_owned(),
@@ -828,6 +997,107 @@ mod tests {
             "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
         }))
         .unwrap()
+    }
+
+    fn pod_with(name: &str, ns: &str, ip: &str, app: &str, ready: bool) -> Pod {
+        let mut p = pod(name, ip);
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.uid = Some(format!("uid-{ns}-{name}"));
+        p.metadata.labels = Some([("app".to_string(), app.to_string())].into());
+        if !ready {
+            p.metadata.deletion_timestamp =
+                Some(serde_json::from_value(serde_json::json!("2026-12-04T10:00:00Z")).unwrap());
+        }
+        p
+    }
+
+    /// Pod events applied to the last model (the short way) give, after every build, the
+    /// model and problems a full build of the same objects gives.
+    #[test]
+    fn pod_changes_applied_to_the_last_model_give_what_a_full_build_gives() {
+        let mut fast = View::default();
+        let mut full = View::default();
+        let feed = |v: &mut View, c: Change| v.take((kind_of(&c), Ok(c)));
+        fn kind_of(c: &Change) -> Kind {
+            match c {
+                Change::Namespace(_) => Kind::Namespaces,
+                Change::Node(_) => Kind::Nodes,
+                Change::Pod(_) => Kind::Pods,
+                Change::Service(_) => Kind::Services,
+                _ => unreachable!(),
+            }
+        }
+        let mut objects: Vec<Change> = vec![
+            Change::Namespace(Event::Apply(ns("good", true))),
+            Change::Namespace(Event::Apply(ns("lab", false))),
+        ];
+        let mut node = Node::default();
+        node.metadata.name = Some("node-1".into());
+        objects.push(Change::Node(Event::Apply(node)));
+        for (nsn, app, vip) in [
+            ("good", "web", "10.96.0.1"),
+            ("good", "db", "10.96.0.2"),
+            ("lab", "web", "10.96.0.3"),
+        ] {
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": app, "namespace": nsn},
+                "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": app},
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+            }))
+            .unwrap();
+            objects.push(Change::Service(Event::Apply(svc)));
+        }
+        for c in objects {
+            feed(&mut fast, clone_change(&c));
+            feed(&mut full, c);
+        }
+        let (a, _) = fast.build("cluster.local");
+        let (b, _) = full.build("cluster.local");
+        assert_eq!(a, b);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let (mut short, mut long) = (0, 0);
+        let mut names: Vec<(String, String)> = Vec::new();
+        for step in 0..300 {
+            let ev = if names.is_empty() || rng.u8(..4) == 0 {
+                let n = format!("p{step}");
+                let nsn = if rng.bool() { "good" } else { "lab" };
+                names.push((nsn.into(), n.clone()));
+                let ip = format!("10.244.1.{}", rng.u8(1..60));
+                Event::Apply(pod_with(&n, nsn, &ip, ["web", "db"][rng.usize(..2)], true))
+            } else {
+                let (nsn, n) = names[rng.usize(..names.len())].clone();
+                if rng.u8(..5) == 0 {
+                    names.retain(|x| x.1 != n);
+                    Event::Delete(pod_with(&n, &nsn, "10.244.0.1", "web", true))
+                } else {
+                    let ip = format!("10.244.1.{}", rng.u8(1..60));
+                    let app = ["web", "db"][rng.usize(..2)];
+                    Event::Apply(pod_with(&n, &nsn, &ip, app, rng.u8(..6) != 0))
+                }
+            };
+            let c = Change::Pod(ev);
+            feed(&mut fast, clone_change(&c));
+            feed(&mut full, c);
+            let shortcut = !fast.full_build && fast.built.as_ref().is_some_and(|b| b.pods_ok);
+            let (a, pa) = fast.build("cluster.local");
+            full.full_build = true;
+            let (b, pb) = full.build("cluster.local");
+            assert_eq!(a, b, "step {step}");
+            assert_eq!(pa, pb, "step {step}");
+            if shortcut { short += 1 } else { long += 1 }
+        }
+        assert!(short > 100, "{short} short, {long} full");
+    }
+
+    fn clone_change(c: &Change) -> Change {
+        match c {
+            Change::Namespace(Event::Apply(o)) => Change::Namespace(Event::Apply(o.clone())),
+            Change::Node(Event::Apply(o)) => Change::Node(Event::Apply(o.clone())),
+            Change::Service(Event::Apply(o)) => Change::Service(Event::Apply(o.clone())),
+            Change::Pod(Event::Apply(o)) => Change::Pod(Event::Apply(o.clone())),
+            Change::Pod(Event::Delete(o)) => Change::Pod(Event::Delete(o.clone())),
+            _ => unreachable!(),
+        }
     }
 
     #[test]
