@@ -245,6 +245,14 @@ async fn subscribe(cp: &ControlPlane, claimed: &str) -> Result<Vec<String>, toni
     Ok(r.resources.into_iter().map(|r| r.name).collect())
 }
 
+/// A CA client (and its control-plane channel) presenting `token`.
+fn as_caller(url: &str, root: &str, token: &str) -> CaClient {
+    CaClient {
+        control_plane: ControlPlane::new(url, Some(token), Some(root)).unwrap(),
+        ttl: Duration::from_secs(600),
+    }
+}
+
 fn ca_code(r: Result<impl Sized, RequestError>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,
@@ -257,13 +265,7 @@ fn ca_code(r: Result<impl Sized, RequestError>) -> tonic::Code {
 async fn kube_agents_authenticate_with_pod_bound_tokens_and_get_only_their_nodes_view_and_certs() {
     let api = cluster();
     let (url, root) = control_plane(&api).await;
-    let as_caller = |token: &str| {
-        let cp = ControlPlane::new(&url, Some(token), Some(&root)).unwrap();
-        CaClient {
-            control_plane: cp,
-            ttl: Duration::from_secs(600),
-        }
-    };
+    let as_caller = |token: &str| as_caller(&url, &root, token);
     let web = Identity::new("cluster.local", "shop", "web").unwrap();
     let db = Identity::new("cluster.local", "shop", "db").unwrap();
 
@@ -383,13 +385,7 @@ async fn kube_a_waypoint_pod_gets_only_its_waypoints_certificate_with_its_own_to
     fake["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "nope"});
     api.apply(fake);
     let (url, root) = control_plane(&api).await;
-    let as_caller = |token: &str| {
-        let cp = ControlPlane::new(&url, Some(token), Some(&root)).unwrap();
-        CaClient {
-            control_plane: cp,
-            ttl: Duration::from_secs(600),
-        }
-    };
+    let as_caller = |token: &str| as_caller(&url, &root, token);
     let wp_id = Identity::new("cluster.local", "shop", "wp").unwrap();
     let web = Identity::new("cluster.local", "shop", "web").unwrap();
 

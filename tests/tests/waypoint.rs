@@ -86,6 +86,15 @@ fn get_from(
     (status.success(), reports)
 }
 
+/// The waypoint in `pod`'s config dump (from its localhost admin port).
+fn config_dump(c: &Cluster, pod: &Pod) -> Value {
+    serde_json::from_str(
+        &c.http_get_in(pod, "127.0.0.1:15000", "/debug/config_dump")
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// One request from the client pod to the service with extra `http-get` flags.
 fn run(c: &Cluster, extra: &[String]) -> Value {
     let mut args = vec![
@@ -156,11 +165,7 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
             .unwrap(),
         "ready\n"
     );
-    let dump: Value = serde_json::from_str(
-        &c.http_get_in(wp_pod, "127.0.0.1:15000", "/debug/config_dump")
-            .unwrap(),
-    )
-    .unwrap();
+    let dump = config_dump(&c, wp_pod);
     assert_eq!(dump["identity"], WAYPOINT_ID, "{dump}");
     assert_eq!(dump["xds"]["connected"], true, "{dump}");
     assert!(
@@ -516,11 +521,7 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
         metric_sum(&m, "istio_requests_total", &[("response_code", "301")]) >= 1.0,
         "{m}"
     );
-    let dump: Value = serde_json::from_str(
-        &c.http_get_in(wp_pod, "127.0.0.1:15000", "/debug/config_dump")
-            .unwrap(),
-    )
-    .unwrap();
+    let dump = config_dump(&c, wp_pod);
     assert_eq!(dump["identity"], WAYPOINT_ID, "{dump}");
     // And the objects say so: the Gateway is programmed, the route accepted.
     wait_until("Gateway programmed", Duration::from_secs(10), || {

@@ -512,15 +512,7 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
 }
 
 async fn plain_http2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
+    http2_over(tokio::net::TcpStream::connect(addr).await.unwrap()).await
 }
 
 #[test]

@@ -425,15 +425,7 @@ impl TestWaypoint {
         &self,
         authority: &str,
     ) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-        let s = self.tunnel(authority).await.unwrap();
-        let (send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(s),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        send
+        http2_over(self.tunnel(authority).await.unwrap()).await
     }
 }
 
@@ -518,4 +510,20 @@ pub async fn concurrent_gets(
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// An HTTP/2 (prior knowledge) client connection over `io`, its connection driven by a
+/// task of its own.
+pub async fn http2_over<S>(io: S) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
 }

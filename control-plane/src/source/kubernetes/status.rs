@@ -279,19 +279,7 @@ impl StatusWriter {
             written.insert(key, plain);
         }
         let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, ar);
-        let (name, ns) = (name.to_owned(), namespace.to_owned());
-        let patch = json!({ "status": want });
-        tokio::spawn(async move {
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => debug!(kind, namespace = %ns, name = %name, "status written"),
-                Err(e) => {
-                    warn!(kind, namespace = %ns, name = %name, "could not write the status: {e}")
-                }
-            }
-        });
+        patch_status(api, kind, namespace, name, json!({ "status": want }));
     }
 
     fn write_one<K, T>(&self, kind: &'static str, p: &PolicyView<T>)
@@ -325,18 +313,32 @@ impl StatusWriter {
                 .and_then(|v| v.as_str().map(str::to_owned)),
         };
         let api: Api<K> = Api::namespaced(self.client.clone(), &p.namespace);
-        let (name, ns) = (p.name.clone(), p.namespace.clone());
         let patch = json!({"status": {"conditions": [want]}});
-        tokio::spawn(async move {
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => debug!(kind, namespace = %ns, name = %name, "status written"),
-                Err(e) => {
-                    warn!(kind, namespace = %ns, name = %name, "could not write the status: {e}")
-                }
-            }
-        });
+        patch_status(api, kind, &p.namespace, &p.name, patch);
     }
+}
+
+/// Sends a merge patch of an object's status in the background (a failed write is
+/// logged; the next build writes again).
+fn patch_status<K>(
+    api: Api<K>,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    patch: serde_json::Value,
+) where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug + 'static,
+{
+    let (name, ns) = (name.to_owned(), namespace.to_owned());
+    tokio::spawn(async move {
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => debug!(kind, namespace = %ns, name = %name, "status written"),
+            Err(e) => {
+                warn!(kind, namespace = %ns, name = %name, "could not write the status: {e}")
+            }
+        }
+    });
 }
