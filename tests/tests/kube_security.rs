@@ -41,6 +41,14 @@ fn cluster() -> ApiServer {
     for n in ["node-1", "node-2"] {
         api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}));
     }
+    for (ns, sa) in [
+        ("shop", "web"),
+        ("shop", "db"),
+        ("shop", "wp"),
+        ("ambit-system", "ambit-agent"),
+    ] {
+        api.apply(ambit_tests::cluster::service_account(ns, sa));
+    }
     api.apply(pod("shop", "web-0", "node-1", "10.244.1.10", "web", false));
     api.apply(pod("shop", "db-0", "node-2", "10.244.2.10", "db", false));
     api.apply(pod(
@@ -433,4 +441,42 @@ async fn kube_a_waypoint_pod_gets_only_its_waypoints_certificate_with_its_own_to
         api.get("ConfigMap", "ambit-system", "ambit-root-cert")
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn kube_a_deleted_service_account_revokes_its_identity() {
+    let api = cluster();
+    let (url, root) = control_plane(&api).await;
+    api.issue_token(
+        "tok-a",
+        token("ambit-system", "ambit-agent", Some("agent-a")),
+    );
+    let a = as_caller(&url, &root, "tok-a");
+    let web = Identity::new("cluster.local", "shop", "web").unwrap();
+    assert_eq!(ca_code(request(&a, &web).await), tonic::Code::Ok);
+    // `kubectl delete serviceaccount web -n shop`: web-0 keeps running (and captured),
+    // but its identity is revoked: no certificate for it any more.
+    api.delete("ServiceAccount", "shop", "web").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match request(&a, &web).await {
+            Err(RequestError::Ca(s)) => break s,
+            r => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still issued: {r:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("does not exist"), "{e:?}");
+    // Created again, it is current again.
+    api.apply(ambit_tests::cluster::service_account("shop", "web"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while request(&a, &web).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "not issued again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -60,7 +60,27 @@ fn cluster() -> ApiServer {
     ));
     api.apply(pod("lab", "job-0", "node-1", "10.244.1.11", json!({})));
     api.apply(service("shop", "web", "10.96.0.10", json!({"app": "web"})));
+    for (ns, sa) in [("shop", "web-0"), ("shop", "web-1"), ("lab", "job-0")] {
+        api.apply(ambit_tests::cluster::service_account(ns, sa));
+    }
     api
+}
+
+/// `file` with the ServiceAccounts of `m` (a mesh file names none), after checking they
+/// are the ones `cluster()` created plus `more`.
+fn with_accounts(mut file: Model, m: &Model, more: &[(&str, &str)]) -> Model {
+    let want: std::collections::BTreeSet<_> =
+        [("shop", "web-0"), ("shop", "web-1"), ("lab", "job-0")]
+            .iter()
+            .chain(more)
+            .map(|(ns, n)| ambit_control_plane::model::NamespacedName {
+                namespace: ns.to_string(),
+                name: n.to_string(),
+            })
+            .collect();
+    assert_eq!(m.service_accounts.as_ref(), Some(&want));
+    file.service_accounts = m.service_accounts.clone();
+    file
 }
 
 async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
@@ -580,11 +600,15 @@ async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refus
         json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}),
     ));
 
+    api.apply(ambit_tests::cluster::service_account("shop", "canary-0"));
     let s = source(&api, Duration::ZERO).await;
-    let file =
-        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), CLUSTER_AS_A_MESH_FILE)
-            .expect("the mesh file is valid");
     let m = s.models.borrow().clone();
+    let file = with_accounts(
+        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), CLUSTER_AS_A_MESH_FILE)
+            .expect("the mesh file is valid"),
+        &m,
+        &[("shop", "canary-0")],
+    );
     assert_eq!(m.policies, file.policies);
     assert_eq!(m.namespaces, file.namespaces);
     assert_eq!(m.workloads, file.workloads);
@@ -888,11 +912,15 @@ async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_s
     )
     .unwrap();
 
+    api.apply(ambit_tests::cluster::service_account("shop", "wp"));
     let s = source(&api, Duration::ZERO).await;
-    let mut file =
-        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), WAYPOINT_AS_A_MESH_FILE)
-            .expect("the mesh file is valid");
     let m = s.models.borrow().clone();
+    let mut file = with_accounts(
+        ambit_control_plane::source::file::parse("mesh.yaml".as_ref(), WAYPOINT_AS_A_MESH_FILE)
+            .expect("the mesh file is valid"),
+        &m,
+        &[("shop", "wp")],
+    );
     // `both` is `web`'s second rule on the same parent: the file has no such route, so
     // compare the rest, then it alone.
     let mut routes = m.http_routes.clone();

@@ -407,6 +407,7 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
     wp["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
     wp["spec"]["serviceAccountName"] = json!("wp");
     api.apply(wp);
+    api.apply(ambit_tests::cluster::service_account("default", "wp"));
     api.apply(
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
         "metadata": {"name": "wp", "namespace": "default"},

@@ -228,6 +228,14 @@ impl CertificateAuthority {
                     model.trust_domain
                 ))
             })?;
+        if !model.identity_current(&id) {
+            warn!(caller = ?caller, identity = %id, "refused a certificate: its ServiceAccount does not exist");
+            return Err(Status::permission_denied(format!(
+                "the ServiceAccount {}/{} of {id} does not exist (deleted?): the identity is revoked",
+                id.namespace(),
+                id.service_account()
+            )));
+        }
         match caller {
             Caller::Node(node) => {
                 let local = model

@@ -95,6 +95,10 @@ pub struct MeshSpec {
     pub http_routes: Vec<HttpRouteSpec>,
     /// Istio `DestinationRule`s: traffic policy per service.
     pub destination_rules: Vec<traffic::DestinationRuleSpec>,
+    /// The ServiceAccounts that exist, where the source knows them (Kubernetes): an
+    /// identity whose ServiceAccount is gone is issued no certificate. `None`: every
+    /// identity a workload names is valid (the mesh file).
+    pub service_accounts: Option<Vec<NamespacedName>>,
 }
 
 /// A waypoint as a source reads it (a Gateway of Ambit's waypoint class). Its pods are
@@ -234,6 +238,24 @@ pub struct Model {
     pub waypoints: BTreeMap<NamespacedName, Waypoint>,
     /// HTTP routes, by namespace and name.
     pub http_routes: BTreeMap<NamespacedName, HttpRoute>,
+    /// The ServiceAccounts that exist (`None`: the source does not say, and every
+    /// identity a workload names is valid).
+    pub service_accounts: Option<BTreeSet<NamespacedName>>,
+}
+
+impl Model {
+    /// Whether `identity` may be issued a certificate: its ServiceAccount exists (a
+    /// deleted ServiceAccount revokes the identity, as it revokes its tokens; the pods
+    /// keep running and stay captured, but their next certificate is refused, so their
+    /// connections fail closed instead of going on as a revoked identity).
+    pub fn identity_current(&self, identity: &Identity) -> bool {
+        self.service_accounts.as_ref().is_none_or(|sas| {
+            sas.contains(&NamespacedName {
+                namespace: identity.namespace().to_owned(),
+                name: identity.service_account().to_owned(),
+            })
+        })
+    }
 }
 
 /// What deriving a workload needs of the rest of the model.
@@ -885,6 +907,7 @@ impl Model {
             );
         }
         m.http_routes = http::validate(&mut p, spec.http_routes, &m.services);
+        m.service_accounts = spec.service_accounts.map(|sas| sas.into_iter().collect());
         traffic::apply(&mut p, spec.destination_rules, &mut m.services);
         (m, p.0)
     }
@@ -1011,6 +1034,7 @@ mod tests {
             waypoints: vec![],
             http_routes: vec![],
             destination_rules: vec![],
+            service_accounts: None,
         }
     }
 

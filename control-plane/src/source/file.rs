@@ -541,6 +541,7 @@ impl MeshFile {
                 .collect(),
             http_routes: self.http_routes,
             destination_rules: self.destination_rules,
+            service_accounts: None,
         }
     }
 }

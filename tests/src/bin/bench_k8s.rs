@@ -90,6 +90,11 @@ fn main() -> anyhow::Result<()> {
     }
     for j in 0..SERVICES {
         api.apply(service(j));
+        // Its pods' ServiceAccount (pods of service j run as its app).
+        api.apply(ambit_tests::cluster::service_account(
+            &format!("ns-{}", j % NAMESPACES),
+            &format!("app-{}", j / NAMESPACES),
+        ));
     }
     for i in 0..PODS {
         api.apply(pod(i, 0));

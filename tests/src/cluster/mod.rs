@@ -8,6 +8,7 @@ mod processes;
 mod topology;
 
 pub use admin::{metric_sum, metric_value};
+pub use processes::service_account;
 pub use topology::cgroup2_mount;
 
 use std::net::{Ipv4Addr, Ipv6Addr};

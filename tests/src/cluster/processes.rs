@@ -84,6 +84,11 @@ impl Cluster {
                 "status": {"phase": "Running", "podIP": format!("172.18.0.{}", n.index)}
             }));
         }
+        // ServiceAccounts, as Kubernetes keeps them: a pod runs only as one that exists.
+        objects.push(service_account("ambit-system", "ambit-agent"));
+        for p in self.nodes.iter().flat_map(|n| &n.pods) {
+            objects.push(service_account("default", &p.name));
+        }
         for p in self.nodes.iter().flat_map(|n| &n.pods) {
             objects.push(json!({
                 "apiVersion": "v1", "kind": "Pod",
@@ -493,4 +498,10 @@ impl Cluster {
             .collect();
         Ok((status.success(), reports))
     }
+}
+
+/// A ServiceAccount object.
+pub fn service_account(namespace: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": {"name": name, "namespace": namespace}})
 }

@@ -24,9 +24,9 @@
 //! Gateway API ([`gateway`], when its CRDs are installed): Gateways of the `ambit-waypoint`
 //! class are waypoints, HTTPRoutes with Service parents their routes; both get status.
 //!
-//! EndpointSlices give the endpoints of services without a selector (pods only). Not
-//! followed: ServiceAccounts (a pod names its own, and the API server admits only pods
-//! whose ServiceAccount exists).
+//! EndpointSlices give the endpoints of services without a selector (pods only).
+//! ServiceAccounts say which identities are current: deleting one revokes its identity
+//! (the CA issues it no more certificates), as it revokes its tokens.
 
 pub mod convert;
 pub mod gateway;
@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
@@ -119,6 +119,8 @@ pub enum Kind {
     Services,
     /// `discovery.k8s.io/v1` EndpointSlice (endpoints of services without a selector).
     EndpointSlices,
+    /// `v1` ServiceAccount (an identity whose ServiceAccount is gone is revoked).
+    ServiceAccounts,
     /// `ambit.dev/v1alpha1` AuthorizationPolicy.
     AuthorizationPolicies,
     /// `ambit.dev/v1alpha1` PeerAuthentication.
@@ -141,6 +143,7 @@ impl Kind {
             Kind::Pods => "pods",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices.discovery.k8s.io",
+            Kind::ServiceAccounts => "serviceaccounts",
             Kind::AuthorizationPolicies => "authorizationpolicies.ambit.dev",
             Kind::PeerAuthentications => "peerauthentications.ambit.dev",
             Kind::IstioAuthorizationPolicies => "authorizationpolicies.security.istio.io",
@@ -158,6 +161,7 @@ impl Kind {
             Kind::Pods,
             Kind::Services,
             Kind::EndpointSlices,
+            Kind::ServiceAccounts,
             Kind::AuthorizationPolicies,
             Kind::PeerAuthentications,
         ];
@@ -183,6 +187,7 @@ enum Change {
     Pod(Event<Pod>),
     Service(Event<Service>),
     EndpointSlice(Event<EndpointSlice>),
+    ServiceAccount(Event<ServiceAccount>),
     Authorization(Event<AuthorizationPolicy>),
     PeerAuthentication(Event<PeerAuthentication>),
     IstioAuthorization(Event<DynamicObject>),
@@ -278,6 +283,11 @@ fn changes_core(client: &Client) -> Changes {
             Api::<EndpointSlice>::all(client.clone()),
             Kind::EndpointSlices,
             Change::EndpointSlice,
+        ),
+        watch_kind(
+            Api::<ServiceAccount>::all(client.clone()),
+            Kind::ServiceAccounts,
+            Change::ServiceAccount,
         ),
     ])
 }
@@ -478,6 +488,7 @@ struct View {
     pods: Table<PodView>,
     services: Table<ServiceView>,
     slices: Table<SliceView>,
+    service_accounts: Table<Option<crate::model::NamespacedName>>,
     authorizations: Table<PolicyView<PolicySpec>>,
     peer_authentications: Table<PolicyView<PeerView>>,
     istio_authorizations: Table<PolicyView<PolicySpec>>,
@@ -526,6 +537,7 @@ impl View {
             Kind::Pods => self.pods.synced,
             Kind::Services => self.services.synced,
             Kind::EndpointSlices => self.slices.synced,
+            Kind::ServiceAccounts => self.service_accounts.synced,
             Kind::AuthorizationPolicies => self.authorizations.synced,
             Kind::PeerAuthentications => self.peer_authentications.synced,
             Kind::IstioAuthorizationPolicies => self.istio_authorizations.synced,
@@ -581,6 +593,12 @@ impl View {
             }
             Change::Service(ev) => self.services.event(ev, |s, _| convert::service(s)),
             Change::EndpointSlice(ev) => self.slices.event(ev, |s, _| convert::endpoint_slice(s)),
+            Change::ServiceAccount(ev) => self.service_accounts.event(ev, |sa, _| {
+                Some(crate::model::NamespacedName {
+                    namespace: sa.metadata.namespace.clone()?,
+                    name: sa.metadata.name.clone()?,
+                })
+            }),
             Change::Authorization(ev) => self.authorizations.event(ev, |p, old| {
                 PolicyView::of(p, |ns, name| policy::authorization(ns, name, &p.spec))
                     .keeping_last_valid(old)
@@ -855,6 +873,14 @@ impl View {
             }
         }
         spec.waypoints = waypoints.into_values().collect();
+        spec.service_accounts = Some(
+            self.service_accounts
+                .live
+                .values()
+                .flatten()
+                .cloned()
+                .collect(),
+        );
         spec.http_routes = self
             .routes
             .live
