@@ -174,6 +174,7 @@ pub fn config_dump(c: &Config) -> Value {
         .values()
         .map(|cl| {
             let (requests, retries) = cl.load.now();
+            let (connections, pending) = cl.load.connections_and_pending();
             json!({
                 "name": cl.name,
                 "protocol": format!("{:?}", cl.protocol),
@@ -186,8 +187,15 @@ pub fn config_dump(c: &Config) -> Value {
                         "retry_budget": {"budget_percent": percent, "min_retry_concurrency": min}
                     }),
                 },
+                "circuit_breakers": {
+                    "max_connections": cl.limits.max_connections,
+                    "max_pending_requests": cl.limits.max_pending_requests,
+                    "max_requests": cl.limits.max_requests,
+                },
                 "requests_in_flight": requests,
                 "retries_in_flight": retries,
+                "connections_open": connections,
+                "requests_pending": pending,
             })
         })
         .collect();

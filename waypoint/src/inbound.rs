@@ -377,6 +377,14 @@ async fn tcp<S>(
         return;
     };
     let service = ctx.listener.rsplit_once(':').map_or("unknown", |(h, _)| h);
+    // The cluster's max_connections: over it, the connection is refused (Envoy's
+    // tcp_proxy closes it, `UO`).
+    let Some(_open) = c.load.open_connection(c.limits.max_connections) else {
+        ctx.metrics
+            .overflow(cluster, crate::config::Overflow::Connections);
+        debug!(cluster, "TCP connection refused: max_connections");
+        return;
+    };
     let mut tried = Vec::new();
     for _ in 0..2 {
         let Some(ep) = ctx.upstreams.choose(c, &eps, &tried) else {

@@ -21,8 +21,8 @@ use tracing::info;
 
 use crate::body::{self, Buffered, Counted, End, OnEnd, ProxyBody, RETRY_BUFFER, Replay, Reported};
 use crate::config::{
-    Action, Cluster, Config, Endpoint, Forward, HeaderOp, PathMatch, Redirect, RetryPolicy, Route,
-    UpstreamProtocol,
+    Action, Cluster, Config, Endpoint, Forward, HeaderOp, Overflow, PathMatch, Redirect,
+    RetryPolicy, Route, UpstreamProtocol,
 };
 use crate::upstream::{UpstreamError, Upstreams};
 use crate::{router, trace};
@@ -64,8 +64,8 @@ enum Flag {
     Timeout,
     /// Retry limit exceeded (the last response was retryable).
     RetryExceeded,
-    /// Upstream overflow: a retry was due, but the cluster's retry budget (or
-    /// `max_retries`) was spent.
+    /// Upstream overflow: a circuit breaker of the cluster turned the request (or a
+    /// retry that was due) away.
     Overflow,
     /// Direct response or redirect.
     Direct,
@@ -389,6 +389,10 @@ struct Outcome {
     upstream: Option<Endpoint>,
 }
 
+/// Envoy's answer when a circuit breaker turns a request away.
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
@@ -570,8 +574,12 @@ async fn forward(
     // Rarely more than a few: kept inline, no allocation per request.
     let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
     let mut attempt: u32 = 0;
-    // What the cluster's retry budget is measured against, until the answer's headers.
-    let _request = cluster.load.request();
+    // The cluster's max_requests, and what its retry budget is measured against,
+    // until the answer's headers.
+    let Some(_request) = cluster.load.admit_request(cluster.limits.max_requests) else {
+        ctx.metrics.overflow(name, Overflow::Requests);
+        return fail(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW, Flag::Overflow);
+    };
     // The retry being made, counted against the budget from its backoff to its answer.
     let mut retrying = None;
     loop {
@@ -643,7 +651,7 @@ async fn forward(
             continue;
         }
         if overflow {
-            ctx.metrics.retry_overflow(name);
+            ctx.metrics.overflow(name, Overflow::Retries);
         }
         let upstream = Some(ep.clone());
         let flag_if = |f: Flag| Some(if overflow { Flag::Overflow } else { f });
@@ -664,6 +672,15 @@ async fn forward(
                 attempts: attempt,
                 upstream,
             },
+            Attempt::Failed(UpstreamError::Overflow(o)) => {
+                ctx.metrics.overflow(name, o);
+                Outcome {
+                    response: text(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW),
+                    flag: Some(Flag::Overflow),
+                    attempts: attempt,
+                    upstream,
+                }
+            }
             Attempt::Failed(e) => {
                 let (msg, flag) = match e {
                     UpstreamError::Connect(_) => (
@@ -737,6 +754,8 @@ fn retriable_error(p: &RetryPolicy, e: &UpstreamError) -> bool {
         UpstreamError::Connect(_) => on.connect_failure || on.five_xx || on.gateway_error,
         UpstreamError::Refused => on.refused_stream || on.five_xx,
         UpstreamError::Reset(_) => on.reset || on.five_xx || on.gateway_error,
+        // A circuit breaker's answer is final, as Envoy's.
+        UpstreamError::Overflow(_) => false,
     }
 }
 

@@ -143,6 +143,15 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+/// A circuit breaker's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    /// The Envoy cluster.
+    pub cluster: String,
+    /// Which limit.
+    pub limit: &'static str,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -159,9 +168,11 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     /// `ambit_waypoint_upstream_retries_total`.
     pub retries: Family<ClusterLabels, Counter>,
-    /// `ambit_waypoint_upstream_retry_overflow_total`: retries not made because the
-    /// cluster's retry budget was spent (Envoy's `upstream_rq_retry_overflow`).
-    pub retry_overflow: Family<ClusterLabels, Counter>,
+    /// `ambit_waypoint_upstream_overflow_total`: what a cluster's circuit breakers turned
+    /// away, by `limit` (`requests`, `pending`, `connections`, `retries`: Envoy's
+    /// `upstream_rq_overflow`, `upstream_rq_pending_overflow`, `upstream_cx_overflow`,
+    /// `upstream_rq_retry_overflow`).
+    pub overflow: Family<OverflowLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -225,11 +236,11 @@ impl Default for Metrics {
             "Retries the waypoint made",
             retries.clone(),
         );
-        let retry_overflow = Family::<ClusterLabels, Counter>::default();
+        let overflow = Family::<OverflowLabels, Counter>::default();
         registry.register(
-            "ambit_waypoint_upstream_retry_overflow",
-            "Retries not made because the cluster's retry budget was spent",
-            retry_overflow.clone(),
+            "ambit_waypoint_upstream_overflow",
+            "Requests, retries and connections a cluster's circuit breakers turned away",
+            overflow.clone(),
         );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
@@ -264,7 +275,7 @@ impl Default for Metrics {
             response_bytes,
             upstream_requests,
             retries,
-            retry_overflow,
+            overflow,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -392,11 +403,13 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one retry to `cluster` not made for want of budget.
-    pub fn retry_overflow(&self, cluster: &str) {
-        self.retry_overflow
-            .get_or_create(&ClusterLabels {
+    /// Counts one request, retry or connection to `cluster` a circuit breaker turned
+    /// away.
+    pub fn overflow(&self, cluster: &str, limit: crate::config::Overflow) {
+        self.overflow
+            .get_or_create(&OverflowLabels {
                 cluster: cluster.to_owned(),
+                limit: limit.as_str(),
             })
             .inc();
     }

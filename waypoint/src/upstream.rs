@@ -30,7 +30,9 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::body::ProxyBody;
-use crate::config::{Cluster, Endpoint, LbPolicy, UpstreamProtocol};
+use crate::config::{
+    Cluster, ClusterLoad, ConnectionGuard, Endpoint, LbPolicy, Overflow, UpstreamProtocol,
+};
 use crate::identity::Certs;
 
 /// The port node agents accept HBONE on.
@@ -55,6 +57,9 @@ pub enum UpstreamError {
     /// The connection or stream ended before a response.
     #[error("reset before headers: {0}")]
     Reset(String),
+    /// A circuit breaker of the cluster turned it away (Envoy's `UO`).
+    #[error("overflow: {}", .0.as_str())]
+    Overflow(crate::config::Overflow),
 }
 
 type Sender1 = http1::SendRequest<ProxyBody>;
@@ -64,6 +69,8 @@ type IdlePool = HashMap<ConnKey, Vec<(Sender1, Instant)>>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ConnKey {
+    /// Per cluster, as Envoy's pools: each cluster's circuit breakers count its own.
+    cluster: Arc<str>,
     addr: SocketAddr,
     client: Option<IpAddr>,
     protocol: UpstreamProtocol,
@@ -120,6 +127,14 @@ impl Dialer for HboneDialer {
             .await
             .map_err(|_| DialError::Timeout)?
     }
+}
+
+/// What waiting for a connection gave.
+enum Waited {
+    /// An idle one of the key.
+    Idle(Sender1),
+    /// Room for a new one.
+    Capacity(ConnectionGuard),
 }
 
 /// The bytes under an upstream HTTP connection.
@@ -335,6 +350,7 @@ impl Upstreams {
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<ProxyBody>, UpstreamError> {
         let key = ConnKey {
+            cluster: cluster.pool.clone(),
             addr: ep.addr,
             client: ep.hbone.as_ref().and(client),
             protocol: cluster.protocol,
@@ -359,6 +375,7 @@ impl Upstreams {
                     sender: Some(sender),
                     key: Some(key),
                     pool: self.idle1.clone(),
+                    load: cluster.load.clone(),
                 };
                 Ok(resp.map(|inner| {
                     // An empty body is never polled: its connection is free already.
@@ -374,27 +391,48 @@ impl Upstreams {
         }
     }
 
+    /// An idle HTTP/1.1 connection of `key`, if one is ready.
+    async fn idle1(&self, key: &ConnKey) -> Option<Sender1> {
+        loop {
+            let popped = {
+                let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
+                idle.get_mut(key).and_then(Vec::pop)
+            };
+            let (mut s, _) = popped?;
+            if s.is_ready() {
+                return Some(s);
+            }
+            // Returned as its response ended, the connection may not have seen that end
+            // yet; a closed one is dropped.
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Some(s);
+            }
+        }
+    }
+
     async fn sender1(
         &self,
         key: &ConnKey,
         ep: &Endpoint,
         cluster: &Cluster,
     ) -> Result<Sender1, UpstreamError> {
-        loop {
-            let popped = {
-                let mut idle = self.idle1.lock().unwrap_or_else(|e| e.into_inner());
-                idle.get_mut(key).and_then(Vec::pop)
-            };
-            let Some((mut s, _)) = popped else { break };
-            if s.is_ready() {
-                return Ok(s);
-            }
-            // Returned as its response ended, the connection may not have seen that end
-            // yet; a closed one is dropped.
-            if !s.is_closed() && s.ready().await.is_ok() {
-                return Ok(s);
-            }
+        if let Some(s) = self.idle1(key).await {
+            return Ok(s);
         }
+        // As Envoy's: a request without a ready connection is pending — waiting for a new
+        // one to be made, or for one to come free — within max_pending_requests.
+        let load: &ClusterLoad = &cluster.load;
+        let _pending = load
+            .wait_for_connection(cluster.limits.max_pending_requests)
+            .ok_or(UpstreamError::Overflow(Overflow::Pending))?;
+        let guard = match load.open_connection(cluster.limits.max_connections) {
+            Some(g) => g,
+            // Boxed, as the dial below: rare and large.
+            None => match Box::pin(self.wait_for_connection(key, cluster)).await {
+                Waited::Idle(s) => return Ok(s),
+                Waited::Capacity(g) => g,
+            },
+        };
         // Boxed: a new connection is rare (they are pooled) and its future is large;
         // inline, it would make every request's future that much bigger.
         Box::pin(async {
@@ -403,6 +441,8 @@ impl Upstreams {
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
             tokio::spawn(async move {
+                // Counted against the cluster's max_connections while it is open.
+                let _guard = guard;
                 if let Err(e) = conn.await {
                     debug!("upstream HTTP/1.1 connection ended: {e}");
                 }
@@ -410,6 +450,23 @@ impl Upstreams {
             Ok(sender)
         })
         .await
+    }
+
+    /// With the cluster's `max_connections` open: waits for an idle connection of `key`
+    /// or room for a new one (the caller holds its pending slot).
+    async fn wait_for_connection(&self, key: &ConnKey, cluster: &Cluster) -> Waited {
+        let load: &ClusterLoad = &cluster.load;
+        loop {
+            // Armed before looking, so that a connection freed meanwhile is not missed.
+            let freed = load.freed();
+            if let Some(s) = self.idle1(key).await {
+                return Waited::Idle(s);
+            }
+            if let Some(g) = load.open_connection(cluster.limits.max_connections) {
+                return Waited::Capacity(g);
+            }
+            freed.await;
+        }
     }
 
     /// A new upstream connection's bytes, for `key` to `ep` of `cluster`.
@@ -430,15 +487,34 @@ impl Upstreams {
         ep: &Endpoint,
         cluster: &Cluster,
     ) -> Result<Sender2, UpstreamError> {
-        if let Some(s) = self
-            .shared2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .filter(|s| !s.is_closed())
-        {
-            return Ok(s.clone());
+        let shared = |key: &ConnKey| {
+            self.shared2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .filter(|s| !s.is_closed())
+                .cloned()
+        };
+        if let Some(s) = shared(key) {
+            return Ok(s);
         }
+        let load: &ClusterLoad = &cluster.load;
+        let _pending = load
+            .wait_for_connection(cluster.limits.max_pending_requests)
+            .ok_or(UpstreamError::Overflow(Overflow::Pending))?;
+        let guard = match load.open_connection(cluster.limits.max_connections) {
+            Some(g) => g,
+            None => loop {
+                let freed = load.freed();
+                if let Some(s) = shared(key) {
+                    return Ok(s);
+                }
+                if let Some(g) = load.open_connection(cluster.limits.max_connections) {
+                    break g;
+                }
+                freed.await;
+            },
+        };
         // Boxed, as for HTTP/1.1.
         let sender = Box::pin(async {
             let io = self.dial_for(key, ep, cluster).await?;
@@ -446,6 +522,7 @@ impl Upstreams {
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
             tokio::spawn(async move {
+                let _guard = guard;
                 if let Err(e) = conn.await {
                     debug!("upstream HTTP/2 connection ended: {e}");
                 }
@@ -536,6 +613,8 @@ struct PoolReturn {
     sender: Option<Sender1>,
     key: Option<ConnKey>,
     pool: Arc<Mutex<IdlePool>>,
+    /// Its cluster's: requests waiting for a connection are woken.
+    load: Arc<ClusterLoad>,
 }
 
 impl PoolReturn {
@@ -558,6 +637,8 @@ impl PoolReturn {
         if v.len() < MAX_IDLE {
             v.push((sender, now));
         }
+        drop(idle);
+        self.load.connection_freed();
     }
 }
 

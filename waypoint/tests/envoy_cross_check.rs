@@ -34,6 +34,7 @@ workloads:
   - {name: flaky, namespace: shop, node: node-1, ips: [10.244.1.32], labels: {app: flaky}}
   - {name: stuck, namespace: shop, node: node-1, ips: [10.244.1.33], labels: {app: stuck}}
   - {name: storm, namespace: shop, node: node-1, ips: [10.244.1.34], labels: {app: storm}}
+  - {name: crowd, namespace: shop, node: node-1, ips: [10.244.1.35], labels: {app: crowd}}
 services:
   - {name: web, namespace: shop, vips: [10.96.1.10], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -47,8 +48,15 @@ services:
      selector: {app: stuck}, labels: {ambit.dev/waypoint: wp}}
   - {name: storm, namespace: shop, vips: [10.96.1.15], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
+  - {name: cb-requests, namespace: shop, vips: [10.96.1.16], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
+  - {name: cb-pending, namespace: shop, vips: [10.96.1.17], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
+  - {name: cb-requests, namespace: shop, host: cb-requests, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}}
+  - {name: cb-pending, namespace: shop, host: cb-pending,
+     trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 3}}}}
 httpRoutes:
   - name: web
     namespace: shop
@@ -113,12 +121,13 @@ httpRoutes:
 
 /// The loopback address standing for each workload (Envoy cannot be pointed at 10.244/16
 /// here; the model refuses loopback, so it is swapped in after validation).
-const LOOPBACK: [(&str, &str); 5] = [
+const LOOPBACK: [(&str, &str); 6] = [
     ("v1", "127.0.1.30"),
     ("v2", "127.0.1.31"),
     ("flaky", "127.0.1.32"),
     ("stuck", "127.0.1.33"),
     ("storm", "127.0.1.34"),
+    ("crowd", "127.0.1.35"),
 ];
 
 fn model() -> Model {
@@ -162,6 +171,8 @@ struct Envoy {
     flaky: SocketAddr,
     stuck: SocketAddr,
     storm: SocketAddr,
+    cb_requests: SocketAddr,
+    cb_pending: SocketAddr,
     dir: std::path::PathBuf,
 }
 
@@ -199,13 +210,7 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         free_port()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (admin, web, flaky, stuck, storm) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
+    let [admin, web, flaky, stuck, storm, cb_requests, cb_pending] = [(); 7].map(|_| free_port());
     let mut y = format!(
         r#"node: {{id: shop/wp, cluster: wp}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -236,6 +241,16 @@ static_resources:
     y += &static_listener("flaky", flaky, "flaky.shop.svc.cluster.local:80");
     y += &static_listener("stuck", stuck, "stuck.shop.svc.cluster.local:80");
     y += &static_listener("storm", storm, "storm.shop.svc.cluster.local:80");
+    y += &static_listener(
+        "cb_requests",
+        cb_requests,
+        "cb-requests.shop.svc.cluster.local:80",
+    );
+    y += &static_listener(
+        "cb_pending",
+        cb_pending,
+        "cb-pending.shop.svc.cluster.local:80",
+    );
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, y).unwrap();
     let child = Command::new(envoy_binary())
@@ -256,6 +271,8 @@ static_resources:
         flaky: a(flaky),
         stuck: a(stuck),
         storm: a(storm),
+        cb_requests: a(cb_requests),
+        cb_pending: a(cb_pending),
         dir,
     }
 }
@@ -321,6 +338,10 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         .delay_ms
         .store(3_000, Ordering::SeqCst);
     backends["storm"].state.status.store(503, Ordering::SeqCst);
+    backends["crowd"]
+        .state
+        .delay_ms
+        .store(300, Ordering::SeqCst);
     backends["storm"]
         .state
         .delay_ms
@@ -509,6 +530,53 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0);
     assert!(envoy_overflow >= 28, "{overflow}");
+
+    // Circuit breakers, from a DestinationRule's connectionPool: max_requests 10 (50
+    // slow requests at once: 10 served, 40 answered 503 UO), and max_connections 2 with
+    // max_pending_requests 3 (10 at once: 3 to 5 served, the rest turned away) — in both.
+    for (what, envoy_addr, vip, host, at_once, served) in [
+        (
+            "max_requests",
+            envoy.cb_requests,
+            "10.96.1.16:80",
+            "cb-requests",
+            50,
+            10..=10,
+        ),
+        // A request is pending while a connection is made for it, too: 3 to 5 served
+        // (5 when the first two connections are up before the rest arrive).
+        (
+            "max_pending_requests",
+            envoy.cb_pending,
+            "10.96.1.17:80",
+            "cb-pending",
+            10,
+            3..=5,
+        ),
+    ] {
+        let host = format!("{host}.shop.svc.cluster.local");
+        for proxy in ["envoy", "ambit"] {
+            let c = match proxy {
+                "envoy" => plain_http2(envoy_addr).await,
+                _ => wp.http2(vip).await,
+            };
+            let statuses = concurrent_gets(c, &host, at_once).await;
+            let ok = statuses.iter().filter(|s| **s == 200).count();
+            let turned_away = statuses.iter().filter(|s| **s == 503).count();
+            eprintln!("{what}: {proxy} served {ok} of {at_once}, turned {turned_away} away");
+            assert_eq!(ok + turned_away, at_once, "{proxy} {what}: {statuses:?}");
+            assert!(served.contains(&ok), "{proxy} {what}: {statuses:?}");
+        }
+    }
+    let stats = admin_get(envoy.admin, "/stats?filter=cb-.*overflow").await;
+    assert!(
+        stats.contains("cb-requests.shop.svc.cluster.local.upstream_rq_active_overflow: 40"),
+        "{stats}"
+    );
+    assert!(
+        !stats.contains("cb-pending.shop.svc.cluster.local.upstream_rq_pending_overflow: 0"),
+        "{stats}"
+    );
 }
 
 async fn plain_http2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {

@@ -33,6 +33,7 @@ workloads:
   - {name: quick, namespace: shop, node: node-2, ips: [10.244.2.21], labels: {app: balance}}
   - {name: direct, namespace: shop, node: node-2, ips: [10.244.2.22], labels: {app: direct}}
   - {name: storm, namespace: shop, node: node-2, ips: [10.244.2.23], labels: {app: storm}}
+  - {name: crowd, namespace: shop, node: node-2, ips: [10.244.2.24], labels: {app: crowd}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -64,7 +65,25 @@ services:
      selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
   - {name: storm-capped, namespace: shop, vips: [10.96.0.101], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: storm}, labels: {ambit.dev/waypoint: wp}}
+  - {name: cb-requests, namespace: shop, vips: [10.96.0.102], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
+  - {name: cb-pending, namespace: shop, vips: [10.96.0.103], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
+  - {name: cb-tcp, namespace: shop, vips: [10.96.0.104], ports: [{name: tcp-db, port: 5432}],
+     selector: {app: db}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
+  - name: cb-requests
+    namespace: shop
+    host: cb-requests
+    trafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}
+  - name: cb-pending
+    namespace: shop
+    host: cb-pending
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}, http: {http1MaxPendingRequests: 3}}}
+  - name: cb-tcp
+    namespace: shop
+    host: cb-tcp
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
   - name: balance-lr
     namespace: shop
     host: balance-lr
@@ -170,6 +189,7 @@ async fn world() -> World {
         ("lazy", "10.244.2.20"),
         ("quick", "10.244.2.21"),
         ("storm", "10.244.2.23"),
+        ("crowd", "10.244.2.24"),
     ] {
         let b = Backend::start(name).await;
         wp.map(&format!("{ip}:8080"), b.addr);
@@ -188,6 +208,10 @@ async fn world() -> World {
         .store(3_000, Ordering::SeqCst);
     backends["lazy"].state.delay_ms.store(100, Ordering::SeqCst);
     backends["storm"].state.status.store(503, Ordering::SeqCst);
+    backends["crowd"]
+        .state
+        .delay_ms
+        .store(300, Ordering::SeqCst);
     backends["storm"]
         .state
         .delay_ms
@@ -578,7 +602,15 @@ async fn a_retry_budget_keeps_a_failing_backend_from_multiplying_its_load() {
     let m = m();
     let cluster = "storm.shop.svc.cluster.local";
     let retried = series(&m, "ambit_waypoint_upstream_retries_total", cluster);
-    let overflow = series(&m, "ambit_waypoint_upstream_retry_overflow_total", cluster);
+    let overflow = m
+        .lines()
+        .find(|l| {
+            l.starts_with("ambit_waypoint_upstream_overflow_total")
+                && l.contains(&format!("cluster=\"outbound|80||{cluster}\""))
+                && l.contains("limit=\"retries\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
     eprintln!(
         "40 failing requests at once: {hits} upstream attempts, {retried} retries (1 before), {overflow} overflows"
     );
@@ -610,13 +642,106 @@ async fn a_retry_budget_keeps_a_failing_backend_from_multiplying_its_load() {
     .await;
     assert_eq!(a.status, 503);
     assert_eq!(storm.requests.load(Ordering::SeqCst), 1);
+    assert!(
+        w.wp.metrics.encode().contains(
+            "ambit_waypoint_upstream_overflow_total{cluster=\"outbound|80||storm-capped.shop.svc.cluster.local\",limit=\"retries\"} 1"
+        )
+    );
+}
+
+#[tokio::test]
+async fn circuit_breakers_turn_away_what_is_over_their_limits_and_recover() {
+    let w = world().await;
+    let m = || w.wp.metrics.encode();
+    let overflow = |m: &str, svc: &str, limit: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("ambit_waypoint_upstream_overflow_total{")
+                    && l.contains(&format!(
+                        "cluster=\"outbound|80||{svc}.shop.svc.cluster.local\""
+                    ))
+                    && l.contains(&format!("limit=\"{limit}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // max_requests 10 (http2MaxRequests): of 50 slow requests at once, 10 are served and
+    // 40 answered 503 at once, flagged UO.
+    let c = w.wp.http2("10.96.0.102:80").await;
+    let started = Instant::now();
+    let statuses = concurrent_gets(c, "cb-requests.shop.svc.cluster.local", 50).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(
-        series(
-            &w.wp.metrics.encode(),
-            "ambit_waypoint_upstream_retry_overflow_total",
-            "storm-capped.shop.svc.cluster.local"
-        ),
-        1.0
+        (ok, statuses.iter().filter(|s| **s == 503).count()),
+        (10, 40),
+        "{statuses:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let text = m();
+    assert_eq!(overflow(&text, "cb-requests", "requests"), 40.0, "{text}");
+    let uo: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"cb-requests.shop.svc.cluster.local\"")
+                && l.contains("response_flags=\"UO\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(uo, 40.0, "{text}");
+    // It recovers when the load drops.
+    let mut c1 = w.wp.http1("10.96.0.102:80").await;
+    let a = send1(
+        &mut c1,
+        req("GET", "cb-requests.shop.svc.cluster.local", "/", &[]),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+
+    // max_connections 2 with max_pending_requests 3 (HTTP/1.1 upstream): a request
+    // without a ready connection is pending (as Envoy's: while one is made for it, or
+    // until one comes free), so of 10 at once 3 to 5 are served — 5 when the first two
+    // connections are up before the rest arrive — and the others turned away.
+    let c = w.wp.http2("10.96.0.103:80").await;
+    let statuses = concurrent_gets(c, "cb-pending.shop.svc.cluster.local", 10).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!((3..=5).contains(&served), "{statuses:?}");
+    let text = m();
+    assert_eq!(
+        overflow(&text, "cb-pending", "pending"),
+        (10 - served) as f64,
+        "{text}"
+    );
+    let dump = ambit_waypoint::admin::config_dump(&w.wp.config.borrow());
+    let cb = dump["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "outbound|80||cb-pending.shop.svc.cluster.local")
+        .unwrap()
+        .clone();
+    assert_eq!(cb["circuit_breakers"]["max_connections"], 2, "{cb}");
+    assert_eq!(cb["connections_open"], 2, "idle, kept: {cb}");
+    assert_eq!(cb["requests_pending"], 0, "{cb}");
+
+    // A TCP port's max_connections: the second connection at once is refused.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    w.wp.map("10.244.2.19:5432", tcp_echo().await);
+    w.wp.apply(&model(&mesh())).unwrap();
+    let mut first = w.wp.tunnel("10.96.0.104:5432").await.unwrap();
+    let mut greeting = [0u8; 13];
+    first.read_exact(&mut greeting).await.unwrap();
+    let mut buf = [0u8; 5];
+    let mut second = w.wp.tunnel("10.96.0.104:5432").await.unwrap();
+    let _ = second.write_all(b"hello").await;
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("closed, not left hanging");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let text = m();
+    assert!(
+        text.contains("ambit_waypoint_upstream_overflow_total{cluster=\"outbound|5432||cb-tcp.shop.svc.cluster.local\",limit=\"connections\"} 1"),
+        "{text}"
     );
 }
 

@@ -42,19 +42,42 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
 }
 
-/// `connectionPool` (so far only its HTTP retry limit).
+/// `connectionPool`: the circuit breakers of the service's waypoint clusters (Envoy's
+/// `circuit_breakers`; without a field, no limit, as Istio's defaults).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPoolSpec {
+    /// `tcp`.
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSpec>,
     /// `http`.
     #[serde(default)]
     pub http: Option<HttpPoolSpec>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpPoolSpec {
+    /// `maxConnections`: connections a waypoint opens to the service at once (Envoy's
+    /// `max_connections`); HTTP/1.1 requests beyond them wait (see
+    /// `http1MaxPendingRequests`), TCP connections beyond them are refused.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
 }
 
 /// `connectionPool.http`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpPoolSpec {
+    /// `http1MaxPendingRequests`: requests waiting for a connection at once (Envoy's
+    /// `max_pending_requests`); beyond, 503 `UO`.
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    /// `http2MaxRequests`: requests to the service in flight at once, whatever the
+    /// protocol (Envoy's `max_requests`); beyond, 503 `UO`.
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
     /// `maxRetries`: retries outstanding to the service at once, from all its waypoint's
     /// requests (Envoy's `max_retries` circuit breaker). Without it, a retry budget
     /// applies: 20 % of the requests in flight, at least 3.
@@ -69,6 +92,12 @@ pub struct TrafficPolicy {
     pub load_balancer: LoadBalancer,
     /// A fixed limit on concurrent retries instead of the default retry budget.
     pub max_retries: Option<u32>,
+    /// Connections at once (`None`: no limit).
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection at once (`None`: no limit).
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight at once (`None`: no limit).
+    pub max_requests: Option<u32>,
 }
 
 /// `loadBalancer`.
@@ -165,14 +194,36 @@ pub(super) fn apply(
                 continue;
             }
         };
+        let pool = r.traffic_policy.connection_pool.as_ref();
+        let http = pool.and_then(|c| c.http.as_ref());
+        let limits = [
+            (
+                "tcp.maxConnections",
+                pool.and_then(|c| c.tcp.as_ref())
+                    .and_then(|t| t.max_connections),
+            ),
+            (
+                "http.http1MaxPendingRequests",
+                http.and_then(|h| h.http1_max_pending_requests),
+            ),
+            (
+                "http.http2MaxRequests",
+                http.and_then(|h| h.http2_max_requests),
+            ),
+        ];
+        if let Some((field, _)) = limits.iter().find(|(_, v)| *v == Some(0)) {
+            p.add(
+                &format!("{place}.trafficPolicy.connectionPool.{field}"),
+                "must be at least 1 (0 would refuse every request)",
+            );
+            continue;
+        }
         std::sync::Arc::make_mut(service).traffic = TrafficPolicy {
             load_balancer: lb,
-            max_retries: r
-                .traffic_policy
-                .connection_pool
-                .as_ref()
-                .and_then(|c| c.http.as_ref())
-                .and_then(|h| h.max_retries),
+            max_retries: http.and_then(|h| h.max_retries),
+            max_connections: limits[0].1,
+            max_pending_requests: limits[1].1,
+            max_requests: limits[2].1,
         };
         seen.insert(svc, key);
     }

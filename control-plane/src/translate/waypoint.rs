@@ -519,12 +519,16 @@ fn envoy_route(
 const RETRY_BUDGET_PERCENT: f64 = 20.0;
 const RETRY_BUDGET_MIN: u32 = 3;
 
-/// The circuit breakers of a waypoint cluster: the retry limit, and no connection or
-/// request limits (`u32::MAX`, as Istio writes them: Envoy's implicit 1,024 would
-/// otherwise apply to a stock Envoy fed the same clusters).
+/// The circuit breakers of a waypoint cluster: the retry limit, and the connection and
+/// request limits of the service's DestinationRule — `u32::MAX` where it sets none, as
+/// Istio writes them (Envoy's implicit 1,024 would otherwise apply).
 fn circuit_breakers(traffic: &TrafficPolicy) -> cluster::CircuitBreakers {
     use cluster::circuit_breakers::{Thresholds, thresholds::RetryBudget};
-    let unlimited = Some(protobuf::UInt32Value { value: u32::MAX });
+    let limit = |v: Option<u32>| {
+        Some(protobuf::UInt32Value {
+            value: v.unwrap_or(u32::MAX),
+        })
+    };
     let (max_retries, retry_budget) = match traffic.max_retries {
         Some(n) => (Some(protobuf::UInt32Value { value: n }), None),
         None => (
@@ -543,9 +547,9 @@ fn circuit_breakers(traffic: &TrafficPolicy) -> cluster::CircuitBreakers {
     cluster::CircuitBreakers {
         thresholds: vec![Thresholds {
             priority: core::RoutingPriority::Default as i32,
-            max_connections: unlimited,
-            max_pending_requests: unlimited,
-            max_requests: unlimited,
+            max_connections: limit(traffic.max_connections),
+            max_pending_requests: limit(traffic.max_pending_requests),
+            max_requests: limit(traffic.max_requests),
             max_retries,
             retry_budget,
             ..Default::default()
@@ -589,7 +593,7 @@ fn cluster_for(name: &str, protocol: Protocol, traffic: &TrafficPolicy) -> clust
             service_name: name.to_owned(),
         }),
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
-        circuit_breakers: (protocol != Protocol::Tcp).then(|| circuit_breakers(traffic)),
+        circuit_breakers: Some(circuit_breakers(traffic)),
         lb_policy: match traffic.load_balancer {
             LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
             LoadBalancer::LeastRequest => cluster::cluster::LbPolicy::LeastRequest,

@@ -2,6 +2,7 @@
 //! change behaviour and is not implemented.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_identity::Identity;
@@ -19,9 +20,9 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::{
-    Action, Cluster, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Listener, ListenerKind,
-    PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn, RetryPolicy, Route, RouteConfig,
-    RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
+    Action, Cluster, DEFAULT_LIMIT, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Limits,
+    Listener, ListenerKind, PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn, RetryPolicy,
+    Route, RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
 };
 
 /// Why a resource was refused.
@@ -488,9 +489,9 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
             c.name
         ));
     }
-    let retry_limit = match &c.circuit_breakers {
-        Some(cb) => retry_limit(cb).map_err(|e| format!("cluster {}: {e}", c.name))?,
-        None => RetryLimit::default(),
+    let (retry_limit, limits) = match &c.circuit_breakers {
+        Some(cb) => circuit_breakers(cb).map_err(|e| format!("cluster {}: {e}", c.name))?,
+        None => (RetryLimit::default(), Limits::default()),
     };
     let mut protocol = UpstreamProtocol::Http1;
     for (k, v) in &c.typed_extension_protocol_options {
@@ -533,42 +534,40 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
             .map(duration)
             .transpose()?
             .unwrap_or(Duration::from_secs(5)),
+        pool: Arc::from(c.name.as_str()),
         name: c.name,
         protocol,
         lb,
         eds_name,
         retry_limit,
+        limits,
         load: Default::default(),
     })
 }
 
-/// The retry limit of a cluster's circuit breakers. Only the retry thresholds are
-/// implemented so far: a connection, pending-request or request limit (other than
-/// "unlimited", `u32::MAX`, as Istio writes it) is refused rather than ignored.
-fn retry_limit(cb: &cluster::CircuitBreakers) -> Result<RetryLimit, Error> {
+/// A cluster's circuit breakers (the default priority's thresholds; Envoy's defaults
+/// for what they leave out).
+fn circuit_breakers(cb: &cluster::CircuitBreakers) -> Result<(RetryLimit, Limits), Error> {
     if !cb.per_host_thresholds.is_empty() {
         return Err("per-host circuit breaker thresholds are not supported yet".into());
     }
-    let mut limit = RetryLimit::default();
+    let mut retry = RetryLimit::default();
+    let mut limits = Limits::default();
     for t in &cb.thresholds {
         if t.priority != core::RoutingPriority::Default as i32 {
             return Err("only DEFAULT-priority circuit breaker thresholds are supported".into());
         }
-        for (name, v) in [
-            ("max_connections", t.max_connections),
-            ("max_pending_requests", t.max_pending_requests),
-            ("max_requests", t.max_requests),
-            ("max_connection_pools", t.max_connection_pools),
-        ] {
-            if v.is_some_and(|v| v.value != u32::MAX) {
-                return Err(format!(
-                    "circuit breaker {name} is not supported yet (only unlimited, {})",
-                    u32::MAX
-                ));
-            }
+        if t.max_connection_pools.is_some() {
+            return Err("circuit breaker max_connection_pools is not supported yet".into());
         }
+        let or_default = |v: Option<protobuf::UInt32Value>| v.map_or(DEFAULT_LIMIT, |v| v.value);
+        limits = Limits {
+            max_connections: or_default(t.max_connections),
+            max_pending_requests: or_default(t.max_pending_requests),
+            max_requests: or_default(t.max_requests),
+        };
         if let Some(m) = t.max_retries {
-            limit = RetryLimit::Max(m.value);
+            retry = RetryLimit::Max(m.value);
         }
         if let Some(b) = &t.retry_budget {
             if b.budget_interval
@@ -582,13 +581,13 @@ fn retry_limit(cb: &cluster::CircuitBreakers) -> Result<RetryLimit, Error> {
                     "retry_budget.budget_percent {percent} is not in [0, 100]"
                 ));
             }
-            limit = RetryLimit::Budget {
+            retry = RetryLimit::Budget {
                 percent,
                 min: b.min_retry_concurrency.map_or(3, |m| m.value),
             };
         }
     }
-    Ok(limit)
+    Ok((retry, limits))
 }
 
 /// A `ClusterLoadAssignment`.

@@ -288,8 +288,65 @@ pub struct Cluster {
     pub eds_name: String,
     /// How many retries may be outstanding at once (Envoy's `circuit_breakers`).
     pub retry_limit: RetryLimit,
-    /// Requests and retries in flight now, which the limit is checked against.
+    /// The other circuit breakers: connections, pending and concurrent requests.
+    pub limits: Limits,
+    /// Requests, retries and connections in flight now, which the limits are checked
+    /// against.
     pub load: Arc<ClusterLoad>,
+    /// Its name, shared: upstream connections are pooled per cluster (as Envoy's), so
+    /// that each cluster's circuit breakers count only its own.
+    pub pool: Arc<str>,
+}
+
+/// Envoy's circuit breakers of the default priority, for one cluster. Without
+/// `circuit_breakers` (or a field of it), Envoy's defaults: 1,024 each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_connections`: upstream connections open at once, to all of its endpoints.
+    pub max_connections: u32,
+    /// `max_pending_requests`: requests waiting for a connection at once (when
+    /// `max_connections` are open and busy).
+    pub max_pending_requests: u32,
+    /// `max_requests`: requests to the cluster in flight at once.
+    pub max_requests: u32,
+}
+
+/// Envoy's default for each circuit breaker but `max_retries`.
+pub const DEFAULT_LIMIT: u32 = 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_LIMIT,
+            max_pending_requests: DEFAULT_LIMIT,
+            max_requests: DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// Which circuit breaker turned a request or connection away (Envoy's `UO`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// `max_requests`.
+    Requests,
+    /// `max_pending_requests`.
+    Pending,
+    /// `max_connections` (TCP: the connection is refused).
+    Connections,
+    /// `max_retries` or the retry budget.
+    Retries,
+}
+
+impl Overflow {
+    /// The label value of `ambit_waypoint_upstream_overflow_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Requests => "requests",
+            Overflow::Pending => "pending",
+            Overflow::Connections => "connections",
+            Overflow::Retries => "retries",
+        }
+    }
 }
 
 /// Envoy's limit on concurrent retries to one cluster (`CircuitBreakers.Thresholds` of
@@ -327,13 +384,34 @@ impl RetryLimit {
     }
 }
 
-/// A cluster's requests and retries in flight (Envoy's `upstream_rq_active` and
-/// `upstream_rq_retry` resources). A cluster updated by xDS starts from zero, as
-/// Envoy's does; requests in flight count against the version they started with.
+/// A cluster's requests, retries, connections and pending requests in flight (Envoy's
+/// `upstream_rq_active`, `upstream_rq_retry`, `upstream_cx_active` and
+/// `upstream_rq_pending_active` resources). A cluster updated by xDS starts from zero, as
+/// Envoy's does; what is in flight counts against the version it started with.
 #[derive(Debug, Default)]
 pub struct ClusterLoad {
     requests: std::sync::atomic::AtomicU64,
     retries: std::sync::atomic::AtomicU64,
+    connections: Arc<std::sync::atomic::AtomicU64>,
+    pending: std::sync::atomic::AtomicU64,
+    /// Woken when a connection of the cluster goes back to its pool or closes.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+/// Counts one open upstream connection against its cluster while it lives; dropped when
+/// the connection closes, it wakes the requests waiting for one.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    count: Arc<std::sync::atomic::AtomicU64>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
 }
 
 /// Counts against a [`ClusterLoad`] while it lives.
@@ -370,6 +448,53 @@ impl ClusterLoad {
     pub fn now(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.requests.load(Relaxed), self.retries.load(Relaxed))
+    }
+
+    /// Connections open and requests waiting for one, now.
+    pub fn connections_and_pending(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.connections.load(Relaxed), self.pending.load(Relaxed))
+    }
+
+    /// One more request in flight, if `max_requests` allows it.
+    pub fn admit_request(&self, max: u32) -> Option<LoadGuard<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests
+            .fetch_update(Relaxed, Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
+            .ok()
+            .map(|_| LoadGuard(&self.requests))
+    }
+
+    /// One more open connection, if `max_connections` allows it.
+    pub fn open_connection(&self, max: u32) -> Option<ConnectionGuard> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.connections
+            .fetch_update(Relaxed, Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionGuard {
+                count: self.connections.clone(),
+                freed: self.freed.clone(),
+            })
+    }
+
+    /// One more request waiting for a connection, if `max_pending_requests` allows it.
+    pub fn wait_for_connection(&self, max: u32) -> Option<LoadGuard<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.pending
+            .fetch_update(Relaxed, Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
+            .ok()
+            .map(|_| LoadGuard(&self.pending))
+    }
+
+    /// Resolves when a connection of the cluster goes back to its pool or closes (to
+    /// be created before looking, so that no wake-up is missed).
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// Wakes the requests waiting for a connection (one went back to its pool).
+    pub fn connection_freed(&self) {
+        self.freed.notify_waiters();
     }
 }
 
