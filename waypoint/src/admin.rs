@@ -142,9 +142,16 @@ pub fn config_dump(c: &Config) -> Value {
         .values()
         .map(|l| {
             let (kind, target) = match &l.kind {
-                ListenerKind::Http { route_config } => {
-                    ("http", json!({"route_config": route_config}))
-                }
+                ListenerKind::Http {
+                    route_config,
+                    fault_filter,
+                } => (
+                    "http",
+                    json!({
+                        "route_config": route_config,
+                        "fault_filter": fault_filter.as_ref().map(|f| f.as_deref().map(fault_json)),
+                    }),
+                ),
                 ListenerKind::Tcp { cluster } => ("tcp", json!({"cluster": cluster})),
             };
             json!({
@@ -231,6 +238,20 @@ pub fn config_dump(c: &Config) -> Value {
     })
 }
 
+fn fault_json(f: &crate::config::Fault) -> Value {
+    json!({
+        "delay": f.delay.map(|(d, p)| json!({"fixed_delay_ms": d.as_millis() as u64, "probability": p})),
+        "abort": f.abort.map(|(a, p)| json!({
+            "status": match a {
+                crate::config::FaultAbort::Http(s) => json!({"http": s.as_u16()}),
+                crate::config::FaultAbort::Grpc(g) => json!({"grpc": g}),
+            },
+            "probability": p,
+        })),
+        "headers": f.headers.iter().map(header_match).collect::<Vec<_>>(),
+    })
+}
+
 fn endpoint_json(e: &Endpoint) -> Value {
     json!({
         "address": e.addr.to_string(),
@@ -314,5 +335,6 @@ fn route_json(r: &Route) -> Value {
         "request_headers_to_remove": names(&r.request_headers_to_remove),
         "response_headers_to_add": headers(&r.response_headers_to_add),
         "response_headers_to_remove": names(&r.response_headers_to_remove),
+        "fault": r.fault.as_deref().map(fault_json),
     })
 }

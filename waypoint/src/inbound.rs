@@ -129,15 +129,15 @@ impl Inbound {
         client: Option<std::net::IpAddr>,
         meta: &ambit_hbone::baggage::PeerMetadata,
     ) -> WaypointTunnel {
-        let (name, route_config) = match &carry {
-            Carry::Listener(l) => (
-                l.name.clone(),
-                match &l.kind {
-                    ListenerKind::Http { route_config } => route_config.clone(),
-                    ListenerKind::Tcp { .. } => String::new(),
-                },
-            ),
-            Carry::Workload(w) => (format!("{}/{}", w.namespace, w.name), String::new()),
+        let (name, route_config, fault_filter) = match &carry {
+            Carry::Listener(l) => match &l.kind {
+                ListenerKind::Http {
+                    route_config,
+                    fault_filter,
+                } => (l.name.clone(), route_config.clone(), fault_filter.clone()),
+                ListenerKind::Tcp { .. } => (l.name.clone(), String::new(), None),
+            },
+            Carry::Workload(w) => (format!("{}/{}", w.namespace, w.name), String::new(), None),
         };
         WaypointTunnel {
             carry,
@@ -147,6 +147,7 @@ impl Inbound {
                 config: self.config.clone(),
                 upstreams: self.upstreams.clone(),
                 route_config,
+                fault_filter,
                 series: crate::telemetry::TunnelSeries::new(
                     crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &name, meta),
                 ),

@@ -36,6 +36,9 @@ pub struct RequestContext {
     pub upstreams: Arc<Upstreams>,
     /// The listener's route configuration.
     pub route_config: String,
+    /// The listener's fault injection filter, if it has one (with its own fault, if
+    /// any): routes' faults apply only with it.
+    pub fault_filter: Option<Option<Arc<crate::config::Fault>>>,
     /// The listener's name (for the access log).
     pub listener: String,
     /// The caller's identity (from its HBONE certificate), if any.
@@ -71,6 +74,8 @@ enum Flag {
     Direct,
     /// The client went away before the response ended.
     DownstreamClosed,
+    /// A fault injected an abort.
+    FaultInjected,
 }
 
 impl Flag {
@@ -85,6 +90,50 @@ impl Flag {
             Flag::Overflow => "UO",
             Flag::Direct => "DR",
             Flag::DownstreamClosed => "DC",
+            Flag::FaultInjected => "FI",
+        }
+    }
+
+    /// The flags of a request a fault delayed (`DI`), with `flag`.
+    fn delayed(flag: Option<Flag>) -> &'static str {
+        match flag {
+            None => "DI",
+            Some(Flag::NoRoute) => "DI,NR",
+            Some(Flag::NoHealthy) => "DI,UH",
+            Some(Flag::ConnectFailure) => "DI,UF",
+            Some(Flag::Reset) => "DI,UR",
+            Some(Flag::Timeout) => "DI,UT",
+            Some(Flag::RetryExceeded) => "DI,URX",
+            Some(Flag::Overflow) => "DI,UO",
+            Some(Flag::Direct) => "DI,DR",
+            Some(Flag::DownstreamClosed) => "DI,DC",
+            Some(Flag::FaultInjected) => "DI,FI",
+        }
+    }
+}
+
+/// What a fault's abort answers, as Envoy's fault filter: the HTTP status; or, for a
+/// gRPC status, a trailers-only gRPC answer to a gRPC request (and a plain 200 to any
+/// other, as Envoy's local reply does).
+fn fault_abort(a: crate::config::FaultAbort, grpc_request: bool) -> Response<ProxyBody> {
+    match a {
+        crate::config::FaultAbort::Http(status) => text(status, "fault filter abort"),
+        crate::config::FaultAbort::Grpc(_) if !grpc_request => {
+            text(StatusCode::OK, "fault filter abort")
+        }
+        crate::config::FaultAbort::Grpc(code) => {
+            let mut r = Response::new(body::full(""));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            r
         }
     }
 }
@@ -123,6 +172,7 @@ pub async fn handle(
     let mut report = Report(Some(Exchange {
         ctx: ctx.clone(),
         started,
+        delayed: false,
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         host: parts.headers.get(header::HOST).cloned(),
@@ -139,9 +189,36 @@ pub async fn handle(
     }));
     let mut attempts = 0;
     let mut upstream: Option<Endpoint> = None;
-    let (resp, flag) = match pick(&config, &ctx.route_config, &parts) {
-        None => (text(StatusCode::NOT_FOUND, ""), Some(Flag::NoRoute)),
-        Some(route) => match &route.action {
+    let route = pick(&config, &ctx.route_config, &parts);
+    // Fault injection (Envoy's fault filter, before the router): a route's fault, else
+    // the filter's own; a delay first, then perhaps an abort.
+    let fault = ctx
+        .fault_filter
+        .as_ref()
+        .and_then(|base| route.and_then(|r| r.fault.as_ref()).or(base.as_ref()))
+        .filter(|f| f.headers.iter().all(|h| router::header_matches(h, &parts)));
+    if let Some((delay, p)) = fault.and_then(|f| f.delay)
+        && fastrand::f64() < p
+    {
+        tokio::time::sleep(delay).await;
+        if let Some(x) = report.0.as_mut() {
+            x.delayed = true;
+        }
+    }
+    let aborted = fault
+        .and_then(|f| f.abort)
+        .filter(|(_, p)| fastrand::f64() < *p)
+        .map(|(a, _)| a);
+    let (resp, flag) = match (aborted, route) {
+        (Some(a), _) => {
+            let grpc = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            (fault_abort(a, grpc), Some(Flag::FaultInjected))
+        }
+        (None, None) => (text(StatusCode::NOT_FOUND, ""), Some(Flag::NoRoute)),
+        (None, Some(route)) => match &route.action {
             Action::Direct { status, body: b } => {
                 let mut r = Response::new(body::full(b.clone()));
                 *r.status_mut() = *status;
@@ -225,6 +302,8 @@ impl OnEnd for Report {
 struct Exchange {
     ctx: Arc<RequestContext>,
     started: Instant,
+    /// A fault delayed it (`DI`).
+    delayed: bool,
     method: http::Method,
     uri: Uri,
     host: Option<HeaderValue>,
@@ -247,7 +326,11 @@ impl Exchange {
             End::UpstreamFailed => Some(Flag::Reset),
             End::Abandoned => Some(Flag::DownstreamClosed),
         });
-        let flags = flag.map_or("-", Flag::as_str);
+        let flags = if self.delayed {
+            Flag::delayed(flag)
+        } else {
+            flag.map_or("-", Flag::as_str)
+        };
         let grpc_status = if self.grpc {
             trailer_status.or(self.grpc_status)
         } else {
@@ -787,6 +870,7 @@ mod tests {
             request_headers_to_remove: vec![],
             response_headers_to_add: vec![],
             response_headers_to_remove: vec![],
+            fault: None,
         }
     }
 

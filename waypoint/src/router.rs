@@ -109,7 +109,8 @@ pub fn string_matches(m: &StringMatch, v: &str) -> bool {
     }
 }
 
-fn header_matches(h: &HeaderMatch, parts: &Parts) -> bool {
+/// Does header match `h` hold for the request `parts`?
+pub fn header_matches(h: &HeaderMatch, parts: &Parts) -> bool {
     let value: Option<String> = match h.name.as_str() {
         ":method" => Some(parts.method.as_str().to_owned()),
         ":path" => parts.uri.path_and_query().map(|p| p.as_str().to_owned()),

@@ -52,6 +52,8 @@ services:
      selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
   - {name: cb-pending, namespace: shop, vips: [10.96.1.17], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
+  - {name: chaos, namespace: shop, vips: [10.96.1.18], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
   - {name: cb-requests, namespace: shop, host: cb-requests, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}}
@@ -111,6 +113,23 @@ httpRoutes:
     rules:
       - backendRefs: [{name: stuck, port: 80}]
         timeouts: {request: 500ms}
+  - name: chaos
+    namespace: shop
+    parentRefs: [{kind: Service, name: chaos}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /abort}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {percentage: {value: 50}, httpStatus: 503}}
+      - matches: [{path: {type: PathPrefix, value: /delay}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {delay: {fixedDelay: 200ms}}
+      - matches: [{path: {type: PathPrefix, value: /tagged}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {httpStatus: 418}, headers: [{name: x-chaos, value: "1"}]}
+      - matches: [{path: {type: PathPrefix, value: /grpc}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {grpcStatus: UNAVAILABLE}}
+      - backendRefs: [{name: chaos, port: 80}]
   - name: storm
     namespace: shop
     parentRefs: [{kind: Service, name: storm}]
@@ -173,6 +192,7 @@ struct Envoy {
     storm: SocketAddr,
     cb_requests: SocketAddr,
     cb_pending: SocketAddr,
+    chaos: SocketAddr,
     dir: std::path::PathBuf,
 }
 
@@ -197,6 +217,8 @@ fn static_listener(name: &str, port: u16, route: &str) -> String {
           strip_any_host_port: true
           rds: {{config_source: {{ads: {{}}, resource_api_version: V3}}, route_config_name: "{route}"}}
           http_filters:
+          - name: envoy.filters.http.fault
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "#
@@ -210,7 +232,16 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         free_port()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let [admin, web, flaky, stuck, storm, cb_requests, cb_pending] = [(); 7].map(|_| free_port());
+    let [
+        admin,
+        web,
+        flaky,
+        stuck,
+        storm,
+        cb_requests,
+        cb_pending,
+        chaos,
+    ] = [(); 8].map(|_| free_port());
     let mut y = format!(
         r#"node: {{id: shop/wp, cluster: wp}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -251,6 +282,7 @@ static_resources:
         cb_pending,
         "cb-pending.shop.svc.cluster.local:80",
     );
+    y += &static_listener("chaos", chaos, "chaos.shop.svc.cluster.local:80");
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, y).unwrap();
     let child = Command::new(envoy_binary())
@@ -273,6 +305,7 @@ static_resources:
         storm: a(storm),
         cb_requests: a(cb_requests),
         cb_pending: a(cb_pending),
+        chaos: a(chaos),
         dir,
     }
 }
@@ -568,6 +601,52 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
             assert!(served.contains(&ok), "{proxy} {what}: {statuses:?}");
         }
     }
+    // Fault injection, per route: the same answers from both, the same share aborted.
+    let host = "chaos.shop.svc.cluster.local";
+    let mut e = plain_http1(envoy.chaos).await;
+    let mut a = wp.http1("10.96.1.18:80").await;
+    for (path, headers) in [
+        ("/tagged", vec![]),
+        ("/tagged", vec![("x-chaos", "1")]),
+        ("/grpc", vec![]),
+        ("/grpc", vec![("content-type", "application/grpc")]),
+    ] {
+        let ea = send1(&mut e, req("GET", host, path, &headers)).await;
+        let aa = send1(&mut a, req("GET", host, path, &headers)).await;
+        let essence = |x: &Answer| {
+            (
+                x.status,
+                x.headers
+                    .get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+                x.status != 200 || x.headers.contains_key("grpc-status"),
+            )
+        };
+        assert_eq!(
+            essence(&ea),
+            essence(&aa),
+            "{path} {headers:?}: {ea:?} / {aa:?}"
+        );
+    }
+    for (proxy, conn) in [("envoy", &mut e), ("ambit", &mut a)] {
+        let t = Instant::now();
+        let x = send1(conn, req("GET", host, "/delay", &[])).await;
+        assert_eq!(x.status, 200, "{proxy}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{proxy}: {:?}",
+            t.elapsed()
+        );
+        let mut aborted = 0;
+        for _ in 0..200 {
+            if send1(conn, req("GET", host, "/abort", &[])).await.status == 503 {
+                aborted += 1;
+            }
+        }
+        eprintln!("fault abort 50 %: {proxy} aborted {aborted} of 200");
+        assert!((70..=130).contains(&aborted), "{proxy}: {aborted} of 200");
+    }
+
     let stats = admin_get(envoy.admin, "/stats?filter=cb-.*overflow").await;
     assert!(
         stats.contains("cb-requests.shop.svc.cluster.local.upstream_rq_active_overflow: 40"),

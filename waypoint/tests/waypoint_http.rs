@@ -71,6 +71,8 @@ services:
      selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
   - {name: cb-tcp, namespace: shop, vips: [10.96.0.104], ports: [{name: tcp-db, port: 5432}],
      selector: {app: db}, labels: {ambit.dev/waypoint: wp}}
+  - {name: chaos, namespace: shop, vips: [10.96.0.105], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - name: cb-requests
     namespace: shop
@@ -153,6 +155,23 @@ httpRoutes:
     rules:
       - backendRefs: [{name: storm, port: 80}]
         retry: {attempts: 1, codes: [503], backoff: 1ms}
+  - name: chaos
+    namespace: shop
+    parentRefs: [{kind: Service, name: chaos}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /abort}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {percentage: {value: 50}, httpStatus: 503}}
+      - matches: [{path: {type: PathPrefix, value: /delay}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {delay: {fixedDelay: 200ms}}
+      - matches: [{path: {type: PathPrefix, value: /tagged}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {httpStatus: 418}, headers: [{name: x-chaos, value: "1"}]}
+      - matches: [{path: {type: PathPrefix, value: /grpc}}]
+        backendRefs: [{name: chaos, port: 80}]
+        fault: {abort: {grpcStatus: UNAVAILABLE}}
+      - backendRefs: [{name: chaos, port: 80}]
   - name: storm-capped
     namespace: shop
     parentRefs: [{kind: Service, name: storm-capped}]
@@ -743,6 +762,74 @@ async fn circuit_breakers_turn_away_what_is_over_their_limits_and_recover() {
         text.contains("ambit_waypoint_upstream_overflow_total{cluster=\"outbound|5432||cb-tcp.shop.svc.cluster.local\",limit=\"connections\"} 1"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn faults_delay_and_abort_their_share_of_requests_and_only_tagged_ones_when_scoped() {
+    let w = world().await;
+    let host = "chaos.shop.svc.cluster.local";
+    let mut c = w.wp.http1("10.96.0.105:80").await;
+    // 50 % aborted with 503: over 400 requests, within 4 standard deviations (±40).
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let a = send1(&mut c, req("GET", host, "/abort", &[])).await;
+        match a.status {
+            503 => {
+                assert_eq!(a.body, "fault filter abort");
+                aborted += 1;
+            }
+            200 => {}
+            s => panic!("{s}: {a:?}"),
+        }
+    }
+    eprintln!("fault abort 50 %: {aborted} of 400 aborted");
+    assert!((160..=240).contains(&aborted), "{aborted} of 400");
+    // A 200 ms delay shows in the latency, and the request goes on.
+    for _ in 0..3 {
+        let t = Instant::now();
+        let a = send1(&mut c, req("GET", host, "/delay", &[])).await;
+        assert_eq!(a.status, 200);
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    // Scoped to a header: only tagged requests get the fault.
+    let a = send1(&mut c, req("GET", host, "/tagged", &[])).await;
+    assert_eq!(a.status, 200);
+    let a = send1(&mut c, req("GET", host, "/tagged", &[("x-chaos", "1")])).await;
+    assert_eq!((a.status, a.body.as_str()), (418, "fault filter abort"));
+    // A gRPC abort: to a gRPC request, HTTP 200 with the gRPC status in a trailers-only
+    // answer; to any other, a plain 200 (as Envoy's local reply).
+    let a = send1(
+        &mut c,
+        req(
+            "GET",
+            host,
+            "/grpc",
+            &[("content-type", "application/grpc")],
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["grpc-status"], "14");
+    let a = send1(&mut c, req("GET", host, "/grpc", &[])).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "fault filter abort"));
+    // Flagged as Envoy flags them: FI for an abort, DI for a delay.
+    let m = w.wp.metrics.encode();
+    let count = |flags: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_service=\"{host}\""))
+                    && l.contains(&format!("response_flags=\"{flags}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("FI"), (aborted + 3) as f64, "{m}");
+    assert_eq!(count("DI"), 3.0, "{m}");
 }
 
 #[tokio::test]

@@ -39,6 +39,9 @@ pub mod envoy {
 
 /// Names the control plane, node agents and waypoints must agree on.
 pub mod waypoint {
+    /// The HTTP filter name of fault injection (a route's `typed_per_filter_config` key).
+    pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
     /// The xDS node id of waypoint `name` of `namespace`: `<namespace>/<name>` (node names
     /// are DNS names, so it can never be a node's).
     pub fn node_id(namespace: &str, name: &str) -> String {
@@ -92,6 +95,9 @@ pub mod type_url {
         "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
     /// The router HTTP filter.
     pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+    /// Envoy's fault injection filter (`HTTPFault`).
+    pub const HTTP_FAULT: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
     /// Upstream HTTP protocol options of a cluster.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -82,7 +82,69 @@ pub struct RuleSpec {
     /// Retries (GEP-1731).
     #[serde(default)]
     pub retry: Option<RetrySpec>,
+    /// Ambit's extension: faults injected into some of the rule's requests (Istio's
+    /// `HTTPFaultInjection` field names; Envoy's `HTTPFault`).
+    #[serde(default)]
+    pub fault: Option<FaultSpec>,
 }
+
+/// `fault`: delay and/or abort a share of the requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    /// Delay requests before they go on.
+    #[serde(default)]
+    pub delay: Option<FaultDelaySpec>,
+    /// Answer requests at once instead of sending them on.
+    #[serde(default)]
+    pub abort: Option<FaultAbortSpec>,
+    /// Only requests with all these headers (`name`, `value`, `type` Exact or
+    /// RegularExpression) get the fault.
+    #[serde(default)]
+    pub headers: Vec<ValueMatchSpec>,
+}
+
+/// `fault.delay`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelaySpec {
+    /// The share of requests delayed (default: all).
+    #[serde(default)]
+    pub percentage: Option<PercentSpec>,
+    /// How long (a duration: `200ms`, `2s`).
+    pub fixed_delay: String,
+}
+
+/// `fault.abort`: one of `httpStatus` and `grpcStatus`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbortSpec {
+    /// The share of requests aborted (default: all).
+    #[serde(default)]
+    pub percentage: Option<PercentSpec>,
+    /// The HTTP status answered (200-599).
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// The gRPC status answered, by Istio's name (`UNAVAILABLE`, ...) or number.
+    #[serde(default)]
+    pub grpc_status: Option<String>,
+}
+
+/// Istio's `Percent`: `{value: 12.5}`, 0 to 100.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PercentSpec {
+    /// Percent of requests.
+    pub value: f64,
+}
+
+impl PartialEq for PercentSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.value.to_bits() == other.value.to_bits()
+    }
+}
+
+impl Eq for PercentSpec {}
 
 /// `matches[]`: every field given must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -332,7 +394,50 @@ pub struct HttpRule {
     pub backend_timeout: Option<Duration>,
     /// Retries.
     pub retry: Option<Retry>,
+    /// Faults injected.
+    pub fault: Option<Fault>,
 }
+
+/// A validated fault.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    /// Delay (and the percent of requests).
+    pub delay: Option<(Duration, f64)>,
+    /// Abort (and the percent of requests).
+    pub abort: Option<(Abort, f64)>,
+    /// Only requests matching all these (names lowercase).
+    pub headers: Vec<ValueMatch>,
+}
+
+/// What an abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// This HTTP status.
+    Http(u16),
+    /// This gRPC status (in an HTTP 200 answer).
+    Grpc(u32),
+}
+
+/// gRPC's status codes by name.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
 
 /// A validated match.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -702,36 +807,10 @@ fn validate_rule(
             }
         };
         let mut values = |what: &str, list: Vec<ValueMatchSpec>, header: bool| {
-            let mut out = Vec::new();
-            for (n, v) in list.into_iter().enumerate() {
-                let at = format!("{at}.{what}[{n}]");
-                if header && !is_header_name(&v.name) || !header && v.name.is_empty() {
-                    p.add(&at, format!("{:?} is not a valid name", v.name));
-                }
-                let value = match v.kind.as_deref().unwrap_or("Exact") {
-                    "Exact" => StringMatch::Exact(v.value),
-                    "RegularExpression" => {
-                        check_regex(p, &at, &v.value);
-                        StringMatch::Regex(v.value)
-                    }
-                    other => {
-                        p.add(
-                            &format!("{at}.type"),
-                            format!("{other:?} is not Exact or RegularExpression"),
-                        );
-                        continue;
-                    }
-                };
-                out.push(ValueMatch {
-                    name: if header {
-                        v.name.to_ascii_lowercase()
-                    } else {
-                        v.name
-                    },
-                    value,
-                });
-            }
-            out
+            list.iter()
+                .enumerate()
+                .filter_map(|(n, v)| value_match(p, &format!("{at}.{what}[{n}]"), v, header))
+                .collect::<Vec<_>>()
         };
         let headers = values("headers", m.headers, true);
         let query_params = values("queryParams", m.query_params, false);
@@ -1029,6 +1108,76 @@ fn validate_rule(
             })
         }
     };
+    let fault = rule.fault.map(|f| {
+        let at = format!("{at}.fault");
+        let percent = |p: &mut Problems, where_: &str, v: Option<PercentSpec>| {
+            let v = v.map_or(100.0, |v| v.value);
+            if !(0.0..=100.0).contains(&v) {
+                p.add(
+                    &format!("{at}.{where_}.percentage.value"),
+                    format!("{v} is not 0-100"),
+                );
+            }
+            v
+        };
+        if f.delay.is_none() && f.abort.is_none() {
+            p.add(&at, "a fault needs a delay or an abort");
+        }
+        let delay = f.delay.map(|d| {
+            let pct = percent(p, "delay", d.percentage);
+            let t = duration(p, &format!("{at}.delay.fixedDelay"), &Some(d.fixed_delay))
+                .unwrap_or_default();
+            (t, pct)
+        });
+        let abort = f.abort.and_then(|a| {
+            let pct = percent(p, "abort", a.percentage);
+            match (a.http_status, a.grpc_status) {
+                (Some(s), None) if (200..=599).contains(&s) => Some((Abort::Http(s), pct)),
+                (Some(s), None) => {
+                    p.add(
+                        &format!("{at}.abort.httpStatus"),
+                        format!("{s} is not 200-599"),
+                    );
+                    None
+                }
+                (None, Some(g)) => {
+                    let code = GRPC_CODES
+                        .iter()
+                        .position(|n| *n == g)
+                        .map(|i| i as u32)
+                        .or_else(|| g.parse::<u32>().ok().filter(|c| *c <= 16));
+                    match code {
+                        Some(c) => Some((Abort::Grpc(c), pct)),
+                        None => {
+                            p.add(
+                                &format!("{at}.abort.grpcStatus"),
+                                format!("{g:?} is not a gRPC status (UNAVAILABLE, 14, ...)"),
+                            );
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    p.add(
+                        &format!("{at}.abort"),
+                        "needs exactly one of httpStatus and grpcStatus",
+                    );
+                    None
+                }
+            }
+        });
+        let headers = f
+            .headers
+            .iter()
+            .enumerate()
+            .filter_map(|(k, h)| value_match(p, &format!("{at}.headers[{k}]"), h, true))
+            .collect();
+        Fault {
+            delay,
+            abort,
+            headers,
+        }
+    });
     if p.0.len() > before {
         return None;
     }
@@ -1042,6 +1191,36 @@ fn validate_rule(
         request_timeout,
         backend_timeout,
         retry,
+        fault,
+    })
+}
+
+/// A header (`header`, names lowercased) or query parameter match.
+fn value_match(p: &mut Problems, at: &str, v: &ValueMatchSpec, header: bool) -> Option<ValueMatch> {
+    if header && !is_header_name(&v.name) || !header && v.name.is_empty() {
+        p.add(at, format!("{:?} is not a valid name", v.name));
+    }
+    let value = match v.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => StringMatch::Exact(v.value.clone()),
+        "RegularExpression" => {
+            check_regex(p, at, &v.value);
+            StringMatch::Regex(v.value.clone())
+        }
+        other => {
+            p.add(
+                &format!("{at}.type"),
+                format!("{other:?} is not Exact or RegularExpression"),
+            );
+            return None;
+        }
+    };
+    Some(ValueMatch {
+        name: if header {
+            v.name.to_ascii_lowercase()
+        } else {
+            v.name.clone()
+        },
+        value,
     })
 }
 

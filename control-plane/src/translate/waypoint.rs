@@ -28,6 +28,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
@@ -38,7 +39,8 @@ use prost::Message;
 
 use super::{VersionedResource, encode, encode_keyed};
 use crate::model::http::{
-    HeaderModifier, HttpMatch, HttpRule, PathMatch, PathModifier, StringMatch, precedence,
+    Abort, Fault, HeaderModifier, HttpMatch, HttpRule, PathMatch, PathModifier, StringMatch,
+    precedence,
 };
 use crate::model::traffic::{LoadBalancer, TrafficPolicy};
 use crate::model::{Model, NamespacedName, Protocol, Service, Waypoint};
@@ -202,14 +204,25 @@ fn http_connection_manager(name: &str) -> hcm::HttpConnectionManager {
                 route_config_name: name.to_owned(),
             },
         )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                type_url::ROUTER,
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        // Fault injection (configured per route; nothing by itself), then the router.
+        http_filters: vec![
+            hcm::HttpFilter {
+                name: ambit_xds::waypoint::FAULT_FILTER.into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    type_url::HTTP_FAULT,
+                    &HttpFault::default(),
+                ))),
+                ..Default::default()
+            },
+            hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    type_url::ROUTER,
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         strip_port_mode: Some(hcm::http_connection_manager::StripPortMode::StripAnyHostPort(true)),
         ..Default::default()
     }
@@ -509,6 +522,63 @@ fn envoy_route(
         request_headers_to_remove: rule.request_headers.remove.clone(),
         response_headers_to_add: header_options(&rule.response_headers),
         response_headers_to_remove: rule.response_headers.remove.clone(),
+        typed_per_filter_config: rule
+            .fault
+            .as_ref()
+            .map(|f| {
+                (
+                    ambit_xds::waypoint::FAULT_FILTER.to_owned(),
+                    any(type_url::HTTP_FAULT, &http_fault(f)),
+                )
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A percent as Envoy's fractional percent (per million, so 12.5 % is exact).
+fn fractional(percent: f64) -> envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+        numerator: (percent * 10_000.0).round() as u32,
+        denominator: DenominatorType::Million as i32,
+    }
+}
+
+/// A rule's fault as Envoy's `HTTPFault` (the percentages always set: Envoy's default
+/// is 0 %).
+fn http_fault(f: &Fault) -> HttpFault {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault;
+    HttpFault {
+        delay: f.delay.map(|(d, pct)| common_fault::FaultDelay {
+            percentage: Some(fractional(pct)),
+            fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+                duration(d),
+            )),
+        }),
+        abort: f.abort.map(|(a, pct)| fault::FaultAbort {
+            percentage: Some(fractional(pct)),
+            error_type: Some(match a {
+                Abort::Http(s) => fault::fault_abort::ErrorType::HttpStatus(u32::from(s)),
+                Abort::Grpc(g) => fault::fault_abort::ErrorType::GrpcStatus(g),
+            }),
+            ..Default::default()
+        }),
+        headers: f
+            .headers
+            .iter()
+            .map(|h| route::HeaderMatcher {
+                name: h.name.clone(),
+                header_match_specifier: Some(
+                    route::header_matcher::HeaderMatchSpecifier::StringMatch(string_matcher(
+                        &h.value,
+                    )),
+                ),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -20,9 +20,9 @@ use envoy_types::pb::google::protobuf;
 use prost::Message;
 
 use super::{
-    Action, Cluster, DEFAULT_LIMIT, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Limits,
-    Listener, ListenerKind, PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn, RetryPolicy,
-    Route, RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
+    Action, Cluster, DEFAULT_LIMIT, Endpoint, Fault, FaultAbort, Forward, HeaderMatch, HeaderOp,
+    LbPolicy, Limits, Listener, ListenerKind, PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn,
+    RetryPolicy, Route, RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
 };
 
 /// Why a resource was refused.
@@ -94,13 +94,23 @@ pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
             else {
                 return Err("the HTTP connection manager must take its routes from RDS".into());
             };
-            for f in &h.http_filters {
+            // Fault injection (optional), then the router (last).
+            let mut fault_filter = None;
+            let n = h.http_filters.len();
+            for (i, f) in h.http_filters.iter().enumerate() {
                 match &f.config_type {
                     Some(hcm::http_filter::ConfigType::TypedConfig(c))
-                        if c.type_url == type_url::ROUTER => {}
+                        if c.type_url == type_url::ROUTER && i + 1 == n => {}
+                    Some(hcm::http_filter::ConfigType::TypedConfig(c))
+                        if c.type_url == type_url::HTTP_FAULT && fault_filter.is_none() =>
+                    {
+                        let base =
+                            fault(c).map_err(|e| format!("HTTP filter {:?}: {e}", f.name))?;
+                        fault_filter = Some(base.map(Arc::new));
+                    }
                     _ => {
                         return Err(format!(
-                            "HTTP filter {:?} is not supported (only the router)",
+                            "HTTP filter {:?} is not supported (only fault injection, then the router last)",
                             f.name
                         ));
                     }
@@ -108,6 +118,7 @@ pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
             }
             ListenerKind::Http {
                 route_config: rds.route_config_name.clone(),
+                fault_filter,
             }
         }
         type_url::TCP_PROXY => {
@@ -410,6 +421,81 @@ fn action(a: &Option<route::route::Action>) -> Result<Action, Error> {
     }
 }
 
+/// A fractional percent as a probability.
+fn probability(
+    p: &Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
+) -> Result<f64, Error> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    // Envoy: no percentage is 0 %.
+    let Some(p) = p else { return Ok(0.0) };
+    let per = match DenominatorType::try_from(p.denominator) {
+        Ok(DenominatorType::Hundred) => 100.0,
+        Ok(DenominatorType::TenThousand) => 10_000.0,
+        Ok(DenominatorType::Million) => 1_000_000.0,
+        Err(_) => return Err(format!("fractional percent denominator {}", p.denominator)),
+    };
+    Ok((f64::from(p.numerator) / per).min(1.0))
+}
+
+/// An `HTTPFault` (the filter's own, or a route's): `None` if it injects nothing.
+fn fault(any: &protobuf::Any) -> Result<Option<Fault>, Error> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as http_fault;
+    let f: http_fault::HttpFault = unpack(any, type_url::HTTP_FAULT)?;
+    if !f.upstream_cluster.is_empty()
+        || !f.downstream_nodes.is_empty()
+        || f.max_active_faults.is_some()
+        || f.response_rate_limit.is_some()
+    {
+        return Err(
+            "fault upstream_cluster, downstream_nodes, max_active_faults and response_rate_limit are not supported".into(),
+        );
+    }
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => match &d.fault_delay_secifier {
+            Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(t)) => {
+                Some((duration(t)?, probability(&d.percentage)?))
+            }
+            _ => return Err("only fixed fault delays are supported".into()),
+        },
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            if !a.response_body.is_empty() {
+                return Err("fault abort response_body is not supported".into());
+            }
+            let what = match a.error_type {
+                Some(http_fault::fault_abort::ErrorType::HttpStatus(s)) => FaultAbort::Http(
+                    u16::try_from(s)
+                        .ok()
+                        .and_then(|s| http::StatusCode::from_u16(s).ok())
+                        .filter(|s| (200..600).contains(&s.as_u16()))
+                        .ok_or_else(|| format!("fault abort status {s}"))?,
+                ),
+                Some(http_fault::fault_abort::ErrorType::GrpcStatus(g)) => FaultAbort::Grpc(g),
+                _ => return Err("fault aborts need an HTTP or gRPC status".into()),
+            };
+            Some((what, probability(&a.percentage)?))
+        }
+    };
+    if delay.is_none() && abort.is_none() {
+        return Ok(None);
+    }
+    let headers = route_match(&route::RouteMatch {
+        path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+        headers: f.headers.clone(),
+        ..Default::default()
+    })?
+    .headers;
+    Ok(Some(Fault {
+        delay,
+        abort,
+        headers,
+    }))
+}
+
 /// A `RouteConfiguration`.
 pub fn route_config(any: &protobuf::Any) -> Result<RouteConfig, Error> {
     let rc: route::RouteConfiguration = unpack(any, type_url::ROUTE)?;
@@ -430,8 +516,19 @@ pub fn route_config(any: &protobuf::Any) -> Result<RouteConfig, Error> {
                 .ok_or("a route without a match")
                 .map_err(|e| at(e.into()))
                 .and_then(|m| route_match(m).map_err(at))?;
+            let mut route_fault = None;
+            for (name, cfg) in &r.typed_per_filter_config {
+                if name != ambit_xds::waypoint::FAULT_FILTER || cfg.type_url != type_url::HTTP_FAULT
+                {
+                    return Err(at(format!(
+                        "typed_per_filter_config {name:?} is not supported (only fault injection)"
+                    )));
+                }
+                route_fault = fault(cfg).map_err(at)?.map(Arc::new);
+            }
             routes.push(Route {
                 name: r.name.clone(),
+                fault: route_fault,
                 matcher,
                 action: action(&r.action).map_err(at)?,
                 request_headers_to_add: header_ops(&r.request_headers_to_add).map_err(at)?,

@@ -36,6 +36,9 @@ pub enum ListenerKind {
     Http {
         /// The `RouteConfiguration`'s name.
         route_config: String,
+        /// Its fault injection filter, if it has one: with its own fault for every
+        /// route (`Some(Some)`), or only what routes configure (`Some(None)`).
+        fault_filter: Option<Option<Arc<Fault>>>,
     },
     /// TCP proxy to one cluster.
     Tcp {
@@ -81,6 +84,51 @@ pub struct Route {
     pub response_headers_to_add: Vec<HeaderOp>,
     /// Headers removed from responses.
     pub response_headers_to_remove: Vec<http::HeaderName>,
+    /// Its fault injection (`typed_per_filter_config` of the fault filter): replaces the
+    /// filter's own where the listener has the filter.
+    pub fault: Option<Arc<Fault>>,
+}
+
+/// Envoy's `HTTPFault` subset: a fixed delay and/or an abort, each for a share of
+/// requests, for requests matching `headers`.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    /// How long, and the probability (0 to 1).
+    pub delay: Option<(Duration, f64)>,
+    /// What is answered, and the probability (0 to 1).
+    pub abort: Option<(FaultAbort, f64)>,
+    /// Only requests matching all these.
+    pub headers: Vec<HeaderMatch>,
+}
+
+impl PartialEq for Fault {
+    fn eq(&self, other: &Self) -> bool {
+        self.delay == other.delay && self.abort == other.abort && self.headers == other.headers
+    }
+}
+
+impl PartialEq for StringMatch {
+    fn eq(&self, other: &Self) -> bool {
+        use StringMatch::*;
+        match (self, other) {
+            (Exact(a), Exact(b))
+            | (Prefix(a), Prefix(b))
+            | (Suffix(a), Suffix(b))
+            | (Contains(a), Contains(b)) => a == b,
+            (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
+            (Present, Present) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What an abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAbort {
+    /// This HTTP status.
+    Http(http::StatusCode),
+    /// This gRPC status, in an HTTP 200 answer.
+    Grpc(u32),
 }
 
 /// Adds or replaces one header.
@@ -136,7 +184,7 @@ pub enum StringMatch {
 }
 
 /// A header match (`:method`, `:authority`, `:path` are pseudo-headers).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HeaderMatch {
     /// The header's name (lowercase).
     pub name: String,
