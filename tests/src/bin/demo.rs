@@ -385,6 +385,45 @@ fn l7<'a>(
         r.first().and_then(|x| x["ms"].as_f64()).unwrap_or(0.0)
     );
 
+    let r = http(c, frontend, "/chaos", &[], 100)?;
+    let aborted = r.iter().filter(|x| x["status"] == 503).count();
+    println!(
+        "  /chaos (a fault: 50 ms delay on all, abort 503 on 30 %), 100 requests: {aborted} aborted (FI), {} served",
+        r.len() - aborted
+    );
+    // 20 clients at once, each a 500 ms request to reviews-v2 (/slow), whose
+    // DestinationRule allows 5 requests at once.
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            c.spawn_in_pod(
+                frontend.pod,
+                &[
+                    "http-get".into(),
+                    format!("--connect={REVIEWS}"),
+                    "--host=reviews.shop.svc.cluster.local".into(),
+                    "--path=/slow".into(),
+                ],
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let mut codes = Vec::new();
+    for p in clients {
+        let (_, lines) = p.finish(Duration::from_secs(30))?;
+        codes.extend(
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|x| x["status"].as_u64().unwrap_or(0)),
+        );
+    }
+    println!(
+        "  circuit breaker (reviews-v2: http2MaxRequests 5), 20 slow requests at once: {} served, {} answered 503 at once (UO), in {:.0} ms",
+        codes.iter().filter(|c| **c == 200).count(),
+        codes.iter().filter(|c| **c == 503).count(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+
     println!("\nIstio's request metrics (GET :15020/metrics on the waypoint, reporter=waypoint):");
     println!(
         "  {:<12} {:<32} {:<14} {:<8} {:>5} {:>6} {:>6} {:>10}",
