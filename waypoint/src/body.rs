@@ -3,7 +3,8 @@
 //! A request whose route may retry is read into memory up to [`RETRY_BUFFER`] bytes
 //! ([`buffer`]): if it ends within the limit, each attempt replays it; if not, the
 //! request is sent once, the buffered part followed by the rest as it arrives, and is
-//! never retried (Envoy does the same past its buffer limit). Everything else streams.
+//! never retried (Envoy does the same past its buffer limit). Everything else streams;
+//! a mirrored request's copy is fed from the original as it is read ([`Tee`]).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -166,6 +167,119 @@ impl Body for Replay {
         match &self.rest {
             None => SizeHint::with_exact(self.remaining),
             Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// How many frames a mirror's copy of a streamed body may fall behind the original
+/// before the copy is given up (the original never waits for a mirror).
+pub const MIRROR_LAG: usize = 64;
+
+/// What a mirror's copy of a body receives.
+enum Copied {
+    Frame(Frame<Bytes>),
+    End,
+}
+
+/// A request body that hands a copy of every frame to mirrors as the upstream reads it.
+/// A mirror that falls [`MIRROR_LAG`] frames behind loses its copy (its request is
+/// reset): the original is never slowed down by a mirror.
+pub struct Tee<B> {
+    inner: B,
+    copies: Vec<tokio::sync::mpsc::Sender<Copied>>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Tee<B> {
+    /// `inner`, and `mirrors` bodies that copy it.
+    pub fn new(inner: B, mirrors: usize) -> (Self, Vec<Mirrored>) {
+        let (copies, bodies) = (0..mirrors)
+            .map(|_| {
+                let (tx, rx) = tokio::sync::mpsc::channel(MIRROR_LAG);
+                (tx, Mirrored { rx, ended: false })
+            })
+            .unzip();
+        let mut tee = Self { inner, copies };
+        // A sender asks whether a body is over before reading it, and after each frame.
+        tee.end_if_over();
+        (tee, bodies)
+    }
+
+    fn end_if_over(&mut self) {
+        if self.inner.is_end_stream() {
+            for tx in self.copies.drain(..) {
+                let _ = tx.try_send(Copied::End);
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tee<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                self.copies
+                    .retain(|tx| tx.try_send(Copied::Frame(copy(f))).is_ok());
+                self.end_if_over();
+            }
+            Poll::Ready(None) => {
+                for tx in self.copies.drain(..) {
+                    let _ = tx.try_send(Copied::End);
+                }
+            }
+            // Copies that never see their end fail.
+            Poll::Ready(Some(Err(_))) => self.copies.clear(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A mirror's copy of a request body, from a [`Tee`]: it fails if the original failed,
+/// or if the copy fell behind.
+pub struct Mirrored {
+    rx: tokio::sync::mpsc::Receiver<Copied>,
+    ended: bool,
+}
+
+impl Body for Mirrored {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Copied::Frame(f))) => Poll::Ready(Some(Ok(f))),
+            Poll::Ready(Some(Copied::End)) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(
+                    "the mirrored request's body fell behind or failed".into(),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -19,10 +19,12 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::body::{self, Buffered, Counted, End, OnEnd, ProxyBody, RETRY_BUFFER, Replay, Reported};
+use crate::body::{
+    self, Buffered, Counted, End, OnEnd, ProxyBody, RETRY_BUFFER, Replay, Reported, Tee,
+};
 use crate::config::{
-    Action, Cluster, Config, Endpoint, Forward, HeaderOp, Overflow, PathMatch, Redirect,
-    RetryPolicy, Route, UpstreamProtocol,
+    Action, Cluster, Config, Endpoint, Forward, HeaderOp, Mirror, MirrorHost, Overflow, PathMatch,
+    Redirect, RetryPolicy, Route, UpstreamProtocol,
 };
 use crate::upstream::{UpstreamError, Upstreams};
 use crate::{router, trace};
@@ -509,8 +511,8 @@ enum Attempt {
 }
 
 async fn forward(
-    ctx: &RequestContext,
-    config: &Config,
+    ctx: &Arc<RequestContext>,
+    config: &Arc<Config>,
     route: &Route,
     fw: &Forward,
     mut parts: http::request::Parts,
@@ -586,49 +588,42 @@ async fn forward(
         parts.headers.remove(h);
     }
     parts.headers.remove(header::TE);
-    if te_trailers && cluster.protocol == UpstreamProtocol::Http2 {
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-    }
     edit_headers(
         &mut parts.headers,
         &route.request_headers_to_add,
         &route.request_headers_to_remove,
     );
-    let uri = match cluster.protocol {
-        UpstreamProtocol::Http1 => {
-            // HTTP/1.1 carries the authority in Host: kept as it came, unless rewritten
-            // or the request's URI has one (an HTTP/2 client's :authority, or an
-            // absolute-form request line, which wins over Host).
-            if (fw.host_rewrite.is_some()
-                || parts.uri.authority().is_some()
-                || !parts.headers.contains_key(header::HOST))
-                && let Some(v) = authority
-                    .as_ref()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-            Ok(Uri::from(path_and_query))
-        }
-        UpstreamProtocol::Http2 => {
-            parts.headers.remove(header::HOST);
-            let mut p = http::uri::Parts::default();
-            p.scheme = Some(http::uri::Scheme::HTTP);
-            p.authority = authority;
-            p.path_and_query = Some(path_and_query);
-            Uri::from_parts(p)
-        }
-    };
-    let Ok(uri) = uri else {
+    // Mirrors (Envoy's shadows), each by its share: copies of the request as it now is.
+    let mirrors: smallvec::SmallVec<[&Mirror; 2]> = fw
+        .mirrors
+        .iter()
+        .filter(|m| fastrand::f64() < m.share)
+        .collect();
+    let shadow = (!mirrors.is_empty()).then(|| Shadow {
+        method: parts.method.clone(),
+        path_and_query: path_and_query.clone(),
+        authority: authority.clone(),
+        headers: parts.headers.clone(),
+        te_trailers,
+    });
+    // HTTP/1.1 carries the authority in Host: kept as it came, unless rewritten or the
+    // request's URI has one (an HTTP/2 client's :authority, or an absolute-form request
+    // line, which wins over Host).
+    let set_host = fw.host_rewrite.is_some()
+        || parts.uri.authority().is_some()
+        || !parts.headers.contains_key(header::HOST);
+    let Ok(uri) = upstream_target(
+        cluster.protocol,
+        &mut parts.headers,
+        path_and_query,
+        authority,
+        set_host,
+        te_trailers,
+    ) else {
         return fail(StatusCode::BAD_REQUEST, "bad request", Flag::Direct);
     };
     parts.uri = uri;
-    parts.version = match cluster.protocol {
-        UpstreamProtocol::Http1 => http::Version::HTTP_11,
-        UpstreamProtocol::Http2 => http::Version::HTTP_2,
-    };
+    parts.version = version(cluster.protocol);
 
     let retry = fw.retry.clone().unwrap_or(RetryPolicy {
         num_retries: 0,
@@ -646,6 +641,29 @@ async fn forward(
         }
     } else {
         once = Some(Replay::then(Vec::new(), body));
+    }
+    let mut once: Option<ProxyBody> = once.map(http_body_util::BodyExt::boxed);
+    if let Some(shadow) = &shadow {
+        // A replayable body is replayed to the mirrors too; a streamed one is copied to
+        // them as the upstream reads it.
+        let bodies: Vec<ProxyBody> = match (&replay, once.take()) {
+            (Some(frames), _) => mirrors
+                .iter()
+                .map(|_| http_body_util::BodyExt::boxed(Replay::of(frames)))
+                .collect(),
+            (None, Some(b)) => {
+                let (tee, copies) = Tee::new(b, mirrors.len());
+                once = Some(http_body_util::BodyExt::boxed(tee));
+                copies
+                    .into_iter()
+                    .map(http_body_util::BodyExt::boxed)
+                    .collect()
+            }
+            (None, None) => unreachable!("the body is either buffered or streamed"),
+        };
+        for (m, b) in mirrors.iter().zip(bodies) {
+            send_mirror(ctx, config, m, shadow, b, fw.timeout);
+        }
     }
     let retries = if replay.is_some() {
         retry.num_retries
@@ -677,7 +695,7 @@ async fn forward(
         tried.push(ep.addr);
         let body = match (&replay, once.take()) {
             (Some(frames), _) => http_body_util::BodyExt::boxed(Replay::of(frames)),
-            (None, Some(b)) => http_body_util::BodyExt::boxed(b),
+            (None, Some(b)) => b,
             (None, None) => unreachable!("a streamed body is sent once"),
         };
         let mut req = Request::new(body);
@@ -784,6 +802,150 @@ async fn forward(
             }
         };
     }
+}
+
+/// The request's URI for an upstream of `protocol`, and its headers made to match: the
+/// authority in `Host` for HTTP/1.1 (if `set_host`), in the URI for HTTP/2, where `TE:
+/// trailers` passes on if the client sent it.
+fn upstream_target(
+    protocol: UpstreamProtocol,
+    headers: &mut HeaderMap,
+    path_and_query: http::uri::PathAndQuery,
+    authority: Option<http::uri::Authority>,
+    set_host: bool,
+    te_trailers: bool,
+) -> Result<Uri, http::Error> {
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if set_host
+                && let Some(v) = authority
+                    .as_ref()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(header::HOST, v);
+            }
+            Ok(Uri::from(path_and_query))
+        }
+        UpstreamProtocol::Http2 => {
+            headers.remove(header::HOST);
+            if te_trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(http::uri::Scheme::HTTP);
+            p.authority = authority;
+            p.path_and_query = Some(path_and_query);
+            Ok(Uri::from_parts(p)?)
+        }
+    }
+}
+
+fn version(protocol: UpstreamProtocol) -> http::Version {
+    match protocol {
+        UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        UpstreamProtocol::Http2 => http::Version::HTTP_2,
+    }
+}
+
+/// A request as routed, before it is shaped for one upstream's protocol: what mirrors
+/// copy.
+struct Shadow {
+    method: http::Method,
+    path_and_query: http::uri::PathAndQuery,
+    authority: Option<http::uri::Authority>,
+    headers: HeaderMap,
+    te_trailers: bool,
+}
+
+/// Envoy's shadow host: `-shadow` appended to the host, before any port.
+fn shadow_host(a: &http::uri::Authority) -> Option<http::uri::Authority> {
+    let shadowed = match a.port() {
+        Some(port) => format!("{}-shadow:{port}", a.host()),
+        None => format!("{}-shadow", a.host()),
+    };
+    http::uri::Authority::try_from(shadowed).ok()
+}
+
+/// Sends a mirror's copy of a request in a task of its own and throws the answer away,
+/// as Envoy's shadowing does: under the mirror cluster's circuit breakers, within the
+/// route's timeout, counted in the cluster's upstream requests, never retried, and
+/// never felt by the original request.
+fn send_mirror(
+    ctx: &Arc<RequestContext>,
+    config: &Arc<Config>,
+    m: &Mirror,
+    shadow: &Shadow,
+    body: ProxyBody,
+    timeout: Option<Duration>,
+) {
+    let (ctx, config, name) = (ctx.clone(), config.clone(), m.cluster.clone());
+    let authority = match &m.host {
+        MirrorHost::ShadowSuffix => shadow.authority.as_ref().and_then(shadow_host),
+        MirrorHost::Same => shadow.authority.clone(),
+        MirrorHost::Literal(h) => http::uri::Authority::try_from(h.as_str()).ok(),
+    };
+    let mut headers = shadow.headers.clone();
+    let (method, path_and_query, te_trailers) = (
+        shadow.method.clone(),
+        shadow.path_and_query.clone(),
+        shadow.te_trailers,
+    );
+    tokio::spawn(async move {
+        // Envoy sends nothing to a shadow cluster it does not know.
+        let Some((cluster, endpoints)) = config.cluster(&name) else {
+            return;
+        };
+        let Some(_request) = cluster.load.admit_request(cluster.limits.max_requests) else {
+            ctx.metrics.overflow(&name, Overflow::Requests);
+            return;
+        };
+        let Some(ep) = ctx.upstreams.choose(cluster, &endpoints, &[]) else {
+            ctx.series
+                .attempt(&ctx.metrics, &name, 0, Flag::NoHealthy.as_str());
+            return;
+        };
+        let Ok(uri) = upstream_target(
+            cluster.protocol,
+            &mut headers,
+            path_and_query,
+            authority,
+            true,
+            te_trailers,
+        ) else {
+            return;
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version(cluster.protocol);
+        *req.headers_mut() = headers;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let (code, flags) = match one_attempt(&ctx, cluster, &ep, req, None, deadline).await {
+            Attempt::Response(r) => {
+                // Read to its end (so the connection can be reused), then dropped.
+                let status = r.status().as_u16();
+                let drain = http_body_util::BodyExt::collect(r.into_body());
+                match deadline {
+                    Some(d) => drop(tokio::time::timeout_at(d, drain).await),
+                    None => drop(drain.await),
+                }
+                (status, "-")
+            }
+            Attempt::Failed(UpstreamError::Overflow(o)) => {
+                ctx.metrics.overflow(&name, o);
+                (0, Flag::Overflow.as_str())
+            }
+            Attempt::Failed(e) => {
+                ctx.upstreams.failed(ep.addr);
+                match e {
+                    UpstreamError::Connect(_) => (0, Flag::ConnectFailure.as_str()),
+                    _ => (0, Flag::Reset.as_str()),
+                }
+            }
+            Attempt::TimedOut => (0, Flag::Timeout.as_str()),
+        };
+        ctx.series.attempt(&ctx.metrics, &name, code, flags);
+    });
 }
 
 async fn one_attempt(

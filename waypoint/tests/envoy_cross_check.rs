@@ -35,6 +35,7 @@ workloads:
   - {name: stuck, namespace: shop, node: node-1, ips: [10.244.1.33], labels: {app: stuck}}
   - {name: storm, namespace: shop, node: node-1, ips: [10.244.1.34], labels: {app: storm}}
   - {name: crowd, namespace: shop, node: node-1, ips: [10.244.1.35], labels: {app: crowd}}
+  - {name: shadow, namespace: shop, node: node-1, ips: [10.244.1.36], labels: {app: shadow}}
 services:
   - {name: web, namespace: shop, vips: [10.96.1.10], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -54,6 +55,10 @@ services:
      selector: {app: crowd}, labels: {ambit.dev/waypoint: wp}}
   - {name: chaos, namespace: shop, vips: [10.96.1.18], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
+  - {name: mirrored, namespace: shop, vips: [10.96.1.19], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
+  - {name: shadow, namespace: shop, vips: [10.96.1.20], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: shadow}}
 destinationRules:
   - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
   - {name: cb-requests, namespace: shop, host: cb-requests, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}}
@@ -130,6 +135,17 @@ httpRoutes:
         backendRefs: [{name: chaos, port: 80}]
         fault: {abort: {grpcStatus: UNAVAILABLE}}
       - backendRefs: [{name: chaos, port: 80}]
+  - name: mirrored
+    namespace: shop
+    parentRefs: [{kind: Service, name: mirrored}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /half}}]
+        filters:
+          - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 50}}
+        backendRefs: [{name: mirrored, port: 80}]
+      - filters:
+          - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+        backendRefs: [{name: mirrored, port: 80}]
   - name: storm
     namespace: shop
     parentRefs: [{kind: Service, name: storm}]
@@ -140,13 +156,14 @@ httpRoutes:
 
 /// The loopback address standing for each workload (Envoy cannot be pointed at 10.244/16
 /// here; the model refuses loopback, so it is swapped in after validation).
-const LOOPBACK: [(&str, &str); 6] = [
+const LOOPBACK: [(&str, &str); 7] = [
     ("v1", "127.0.1.30"),
     ("v2", "127.0.1.31"),
     ("flaky", "127.0.1.32"),
     ("stuck", "127.0.1.33"),
     ("storm", "127.0.1.34"),
     ("crowd", "127.0.1.35"),
+    ("shadow", "127.0.1.36"),
 ];
 
 fn model() -> Model {
@@ -193,6 +210,7 @@ struct Envoy {
     cb_requests: SocketAddr,
     cb_pending: SocketAddr,
     chaos: SocketAddr,
+    mirrored: SocketAddr,
     dir: std::path::PathBuf,
 }
 
@@ -241,7 +259,8 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         cb_requests,
         cb_pending,
         chaos,
-    ] = [(); 8].map(|_| free_port());
+        mirrored,
+    ] = [(); 9].map(|_| free_port());
     let mut y = format!(
         r#"node: {{id: shop/wp, cluster: wp}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -283,6 +302,7 @@ static_resources:
         "cb-pending.shop.svc.cluster.local:80",
     );
     y += &static_listener("chaos", chaos, "chaos.shop.svc.cluster.local:80");
+    y += &static_listener("mirrored", mirrored, "mirrored.shop.svc.cluster.local:80");
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, y).unwrap();
     let child = Command::new(envoy_binary())
@@ -306,6 +326,7 @@ static_resources:
         cb_requests: a(cb_requests),
         cb_pending: a(cb_pending),
         chaos: a(chaos),
+        mirrored: a(mirrored),
         dir,
     }
 }
@@ -646,6 +667,63 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         eprintln!("fault abort 50 %: {proxy} aborted {aborted} of 200");
         assert!((70..=130).contains(&aborted), "{proxy}: {aborted} of 200");
     }
+
+    // Request mirroring: the same copy (shadow Host, path, body) reaches the mirror from
+    // both, and about the same share of a 50 % mirror.
+    let host = "mirrored.shop.svc.cluster.local";
+    let shadow = &backends["shadow"].state;
+    let mut e = plain_http1(envoy.mirrored).await;
+    let mut a = wp.http1("10.96.1.19:80").await;
+    let mut copies = Vec::new();
+    for (proxy, conn) in [("envoy", &mut e), ("ambit", &mut a)] {
+        shadow.requests.store(0, Ordering::SeqCst);
+        let post = http::Request::builder()
+            .method("POST")
+            .uri("/all?x=1")
+            .header("host", host)
+            .body(Full::new(Bytes::from_static(b"copy me")))
+            .unwrap();
+        let x = send1(conn, post).await;
+        assert_eq!(
+            (x.status, x.headers["x-backend"].to_str().unwrap()),
+            (200, "v1")
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shadow.requests.load(Ordering::SeqCst) < 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = shadow.last.lock().unwrap().clone();
+        let host_header = last
+            .split([' ', ';'])
+            .find(|f| f.starts_with("host="))
+            .map(str::to_owned);
+        let mut fields = last.split(' ');
+        let (_, method, path) = (fields.next(), fields.next(), fields.next());
+        let body = last.rsplit(' ').next().map(str::to_owned);
+        copies.push((
+            method.map(str::to_owned),
+            path.map(str::to_owned),
+            host_header,
+            body,
+        ));
+        shadow.requests.store(0, Ordering::SeqCst);
+        for _ in 0..200 {
+            assert_eq!(
+                send1(conn, req("GET", host, "/half", &[])).await.status,
+                200
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let copied = shadow.requests.load(Ordering::SeqCst);
+        eprintln!("mirror 50 %: {proxy} copied {copied} of 200");
+        assert!((70..=130).contains(&copied), "{proxy}: {copied} of 200");
+    }
+    eprintln!("mirrored copies: {copies:?}");
+    assert_eq!(copies[0], copies[1], "envoy's copy, then ambit's");
+    assert_eq!(
+        copies[0].2.as_deref(),
+        Some("host=mirrored.shop.svc.cluster.local-shadow")
+    );
 
     let stats = admin_get(envoy.admin, "/stats?filter=cb-.*overflow").await;
     assert!(

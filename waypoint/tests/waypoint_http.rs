@@ -34,6 +34,8 @@ workloads:
   - {name: direct, namespace: shop, node: node-2, ips: [10.244.2.22], labels: {app: direct}}
   - {name: storm, namespace: shop, node: node-2, ips: [10.244.2.23], labels: {app: storm}}
   - {name: crowd, namespace: shop, node: node-2, ips: [10.244.2.24], labels: {app: crowd}}
+  - {name: shadow, namespace: shop, node: node-2, ips: [10.244.2.25], labels: {app: shadow}}
+  - {name: void, namespace: shop, node: node-2, ips: [10.244.2.26], labels: {app: void}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -73,6 +75,12 @@ services:
      selector: {app: db}, labels: {ambit.dev/waypoint: wp}}
   - {name: chaos, namespace: shop, vips: [10.96.0.105], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
+  - {name: mirrored, namespace: shop, vips: [10.96.0.106], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
+  - {name: shadow, namespace: shop, vips: [10.96.0.107], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: shadow}}
+  - {name: void, namespace: shop, vips: [10.96.0.108], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: void}}
 destinationRules:
   - name: cb-requests
     namespace: shop
@@ -172,6 +180,23 @@ httpRoutes:
         backendRefs: [{name: chaos, port: 80}]
         fault: {abort: {grpcStatus: UNAVAILABLE}}
       - backendRefs: [{name: chaos, port: 80}]
+  - name: mirrored
+    namespace: shop
+    parentRefs: [{kind: Service, name: mirrored}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /half}}]
+        filters:
+          - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 50}}
+        backendRefs: [{name: mirrored, port: 80}]
+      - matches: [{path: {type: PathPrefix, value: /broken-mirrors}}]
+        filters:
+          - {type: RequestMirror, requestMirror: {backendRef: {name: void, port: 80}}}
+          - {type: RequestMirror, requestMirror: {backendRef: {name: stuck, port: 80}}}
+        backendRefs: [{name: mirrored, port: 80}]
+      - filters:
+          - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+        backendRefs: [{name: mirrored, port: 80}]
+        retry: {attempts: 1, codes: [503], backoff: 1ms}
   - name: storm-capped
     namespace: shop
     parentRefs: [{kind: Service, name: storm-capped}]
@@ -209,12 +234,14 @@ async fn world() -> World {
         ("quick", "10.244.2.21"),
         ("storm", "10.244.2.23"),
         ("crowd", "10.244.2.24"),
+        ("shadow", "10.244.2.25"),
     ] {
         let b = Backend::start(name).await;
         wp.map(&format!("{ip}:8080"), b.addr);
         backends.insert(name, b);
     }
-    // `dead` (10.244.2.14) is left unmapped: nothing listens there.
+    // `dead` (10.244.2.14) and `void` (10.244.2.26) are left unmapped: nothing listens
+    // there.
     backends["broken"].state.status.store(500, Ordering::SeqCst);
     backends["flaky"].state.flaky.store(true, Ordering::SeqCst);
     backends["slow"]
@@ -832,6 +859,107 @@ async fn faults_delay_and_abort_their_share_of_requests_and_only_tagged_ones_whe
     assert_eq!(count("DI"), 3.0, "{m}");
 }
 
+/// Waits (at most 5 s) until `backend` has answered `n` requests.
+async fn answered(w: &World, backend: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = w.backends[backend].state.requests.load(Ordering::SeqCst);
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn mirrors_get_copies_of_their_share_and_never_touch_the_original() {
+    let w = world().await;
+    let host = "mirrored.shop.svc.cluster.local";
+    let mut c = w.wp.http1("10.96.0.106:80").await;
+    // Every request copied, body and all, with Envoy's shadow Host; the original's
+    // answer is the primary's.
+    for i in 0..20 {
+        let post = http::Request::builder()
+            .method("POST")
+            .uri(format!("/all/{i}"))
+            .header("host", host)
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        let a = send1(&mut c, post).await;
+        assert_eq!(
+            (a.status, a.headers["x-backend"].to_str().unwrap()),
+            (200, "v1"),
+            "{a:?}"
+        );
+    }
+    assert_eq!(answered(&w, "shadow", 20).await, 20);
+    let last = w.backends["shadow"].state.last.lock().unwrap().clone();
+    assert!(last.starts_with("shadow POST /all/"), "{last}");
+    assert!(last.contains(&format!("host={host}-shadow;")), "{last}");
+    assert!(last.ends_with(" body=5"), "{last}");
+    // A streamed body (over the retry buffer, so the original's is not held) is copied
+    // as it goes: both get all of it.
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let post = http::Request::builder()
+        .method("POST")
+        .uri("/all/big")
+        .header("host", host)
+        .body(Full::new(Bytes::from(big)))
+        .unwrap();
+    let a = send1(&mut c, post).await;
+    assert_eq!(
+        (a.status, a.headers["x-body-bytes"].to_str().unwrap()),
+        (200, "2097152")
+    );
+    assert_eq!(answered(&w, "shadow", 21).await, 21);
+    let last = w.backends["shadow"].state.last.lock().unwrap().clone();
+    assert!(last.ends_with(" body=2097152"), "{last}");
+
+    // 50 %: over 400 requests, within 4 standard deviations (±40).
+    for _ in 0..400 {
+        let a = send1(&mut c, req("GET", host, "/half", &[])).await;
+        assert_eq!(a.status, 200);
+    }
+    // The copies are on their way when the originals are answered: let them land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let copied = w.backends["shadow"].state.requests.load(Ordering::SeqCst) - 21;
+    eprintln!("mirror 50 %: {copied} of 400 copied");
+    assert!((160..=240).contains(&copied), "{copied} of 400");
+
+    // A mirror that refuses connections and one that answers in 3 s change nothing: the
+    // originals are answered at once, none retried.
+    let v1_before = w.backends["v1"].state.requests.load(Ordering::SeqCst);
+    let t = Instant::now();
+    for _ in 0..5 {
+        let a = send1(&mut c, req("GET", host, "/broken-mirrors", &[])).await;
+        assert_eq!(
+            (a.status, a.headers["x-backend"].to_str().unwrap()),
+            (200, "v1"),
+            "{a:?}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(
+        w.backends["v1"].state.requests.load(Ordering::SeqCst) - v1_before,
+        5
+    );
+    assert_eq!(answered(&w, "stuck", 5).await, 5);
+    // Counted in the mirror clusters' upstream requests, as Envoy's shadows are.
+    let m = w.wp.metrics.encode();
+    let upstream = |cluster: &str, code: &str| {
+        sample(
+            &m,
+            "ambit_waypoint_upstream_requests_total",
+            &[
+                &format!("cluster=\"outbound|80||{cluster}.shop.svc.cluster.local\""),
+                &format!("response_code=\"{code}\""),
+            ],
+        )
+    };
+    assert_eq!(upstream("shadow", "200"), (21 + copied) as f64, "{m}");
+    assert_eq!(upstream("void", "0"), 5.0, "{m}");
+}
+
 #[tokio::test]
 async fn the_config_dump_shows_every_resource_the_waypoint_runs() {
     let w = world().await;
@@ -1023,6 +1151,49 @@ async fn waypoint_refuses_bad_xds_and_keeps_the_last_good_config() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("only EDS clusters"), "{e}");
+    // A mirror policy naming its cluster by header is refused, not ignored.
+    use envoy_types::pb::envoy::config::route::v3 as route;
+    let rc = route::RouteConfiguration {
+        name: "web.shop.svc.cluster.local:80".into(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "any".into(),
+            domains: vec!["*".into()],
+            routes: vec![route::Route {
+                r#match: Some(route::RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(route::RouteAction {
+                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                        "outbound|80||web-v1.shop.svc.cluster.local".into(),
+                    )),
+                    request_mirror_policies: vec![route::route_action::RequestMirrorPolicy {
+                        cluster_header: "x-mirror-to".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let any = ambit_xds::envoy::Any {
+        type_url: ambit_xds::type_url::ROUTE.into(),
+        value: rc.encode_to_vec(),
+    };
+    let e =
+        w.wp.apply_raw(
+            ambit_xds::type_url::ROUTE,
+            vec![(rc.name.clone(), any)],
+            vec![],
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("cluster_header is not supported"),
+        "{e}"
+    );
     assert!(std::sync::Arc::ptr_eq(&before, &w.wp.config.borrow()));
     // And it still serves.
     let mut c = w.wp.http1("10.96.0.10:80").await;

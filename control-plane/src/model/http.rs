@@ -208,6 +208,35 @@ pub struct FilterSpec {
     /// For `URLRewrite`.
     #[serde(default, rename = "urlRewrite")]
     pub url_rewrite: Option<RewriteSpec>,
+    /// For `RequestMirror`.
+    #[serde(default)]
+    pub request_mirror: Option<MirrorSpec>,
+}
+
+/// `requestMirror`: a copy of a share of the requests, to another backend, whose answer
+/// is thrown away.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorSpec {
+    /// Where copies go.
+    pub backend_ref: BackendRefSpec,
+    /// The share of requests copied, in percent (default: all).
+    #[serde(default)]
+    pub percent: Option<u32>,
+    /// Or as a fraction (`numerator`, `denominator`, default 100).
+    #[serde(default)]
+    pub fraction: Option<FractionSpec>,
+}
+
+/// Gateway API's `Fraction`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FractionSpec {
+    /// Numerator.
+    pub numerator: u32,
+    /// Denominator (default 100).
+    #[serde(default)]
+    pub denominator: Option<u32>,
 }
 
 /// Header changes: `set` replaces, `add` appends, `remove` deletes.
@@ -396,6 +425,19 @@ pub struct HttpRule {
     pub retry: Option<Retry>,
     /// Faults injected.
     pub fault: Option<Fault>,
+    /// Copies of requests to other backends (their answers thrown away).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A mirror: a share of requests copied to a service port.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    /// The service.
+    pub service: NamespacedName,
+    /// Its port.
+    pub port: u16,
+    /// Percent of requests (0 to 100).
+    pub percent: f64,
 }
 
 /// A validated fault.
@@ -837,6 +879,7 @@ fn validate_rule(
     let mut response_headers = HeaderModifier::default();
     let mut redirect = None;
     let mut rewrite = None;
+    let mut mirrors = Vec::new();
     let check_modifier = |p: &mut Problems, at: &str, m: &HeaderModifier| {
         for h in m.set.iter().chain(&m.add) {
             if !is_header_name(&h.name) || http::HeaderValue::from_str(&h.value).is_err() {
@@ -892,6 +935,7 @@ fn validate_rule(
             f.response_header_modifier.is_some(),
             f.request_redirect.is_some(),
             f.url_rewrite.is_some(),
+            f.request_mirror.is_some(),
         ]
         .iter()
         .filter(|b| **b)
@@ -901,11 +945,12 @@ fn validate_rule(
             "ResponseHeaderModifier" => f.response_header_modifier.is_some(),
             "RequestRedirect" => f.request_redirect.is_some(),
             "URLRewrite" => f.url_rewrite.is_some(),
+            "RequestMirror" => f.request_mirror.is_some(),
             other => {
                 p.add(
                     &at,
                     format!(
-                        "filter type {other:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite)"
+                        "filter type {other:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)"
                     ),
                 );
                 continue;
@@ -954,6 +999,52 @@ fn validate_rule(
                 status_code,
             });
         }
+        if let Some(m) = &f.request_mirror {
+            let at = format!("{at}.requestMirror");
+            let percent = match (m.percent, &m.fraction) {
+                (Some(_), Some(_)) => {
+                    p.add(&at, "percent and fraction are exclusive");
+                    continue;
+                }
+                (Some(pc), None) if pc <= 100 => f64::from(pc),
+                (Some(pc), None) => {
+                    p.add(&format!("{at}.percent"), format!("{pc} is not 0-100"));
+                    continue;
+                }
+                (None, Some(fr)) => {
+                    let d = fr.denominator.unwrap_or(100);
+                    if d == 0 || fr.numerator > d {
+                        p.add(
+                            &format!("{at}.fraction"),
+                            "needs 0 <= numerator <= denominator, denominator > 0",
+                        );
+                        continue;
+                    }
+                    f64::from(fr.numerator) * 100.0 / f64::from(d)
+                }
+                (None, None) => 100.0,
+            };
+            if m.backend_ref.weight.is_some() {
+                p.add(
+                    &format!("{at}.backendRef.weight"),
+                    "a mirror's backend has no weight",
+                );
+                continue;
+            }
+            if let Some(b) = backend(
+                p,
+                &format!("{at}.backendRef"),
+                namespace,
+                &m.backend_ref,
+                services,
+            ) {
+                mirrors.push(Mirror {
+                    service: b.service,
+                    port: b.port,
+                    percent,
+                });
+            }
+        }
         if let Some(r) = &f.url_rewrite {
             if rewrite.is_some() {
                 p.add(&at, "only one URLRewrite per rule");
@@ -988,51 +1079,9 @@ fn validate_rule(
 
     let mut backends = Vec::new();
     for (k, b) in rule.backend_refs.iter().enumerate() {
-        let at = format!("{at}.backendRefs[{k}]");
-        if b.group
-            .as_deref()
-            .is_some_and(|g| !g.is_empty() && g != "core")
-            || b.kind.as_deref().is_some_and(|k| k != "Service")
-        {
-            p.add(&at, "only Service backends are supported");
-            continue;
+        if let Some(b) = backend(p, &format!("{at}.backendRefs[{k}]"), namespace, b, services) {
+            backends.push(b);
         }
-        let ns = b.namespace.clone().unwrap_or_else(|| namespace.to_owned());
-        if ns != namespace {
-            p.add(
-                &at,
-                format!(
-                    "backend in namespace {ns:?}: a route may only send to its own namespace's services (ReferenceGrant is not supported)"
-                ),
-            );
-            continue;
-        }
-        let svc = NamespacedName {
-            namespace: ns,
-            name: b.name.clone(),
-        };
-        let Some(s) = services.get(&svc) else {
-            p.add(&at, format!("service {svc} is not defined"));
-            continue;
-        };
-        let Some(port) = b.port else {
-            p.add(&at, "port is required for a Service backend");
-            continue;
-        };
-        if !s.ports.iter().any(|sp| sp.port == port) {
-            p.add(&at, format!("service {svc} has no port {port}"));
-            continue;
-        }
-        let weight = b.weight.unwrap_or(1);
-        if weight > MAX_WEIGHT {
-            p.add(&at, format!("weight {weight} is over {MAX_WEIGHT}"));
-            continue;
-        }
-        backends.push(Backend {
-            service: svc,
-            port,
-            weight,
-        });
     }
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         // Gateway API: all weights zero → every request gets 500; keep them, the
@@ -1192,6 +1241,62 @@ fn validate_rule(
         backend_timeout,
         retry,
         fault,
+        mirrors,
+    })
+}
+
+/// A `backendRef` checked against the services defined: a Service port in the route's
+/// namespace.
+fn backend(
+    p: &mut Problems,
+    at: &str,
+    namespace: &str,
+    b: &BackendRefSpec,
+    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
+) -> Option<Backend> {
+    if b.group
+        .as_deref()
+        .is_some_and(|g| !g.is_empty() && g != "core")
+        || b.kind.as_deref().is_some_and(|k| k != "Service")
+    {
+        p.add(at, "only Service backends are supported");
+        return None;
+    }
+    let ns = b.namespace.clone().unwrap_or_else(|| namespace.to_owned());
+    if ns != namespace {
+        p.add(
+            at,
+            format!(
+                "backend in namespace {ns:?}: a route may only send to its own namespace's services (ReferenceGrant is not supported)"
+            ),
+        );
+        return None;
+    }
+    let svc = NamespacedName {
+        namespace: ns,
+        name: b.name.clone(),
+    };
+    let Some(s) = services.get(&svc) else {
+        p.add(at, format!("service {svc} is not defined"));
+        return None;
+    };
+    let Some(port) = b.port else {
+        p.add(at, "port is required for a Service backend");
+        return None;
+    };
+    if !s.ports.iter().any(|sp| sp.port == port) {
+        p.add(at, format!("service {svc} has no port {port}"));
+        return None;
+    }
+    let weight = b.weight.unwrap_or(1);
+    if weight > MAX_WEIGHT {
+        p.add(at, format!("weight {weight} is over {MAX_WEIGHT}"));
+        return None;
+    }
+    Some(Backend {
+        service: svc,
+        port,
+        weight,
     })
 }
 

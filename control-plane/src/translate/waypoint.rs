@@ -504,8 +504,27 @@ fn envoy_route(
                 (prefix, regex, rw.hostname.clone())
             }
         };
+        let request_mirror_policies = rule
+            .mirrors
+            .iter()
+            .filter_map(|mirror| {
+                let svc = m.services.get(&mirror.service)?;
+                clusters.insert((mirror.service.clone(), mirror.port));
+                Some(route::route_action::RequestMirrorPolicy {
+                    cluster: cluster_name(&svc.hostname, mirror.port),
+                    runtime_fraction: Some(
+                        envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent {
+                            default_value: Some(fractional(mirror.percent)),
+                            runtime_key: String::new(),
+                        },
+                    ),
+                    ..Default::default()
+                })
+            })
+            .collect();
         route::route::Action::Route(route::RouteAction {
             cluster_specifier: Some(cluster_specifier),
+            request_mirror_policies,
             timeout: Some(duration(rule.request_timeout.unwrap_or(Duration::ZERO))),
             retry_policy,
             prefix_rewrite,
@@ -1033,6 +1052,54 @@ destinationRules:
         };
         assert_eq!(versions(&ra), versions(&rb));
         assert!(!versions(&ra).is_empty());
+    }
+
+    #[test]
+    fn mirrors_become_mirror_policies_and_their_mistakes_are_explained() {
+        let filters = |f: &str| {
+            MESH.replace(
+                "      - matches: [{path: {type: Exact, value: /v2}}, {headers: [{name: X-Canary, value: \"yes\"}]}]\n",
+                &format!("      - matches: [{{path: {{type: Exact, value: /v2}}}}, {{headers: [{{name: X-Canary, value: \"yes\"}}]}}]\n        filters:\n{f}"),
+            )
+        };
+        let good = filters(
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: web-v1, port: 80}, fraction: {numerator: 1, denominator: 8}}}\n",
+        );
+        let m = parse(Path::new("mesh.yaml"), &good).unwrap_or_else(|e| panic!("{e}"));
+        let r = resources(&m, m.waypoints.values().next().unwrap());
+        let rc: route::RouteConfiguration =
+            decode(&r[type_url::ROUTE]["web.shop.svc.cluster.local:80"]);
+        // The exact path /v2 is the first route.
+        let route = &rc.virtual_hosts[0].routes[0];
+        let Some(route::route::Action::Route(ra)) = &route.action else {
+            panic!("{route:?}")
+        };
+        let policy = &ra.request_mirror_policies[0];
+        assert_eq!(policy.cluster, "outbound|80||web-v1.shop.svc.cluster.local");
+        assert_eq!(
+            policy.runtime_fraction.as_ref().unwrap().default_value,
+            Some(fractional(12.5))
+        );
+        assert_eq!(fractional(12.5).numerator, 125_000);
+
+        let bad = filters(concat!(
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: nowhere, port: 80}}}\n",
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: web-v1, port: 80}, percent: 101}}\n",
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: web-v1, port: 80}, percent: 1, fraction: {numerator: 1}}}\n",
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: web-v1, port: 80, weight: 2}}}\n",
+            "          - {type: RequestMirror, requestMirror: {backendRef: {name: web-v1, port: 80}, fraction: {numerator: 3, denominator: 2}}}\n",
+        ));
+        let e = parse(Path::new("mesh.yaml"), &bad).unwrap_err().to_string();
+        let at = "httpRoutes[0] (shop/web).rules[1].filters";
+        for want in [
+            format!("{at}[0].requestMirror.backendRef: service shop/nowhere is not defined"),
+            format!("{at}[1].requestMirror.percent: 101 is not 0-100"),
+            format!("{at}[2].requestMirror: percent and fraction are exclusive"),
+            format!("{at}[3].requestMirror.backendRef.weight: a mirror's backend has no weight"),
+            format!("{at}[4].requestMirror.fraction: needs 0 <= numerator <= denominator"),
+        ] {
+            assert!(e.contains(&want), "{want}\n{e}");
+        }
     }
 
     #[test]

@@ -21,8 +21,9 @@ use prost::Message;
 
 use super::{
     Action, Cluster, DEFAULT_LIMIT, Endpoint, Fault, FaultAbort, Forward, HeaderMatch, HeaderOp,
-    LbPolicy, Limits, Listener, ListenerKind, PathMatch, QueryMatch, Redirect, RetryLimit, RetryOn,
-    RetryPolicy, Route, RouteConfig, RouteMatch, StringMatch, UpstreamProtocol, VirtualHost,
+    LbPolicy, Limits, Listener, ListenerKind, Mirror, MirrorHost, PathMatch, QueryMatch, Redirect,
+    RetryLimit, RetryOn, RetryPolicy, Route, RouteConfig, RouteMatch, StringMatch,
+    UpstreamProtocol, VirtualHost,
 };
 
 /// Why a resource was refused.
@@ -329,24 +330,26 @@ fn action(a: &Option<route::route::Action>) -> Result<Action, Error> {
             if clusters.iter().all(|(_, w)| *w == 0) {
                 return Err("every weighted cluster has weight 0".into());
             }
-            if !ra.request_mirror_policies.is_empty()
-                || !ra.hash_policy.is_empty()
+            if !ra.hash_policy.is_empty()
                 || ra.hedge_policy.is_some()
                 || !ra.rate_limits.is_empty()
                 || ra.cors.is_some()
             {
-                return Err(
-                    "request mirroring, hashing, hedging, rate limits and CORS are not supported yet"
-                        .into(),
-                );
+                return Err("hashing, hedging, rate limits and CORS are not supported yet".into());
             }
             // Envoy's default route timeout is 15 s; 0 disables it.
             let timeout = match &ra.timeout {
                 None => Some(Duration::from_secs(15)),
                 Some(d) => Some(duration(d)?).filter(|d| !d.is_zero()),
             };
+            let mirrors = ra
+                .request_mirror_policies
+                .iter()
+                .map(mirror_policy)
+                .collect::<Result<_, _>>()?;
             Ok(Action::Forward(Forward {
                 clusters,
+                mirrors,
                 timeout,
                 retry: ra.retry_policy.as_ref().map(retry_policy).transpose()?,
                 prefix_rewrite: Some(ra.prefix_rewrite.clone()).filter(|p| !p.is_empty()),
@@ -419,6 +422,39 @@ fn action(a: &Option<route::route::Action>) -> Result<Action, Error> {
         }
         _ => Err("unsupported route action".into()),
     }
+}
+
+/// A request mirror policy: a named cluster, a share, the shadow `Host`.
+fn mirror_policy(m: &route::route_action::RequestMirrorPolicy) -> Result<Mirror, Error> {
+    if m.cluster.is_empty() {
+        return Err(
+            "a request mirror policy needs a cluster (cluster_header is not supported)".into(),
+        );
+    }
+    if m.trace_sampled.is_some() || !m.request_headers_mutations.is_empty() {
+        return Err(
+            "request mirror trace_sampled and request_headers_mutations are not supported".into(),
+        );
+    }
+    let share = match &m.runtime_fraction {
+        // Envoy: without a fraction, every request is mirrored.
+        None => 1.0,
+        Some(f) => match &f.default_value {
+            None => 1.0,
+            Some(_) => probability(&f.default_value)?,
+        },
+    };
+    Ok(Mirror {
+        cluster: m.cluster.clone(),
+        share,
+        host: if !m.host_rewrite_literal.is_empty() {
+            MirrorHost::Literal(m.host_rewrite_literal.clone())
+        } else if m.disable_shadow_host_suffix_append {
+            MirrorHost::Same
+        } else {
+            MirrorHost::ShadowSuffix
+        },
+    })
 }
 
 /// A fractional percent as a probability.

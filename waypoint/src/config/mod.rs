@@ -224,6 +224,8 @@ pub enum Action {
 pub struct Forward {
     /// Clusters with weights (one with weight 1 when not split).
     pub clusters: Vec<(String, u32)>,
+    /// Copies of requests sent elsewhere, answers thrown away.
+    pub mirrors: Vec<Mirror>,
     /// The whole request, retries included; `None`: no limit.
     pub timeout: Option<Duration>,
     /// Retries, if any.
@@ -234,6 +236,28 @@ pub struct Forward {
     pub regex_rewrite: Option<(regex::Regex, String)>,
     /// Replaces the `Host`.
     pub host_rewrite: Option<String>,
+}
+
+/// A request mirror (Envoy's `RequestMirrorPolicy`).
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    /// The cluster copies go to.
+    pub cluster: String,
+    /// The share of requests copied (0 to 1).
+    pub share: f64,
+    /// The copy's `Host`.
+    pub host: MirrorHost,
+}
+
+/// What a mirrored request's `Host` (`:authority`) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MirrorHost {
+    /// Envoy's default: the host with `-shadow` appended (before any port).
+    ShadowSuffix,
+    /// Unchanged.
+    Same,
+    /// Replaced.
+    Literal(String),
 }
 
 /// Envoy's retry policy subset.

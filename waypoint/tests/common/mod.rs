@@ -102,6 +102,8 @@ pub struct BackendState {
     pub status: AtomicU64,
     /// Delay every answer this long (milliseconds).
     pub delay_ms: AtomicU64,
+    /// The last request as its answer's body describes it, with `body=<bytes>`.
+    pub last: std::sync::Mutex<String>,
 }
 
 /// An HTTP backend on loopback (HTTP/1.1 and HTTP/2). It answers with `x-backend: <name>`
@@ -158,6 +160,7 @@ impl Backend {
                                     .await
                                     .map(|b| b.to_bytes().len())
                                     .unwrap_or(0);
+                                *st.last.lock().unwrap() = format!("{line} body={size}");
                                 let mut status = match st.status.load(Ordering::SeqCst) {
                                     0 => 200,
                                     s => s as u16,
