@@ -203,6 +203,21 @@ pub fn config_dump(c: &Config) -> Value {
                 "retries_in_flight": retries,
                 "connections_open": connections,
                 "requests_pending": pending,
+                "healthy_panic_threshold": cl.panic_threshold,
+                "outlier_detection": cl.outlier.as_ref().map(|o| {
+                    let c = o.config();
+                    json!({
+                        "consecutive_5xx": c.consecutive_5xx,
+                        "enforcing_consecutive_5xx": (c.enforcing_5xx * 100.0).round(),
+                        "consecutive_gateway_failure": c.consecutive_gateway,
+                        "enforcing_consecutive_gateway_failure": (c.enforcing_gateway * 100.0).round(),
+                        "interval_ms": c.interval.as_millis() as u64,
+                        "base_ejection_time_ms": c.base_ejection_time.as_millis() as u64,
+                        "max_ejection_time_ms": c.max_ejection_time.as_millis() as u64,
+                        "max_ejection_percent": c.max_ejection_percent,
+                        "ejected": o.ejected().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                }),
             })
         })
         .collect();

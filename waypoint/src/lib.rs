@@ -11,6 +11,7 @@
 //! - [`router`]: virtual host and route selection;
 //! - [`proxy`]: one request: actions, header changes, retries, timeouts;
 //! - [`upstream`]: endpoint choice and pooled upstream connections (HBONE or plaintext);
+//! - [`outlier`]: outlier detection (endpoints ejected after consecutive failures);
 //! - [`inbound`]: the HBONE server;
 //! - [`identity`]: the waypoint's certificate and TLS configurations;
 //! - [`sds`]: that certificate, from the node agent's SDS socket;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control_plane;
 pub mod identity;
 pub mod inbound;
+pub mod outlier;
 pub mod proxy;
 pub mod router;
 pub mod sds;

@@ -710,6 +710,7 @@ async fn forward(
             );
         }
         let result = one_attempt(ctx, cluster, &ep, req, retry.per_try_timeout, deadline).await;
+        observe(ctx, cluster, endpoints.len(), &ep, &result);
         drop(retrying.take());
         let (code, flags) = match &result {
             Attempt::Response(r) => (r.status().as_u16(), "-"),
@@ -920,7 +921,9 @@ fn send_mirror(
         *req.version_mut() = version(cluster.protocol);
         *req.headers_mut() = headers;
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let (code, flags) = match one_attempt(&ctx, cluster, &ep, req, None, deadline).await {
+        let result = one_attempt(&ctx, cluster, &ep, req, None, deadline).await;
+        observe(&ctx, cluster, endpoints.len(), &ep, &result);
+        let (code, flags) = match result {
             Attempt::Response(r) => {
                 // Read to its end (so the connection can be reused), then dropped.
                 let status = r.status().as_u16();
@@ -946,6 +949,34 @@ fn send_mirror(
         };
         ctx.series.attempt(&ctx.metrics, &name, code, flags);
     });
+}
+
+/// Tells the cluster's outlier detection how `ep` (one of `endpoints`) answered; what a
+/// circuit breaker turned away is not the endpoint's doing.
+fn observe(
+    ctx: &RequestContext,
+    cluster: &Cluster,
+    endpoints: usize,
+    ep: &Endpoint,
+    result: &Attempt,
+) {
+    use crate::outlier::{Answer, Verdict};
+    let Some(o) = &cluster.outlier else { return };
+    let answer = match result {
+        Attempt::Response(r) => Answer::Status(r.status().as_u16()),
+        Attempt::Failed(UpstreamError::Overflow(_)) => return,
+        Attempt::Failed(UpstreamError::Connect(_)) => Answer::ConnectFailed,
+        Attempt::Failed(_) => Answer::Reset,
+        Attempt::TimedOut => Answer::TimedOut,
+    };
+    match o.record(ep.addr, endpoints, answer) {
+        Verdict::None => {}
+        Verdict::Ejected(reason) => {
+            info!(cluster = %cluster.name, endpoint = %ep.addr, reason = reason.as_str(), "outlier ejected");
+            ctx.metrics.ejection(&cluster.name, reason.as_str(), true);
+        }
+        Verdict::Overflow(reason) => ctx.metrics.ejection(&cluster.name, reason.as_str(), false),
+    }
 }
 
 async fn one_attempt(

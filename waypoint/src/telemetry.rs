@@ -152,6 +152,17 @@ pub struct OverflowLabels {
     pub limit: &'static str,
 }
 
+/// An outlier detection decision's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// The Envoy cluster.
+    pub cluster: String,
+    /// Which detector (`consecutive_5xx`, `consecutive_gateway_failure`).
+    pub reason: &'static str,
+    /// `ejected`, or `overflow` when `max_ejection_percent` kept the endpoint in.
+    pub outcome: &'static str,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -173,6 +184,10 @@ pub struct Metrics {
     /// `upstream_rq_overflow`, `upstream_rq_pending_overflow`, `upstream_cx_overflow`,
     /// `upstream_rq_retry_overflow`).
     pub overflow: Family<OverflowLabels, Counter>,
+    /// `ambit_waypoint_outlier_ejections_total`: endpoints outlier detection ejected
+    /// (Envoy's `outlier_detection.ejections_enforced_*`), or would have but for
+    /// `max_ejection_percent` (`ejections_overflow`).
+    pub ejections: Family<EjectionLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -242,6 +257,12 @@ impl Default for Metrics {
             "Requests, retries and connections a cluster's circuit breakers turned away",
             overflow.clone(),
         );
+        let ejections = Family::<EjectionLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_outlier_ejections",
+            "Endpoints outlier detection ejected, or would have but for max_ejection_percent",
+            ejections.clone(),
+        );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
             registry.register(name, help, f.clone());
@@ -276,6 +297,7 @@ impl Default for Metrics {
             upstream_requests,
             retries,
             overflow,
+            ejections,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -410,6 +432,17 @@ impl Metrics {
             .get_or_create(&OverflowLabels {
                 cluster: cluster.to_owned(),
                 limit: limit.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts an outlier detection decision on `cluster`.
+    pub fn ejection(&self, cluster: &str, reason: &'static str, ejected: bool) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                cluster: cluster.to_owned(),
+                reason,
+                outcome: if ejected { "ejected" } else { "overflow" },
             })
             .inc();
     }

@@ -254,19 +254,37 @@ impl Upstreams {
         })
     }
 
-    /// The endpoint of `cluster` to try next: the balancer's choice, unless it was already
-    /// tried (`tried`) or failed recently, in which case the next one after it that was
-    /// not; if every endpoint was, the balancer's choice anyway. `None` without endpoints.
+    /// The endpoint of `cluster` to try next: the balancer's choice among the endpoints
+    /// outlier detection has not ejected, unless it was already tried (`tried`) or
+    /// failed recently, in which case the next one after it that was not; if every
+    /// endpoint was, the balancer's choice anyway. Below the cluster's panic threshold
+    /// of endpoints not ejected, all are candidates. `None` without a candidate.
     pub fn choose(
         &self,
         cluster: &Cluster,
         endpoints: &[Endpoint],
         tried: &[SocketAddr],
     ) -> Option<Endpoint> {
-        let n = endpoints.len();
+        let all = endpoints.len();
+        // Only while something is ejected: no lock, no list otherwise.
+        let healthy: Option<smallvec::SmallVec<[usize; 16]>> = cluster
+            .outlier
+            .as_deref()
+            .filter(|o| o.any_ejected())
+            .and_then(|o| {
+                o.with_ejected(|ejected| {
+                    let h: smallvec::SmallVec<[usize; 16]> =
+                        (0..all).filter(|&i| !ejected(endpoints[i].addr)).collect();
+                    let percent = 100.0 * h.len() as f64 / all.max(1) as f64;
+                    // Envoy's panic mode: too few left, so all are used.
+                    (percent >= cluster.panic_threshold).then_some(h)
+                })
+            });
+        let n = healthy.as_ref().map_or(all, |h| h.len());
         if n == 0 {
             return None;
         }
+        let at = |k: usize| &endpoints[healthy.as_ref().map_or(k, |h| h[k])];
         let first = match cluster.lb {
             LbPolicy::RoundRobin => {
                 let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
@@ -289,7 +307,7 @@ impl Upstreams {
                 } else {
                     a
                 };
-                let load = |i: usize| self.load(endpoints[i].addr);
+                let load = |i: usize| self.load(at(i).addr);
                 if load(b) < load(a) { b } else { a }
             }
         };
@@ -302,9 +320,9 @@ impl Upstreams {
                     .is_some_and(|t| now.duration_since(*t) < FAILED_FOR)
         };
         let pick = (0..n)
-            .map(|k| &endpoints[(first + k) % n])
+            .map(|k| at((first + k) % n))
             .find(|e| !bad(e))
-            .unwrap_or(&endpoints[first]);
+            .unwrap_or(at(first));
         Some(pick.clone())
     }
 

@@ -36,6 +36,9 @@ workloads:
   - {name: storm, namespace: shop, node: node-1, ips: [10.244.1.34], labels: {app: storm}}
   - {name: crowd, namespace: shop, node: node-1, ips: [10.244.1.35], labels: {app: crowd}}
   - {name: shadow, namespace: shop, node: node-1, ips: [10.244.1.36], labels: {app: shadow}}
+  - {name: od0, namespace: shop, node: node-1, ips: [10.244.1.37], labels: {app: od}}
+  - {name: od1, namespace: shop, node: node-1, ips: [10.244.1.38], labels: {app: od}}
+  - {name: od2, namespace: shop, node: node-1, ips: [10.244.1.39], labels: {app: od}}
 services:
   - {name: web, namespace: shop, vips: [10.96.1.10], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -59,7 +62,11 @@ services:
      selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
   - {name: shadow, namespace: shop, vips: [10.96.1.20], ports: [{name: http, port: 80, targetPort: 18080}],
      selector: {app: shadow}}
+  - {name: od, namespace: shop, vips: [10.96.1.21], ports: [{name: http, port: 80, targetPort: 18080}],
+     selector: {app: od}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
+  - {name: od, namespace: shop, host: od, trafficPolicy: {outlierDetection:
+     {consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 1s, maxEjectionPercent: 100}}}
   - {name: web-v2, namespace: shop, host: web-v2, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
   - {name: cb-requests, namespace: shop, host: cb-requests, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 10}}}}
   - {name: cb-pending, namespace: shop, host: cb-pending,
@@ -156,7 +163,7 @@ httpRoutes:
 
 /// The loopback address standing for each workload (Envoy cannot be pointed at 10.244/16
 /// here; the model refuses loopback, so it is swapped in after validation).
-const LOOPBACK: [(&str, &str); 7] = [
+const LOOPBACK: [(&str, &str); 10] = [
     ("v1", "127.0.1.30"),
     ("v2", "127.0.1.31"),
     ("flaky", "127.0.1.32"),
@@ -164,6 +171,9 @@ const LOOPBACK: [(&str, &str); 7] = [
     ("storm", "127.0.1.34"),
     ("crowd", "127.0.1.35"),
     ("shadow", "127.0.1.36"),
+    ("od0", "127.0.1.37"),
+    ("od1", "127.0.1.38"),
+    ("od2", "127.0.1.39"),
 ];
 
 fn model() -> Model {
@@ -211,6 +221,7 @@ struct Envoy {
     cb_pending: SocketAddr,
     chaos: SocketAddr,
     mirrored: SocketAddr,
+    od: SocketAddr,
     dir: std::path::PathBuf,
 }
 
@@ -260,7 +271,8 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         cb_pending,
         chaos,
         mirrored,
-    ] = [(); 9].map(|_| free_port());
+        od,
+    ] = [(); 10].map(|_| free_port());
     let mut y = format!(
         r#"node: {{id: shop/wp, cluster: wp}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -303,6 +315,7 @@ static_resources:
     );
     y += &static_listener("chaos", chaos, "chaos.shop.svc.cluster.local:80");
     y += &static_listener("mirrored", mirrored, "mirrored.shop.svc.cluster.local:80");
+    y += &static_listener("od", od, "od.shop.svc.cluster.local:80");
     let config = dir.join("envoy.yaml");
     std::fs::write(&config, y).unwrap();
     let child = Command::new(envoy_binary())
@@ -327,6 +340,7 @@ static_resources:
         cb_pending: a(cb_pending),
         chaos: a(chaos),
         mirrored: a(mirrored),
+        od: a(od),
         dir,
     }
 }
@@ -653,8 +667,9 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         let t = Instant::now();
         let x = send1(conn, req("GET", host, "/delay", &[])).await;
         assert_eq!(x.status, 200, "{proxy}");
+        // (Envoy's timer may fire a fraction of a millisecond early.)
         assert!(
-            t.elapsed() >= Duration::from_millis(200),
+            t.elapsed() >= Duration::from_millis(195),
             "{proxy}: {:?}",
             t.elapsed()
         );
@@ -723,6 +738,45 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
     assert_eq!(
         copies[0].2.as_deref(),
         Some("host=mirrored.shop.svc.cluster.local-shadow")
+    );
+
+    // Outlier detection: of three endpoints, the one answering 500 is ejected at its
+    // third failure in a row by both, and gets nothing more for its 1 s.
+    backends["od2"].state.status.store(500, Ordering::SeqCst);
+    for proxy in ["envoy", "ambit"] {
+        for b in ["od0", "od1", "od2"] {
+            backends[b].state.requests.store(0, Ordering::SeqCst);
+        }
+        let mut c = match proxy {
+            "envoy" => plain_http1(envoy.od).await,
+            _ => wp.http1("10.96.1.21:80").await,
+        };
+        let mut failed = 0;
+        for _ in 0..30 {
+            if send1(&mut c, req("GET", "od.shop.svc.cluster.local", "/", &[]))
+                .await
+                .status
+                == 500
+            {
+                failed += 1;
+            }
+        }
+        let bad = backends["od2"].state.requests.load(Ordering::SeqCst);
+        eprintln!(
+            "outlier detection: {proxy}: the failing endpoint got {bad} of 30, {failed} failed"
+        );
+        // Envoy ejects on its main thread, a moment after the third failure.
+        assert!((3..=4).contains(&bad), "{proxy}: {bad}");
+        assert_eq!(failed, bad, "{proxy}");
+    }
+    let ejections = admin_get(
+        envoy.admin,
+        "/stats?filter=od.shop.*ejections_enforced_consecutive_5xx",
+    )
+    .await;
+    assert!(
+        ejections.contains("ejections_enforced_consecutive_5xx: 1"),
+        "{ejections}"
     );
 
     let stats = admin_get(envoy.admin, "/stats?filter=cb-.*overflow").await;

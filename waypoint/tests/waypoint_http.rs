@@ -36,6 +36,9 @@ workloads:
   - {name: crowd, namespace: shop, node: node-2, ips: [10.244.2.24], labels: {app: crowd}}
   - {name: shadow, namespace: shop, node: node-2, ips: [10.244.2.25], labels: {app: shadow}}
   - {name: void, namespace: shop, node: node-2, ips: [10.244.2.26], labels: {app: void}}
+  - {name: od-0, namespace: shop, node: node-2, ips: [10.244.2.27], labels: {app: od}}
+  - {name: od-1, namespace: shop, node: node-2, ips: [10.244.2.28], labels: {app: od}}
+  - {name: od-2, namespace: shop, node: node-2, ips: [10.244.2.29], labels: {app: od}}
 services:
   - {name: web, namespace: shop, vips: [10.96.0.10], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: web}, labels: {ambit.dev/waypoint: wp}}
@@ -81,7 +84,21 @@ services:
      selector: {app: shadow}}
   - {name: void, namespace: shop, vips: [10.96.0.108], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: void}}
+  - {name: od, namespace: shop, vips: [10.96.0.109], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: od}, labels: {ambit.dev/waypoint: wp}}
+  - {name: od-capped, namespace: shop, vips: [10.96.0.110], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: od}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
+  - name: od
+    namespace: shop
+    host: od
+    trafficPolicy:
+      outlierDetection: {consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 1s, maxEjectionPercent: 100}
+  - name: od-capped
+    namespace: shop
+    host: od-capped
+    trafficPolicy:
+      outlierDetection: {consecutive5xxErrors: 3, interval: 100ms, baseEjectionTime: 10s, maxEjectionPercent: 34}
   - name: cb-requests
     namespace: shop
     host: cb-requests
@@ -235,6 +252,9 @@ async fn world() -> World {
         ("storm", "10.244.2.23"),
         ("crowd", "10.244.2.24"),
         ("shadow", "10.244.2.25"),
+        ("od0", "10.244.2.27"),
+        ("od1", "10.244.2.28"),
+        ("od2", "10.244.2.29"),
     ] {
         let b = Backend::start(name).await;
         wp.map(&format!("{ip}:8080"), b.addr);
@@ -958,6 +978,132 @@ async fn mirrors_get_copies_of_their_share_and_never_touch_the_original() {
     };
     assert_eq!(upstream("shadow", "200"), (21 + copied) as f64, "{m}");
     assert_eq!(upstream("void", "0"), 5.0, "{m}");
+}
+
+/// Requests each of `backends` has answered.
+fn answered_by(w: &World, backends: &[&str]) -> Vec<u64> {
+    backends
+        .iter()
+        .map(|b| w.backends[b].state.requests.load(Ordering::SeqCst))
+        .collect()
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_a_failing_endpoint_for_a_growing_time_and_takes_it_back() {
+    let w = world().await;
+    w.backends["od2"].state.status.store(500, Ordering::SeqCst);
+    let host = "od.shop.svc.cluster.local";
+    let od = ["od0", "od1", "od2"];
+    let mut c = w.wp.http1("10.96.0.109:80").await;
+    let mut round = async |n: usize| {
+        let mut failed = 0;
+        for _ in 0..n {
+            if send1(&mut c, req("GET", host, "/", &[])).await.status == 500 {
+                failed += 1;
+            }
+        }
+        failed
+    };
+    // Round robin: od-2 answers every third request until its third 500 in a row
+    // ejects it; then the other two take everything.
+    let mut failed = 0;
+    while answered_by(&w, &od)[2] < 3 {
+        failed += round(1).await;
+    }
+    let mut ejected = Instant::now();
+    failed += round(30 - 9).await;
+    assert_eq!(failed, 3);
+    let counts = answered_by(&w, &od);
+    assert_eq!(counts[2], 3, "{counts:?}");
+    assert_eq!(counts[0] + counts[1], 27, "{counts:?}");
+    let dump = ambit_waypoint::admin::config_dump(&w.wp.config.borrow());
+    let cluster = dump["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "outbound|80||od.shop.svc.cluster.local")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        cluster["outlier_detection"]["ejected"],
+        // (the test maps 10.244.2.29:8080 to its backend on loopback)
+        serde_json::json!([w.backends["od2"].addr.to_string()]),
+        "{cluster}"
+    );
+    assert_eq!(cluster["healthy_panic_threshold"], 0.0, "{cluster}");
+    // Back after its 1 s (at the first review past it), and out again at its third 500
+    // in a row; ejected again before a review finds it back for an interval, its
+    // second ejection lasts twice as long (2 s).
+    let mut out_for = Vec::new();
+    for (returns_at, ejected_at) in [(4, 6), (7, 9)] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while answered_by(&w, &od)[2] < returns_at && Instant::now() < deadline {
+            round(1).await;
+        }
+        out_for.push(ejected.elapsed());
+        while answered_by(&w, &od)[2] < ejected_at && Instant::now() < deadline {
+            round(1).await;
+        }
+        ejected = Instant::now();
+        assert_eq!(answered_by(&w, &od)[2], ejected_at);
+    }
+    eprintln!("outlier: ejected for {out_for:?}");
+    // (The review that ends an ejection may come a tick's rounding early of the
+    // moment this test saw the ejection.)
+    assert!(out_for[0] >= Duration::from_millis(950), "{out_for:?}");
+    assert!(out_for[1] >= Duration::from_millis(1_950), "{out_for:?}");
+    // Counted as Envoy's ejections_enforced_consecutive_5xx.
+    let m = w.wp.metrics.encode();
+    assert_eq!(
+        sample(
+            &m,
+            "ambit_waypoint_outlier_ejections_total",
+            &[
+                "cluster=\"outbound|80||od.shop.svc.cluster.local\"",
+                "reason=\"consecutive_5xx\"",
+                "outcome=\"ejected\""
+            ]
+        ),
+        3.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn outlier_detection_never_ejects_more_than_max_ejection_percent() {
+    let w = world().await;
+    let od = ["od0", "od1", "od2"];
+    for b in od {
+        w.backends[b].state.status.store(500, Ordering::SeqCst);
+    }
+    // All three fail; at most 34 % may be out: one endpoint, never two — the others
+    // keep taking requests (and their ejections are counted as overflow).
+    let mut c = w.wp.http1("10.96.0.110:80").await;
+    for _ in 0..60 {
+        let a = send1(
+            &mut c,
+            req("GET", "od-capped.shop.svc.cluster.local", "/", &[]),
+        )
+        .await;
+        assert_eq!(a.status, 500);
+    }
+    let mut counts = answered_by(&w, &od);
+    counts.sort();
+    assert_eq!(counts[0], 3, "one ejected at its third failure: {counts:?}");
+    assert_eq!(counts[1] + counts[2], 57, "{counts:?}");
+    let m = w.wp.metrics.encode();
+    let outcome = |o: &str| {
+        sample(
+            &m,
+            "ambit_waypoint_outlier_ejections_total",
+            &[
+                "cluster=\"outbound|80||od-capped.shop.svc.cluster.local\"",
+                &format!("outcome=\"{o}\""),
+            ],
+        )
+    };
+    assert_eq!(outcome("ejected"), 1.0, "{m}");
+    assert!(outcome("overflow") >= 10.0, "{m}");
 }
 
 #[tokio::test]

@@ -40,6 +40,56 @@ pub struct TrafficPolicySpec {
     /// `connectionPool`.
     #[serde(default)]
     pub connection_pool: Option<ConnectionPoolSpec>,
+    /// `outlierDetection`.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// `outlierDetection`: endpoints that keep failing are ejected from the service's
+/// waypoint clusters for a while (Envoy's `outlier_detection`, as Istio writes it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// 5xx answers (or connection failures, resets, timeouts) in a row that eject an
+    /// endpoint (Envoy's default 5); 0 turns this off.
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// 502, 503 or 504 answers (or connection failures, resets, timeouts) in a row that
+    /// eject an endpoint; off unless set.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often ejections are reviewed (default 10s).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// An endpoint's first ejection lasts this long, each next one this much longer
+    /// (default 30s; at most 300s).
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// At most this percentage of the endpoints is ejected at once (default 10), and
+    /// always at least one may be.
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    /// Below this percentage of endpoints not ejected, ejections are ignored and all
+    /// endpoints are used (Envoy's panic threshold; Istio's default 0: never).
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
+}
+
+/// Validated outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OutlierDetection {
+    /// `consecutive5xxErrors` as written (`None`: Envoy's default, 5).
+    pub consecutive_5xx: Option<u32>,
+    /// `consecutiveGatewayErrors`, if set.
+    pub consecutive_gateway: Option<u32>,
+    /// `interval`, if set.
+    pub interval: Option<std::time::Duration>,
+    /// `baseEjectionTime`, if set.
+    pub base_ejection_time: Option<std::time::Duration>,
+    /// `maxEjectionPercent`, if set.
+    pub max_ejection_percent: Option<u32>,
+    /// `minHealthPercent` (0 unless set).
+    pub min_health_percent: u32,
 }
 
 /// `connectionPool`: the circuit breakers of the service's waypoint clusters (Envoy's
@@ -98,6 +148,8 @@ pub struct TrafficPolicy {
     pub max_pending_requests: Option<u32>,
     /// Requests in flight at once (`None`: no limit).
     pub max_requests: Option<u32>,
+    /// Outlier detection, if any.
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// `loadBalancer`.
@@ -218,13 +270,53 @@ pub(super) fn apply(
             );
             continue;
         }
+        let outlier_detection = match &r.traffic_policy.outlier_detection {
+            None => None,
+            Some(o) => {
+                let at = format!("{place}.trafficPolicy.outlierDetection");
+                match outlier_detection(o) {
+                    Ok(o) => Some(o),
+                    Err((field, e)) => {
+                        p.add(&format!("{at}.{field}"), e);
+                        continue;
+                    }
+                }
+            }
+        };
         std::sync::Arc::make_mut(service).traffic = TrafficPolicy {
             load_balancer: lb,
             max_retries: http.and_then(|h| h.max_retries),
             max_connections: limits[0].1,
             max_pending_requests: limits[1].1,
             max_requests: limits[2].1,
+            outlier_detection,
         };
         seen.insert(svc, key);
     }
+}
+
+/// Checks `outlierDetection`: an error names its field.
+fn outlier_detection(o: &OutlierDetectionSpec) -> Result<OutlierDetection, (&'static str, String)> {
+    let time = |field: &'static str, v: &Option<String>| -> Result<_, (&'static str, String)> {
+        match v {
+            None => Ok(None),
+            Some(s) => match super::http::parse_duration(s) {
+                Ok(d) if d >= std::time::Duration::from_millis(1) => Ok(Some(d)),
+                Ok(_) => Err((field, format!("{s:?} is under 1ms"))),
+                Err(e) => Err((field, e)),
+            },
+        }
+    };
+    let percent = |field: &'static str, v: Option<u32>| match v {
+        Some(n) if n > 100 => Err((field, format!("{n} is not 0-100"))),
+        v => Ok(v),
+    };
+    Ok(OutlierDetection {
+        consecutive_5xx: o.consecutive_5xx_errors,
+        consecutive_gateway: o.consecutive_gateway_errors,
+        interval: time("interval", &o.interval)?,
+        base_ejection_time: time("baseEjectionTime", &o.base_ejection_time)?,
+        max_ejection_percent: percent("maxEjectionPercent", o.max_ejection_percent)?,
+        min_health_percent: percent("minHealthPercent", o.min_health_percent)?.unwrap_or(0),
+    })
 }

@@ -42,7 +42,7 @@ use crate::model::http::{
     Abort, Fault, HeaderModifier, HttpMatch, HttpRule, PathMatch, PathModifier, StringMatch,
     precedence,
 };
-use crate::model::traffic::{LoadBalancer, TrafficPolicy};
+use crate::model::traffic::{LoadBalancer, OutlierDetection, TrafficPolicy};
 use crate::model::{Model, NamespacedName, Protocol, Service, Waypoint};
 
 pub use ambit_xds::waypoint::{HBONE_IDENTITY, METADATA, node_id};
@@ -647,6 +647,24 @@ fn circuit_breakers(traffic: &TrafficPolicy) -> cluster::CircuitBreakers {
     }
 }
 
+/// A DestinationRule's outlier detection as Istio writes it: success-rate detection off,
+/// consecutive 5xx and gateway errors enforced when set (and a 0 turns one off).
+fn outlier_detection(o: &OutlierDetection) -> cluster::OutlierDetection {
+    let u32v = |v: u32| Some(protobuf::UInt32Value { value: v });
+    let enforcing = |v: u32| u32v(if v > 0 { 100 } else { 0 });
+    cluster::OutlierDetection {
+        enforcing_success_rate: u32v(0),
+        consecutive_5xx: o.consecutive_5xx.and_then(u32v),
+        enforcing_consecutive_5xx: o.consecutive_5xx.and_then(enforcing),
+        consecutive_gateway_failure: o.consecutive_gateway.and_then(u32v),
+        enforcing_consecutive_gateway_failure: o.consecutive_gateway.and_then(enforcing),
+        interval: o.interval.map(duration),
+        base_ejection_time: o.base_ejection_time.map(duration),
+        max_ejection_percent: o.max_ejection_percent.and_then(u32v),
+        ..Default::default()
+    }
+}
+
 fn cluster_for(name: &str, protocol: Protocol, traffic: &TrafficPolicy) -> cluster::Cluster {
     use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
     let config = match protocol {
@@ -683,6 +701,18 @@ fn cluster_for(name: &str, protocol: Protocol, traffic: &TrafficPolicy) -> clust
         }),
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
         circuit_breakers: Some(circuit_breakers(traffic)),
+        outlier_detection: traffic.outlier_detection.as_ref().map(outlier_detection),
+        // As Istio: with outlier detection, the panic threshold is the rule's
+        // minHealthPercent, 0 unless set (never use ejected endpoints); set even when 0,
+        // as Envoy's default is 50 %.
+        common_lb_config: traffic.outlier_detection.as_ref().map(|o| {
+            cluster::cluster::CommonLbConfig {
+                healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+                    value: f64::from(o.min_health_percent),
+                }),
+                ..Default::default()
+            }
+        }),
         lb_policy: match traffic.load_balancer {
             LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
             LoadBalancer::LeastRequest => cluster::cluster::LbPolicy::LeastRequest,
@@ -1099,6 +1129,57 @@ destinationRules:
             format!("{at}[4].requestMirror.fraction: needs 0 <= numerator <= denominator"),
         ] {
             assert!(e.contains(&want), "{want}\n{e}");
+        }
+    }
+
+    #[test]
+    fn outlier_detection_is_written_as_istio_writes_it_and_checked() {
+        let with = |od: &str| {
+            MESH.replace(
+                "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+                &format!("trafficPolicy: {{outlierDetection: {od}}}"),
+            )
+        };
+        let m = parse(
+            Path::new("mesh.yaml"),
+            &with("{consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, interval: 5s, baseEjectionTime: 1m, maxEjectionPercent: 50, minHealthPercent: 30}"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = resources(&m, m.waypoints.values().next().unwrap());
+        let c: cluster::Cluster =
+            decode(&r[type_url::CLUSTER]["outbound|80||web-v2.shop.svc.cluster.local"]);
+        let od = c.outlier_detection.expect("outlier detection");
+        let v = |x: Option<protobuf::UInt32Value>| x.map(|x| x.value);
+        assert_eq!(v(od.enforcing_success_rate), Some(0));
+        assert_eq!(v(od.consecutive_5xx), Some(0));
+        assert_eq!(v(od.enforcing_consecutive_5xx), Some(0));
+        assert_eq!(v(od.consecutive_gateway_failure), Some(2));
+        assert_eq!(v(od.enforcing_consecutive_gateway_failure), Some(100));
+        assert_eq!(v(od.max_ejection_percent), Some(50));
+        assert_eq!(od.interval, Some(duration(Duration::from_secs(5))));
+        assert_eq!(od.base_ejection_time, Some(duration(Duration::from_secs(60))));
+        assert_eq!(
+            c.common_lb_config.unwrap().healthy_panic_threshold.unwrap().value,
+            30.0
+        );
+        // Without outlier detection, neither is set.
+        let r = resources(&model(), model().waypoints.values().next().unwrap());
+        let c: cluster::Cluster =
+            decode(&r[type_url::CLUSTER]["outbound|80||web-v2.shop.svc.cluster.local"]);
+        assert!(c.outlier_detection.is_none() && c.common_lb_config.is_none());
+
+        let at = "destinationRules[0] (shop/web-v2).trafficPolicy.outlierDetection";
+        for (od, want) in [
+            ("{maxEjectionPercent: 101}", "maxEjectionPercent: 101 is not 0-100"),
+            ("{interval: 10}", "interval: \"10\" is not a duration"),
+            ("{baseEjectionTime: 0s}", "baseEjectionTime: \"0s\" is under 1ms"),
+            ("{consecutiveErrors: 5}", "unknown field `consecutiveErrors`"),
+        ] {
+            let e = parse(Path::new("mesh.yaml"), &with(od)).unwrap_err().to_string();
+            assert!(e.contains(want), "{od}: {want}\n{e}");
+            if !want.starts_with("unknown") {
+                assert!(e.contains(at), "{e}");
+            }
         }
     }
 

@@ -616,12 +616,37 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
             c.name
         ));
     }
-    if c.outlier_detection.is_some() || !c.health_checks.is_empty() {
+    if !c.health_checks.is_empty() {
         return Err(format!(
-            "cluster {}: outlier detection and health checks are not supported yet",
+            "cluster {}: active health checks are not supported yet",
             c.name
         ));
     }
+    let outlier = c
+        .outlier_detection
+        .as_ref()
+        .map(outlier_detection)
+        .transpose()
+        .map_err(|e| format!("cluster {}: outlier detection: {e}", c.name))?
+        .map(|o| Arc::new(crate::outlier::Outlier::new(o)));
+    let panic_threshold = match &c.common_lb_config {
+        None => 50.0,
+        Some(lb) => {
+            let rest = cluster::cluster::CommonLbConfig {
+                healthy_panic_threshold: None,
+                ..lb.clone()
+            };
+            if rest != cluster::cluster::CommonLbConfig::default() {
+                return Err(format!(
+                    "cluster {}: of common_lb_config only healthy_panic_threshold is supported",
+                    c.name
+                ));
+            }
+            lb.healthy_panic_threshold
+                .as_ref()
+                .map_or(50.0, |p| p.value.clamp(0.0, 100.0))
+        }
+    };
     let (retry_limit, limits) = match &c.circuit_breakers {
         Some(cb) => circuit_breakers(cb).map_err(|e| format!("cluster {}: {e}", c.name))?,
         None => (RetryLimit::default(), Limits::default()),
@@ -675,6 +700,71 @@ pub fn cluster(any: &protobuf::Any) -> Result<Cluster, Error> {
         retry_limit,
         limits,
         load: Default::default(),
+        outlier,
+        panic_threshold,
+    })
+}
+
+/// A cluster's `outlier_detection`: the consecutive-error detectors. Success-rate and
+/// failure-percentage detection must be off (`enforcing_success_rate: 0`, as Istio
+/// writes it), and local-origin errors not split.
+fn outlier_detection(
+    o: &cluster::OutlierDetection,
+) -> Result<crate::outlier::OutlierConfig, Error> {
+    let d = crate::outlier::OutlierConfig::default();
+    let value = |v: Option<protobuf::UInt32Value>, default: u32| v.map_or(default, |v| v.value);
+    let percent = |v: Option<protobuf::UInt32Value>, default: u32| -> Result<f64, Error> {
+        match value(v, default) {
+            p if p <= 100 => Ok(f64::from(p) / 100.0),
+            p => Err(format!("an enforcing percentage of {p}")),
+        }
+    };
+    if value(o.enforcing_success_rate, 100) != 0
+        || value(o.enforcing_failure_percentage, 0) != 0
+        || value(o.enforcing_failure_percentage_local_origin, 0) != 0
+    {
+        return Err(
+            "success-rate and failure-percentage detection are not supported (set enforcing_success_rate to 0)"
+                .into(),
+        );
+    }
+    if o.split_external_local_origin_errors {
+        return Err("split_external_local_origin_errors is not supported".into());
+    }
+    let time = |t: &Option<protobuf::Duration>, default: Duration| -> Result<Duration, Error> {
+        match t {
+            None => Ok(default),
+            Some(t) => duration(t),
+        }
+    };
+    let interval = time(&o.interval, d.interval)?;
+    if interval.is_zero() {
+        return Err("interval must be over 0".into());
+    }
+    let base_ejection_time = time(&o.base_ejection_time, d.base_ejection_time)?;
+    let max_ejection_time = match &o.max_ejection_time {
+        None => d.max_ejection_time.max(base_ejection_time),
+        Some(t) => match duration(t)? {
+            t if t < base_ejection_time => {
+                return Err("max_ejection_time cannot be smaller than base_ejection_time".into());
+            }
+            t => t,
+        },
+    };
+    if !o.monitors.is_empty() {
+        return Err("outlier detection monitors are not supported".into());
+    }
+    Ok(crate::outlier::OutlierConfig {
+        consecutive_5xx: value(o.consecutive_5xx, d.consecutive_5xx),
+        enforcing_5xx: percent(o.enforcing_consecutive_5xx, 100)?,
+        consecutive_gateway: value(o.consecutive_gateway_failure, d.consecutive_gateway),
+        enforcing_gateway: percent(o.enforcing_consecutive_gateway_failure, 0)?,
+        interval,
+        base_ejection_time,
+        max_ejection_time,
+        max_ejection_percent: value(o.max_ejection_percent, d.max_ejection_percent).min(100),
+        always_eject_one_host: o.always_eject_one_host.is_some_and(|b| b.value),
+        max_ejection_time_jitter: time(&o.max_ejection_time_jitter, Duration::ZERO)?,
     })
 }
 

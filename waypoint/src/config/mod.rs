@@ -368,6 +368,12 @@ pub struct Cluster {
     /// Its name, shared: upstream connections are pooled per cluster (as Envoy's), so
     /// that each cluster's circuit breakers count only its own.
     pub pool: Arc<str>,
+    /// Outlier detection, if configured (its state lives as long as this version of
+    /// the cluster, as Envoy's).
+    pub outlier: Option<Arc<crate::outlier::Outlier>>,
+    /// Below this percentage of endpoints not ejected, all are used (Envoy's
+    /// `healthy_panic_threshold`, default 50).
+    pub panic_threshold: f64,
 }
 
 /// Envoy's circuit breakers of the default priority, for one cluster. Without
