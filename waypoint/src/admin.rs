@@ -144,15 +144,21 @@ pub fn config_dump(c: &Config) -> Value {
             let (kind, target) = match &l.kind {
                 ListenerKind::Http {
                     route_config,
-                    fault_filter,
+                    filters,
                 } => (
                     "http",
                     json!({
                         "route_config": route_config,
-                        "fault_filter": fault_filter.as_ref().map(|f| f.as_deref().map(fault_json)),
+                        "http_filters": filters.iter().map(filter_json).collect::<Vec<_>>(),
                     }),
                 ),
-                ListenerKind::Tcp { cluster } => ("tcp", json!({"cluster": cluster})),
+                ListenerKind::Tcp { cluster, rbac } => (
+                    "tcp",
+                    json!({
+                        "cluster": cluster,
+                        "rbac": rbac.iter().map(|r| rbac_json(r)).collect::<Vec<_>>(),
+                    }),
+                ),
             };
             json!({
                 "name": l.name,
@@ -253,6 +259,28 @@ pub fn config_dump(c: &Config) -> Value {
     })
 }
 
+fn filter_json(f: &crate::filter::NamedFilter) -> Value {
+    use crate::filter::HttpFilter;
+    let config = match &f.filter {
+        HttpFilter::Fault(fault) => json!({"fault": fault.as_deref().map(fault_json)}),
+        HttpFilter::Rbac(r) => rbac_json(r),
+    };
+    json!({"name": f.name, "kind": f.filter.kind(), "config": config})
+}
+
+/// An RBAC filter: its action, and its policies' names (what a denial's details and the
+/// metrics name) and sizes.
+fn rbac_json(r: &crate::filter::rbac::Rbac) -> Value {
+    json!({
+        "action": r.action.as_str(),
+        "policies": r.policies.iter().map(|(name, p)| json!({
+            "name": name,
+            "permissions": p.permissions.len(),
+            "principals": p.principals.len(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn fault_json(f: &crate::config::Fault) -> Value {
     json!({
         "delay": f.delay.map(|(d, p)| json!({"fixed_delay_ms": d.as_millis() as u64, "probability": p})),
@@ -284,6 +312,7 @@ fn string_match(m: &StringMatch) -> Value {
         StringMatch::Contains(s) => json!({"contains": s}),
         StringMatch::Regex(r) => json!({"regex": r.as_str()}),
         StringMatch::Present => json!({"present": true}),
+        StringMatch::IgnoreCase(m) => json!({"ignore_case": string_match(m)}),
     }
 }
 

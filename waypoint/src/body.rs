@@ -32,6 +32,19 @@ pub fn full(b: impl Into<Bytes>) -> ProxyBody {
         .boxed()
 }
 
+/// A short plain-text answer (Envoy's local replies).
+pub fn text(status: http::StatusCode, body: &'static str) -> http::Response<ProxyBody> {
+    let mut r = http::Response::new(full(body));
+    *r.status_mut() = status;
+    if !body.is_empty() {
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+    }
+    r
+}
+
 /// A streamed body.
 pub fn stream(b: Incoming) -> ProxyBody {
     b.map_err(BoxError::from).boxed()

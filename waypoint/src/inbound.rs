@@ -113,6 +113,33 @@ impl Inbound {
             );
             return Err(Refusal::Denied);
         }
+        // A TCP port's authorization policies (network RBAC), decided now: nothing of
+        // the connection's data is needed, and a refused CONNECT fails the caller's
+        // connect at once.
+        if let Carry::Listener(l) = &carry
+            && let ListenerKind::Tcp { rbac, .. } = &l.kind
+        {
+            let facts = crate::filter::rbac::Facts {
+                parts: None,
+                peer: peer.as_ref(),
+                source: req.forwarded_for.or(Some(from.ip())),
+                destination: req.authority,
+                metadata: &crate::filter::Metadata::default(),
+            };
+            for r in rbac {
+                if let crate::filter::rbac::Verdict::Denied { matched } = r.check(&facts) {
+                    let policy = matched.as_deref().unwrap_or("none");
+                    self.metrics
+                        .rbac(&l.name, r.action.as_str(), "denied", policy);
+                    warn!(
+                        peer = peer.as_ref().map_or("-", |p| p.as_str()),
+                        authority = %req.authority,
+                        "tunnel denied: rbac_access_denied_matched_policy[{policy}]"
+                    );
+                    return Err(Refusal::Denied);
+                }
+            }
+        }
         let meta = req
             .baggage
             .as_deref()
@@ -129,15 +156,9 @@ impl Inbound {
         client: Option<std::net::IpAddr>,
         meta: &ambit_hbone::baggage::PeerMetadata,
     ) -> WaypointTunnel {
-        let (name, route_config, fault_filter) = match &carry {
-            Carry::Listener(l) => match &l.kind {
-                ListenerKind::Http {
-                    route_config,
-                    fault_filter,
-                } => (l.name.clone(), route_config.clone(), fault_filter.clone()),
-                ListenerKind::Tcp { .. } => (l.name.clone(), String::new(), None),
-            },
-            Carry::Workload(w) => (format!("{}/{}", w.namespace, w.name), String::new(), None),
+        let name = match &carry {
+            Carry::Listener(l) => l.name.clone(),
+            Carry::Workload(w) => format!("{}/{}", w.namespace, w.name),
         };
         WaypointTunnel {
             carry,
@@ -146,8 +167,7 @@ impl Inbound {
             ctx: Arc::new(RequestContext {
                 config: self.config.clone(),
                 upstreams: self.upstreams.clone(),
-                route_config,
-                fault_filter,
+                authority,
                 series: crate::telemetry::TunnelSeries::new(
                     crate::telemetry::RequestLabels::tunnel(peer.as_ref(), &name, meta),
                 ),
@@ -275,7 +295,7 @@ impl WaypointTunnel {
                     debug!("HTTP on a tunnel ended: {e}");
                 }
             }
-            ListenerKind::Tcp { cluster } => tcp(&self.ctx, &self.meta, &cluster, io).await,
+            ListenerKind::Tcp { cluster, .. } => tcp(&self.ctx, &self.meta, &cluster, io).await,
         }
     }
 }

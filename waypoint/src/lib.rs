@@ -9,7 +9,8 @@
 //!
 //! - [`config`]: the Envoy subset, decoded and checked (`decode`), and the xDS handler;
 //! - [`router`]: virtual host and route selection;
-//! - [`proxy`]: one request: actions, header changes, retries, timeouts;
+//! - [`filter`]: the HTTP filters before the router (RBAC, fault injection);
+//! - [`proxy`]: one request: filters, then actions, header changes, retries, timeouts;
 //! - [`upstream`]: endpoint choice and pooled upstream connections (HBONE or plaintext);
 //! - [`outlier`]: outlier detection (endpoints ejected after consecutive failures);
 //! - [`inbound`]: the HBONE server;
@@ -26,6 +27,7 @@ pub mod body;
 pub mod ca;
 pub mod config;
 pub mod control_plane;
+pub mod filter;
 pub mod identity;
 pub mod inbound;
 pub mod outlier;

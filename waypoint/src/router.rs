@@ -106,6 +106,7 @@ pub fn string_matches(m: &StringMatch, v: &str) -> bool {
         StringMatch::Contains(s) => v.contains(s.as_str()),
         StringMatch::Regex(r) => r.is_match(v),
         StringMatch::Present => true,
+        StringMatch::IgnoreCase(m) => string_matches(m, &v.to_ascii_lowercase()),
     }
 }
 
@@ -127,12 +128,13 @@ pub fn header_matches(h: &HeaderMatch, parts: &Parts) -> bool {
             (!vals.is_empty()).then(|| vals.join(","))
         }
     };
-    let hit = match (&h.value, value) {
-        (StringMatch::Present, v) => v.is_some(),
-        (m, Some(v)) => string_matches(m, &v),
+    // As Envoy: a missing header matches no value, inverted or not; only "present"
+    // inverts into "absent".
+    match (&h.value, value) {
+        (StringMatch::Present, v) => v.is_some() != h.invert,
+        (m, Some(v)) => string_matches(m, &v) != h.invert,
         (_, None) => false,
-    };
-    hit != h.invert
+    }
 }
 
 /// The first value of query parameter `name`, percent-decoded.

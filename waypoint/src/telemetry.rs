@@ -163,6 +163,19 @@ pub struct EjectionLabels {
     pub outcome: &'static str,
 }
 
+/// An RBAC filter's decision's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RbacLabels {
+    /// The listener (`<service host>:<port>`).
+    pub listener: String,
+    /// The filter's action: `ALLOW`, `DENY` or `LOG` (Istio's ALLOW, DENY, AUDIT).
+    pub action: &'static str,
+    /// `allowed`, `denied` (or, for LOG, `logged` when a policy matched).
+    pub decision: &'static str,
+    /// The policy that matched (`none`: no policy of an ALLOW filter matched).
+    pub policy: String,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -188,6 +201,11 @@ pub struct Metrics {
     /// (Envoy's `outlier_detection.ejections_enforced_*`), or would have but for
     /// `max_ejection_percent` (`ejections_overflow`).
     pub ejections: Family<EjectionLabels, Counter>,
+    /// `ambit_waypoint_rbac_decisions_total`: what each RBAC filter decided, as Envoy's
+    /// `rbac.allowed`/`rbac.denied` with the policy that decided (Envoy's per-rule
+    /// stats). An ALLOW filter's passes by its policies are not counted per request
+    /// (the common case is cheap), its denials are.
+    pub rbac: Family<RbacLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -263,6 +281,12 @@ impl Default for Metrics {
             "Endpoints outlier detection ejected, or would have but for max_ejection_percent",
             ejections.clone(),
         );
+        let rbac = Family::<RbacLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_rbac_decisions",
+            "Requests an RBAC filter (Istio AuthorizationPolicy) denied, or logged for audit",
+            rbac.clone(),
+        );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
             registry.register(name, help, f.clone());
@@ -298,6 +322,7 @@ impl Default for Metrics {
             retries,
             overflow,
             ejections,
+            rbac,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -432,6 +457,18 @@ impl Metrics {
             .get_or_create(&OverflowLabels {
                 cluster: cluster.to_owned(),
                 limit: limit.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts an RBAC filter's denial or audit mark.
+    pub fn rbac(&self, listener: &str, action: &'static str, decision: &'static str, policy: &str) {
+        self.rbac
+            .get_or_create(&RbacLabels {
+                listener: listener.to_owned(),
+                action,
+                decision,
+                policy: policy.to_owned(),
             })
             .inc();
     }

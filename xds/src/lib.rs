@@ -41,6 +41,14 @@ pub mod envoy {
 pub mod waypoint {
     /// The HTTP filter name of fault injection (a route's `typed_per_filter_config` key).
     pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+    /// The HTTP filter name of RBAC (Istio's AuthorizationPolicies).
+    pub const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+    /// The HTTP filter name of JWT authentication; also the dynamic-metadata namespace a
+    /// verified token's payload is written to.
+    pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+    /// In [`JWT_FILTER`]'s metadata: the verified token's payload (every provider's
+    /// `payload_in_metadata`), which RBAC matches request principals and claims in.
+    pub const JWT_PAYLOAD: &str = "jwt_payload";
 
     /// The xDS node id of waypoint `name` of `namespace`: `<namespace>/<name>` (node names
     /// are DNS names, so it can never be a node's).
@@ -98,6 +106,11 @@ pub mod type_url {
     /// Envoy's fault injection filter (`HTTPFault`).
     pub const HTTP_FAULT: &str =
         "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+    /// Envoy's RBAC network filter.
+    pub const NETWORK_RBAC: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    /// Envoy's RBAC HTTP filter.
+    pub const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
     /// Upstream HTTP protocol options of a cluster.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

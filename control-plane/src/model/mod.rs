@@ -5,6 +5,7 @@
 //! workloads are enrolled, each service's endpoints), so every source gets the same
 //! rules and the translator never looks at a source.
 
+pub mod authz;
 pub mod http;
 pub mod incremental;
 pub mod traffic;
@@ -87,8 +88,10 @@ pub struct MeshSpec {
     pub workloads: Vec<WorkloadSpec>,
     /// The services.
     pub services: Vec<ServiceSpec>,
-    /// The authorization policies.
+    /// The authorization policies node agents enforce (L4, by selector).
     pub policies: Vec<PolicySpec>,
+    /// The authorization policies waypoints enforce (L7, by `targetRefs`).
+    pub waypoint_policies: Vec<authz::WaypointPolicySpec>,
     /// The waypoints.
     pub waypoints: Vec<WaypointSpec>,
     /// The HTTP routes.
@@ -232,8 +235,10 @@ pub struct Model {
     pub workloads: imbl::OrdMap<String, Arc<Workload>>,
     /// By namespace and name, shared as workloads are.
     pub services: imbl::OrdMap<NamespacedName, Arc<Service>>,
-    /// Authorization policies, by namespace and name.
+    /// Authorization policies node agents enforce, by namespace and name.
     pub policies: BTreeMap<NamespacedName, Policy>,
+    /// Authorization policies waypoints enforce, by namespace and name.
+    pub waypoint_policies: BTreeMap<NamespacedName, authz::WaypointPolicy>,
     /// Waypoints, by namespace and name.
     pub waypoints: BTreeMap<NamespacedName, Waypoint>,
     /// HTTP routes, by namespace and name.
@@ -906,6 +911,13 @@ impl Model {
                 },
             );
         }
+        m.waypoint_policies = authz::validate(
+            &mut p,
+            spec.waypoint_policies,
+            &m.services,
+            &m.waypoints,
+            &|k| m.policies.contains_key(k),
+        );
         m.http_routes = http::validate(&mut p, spec.http_routes, &m.services);
         m.service_accounts = spec.service_accounts.map(|sas| sas.into_iter().collect());
         traffic::apply(&mut p, spec.destination_rules, &mut m.services);
@@ -1032,6 +1044,7 @@ mod tests {
             }],
             policies: vec![],
             waypoints: vec![],
+            waypoint_policies: vec![],
             http_routes: vec![],
             destination_rules: vec![],
             service_accounts: None,

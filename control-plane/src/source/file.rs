@@ -25,6 +25,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::guard::Publisher;
+use crate::model::authz::{
+    ConditionSpec, L7Action, L7RuleSpec, OperationSpec, SourceSpec, TargetRefSpec,
+    WaypointPolicySpec,
+};
 use crate::model::{
     Action, Cidr, Destination, HttpRouteSpec, Labels, MeshSpec, Model, NamespaceSpec, NodeSpec,
     PolicySpec, PrincipalPattern, Problem, Rule, ServicePort, ServiceSpec, Source, WaypointSpec,
@@ -126,10 +130,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Model, FileError> {
             error: strip_location(&e.to_string()),
         }
     })?;
-    Model::build(file.into_spec()).map_err(|problems| FileError::Invalid {
+    let invalid = |problems| FileError::Invalid {
         file: path.to_owned(),
         problems,
-    })
+    };
+    Model::build(file.into_spec().map_err(invalid)?).map_err(invalid)
 }
 
 fn strip_location(msg: &str) -> String {
@@ -360,23 +365,37 @@ struct PortFile {
     app_protocol: Option<String>,
 }
 
+/// An authorization policy: enforced by node agents (L4) when it has a `selector` or
+/// nothing, by waypoints (L7) when it has `targetRefs`.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PolicyFile {
     name: String,
     namespace: String,
     #[serde(default)]
     selector: Option<Labels>,
+    #[serde(default)]
+    target_refs: Vec<TargetRefFile>,
     action: ActionFile,
     #[serde(default)]
     rules: Vec<RuleFile>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetRefFile {
+    #[serde(default)]
+    group: String,
+    kind: String,
+    name: String,
+}
+
+#[derive(Clone, Copy, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 enum ActionFile {
     Allow,
     Deny,
+    Audit,
 }
 
 #[derive(Deserialize)]
@@ -386,6 +405,18 @@ struct RuleFile {
     from: Vec<SourceFile>,
     #[serde(default)]
     to: Vec<DestinationFile>,
+    #[serde(default)]
+    when: Vec<ConditionFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConditionFile {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default)]
+    not_values: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +434,14 @@ struct SourceFile {
     ip_blocks: Vec<CidrFile>,
     #[serde(default)]
     not_ip_blocks: Vec<CidrFile>,
+    #[serde(default)]
+    request_principals: Vec<String>,
+    #[serde(default)]
+    not_request_principals: Vec<String>,
+    #[serde(default)]
+    remote_ip_blocks: Vec<CidrFile>,
+    #[serde(default)]
+    not_remote_ip_blocks: Vec<CidrFile>,
 }
 
 #[derive(Deserialize)]
@@ -412,6 +451,46 @@ struct DestinationFile {
     ports: Vec<u16>,
     #[serde(default)]
     not_ports: Vec<u16>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    not_hosts: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    not_methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    not_paths: Vec<String>,
+}
+
+impl RuleFile {
+    /// The L7 attributes it uses (which only a waypoint can see).
+    fn l7_fields(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut note = |used: bool, name: &'static str| {
+            if used && !out.contains(&name) {
+                out.push(name);
+            }
+        };
+        for s in &self.from {
+            note(!s.request_principals.is_empty(), "requestPrincipals");
+            note(!s.not_request_principals.is_empty(), "notRequestPrincipals");
+            note(!s.remote_ip_blocks.is_empty(), "remoteIpBlocks");
+            note(!s.not_remote_ip_blocks.is_empty(), "notRemoteIpBlocks");
+        }
+        for d in &self.to {
+            note(!d.hosts.is_empty(), "hosts");
+            note(!d.not_hosts.is_empty(), "notHosts");
+            note(!d.methods.is_empty(), "methods");
+            note(!d.not_methods.is_empty(), "notMethods");
+            note(!d.paths.is_empty(), "paths");
+            note(!d.not_paths.is_empty(), "notPaths");
+        }
+        note(!self.when.is_empty(), "when");
+        out
+    }
 }
 
 /// A principal pattern, checked while parsing so a bad one gets a line and column.
@@ -437,10 +516,9 @@ impl<'de> Deserialize<'de> for CidrFile {
 }
 
 impl MeshFile {
-    fn into_spec(self) -> MeshSpec {
-        let cidrs = |v: Vec<CidrFile>| v.into_iter().map(|c| c.0).collect();
-        let principals = |v: Vec<PrincipalFile>| v.into_iter().map(|p| p.0).collect();
-        MeshSpec {
+    fn into_spec(self) -> Result<MeshSpec, Vec<Problem>> {
+        let (policies, waypoint_policies) = split_policies(self.policies)?;
+        Ok(MeshSpec {
             trust_domain: self.trust_domain,
             namespaces: self
                 .namespaces
@@ -491,45 +569,8 @@ impl MeshFile {
                     labels: s.labels,
                 })
                 .collect(),
-            policies: self
-                .policies
-                .into_iter()
-                .map(|p| PolicySpec {
-                    name: p.name,
-                    namespace: p.namespace,
-                    selector: p.selector,
-                    action: match p.action {
-                        ActionFile::Allow => Action::Allow,
-                        ActionFile::Deny => Action::Deny,
-                    },
-                    rules: p
-                        .rules
-                        .into_iter()
-                        .map(|r| Rule {
-                            from: r
-                                .from
-                                .into_iter()
-                                .map(|s| Source {
-                                    principals: principals(s.principals),
-                                    not_principals: principals(s.not_principals),
-                                    namespaces: s.namespaces,
-                                    not_namespaces: s.not_namespaces,
-                                    ip_blocks: cidrs(s.ip_blocks),
-                                    not_ip_blocks: cidrs(s.not_ip_blocks),
-                                })
-                                .collect(),
-                            to: r
-                                .to
-                                .into_iter()
-                                .map(|d| Destination {
-                                    ports: d.ports,
-                                    not_ports: d.not_ports,
-                                })
-                                .collect(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            policies,
+            waypoint_policies,
             waypoints: self
                 .waypoints
                 .into_iter()
@@ -542,7 +583,160 @@ impl MeshFile {
             http_routes: self.http_routes,
             destination_rules: self.destination_rules,
             service_accounts: None,
+        })
+    }
+}
+
+/// The node agents' policies and the waypoints' (those with `targetRefs`). A policy
+/// without `targetRefs` that uses L7 attributes or AUDIT is refused: no node agent can
+/// enforce it, and half-enforcing it would surprise.
+fn split_policies(
+    files: Vec<PolicyFile>,
+) -> Result<(Vec<PolicySpec>, Vec<WaypointPolicySpec>), Vec<Problem>> {
+    let cidrs = |v: Vec<CidrFile>| v.into_iter().map(|c| c.0).collect();
+    let principals = |v: Vec<PrincipalFile>| v.into_iter().map(|p| p.0).collect();
+    let strings = |v: Vec<CidrFile>| v.into_iter().map(|c| c.0.to_string()).collect();
+    let mut problems = Vec::new();
+    let (mut l4, mut l7) = (Vec::new(), Vec::new());
+    for (i, p) in files.into_iter().enumerate() {
+        let place = format!("policies[{i}] ({}/{})", p.namespace, p.name);
+        if !p.target_refs.is_empty() {
+            if p.selector.is_some() {
+                problems.push(Problem {
+                    place: place.clone(),
+                    problem: "selector and targetRefs exclude each other".into(),
+                });
+                continue;
+            }
+            l7.push(WaypointPolicySpec {
+                name: p.name,
+                namespace: p.namespace,
+                target_refs: p
+                    .target_refs
+                    .into_iter()
+                    .map(|t| TargetRefSpec {
+                        group: t.group,
+                        kind: t.kind,
+                        name: t.name,
+                    })
+                    .collect(),
+                action: Some(match p.action {
+                    ActionFile::Allow => L7Action::Allow,
+                    ActionFile::Deny => L7Action::Deny,
+                    ActionFile::Audit => L7Action::Audit,
+                }),
+                rules: p
+                    .rules
+                    .into_iter()
+                    .map(|r| L7RuleSpec {
+                        from: r
+                            .from
+                            .into_iter()
+                            .map(|s| SourceSpec {
+                                principals: s.principals.iter().map(|p| p.0.to_string()).collect(),
+                                not_principals: s
+                                    .not_principals
+                                    .iter()
+                                    .map(|p| p.0.to_string())
+                                    .collect(),
+                                request_principals: s.request_principals,
+                                not_request_principals: s.not_request_principals,
+                                namespaces: s.namespaces,
+                                not_namespaces: s.not_namespaces,
+                                ip_blocks: strings(s.ip_blocks),
+                                not_ip_blocks: strings(s.not_ip_blocks),
+                                remote_ip_blocks: strings(s.remote_ip_blocks),
+                                not_remote_ip_blocks: strings(s.not_remote_ip_blocks),
+                            })
+                            .collect(),
+                        to: r
+                            .to
+                            .into_iter()
+                            .map(|d| OperationSpec {
+                                hosts: d.hosts,
+                                not_hosts: d.not_hosts,
+                                ports: d.ports.iter().map(u16::to_string).collect(),
+                                not_ports: d.not_ports.iter().map(u16::to_string).collect(),
+                                methods: d.methods,
+                                not_methods: d.not_methods,
+                                paths: d.paths,
+                                not_paths: d.not_paths,
+                            })
+                            .collect(),
+                        when: r
+                            .when
+                            .into_iter()
+                            .map(|c| ConditionSpec {
+                                key: c.key,
+                                values: c.values,
+                                not_values: c.not_values,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            });
+            continue;
         }
+        let action = match p.action {
+            ActionFile::Allow => Action::Allow,
+            ActionFile::Deny => Action::Deny,
+            ActionFile::Audit => {
+                problems.push(Problem {
+                    place,
+                    problem: "AUDIT needs targetRefs: waypoints audit requests, node agents do not"
+                        .into(),
+                });
+                continue;
+            }
+        };
+        let mut rules = Vec::new();
+        for (r, rule) in p.rules.into_iter().enumerate() {
+            let l7 = rule.l7_fields();
+            if !l7.is_empty() {
+                problems.push(Problem {
+                    place: format!("{place}.rules[{r}]"),
+                    problem: format!(
+                        "uses L7 attributes ({}), which node agents cannot see: set targetRefs to the service (kind: Service) or its waypoint (kind: Gateway, group: gateway.networking.k8s.io) so that its waypoint enforces it",
+                        l7.join(", ")
+                    ),
+                });
+                continue;
+            }
+            rules.push(Rule {
+                from: rule
+                    .from
+                    .into_iter()
+                    .map(|s| Source {
+                        principals: principals(s.principals),
+                        not_principals: principals(s.not_principals),
+                        namespaces: s.namespaces,
+                        not_namespaces: s.not_namespaces,
+                        ip_blocks: cidrs(s.ip_blocks),
+                        not_ip_blocks: cidrs(s.not_ip_blocks),
+                    })
+                    .collect(),
+                to: rule
+                    .to
+                    .into_iter()
+                    .map(|d| Destination {
+                        ports: d.ports,
+                        not_ports: d.not_ports,
+                    })
+                    .collect(),
+            });
+        }
+        l4.push(PolicySpec {
+            name: p.name,
+            namespace: p.namespace,
+            selector: p.selector,
+            action,
+            rules,
+        });
+    }
+    if problems.is_empty() {
+        Ok((l4, l7))
+    } else {
+        Err(problems)
     }
 }
 

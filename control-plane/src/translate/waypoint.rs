@@ -112,12 +112,20 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
         for port in &svc.ports {
             let name = listener_name(&svc.hostname, port.port);
             let protocol = port.protocol();
+            let policies = m
+                .waypoint_policies
+                .values()
+                .filter(|p| p.applies_to(&svc.namespace, &svc.name, &wp.name));
+            let mut filters = Vec::new();
+            if !protocol.is_http() {
+                filters = super::authz::rbac_network_filters(policies.clone());
+            }
             let filter = if protocol.is_http() {
                 listener::Filter {
                     name: "envoy.filters.network.http_connection_manager".into(),
                     config_type: Some(listener::filter::ConfigType::TypedConfig(any(
                         type_url::HCM,
-                        &http_connection_manager(&name),
+                        &http_connection_manager(&name, super::authz::rbac_filters(policies)),
                     ))),
                 }
             } else {
@@ -151,7 +159,7 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
                     .collect(),
                 bind_to_port: Some(protobuf::BoolValue { value: false }),
                 filter_chains: vec![listener::FilterChain {
-                    filters: vec![filter],
+                    filters: filters.into_iter().chain([filter]).collect(),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -194,7 +202,12 @@ fn insert(out: &mut Resources, type_url: &'static str, name: &str, m: &impl Mess
         .insert(name.to_owned(), encode(type_url, name, m));
 }
 
-fn http_connection_manager(name: &str) -> hcm::HttpConnectionManager {
+/// An HTTP connection manager: its authorization filters (RBAC, from the waypoint
+/// policies that apply), fault injection (configured per route), then the router.
+fn http_connection_manager(
+    name: &str,
+    authorization: Vec<hcm::HttpFilter>,
+) -> hcm::HttpConnectionManager {
     hcm::HttpConnectionManager {
         stat_prefix: name.to_owned(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
@@ -204,25 +217,27 @@ fn http_connection_manager(name: &str) -> hcm::HttpConnectionManager {
                 route_config_name: name.to_owned(),
             },
         )),
-        // Fault injection (configured per route; nothing by itself), then the router.
-        http_filters: vec![
-            hcm::HttpFilter {
-                name: ambit_xds::waypoint::FAULT_FILTER.into(),
-                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                    type_url::HTTP_FAULT,
-                    &HttpFault::default(),
-                ))),
-                ..Default::default()
-            },
-            hcm::HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                    type_url::ROUTER,
-                    &Router::default(),
-                ))),
-                ..Default::default()
-            },
-        ],
+        http_filters: authorization
+            .into_iter()
+            .chain([
+                hcm::HttpFilter {
+                    name: ambit_xds::waypoint::FAULT_FILTER.into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        type_url::HTTP_FAULT,
+                        &HttpFault::default(),
+                    ))),
+                    ..Default::default()
+                },
+                hcm::HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        type_url::ROUTER,
+                        &Router::default(),
+                    ))),
+                    ..Default::default()
+                },
+            ])
+            .collect(),
         strip_port_mode: Some(hcm::http_connection_manager::StripPortMode::StripAnyHostPort(true)),
         ..Default::default()
     }
@@ -1157,9 +1172,16 @@ destinationRules:
         assert_eq!(v(od.enforcing_consecutive_gateway_failure), Some(100));
         assert_eq!(v(od.max_ejection_percent), Some(50));
         assert_eq!(od.interval, Some(duration(Duration::from_secs(5))));
-        assert_eq!(od.base_ejection_time, Some(duration(Duration::from_secs(60))));
         assert_eq!(
-            c.common_lb_config.unwrap().healthy_panic_threshold.unwrap().value,
+            od.base_ejection_time,
+            Some(duration(Duration::from_secs(60)))
+        );
+        assert_eq!(
+            c.common_lb_config
+                .unwrap()
+                .healthy_panic_threshold
+                .unwrap()
+                .value,
             30.0
         );
         // Without outlier detection, neither is set.
@@ -1170,12 +1192,23 @@ destinationRules:
 
         let at = "destinationRules[0] (shop/web-v2).trafficPolicy.outlierDetection";
         for (od, want) in [
-            ("{maxEjectionPercent: 101}", "maxEjectionPercent: 101 is not 0-100"),
+            (
+                "{maxEjectionPercent: 101}",
+                "maxEjectionPercent: 101 is not 0-100",
+            ),
             ("{interval: 10}", "interval: \"10\" is not a duration"),
-            ("{baseEjectionTime: 0s}", "baseEjectionTime: \"0s\" is under 1ms"),
-            ("{consecutiveErrors: 5}", "unknown field `consecutiveErrors`"),
+            (
+                "{baseEjectionTime: 0s}",
+                "baseEjectionTime: \"0s\" is under 1ms",
+            ),
+            (
+                "{consecutiveErrors: 5}",
+                "unknown field `consecutiveErrors`",
+            ),
         ] {
-            let e = parse(Path::new("mesh.yaml"), &with(od)).unwrap_err().to_string();
+            let e = parse(Path::new("mesh.yaml"), &with(od))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{od}: {want}\n{e}");
             if !want.starts_with("unknown") {
                 assert!(e.contains(at), "{e}");

@@ -19,24 +19,26 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf;
 use prost::Message;
 
+use crate::filter::NamedFilter;
+
 use super::{
-    Action, Cluster, DEFAULT_LIMIT, Endpoint, Fault, FaultAbort, Forward, HeaderMatch, HeaderOp,
-    LbPolicy, Limits, Listener, ListenerKind, Mirror, MirrorHost, PathMatch, QueryMatch, Redirect,
-    RetryLimit, RetryOn, RetryPolicy, Route, RouteConfig, RouteMatch, StringMatch,
-    UpstreamProtocol, VirtualHost,
+    Action, Cluster, DEFAULT_LIMIT, Endpoint, Forward, HeaderMatch, HeaderOp, LbPolicy, Limits,
+    Listener, ListenerKind, Mirror, MirrorHost, PathMatch, QueryMatch, Redirect, RetryLimit,
+    RetryOn, RetryPolicy, Route, RouteConfig, RouteMatch, StringMatch, UpstreamProtocol,
+    VirtualHost,
 };
 
 /// Why a resource was refused.
 pub type Error = String;
 
-fn unpack<M: Message + Default>(any: &protobuf::Any, want: &str) -> Result<M, Error> {
+pub(crate) fn unpack<M: Message + Default>(any: &protobuf::Any, want: &str) -> Result<M, Error> {
     if any.type_url != want {
         return Err(format!("typed_config is {}, expected {want}", any.type_url));
     }
     M::decode(any.value.as_slice()).map_err(|e| format!("{want}: {e}"))
 }
 
-fn duration(d: &protobuf::Duration) -> Result<Duration, Error> {
+pub(crate) fn duration(d: &protobuf::Duration) -> Result<Duration, Error> {
     if d.seconds < 0 || d.nanos < 0 {
         return Err("negative duration".into());
     }
@@ -82,52 +84,52 @@ pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
     if chain.filter_chain_match.is_some() || chain.transport_socket.is_some() {
         return Err("filter_chain_match and transport_socket are not supported".into());
     }
-    let [filter] = chain.filters.as_slice() else {
-        return Err("exactly one network filter is supported".into());
+    // Network RBAC filters (TCP listeners), then the one terminal filter.
+    let Some((filter, before)) = chain.filters.split_last() else {
+        return Err("a filter chain needs a network filter".into());
     };
+    let mut rbac = Vec::new();
+    for f in before {
+        let Some(listener::filter::ConfigType::TypedConfig(cfg)) = &f.config_type else {
+            return Err(format!("filter {}: needs a typed_config", f.name));
+        };
+        if cfg.type_url != type_url::NETWORK_RBAC {
+            return Err(format!(
+                "network filter {} ({}) is not supported before the last (only RBAC)",
+                f.name, cfg.type_url
+            ));
+        }
+        if let Some(r) = crate::filter::rbac::decode_network(cfg)
+            .map_err(|e| format!("network filter {}: {e}", f.name))?
+        {
+            rbac.push(Arc::new(r));
+        }
+    }
     let Some(listener::filter::ConfigType::TypedConfig(cfg)) = &filter.config_type else {
         return Err(format!("filter {}: needs a typed_config", filter.name));
     };
     let kind = match cfg.type_url.as_str() {
         type_url::HCM => {
+            if !rbac.is_empty() {
+                return Err("network RBAC before an HTTP connection manager is not supported (use the RBAC HTTP filter)".into());
+            }
             let h: hcm::HttpConnectionManager = unpack(cfg, type_url::HCM)?;
             let Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) = &h.route_specifier
             else {
                 return Err("the HTTP connection manager must take its routes from RDS".into());
             };
-            // Fault injection (optional), then the router (last).
-            let mut fault_filter = None;
-            let n = h.http_filters.len();
-            for (i, f) in h.http_filters.iter().enumerate() {
-                match &f.config_type {
-                    Some(hcm::http_filter::ConfigType::TypedConfig(c))
-                        if c.type_url == type_url::ROUTER && i + 1 == n => {}
-                    Some(hcm::http_filter::ConfigType::TypedConfig(c))
-                        if c.type_url == type_url::HTTP_FAULT && fault_filter.is_none() =>
-                    {
-                        let base =
-                            fault(c).map_err(|e| format!("HTTP filter {:?}: {e}", f.name))?;
-                        fault_filter = Some(base.map(Arc::new));
-                    }
-                    _ => {
-                        return Err(format!(
-                            "HTTP filter {:?} is not supported (only fault injection, then the router last)",
-                            f.name
-                        ));
-                    }
-                }
-            }
             ListenerKind::Http {
                 route_config: rds.route_config_name.clone(),
-                fault_filter,
+                filters: http_filters(&h.http_filters)?,
             }
         }
         type_url::TCP_PROXY => {
             let t: tcp_proxy::TcpProxy = unpack(cfg, type_url::TCP_PROXY)?;
             match t.cluster_specifier {
-                Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(c)) => {
-                    ListenerKind::Tcp { cluster: c }
-                }
+                Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(c)) => ListenerKind::Tcp {
+                    cluster: c,
+                    rbac: std::mem::take(&mut rbac),
+                },
                 _ => return Err("tcp_proxy needs one cluster".into()),
             }
         }
@@ -140,24 +142,79 @@ pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
     })
 }
 
+/// An HTTP connection manager's filters: those the waypoint implements, in their
+/// order, then the router (last, and only there).
+fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> {
+    use crate::filter::{self, HttpFilter};
+    let mut out = Vec::new();
+    let n = filters.len();
+    for (i, f) in filters.iter().enumerate() {
+        let at = |e: Error| format!("HTTP filter {:?}: {e}", f.name);
+        if f.is_optional || f.disabled {
+            return Err(at("is_optional and disabled are not supported".into()));
+        }
+        let Some(hcm::http_filter::ConfigType::TypedConfig(c)) = &f.config_type else {
+            return Err(at("needs a typed_config".into()));
+        };
+        let filter = match c.type_url.as_str() {
+            type_url::ROUTER if i + 1 == n => break,
+            type_url::HTTP_FAULT => {
+                HttpFilter::Fault(filter::fault::decode(c).map_err(at)?.map(Arc::new))
+            }
+            type_url::HTTP_RBAC => match filter::rbac::decode(c).map_err(at)? {
+                Some(r) => HttpFilter::Rbac(Arc::new(r)),
+                // No rules: Envoy's filter does nothing.
+                None => continue,
+            },
+            other => {
+                return Err(at(format!(
+                    "{other} is not supported (fault injection and RBAC, then the router last)"
+                )));
+            }
+        };
+        out.push(NamedFilter {
+            name: f.name.clone(),
+            filter,
+        });
+    }
+    if filters.last().and_then(|f| match &f.config_type {
+        Some(hcm::http_filter::ConfigType::TypedConfig(c)) => Some(c.type_url.as_str()),
+        _ => None,
+    }) != Some(type_url::ROUTER)
+    {
+        return Err("the router must be the last HTTP filter".into());
+    }
+    Ok(out)
+}
+
 fn regex(r: &matcher::RegexMatcher) -> Result<regex::Regex, Error> {
     // Whole-string semantics, as Envoy's safe_regex.
     regex::Regex::new(&format!("^(?:{})$", r.regex))
         .map_err(|e| format!("regex {:?}: {e}", r.regex))
 }
 
-fn string_match(m: &matcher::StringMatcher) -> Result<StringMatch, Error> {
+pub(crate) fn string_match(m: &matcher::StringMatcher) -> Result<StringMatch, Error> {
     use matcher::string_matcher::MatchPattern;
-    if m.ignore_case {
-        return Err("ignore_case is not supported".into());
-    }
-    Ok(match &m.match_pattern {
-        Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
-        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(s.clone()),
-        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(s.clone()),
-        Some(MatchPattern::Contains(s)) => StringMatch::Contains(s.clone()),
-        Some(MatchPattern::SafeRegex(r)) => StringMatch::Regex(regex(r)?),
+    // Envoy: ignore_case lowers both sides, and does nothing to a regex.
+    let fold = |s: &str| {
+        if m.ignore_case {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_owned()
+        }
+    };
+    let pattern = match &m.match_pattern {
+        Some(MatchPattern::Exact(s)) => StringMatch::Exact(fold(s)),
+        Some(MatchPattern::Prefix(s)) => StringMatch::Prefix(fold(s)),
+        Some(MatchPattern::Suffix(s)) => StringMatch::Suffix(fold(s)),
+        Some(MatchPattern::Contains(s)) => StringMatch::Contains(fold(s)),
+        Some(MatchPattern::SafeRegex(r)) => return Ok(StringMatch::Regex(regex(r)?)),
         _ => return Err("unsupported string matcher".into()),
+    };
+    Ok(if m.ignore_case {
+        StringMatch::IgnoreCase(Box::new(pattern))
+    } else {
+        pattern
     })
 }
 
@@ -257,6 +314,33 @@ fn retry_policy(r: &route::RetryPolicy) -> Result<RetryPolicy, Error> {
     })
 }
 
+/// A `HeaderMatcher` (routes, fault filters, RBAC).
+// Deprecated fields still configure a stock Envoy, so they are honoured or refused.
+#[allow(deprecated)]
+pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Error> {
+    use route::header_matcher::HeaderMatchSpecifier;
+    if h.treat_missing_header_as_empty {
+        return Err(format!(
+            "header {}: treat_missing_header_as_empty is not supported",
+            h.name
+        ));
+    }
+    let value = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s)?,
+        Some(HeaderMatchSpecifier::ExactMatch(s)) => StringMatch::Exact(s.clone()),
+        Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => StringMatch::Regex(regex(r)?),
+        Some(HeaderMatchSpecifier::PrefixMatch(s)) => StringMatch::Prefix(s.clone()),
+        Some(HeaderMatchSpecifier::SuffixMatch(s)) => StringMatch::Suffix(s.clone()),
+        Some(HeaderMatchSpecifier::PresentMatch(true)) | None => StringMatch::Present,
+        _ => return Err(format!("header {}: unsupported match", h.name)),
+    };
+    Ok(HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        value,
+        invert: h.invert_match,
+    })
+}
+
 // Deprecated fields still configure a stock Envoy, so they are honoured or refused.
 #[allow(deprecated)]
 fn route_match(m: &route::RouteMatch) -> Result<RouteMatch, Error> {
@@ -274,24 +358,11 @@ fn route_match(m: &route::RouteMatch) -> Result<RouteMatch, Error> {
         Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(regex(r)?),
         _ => return Err("unsupported path match".into()),
     };
-    let mut headers = Vec::new();
-    for h in &m.headers {
-        use route::header_matcher::HeaderMatchSpecifier;
-        let value = match &h.header_match_specifier {
-            Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s)?,
-            Some(HeaderMatchSpecifier::ExactMatch(s)) => StringMatch::Exact(s.clone()),
-            Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => StringMatch::Regex(regex(r)?),
-            Some(HeaderMatchSpecifier::PrefixMatch(s)) => StringMatch::Prefix(s.clone()),
-            Some(HeaderMatchSpecifier::SuffixMatch(s)) => StringMatch::Suffix(s.clone()),
-            Some(HeaderMatchSpecifier::PresentMatch(true)) | None => StringMatch::Present,
-            _ => return Err(format!("header {}: unsupported match", h.name)),
-        };
-        headers.push(HeaderMatch {
-            name: h.name.to_ascii_lowercase(),
-            value,
-            invert: h.invert_match,
-        });
-    }
+    let headers = m
+        .headers
+        .iter()
+        .map(header_matcher)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut query = Vec::new();
     for q in &m.query_parameters {
         use route::query_parameter_matcher::QueryParameterMatchSpecifier;
@@ -458,7 +529,7 @@ fn mirror_policy(m: &route::route_action::RequestMirrorPolicy) -> Result<Mirror,
 }
 
 /// A fractional percent as a probability.
-fn probability(
+pub(crate) fn probability(
     p: &Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
 ) -> Result<f64, Error> {
     use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
@@ -471,65 +542,6 @@ fn probability(
         Err(_) => return Err(format!("fractional percent denominator {}", p.denominator)),
     };
     Ok((f64::from(p.numerator) / per).min(1.0))
-}
-
-/// An `HTTPFault` (the filter's own, or a route's): `None` if it injects nothing.
-fn fault(any: &protobuf::Any) -> Result<Option<Fault>, Error> {
-    use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
-    use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as http_fault;
-    let f: http_fault::HttpFault = unpack(any, type_url::HTTP_FAULT)?;
-    if !f.upstream_cluster.is_empty()
-        || !f.downstream_nodes.is_empty()
-        || f.max_active_faults.is_some()
-        || f.response_rate_limit.is_some()
-    {
-        return Err(
-            "fault upstream_cluster, downstream_nodes, max_active_faults and response_rate_limit are not supported".into(),
-        );
-    }
-    let delay = match &f.delay {
-        None => None,
-        Some(d) => match &d.fault_delay_secifier {
-            Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(t)) => {
-                Some((duration(t)?, probability(&d.percentage)?))
-            }
-            _ => return Err("only fixed fault delays are supported".into()),
-        },
-    };
-    let abort = match &f.abort {
-        None => None,
-        Some(a) => {
-            if !a.response_body.is_empty() {
-                return Err("fault abort response_body is not supported".into());
-            }
-            let what = match a.error_type {
-                Some(http_fault::fault_abort::ErrorType::HttpStatus(s)) => FaultAbort::Http(
-                    u16::try_from(s)
-                        .ok()
-                        .and_then(|s| http::StatusCode::from_u16(s).ok())
-                        .filter(|s| (200..600).contains(&s.as_u16()))
-                        .ok_or_else(|| format!("fault abort status {s}"))?,
-                ),
-                Some(http_fault::fault_abort::ErrorType::GrpcStatus(g)) => FaultAbort::Grpc(g),
-                _ => return Err("fault aborts need an HTTP or gRPC status".into()),
-            };
-            Some((what, probability(&a.percentage)?))
-        }
-    };
-    if delay.is_none() && abort.is_none() {
-        return Ok(None);
-    }
-    let headers = route_match(&route::RouteMatch {
-        path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
-        headers: f.headers.clone(),
-        ..Default::default()
-    })?
-    .headers;
-    Ok(Some(Fault {
-        delay,
-        abort,
-        headers,
-    }))
 }
 
 /// A `RouteConfiguration`.
@@ -560,7 +572,7 @@ pub fn route_config(any: &protobuf::Any) -> Result<RouteConfig, Error> {
                         "typed_per_filter_config {name:?} is not supported (only fault injection)"
                     )));
                 }
-                route_fault = fault(cfg).map_err(at)?.map(Arc::new);
+                route_fault = crate::filter::fault::decode(cfg).map_err(at)?.map(Arc::new);
             }
             routes.push(Route {
                 name: r.name.clone(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use ambit_identity::Identity;
 
 /// One service port the waypoint serves, picked by the CONNECT authority.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Listener {
     /// Its name (`<hostname>:<port>`).
     pub name: String,
@@ -30,20 +30,22 @@ pub struct Listener {
 }
 
 /// A listener's one filter.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum ListenerKind {
     /// HTTP connection manager with routes from RDS.
     Http {
         /// The `RouteConfiguration`'s name.
         route_config: String,
-        /// Its fault injection filter, if it has one: with its own fault for every
-        /// route (`Some(Some)`), or only what routes configure (`Some(None)`).
-        fault_filter: Option<Option<Arc<Fault>>>,
+        /// Its HTTP filters before the router, in order.
+        filters: Vec<crate::filter::NamedFilter>,
     },
     /// TCP proxy to one cluster.
     Tcp {
         /// The cluster.
         cluster: String,
+        /// Its network RBAC filters (Istio's AuthorizationPolicies on a TCP port),
+        /// decided when a tunnel arrives, in order.
+        rbac: Vec<Arc<crate::filter::rbac::Rbac>>,
     },
 }
 
@@ -89,23 +91,7 @@ pub struct Route {
     pub fault: Option<Arc<Fault>>,
 }
 
-/// Envoy's `HTTPFault` subset: a fixed delay and/or an abort, each for a share of
-/// requests, for requests matching `headers`.
-#[derive(Clone, Debug)]
-pub struct Fault {
-    /// How long, and the probability (0 to 1).
-    pub delay: Option<(Duration, f64)>,
-    /// What is answered, and the probability (0 to 1).
-    pub abort: Option<(FaultAbort, f64)>,
-    /// Only requests matching all these.
-    pub headers: Vec<HeaderMatch>,
-}
-
-impl PartialEq for Fault {
-    fn eq(&self, other: &Self) -> bool {
-        self.delay == other.delay && self.abort == other.abort && self.headers == other.headers
-    }
-}
+pub use crate::filter::fault::{Fault, FaultAbort};
 
 impl PartialEq for StringMatch {
     fn eq(&self, other: &Self) -> bool {
@@ -117,18 +103,10 @@ impl PartialEq for StringMatch {
             | (Contains(a), Contains(b)) => a == b,
             (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
             (Present, Present) => true,
+            (IgnoreCase(a), IgnoreCase(b)) => a == b,
             _ => false,
         }
     }
-}
-
-/// What an abort answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultAbort {
-    /// This HTTP status.
-    Http(http::StatusCode),
-    /// This gRPC status, in an HTTP 200 answer.
-    Grpc(u32),
 }
 
 /// Adds or replaces one header.
@@ -181,6 +159,9 @@ pub enum StringMatch {
     Regex(regex::Regex),
     /// Present, whatever its value.
     Present,
+    /// The inner pattern (lowercase) against the value lowercased (Envoy's
+    /// `ignore_case`).
+    IgnoreCase(Box<StringMatch>),
 }
 
 /// A header match (`:method`, `:authority`, `:path` are pseudo-headers).

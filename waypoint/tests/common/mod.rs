@@ -387,7 +387,18 @@ impl TestWaypoint {
         &self,
         authority: &str,
     ) -> Result<ambit_hbone::stream::H2Stream, ambit_hbone::connect::HboneError> {
-        let (chain, key) = self.pki.leaf(CLIENT_ID);
+        self.tunnel_as(CLIENT_ID, "10.244.1.10", authority).await
+    }
+
+    /// An HBONE tunnel to `authority` as workload `id` (a SPIFFE ID) at `source` (its
+    /// pod's IP, sent as `forwarded: for=`).
+    pub async fn tunnel_as(
+        &self,
+        id: &str,
+        source: &str,
+        authority: &str,
+    ) -> Result<ambit_hbone::stream::H2Stream, ambit_hbone::connect::HboneError> {
+        let (chain, key) = self.pki.leaf(id);
         let key = WorkloadKey::from_pem(&chain, &key).unwrap();
         let roots = MeshRoots::from_pem(&self.pki.root).unwrap();
         let config = client_config(&key, &roots, [Identity::parse(WAYPOINT_ID).unwrap()]).unwrap();
@@ -400,7 +411,7 @@ impl TestWaypoint {
         let client = HboneClient::handshake(tls).await?;
         // Peer metadata as Istio's ztunnel sends it.
         let headers = ambit_hbone::connect::ConnectHeaders {
-            source: "10.244.1.10".parse().unwrap(),
+            source: source.parse().unwrap(),
             traceparent: "00-0-0-00",
             baggage: Some(CLIENT_BAGGAGE),
             host: None,
@@ -416,6 +427,21 @@ impl TestWaypoint {
         authority: &str,
     ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
         let s = self.tunnel(authority).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    /// An HTTP/1.1 client connection through a tunnel to `authority` as `id` at `source`.
+    pub async fn http1_as(
+        &self,
+        id: &str,
+        source: &str,
+        authority: &str,
+    ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let s = self.tunnel_as(id, source, authority).await.unwrap();
         let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
             .await
             .unwrap();

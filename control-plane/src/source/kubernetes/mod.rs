@@ -54,9 +54,7 @@ use self::policy::{AuthorizationPolicy, PeerAuthentication};
 use self::status::{PeerView, PolicyView, StatusWriter, istio_spec, peer_view};
 use super::guard::Publisher;
 use crate::model::incremental::IpOwners;
-use crate::model::{
-    MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, PolicySpec, WaypointSpec,
-};
+use crate::model::{MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, WaypointSpec};
 
 /// How the Kubernetes source behaves.
 #[derive(Clone, Debug)]
@@ -489,9 +487,9 @@ struct View {
     services: Table<ServiceView>,
     slices: Table<SliceView>,
     service_accounts: Table<Option<crate::model::NamespacedName>>,
-    authorizations: Table<PolicyView<PolicySpec>>,
+    authorizations: Table<PolicyView<policy::Authorization>>,
     peer_authentications: Table<PolicyView<PeerView>>,
-    istio_authorizations: Table<PolicyView<PolicySpec>>,
+    istio_authorizations: Table<PolicyView<policy::Authorization>>,
     istio_peer_authentications: Table<PolicyView<PeerView>>,
     gateways: Table<GatewayView>,
     routes: Table<Option<RouteView>>,
@@ -799,14 +797,21 @@ impl View {
                 ns.labels.insert(MTLS_LABEL.into(), mode.into());
             }
         }
-        spec.policies = self
+        for p in self
             .authorizations
             .live
             .values()
             .chain(self.istio_authorizations.live.values())
-            .filter_map(|p| p.converted.clone())
-            .collect();
+        {
+            match &p.converted {
+                Some(policy::Authorization::Workloads(w)) => spec.policies.push(w.clone()),
+                Some(policy::Authorization::Waypoint(w)) => spec.waypoint_policies.push(w.clone()),
+                None => {}
+            }
+        }
         spec.policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        spec.waypoint_policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         // Waypoints: the Gateways of Ambit's class. The Service of a Gateway's name is
         // the waypoint's own (its VIPs), not a service of the mesh.

@@ -15,6 +15,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::model::authz::WaypointPolicySpec;
 use crate::model::{Action, Cidr, Destination, PolicySpec, PrincipalPattern, Rule, Source};
 
 /// The workloads of the policy's namespace it applies to.
@@ -50,7 +51,8 @@ pub enum PolicyAction {
     Allow,
     /// Deny what matches, whatever ALLOW policies say.
     Deny,
-    /// Istio's audit logging: not supported (refused in status).
+    /// Istio's audit logging: with targetRefs, the waypoint marks matching requests in
+    /// its access log.
     Audit,
     /// Istio's external authorizer: not supported (refused in status).
     Custom,
@@ -66,7 +68,7 @@ pub enum PolicyAction {
     status = "PolicyStatus",
     shortname = "ap",
     category = "ambit",
-    doc = "L4 authorization of connections to enrolled workloads, enforced by the destination's node agent. Fields as in Istio's security.istio.io/v1 AuthorizationPolicy.",
+    doc = "Authorization: of connections to enrolled workloads, at L4, by the destination's node agent (a selector); or of requests to a service or waypoint, at L7, by the waypoint (targetRefs). Fields as in Istio's security.istio.io/v1 AuthorizationPolicy.",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -76,8 +78,8 @@ pub struct AuthorizationPolicySpec {
     /// The workloads it applies to; absent: every workload of its namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
-    /// Istio: the waypoint or service it applies to. Such a policy is the waypoint's and
-    /// is not applied to workloads.
+    /// Istio: the waypoint (`Gateway`) or service it applies to. Such a policy is the
+    /// waypoint's, with all of its L7 attributes, and is not applied to workloads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_refs: Vec<TargetRef>,
     /// ALLOW (the default) or DENY.
@@ -312,39 +314,39 @@ impl Verdict {
     }
 }
 
+/// What an AuthorizationPolicy becomes: the node agents' (a selector, or nothing) or its
+/// waypoints' (`targetRefs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authorization {
+    /// Enforced by node agents, at L4.
+    Workloads(PolicySpec),
+    /// Enforced by the waypoints of its targets, at L7.
+    Waypoint(WaypointPolicySpec),
+}
+
 /// An AuthorizationPolicy as the model's policy, and what became of it.
 pub fn authorization(
     namespace: &str,
     name: &str,
     spec: &AuthorizationPolicySpec,
-) -> (Option<PolicySpec>, Verdict) {
+) -> (Option<Authorization>, Verdict) {
     if !spec.target_refs.is_empty() {
-        return (
-            None,
-            Verdict::Refused(
-                "TargetsWaypoint",
-                "targetRefs: this policy is a waypoint's; workloads are not affected by it".into(),
-            ),
-        );
+        return waypoint_authorization(namespace, name, spec);
     }
     let action = match spec.action {
         PolicyAction::Allow => Action::Allow,
         PolicyAction::Deny => Action::Deny,
-        other => {
+        PolicyAction::Audit => {
             return (
                 None,
                 Verdict::Refused(
                     "UnsupportedAction",
-                    format!(
-                        "action {} is not supported: only ALLOW and DENY",
-                        serde_json::to_value(other)
-                            .unwrap_or_default()
-                            .as_str()
-                            .unwrap_or("?")
-                    ),
+                    "action AUDIT needs targetRefs: waypoints audit requests, node agents do not"
+                        .into(),
                 ),
             );
         }
+        PolicyAction::Custom => return (None, custom_refused()),
     };
     let mut l7 = Vec::new();
     let mut rules = Vec::new();
@@ -376,20 +378,144 @@ pub fn authorization(
         Verdict::Partly(
             "L7NeedsWaypoint",
             format!(
-                "{} use L7 attributes, which the node agents cannot see: {what}",
+                "{} use L7 attributes, which the node agents cannot see: {what} (targetRefs to the service or its waypoint would have its waypoint enforce them)",
                 l7.join("; ")
             ),
         )
     };
     (
-        Some(PolicySpec {
+        Some(Authorization::Workloads(PolicySpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
             action,
             rules,
-        }),
+        })),
         verdict,
+    )
+}
+
+fn custom_refused() -> Verdict {
+    Verdict::Refused(
+        "UnsupportedAction",
+        "action CUSTOM (an external authorizer) is not supported: only ALLOW, DENY and AUDIT"
+            .into(),
+    )
+}
+
+/// A policy with `targetRefs`: its waypoints enforce all of it. What only the model can
+/// check (that its targets exist and have a waypoint, its values) is reported by the
+/// model's build.
+fn waypoint_authorization(
+    namespace: &str,
+    name: &str,
+    spec: &AuthorizationPolicySpec,
+) -> (Option<Authorization>, Verdict) {
+    use crate::model::authz::{
+        ConditionSpec, L7Action, L7RuleSpec, OperationSpec, SourceSpec, TargetRefSpec,
+    };
+    if spec.selector.is_some() {
+        return (
+            None,
+            Verdict::Refused(
+                "Invalid",
+                "selector and targetRefs exclude each other".into(),
+            ),
+        );
+    }
+    if let Some(t) = spec
+        .target_refs
+        .iter()
+        .find(|t| t.namespace.as_deref().is_some_and(|n| n != namespace))
+    {
+        return (
+            None,
+            Verdict::Refused(
+                "Invalid",
+                format!(
+                    "targetRefs {}/{}: a policy targets objects of its own namespace",
+                    t.kind, t.name
+                ),
+            ),
+        );
+    }
+    let action = match spec.action {
+        PolicyAction::Allow => L7Action::Allow,
+        PolicyAction::Deny => L7Action::Deny,
+        PolicyAction::Audit => L7Action::Audit,
+        PolicyAction::Custom => return (None, custom_refused()),
+    };
+    let rules = spec
+        .rules
+        .iter()
+        .map(|r| L7RuleSpec {
+            from: r
+                .from
+                .iter()
+                .map(|f| {
+                    let s = &f.source;
+                    SourceSpec {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        request_principals: s.request_principals.clone(),
+                        not_request_principals: s.not_request_principals.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                        ip_blocks: s.ip_blocks.clone(),
+                        not_ip_blocks: s.not_ip_blocks.clone(),
+                        remote_ip_blocks: s.remote_ip_blocks.clone(),
+                        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                    }
+                })
+                .collect(),
+            to: r
+                .to
+                .iter()
+                .map(|t| {
+                    let o = &t.operation;
+                    OperationSpec {
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
+                        ports: o.ports.clone(),
+                        not_ports: o.not_ports.clone(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                    }
+                })
+                .collect(),
+            when: r
+                .when
+                .iter()
+                .map(|c| ConditionSpec {
+                    key: c.key.clone(),
+                    values: c.values.clone(),
+                    not_values: c.not_values.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    (
+        Some(Authorization::Waypoint(WaypointPolicySpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            target_refs: spec
+                .target_refs
+                .iter()
+                .map(|t| TargetRefSpec {
+                    group: t.group.clone(),
+                    kind: t.kind.clone(),
+                    name: t.name.clone(),
+                })
+                .collect(),
+            action: Some(action),
+            rules,
+        })),
+        Verdict::Partly(
+            "AppliedByWaypoint",
+            "targetRefs: enforced by the waypoint of its targets, at L7".into(),
+        ),
     )
 }
 
@@ -521,7 +647,9 @@ rules:
 "#,
             ),
         );
-        let p = p.unwrap();
+        let Some(Authorization::Workloads(p)) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(p.action, Action::Allow);
         assert_eq!(
             p.rules.len(),
@@ -544,7 +672,9 @@ rules:
                 "action: DENY\nrules: [{from: [{source: {namespaces: [lab]}}], to: [{operation: {paths: [/admin]}}]}]",
             ),
         );
-        let p = p.unwrap();
+        let Some(Authorization::Workloads(p)) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(p.rules.len(), 1, "a DENY rule keeps its L4 part");
         assert_eq!(p.rules[0].from[0].namespaces, ["lab"]);
         assert!(matches!(v, Verdict::Partly(..)));
@@ -556,8 +686,16 @@ rules:
             ("action: AUDIT", "UnsupportedAction"),
             ("action: CUSTOM", "UnsupportedAction"),
             (
-                "targetRefs: [{kind: Service, group: \"\", name: web}]",
-                "TargetsWaypoint",
+                "targetRefs: [{kind: Service, group: \"\", name: web}]\nselector: {matchLabels: {a: b}}",
+                "Invalid",
+            ),
+            (
+                "targetRefs: [{kind: Service, group: \"\", name: web, namespace: other}]",
+                "Invalid",
+            ),
+            (
+                "targetRefs: [{kind: Service, group: \"\", name: web}]\naction: CUSTOM",
+                "UnsupportedAction",
             ),
             (
                 "rules: [{to: [{operation: {ports: [\"http\"]}}]}]",
@@ -579,6 +717,34 @@ rules:
                 "{y}: {v:?}"
             );
         }
+    }
+
+    #[test]
+    fn target_refs_make_a_waypoint_policy_with_every_l7_field() {
+        let (p, v) = authorization(
+            "shop",
+            "reviews-l7",
+            &spec(
+                r#"
+targetRefs: [{kind: Service, group: "", name: reviews}]
+action: AUDIT
+rules:
+  - from: [{source: {requestPrincipals: ["https://idp/*"], namespaces: [shop]}}]
+    to: [{operation: {methods: [POST], paths: ["/admin/*"], ports: ["80"]}}]
+    when: [{key: "request.auth.claims[groups]", values: [admins]}]
+"#,
+            ),
+        );
+        let Some(Authorization::Waypoint(p)) = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(p.action, Some(crate::model::authz::L7Action::Audit));
+        assert_eq!(p.target_refs[0].name, "reviews");
+        let r = &p.rules[0];
+        assert_eq!(r.from[0].request_principals, ["https://idp/*"]);
+        assert_eq!(r.to[0].paths, ["/admin/*"]);
+        assert_eq!(r.when[0].key, "request.auth.claims[groups]");
+        assert!(matches!(v, Verdict::Partly("AppliedByWaypoint", _)));
     }
 
     #[test]
