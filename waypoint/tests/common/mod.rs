@@ -5,6 +5,9 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod authz;
+pub mod envoy;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
