@@ -145,10 +145,14 @@ pub fn config_dump(c: &Config) -> Value {
                 ListenerKind::Http {
                     route_config,
                     filters,
+                    normalize_path,
+                    merge_slashes,
                 } => (
                     "http",
                     json!({
                         "route_config": route_config,
+                        "normalize_path": normalize_path,
+                        "merge_slashes": merge_slashes,
                         "http_filters": filters.iter().map(filter_json).collect::<Vec<_>>(),
                     }),
                 ),

@@ -8,6 +8,7 @@
 //! and sends it to an endpoint over HBONE (mesh workloads) or plaintext.
 //!
 //! - [`config`]: the Envoy subset, decoded and checked (`decode`), and the xDS handler;
+//! - [`path`]: path normalization (RFC 3986), before filters and routes;
 //! - [`router`]: virtual host and route selection;
 //! - [`filter`]: the HTTP filters before the router (RBAC, fault injection);
 //! - [`proxy`]: one request: filters, then actions, header changes, retries, timeouts;
@@ -31,6 +32,7 @@ pub mod filter;
 pub mod identity;
 pub mod inbound;
 pub mod outlier;
+pub mod path;
 pub mod proxy;
 pub mod router;
 pub mod sds;

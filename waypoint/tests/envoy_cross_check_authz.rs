@@ -166,7 +166,7 @@ async fn envoy_and_ambit_waypoint_authorize_the_table_alike() {
     );
     let stats = envoy::admin_get(envoy.admin, "/stats?filter=rbac").await;
     assert!(
-        stats.contains("http.api.shop.svc.cluster.local:8000.rbac.denied: 13"),
+        stats.contains("http.api.shop.svc.cluster.local:8000.rbac.denied: 16"),
         "{stats}"
     );
 

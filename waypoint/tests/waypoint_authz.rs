@@ -34,11 +34,15 @@ async fn waypoint_authorizes_requests_as_istio_authorization_policies_say() {
         }
     }
     assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+    // The backend gets the path that was authorized, not the one that was sent.
+    let mut c = wp.http1_as(READER.0, READER.1, vip_of(API)).await;
+    let a = send1(&mut c, req("GET", API, "/items/./x/../%37?q=%2e", &[])).await;
+    assert!(a.body.starts_with("api GET /items/7?q=%2e "), "{}", a.body);
 
     // What each denial and audit is counted under.
     let metrics = wp.metrics.encode();
     for line in [
-        r#"ambit_waypoint_rbac_decisions_total{listener="api.shop.svc.cluster.local:8000",action="DENY",decision="denied",policy="ns[shop]-policy[deny-admin]-rule[0]"} 4"#,
+        r#"ambit_waypoint_rbac_decisions_total{listener="api.shop.svc.cluster.local:8000",action="DENY",decision="denied",policy="ns[shop]-policy[deny-admin]-rule[0]"} 7"#,
         r#"ambit_waypoint_rbac_decisions_total{listener="api.shop.svc.cluster.local:8000",action="DENY",decision="denied",policy="ns[shop]-policy[deny-legacy]-rule[0]"} 1"#,
         r#"ambit_waypoint_rbac_decisions_total{listener="api.shop.svc.cluster.local:8000",action="ALLOW",decision="denied",policy="none"} 8"#,
         r#"ambit_waypoint_rbac_decisions_total{listener="api.shop.svc.cluster.local:8000",action="LOG",decision="logged",policy="ns[shop]-policy[audit-deletes]-rule[0]"} 1"#,

@@ -239,6 +239,9 @@ fn http_connection_manager(
             ])
             .collect(),
         strip_port_mode: Some(hcm::http_connection_manager::StripPortMode::StripAnyHostPort(true)),
+        // Istio's default (BASE): RFC 3986 normalization before filters and routes, so
+        // authorization, routing and the backend agree on one path.
+        normalize_path: Some(protobuf::BoolValue { value: true }),
         ..Default::default()
     }
 }

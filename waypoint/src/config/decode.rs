@@ -118,9 +118,25 @@ pub fn listener(any: &protobuf::Any) -> Result<Listener, Error> {
             else {
                 return Err("the HTTP connection manager must take its routes from RDS".into());
             };
+            use hcm::http_connection_manager::PathWithEscapedSlashesAction as Escaped;
+            if !matches!(
+                Escaped::try_from(h.path_with_escaped_slashes_action),
+                Ok(Escaped::ImplementationSpecificDefault | Escaped::KeepUnchanged)
+            ) {
+                return Err(
+                    "path_with_escaped_slashes_action other than KEEP_UNCHANGED is not supported"
+                        .into(),
+                );
+            }
+            if h.normalize_path.is_some_and(|n| n.value) && h.path_normalization_options.is_some() {
+                return Err("path_normalization_options are not supported".into());
+            }
             ListenerKind::Http {
                 route_config: rds.route_config_name.clone(),
                 filters: http_filters(&h.http_filters)?,
+                // Envoy's default (without its runtime override) is not to normalize.
+                normalize_path: h.normalize_path.is_some_and(|n| n.value),
+                merge_slashes: h.merge_slashes,
             }
         }
         type_url::TCP_PROXY => {

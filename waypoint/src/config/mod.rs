@@ -38,6 +38,10 @@ pub enum ListenerKind {
         route_config: String,
         /// Its HTTP filters before the router, in order.
         filters: Vec<crate::filter::NamedFilter>,
+        /// Normalize request paths (RFC 3986) before filters and routes.
+        normalize_path: bool,
+        /// Merge runs of slashes in request paths.
+        merge_slashes: bool,
     },
     /// TCP proxy to one cluster.
     Tcp {

@@ -94,14 +94,27 @@ pub async fn handle(
         request_bytes,
         traceparent,
     ));
-    let (route_config, filters) = match config.listener(ctx.authority).map(|l| &l.kind) {
-        Some(ListenerKind::Http {
-            route_config,
-            filters,
-        }) => (route_config.as_str(), filters.as_slice()),
-        // The listener went away (or is no longer HTTP) since the tunnel began.
-        _ => ("", &[][..]),
-    };
+    let (route_config, filters, normalize, merge) =
+        match config.listener(ctx.authority).map(|l| &l.kind) {
+            Some(ListenerKind::Http {
+                route_config,
+                filters,
+                normalize_path,
+                merge_slashes,
+            }) => (
+                route_config.as_str(),
+                filters.as_slice(),
+                *normalize_path,
+                *merge_slashes,
+            ),
+            // The listener went away (or is no longer HTTP) since the tunnel began.
+            _ => ("", &[][..], false, false),
+        };
+    // One path for filters, routes and the upstream (Envoy normalizes before all).
+    if (normalize || merge) && !normal_path(&mut parts, normalize, merge) {
+        let r = body::text(StatusCode::BAD_REQUEST, "Bad Request");
+        return Ok(report.respond(r, None, "path_normalization_failed".into(), 0, None));
+    }
     let route = pick(&config, route_config, &parts);
     let reply = run_filters(&ctx, filters, route, &parts, &mut report).await;
     let mut attempts = 0;
@@ -144,6 +157,44 @@ pub async fn handle(
         },
     };
     Ok(report.respond(resp, flag, details, attempts, upstream))
+}
+
+/// Normalizes the request's path in place (its query kept); false if it is not a path.
+fn normal_path(parts: &mut http::request::Parts, normalize: bool, merge: bool) -> bool {
+    let path = parts.uri.path();
+    if path == "*" {
+        return true;
+    }
+    let normal = if normalize {
+        if crate::path::is_normal(path, merge) {
+            return true;
+        }
+        crate::path::normalize(path, merge)
+    } else if path.contains("//") {
+        // Only merging slashes (Envoy allows it without normalization).
+        crate::path::normalize(path, true).filter(|_| path.starts_with('/'))
+    } else {
+        return true;
+    };
+    let Some(normal) = normal else {
+        return false;
+    };
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut p = parts.uri.clone().into_parts();
+    match http::uri::PathAndQuery::try_from(pq) {
+        Ok(pq) => p.path_and_query = Some(pq),
+        Err(_) => return false,
+    }
+    match http::Uri::from_parts(p) {
+        Ok(u) => {
+            parts.uri = u;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Runs the listener's HTTP filters in order; the first that answers ends the chain.

@@ -114,6 +114,11 @@ pub const CASES: &[Case] = &[
     (READER, "GET", API, "/admin", &[], 403),
     (READER, "GET", API, "/admin/users", &[], 403),
     (READER, "GET", API, "/administrator", &[], 200),
+    // One path for authorization, routes and the backend (RFC 3986 normalization).
+    (READER, "GET", API, "/items/../admin/users", &[], 403),
+    (READER, "GET", API, "/items/%2e%2e/admin", &[], 403),
+    (READER, "GET", API, "/%61dmin/users", &[], 403),
+    (READER, "GET", API, "/items/./x/../7", &[], 200),
     (OPS, "GET", API, "/admin/users", &[], 200),
     (OPS, "POST", API, "/admin/users", &[], 403),
     (WRITER, "POST", API, "/items", &[], 200),
