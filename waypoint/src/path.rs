@@ -37,7 +37,8 @@ pub fn is_normal(path: &str, merge_slashes: bool) -> bool {
     if b.first() != Some(&b'/') || b.contains(&b'%') {
         return b.first() == Some(&b'/') && normalize(path, merge_slashes).as_deref() == Some(path);
     }
-    !path.split('/').any(|s| s == "." || s == "..") && !(merge_slashes && path.contains("//"))
+    let dots = path.split('/').any(|s| s == "." || s == "..");
+    !dots && !(merge_slashes && path.contains("//"))
 }
 
 fn is_unreserved(b: u8) -> bool {
