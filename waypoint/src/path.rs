@@ -38,7 +38,8 @@ pub fn is_normal(path: &str, merge_slashes: bool) -> bool {
         return b.first() == Some(&b'/') && normalize(path, merge_slashes).as_deref() == Some(path);
     }
     let dots = path.split('/').any(|s| s == "." || s == "..");
-    !dots && !(merge_slashes && path.contains("//"))
+    let doubled = merge_slashes && path.contains("//");
+    !(dots || doubled)
 }
 
 fn is_unreserved(b: u8) -> bool {
