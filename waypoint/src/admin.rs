@@ -268,6 +268,18 @@ fn filter_json(f: &crate::filter::NamedFilter) -> Value {
     let config = match &f.filter {
         HttpFilter::Fault(fault) => json!({"fault": fault.as_deref().map(fault_json)}),
         HttpFilter::Rbac(r) => rbac_json(r),
+        HttpFilter::Jwt(j) => json!({
+            "providers": j.providers.values().map(|p| json!({
+                "name": p.name,
+                "issuer": p.issuer,
+                "audiences": p.audiences,
+                "jwks": match &p.keys {
+                    crate::filter::jwt::Keys::Inline(k) => json!({"inline_keys": k.keys.len()}),
+                    crate::filter::jwt::Keys::Remote(r) => json!({"uri": r.uri.to_string(), "cluster": r.cluster}),
+                },
+            })).collect::<Vec<_>>(),
+            "rules": j.rules.len(),
+        }),
     };
     json!({"name": f.name, "kind": f.filter.kind(), "config": config})
 }

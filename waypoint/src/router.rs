@@ -86,7 +86,8 @@ pub fn route<'a>(vh: &'a VirtualHost, parts: &Parts) -> Option<&'a Route> {
     })
 }
 
-fn path_matches(m: &PathMatch, path: &str) -> bool {
+/// Does path match `m` hold for `path`?
+pub fn path_matches(m: &PathMatch, path: &str) -> bool {
     match m {
         PathMatch::Prefix(p) => path.starts_with(p.as_str()),
         PathMatch::Exact(p) => path == p,

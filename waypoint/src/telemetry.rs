@@ -176,6 +176,16 @@ pub struct RbacLabels {
     pub policy: String,
 }
 
+/// A JWT filter's decision's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// The listener.
+    pub listener: String,
+    /// `verified`, `unauthenticated` (no token, none required), or why it was refused
+    /// (`missing`, `expired`, `signature`, `unknown_key`, ...).
+    pub result: &'static str,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -206,6 +216,8 @@ pub struct Metrics {
     /// stats). An ALLOW filter's passes by its policies are not counted per request
     /// (the common case is cheap), its denials are.
     pub rbac: Family<RbacLabels, Counter>,
+    /// `ambit_waypoint_jwt_authn_total`: what JWT filters made of requests.
+    pub jwt: Family<JwtLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -287,6 +299,12 @@ impl Default for Metrics {
             "Requests an RBAC filter (Istio AuthorizationPolicy) denied, or logged for audit",
             rbac.clone(),
         );
+        let jwt = Family::<JwtLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_jwt_authn",
+            "Requests a JWT filter (Istio RequestAuthentication) verified, let through without a token, or refused",
+            jwt.clone(),
+        );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
             registry.register(name, help, f.clone());
@@ -323,6 +341,7 @@ impl Default for Metrics {
             overflow,
             ejections,
             rbac,
+            jwt,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -469,6 +488,16 @@ impl Metrics {
                 action,
                 decision,
                 policy: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a JWT filter's decision.
+    pub fn jwt_authn(&self, listener: &str, result: &'static str) {
+        self.jwt
+            .get_or_create(&JwtLabels {
+                listener: listener.to_owned(),
+                result,
             })
             .inc();
     }

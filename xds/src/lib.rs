@@ -106,6 +106,9 @@ pub mod type_url {
     /// Envoy's fault injection filter (`HTTPFault`).
     pub const HTTP_FAULT: &str =
         "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+    /// Envoy's JWT authentication HTTP filter.
+    pub const HTTP_JWT_AUTHN: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
     /// Envoy's RBAC network filter.
     pub const NETWORK_RBAC: &str =
         "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";

@@ -49,7 +49,8 @@ pub struct WaypointPolicySpec {
 }
 
 /// Istio's `PolicyTargetReference`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TargetRefSpec {
     /// `""` for a Service, `gateway.networking.k8s.io` for a Gateway.
     pub group: String,
@@ -361,50 +362,7 @@ pub(super) fn validate(
         if pol.target_refs.is_empty() {
             p.add(&place, "targetRefs is empty");
         }
-        let mut targets = Vec::new();
-        for (j, t) in pol.target_refs.iter().enumerate() {
-            let at = format!("{place}.targetRefs[{j}]");
-            match (t.group.as_str(), t.kind.as_str()) {
-                ("" | "core", "Service") => {
-                    let svc = NamespacedName {
-                        namespace: pol.namespace.clone(),
-                        name: t.name.clone(),
-                    };
-                    match services.get(&svc) {
-                        None => p.add(&at, format!("service {svc} is not defined")),
-                        Some(s) if s.is_waypoint => p.add(
-                            &at,
-                            format!("{svc} is a waypoint's own service: target the Gateway (kind: Gateway, group: gateway.networking.k8s.io)"),
-                        ),
-                        Some(s) if s.waypoint.is_none() => p.add(
-                            &at,
-                            format!(
-                                "service {svc} has no waypoint, so nothing would enforce this policy's L7 rules: give it one ({} label) or write an L4 policy with a selector",
-                                super::WAYPOINT_LABEL
-                            ),
-                        ),
-                        Some(_) => targets.push(PolicyTarget::Service(t.name.clone())),
-                    }
-                }
-                ("gateway.networking.k8s.io", "Gateway") => {
-                    let wp = NamespacedName {
-                        namespace: pol.namespace.clone(),
-                        name: t.name.clone(),
-                    };
-                    if waypoints.contains_key(&wp) {
-                        targets.push(PolicyTarget::Waypoint(t.name.clone()));
-                    } else {
-                        p.add(&at, format!("waypoint {wp} is not defined"));
-                    }
-                }
-                (g, k) => p.add(
-                    &at,
-                    format!(
-                        "{k} (group {g:?}) cannot be targeted: a Service (group \"\") or a waypoint's Gateway (group gateway.networking.k8s.io)"
-                    ),
-                ),
-            }
-        }
+        let targets = targets(p, &place, &pol.namespace, &pol.target_refs, services, waypoints);
         let mut rules = Vec::new();
         for (r, rule) in pol.rules.iter().enumerate() {
             if let Some(rule) = validate_rule(p, &format!("{place}.rules[{r}]"), rule) {
@@ -426,6 +384,63 @@ pub(super) fn validate(
         );
     }
     out
+}
+
+/// The targets `refs` name (Services that have a waypoint, or waypoints' Gateways, of
+/// `namespace`), each problem reported at `place`.
+pub(super) fn targets(
+    p: &mut Problems,
+    place: &str,
+    namespace: &str,
+    refs: &[TargetRefSpec],
+    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
+    waypoints: &BTreeMap<NamespacedName, Waypoint>,
+) -> Vec<PolicyTarget> {
+    let mut targets = Vec::new();
+    for (j, t) in refs.iter().enumerate() {
+        let at = format!("{place}.targetRefs[{j}]");
+        match (t.group.as_str(), t.kind.as_str()) {
+        ("" | "core", "Service") => {
+            let svc = NamespacedName {
+            namespace: namespace.to_owned(),
+            name: t.name.clone(),
+            };
+            match services.get(&svc) {
+            None => p.add(&at, format!("service {svc} is not defined")),
+            Some(s) if s.is_waypoint => p.add(
+                &at,
+                format!("{svc} is a waypoint's own service: target the Gateway (kind: Gateway, group: gateway.networking.k8s.io)"),
+            ),
+            Some(s) if s.waypoint.is_none() => p.add(
+                &at,
+                format!(
+                "service {svc} has no waypoint, so nothing would enforce this policy's L7 rules: give it one ({} label) or write an L4 policy with a selector",
+                super::WAYPOINT_LABEL
+                ),
+            ),
+            Some(_) => targets.push(PolicyTarget::Service(t.name.clone())),
+            }
+        }
+        ("gateway.networking.k8s.io", "Gateway") => {
+            let wp = NamespacedName {
+            namespace: namespace.to_owned(),
+            name: t.name.clone(),
+            };
+            if waypoints.contains_key(&wp) {
+            targets.push(PolicyTarget::Waypoint(t.name.clone()));
+            } else {
+            p.add(&at, format!("waypoint {wp} is not defined"));
+            }
+        }
+        (g, k) => p.add(
+            &at,
+            format!(
+            "{k} (group {g:?}) cannot be targeted: a Service (group \"\") or a waypoint's Gateway (group gateway.networking.k8s.io)"
+            ),
+        ),
+        }
+    }
+    targets
 }
 
 fn each<T>(

@@ -5,6 +5,7 @@
 //! workloads are enrolled, each service's endpoints), so every source gets the same
 //! rules and the translator never looks at a source.
 
+pub mod authn;
 pub mod authz;
 pub mod http;
 pub mod incremental;
@@ -92,6 +93,8 @@ pub struct MeshSpec {
     pub policies: Vec<PolicySpec>,
     /// The authorization policies waypoints enforce (L7, by `targetRefs`).
     pub waypoint_policies: Vec<authz::WaypointPolicySpec>,
+    /// The JWTs waypoints accept (Istio `RequestAuthentication`s with `targetRefs`).
+    pub request_authentications: Vec<authn::RequestAuthenticationSpec>,
     /// The waypoints.
     pub waypoints: Vec<WaypointSpec>,
     /// The HTTP routes.
@@ -239,6 +242,8 @@ pub struct Model {
     pub policies: BTreeMap<NamespacedName, Policy>,
     /// Authorization policies waypoints enforce, by namespace and name.
     pub waypoint_policies: BTreeMap<NamespacedName, authz::WaypointPolicy>,
+    /// Request authentications waypoints apply, by namespace and name.
+    pub request_authentications: BTreeMap<NamespacedName, authn::RequestAuthentication>,
     /// Waypoints, by namespace and name.
     pub waypoints: BTreeMap<NamespacedName, Waypoint>,
     /// HTTP routes, by namespace and name.
@@ -918,6 +923,12 @@ impl Model {
             &m.waypoints,
             &|k| m.policies.contains_key(k),
         );
+        m.request_authentications = authn::validate(
+            &mut p,
+            spec.request_authentications,
+            &m.services,
+            &m.waypoints,
+        );
         m.http_routes = http::validate(&mut p, spec.http_routes, &m.services);
         m.service_accounts = spec.service_accounts.map(|sas| sas.into_iter().collect());
         traffic::apply(&mut p, spec.destination_rules, &mut m.services);
@@ -1044,6 +1055,7 @@ mod tests {
             }],
             policies: vec![],
             waypoints: vec![],
+            request_authentications: vec![],
             waypoint_policies: vec![],
             http_routes: vec![],
             destination_rules: vec![],

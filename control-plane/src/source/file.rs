@@ -296,6 +296,8 @@ struct MeshFile {
     http_routes: Vec<HttpRouteSpec>,
     #[serde(default)]
     destination_rules: Vec<crate::model::traffic::DestinationRuleSpec>,
+    #[serde(default)]
+    request_authentications: Vec<crate::model::authn::RequestAuthenticationSpec>,
 }
 
 #[derive(Deserialize)]
@@ -582,6 +584,7 @@ impl MeshFile {
                 .collect(),
             http_routes: self.http_routes,
             destination_rules: self.destination_rules,
+            request_authentications: self.request_authentications,
             service_accounts: None,
         })
     }

@@ -14,6 +14,7 @@
 //! A waypoint (node id `<namespace>/<name>`) is sent standard Envoy resources instead:
 //! see [`waypoint`].
 
+pub mod authn;
 pub mod authz;
 pub mod waypoint;
 

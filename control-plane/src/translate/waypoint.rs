@@ -116,6 +116,13 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
                 .waypoint_policies
                 .values()
                 .filter(|p| p.applies_to(&svc.namespace, &svc.name, &wp.name));
+            let authentications = m
+                .request_authentications
+                .values()
+                .filter(|r| r.applies_to(&svc.namespace, &svc.name, &wp.name));
+            if protocol.is_http() {
+                clusters.extend(super::authn::jwks_clusters(authentications.clone()));
+            }
             let mut filters = Vec::new();
             if !protocol.is_http() {
                 filters = super::authz::rbac_network_filters(policies.clone());
@@ -125,7 +132,13 @@ pub fn resources(m: &Model, wp: &Waypoint) -> Resources {
                     name: "envoy.filters.network.http_connection_manager".into(),
                     config_type: Some(listener::filter::ConfigType::TypedConfig(any(
                         type_url::HCM,
-                        &http_connection_manager(&name, super::authz::rbac_filters(policies)),
+                        &http_connection_manager(
+                            &name,
+                            super::authn::jwt_filter(m, authentications.clone())
+                                .into_iter()
+                                .chain(super::authz::rbac_filters(policies))
+                                .collect(),
+                        ),
                     ))),
                 }
             } else {
@@ -202,8 +215,9 @@ fn insert(out: &mut Resources, type_url: &'static str, name: &str, m: &impl Mess
         .insert(name.to_owned(), encode(type_url, name, m));
 }
 
-/// An HTTP connection manager: its authorization filters (RBAC, from the waypoint
-/// policies that apply), fault injection (configured per route), then the router.
+/// An HTTP connection manager: its authentication and authorization filters (JWT and
+/// RBAC, from the request authentications and waypoint policies that apply), fault
+/// injection (configured per route), then the router.
 fn http_connection_manager(
     name: &str,
     authorization: Vec<hcm::HttpFilter>,

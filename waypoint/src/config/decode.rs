@@ -177,6 +177,7 @@ fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> 
             type_url::HTTP_FAULT => {
                 HttpFilter::Fault(filter::fault::decode(c).map_err(at)?.map(Arc::new))
             }
+            type_url::HTTP_JWT_AUTHN => HttpFilter::Jwt(Arc::new(filter::jwt::decode(c).map_err(at)?)),
             type_url::HTTP_RBAC => match filter::rbac::decode(c).map_err(at)? {
                 Some(r) => HttpFilter::Rbac(Arc::new(r)),
                 // No rules: Envoy's filter does nothing.
@@ -184,7 +185,7 @@ fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> 
             },
             other => {
                 return Err(at(format!(
-                    "{other} is not supported (fault injection and RBAC, then the router last)"
+                    "{other} is not supported (JWT authentication, RBAC and fault injection, then the router last)"
                 )));
             }
         };
@@ -359,7 +360,7 @@ pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatch, Er
 
 // Deprecated fields still configure a stock Envoy, so they are honoured or refused.
 #[allow(deprecated)]
-fn route_match(m: &route::RouteMatch) -> Result<RouteMatch, Error> {
+pub(crate) fn route_match(m: &route::RouteMatch) -> Result<RouteMatch, Error> {
     use route::route_match::PathSpecifier;
     if m.case_sensitive.is_some_and(|c| !c.value) {
         return Err("case-insensitive paths are not supported".into());

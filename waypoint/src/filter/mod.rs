@@ -2,6 +2,7 @@
 //! each with the semantics of the Envoy filter whose configuration it takes, run in the
 //! order the listener lists them, before the router:
 //!
+//! - [`jwt`]: `envoy.filters.http.jwt_authn` (Istio's RequestAuthentications);
 //! - [`rbac`]: `envoy.filters.http.rbac` (Istio's AuthorizationPolicies);
 //! - [`fault`]: `envoy.filters.http.fault` (delays and aborts).
 //!
@@ -9,6 +10,7 @@
 //! for RBAC to match claims) is [`Metadata`], as Envoy's dynamic metadata is.
 
 pub mod fault;
+pub mod jwt;
 pub mod rbac;
 
 use std::collections::BTreeMap;
@@ -17,6 +19,8 @@ use std::sync::Arc;
 /// One HTTP filter, configured.
 #[derive(Clone, Debug)]
 pub enum HttpFilter {
+    /// JWT authentication.
+    Jwt(Arc<jwt::JwtAuthn>),
     /// Role-based access control.
     Rbac(Arc<rbac::Rbac>),
     /// Fault injection, with the filter's own fault for every route if it has one (a
@@ -28,6 +32,7 @@ impl HttpFilter {
     /// Its kind, as Envoy names the filter.
     pub fn kind(&self) -> &'static str {
         match self {
+            HttpFilter::Jwt(_) => "envoy.filters.http.jwt_authn",
             HttpFilter::Rbac(_) => "envoy.filters.http.rbac",
             HttpFilter::Fault(_) => "envoy.filters.http.fault",
         }

@@ -116,7 +116,7 @@ pub async fn handle(
         return Ok(report.respond(r, None, "path_normalization_failed".into(), 0, None));
     }
     let route = pick(&config, route_config, &parts);
-    let reply = run_filters(&ctx, filters, route, &parts, &mut report).await;
+    let reply = run_filters(&ctx, &config, filters, route, &mut parts, &mut report).await;
     let mut attempts = 0;
     let mut upstream = None;
     let (resp, flag, details) = match (reply, route) {
@@ -200,17 +200,33 @@ fn normal_path(parts: &mut http::request::Parts, normalize: bool, merge: bool) -
 /// Runs the listener's HTTP filters in order; the first that answers ends the chain.
 async fn run_filters(
     ctx: &RequestContext,
+    config: &Arc<Config>,
     filters: &[crate::filter::NamedFilter],
     route: Option<&Route>,
-    parts: &http::request::Parts,
+    parts: &mut http::request::Parts,
     report: &mut Report,
 ) -> Option<LocalReply> {
-    let metadata = Metadata::default();
+    let mut metadata = Metadata::default();
     for f in filters {
         match &f.filter {
+            HttpFilter::Jwt(j) => {
+                let fetch = crate::filter::jwt::Fetcher {
+                    upstreams: ctx.upstreams.clone(),
+                    config: config.clone(),
+                };
+                let result = match j.run(parts, &mut metadata, fetch).await {
+                    crate::filter::jwt::Outcome::Verified(_) => "verified",
+                    crate::filter::jwt::Outcome::Unauthenticated => "unauthenticated",
+                    crate::filter::jwt::Outcome::Refused(why) => {
+                        ctx.metrics.jwt_authn(&ctx.listener, why.code());
+                        return Some(jwt_refusal(why, parts));
+                    }
+                };
+                ctx.metrics.jwt_authn(&ctx.listener, result);
+            }
             HttpFilter::Rbac(r) => {
                 let facts = rbac::Facts {
-                    parts: Some(parts),
+                    parts: Some(&*parts),
                     peer: ctx.peer.as_ref(),
                     source: ctx.client,
                     destination: ctx.authority,
@@ -265,6 +281,25 @@ async fn run_filters(
         }
     }
     None
+}
+
+/// Envoy's answer to a request its JWT filter refused: 401, the reason as the body, and
+/// a `www-authenticate` challenge naming the resource.
+fn jwt_refusal(why: crate::filter::jwt::Failure, parts: &http::request::Parts) -> LocalReply {
+    let mut r = body::text(StatusCode::UNAUTHORIZED, why.message());
+    let realm = format!("http://{}{}", router::host_of(parts), parts.uri.path());
+    let challenge = match why {
+        crate::filter::jwt::Failure::Missing => format!("Bearer realm=\"{realm}\""),
+        _ => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    LocalReply {
+        response: r,
+        flag: None,
+        details: format!("jwt_authn_access_denied{{{}}}", why.message().replace(' ', "_")),
+    }
 }
 
 /// The request's `traceparent`: its own if valid, else a new one put in its place (an

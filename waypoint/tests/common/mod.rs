@@ -7,6 +7,7 @@
 
 pub mod authz;
 pub mod envoy;
+pub mod jwt;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -107,6 +108,8 @@ pub struct BackendState {
     pub delay_ms: AtomicU64,
     /// The last request as its answer's body describes it, with `body=<bytes>`.
     pub last: std::sync::Mutex<String>,
+    /// Answer every request with this body instead (a JWKS server's document).
+    pub document: std::sync::Mutex<Option<String>>,
 }
 
 /// An HTTP backend on loopback (HTTP/1.1 and HTTP/2). It answers with `x-backend: <name>`
@@ -171,11 +174,12 @@ impl Backend {
                                 if st.flaky.load(Ordering::SeqCst) && count % 2 == 1 {
                                     status = 503;
                                 }
+                                let body = st.document.lock().unwrap().clone().unwrap_or(line);
                                 let resp = http::Response::builder()
                                     .status(status)
                                     .header("x-backend", n.as_str())
                                     .header("x-body-bytes", size.to_string())
-                                    .body(Full::new(Bytes::from(line)))
+                                    .body(Full::new(Bytes::from(body)))
                                     .unwrap();
                                 Ok::<_, std::convert::Infallible>(resp)
                             }
