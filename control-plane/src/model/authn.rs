@@ -171,7 +171,14 @@ pub(super) fn validate(
         if ra.target_refs.is_empty() {
             p.add(&place, "targetRefs is empty: a waypoint authenticates requests for the services or the waypoint it names");
         }
-        let targets = super::authz::targets(p, &place, &ra.namespace, &ra.target_refs, services, waypoints);
+        let targets = super::authz::targets(
+            p,
+            &place,
+            &ra.namespace,
+            &ra.target_refs,
+            services,
+            waypoints,
+        );
         if ra.jwt_rules.is_empty() {
             p.add(&place, "jwtRules is empty");
         }

@@ -362,7 +362,14 @@ pub(super) fn validate(
         if pol.target_refs.is_empty() {
             p.add(&place, "targetRefs is empty");
         }
-        let targets = targets(p, &place, &pol.namespace, &pol.target_refs, services, waypoints);
+        let targets = targets(
+            p,
+            &place,
+            &pol.namespace,
+            &pol.target_refs,
+            services,
+            waypoints,
+        );
         let mut rules = Vec::new();
         for (r, rule) in pol.rules.iter().enumerate() {
             if let Some(rule) = validate_rule(p, &format!("{place}.rules[{r}]"), rule) {

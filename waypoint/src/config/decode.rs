@@ -177,7 +177,9 @@ fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> 
             type_url::HTTP_FAULT => {
                 HttpFilter::Fault(filter::fault::decode(c).map_err(at)?.map(Arc::new))
             }
-            type_url::HTTP_JWT_AUTHN => HttpFilter::Jwt(Arc::new(filter::jwt::decode(c).map_err(at)?)),
+            type_url::HTTP_JWT_AUTHN => {
+                HttpFilter::Jwt(Arc::new(filter::jwt::decode(c).map_err(at)?))
+            }
             type_url::HTTP_RBAC => match filter::rbac::decode(c).map_err(at)? {
                 Some(r) => HttpFilter::Rbac(Arc::new(r)),
                 // No rules: Envoy's filter does nothing.

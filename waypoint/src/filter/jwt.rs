@@ -9,7 +9,8 @@
 //!   a key of the JWKS that matches its `kid` and algorithm;
 //! - a verified payload goes to dynamic metadata (for RBAC: request principals and
 //!   claims), claims to request headers (removed from every request first, so that a
-//!   client cannot set them), and the token leaves the request unless `forward`;
+//!   client cannot set them), and a token in a header leaves the request unless
+//!   `forward` (one in a query parameter stays, as in Envoy);
 //! - anything else is answered 401 with Envoy's message.
 //!
 //! Keys come inline or from a `remote_jwks` URL fetched through a cluster, cached for
@@ -257,7 +258,9 @@ impl JwtAuthn {
             .values()
             .filter(|p| {
                 p.extract(parts).is_some()
-                    || issuers.iter().any(|i| p.issuer.is_empty() || &p.issuer == i)
+                    || issuers
+                        .iter()
+                        .any(|i| p.issuer.is_empty() || &p.issuer == i)
             })
             .cloned()
             .collect();
@@ -632,7 +635,13 @@ impl RemoteJwks {
     fn target(
         &self,
         config: &Config,
-    ) -> Result<(Arc<crate::config::Cluster>, Arc<Vec<crate::config::Endpoint>>), String> {
+    ) -> Result<
+        (
+            Arc<crate::config::Cluster>,
+            Arc<Vec<crate::config::Endpoint>>,
+        ),
+        String,
+    > {
         match config.cluster(&self.cluster) {
             Some((c, e)) => Ok((c.clone(), e)),
             None => Err(format!("no cluster {}", self.cluster)),

@@ -298,7 +298,10 @@ fn jwt_refusal(why: crate::filter::jwt::Failure, parts: &http::request::Parts) -
     LocalReply {
         response: r,
         flag: None,
-        details: format!("jwt_authn_access_denied{{{}}}", why.message().replace(' ', "_")),
+        details: format!(
+            "jwt_authn_access_denied{{{}}}",
+            why.message().replace(' ', "_")
+        ),
     }
 }
 

@@ -26,8 +26,8 @@ impl SigningKey {
             .unwrap()
             .as_ref()
             .to_vec();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
-            .unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
         // An uncompressed point: 0x04, x, y.
         let point = pair.public_key().as_ref();
         let jwk = json!({
