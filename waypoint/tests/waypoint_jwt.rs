@@ -12,67 +12,8 @@ use common::jwt::*;
 use common::*;
 use serde_json::json;
 
-const ISS: &str = "https://idp.example";
-const API: &str = "api.shop.svc.cluster.local";
 const INLINE: &str = "inline.shop.svc.cluster.local";
 const CALLER: (&str, &str) = ("spiffe://cluster.local/ns/shop/sa/web", "127.1.1.20");
-
-fn mesh(inline_jwks: &str) -> String {
-    format!(
-        r#"
-namespaces: [{{name: shop}}]
-nodes: [{{name: node-1}}]
-waypoints: [{{name: wp, namespace: shop}}]
-workloads:
-  - {{name: wp-0, namespace: shop, node: node-1, serviceAccount: wp, ips: [10.244.1.20],
-     labels: {{gateway.networking.k8s.io/gateway-name: wp}}}}
-  - {{name: api-0, namespace: shop, node: node-1, ips: [10.244.2.40], labels: {{app: api}}}}
-  - {{name: inline-0, namespace: shop, node: node-1, ips: [10.244.2.41], labels: {{app: inline}}}}
-  - {{name: idp-0, namespace: shop, node: node-1, ips: [10.244.2.50], labels: {{app: idp}}}}
-services:
-  - {{name: api, namespace: shop, vips: [10.96.3.10], ports: [{{name: http, port: 8000, targetPort: 8080}}],
-     selector: {{app: api}}, labels: {{ambit.dev/waypoint: wp}}}}
-  - {{name: inline, namespace: shop, vips: [10.96.3.11], ports: [{{name: http, port: 8000, targetPort: 8080}}],
-     selector: {{app: inline}}, labels: {{ambit.dev/waypoint: wp}}}}
-  - {{name: idp, namespace: shop, vips: [10.96.3.50], ports: [{{name: http, port: 8080, targetPort: 8080}}],
-     selector: {{app: idp}}}}
-requestAuthentications:
-  - name: api-jwt
-    namespace: shop
-    targetRefs: [{{kind: Service, name: api}}]
-    jwtRules:
-      - issuer: {ISS}
-        audiences: [api, api.shop]
-        jwksUri: http://idp.shop.svc.cluster.local:8080/jwks.json
-        outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-tier, claim: plan.tier}}]
-  - name: inline-jwt
-    namespace: shop
-    targetRefs: [{{kind: Service, name: inline}}]
-    jwtRules:
-      - issuer: https://inline.example
-        jwks: '{inline_jwks}'
-        fromHeaders: [{{name: x-token}}]
-        forwardOriginalToken: true
-policies:
-  # Public pages need no token; everything else a verified one.
-  - name: public
-    namespace: shop
-    targetRefs: [{{kind: Service, name: api}}]
-    action: ALLOW
-    rules:
-      - to: [{{paths: ["/public/*"]}}]
-      - from: [{{requestPrincipals: ["{ISS}/*"]}}]
-  # Admin pages need the admins group.
-  - name: admins
-    namespace: shop
-    targetRefs: [{{kind: Service, name: api}}]
-    action: DENY
-    rules:
-      - to: [{{paths: ["/admin/*"]}}]
-        when: [{{key: "request.auth.claims[groups]", notValues: [admins]}}]
-"#
-    )
-}
 
 struct Fixture {
     wp: TestWaypoint,
@@ -123,92 +64,42 @@ impl Fixture {
     }
 }
 
-fn claims(sub: &str) -> serde_json::Value {
-    json!({"iss": ISS, "sub": sub, "aud": "api", "exp": at(600), "iat": at(0),
-           "plan": {"tier": "gold"}})
-}
-
-fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
-
 #[tokio::test]
 async fn tokens_are_verified_as_istio_request_authentications_say() {
     let f = Fixture::start().await;
     let good = f.k1.sign(&claims("alice"));
-    let other_key = SigningKey::es256("k1");
-
-    let mut expired = claims("alice");
-    expired["exp"] = json!(at(-120));
-    let mut early = claims("alice");
-    early["nbf"] = json!(at(3600));
-    let mut foreign = claims("alice");
-    foreign["iss"] = json!("https://evil.example");
-    let mut audience = claims("alice");
-    audience["aud"] = json!(["web", "billing"]);
-    let mut audiences = claims("alice");
-    audiences["aud"] = json!(["web", "api.shop"]);
-    let mut admin = claims("root");
-    admin["groups"] = json!(["dev", "admins"]);
-    let mut dev = claims("bob");
-    dev["groups"] = json!(["dev"]);
-    let mut single = claims("carol");
-    single["groups"] = json!("admins");
-    let tampered = {
-        let t = f.k1.sign(&claims("alice"));
-        let mut p: Vec<&str> = t.split('.').collect();
-        let forged = base64_url(&claims("mallory").to_string());
-        p[1] = &forged;
-        p.join(".")
-    };
-
     let b = |t: &str| bearer(t);
-    #[rustfmt::skip]
-    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
-        // (path, authorization, query token, status, 401 body)
-        ("/public/a", String::new(), None, 200, ""),
-        ("/items", String::new(), None, 403, ""),
-        ("/items", b(&good), None, 200, ""),
-        ("/items", String::new(), Some(good.clone()), 200, ""),
-        ("/items", b(&f.k1.sign(&audiences)), None, 200, ""),
-        ("/items", b(&f.k1.sign(&expired)), None, 401, "Jwt is expired"),
-        ("/items", b(&f.k1.sign(&early)), None, 401, "Jwt not yet valid"),
-        ("/items", b(&f.k1.sign(&foreign)), None, 401, "Jwt issuer is not configured"),
-        ("/items", b(&f.k1.sign(&audience)), None, 401, "Audiences in Jwt are not allowed"),
-        ("/items", b(&other_key.sign(&claims("alice"))), None, 401, "Jwt verification fails"),
-        ("/items", b(&tampered), None, 401, "Jwt verification fails"),
-        ("/items", b(&unsigned(&claims("alice"))), None, 401, "Jwt header [alg] is not supported"),
-        ("/items", b("not-a-token"), None, 401,
-         "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
-        // A token that is present must be valid, even where none is needed.
-        ("/public/a", b(&f.k1.sign(&expired)), None, 401, "Jwt is expired"),
-        ("/admin/x", b(&f.k1.sign(&admin)), None, 200, ""),
-        ("/admin/x", b(&f.k1.sign(&single)), None, 200, ""),
-        ("/admin/x", b(&f.k1.sign(&dev)), None, 403, ""),
-        ("/admin/x", b(&good), None, 403, ""),
-        ("/admin/x", String::new(), None, 403, ""),
-    ];
+    let cases = table(&f.k1);
     let mut wrong = Vec::new();
-    for (path, auth, query, want, body) in &cases {
-        let mut headers = vec![];
-        if !auth.is_empty() {
-            headers.push(("authorization", auth.as_str()));
-        }
-        let path = match query {
-            Some(t) => format!("{path}?access_token={t}"),
-            None => path.to_string(),
-        };
-        let a = f.ask(API, &path, &headers).await;
-        let ok = a.status == *want && (*want != 401 || a.body == *body);
+    for Case {
+        path,
+        auth,
+        want,
+        body,
+    } in &cases
+    {
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let a = f.ask(API, path, &headers).await;
+        let ok = a.status == *want
+            && if body.is_empty() {
+                a.status != 401 && !a.body.starts_with("Jwt") && !a.body.starts_with("Aud")
+            } else {
+                a.body == *body
+            };
         if !ok {
             wrong.push(format!(
                 "{path} {}: {} {:?} (want {want} {body:?})",
-                &auth.chars().take(24).collect::<String>(),
+                auth.as_deref()
+                    .unwrap_or("-")
+                    .chars()
+                    .take(24)
+                    .collect::<String>(),
                 a.status,
                 a.body
             ));
         }
-        if a.status == 401 {
+        if !body.is_empty() {
             let challenge = a.headers["www-authenticate"].to_str().unwrap();
             assert!(
                 challenge.starts_with("Bearer realm=\"http://api.shop.svc.cluster.local/")
@@ -281,16 +172,11 @@ async fn tokens_are_verified_as_istio_request_authentications_say() {
     for line in [
         r#"ambit_waypoint_jwt_authn_total{listener="api.shop.svc.cluster.local:8000",result="expired"} 2"#,
         r#"ambit_waypoint_jwt_authn_total{listener="api.shop.svc.cluster.local:8000",result="signature"} 2"#,
-        r#"ambit_waypoint_jwt_authn_total{listener="api.shop.svc.cluster.local:8000",result="bad_algorithm"} 1"#,
+        r#"ambit_waypoint_jwt_authn_total{listener="api.shop.svc.cluster.local:8000",result="bad_format"} 2"#,
         r#"ambit_waypoint_jwt_authn_total{listener="inline.shop.svc.cluster.local:8000",result="unauthenticated"} 2"#,
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
-}
-
-fn base64_url(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
 }
 
 #[tokio::test]

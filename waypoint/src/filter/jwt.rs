@@ -11,7 +11,7 @@
 //!   claims), claims to request headers (removed from every request first, so that a
 //!   client cannot set them), and a token in a header leaves the request unless
 //!   `forward` (one in a query parameter stays, as in Envoy);
-//! - anything else is answered 401 with Envoy's message.
+//! - anything else is answered 401 (403 for a wrong audience) with Envoy's message.
 //!
 //! Keys come inline or from a `remote_jwks` URL fetched through a cluster, cached for
 //! `cache_duration` (one fetch at a time). Beyond Envoy: a token whose `kid` the cached
@@ -150,7 +150,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Envoy's message (the body of the 401).
+    /// Envoy's message (the body of the answer).
     pub fn message(self) -> &'static str {
         match self {
             Failure::Missing => "Jwt is missing",
@@ -165,6 +165,15 @@ impl Failure {
             Failure::KidMismatch => "Jwks doesn't have key to match kid or alg from Jwt",
             Failure::Signature => "Jwt verification fails",
             Failure::FetchFailed => "Jwks remote fetch is failed",
+        }
+    }
+
+    /// The status it is answered with: 401, but 403 for a token of the wrong audience
+    /// (authenticated, but not for this service), as Envoy answers.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Failure::Audience => http::StatusCode::FORBIDDEN,
+            _ => http::StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -363,7 +372,11 @@ fn unverified_issuer(token: &str) -> Result<String, Failure> {
 fn split(token: &str) -> Result<(&str, &str, &str), Failure> {
     let mut it = token.split('.');
     match (it.next(), it.next(), it.next(), it.next()) {
-        (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() => Ok((h, p, s)),
+        // Envoy skips empty sections: an unsigned token (`alg: none`, nothing after the
+        // second dot) is malformed before its algorithm is looked at.
+        (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() && !s.is_empty() => {
+            Ok((h, p, s))
+        }
         _ => Err(Failure::BadFormat),
     }
 }

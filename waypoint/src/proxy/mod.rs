@@ -283,10 +283,10 @@ async fn run_filters(
     None
 }
 
-/// Envoy's answer to a request its JWT filter refused: 401, the reason as the body, and
-/// a `www-authenticate` challenge naming the resource.
+/// Envoy's answer to a request its JWT filter refused: 401 (403 for a wrong audience),
+/// the reason as the body, and a `www-authenticate` challenge naming the resource.
 fn jwt_refusal(why: crate::filter::jwt::Failure, parts: &http::request::Parts) -> LocalReply {
-    let mut r = body::text(StatusCode::UNAUTHORIZED, why.message());
+    let mut r = body::text(why.status(), why.message());
     let realm = format!("http://{}{}", router::host_of(parts), parts.uri.path());
     let challenge = match why {
         crate::filter::jwt::Failure::Missing => format!("Bearer realm=\"{realm}\""),

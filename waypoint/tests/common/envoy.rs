@@ -224,9 +224,7 @@ impl Envoy {
                 )
                 .await
                 .unwrap_or_default();
-                let taken = routes.iter().all(|r| {
-                    stats.contains(&format!("rds.{}.update_success: 1", r.replace(':', "_")))
-                });
+                let taken = routes.iter().all(|r| route_taken(&stats, r));
                 if ready.trim() == "LIVE" && taken {
                     break;
                 }
@@ -246,6 +244,17 @@ impl Envoy {
             );
         }
     }
+}
+
+/// Has Envoy taken route configuration `route` (its RDS name), by its `update_success`
+/// stats? At least once: a configuration sent again (a new ADS stream) counts again.
+pub fn route_taken(stats: &str, route: &str) -> bool {
+    let key = format!("rds.{}.update_success: ", route.replace(':', "_"));
+    stats.lines().any(|l| {
+        l.split_once(&key)
+            .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 1)
+    })
 }
 
 /// A TCP connection to `to` from `from` (a loopback address), as a workload at that IP.

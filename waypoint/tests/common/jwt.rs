@@ -81,3 +81,158 @@ pub fn at(delta: i64) -> i64 {
         .as_secs() as i64
         + delta
 }
+
+pub const ISS: &str = "https://idp.example";
+pub const API: &str = "api.shop.svc.cluster.local";
+
+/// The mesh of the JWT tests: `api` (keys from `idp`, a service of the mesh; policies
+/// needing a request principal, and the admins group under /admin) and `inline` (keys
+/// inline, the token in `x-token`, forwarded; no policy).
+pub fn mesh(inline_jwks: &str) -> String {
+    format!(
+        r#"
+namespaces: [{{name: shop}}]
+nodes: [{{name: node-1}}]
+waypoints: [{{name: wp, namespace: shop}}]
+workloads:
+  - {{name: wp-0, namespace: shop, node: node-1, serviceAccount: wp, ips: [10.244.1.20],
+     labels: {{gateway.networking.k8s.io/gateway-name: wp}}}}
+  - {{name: api-0, namespace: shop, node: node-1, ips: [10.244.2.40], labels: {{app: api}}}}
+  - {{name: inline-0, namespace: shop, node: node-1, ips: [10.244.2.41], labels: {{app: inline}}}}
+  - {{name: idp-0, namespace: shop, node: node-1, ips: [10.244.2.50], labels: {{app: idp}}}}
+services:
+  - {{name: api, namespace: shop, vips: [10.96.3.10], ports: [{{name: http, port: 8000, targetPort: 8080}}],
+     selector: {{app: api}}, labels: {{ambit.dev/waypoint: wp}}}}
+  - {{name: inline, namespace: shop, vips: [10.96.3.11], ports: [{{name: http, port: 8000, targetPort: 8080}}],
+     selector: {{app: inline}}, labels: {{ambit.dev/waypoint: wp}}}}
+  - {{name: idp, namespace: shop, vips: [10.96.3.50], ports: [{{name: http, port: 8080, targetPort: 8080}}],
+     selector: {{app: idp}}}}
+requestAuthentications:
+  - name: api-jwt
+    namespace: shop
+    targetRefs: [{{kind: Service, name: api}}]
+    jwtRules:
+      - issuer: {ISS}
+        audiences: [api, api.shop]
+        jwksUri: http://idp.shop.svc.cluster.local:8080/jwks.json
+        outputClaimToHeaders: [{{header: x-user, claim: sub}}, {{header: x-tier, claim: plan.tier}}]
+  - name: inline-jwt
+    namespace: shop
+    targetRefs: [{{kind: Service, name: inline}}]
+    jwtRules:
+      - issuer: https://inline.example
+        jwks: '{inline_jwks}'
+        fromHeaders: [{{name: x-token}}]
+        forwardOriginalToken: true
+policies:
+  # Public pages need no token; everything else a verified one.
+  - name: public
+    namespace: shop
+    targetRefs: [{{kind: Service, name: api}}]
+    action: ALLOW
+    rules:
+      - to: [{{paths: ["/public/*"]}}]
+      - from: [{{requestPrincipals: ["{ISS}/*"]}}]
+  # Admin pages need the admins group.
+  - name: admins
+    namespace: shop
+    targetRefs: [{{kind: Service, name: api}}]
+    action: DENY
+    rules:
+      - to: [{{paths: ["/admin/*"]}}]
+        when: [{{key: "request.auth.claims[groups]", notValues: [admins]}}]
+"#
+    )
+}
+
+/// Claims of a good token of the issuer for `sub`.
+pub fn claims(sub: &str) -> Value {
+    json!({"iss": ISS, "sub": sub, "aud": "api", "exp": at(600), "iat": at(0),
+           "plan": {"tier": "gold"}})
+}
+
+pub fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+/// A request of the table.
+pub struct Case {
+    /// Path and query.
+    pub path: String,
+    /// Its `authorization` header.
+    pub auth: Option<String>,
+    /// The expected status.
+    pub want: u16,
+    /// The expected body of the JWT filter's refusal (empty: none, an answer of the
+    /// backend or of RBAC).
+    pub body: &'static str,
+}
+
+/// Tokens (signed by `k1`, the issuer's key, or forged) x paths of `api`, with their
+/// answers.
+pub fn table(k1: &SigningKey) -> Vec<Case> {
+    let good = k1.sign(&claims("alice"));
+    let other_key = SigningKey::es256("k1");
+
+    let mut expired = claims("alice");
+    expired["exp"] = json!(at(-120));
+    let mut early = claims("alice");
+    early["nbf"] = json!(at(3600));
+    let mut foreign = claims("alice");
+    foreign["iss"] = json!("https://evil.example");
+    let mut audience = claims("alice");
+    audience["aud"] = json!(["web", "billing"]);
+    let mut audiences = claims("alice");
+    audiences["aud"] = json!(["web", "api.shop"]);
+    let mut admin = claims("root");
+    admin["groups"] = json!(["dev", "admins"]);
+    let mut dev = claims("bob");
+    dev["groups"] = json!(["dev"]);
+    let mut single = claims("carol");
+    single["groups"] = json!("admins");
+    let tampered = {
+        let t = k1.sign(&claims("alice"));
+        let mut p: Vec<&str> = t.split('.').collect();
+        let forged = b64(claims("mallory").to_string().as_bytes());
+        p[1] = &forged;
+        p.join(".")
+    };
+
+    let b = |t: &str| Some(bearer(t));
+    let q = |path: &str, t: &str| format!("{path}?access_token={t}");
+    #[rustfmt::skip]
+    let cases: Vec<(String, Option<String>, u16, &str)> = vec![
+        // (path, authorization, status, 401 body)
+        ("/public/a".into(), None, 200, ""),
+        ("/items".into(), None, 403, ""),
+        ("/items".into(), b(&good), 200, ""),
+        (q("/items", &good), None, 200, ""),
+        ("/items".into(), b(&k1.sign(&audiences)), 200, ""),
+        ("/items".into(), b(&k1.sign(&expired)), 401, "Jwt is expired"),
+        ("/items".into(), b(&k1.sign(&early)), 401, "Jwt not yet valid"),
+        ("/items".into(), b(&k1.sign(&foreign)), 401, "Jwt issuer is not configured"),
+        ("/items".into(), b(&k1.sign(&audience)), 403, "Audiences in Jwt are not allowed"),
+        ("/items".into(), b(&other_key.sign(&claims("alice"))), 401, "Jwt verification fails"),
+        ("/items".into(), b(&tampered), 401, "Jwt verification fails"),
+        ("/items".into(), b(&unsigned(&claims("alice"))), 401,
+         "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
+        ("/items".into(), b("not-a-token"), 401,
+         "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
+        // A token that is present must be valid, even where none is needed.
+        ("/public/a".into(), b(&k1.sign(&expired)), 401, "Jwt is expired"),
+        ("/admin/x".into(), b(&k1.sign(&admin)), 200, ""),
+        ("/admin/x".into(), b(&k1.sign(&single)), 200, ""),
+        ("/admin/x".into(), b(&k1.sign(&dev)), 403, ""),
+        ("/admin/x".into(), b(&good), 403, ""),
+        ("/admin/x".into(), None, 403, ""),
+    ];
+    cases
+        .into_iter()
+        .map(|(path, auth, want, body)| Case {
+            path,
+            auth,
+            want,
+            body,
+        })
+        .collect()
+}
