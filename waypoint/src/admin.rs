@@ -268,6 +268,11 @@ fn filter_json(f: &crate::filter::NamedFilter) -> Value {
     let config = match &f.filter {
         HttpFilter::Fault(fault) => json!({"fault": fault.as_deref().map(fault_json)}),
         HttpFilter::Rbac(r) => rbac_json(r),
+        HttpFilter::RateLimit(r) => json!({
+            "stat_prefix": r.stat_prefix,
+            "active": r.is_active(),
+            "per_value_buckets": r.dynamic_buckets(),
+        }),
         HttpFilter::Jwt(j) => json!({
             "providers": j.providers.values().map(|p| json!({
                 "name": p.name,

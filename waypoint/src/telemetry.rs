@@ -186,6 +186,18 @@ pub struct JwtLabels {
     pub result: &'static str,
 }
 
+/// Labels of `ambit_waypoint_local_rate_limit_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// The listener.
+    pub listener: String,
+    /// The route (its name; empty if it has none).
+    pub route: String,
+    /// `ok`, `rate_limited` (answered 429) or `shadowed` (over the limit, not enforced):
+    /// Envoy's `http_local_rate_limit.{ok,rate_limited}`.
+    pub decision: &'static str,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -218,6 +230,8 @@ pub struct Metrics {
     pub rbac: Family<RbacLabels, Counter>,
     /// `ambit_waypoint_jwt_authn_total`: what JWT filters made of requests.
     pub jwt: Family<JwtLabels, Counter>,
+    /// `ambit_waypoint_local_rate_limit_total`: what local rate limits decided.
+    pub rate_limit: Family<RateLimitLabels, Counter>,
     /// `istio_tcp_connections_opened_total`.
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
@@ -305,6 +319,12 @@ impl Default for Metrics {
             "Requests a JWT filter (Istio RequestAuthentication) verified, let through without a token, or refused",
             jwt.clone(),
         );
+        let rate_limit = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "ambit_waypoint_local_rate_limit",
+            "Requests a local rate limit let through or answered 429",
+            rate_limit.clone(),
+        );
         let tcp = |registry: &mut Registry, name: &str, help: &str| {
             let f = Family::<TcpLabels, Counter>::default();
             registry.register(name, help, f.clone());
@@ -342,6 +362,7 @@ impl Default for Metrics {
             ejections,
             rbac,
             jwt,
+            rate_limit,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -498,6 +519,17 @@ impl Metrics {
             .get_or_create(&JwtLabels {
                 listener: listener.to_owned(),
                 result,
+            })
+            .inc();
+    }
+
+    /// Counts a local rate limit's decision on a route.
+    pub fn rate_limit(&self, listener: &str, route: &str, decision: &'static str) {
+        self.rate_limit
+            .get_or_create(&RateLimitLabels {
+                listener: listener.to_owned(),
+                route: route.to_owned(),
+                decision,
             })
             .inc();
     }

@@ -88,6 +88,8 @@ services:
      selector: {app: od}, labels: {ambit.dev/waypoint: wp}}
   - {name: od-capped, namespace: shop, vips: [10.96.0.110], ports: [{name: http, port: 80, targetPort: 8080}],
      selector: {app: od}, labels: {ambit.dev/waypoint: wp}}
+  - {name: limited, namespace: shop, vips: [10.96.0.111], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: web, v: "1"}, labels: {ambit.dev/waypoint: wp}}
 destinationRules:
   - name: od
     namespace: shop
@@ -214,6 +216,17 @@ httpRoutes:
           - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
         backendRefs: [{name: mirrored, port: 80}]
         retry: {attempts: 1, codes: [503], backoff: 1ms}
+  - name: limited
+    namespace: shop
+    parentRefs: [{kind: Service, name: limited}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /shared}}]
+        backendRefs: [{name: limited, port: 80}]
+        rateLimit: {requests: 10, unit: Second}
+      - matches: [{path: {type: PathPrefix, value: /mine}}]
+        backendRefs: [{name: limited, port: 80}]
+        rateLimit: {requests: 1, unit: Minute, burst: 5, perSourcePrincipal: true}
+      - backendRefs: [{name: limited, port: 80}]
   - name: storm-capped
     namespace: shop
     parentRefs: [{kind: Service, name: storm-capped}]
@@ -877,6 +890,82 @@ async fn faults_delay_and_abort_their_share_of_requests_and_only_tagged_ones_whe
     };
     assert_eq!(count("FI"), (aborted + 3) as f64, "{m}");
     assert_eq!(count("DI"), 3.0, "{m}");
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_beyond_their_bucket_and_keep_one_per_principal_when_asked() {
+    let w = world().await;
+    let host = "limited.shop.svc.cluster.local";
+    let mut c = w.wp.http1("10.96.0.111:80").await;
+    // 10 a second with a burst of 10, asked 50 times a second for 2 s: the burst, then
+    // 10 a second (the bucket refills continuously), the rest 429.
+    let start = Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    for i in 0..100u32 {
+        let due = start + Duration::from_millis(20 * u64::from(i));
+        tokio::time::sleep_until(due.into()).await;
+        let a = send1(&mut c, req("GET", host, "/shared", &[])).await;
+        assert_eq!(a.headers["x-ratelimit-limit"], "10", "{a:?}");
+        match a.status {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(a.body, "local_rate_limited");
+                assert_eq!(a.headers["x-ratelimit-remaining"], "0");
+                assert_eq!(a.headers["retry-after"], "1");
+                limited += 1;
+            }
+            s => panic!("{s}: {a:?}"),
+        }
+    }
+    let took = start.elapsed().as_secs_f64();
+    let expected = 10.0 + 10.0 * took;
+    eprintln!(
+        "rate limit 10/s: {ok} allowed, {limited} limited in {took:.2} s (expected {expected:.1})"
+    );
+    assert!(
+        (f64::from(ok) - expected).abs() <= 3.0,
+        "{ok} allowed in {took:.2} s, expected {expected:.1}"
+    );
+    // A route without a limit says nothing of one.
+    let a = send1(&mut c, req("GET", host, "/free", &[])).await;
+    assert_eq!(a.status, 200);
+    assert!(a.headers.get("x-ratelimit-limit").is_none(), "{a:?}");
+
+    // A bucket of 5 per caller (refilled once a minute): each caller gets its 5.
+    for caller in [
+        "spiffe://cluster.local/ns/shop/sa/a",
+        "spiffe://cluster.local/ns/shop/sa/b",
+    ] {
+        let mut c = w.wp.http1_as(caller, "10.244.1.10", "10.96.0.111:80").await;
+        let statuses: Vec<u16> = {
+            let mut v = Vec::new();
+            for _ in 0..7 {
+                v.push(send1(&mut c, req("GET", host, "/mine", &[])).await.status);
+            }
+            v
+        };
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429], "{caller}");
+    }
+    // Counted, and flagged RL in the request metrics (Envoy's response flag).
+    let m = w.wp.metrics.encode();
+    assert_eq!(
+        sample(
+            &m,
+            "ambit_waypoint_local_rate_limit_total",
+            &[r#"decision="rate_limited""#]
+        ),
+        f64::from(limited + 4),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "istio_requests_total",
+            &[r#"response_flags="RL""#, r#"response_code="429""#]
+        ),
+        f64::from(limited + 4),
+        "{m}"
+    );
 }
 
 /// Waits (at most 5 s) until `backend` has answered `n` requests.

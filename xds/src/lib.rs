@@ -41,6 +41,14 @@ pub mod envoy {
 pub mod waypoint {
     /// The HTTP filter name of fault injection (a route's `typed_per_filter_config` key).
     pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+    /// The HTTP filter name of local rate limiting (a route's `typed_per_filter_config`
+    /// key).
+    pub const RATELIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+    /// The rate-limit descriptor key of the caller's SPIFFE ID.
+    pub const SOURCE_PRINCIPAL_KEY: &str = "source_principal";
+    /// The CEL attribute of the caller's SPIFFE ID (its certificate's URI SAN), as
+    /// Envoy's `envoy.rate_limit_descriptors.expr` extension evaluates it.
+    pub const PEER_URI_SAN: &str = "connection.uri_san_peer_certificate";
     /// The HTTP filter name of RBAC (Istio's AuthorizationPolicies).
     pub const RBAC_FILTER: &str = "envoy.filters.http.rbac";
     /// The HTTP filter name of JWT authentication; also the dynamic-metadata namespace a
@@ -109,6 +117,12 @@ pub mod type_url {
     /// Envoy's JWT authentication HTTP filter.
     pub const HTTP_JWT_AUTHN: &str =
         "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+    /// Envoy's local rate limit HTTP filter.
+    pub const HTTP_LOCAL_RATELIMIT: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+    /// Envoy's rate-limit descriptor of a CEL expression.
+    pub const DESCRIPTOR_EXPR: &str =
+        "type.googleapis.com/envoy.extensions.rate_limit_descriptors.expr.v3.Descriptor";
     /// Envoy's RBAC network filter.
     pub const NETWORK_RBAC: &str =
         "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";

@@ -86,6 +86,10 @@ pub struct RuleSpec {
     /// `HTTPFaultInjection` field names; Envoy's `HTTPFault`).
     #[serde(default)]
     pub fault: Option<FaultSpec>,
+    /// Ambit's extension: a token bucket for the rule's requests (Envoy's
+    /// `local_ratelimit`; Envoy Gateway's `requests` and `unit`).
+    #[serde(default)]
+    pub rate_limit: Option<super::ratelimit::RateLimitSpec>,
 }
 
 /// `fault`: delay and/or abort a share of the requests.
@@ -425,6 +429,8 @@ pub struct HttpRule {
     pub retry: Option<Retry>,
     /// Faults injected.
     pub fault: Option<Fault>,
+    /// Its token bucket.
+    pub rate_limit: Option<super::ratelimit::RateLimit>,
     /// Copies of requests to other backends (their answers thrown away).
     pub mirrors: Vec<Mirror>,
 }
@@ -1227,6 +1233,9 @@ fn validate_rule(
             headers,
         }
     });
+    let rate_limit = rule
+        .rate_limit
+        .and_then(|r| super::ratelimit::validate(p, &format!("{at}.rateLimit"), r));
     if p.0.len() > before {
         return None;
     }
@@ -1241,6 +1250,7 @@ fn validate_rule(
         backend_timeout,
         retry,
         fault,
+        rate_limit,
         mirrors,
     })
 }

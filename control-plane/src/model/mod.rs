@@ -9,6 +9,7 @@ pub mod authn;
 pub mod authz;
 pub mod http;
 pub mod incremental;
+pub mod ratelimit;
 pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -16,6 +16,7 @@
 
 pub mod authn;
 pub mod authz;
+pub mod ratelimit;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -216,8 +216,8 @@ fn insert(out: &mut Resources, type_url: &'static str, name: &str, m: &impl Mess
 }
 
 /// An HTTP connection manager: its authentication and authorization filters (JWT and
-/// RBAC, from the request authentications and waypoint policies that apply), fault
-/// injection (configured per route), then the router.
+/// RBAC, from the request authentications and waypoint policies that apply), local rate
+/// limits and fault injection (both configured per route), then the router.
 fn http_connection_manager(
     name: &str,
     authorization: Vec<hcm::HttpFilter>,
@@ -234,6 +234,7 @@ fn http_connection_manager(
         http_filters: authorization
             .into_iter()
             .chain([
+                super::ratelimit::http_filter(),
                 hcm::HttpFilter {
                     name: ambit_xds::waypoint::FAULT_FILTER.into(),
                     config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
@@ -583,6 +584,7 @@ fn envoy_route(
                 )
             })
             .into_iter()
+            .chain(rule.rate_limit.as_ref().map(super::ratelimit::per_route))
             .collect(),
         ..Default::default()
     }

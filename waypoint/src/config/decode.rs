@@ -177,6 +177,9 @@ fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> 
             type_url::HTTP_FAULT => {
                 HttpFilter::Fault(filter::fault::decode(c).map_err(at)?.map(Arc::new))
             }
+            type_url::HTTP_LOCAL_RATELIMIT => {
+                HttpFilter::RateLimit(Arc::new(filter::ratelimit::decode(c).map_err(at)?))
+            }
             type_url::HTTP_JWT_AUTHN => {
                 HttpFilter::Jwt(Arc::new(filter::jwt::decode(c).map_err(at)?))
             }
@@ -187,7 +190,7 @@ fn http_filters(filters: &[hcm::HttpFilter]) -> Result<Vec<NamedFilter>, Error> 
             },
             other => {
                 return Err(at(format!(
-                    "{other} is not supported (JWT authentication, RBAC and fault injection, then the router last)"
+                    "{other} is not supported (JWT authentication, RBAC, local rate limiting and fault injection, then the router last)"
                 )));
             }
         };
@@ -239,7 +242,7 @@ pub(crate) fn string_match(m: &matcher::StringMatcher) -> Result<StringMatch, Er
 
 // Deprecated fields still configure a stock Envoy, so they are honoured or refused.
 #[allow(deprecated)]
-fn header_ops(opts: &[core::HeaderValueOption]) -> Result<Vec<HeaderOp>, Error> {
+pub(crate) fn header_ops(opts: &[core::HeaderValueOption]) -> Result<Vec<HeaderOp>, Error> {
     use core::header_value_option::HeaderAppendAction;
     opts.iter()
         .map(|o| {
@@ -583,19 +586,33 @@ pub fn route_config(any: &protobuf::Any) -> Result<RouteConfig, Error> {
                 .ok_or("a route without a match")
                 .map_err(|e| at(e.into()))
                 .and_then(|m| route_match(m).map_err(at))?;
-            let mut route_fault = None;
+            let (mut route_fault, mut rate_limit) = (None, None);
             for (name, cfg) in &r.typed_per_filter_config {
-                if name != ambit_xds::waypoint::FAULT_FILTER || cfg.type_url != type_url::HTTP_FAULT
-                {
-                    return Err(at(format!(
-                        "typed_per_filter_config {name:?} is not supported (only fault injection)"
-                    )));
+                match (name.as_str(), cfg.type_url.as_str()) {
+                    (ambit_xds::waypoint::FAULT_FILTER, type_url::HTTP_FAULT) => {
+                        route_fault = crate::filter::fault::decode(cfg).map_err(at)?.map(Arc::new);
+                    }
+                    (ambit_xds::waypoint::RATELIMIT_FILTER, type_url::HTTP_LOCAL_RATELIMIT) => {
+                        let rl = crate::filter::ratelimit::decode(cfg).map_err(at)?;
+                        if !rl.is_active() {
+                            return Err(at(
+                                "a route's local rate limit needs a token_bucket".into()
+                            ));
+                        }
+                        rate_limit = Some(Arc::new(rl));
+                    }
+                    _ => {
+                        return Err(at(format!(
+                            "typed_per_filter_config {name:?} ({}) is not supported (only fault injection and local rate limiting)",
+                            cfg.type_url
+                        )));
+                    }
                 }
-                route_fault = crate::filter::fault::decode(cfg).map_err(at)?.map(Arc::new);
             }
             routes.push(Route {
                 name: r.name.clone(),
                 fault: route_fault,
+                rate_limit,
                 matcher,
                 action: action(&r.action).map_err(at)?,
                 request_headers_to_add: header_ops(&r.request_headers_to_add).map_err(at)?,

@@ -93,6 +93,9 @@ pub struct Route {
     /// Its fault injection (`typed_per_filter_config` of the fault filter): replaces the
     /// filter's own where the listener has the filter.
     pub fault: Option<Arc<Fault>>,
+    /// Its local rate limit (`typed_per_filter_config` of the local rate limit filter),
+    /// with its buckets: they last as long as the route configuration is unchanged.
+    pub rate_limit: Option<Arc<crate::filter::ratelimit::LocalRateLimit>>,
 }
 
 pub use crate::filter::fault::{Fault, FaultAbort};

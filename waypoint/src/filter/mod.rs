@@ -4,6 +4,8 @@
 //!
 //! - [`jwt`]: `envoy.filters.http.jwt_authn` (Istio's RequestAuthentications);
 //! - [`rbac`]: `envoy.filters.http.rbac` (Istio's AuthorizationPolicies);
+//! - [`ratelimit`]: `envoy.filters.http.local_ratelimit` (token buckets, mostly per
+//!   route);
 //! - [`fault`]: `envoy.filters.http.fault` (delays and aborts).
 //!
 //! What a filter learns about a request and a later one reads (a verified JWT's payload,
@@ -11,6 +13,7 @@
 
 pub mod fault;
 pub mod jwt;
+pub mod ratelimit;
 pub mod rbac;
 
 use std::collections::BTreeMap;
@@ -23,6 +26,8 @@ pub enum HttpFilter {
     Jwt(Arc<jwt::JwtAuthn>),
     /// Role-based access control.
     Rbac(Arc<rbac::Rbac>),
+    /// Local rate limiting, with the filter's own buckets (a route's own replace them).
+    RateLimit(Arc<ratelimit::LocalRateLimit>),
     /// Fault injection, with the filter's own fault for every route if it has one (a
     /// route's own replaces it).
     Fault(Option<Arc<fault::Fault>>),
@@ -34,6 +39,7 @@ impl HttpFilter {
         match self {
             HttpFilter::Jwt(_) => "envoy.filters.http.jwt_authn",
             HttpFilter::Rbac(_) => "envoy.filters.http.rbac",
+            HttpFilter::RateLimit(_) => "envoy.filters.http.local_ratelimit",
             HttpFilter::Fault(_) => "envoy.filters.http.fault",
         }
     }

@@ -116,7 +116,17 @@ pub async fn handle(
         return Ok(report.respond(r, None, "path_normalization_failed".into(), 0, None));
     }
     let route = pick(&config, route_config, &parts);
-    let reply = run_filters(&ctx, &config, filters, route, &mut parts, &mut report).await;
+    let mut added = HeaderMap::new();
+    let reply = run_filters(
+        &ctx,
+        &config,
+        filters,
+        route,
+        &mut parts,
+        &mut report,
+        &mut added,
+    )
+    .await;
     let mut attempts = 0;
     let mut upstream = None;
     let (resp, flag, details) = match (reply, route) {
@@ -156,6 +166,9 @@ pub async fn handle(
             }
         },
     };
+    let mut resp = resp;
+    // What filters put on the response (a rate limit's x-ratelimit-*).
+    resp.headers_mut().extend(added);
     Ok(report.respond(resp, flag, details, attempts, upstream))
 }
 
@@ -198,6 +211,7 @@ fn normal_path(parts: &mut http::request::Parts, normalize: bool, merge: bool) -
 }
 
 /// Runs the listener's HTTP filters in order; the first that answers ends the chain.
+/// What they add to the response of a request they let through goes to `added`.
 async fn run_filters(
     ctx: &RequestContext,
     config: &Arc<Config>,
@@ -205,6 +219,7 @@ async fn run_filters(
     route: Option<&Route>,
     parts: &mut http::request::Parts,
     report: &mut Report,
+    added: &mut HeaderMap,
 ) -> Option<LocalReply> {
     let mut metadata = Metadata::default();
     for f in filters {
@@ -249,6 +264,41 @@ async fn run_filters(
                             response: body::text(StatusCode::FORBIDDEN, "RBAC: access denied"),
                             flag: None,
                             details: format!("rbac_access_denied_matched_policy[{policy}]"),
+                        });
+                    }
+                }
+            }
+            HttpFilter::RateLimit(base) => {
+                use crate::filter::ratelimit::{Decision, Facts};
+                // A route's own buckets replace the filter's (per-filter config, by name).
+                let own = route
+                    .and_then(|r| r.rate_limit.as_ref())
+                    .filter(|_| f.name == ambit_xds::waypoint::RATELIMIT_FILTER);
+                let limit = own.unwrap_or(base);
+                let facts = Facts {
+                    headers: &parts.headers,
+                    peer: ctx.peer.as_ref(),
+                    client: ctx.client,
+                };
+                let route_name = route.map_or("", |r| r.name.as_str());
+                match limit.check(&facts) {
+                    Decision::NotApplied => {}
+                    Decision::Allowed(h) => {
+                        ctx.metrics.rate_limit(&ctx.listener, route_name, "ok");
+                        added.extend(h);
+                    }
+                    Decision::Shadowed(h) => {
+                        ctx.metrics
+                            .rate_limit(&ctx.listener, route_name, "shadowed");
+                        added.extend(h);
+                    }
+                    Decision::Limited(response) => {
+                        ctx.metrics
+                            .rate_limit(&ctx.listener, route_name, "rate_limited");
+                        return Some(LocalReply {
+                            response,
+                            flag: Some(Flag::RateLimited),
+                            details: "local_rate_limited".to_owned(),
                         });
                     }
                 }
@@ -331,7 +381,7 @@ fn pick<'a>(config: &'a Config, rc: &str, parts: &http::request::Parts) -> Optio
     router::route(vh, parts)
 }
 
-pub(super) fn edit_headers(h: &mut HeaderMap, add: &[HeaderOp], remove: &[HeaderName]) {
+pub(crate) fn edit_headers(h: &mut HeaderMap, add: &[HeaderOp], remove: &[HeaderName]) {
     for name in remove {
         h.remove(name);
     }
@@ -422,6 +472,7 @@ mod tests {
             response_headers_to_add: vec![],
             response_headers_to_remove: vec![],
             fault: None,
+            rate_limit: None,
         }
     }
 

@@ -37,6 +37,8 @@ pub(super) enum Flag {
     DownstreamClosed,
     /// A fault injected an abort.
     FaultInjected,
+    /// A local rate limit answered 429.
+    RateLimited,
 }
 
 impl Flag {
@@ -52,6 +54,7 @@ impl Flag {
             Flag::Direct => "DR",
             Flag::DownstreamClosed => "DC",
             Flag::FaultInjected => "FI",
+            Flag::RateLimited => "RL",
         }
     }
 
@@ -69,6 +72,7 @@ impl Flag {
             Some(Flag::Direct) => "DI,DR",
             Some(Flag::DownstreamClosed) => "DI,DC",
             Some(Flag::FaultInjected) => "DI,FI",
+            Some(Flag::RateLimited) => "DI,RL",
         }
     }
 }
