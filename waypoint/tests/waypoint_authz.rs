@@ -2,7 +2,7 @@
 //! the mesh file through the control plane's translator (Envoy RBAC filters) into the
 //! waypoint, judged against a table of callers and requests, each with its expected
 //! answer. The same policies, fed to a stock Envoy, are checked in
-//! `envoy_cross_check_authz.rs`.
+//! `envoy_cross_check_policy.rs`.
 
 mod common;
 

@@ -1,8 +1,9 @@
-//! The Envoy cross-check of L7 authorization and JWT authentication: the control
-//! plane's listeners for the tables' meshes (their RBAC filters as translated from Istio
-//! AuthorizationPolicies, their JWT filters from RequestAuthentications) run in a stock
-//! Envoy 1.40 behind mutual TLS, and every case of a table must get the same answer
-//! from Envoy as from `ambit-waypoint`, and the one the table expects. A difference is
+//! The Envoy cross-check of the waypoint's policies (L7 authorization, JWT
+//! authentication, local rate limits): the control plane's listeners for the tests'
+//! meshes (their RBAC filters as translated from Istio AuthorizationPolicies, their JWT
+//! filters from RequestAuthentications, their routes' rate limits) run in a stock
+//! Envoy 1.40 behind mutual TLS, and every case must get the same answer from Envoy as
+//! from `ambit-waypoint`, and the one the test expects. A difference is
 //! a bug in the translator (if both disagree with the table) or in the waypoint's
 //! filters (if only it does).
 //!
@@ -422,4 +423,190 @@ async fn envoy_and_ambit_waypoint_verify_the_jwt_table_alike() {
         idp.state.requests.load(std::sync::atomic::Ordering::SeqCst),
         2
     );
+}
+
+/// 50 requests (`$send`, an answer), one every 20 ms: how many were allowed, and how
+/// long they took.
+macro_rules! paced {
+    ($send:expr) => {{
+        let start = std::time::Instant::now();
+        let mut ok = 0u32;
+        for i in 0..50u64 {
+            tokio::time::sleep_until((start + std::time::Duration::from_millis(20 * i)).into())
+                .await;
+            if $send.status == 200 {
+                ok += 1;
+            }
+        }
+        (ok, start.elapsed().as_secs_f64())
+    }};
+}
+use paced;
+
+const RATE_MESH: &str = r#"
+namespaces: [{name: shop}]
+nodes: [{name: node-1}]
+waypoints: [{name: wp, namespace: shop}]
+workloads:
+  - {name: wp-0, namespace: shop, node: node-1, serviceAccount: wp, ips: [10.244.1.20],
+     labels: {gateway.networking.k8s.io/gateway-name: wp}}
+  - {name: api-0, namespace: shop, node: node-1, ips: [10.244.5.40], labels: {app: api}}
+services:
+  - {name: limited, namespace: shop, vips: [10.96.5.10], ports: [{name: http, port: 80, targetPort: 8080}],
+     selector: {app: api}, labels: {ambit.dev/waypoint: wp}}
+httpRoutes:
+  - name: limited
+    namespace: shop
+    parentRefs: [{kind: Service, name: limited}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /shared}}]
+        backendRefs: [{name: limited, port: 80}]
+        rateLimit: {requests: 10, unit: Second}
+      - matches: [{path: {type: PathPrefix, value: /mine}}]
+        backendRefs: [{name: limited, port: 80}]
+        rateLimit: {requests: 1, unit: Minute, burst: 5, perSourcePrincipal: true}
+      - backendRefs: [{name: limited, port: 80}]
+"#;
+
+/// What one proxy made of the rate limit workload.
+#[derive(Debug, PartialEq)]
+struct Limited {
+    /// /shared, 50 a second for 1 s: allowed, and the seconds it took.
+    shared: (u32, f64),
+    /// /mine, 7 requests by each of two callers.
+    mine: Vec<Vec<u16>>,
+    /// A 429's body and headers (x-ratelimit-limit, -remaining, retry-after present).
+    refusal: (String, String, String, bool),
+    /// Headers on an unlimited route.
+    free_has_headers: bool,
+}
+
+const LIMIT_HOST: &str = "limited.shop.svc.cluster.local";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_ambit_waypoint_rate_limit_alike() {
+    let mut m = model(RATE_MESH);
+    // Envoy dials the pod at a loopback stand-in.
+    Arc::make_mut(m.workloads.get_mut("shop/api-0").unwrap()).ips =
+        vec!["127.0.5.40".parse().unwrap()];
+    let backend = Backend::start_at("api", "127.0.5.40:8080".parse().unwrap()).await;
+    let pki = Pki::new();
+    let envoy = envoy_serving(
+        &m,
+        &pki,
+        &[("limited.shop.svc.cluster.local:80", "127.0.5.10:80")],
+    )
+    .await;
+    let ambit = TestWaypoint::start().await;
+    ambit.map("127.0.5.40:8080", backend.addr);
+    ambit.apply(&m).unwrap();
+    let envoy_at: SocketAddr = "127.0.5.10:80".parse().unwrap();
+    let callers = [
+        ("spiffe://cluster.local/ns/shop/sa/a", "127.1.1.30"),
+        ("spiffe://cluster.local/ns/shop/sa/b", "127.1.1.31"),
+    ];
+
+    // Envoy.
+    let by_envoy = {
+        let mut c = envoy_client(&pki, callers[0], envoy_at).await.unwrap();
+        let shared = paced!(
+            send2(&mut c, "GET", LIMIT_HOST, "/shared", &[])
+                .await
+                .unwrap()
+        );
+        let mut mine = Vec::new();
+        let mut refusal = None;
+        for caller in callers {
+            let mut c = envoy_client(&pki, caller, envoy_at).await.unwrap();
+            let mut v = Vec::new();
+            for _ in 0..7 {
+                let a = send2(&mut c, "GET", LIMIT_HOST, "/mine", &[])
+                    .await
+                    .unwrap();
+                if a.status == 429 {
+                    refusal.get_or_insert_with(|| described(&a));
+                }
+                v.push(a.status);
+            }
+            mine.push(v);
+        }
+        let free = send2(&mut c, "GET", LIMIT_HOST, "/free", &[])
+            .await
+            .unwrap();
+        Limited {
+            shared,
+            mine,
+            refusal: refusal.expect("a 429"),
+            free_has_headers: free.headers.contains_key("x-ratelimit-limit"),
+        }
+    };
+    // ambit-waypoint.
+    let by_ambit = {
+        let mut c = ambit
+            .http1_as(callers[0].0, callers[0].1, "10.96.5.10:80")
+            .await;
+        let shared = paced!(send1(&mut c, req("GET", LIMIT_HOST, "/shared", &[])).await);
+        let mut mine = Vec::new();
+        let mut refusal = None;
+        for caller in callers {
+            let mut c = ambit.http1_as(caller.0, caller.1, "10.96.5.10:80").await;
+            let mut v = Vec::new();
+            for _ in 0..7 {
+                let a = send1(&mut c, req("GET", LIMIT_HOST, "/mine", &[])).await;
+                if a.status == 429 {
+                    refusal.get_or_insert_with(|| described(&a));
+                }
+                v.push(a.status);
+            }
+            mine.push(v);
+        }
+        let free = send1(&mut c, req("GET", LIMIT_HOST, "/free", &[])).await;
+        Limited {
+            shared,
+            mine,
+            refusal: refusal.expect("a 429"),
+            free_has_headers: free.headers.contains_key("x-ratelimit-limit"),
+        }
+    };
+    eprintln!("envoy: {by_envoy:?}\nambit: {by_ambit:?}");
+    // The shared bucket: its burst, then 10 a second, in both.
+    for (who, (ok, took)) in [("envoy", by_envoy.shared), ("ambit", by_ambit.shared)] {
+        let expected = 10.0 + 10.0 * took;
+        assert!(
+            (f64::from(ok) - expected).abs() <= 3.0,
+            "{who}: {ok} allowed in {took:.2} s, expected {expected:.1}"
+        );
+    }
+    assert_eq!(
+        by_envoy.mine,
+        vec![vec![200, 200, 200, 200, 200, 429, 429]; 2]
+    );
+    assert_eq!(by_ambit.mine, by_envoy.mine);
+    assert_eq!(by_ambit.refusal, by_envoy.refusal);
+    assert_eq!(by_envoy.free_has_headers, false);
+    assert_eq!(by_ambit.free_has_headers, false);
+    let stats = envoy::admin_get(envoy.admin, "/stats?filter=http_local_rate_limit").await;
+    eprintln!("{stats}");
+    let limited = 4 + 50 - by_envoy.shared.0;
+    assert!(
+        stats.contains(&format!(
+            "http_local_rate_limiter.http_local_rate_limit.rate_limited: {limited}"
+        )),
+        "{stats}"
+    );
+}
+
+/// A refusal as the comparison sees it.
+fn described(a: &Answer) -> (String, String, String, bool) {
+    let h = |n: &str| {
+        a.headers
+            .get(n)
+            .map_or("-".to_owned(), |v| v.to_str().unwrap().to_owned())
+    };
+    (
+        a.body.clone(),
+        h("x-ratelimit-limit"),
+        h("x-ratelimit-remaining"),
+        a.headers.contains_key("retry-after"),
+    )
 }
