@@ -83,6 +83,16 @@ pub struct Config {
     )]
     pub exclude_ports: Vec<u16>,
 
+    /// Export a span per tunnelled connection with OTLP over gRPC to this collector
+    /// (`http://otel-collector:4317`); none: no spans.
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Percent of the traces the agent starts (outbound connections) that are recorded;
+    /// an inbound tunnel follows its caller's decision.
+    #[arg(long, env = "AMBIT_TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
+
     /// How long dialing an original destination may take.
     #[arg(long, env = "AMBIT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

@@ -123,6 +123,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         pool
     };
     let recent = Arc::new(proxy::RecentConnections::default());
+    let tracing = match &config.otlp_endpoint {
+        None => None,
+        Some(endpoint) => {
+            let _rt = data_plane.enter();
+            Some(
+                ambit_otel::Tracing::otlp(&ambit_otel::Config {
+                    endpoint: endpoint.clone(),
+                    service: "ambit-agent".into(),
+                    resource: vec![("k8s.node.name".into(), config.node_name.clone())],
+                    sample_percent: config.trace_sampling,
+                })
+                .context("tracing")?,
+            )
+        }
+    };
     let inputs = Arc::new(Inputs {
         connect_timeout: config.connect_timeout,
         state: store.clone(),
@@ -135,6 +150,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         lb: Default::default(),
         telemetry: telemetry.clone(),
         recent: recent.clone(),
+        tracing,
     });
     let proxy = Arc::new(Proxy::new(inputs.clone(), data_plane.handle().clone()));
     let capture = Arc::new(

@@ -38,6 +38,8 @@ pub struct Inbound {
     pub upstreams: Arc<Upstreams>,
     /// Istio's HTTP metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Where request spans go, if anywhere.
+    pub tracing: Option<ambit_otel::Tracing>,
 }
 
 impl Inbound {
@@ -145,7 +147,8 @@ impl Inbound {
             .as_deref()
             .map(ambit_hbone::baggage::PeerMetadata::parse)
             .unwrap_or_default();
-        Ok(self.tunnel(carry, req.authority, peer, req.forwarded_for, &meta))
+        let trace = req.traceparent.as_deref().and_then(ambit_otel::parse_traceparent);
+        Ok(self.tunnel(carry, req.authority, peer, req.forwarded_for, &meta, trace))
     }
 
     fn tunnel(
@@ -155,6 +158,7 @@ impl Inbound {
         peer: Option<Identity>,
         client: Option<std::net::IpAddr>,
         meta: &ambit_hbone::baggage::PeerMetadata,
+        trace: Option<ambit_otel::SpanContext>,
     ) -> WaypointTunnel {
         let name = match &carry {
             Carry::Listener(l) => l.name.clone(),
@@ -175,6 +179,8 @@ impl Inbound {
                 peer,
                 client,
                 metrics: self.metrics.clone(),
+                tracing: self.tracing.clone(),
+                tunnel_trace: trace,
             }),
         }
     }
@@ -199,6 +205,7 @@ impl Inbound {
                 None,
                 Some(peer.ip()),
                 &Default::default(),
+                None,
             );
             tokio::spawn(tunnel.serve(tcp));
         }
@@ -318,7 +325,13 @@ where
 {
     let mut up = ctx
         .upstreams
-        .dial(ep, ctx.client, service, connect_timeout)
+        .dial(
+            ep,
+            ctx.client,
+            service,
+            connect_timeout,
+            ctx.tunnel_trace.as_ref().map(ambit_otel::traceparent).as_deref(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let _guard = ctx.upstreams.start(ep.addr);

@@ -81,6 +81,14 @@ struct Args {
     /// Log (the access log included) as JSON lines.
     #[arg(long, env = "AMBIT_LOG_JSON")]
     log_json: bool,
+    /// Export a span per request with OTLP over gRPC to this collector
+    /// (`http://otel-collector:4317`); none: no spans.
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Percent of the traces the waypoint starts (requests without a sampled parent)
+    /// that are recorded; a sampled parent's are always.
+    #[arg(long, env = "AMBIT_TRACE_SAMPLING", default_value_t = 1.0)]
+    trace_sampling: f64,
 }
 
 fn parse_plaintext(v: &str) -> Result<(SocketAddr, SocketAddr), String> {
@@ -226,7 +234,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let tracing = match &args.otlp_endpoint {
+        None => None,
+        Some(endpoint) => Some(
+            ambit_otel::Tracing::otlp(&ambit_otel::Config {
+                endpoint: endpoint.clone(),
+                service: "ambit-waypoint".into(),
+                resource: vec![
+                    ("k8s.namespace.name".into(), args.namespace.clone()),
+                    ("gateway.name".into(), args.name.clone()),
+                ],
+                sample_percent: args.trace_sampling,
+            })
+            .context("tracing")?,
+        ),
+    };
     let inbound = Inbound {
+        tracing: tracing.clone(),
         config,
         upstreams: Upstreams::new(
             certs.clone(),
@@ -255,6 +279,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             admin.ready.store(false, Ordering::Release);
             info!("stopping");
         }
+    }
+    if let Some(t) = tracing {
+        t.shutdown().await;
     }
     Ok(())
 }

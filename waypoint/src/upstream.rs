@@ -373,9 +373,16 @@ impl Upstreams {
             client: ep.hbone.as_ref().and(client),
             protocol: cluster.protocol,
         };
+        // A new connection's HBONE CONNECT names the request's span as its parent.
+        let traceparent = req
+            .headers()
+            .get(crate::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let traceparent = traceparent.as_deref();
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
-                let mut sender = self.sender2(&key, ep, cluster).await?;
+                let mut sender = self.sender2(&key, ep, cluster, traceparent).await?;
                 sender
                     .ready()
                     .await
@@ -384,7 +391,7 @@ impl Upstreams {
                 Ok(resp.map(crate::body::stream))
             }
             UpstreamProtocol::Http1 => {
-                let mut sender = self.sender1(&key, ep, cluster).await?;
+                let mut sender = self.sender1(&key, ep, cluster, traceparent).await?;
                 let resp = sender.send_request(req).await.map_err(classify)?;
                 // Back to the pool when the response body has been read to its end (by
                 // the body itself: no task per response). Dropped unfinished, the
@@ -433,6 +440,7 @@ impl Upstreams {
         key: &ConnKey,
         ep: &Endpoint,
         cluster: &Cluster,
+        traceparent: Option<&str>,
     ) -> Result<Sender1, UpstreamError> {
         if let Some(s) = self.idle1(key).await {
             return Ok(s);
@@ -454,7 +462,7 @@ impl Upstreams {
         // Boxed: a new connection is rare (they are pooled) and its future is large;
         // inline, it would make every request's future that much bigger.
         Box::pin(async {
-            let io = self.dial_for(key, ep, cluster).await?;
+            let io = self.dial_for(key, ep, cluster, traceparent).await?;
             let (sender, conn) = http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -493,9 +501,10 @@ impl Upstreams {
         key: &ConnKey,
         ep: &Endpoint,
         cluster: &Cluster,
+        traceparent: Option<&str>,
     ) -> Result<UpstreamIo, UpstreamError> {
         let host = cluster.service_host();
-        self.dial(ep, key.client, host, cluster.connect_timeout)
+        self.dial(ep, key.client, host, cluster.connect_timeout, traceparent)
             .await
     }
 
@@ -504,6 +513,7 @@ impl Upstreams {
         key: &ConnKey,
         ep: &Endpoint,
         cluster: &Cluster,
+        traceparent: Option<&str>,
     ) -> Result<Sender2, UpstreamError> {
         let shared = |key: &ConnKey| {
             self.shared2
@@ -535,7 +545,7 @@ impl Upstreams {
         };
         // Boxed, as for HTTP/1.1.
         let sender = Box::pin(async {
-            let io = self.dial_for(key, ep, cluster).await?;
+            let io = self.dial_for(key, ep, cluster, traceparent).await?;
             let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -564,6 +574,7 @@ impl Upstreams {
         client: Option<IpAddr>,
         service: Option<&str>,
         connect_timeout: Duration,
+        traceparent: Option<&str>,
     ) -> Result<UpstreamIo, UpstreamError> {
         let connect = async {
             match &ep.hbone {
@@ -586,7 +597,10 @@ impl Upstreams {
                         dst_identity: dst.clone(),
                         dst: SocketAddr::new(ep.addr.ip(), HBONE_PORT),
                     };
-                    let tp = crate::trace::new_traceparent();
+                    // The span that asked for the connection is the far side's parent.
+                    let tp = traceparent
+                        .map(str::to_owned)
+                        .unwrap_or_else(crate::trace::new_traceparent);
                     let headers = ambit_hbone::connect::ConnectHeaders {
                         source: client.unwrap_or(key.src),
                         traceparent: &tp,

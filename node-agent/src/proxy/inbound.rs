@@ -51,6 +51,8 @@ pub struct Arrival {
     pub baggage: Option<String>,
     /// The service host name the caller says it dialed (`forwarded: host=`).
     pub service_host: Option<String>,
+    /// The caller's trace context (its CONNECT's `traceparent`), if valid.
+    pub trace: Option<ambit_otel::SpanContext>,
 }
 
 /// An admitted connection: who it is for and who it is from.
@@ -174,6 +176,7 @@ pub async fn hbone_connection(
         identity: None,
         baggage: None,
         service_host: None,
+        trace: None,
     };
     let fail = |e: Error| record(&inputs, &pod, &early, &e, started);
     // Only the identity is needed: one `Arc` clone per connection.
@@ -243,6 +246,7 @@ async fn open_tunnel(
         identity: Some(client_id),
         baggage: req.baggage,
         service_host: req.forwarded_host,
+        trace: req.traceparent.as_deref().and_then(ambit_otel::parse_traceparent),
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(&inputs, &pod, &arrival, &Error::BadAuthority(dst), started);
@@ -272,6 +276,7 @@ pub async fn plaintext_connection(
         identity: None,
         baggage: None,
         service_host: None,
+        trace: None,
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(
@@ -383,7 +388,32 @@ impl Delivery {
                 _ => None,
             },
         };
-        let result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, self.started);
+        let span = inputs.tracing.as_ref().map(|t| {
+            use ambit_otel::{KeyValue, SpanKind};
+            let me = &self.admitted.me;
+            let mut attributes = vec![
+                KeyValue::new("ambit.destination.workload", me.display_name()),
+                KeyValue::new("ambit.destination.principal", me.identity.to_string()),
+                KeyValue::new("client.address", a.src.ip().to_string()),
+                KeyValue::new("server.port", i64::from(a.dst.port())),
+            ];
+            if let Some(id) = &a.identity {
+                attributes.push(KeyValue::new("ambit.source.principal", id.to_string()));
+            }
+            if let Some(w) = &self.admitted.src {
+                attributes.push(KeyValue::new("ambit.source.workload", w.display_name()));
+            }
+            t.start(
+                format!("inbound {}", me.display_name()),
+                SpanKind::Server,
+                a.trace.as_ref(),
+                vec![],
+                attributes,
+            )
+        });
+        let mut result =
+            ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, self.started);
+        result.traced(span);
         let tracked = inputs.conns.track(
             self.admitted.me.uid.clone(),
             a.identity.clone(),
@@ -445,6 +475,7 @@ mod tests {
             identity: identity.map(|s| Identity::new("cluster.local", "shop", s).unwrap()),
             baggage: None,
             service_host: None,
+            trace: None,
         }
     }
 

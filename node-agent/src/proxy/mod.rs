@@ -70,6 +70,8 @@ pub struct Inputs {
     pub telemetry: Arc<Telemetry>,
     /// The last captured connections (`/debug/connections`).
     pub recent: Arc<RecentConnections>,
+    /// Where connection spans go, if anywhere.
+    pub tracing: Option<ambit_otel::Tracing>,
 }
 
 impl std::fmt::Debug for Inputs {

@@ -177,7 +177,8 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
 
 enum Upstream {
     Tcp(TcpStream),
-    Hbone(PooledStream),
+    /// A tunnel, and its span.
+    Hbone(PooledStream, Option<ambit_otel::Span>),
 }
 
 /// Proxies one connection accepted on a pod's outbound listener.
@@ -250,7 +251,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
         let opened = match (&source, target.hbone) {
             (Some(src), true) => open_hbone(&inputs, &pod, src, target, plan.service.as_deref())
                 .await
-                .map(Upstream::Hbone),
+                .map(|(s, span)| Upstream::Hbone(s, span)),
             _ => open_direct(&inputs, &pod, target.addr)
                 .await
                 .map(Upstream::Tcp),
@@ -281,7 +282,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             },
             src_meta: None,
         };
-        let result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
+        let mut result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
         let mut client = client;
         let (end, sent, received) = match upstream {
             Upstream::Tcp(mut s) => {
@@ -292,7 +293,10 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
                 r
             }
             // Dropping a failed tunnel resets its stream.
-            Upstream::Hbone(mut s) => relay(&mut client, &mut s, None).await,
+            Upstream::Hbone(mut s, span) => {
+                result.traced(span);
+                relay(&mut client, &mut s, None).await
+            }
         };
         if matches!(end, End::Error(_)) {
             reset(&client);
@@ -324,7 +328,7 @@ async fn open_hbone(
     source: &Workload,
     target: &Target,
     service: Option<&Service>,
-) -> Result<PooledStream, Error> {
+) -> Result<(PooledStream, Option<ambit_otel::Span>), Error> {
     let dst = target
         .workload
         .as_deref()
@@ -348,7 +352,32 @@ async fn open_hbone(
             INBOUND_HBONE_PORT,
         ),
     };
-    let tp = traceparent();
+    // The tunnel's span (a new trace: the application's own context is in bytes the
+    // agent does not read); the far side's is its child.
+    let span = inputs.tracing.as_ref().map(|t| {
+        use ambit_otel::{KeyValue, SpanKind};
+        let mut attributes = vec![
+            KeyValue::new("ambit.source.workload", source.display_name()),
+            KeyValue::new("ambit.source.principal", source.identity.to_string()),
+            KeyValue::new("ambit.destination.workload", dst.display_name()),
+            KeyValue::new("ambit.destination.principal", dst.identity.to_string()),
+            KeyValue::new("server.address", target.addr.ip().to_string()),
+            KeyValue::new("server.port", i64::from(target.addr.port())),
+        ];
+        if let Some(s) = service {
+            attributes.push(KeyValue::new("ambit.service", s.hostname.clone()));
+        }
+        t.start(
+            format!("outbound {}", service.map_or_else(|| target.addr.to_string(), |s| s.hostname.clone())),
+            SpanKind::Client,
+            None,
+            vec![],
+            attributes,
+        )
+    });
+    let tp = span
+        .as_ref()
+        .map_or_else(traceparent, ambit_otel::Span::traceparent);
     let baggage = crate::telemetry::tcp::baggage(source);
     let headers = ConnectHeaders {
         source: src_ip,
@@ -358,7 +387,7 @@ async fn open_hbone(
         host: service.map(|s| s.hostname.as_str()),
     };
     let connect = inputs.pool.connect_with(&key, pod, target.addr, &headers);
-    match tokio::time::timeout(inputs.connect_timeout, connect).await {
+    let opened = match tokio::time::timeout(inputs.connect_timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(PoolError::Dial(e))) => Err(e),
         Ok(Err(PoolError::Tunnel(HboneError::Denied))) => Err(Error::TunnelDenied),
@@ -368,6 +397,15 @@ async fn open_hbone(
             addr: key.dst,
             after: inputs.connect_timeout,
         }),
+    };
+    match opened {
+        Ok(s) => Ok((s, span)),
+        Err(e) => {
+            if let Some(mut span) = span {
+                span.error(e.to_string());
+            }
+            Err(e)
+        }
     }
 }
 

@@ -60,6 +60,8 @@ pub struct ConnectionResult {
     pod: Arc<PodCounters>,
     started: Started,
     finished: bool,
+    /// Its span, ended when it finishes.
+    span: Option<ambit_otel::Span>,
 }
 
 impl ConnectionResult {
@@ -99,7 +101,13 @@ impl ConnectionResult {
             pod: pod.clone(),
             started,
             finished: false,
+            span: None,
         }
+    }
+
+    /// Ends `span` with the connection, its bytes and outcome set on it.
+    pub fn traced(&mut self, span: Option<ambit_otel::Span>) {
+        self.span = span;
     }
 
     /// The connection's description.
@@ -137,6 +145,14 @@ impl ConnectionResult {
                 Some("denied by a policy change"),
             ),
         };
+        if let Some(mut span) = self.span.take() {
+            span.set("ambit.bytes_sent", sent as i64);
+            span.set("ambit.bytes_received", received as i64);
+            span.set("ambit.result", result);
+            if let Some(d) = detail {
+                span.error(d.to_owned());
+            }
+        }
         let d = &self.desc;
         // Outbound, the source is this node's workload; inbound, only mutual TLS proves
         // who the caller is.

@@ -50,6 +50,10 @@ pub struct RequestContext {
     pub client: Option<IpAddr>,
     /// Where requests are counted.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Where request spans go, if anywhere.
+    pub tracing: Option<ambit_otel::Tracing>,
+    /// The tunnel's trace context (its CONNECT's `traceparent`: the client agent's span).
+    pub tunnel_trace: Option<ambit_otel::SpanContext>,
     /// What every request of the tunnel is counted under (its code, flags and protocol
     /// are filled in per request).
     pub series: crate::telemetry::TunnelSeries,
@@ -75,6 +79,7 @@ pub async fn handle(
     let started = Instant::now();
     let config = ctx.config.borrow().clone();
     let (mut parts, body) = req.into_parts();
+    let span = ctx.tracing.as_ref().map(|t| start_span(t, &ctx, &mut parts));
     let traceparent = trace_context(&mut parts.headers);
     let request_header_bytes = (parts.method.as_str().len()
         + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
@@ -93,6 +98,7 @@ pub async fn handle(
         request_header_bytes,
         request_bytes,
         traceparent,
+        span,
     ));
     let (route_config, filters, normalize, merge) =
         match config.listener(ctx.authority).map(|l| &l.kind) {
@@ -353,6 +359,52 @@ fn jwt_refusal(why: crate::filter::jwt::Failure, parts: &http::request::Parts) -
             why.message().replace(' ', "_")
         ),
     }
+}
+
+/// The request's span: a child of the request's own trace context if it has one (the
+/// application's span), linked to the tunnel's (the client agent's); else a child of the
+/// tunnel's. Its `traceparent` replaces the request's, so that the upstream hop and the
+/// backend are its children.
+fn start_span(
+    t: &ambit_otel::Tracing,
+    ctx: &RequestContext,
+    parts: &mut http::request::Parts,
+) -> ambit_otel::Span {
+    use ambit_otel::{KeyValue, SpanKind};
+    let own = parts
+        .headers
+        .get(trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ambit_otel::parse_traceparent);
+    let tunnel = ctx.tunnel_trace.clone();
+    let (parent, links) = match (own, tunnel) {
+        (Some(own), tunnel) => (Some(own), tunnel.into_iter().collect()),
+        (None, tunnel) => (tunnel, vec![]),
+    };
+    let host = router::host_of(parts).into_owned();
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", parts.method.to_string()),
+        KeyValue::new("url.path", parts.uri.path().to_owned()),
+        KeyValue::new("server.address", host),
+        KeyValue::new("ambit.listener", ctx.listener.clone()),
+    ];
+    if let Some(p) = &ctx.peer {
+        attributes.push(KeyValue::new("ambit.source.principal", p.to_string()));
+    }
+    if let Some(ip) = ctx.client {
+        attributes.push(KeyValue::new("client.address", ip.to_string()));
+    }
+    let span = t.start(
+        format!("{} {}", parts.method, ctx.listener),
+        SpanKind::Server,
+        parent.as_ref(),
+        links,
+        attributes,
+    );
+    if let Ok(v) = HeaderValue::try_from(span.traceparent()) {
+        parts.headers.insert(trace::TRACEPARENT, v);
+    }
+    span
 }
 
 /// The request's `traceparent`: its own if valid, else a new one put in its place (an

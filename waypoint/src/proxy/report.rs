@@ -121,6 +121,8 @@ pub(super) struct Exchange {
     details: String,
     /// The policy of an RBAC `LOG` filter (Istio's AUDIT) that matched, if any.
     audit: Option<String>,
+    /// Its span, ended when it is reported.
+    span: Option<ambit_otel::Span>,
 }
 
 impl Report {
@@ -181,6 +183,7 @@ impl Exchange {
         request_header_bytes: u64,
         request_bytes: Arc<AtomicU64>,
         traceparent: HeaderValue,
+        span: Option<ambit_otel::Span>,
     ) -> Self {
         Exchange {
             ctx,
@@ -201,12 +204,13 @@ impl Exchange {
             traceparent,
             details: "downstream_remote_disconnect".to_owned(),
             audit: None,
+            span,
         }
     }
 }
 
 impl Exchange {
-    fn record(self, bytes: u64, trailer_status: Option<u32>, end: End) {
+    fn record(mut self, bytes: u64, trailer_status: Option<u32>, end: End) {
         let flag = self.flag.or(match end {
             End::Complete => None,
             End::UpstreamFailed => Some(Flag::Reset),
@@ -245,6 +249,20 @@ impl Exchange {
                 response_bytes: self.response_header_bytes + bytes,
             },
         );
+        if let Some(mut span) = self.span.take() {
+            span.set("http.response.status_code", i64::from(self.status));
+            span.set("ambit.response_flags", flags.to_owned());
+            span.set("ambit.response_code_details", self.details.clone());
+            if let Some(e) = &self.upstream {
+                span.set("ambit.upstream.address", e.addr.to_string());
+                if let Some(p) = &e.hbone {
+                    span.set("ambit.upstream.principal", p.to_string());
+                }
+            }
+            if self.status >= 500 || self.status == 0 {
+                span.error(format!("{} {flags}", self.status));
+            }
+        }
         let ep = self.upstream.as_ref();
         info!(
             target: "access",

@@ -243,6 +243,7 @@ impl TestWaypoint {
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(ambit_waypoint::telemetry::Metrics::default());
         let inbound = Inbound {
+            tracing: None,
             config: config.clone(),
             upstreams: Upstreams::new(
                 certs_rx.clone(),
