@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use opentelemetry::trace::{
-    Span as _, SpanId, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
-    Tracer as _, TracerProvider as _,
+    Span as _, SpanId, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
 };
 pub use opentelemetry::trace::{SpanContext, SpanKind};
 pub use opentelemetry::{KeyValue, Value};

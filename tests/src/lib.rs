@@ -19,6 +19,7 @@
 
 pub mod cluster;
 pub mod kube_api;
+pub mod otlp;
 pub mod pki;
 pub mod probes;
 pub mod process;

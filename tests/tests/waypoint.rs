@@ -540,3 +540,177 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
     );
     drop(server);
 }
+
+#[test]
+fn one_request_through_the_waypoint_is_one_trace_from_the_client_agent_to_the_destination_agent() {
+    use ambit_tests::otlp::{CLIENT, OtlpReceiver, ReceivedSpan, SERVER};
+    const COLLECTOR: &str = "172.18.0.254:4317";
+    let c = Cluster::new(ClusterSpec {
+        control_plane: true,
+        pods_per_node: 3,
+        agent_args: vec![
+            format!("--otlp-endpoint=http://{COLLECTOR}"),
+            "--trace-sampling=100".into(),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    // The collector on the bridge, where agents and the waypoint pod reach it.
+    let netns = ambit_mesh::netns::Netns::open(
+        std::path::Path::new("/var/run/netns").join(&c.bridge_netns),
+    )
+    .unwrap();
+    let listener = netns
+        .run(|| std::net::TcpListener::bind(COLLECTOR))
+        .unwrap()
+        .unwrap();
+    let otlp = OtlpReceiver::start(listener).unwrap();
+    let mut servers = Vec::new();
+    for (i, name) in [(0, "v1"), (1, "v2")] {
+        let pod = c.pod(2, i);
+        let mut p = c
+            .spawn_in_pod(
+                pod,
+                &[
+                    "http-serve".into(),
+                    format!("--listen={}:8080", pod.ip4),
+                    format!("--name={name}"),
+                ],
+            )
+            .unwrap();
+        p.wait_for_line("listening").unwrap();
+        servers.push(p);
+    }
+    for n in &c.nodes {
+        for p in &n.pods {
+            c.enroll(p).unwrap();
+        }
+    }
+    c.write_mesh(&mesh(&c)).unwrap();
+    wait_until(
+        "backends and client captured",
+        Duration::from_secs(15),
+        || {
+            [(1, 0), (2, 0), (2, 1)].iter().all(|&(n, i)| {
+                c.enroll_client(n)
+                    .unwrap()
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+            })
+        },
+    );
+    let waypoint = c
+        .start_waypoint_with(
+            c.pod(1, 1),
+            "default",
+            "wp",
+            &[
+                format!("--otlp-endpoint=http://{COLLECTOR}"),
+                "--trace-sampling=100".into(),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let find = |spans: &[ReceivedSpan], service: &str, kind: i32| -> Vec<ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| s.service == service && s.kind == kind)
+            .cloned()
+            .collect()
+    };
+
+    // A request without a trace context of its own: the client agent's tunnel span
+    // starts the trace, the waypoint's request span is its child.
+    let (ok, r) = get(&c, "10.96.0.10:80", &["x-canary: 1"], 1);
+    assert!(ok && r[0]["status"] == 200, "{r:?}");
+    let spans = otlp.wait_for(Duration::from_secs(20), |s| {
+        !find(s, "ambit-agent", CLIENT).is_empty() && !find(s, "ambit-waypoint", SERVER).is_empty()
+    });
+    let all = format!("{spans:#?}");
+    let client = find(&spans, "ambit-agent", CLIENT);
+    let waypoint_spans = find(&spans, "ambit-waypoint", SERVER);
+    assert_eq!((client.len(), waypoint_spans.len()), (1, 1), "{all}");
+    let (a, w) = (client[0].clone(), waypoint_spans[0].clone());
+    assert!(
+        a.parent_span_id.is_empty(),
+        "the client agent's span is a root: {all}"
+    );
+    assert_eq!(
+        a.attributes["ambit.source.principal"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    assert_eq!(
+        a.attributes["ambit.service"],
+        "web.default.svc.cluster.local"
+    );
+    assert_eq!(a.attributes["ambit.result"], "ok", "{all}");
+    assert_eq!(
+        (&w.trace_id, &w.parent_span_id),
+        (&a.trace_id, &a.span_id),
+        "{all}"
+    );
+    assert_eq!(w.name, "GET web.default.svc.cluster.local:80");
+    assert_eq!(w.attributes["http.response.status_code"], "200");
+    assert_eq!(
+        w.attributes["ambit.source.principal"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    assert_eq!(
+        w.attributes["ambit.upstream.principal"],
+        "spiffe://cluster.local/ns/default/sa/web"
+    );
+
+    // With the application's own trace context: the waypoint's span joins the
+    // application's trace (its child), linked to the client agent's tunnel span.
+    let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let (ok, r) = get(
+        &c,
+        "10.96.0.10:80",
+        &[
+            "x-canary: 1",
+            &format!("traceparent: 00-{app_trace}-{app_span}-01"),
+        ],
+        1,
+    );
+    assert!(ok && r[0]["status"] == 200, "{r:?}");
+    let spans = otlp.wait_for(Duration::from_secs(20), |s| {
+        find(s, "ambit-agent", CLIENT).len() >= 2
+            && s.iter()
+                .any(|x| x.service == "ambit-waypoint" && x.trace_id == app_trace)
+    });
+    let all = format!("{spans:#?}");
+    let w2 = spans
+        .iter()
+        .find(|x| x.service == "ambit-waypoint" && x.trace_id == app_trace)
+        .unwrap_or_else(|| panic!("no waypoint span in the application's trace: {all}"));
+    assert_eq!(w2.parent_span_id, app_span, "{all}");
+    let a2 = find(&spans, "ambit-agent", CLIENT)
+        .into_iter()
+        .find(|x| x.span_id != a.span_id)
+        .unwrap();
+    assert_eq!(w2.links, vec![a2.span_id.clone()], "{all}");
+
+    // The destination agent's span covers the waypoint's upstream tunnel, which the
+    // first request opened (and the second reused): it ends when the tunnel does, here
+    // with the waypoint; it is the first request's span's child.
+    drop(waypoint);
+    let spans = otlp.wait_for(Duration::from_secs(20), |s| {
+        !find(s, "ambit-agent", SERVER).is_empty()
+    });
+    let all = format!("{spans:#?}");
+    let dest = find(&spans, "ambit-agent", SERVER);
+    assert_eq!(dest.len(), 1, "{all}");
+    let d = &dest[0];
+    assert_eq!(
+        (&d.trace_id, &d.parent_span_id),
+        (&a.trace_id, &w.span_id),
+        "{all}"
+    );
+    assert_eq!(d.attributes["ambit.source.principal"], WAYPOINT_ID);
+    assert_eq!(
+        d.attributes["ambit.destination.workload"],
+        format!("default/{}", c.pod(2, 1).name)
+    );
+}

@@ -147,7 +147,10 @@ impl Inbound {
             .as_deref()
             .map(ambit_hbone::baggage::PeerMetadata::parse)
             .unwrap_or_default();
-        let trace = req.traceparent.as_deref().and_then(ambit_otel::parse_traceparent);
+        let trace = req
+            .traceparent
+            .as_deref()
+            .and_then(ambit_otel::parse_traceparent);
         Ok(self.tunnel(carry, req.authority, peer, req.forwarded_for, &meta, trace))
     }
 
@@ -330,7 +333,10 @@ where
             ctx.client,
             service,
             connect_timeout,
-            ctx.tunnel_trace.as_ref().map(ambit_otel::traceparent).as_deref(),
+            ctx.tunnel_trace
+                .as_ref()
+                .map(ambit_otel::traceparent)
+                .as_deref(),
         )
         .await
         .map_err(|e| e.to_string())?;

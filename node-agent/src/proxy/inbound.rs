@@ -246,7 +246,10 @@ async fn open_tunnel(
         identity: Some(client_id),
         baggage: req.baggage,
         service_host: req.forwarded_host,
-        trace: req.traceparent.as_deref().and_then(ambit_otel::parse_traceparent),
+        trace: req
+            .traceparent
+            .as_deref()
+            .and_then(ambit_otel::parse_traceparent),
     };
     if !check_destination(&pod.spec.ips, dst) {
         record(&inputs, &pod, &arrival, &Error::BadAuthority(dst), started);

@@ -368,7 +368,10 @@ async fn open_hbone(
             attributes.push(KeyValue::new("ambit.service", s.hostname.clone()));
         }
         t.start(
-            format!("outbound {}", service.map_or_else(|| target.addr.to_string(), |s| s.hostname.clone())),
+            format!(
+                "outbound {}",
+                service.map_or_else(|| target.addr.to_string(), |s| s.hostname.clone())
+            ),
             SpanKind::Client,
             None,
             vec![],

@@ -79,7 +79,10 @@ pub async fn handle(
     let started = Instant::now();
     let config = ctx.config.borrow().clone();
     let (mut parts, body) = req.into_parts();
-    let span = ctx.tracing.as_ref().map(|t| start_span(t, &ctx, &mut parts));
+    let span = ctx
+        .tracing
+        .as_ref()
+        .map(|t| start_span(t, &ctx, &mut parts));
     let traceparent = trace_context(&mut parts.headers);
     let request_header_bytes = (parts.method.as_str().len()
         + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
