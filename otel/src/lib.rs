@@ -136,7 +136,7 @@ impl Tracing {
             .with_links(
                 links
                     .into_iter()
-                    .map(|l| opentelemetry::trace::Link::with_context(l))
+                    .map(opentelemetry::trace::Link::with_context)
                     .collect(),
             )
             .start_with_context(&self.tracer, &cx);

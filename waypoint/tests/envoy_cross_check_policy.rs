@@ -441,7 +441,6 @@ macro_rules! paced {
         (ok, start.elapsed().as_secs_f64())
     }};
 }
-use paced;
 
 const RATE_MESH: &str = r#"
 namespaces: [{name: shop}]
@@ -583,8 +582,8 @@ async fn envoy_and_ambit_waypoint_rate_limit_alike() {
     );
     assert_eq!(by_ambit.mine, by_envoy.mine);
     assert_eq!(by_ambit.refusal, by_envoy.refusal);
-    assert_eq!(by_envoy.free_has_headers, false);
-    assert_eq!(by_ambit.free_has_headers, false);
+    assert!(!by_envoy.free_has_headers);
+    assert!(!by_ambit.free_has_headers);
     let stats = envoy::admin_get(envoy.admin, "/stats?filter=http_local_rate_limit").await;
     eprintln!("{stats}");
     let limited = 4 + 50 - by_envoy.shared.0;

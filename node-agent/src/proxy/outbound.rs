@@ -178,7 +178,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
 enum Upstream {
     Tcp(TcpStream),
     /// A tunnel, and its span.
-    Hbone(PooledStream, Option<ambit_otel::Span>),
+    Hbone(PooledStream, Box<Option<ambit_otel::Span>>),
 }
 
 /// Proxies one connection accepted on a pod's outbound listener.
@@ -251,7 +251,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
         let opened = match (&source, target.hbone) {
             (Some(src), true) => open_hbone(&inputs, &pod, src, target, plan.service.as_deref())
                 .await
-                .map(|(s, span)| Upstream::Hbone(s, span)),
+                .map(|(s, span)| Upstream::Hbone(s, Box::new(span))),
             _ => open_direct(&inputs, &pod, target.addr)
                 .await
                 .map(Upstream::Tcp),
@@ -294,7 +294,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             }
             // Dropping a failed tunnel resets its stream.
             Upstream::Hbone(mut s, span) => {
-                result.traced(span);
+                result.traced(*span);
                 relay(&mut client, &mut s, None).await
             }
         };

@@ -101,7 +101,7 @@ pub enum Keys {
     /// Given inline.
     Inline(Arc<JwkSet>),
     /// Fetched.
-    Remote(RemoteJwks),
+    Remote(Box<RemoteJwks>),
 }
 
 /// Keys fetched from a URL through a cluster, cached.
@@ -886,7 +886,7 @@ fn provider(name: &str, p: &jwt::JwtProvider) -> Result<Provider, Error> {
             let Some(HttpUpstreamType::Cluster(cluster)) = &uri.http_upstream_type else {
                 return Err("remote_jwks http_uri needs a cluster".into());
             };
-            Keys::Remote(RemoteJwks {
+            Keys::Remote(Box::new(RemoteJwks {
                 uri: uri
                     .uri
                     .parse()
@@ -907,7 +907,7 @@ fn provider(name: &str, p: &jwt::JwtProvider) -> Result<Provider, Error> {
                     .unwrap_or(Duration::from_secs(600)),
                 cached: Mutex::new(None),
                 fetching: tokio::sync::Mutex::new(()),
-            })
+            }))
         }
         None => return Err("needs local_jwks or remote_jwks".into()),
     };

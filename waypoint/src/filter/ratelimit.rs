@@ -119,7 +119,7 @@ fn bucket_params(b: &types::TokenBucket) -> Result<BucketParams, Error> {
         .as_ref()
         .ok_or("token_bucket.fill_interval is required")
         .map_err(Error::from)
-        .and_then(|d| decode::duration(d))?;
+        .and_then(decode::duration)?;
     if fill_interval < MIN_FILL_INTERVAL {
         return Err(format!(
             "token_bucket.fill_interval must be at least {MIN_FILL_INTERVAL:?}"
@@ -527,9 +527,9 @@ pub fn decode(any: &protobuf::Any) -> Result<LocalRateLimit, Error> {
     let mut rate_limits = Vec::new();
     for (i, r) in c.rate_limits.iter().enumerate() {
         if r.stage.is_some()
-            || r.disable_key.len() > 0
+            || !r.disable_key.is_empty()
             || r.limit.is_some()
-            || !r.hits_addend.is_none()
+            || r.hits_addend.is_some()
             || r.apply_on_stream_done
         {
             return Err(format!(
