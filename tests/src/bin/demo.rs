@@ -424,6 +424,36 @@ fn l7<'a>(
         started.elapsed().as_secs_f64() * 1e3
     );
 
+    // Security and traffic policy at the waypoint.
+    let r = http(c, frontend, "/admin", &[], 1)?;
+    let first = |r: &[serde_json::Value]| {
+        r.first().map_or((0, String::new()), |x| {
+            (
+                x["status"].as_u64().unwrap_or(0),
+                x["body"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    };
+    let (code, body) = first(&r);
+    println!(
+        "  /admin (AuthorizationPolicy reviews-admin: DENY unless the ops identity): {code} {body:?}"
+    );
+    let r = http(
+        c,
+        frontend,
+        "/",
+        &["authorization: Bearer forged.token.value"],
+        1,
+    )?;
+    let (code, body) = first(&r);
+    println!("  a forged JWT (RequestAuthentication reviews-jwt): {code} {body:?}");
+    let r = http(c, frontend, "/api/items", &[], 60)?;
+    let limited = r.iter().filter(|x| x["status"] == 429).count();
+    println!(
+        "  /api (rateLimit: 20 a second per caller), 60 requests back to back: {} served, {limited} answered 429 (RL)",
+        r.iter().filter(|x| x["status"] == 200).count()
+    );
+
     println!("\nIstio's request metrics (GET :15020/metrics on the waypoint, reporter=waypoint):");
     println!(
         "  {:<12} {:<32} {:<14} {:<8} {:>5} {:>6} {:>6} {:>10}",
