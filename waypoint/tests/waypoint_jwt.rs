@@ -247,6 +247,32 @@ async fn a_key_the_cache_lacks_makes_the_waypoint_fetch_the_keys_again() {
         .await;
     assert_eq!(a.status, 401);
     assert_eq!(f.fetches(), 3);
+
+    // The issuer withdraws k1: once the keys are fetched again, a k1 token that verified
+    // before (its signature remembered) is refused.
+    let k1_token = f.k1.sign(&claims("e"));
+    let a = f
+        .ask(API, "/items", &[("authorization", &bearer(&k1_token))])
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    *f.idp.state.document.lock().unwrap() = Some(jwks(&[&k2]));
+    tokio::time::sleep(ambit_waypoint::filter::jwt::REFETCH_COOLDOWN).await;
+    let a = f
+        .ask(
+            API,
+            "/items",
+            &[("authorization", &bearer(&k3.sign(&claims("f"))))],
+        )
+        .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(f.fetches(), 4);
+    let a = f
+        .ask(API, "/items", &[("authorization", &bearer(&k1_token))])
+        .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (401, "Jwks doesn't have key to match kid or alg from Jwt")
+    );
 }
 
 #[tokio::test]

@@ -15,6 +15,12 @@
 //! pod-2-1) — client agent, HBONE, waypoint, HBONE, destination agent — against the
 //! L4-only path to `web-l4` (backend pod-2-2, no waypoint): agents and HBONE only.
 //!
+//! Then policy: the same plain listeners with an L7 AuthorizationPolicy of 20 rules and a
+//! RequestAuthentication (ES256, inline keys) on `web-plain`, every request carrying a
+//! valid token — in ambit-waypoint through its plaintext listener, in Envoy as the control
+//! plane's own Listener for the service (its JWT and RBAC filters) moved to :8081 of
+//! Envoy's pod (a binary bootstrap merged with the example's).
+//!
 //! Each measurement alternates its contenders and reports the median of `ROUNDS`, with the
 //! spread (min–max) of the rounds.
 //!
@@ -70,6 +76,78 @@ fn mesh(c: &Cluster, with_envoy: bool) -> String {
      selector: {app: web-l4}}
 "#;
     y
+}
+
+/// The issuer of the bench's tokens.
+const ISSUER: &str = "https://idp.bench.example";
+
+/// An L7 policy of 20 rules for `web-plain` and the RequestAuthentication whose tokens
+/// they match: 2 DENY rules nobody matches, 17 ALLOW rules the bench's requests miss
+/// (other paths, methods, headers, principals), and last the one that admits them (a
+/// request principal of the issuer, a claim and a method) — so every rule is evaluated.
+fn policy_yaml(jwks: &str) -> String {
+    let mut allow = String::new();
+    for i in 0..16 {
+        allow += &format!(
+            "      - from: [{{requestPrincipals: [\"{ISSUER}/team-{i}\"]}}]\n        to: [{{paths: [\"/team-{i}/*\"], methods: [GET, POST]}}]\n"
+        );
+    }
+    allow += "      - to: [{methods: [DELETE], paths: [/admin]}]\n";
+    allow += &format!(
+        "      - from: [{{requestPrincipals: [\"{ISSUER}/*\"]}}]\n        to: [{{methods: [GET, HEAD]}}]\n        when: [{{key: \"request.auth.claims[scope]\", values: [read, write]}}]\n"
+    );
+    format!(
+        r#"requestAuthentications:
+  - name: bench-jwt
+    namespace: bench
+    targetRefs: [{{kind: Service, name: web-plain}}]
+    jwtRules:
+      - issuer: {ISSUER}
+        audiences: [web]
+        jwks: '{jwks}'
+policies:
+  - name: bench-deny
+    namespace: bench
+    targetRefs: [{{kind: Service, name: web-plain}}]
+    action: DENY
+    rules:
+      - to: [{{paths: ["/internal/*"]}}]
+      - when: [{{key: "request.headers[x-blocked]", values: ["*"]}}]
+  - name: bench-allow
+    namespace: bench
+    targetRefs: [{{kind: Service, name: web-plain}}]
+    action: ALLOW
+    rules:
+{allow}"#
+    )
+}
+
+/// An ES256 key: its JWKS and a token of it for the bench's requests (valid for an hour).
+fn bench_token() -> anyhow::Result<(String, String)> {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+        .map_err(|e| anyhow::anyhow!("a P-256 key: {e}"))?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .map_err(|e| anyhow::anyhow!("a P-256 key: {e}"))?;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let point = pair.public_key().as_ref();
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256",
+        "kid": "bench-1", "x": b64(&point[1..33]), "y": b64(&point[33..65])}]})
+    .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("bench-1".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"iss": ISSUER, "sub": "load", "aud": "web", "scope": "read",
+            "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )?;
+    Ok((jwks, token))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -158,6 +236,34 @@ fn main() -> anyhow::Result<()> {
     let peak_rss = [peak_rss_kib(pids[0])?, peak_rss_kib(pids[1])?];
     let rejected = envoy_rejected(&c, envoy_pod)?;
     drop(envoy);
+
+    // Policy: 20 rules and JWT on every request.
+    eprintln!("bench-waypoint: an authorization policy of 20 rules and JWT on every request...");
+    let (jwks, token) = bench_token()?;
+    let with_policy = format!("{}{}", mesh(&c, true), policy_yaml(&jwks));
+    c.write_mesh(&with_policy)?;
+    let bearer = format!("Authorization: Bearer {token}");
+    // In force in ambit-waypoint: no token, 403; the token, 200.
+    wait_for_status(&c, load, &via_ambit, PLAIN_HOST, &[], 403)?;
+    wait_for_status(&c, load, &via_ambit, PLAIN_HOST, &[&bearer], 200)?;
+    let model = ambit_control_plane::source::file::parse(Path::new("mesh.yaml"), &with_policy)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let envoy = start_envoy_with(&c, envoy_pod, Some(policy_listener(&model, 8081)?))?;
+    let via_envoy_policy = format!("{}:8081", envoy_pod.ip4);
+    wait_for_status(&c, load, &via_envoy_policy, PLAIN_HOST, &[], 403)?;
+    wait_for_status(&c, load, &via_envoy_policy, PLAIN_HOST, &[&bearer], 200)?;
+    let policy_pids = [envoy.pid, waypoint.pid()];
+    let policy_targets = [
+        direct.as_str(),
+        via_envoy_policy.as_str(),
+        via_ambit.as_str(),
+    ];
+    let pol = rounds(&policy_targets, &policy_pids, |to| {
+        wrk_with(load, to, PLAIN_HOST, 50, SECONDS, &[&bearer])
+    })?;
+    let policy_rejected = envoy_rejected(&c, envoy_pod)?;
+    drop(envoy);
+    c.write_mesh(&mesh(&c, true))?;
 
     // The mesh path: without Envoy's pod, so the agents pick ambit-waypoint's.
     eprintln!("bench-waypoint: the full mesh path...");
@@ -272,6 +378,37 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nEnvoy's xDS updates rejected (`update_rejected` in its stats): {rejected} (0: it ACKed everything)."
     );
+    println!(
+        "\nWith policy: an AuthorizationPolicy of 20 rules (2 DENY, 18 ALLOW, the admitting one last) and a\nRequestAuthentication (ES256) on the service, a valid token on every request (HTTP/1.1, 50 connections;\nEnvoy runs the control plane's own listener for the service, its JWT and RBAC filters included):\n"
+    );
+    println!("| measurement | direct | Envoy | Ambit | Ambit/Envoy | goal |");
+    println!("|---|---:|---:|---:|---:|---|");
+    println!(
+        "| requests/s | {} | {} | {} | {} | |",
+        cell(&pol[0].rps, &n0),
+        cell(&pol[1].rps, &n0),
+        cell(&pol[2].rps, &n0),
+        ratio(median(pol[2].rps.clone()), median(pol[1].rps.clone()))
+    );
+    println!(
+        "| proxy CPU ms per 1,000 requests | | {} | {} | {} | <= 0.5x |",
+        cell(&pol[1].cpu_ms_per_k, &n2),
+        cell(&pol[2].cpu_ms_per_k, &n2),
+        ratio(
+            median(pol[2].cpu_ms_per_k.clone()),
+            median(pol[1].cpu_ms_per_k.clone())
+        )
+    );
+    println!(
+        "| proxy CPU ms per 1,000 requests, added by the policy | | {:.2} | {:.2} | {} | |",
+        median(pol[1].cpu_ms_per_k.clone()) - median(h1[1].cpu_ms_per_k.clone()),
+        median(pol[2].cpu_ms_per_k.clone()) - median(h1[2].cpu_ms_per_k.clone()),
+        ratio(
+            median(pol[2].cpu_ms_per_k.clone()) - median(h1[2].cpu_ms_per_k.clone()),
+            median(pol[1].cpu_ms_per_k.clone()) - median(h1[1].cpu_ms_per_k.clone())
+        )
+    );
+    println!("\nEnvoy's updates rejected with the policy: {policy_rejected}.");
     println!(
         "\nThe full mesh path (HTTP/1.1 from a meshed pod; CPU of both agents, plus the waypoint on L7):\n"
     );
@@ -454,15 +591,27 @@ fn wrk(pod: &Pod, to: &str, host: &str, conns: u32) -> anyhow::Result<Load> {
 
 /// wrk for `seconds`.
 fn wrk_for(pod: &Pod, to: &str, host: &str, conns: u32, seconds: u32) -> anyhow::Result<Load> {
-    let out = run_in(
-        pod,
-        Command::new("wrk")
-            .args(["-t1", "--latency", "--timeout", "5s"])
-            .arg(format!("-c{conns}"))
-            .arg(format!("-d{seconds}s"))
-            .args(["-H", &format!("Host: {host}")])
-            .arg(format!("http://{to}/")),
-    )?;
+    wrk_with(pod, to, host, conns, seconds, &[])
+}
+
+/// wrk for `seconds`, with more request headers.
+fn wrk_with(
+    pod: &Pod,
+    to: &str,
+    host: &str,
+    conns: u32,
+    seconds: u32,
+    headers: &[&str],
+) -> anyhow::Result<Load> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "--latency", "--timeout", "5s"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{seconds}s"))
+        .args(["-H", &format!("Host: {host}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = run_in(pod, cmd.arg(format!("http://{to}/")))?;
     if let Some(l) = out
         .lines()
         .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
@@ -551,25 +700,76 @@ fn h2load_for(pod: &Pod, to: &str, host: &str, seconds: u32) -> anyhow::Result<L
 
 /// Waits (at most 30 s) until a GET from `pod` to `to` answers 200.
 fn wait_for_200(c: &Cluster, pod: &Pod, to: &str, host: &str) -> anyhow::Result<()> {
+    wait_for_status(c, pod, to, host, &[], 200)
+}
+
+/// Waits (at most 30 s) until a GET from `pod` to `to` with `headers` answers `want`.
+fn wait_for_status(
+    c: &Cluster,
+    pod: &Pod,
+    to: &str,
+    host: &str,
+    headers: &[&str],
+    want: u16,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut args = vec![
+        "http-get".to_string(),
+        format!("--connect={to}"),
+        format!("--host={host}"),
+    ];
+    args.extend(headers.iter().map(|h| format!("--header={h}")));
     loop {
-        let p = c.spawn_in_pod(
-            pod,
-            &[
-                "http-get".into(),
-                format!("--connect={to}"),
-                format!("--host={host}"),
-            ],
-        )?;
-        let (status, lines) = p.finish(Duration::from_secs(15))?;
-        if status.success() && lines.iter().any(|l| l.contains("\"status\":200")) {
+        let p = c.spawn_in_pod(pod, &args)?;
+        let (_, lines) = p.finish(Duration::from_secs(15))?;
+        if lines
+            .iter()
+            .any(|l| l.contains(&format!("\"status\":{want}")))
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{to} does not answer 200: {lines:?}");
+            bail!("{to} does not answer {want}: {lines:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The control plane's own Listener for `web-plain` in `model` (its JWT and RBAC
+/// filters), listening in plaintext on `0.0.0.0:port`, as a binary bootstrap fragment.
+fn policy_listener(
+    model: &ambit_control_plane::model::Model,
+    port: u16,
+) -> anyhow::Result<Vec<u8>> {
+    use envoy_types::pb::envoy::config::bootstrap::v3 as bootstrap;
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::envoy::config::listener::v3 as listener;
+    use prost::Message;
+    let wp = model.waypoints.values().next().context("a waypoint")?;
+    let resources = ambit_control_plane::translate::waypoint::resources(model, wp);
+    let name = format!("{PLAIN_HOST}:80");
+    let r = resources[ambit_xds::type_url::LISTENER]
+        .get(&name)
+        .with_context(|| format!("no listener {name}"))?;
+    let mut l = listener::Listener::decode(r.resource.value.as_slice())?;
+    l.name = "web-policy".into();
+    l.address = Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: "0.0.0.0".into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port.into())),
+            ..Default::default()
+        })),
+    });
+    l.additional_addresses.clear();
+    l.bind_to_port = None;
+    let b = bootstrap::Bootstrap {
+        static_resources: Some(bootstrap::bootstrap::StaticResources {
+            listeners: vec![l],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(b.encode_to_vec())
 }
 
 /// Envoy in its pod, killed by its PID when dropped.
@@ -597,6 +797,11 @@ fn envoy_binary() -> anyhow::Result<std::path::PathBuf> {
 /// Envoy 1.40 in `pod` from the README's example bootstrap, pointed at this cluster: its
 /// certificate from node 1's agent over SDS, its configuration from the control plane.
 fn start_envoy(c: &Cluster, pod: &Pod) -> anyhow::Result<Envoy> {
+    start_envoy_with(c, pod, None)
+}
+
+/// [`start_envoy`], with more listeners (a binary bootstrap the example is merged into).
+fn start_envoy_with(c: &Cluster, pod: &Pod, extra: Option<Vec<u8>>) -> anyhow::Result<Envoy> {
     let sds = c.node(pod.node).state_dir.join("sds.sock");
     let (cp_ip, cp_port) = CONTROL_PLANE_ADDR
         .rsplit_once(':')
@@ -617,21 +822,36 @@ fn start_envoy(c: &Cluster, pod: &Pod) -> anyhow::Result<Envoy> {
         "examples/envoy-waypoint.yaml changed shape; update the bench's substitutions"
     );
     let config = c.node(pod.node).state_dir.join("envoy-waypoint.yaml");
-    std::fs::write(&config, bootstrap)?;
+    std::fs::write(&config, &bootstrap)?;
     let log = std::fs::File::create(c.node(pod.node).state_dir.join("envoy.log"))?;
+    let source: Vec<String> = match extra {
+        None => vec!["-c".into(), config.display().to_string()],
+        Some(pb) => {
+            let file = c.node(pod.node).state_dir.join("envoy-policy.pb");
+            std::fs::write(&file, pb)?;
+            vec![
+                "-c".into(),
+                file.display().to_string(),
+                "--config-yaml".into(),
+                bootstrap,
+            ]
+        }
+    };
     let p = PodProcess::start_with_stderr(
         &pod.netns_path(),
         &pod.cgroup,
         &envoy_binary()?,
         &[
-            "-c".into(),
-            config.display().to_string(),
-            "--concurrency".into(),
-            "1".into(),
-            "--log-level".into(),
-            "warn".into(),
-            "--disable-hot-restart".into(),
-        ],
+            source,
+            vec![
+                "--concurrency".into(),
+                "1".into(),
+                "--log-level".into(),
+                "warn".into(),
+                "--disable-hot-restart".into(),
+            ],
+        ]
+        .concat(),
         log.into(),
     )?;
     Ok(Envoy {

@@ -19,7 +19,7 @@
 //! [`REFETCH_COOLDOWN`]), so an issuer's key rotation needs no restart and no wait for
 //! the cache to expire.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,15 @@ pub struct Provider {
     clock_skew: u64,
     /// Its keys.
     pub keys: Keys,
+    /// Tokens whose signature verified, with the key set that verified them: a client
+    /// sends one token many times, and the signature (tens of microseconds for ECDSA
+    /// or RSA) is the check's whole cost. Every other check runs on every request; new
+    /// keys (another `Arc`) make the memo moot.
+    verified: Mutex<HashMap<String, Arc<JwkSet>>>,
 }
+
+/// How many verified signatures a provider remembers (it forgets them all beyond).
+const VERIFIED_MEMO: usize = 1024;
 
 /// Where a token may be.
 #[derive(Clone, Debug)]
@@ -509,6 +517,17 @@ impl Provider {
             .get(&self.name)
             .cloned()
             .unwrap_or(Err(Failure::FetchFailed))?;
+        let verified = |p: &Arc<Self>| Verified {
+            provider: p.clone(),
+            payload,
+            raw_payload: payload_part.to_owned(),
+            found,
+        };
+        let memo =
+            |m: &HashMap<String, Arc<JwkSet>>| m.get(token).is_some_and(|k| Arc::ptr_eq(k, &keys));
+        if memo(&self.verified.lock().expect("jwt memo")) {
+            return Ok(verified(self));
+        }
         let candidates = matching(&keys, kid.as_deref(), alg);
         if candidates.is_empty() {
             return Err(Failure::KidMismatch);
@@ -523,12 +542,13 @@ impl Provider {
                 continue;
             };
             if jsonwebtoken::decode::<Value>(token, &key, &validation).is_ok() {
-                return Ok(Verified {
-                    provider: self.clone(),
-                    payload,
-                    raw_payload: payload_part.to_owned(),
-                    found,
-                });
+                let mut m = self.verified.lock().expect("jwt memo");
+                if m.len() >= VERIFIED_MEMO {
+                    m.clear();
+                }
+                m.insert(token.to_owned(), keys.clone());
+                drop(m);
+                return Ok(verified(self));
             }
         }
         Err(Failure::Signature)
@@ -955,6 +975,7 @@ fn provider(name: &str, p: &jwt::JwtProvider) -> Result<Provider, Error> {
             .map(|h| header(h))
             .transpose()?,
         claim_to_headers,
+        verified: Mutex::default(),
         clock_skew: match p.clock_skew_seconds {
             0 => DEFAULT_CLOCK_SKEW,
             s => u64::from(s),
