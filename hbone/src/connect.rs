@@ -129,6 +129,8 @@ pub enum Refusal {
     Unreachable,
     /// 400: it names something this server does not serve.
     BadRequest,
+    /// 429: a connection rate limit has no room for the caller now.
+    RateLimited,
 }
 
 /// The client half of one HBONE connection. Cheap to clone; every clone opens streams on
@@ -423,6 +425,7 @@ where
                 Refusal::Denied => StatusCode::UNAUTHORIZED,
                 Refusal::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
                 Refusal::BadRequest => StatusCode::BAD_REQUEST,
+                Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             };
             respond.send_response(status(code), true)?;
             Ok(())

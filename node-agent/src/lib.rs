@@ -151,6 +151,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         recent: recent.clone(),
         tracing,
+        limiter: Default::default(),
     });
     let proxy = Arc::new(Proxy::new(inputs.clone(), data_plane.handle().clone()));
     let capture = Arc::new(

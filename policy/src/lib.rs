@@ -37,6 +37,22 @@ pub enum Action {
     Allow,
     /// Deny matching connections, whatever ALLOW policies say.
     Deny,
+    /// Ambit's extension: admit matching connections (all, without rules) at most at
+    /// this rate per source identity (per source IP for plaintext); never allows or
+    /// denies otherwise.
+    RateLimit(ConnectionRate),
+}
+
+/// A connection rate: a token bucket of `burst` that gains `connections` every
+/// `per_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConnectionRate {
+    /// Connections per period.
+    pub connections: u32,
+    /// The period, in seconds.
+    pub per_seconds: u32,
+    /// The bucket's size.
+    pub burst: u32,
 }
 
 /// An authorization policy.
@@ -292,6 +308,23 @@ pub fn authorize<'a>(
     decide(policies.into_iter().filter(|p| p.applies_to(target)), conn)
 }
 
+/// The rate limits among `policies` that apply to `target` and limit `conn` (its rules
+/// match it, or it has none).
+pub fn rate_limits<'a>(
+    policies: impl IntoIterator<Item = &'a Authorization>,
+    target: Target<'_>,
+    conn: &Connection<'_>,
+) -> Vec<(&'a Authorization, ConnectionRate)> {
+    policies
+        .into_iter()
+        .filter(|p| p.applies_to(target))
+        .filter_map(|p| match p.action {
+            Action::RateLimit(r) if p.rules.is_empty() || p.matches(conn) => Some((p, r)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Decides `conn` under `policies`, all of which apply to its destination (a waypoint is
 /// sent only the policies that select its pods): a matching DENY denies; otherwise, if
 /// any ALLOW applies, one must match.
@@ -315,6 +348,7 @@ pub fn decide<'a>(
                     allowed_by = Some(p);
                 }
             }
+            Action::RateLimit(_) => {}
         }
     }
     match (any_allow, allowed_by) {

@@ -611,6 +611,43 @@ fn policies_match_principals_namespaces_cidrs_ports_and_negations() {
     }
 }
 
+#[test]
+fn a_connection_rate_limit_admits_each_callers_burst_and_refuses_the_rest() {
+    let c = mesh("");
+    let (a, b, to) = (c.pod(1, 0), c.pod(1, 1), c.pod(2, 0));
+    let _srv = serve_8080(&c, to);
+    // 3 connections at once per caller, then one a minute (Ambit's RATE_LIMIT action).
+    let extra = format!(
+        "policies:\n  - name: conn-rate\n    namespace: default\n    selector: {{app: {}}}\n    action: RATE_LIMIT\n    connectionRateLimit: {{connections: 1, unit: Minute, burst: 3}}\n    rules: [{{to: [{{ports: [8080]}}]}}]\n",
+        to.name
+    );
+    c.write_mesh(&mesh_yaml(&c, &[], &extra)).unwrap();
+    wait_until("the rate limit applied", Duration::from_secs(10), || {
+        c.config_dump(2).unwrap()["mesh"]["authorizations"]["default/conn-rate"].is_object()
+    });
+    let target = format!("{}:8080", to.ip4);
+    for caller in [a, b] {
+        let admitted: Vec<bool> = (0..5).map(|_| echo(&c, caller, &target, 1, 10).0).collect();
+        assert_eq!(
+            admitted,
+            [true, true, true, false, false],
+            "{}: each caller its own bucket of 3",
+            caller.name
+        );
+    }
+    let refused = metric(
+        &c,
+        2,
+        "ambit_inbound_refused_total",
+        &[("reason", "rate_limited")],
+    );
+    assert_eq!(refused, 4.0);
+    // Other ports are not limited.
+    let _srv2 = c.start_server(to, &[format!("{}:8081", to.ip4)]).unwrap();
+    let other = format!("{}:8081", to.ip4);
+    assert!((0..4).all(|_| echo(&c, a, &other, 1, 10).0));
+}
+
 /// A fresh number for policy names, so each table row's policies are new resources.
 fn fastid() -> usize {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

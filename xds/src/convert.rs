@@ -116,7 +116,16 @@ pub fn authorization_to_proto(p: &Authorization) -> ambit::Authorization {
         action: match p.action {
             Action::Allow => ambit::authorization::Action::Allow,
             Action::Deny => ambit::authorization::Action::Deny,
+            Action::RateLimit(_) => ambit::authorization::Action::RateLimit,
         } as i32,
+        rate: match p.action {
+            Action::RateLimit(r) => Some(ambit::ConnectionRate {
+                connections: r.connections,
+                per_seconds: r.per_seconds,
+                burst: r.burst,
+            }),
+            _ => None,
+        },
         namespace_wide: p.selector.is_none(),
         selector: p.selector.clone().unwrap_or_default().into_iter().collect(),
         rules: p
@@ -153,6 +162,23 @@ pub fn authorization_from_proto(a: ambit::Authorization) -> Result<Authorization
     let action = match ambit::authorization::Action::try_from(a.action) {
         Ok(ambit::authorization::Action::Allow) => Action::Allow,
         Ok(ambit::authorization::Action::Deny) => Action::Deny,
+        Ok(ambit::authorization::Action::RateLimit) => match a.rate {
+            Some(r) if r.connections > 0 && r.per_seconds > 0 && r.burst > 0 => {
+                Action::RateLimit(ambit_policy::ConnectionRate {
+                    connections: r.connections,
+                    per_seconds: r.per_seconds,
+                    burst: r.burst,
+                })
+            }
+            _ => {
+                return Err(DecodeError::Field {
+                    field: "rate",
+                    problem:
+                        "RATE_LIMIT needs a rate with connections, per_seconds and burst over 0"
+                            .into(),
+                });
+            }
+        },
         Err(_) => {
             return Err(DecodeError::UnknownEnum {
                 field: "action",

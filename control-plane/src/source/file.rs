@@ -381,6 +381,19 @@ struct PolicyFile {
     action: ActionFile,
     #[serde(default)]
     rules: Vec<RuleFile>,
+    /// With `action: RATE_LIMIT`.
+    #[serde(default)]
+    connection_rate_limit: Option<ConnectionRateFile>,
+}
+
+/// `connectionRateLimit`: new connections per source identity.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConnectionRateFile {
+    connections: u32,
+    unit: String,
+    #[serde(default)]
+    burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -398,6 +411,8 @@ enum ActionFile {
     Allow,
     Deny,
     Audit,
+    #[serde(rename = "RATE_LIMIT")]
+    RateLimit,
 }
 
 #[derive(Deserialize)]
@@ -603,7 +618,21 @@ fn split_policies(
     let (mut l4, mut l7) = (Vec::new(), Vec::new());
     for (i, p) in files.into_iter().enumerate() {
         let place = format!("policies[{i}] ({}/{})", p.namespace, p.name);
+        if p.connection_rate_limit.is_some() != matches!(p.action, ActionFile::RateLimit) {
+            problems.push(Problem {
+                place: place.clone(),
+                problem: "connectionRateLimit goes with action: RATE_LIMIT, and only there".into(),
+            });
+            continue;
+        }
         if !p.target_refs.is_empty() {
+            if matches!(p.action, ActionFile::RateLimit) {
+                problems.push(Problem {
+                    place: place.clone(),
+                    problem: "RATE_LIMIT is enforced by node agents, by selector: for requests, give an HTTPRoute rule a rateLimit".into(),
+                });
+                continue;
+            }
             if p.selector.is_some() {
                 problems.push(Problem {
                     place: place.clone(),
@@ -627,6 +656,7 @@ fn split_policies(
                     ActionFile::Allow => L7Action::Allow,
                     ActionFile::Deny => L7Action::Deny,
                     ActionFile::Audit => L7Action::Audit,
+                    ActionFile::RateLimit => unreachable!("refused above"),
                 }),
                 rules: p
                     .rules
@@ -683,6 +713,34 @@ fn split_policies(
         let action = match p.action {
             ActionFile::Allow => Action::Allow,
             ActionFile::Deny => Action::Deny,
+            ActionFile::RateLimit => {
+                let r = p.connection_rate_limit.as_ref().expect("checked above");
+                let per_seconds = match r.unit.as_str() {
+                    "Second" => 1,
+                    "Minute" => 60,
+                    "Hour" => 3600,
+                    u => {
+                        problems.push(Problem {
+                            place: format!("{place}.connectionRateLimit.unit"),
+                            problem: format!("{u:?} is not Second, Minute or Hour"),
+                        });
+                        continue;
+                    }
+                };
+                let burst = r.burst.unwrap_or(r.connections);
+                if r.connections == 0 || burst == 0 {
+                    problems.push(Problem {
+                        place: format!("{place}.connectionRateLimit"),
+                        problem: "connections and burst must be at least 1".into(),
+                    });
+                    continue;
+                }
+                Action::RateLimit(ambit_policy::ConnectionRate {
+                    connections: r.connections,
+                    per_seconds,
+                    burst,
+                })
+            }
             ActionFile::Audit => {
                 problems.push(Problem {
                     place,
@@ -759,6 +817,45 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         parse(Path::new("mesh.yaml"), yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn connection_rate_limits_are_checked() {
+        let base = "namespaces: [{name: shop}]\nnodes: [{name: n}]\nworkloads: [{name: db, namespace: shop, node: n, ips: [10.244.0.5], labels: {app: db}}]\npolicies:\n  - {name: r, namespace: shop, selector: {app: db}, ";
+        let ok = parse(
+            Path::new("mesh.yaml"),
+            &format!("{base}action: RATE_LIMIT, connectionRateLimit: {{connections: 5, unit: Second, burst: 10}}}}\n"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            ok.policies.values().next().unwrap().action,
+            Action::RateLimit(ambit_policy::ConnectionRate {
+                connections: 5,
+                per_seconds: 1,
+                burst: 10
+            })
+        );
+        for (tail, want) in [
+            (
+                "action: RATE_LIMIT}",
+                "connectionRateLimit goes with action: RATE_LIMIT",
+            ),
+            (
+                "action: ALLOW, connectionRateLimit: {connections: 5, unit: Second}}",
+                "connectionRateLimit goes with action: RATE_LIMIT",
+            ),
+            (
+                "action: RATE_LIMIT, connectionRateLimit: {connections: 5, unit: Day}}",
+                "connectionRateLimit.unit: \"Day\" is not Second, Minute or Hour",
+            ),
+            (
+                "action: RATE_LIMIT, connectionRateLimit: {connections: 0, unit: Second}}",
+                "connections and burst must be at least 1",
+            ),
+        ] {
+            let e = err(&format!("{base}{tail}\n"));
+            assert!(e.contains(want), "{tail}: {e}");
+        }
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub enum Error {
     /// Inbound: authorization denied it.
     #[error("{0}")]
     PolicyDenied(String),
+    /// Inbound: a connection rate limit (`namespace/name`) had no token for the caller.
+    #[error("over the connection rate of policy {0}")]
+    RateLimited(String),
     /// Inbound plaintext to a STRICT workload.
     #[error("STRICT: the workload accepts mutual TLS only")]
     StrictMtls,
@@ -163,6 +166,7 @@ impl Error {
             Self::BadAuthority(_) => "bad_authority",
             Self::BadDestination(_) => "bad_destination",
             Self::PolicyDenied(_) => "policy_denied",
+            Self::RateLimited(_) => "rate_limited",
             Self::StrictMtls => "strict_mtls",
             Self::AppUnreachable { .. } => "app_unreachable",
             Self::AppTimeout(_) => "app_timeout",
@@ -174,6 +178,7 @@ impl Error {
     pub fn result(&self) -> &'static str {
         match self {
             Self::PolicyDenied(_)
+            | Self::RateLimited(_)
             | Self::TunnelDenied
             | Self::StrictMtls
             | Self::NotFromWaypoint { .. } => "denied",

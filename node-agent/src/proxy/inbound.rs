@@ -259,6 +259,7 @@ async fn open_tunnel(
         .await
         .map_err(|e| match e {
             Error::PolicyDenied(_) => Refusal::Denied,
+            Error::RateLimited(_) => Refusal::RateLimited,
             _ => Refusal::Unreachable,
         })
 }
@@ -333,6 +334,31 @@ impl Delivery {
             .state
             .read(|s| admit(s, &pod.spec.uid, &arrival))
             .map_err(fail)?;
+        // Connection rate limits, per caller: its identity, or its IP for plaintext.
+        let limits = inputs.state.read(|s| {
+            s.rate_limits(
+                &admitted.me,
+                &Connection {
+                    src_identity: arrival.identity.as_ref(),
+                    src_ip: arrival.src.ip(),
+                    dst_port: arrival.dst.port(),
+                },
+            )
+        });
+        if !limits.is_empty() {
+            let source = arrival
+                .identity
+                .as_ref()
+                .map_or_else(|| arrival.src.ip().to_string(), ToString::to_string);
+            for (policy, rate) in limits {
+                if !inputs
+                    .limiter
+                    .admit(&policy, &admitted.me.uid, &source, rate)
+                {
+                    return Err(fail(Error::RateLimited(policy)));
+                }
+            }
+        }
         let connect = inputs.sockets.connect_as(
             &pod.netns,
             pod.netns_cookie,

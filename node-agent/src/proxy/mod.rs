@@ -19,6 +19,7 @@ pub mod error;
 pub mod hbone_dialer;
 pub mod inbound;
 pub mod lb;
+pub mod limiter;
 pub mod outbound;
 pub mod relay;
 pub mod tracker;
@@ -72,6 +73,8 @@ pub struct Inputs {
     pub recent: Arc<RecentConnections>,
     /// Where connection spans go, if anywhere.
     pub tracing: Option<ambit_otel::Tracing>,
+    /// Connection rate limits' buckets.
+    pub limiter: limiter::ConnLimiter,
 }
 
 impl std::fmt::Debug for Inputs {

@@ -221,6 +221,22 @@ impl MeshState {
         )
     }
 
+    /// The connection rate limits that apply to `conn` to `dst`: (`namespace/name`, rate).
+    pub fn rate_limits(
+        &self,
+        dst: &Workload,
+        conn: &ambit_policy::Connection<'_>,
+    ) -> Vec<(String, ambit_policy::ConnectionRate)> {
+        ambit_policy::rate_limits(
+            self.policies_for(&dst.namespace).iter().map(|p| &**p),
+            dst.target(),
+            conn,
+        )
+        .into_iter()
+        .map(|(p, r)| (format!("{}/{}", p.namespace, p.name), r))
+        .collect()
+    }
+
     /// Checks that every index agrees with the entries it indexes (for tests and the
     /// xDS fuzz target): each IP of each workload and VIP of each service finds an entry
     /// holding that IP, local uids are this node's, and each policy is listed once.

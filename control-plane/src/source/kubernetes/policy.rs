@@ -374,6 +374,7 @@ pub fn authorization(
         let what = match action {
             Action::Allow => "those rules match nothing",
             Action::Deny => "those rules deny on their L4 fields alone",
+            Action::RateLimit(_) => "those rules limit on their L4 fields alone",
         };
         Verdict::Partly(
             "L7NeedsWaypoint",
