@@ -90,6 +90,8 @@ struct A<'a> {
     namespace_wide: bool,
     selector: Vec<(&'a str, &'a str)>,
     rules: Vec<(Vec<Src<'a>>, Vec<Dst>)>,
+    /// (connections, per_seconds, burst) of a RATE_LIMIT (zeros are invalid).
+    rate: Option<(u32, u32, u32)>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -159,7 +161,13 @@ fn encode(name: &str, body: &Body<'_>) -> Vec<u8> {
         Body::Authorization(a) => ambit::Authorization {
             name: s(name),
             namespace: s(a.namespace),
-            action: a.action % 3,
+            // ALLOW, DENY, RATE_LIMIT, and one unknown.
+            action: a.action % 4,
+            rate: a.rate.map(|(connections, per_seconds, burst)| ambit::ConnectionRate {
+                connections,
+                per_seconds,
+                burst,
+            }),
             namespace_wide: a.namespace_wide,
             selector: a.selector.iter().map(|(k, v)| (s(k), s(v))).collect(),
             rules: a

@@ -573,7 +573,8 @@ async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refus
         "canary",
         json!({"selector": {"matchLabels": {"app": "canary"}}, "mtls": {"mode": "PERMISSIVE"}}),
     ));
-    // Refused: a waypoint's policy, an unsupported action, invalid values.
+    // A waypoint's policy (applied by the waypoint); refused: an unsupported action,
+    // invalid values.
     api.apply(ambit(
         "AuthorizationPolicy",
         "shop",
@@ -619,7 +620,7 @@ async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refus
     for (name, status, reason, says) in [
         ("web-from-frontend", "True", "Accepted", ""),
         ("no-admin-port", "True", "L7NeedsWaypoint", "paths"),
-        ("at-the-waypoint", "False", "TargetsWaypoint", "waypoint"),
+        ("at-the-waypoint", "True", "AppliedByWaypoint", "waypoint"),
         ("audit", "False", "UnsupportedAction", "AUDIT"),
         ("bad-port", "False", "Invalid", "\"http\""),
         ("bad-cidr", "False", "Invalid", "10.0.0.0/33"),
