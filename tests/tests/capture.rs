@@ -235,14 +235,16 @@ fn kernel_counters_match_the_traffic_and_reach_metrics() {
     // (data segments, ACKs, the handshake), plus the hello line. How the stream is cut
     // into packets depends on timing (a loaded machine sends many small segments), so
     // the bound is per packet counted: at most 120 bytes of headers each (IPv4 60 +
-    // TCP 60), and 4 KiB for the hello line and the handshake's options.
+    // TCP 60), and 4 KiB for the hello line and the handshake's options, and 1 % of the
+    // payload for segments a loaded machine retransmits (counted again at the IP layer:
+    // CI once saw 38,902 bytes over the payload in 176 coalesced packets).
     for dir in ["egress", "ingress"] {
         let bytes = metric_value(&m, "ambit_workload_bytes_total", &labels(dir))
             .unwrap_or_else(|| panic!("{dir} bytes on /metrics:\n{m}"));
         let packets = metric_value(&m, "ambit_workload_packets_total", &labels(dir))
             .unwrap_or_else(|| panic!("{dir} packets on /metrics:\n{m}"));
         assert!(packets >= 3.0, "{dir}: {packets} packets\n{m}");
-        let most = payload as f64 + packets * 120.0 + 4096.0;
+        let most = payload as f64 * 1.01 + packets * 120.0 + 4096.0;
         assert!(
             bytes >= payload as f64 && bytes <= most,
             "{dir}: {bytes} bytes in {packets} packets for a payload of {payload} (at most {most}):\n{m}"
