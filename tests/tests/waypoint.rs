@@ -50,6 +50,48 @@ httpRoutes:
     y
 }
 
+/// Starts web v1 and v2 on node 2, enrolls every pod, writes [`mesh`] and waits until
+/// the backends and the client are captured; the servers run while they are kept.
+fn backends_enrolled(c: &Cluster) -> Vec<PodProcess> {
+    let mut servers = Vec::new();
+    for (i, name) in [(0, "v1"), (1, "v2")] {
+        let pod = c.pod(2, i);
+        let mut p = c
+            .spawn_in_pod(
+                pod,
+                &[
+                    "http-serve".into(),
+                    format!("--listen={}:8080", pod.ip4),
+                    format!("--name={name}"),
+                ],
+            )
+            .unwrap();
+        p.wait_for_line("listening").unwrap();
+        servers.push(p);
+    }
+    for n in &c.nodes {
+        for p in &n.pods {
+            c.enroll(p).unwrap();
+        }
+    }
+    c.write_mesh(&mesh(c)).unwrap();
+    wait_until(
+        "backends and client captured",
+        Duration::from_secs(15),
+        || {
+            [(1, 0), (2, 0), (2, 1)].iter().all(|&(n, i)| {
+                c.enroll_client(n)
+                    .unwrap()
+                    .list()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
+            })
+        },
+    );
+    servers
+}
+
 fn start_waypoint(c: &Cluster) -> PodProcess {
     c.start_waypoint(c.pod(1, 1), "default", "wp")
         .unwrap_or_else(|e| panic!("{e:#}"))
@@ -121,42 +163,7 @@ fn waypoint_routes_service_traffic_at_l7_and_cannot_be_bypassed() {
         ..Default::default()
     })
     .unwrap();
-    let mut servers = Vec::new();
-    for (i, name) in [(0, "v1"), (1, "v2")] {
-        let pod = c.pod(2, i);
-        let mut p = c
-            .spawn_in_pod(
-                pod,
-                &[
-                    "http-serve".into(),
-                    format!("--listen={}:8080", pod.ip4),
-                    format!("--name={name}"),
-                ],
-            )
-            .unwrap();
-        p.wait_for_line("listening").unwrap();
-        servers.push(p);
-    }
-    for n in &c.nodes {
-        for p in &n.pods {
-            c.enroll(p).unwrap();
-        }
-    }
-    c.write_mesh(&mesh(&c)).unwrap();
-    wait_until(
-        "backends and client captured",
-        Duration::from_secs(15),
-        || {
-            [(1, 0), (2, 0), (2, 1)].iter().all(|&(n, i)| {
-                c.enroll_client(n)
-                    .unwrap()
-                    .list()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
-            })
-        },
-    );
+    let servers = backends_enrolled(&c);
     let waypoint = start_waypoint(&c);
     // Ready on 15021, and what it runs on its localhost admin port, as the agents.
     let wp_pod = c.pod(1, 1);
@@ -565,42 +572,7 @@ fn one_request_through_the_waypoint_is_one_trace_from_the_client_agent_to_the_de
         .unwrap()
         .unwrap();
     let otlp = OtlpReceiver::start(listener).unwrap();
-    let mut servers = Vec::new();
-    for (i, name) in [(0, "v1"), (1, "v2")] {
-        let pod = c.pod(2, i);
-        let mut p = c
-            .spawn_in_pod(
-                pod,
-                &[
-                    "http-serve".into(),
-                    format!("--listen={}:8080", pod.ip4),
-                    format!("--name={name}"),
-                ],
-            )
-            .unwrap();
-        p.wait_for_line("listening").unwrap();
-        servers.push(p);
-    }
-    for n in &c.nodes {
-        for p in &n.pods {
-            c.enroll(p).unwrap();
-        }
-    }
-    c.write_mesh(&mesh(&c)).unwrap();
-    wait_until(
-        "backends and client captured",
-        Duration::from_secs(15),
-        || {
-            [(1, 0), (2, 0), (2, 1)].iter().all(|&(n, i)| {
-                c.enroll_client(n)
-                    .unwrap()
-                    .list()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p.spec.uid == c.pod(n, i).uid && p.captured)
-            })
-        },
-    );
+    let _servers = backends_enrolled(&c);
     let waypoint = c
         .start_waypoint_with(
             c.pod(1, 1),

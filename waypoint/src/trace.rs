@@ -18,25 +18,13 @@ pub fn new_traceparent() -> String {
 
 /// Whether `v` is a `traceparent` to propagate (W3C Trace Context level 1, §3.2): version
 /// `00` exactly 55 characters, a later version at least that with `-` after them;
-/// lowercase hex ids, neither all zeros; version `ff` is invalid.
+/// lowercase hex ids, neither all zeros; version `ff` is invalid. The rules are
+/// [`ambit_otel::parse_traceparent`]'s, shared with the spans.
 pub fn is_valid(v: &[u8]) -> bool {
-    let hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
-    if v.len() < 55 || !hex(&v[..2]) || &v[..2] == b"ff" {
-        return false;
-    }
-    if (&v[..2] == b"00" && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
-        return false;
-    }
-    let (trace, parent, flags) = (&v[3..35], &v[36..52], &v[53..55]);
-    v[2] == b'-'
-        && v[35] == b'-'
-        && v[52] == b'-'
-        && hex(trace)
-        && nonzero(trace)
-        && hex(parent)
-        && nonzero(parent)
-        && hex(flags)
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(ambit_otel::parse_traceparent)
+        .is_some()
 }
 
 #[cfg(test)]

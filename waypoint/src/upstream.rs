@@ -377,9 +377,7 @@ impl Upstreams {
         let traceparent = req
             .headers()
             .get(crate::trace::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let traceparent = traceparent.as_deref();
+            .and_then(|v| v.to_str().ok());
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
                 let mut sender = self.sender2(&key, ep, cluster, traceparent).await?;

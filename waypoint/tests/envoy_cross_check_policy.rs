@@ -39,23 +39,31 @@ const BACKENDS: [(&str, &str, &str); 3] = [
     ("store", "shop/tcp-0", "127.0.3.42"),
 ];
 
-/// An HTTP/2 connection over mutual TLS to `to` as `caller`, from its address.
-async fn envoy_client(
+/// Mutual TLS to `to` as `caller`, from its address.
+async fn mtls_to(
     pki: &Pki,
     caller: (&str, &str),
     to: SocketAddr,
-) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let tcp = envoy::connect_from(caller.1.parse().unwrap(), to).await;
     let (chain, key) = pki.leaf(caller.0);
     let key = WorkloadKey::from_pem(&chain, &key).unwrap();
     let roots = MeshRoots::from_pem(&pki.root).unwrap();
     let config = client_config(&key, &roots, [Identity::parse(WAYPOINT_ID).unwrap()]).unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(http2_over(tls).await)
+        .map_err(|e| e.to_string())
+}
+
+/// An HTTP/2 connection over mutual TLS to `to` as `caller`, from its address.
+async fn envoy_client(
+    pki: &Pki,
+    caller: (&str, &str),
+    to: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>, String> {
+    Ok(http2_over(mtls_to(pki, caller, to).await?).await)
 }
 
 async fn send2(
@@ -234,16 +242,7 @@ async fn envoy_client_h1(
     caller: (&str, &str),
     to: SocketAddr,
 ) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>, String> {
-    let tcp = envoy::connect_from(caller.1.parse().unwrap(), to).await;
-    let (chain, key) = pki.leaf(caller.0);
-    let key = WorkloadKey::from_pem(&chain, &key).unwrap();
-    let roots = MeshRoots::from_pem(&pki.root).unwrap();
-    let config = client_config(&key, &roots, [Identity::parse(WAYPOINT_ID).unwrap()]).unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tls = mtls_to(pki, caller, to).await?;
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;

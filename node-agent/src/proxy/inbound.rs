@@ -330,21 +330,24 @@ impl Delivery {
             record(&inputs, &pod, &arrival, &e, started);
             e
         };
-        let admitted = inputs
+        // Admission, and the connection rate limits that apply, from one read of the
+        // state.
+        let (admitted, limits) = inputs
             .state
-            .read(|s| admit(s, &pod.spec.uid, &arrival))
+            .read(|s| {
+                let admitted = admit(s, &pod.spec.uid, &arrival)?;
+                let limits = s.rate_limits(
+                    &admitted.me,
+                    &Connection {
+                        src_identity: arrival.identity.as_ref(),
+                        src_ip: arrival.src.ip(),
+                        dst_port: arrival.dst.port(),
+                    },
+                );
+                Ok((admitted, limits))
+            })
             .map_err(fail)?;
-        // Connection rate limits, per caller: its identity, or its IP for plaintext.
-        let limits = inputs.state.read(|s| {
-            s.rate_limits(
-                &admitted.me,
-                &Connection {
-                    src_identity: arrival.identity.as_ref(),
-                    src_ip: arrival.src.ip(),
-                    dst_port: arrival.dst.port(),
-                },
-            )
-        });
+        // Per caller: its identity, or its IP for plaintext.
         if !limits.is_empty() {
             let source = arrival
                 .identity

@@ -278,12 +278,6 @@ pub struct LocalRateLimit {
     response_headers_to_add: Vec<crate::config::HeaderOp>,
 }
 
-impl PartialEq for LocalRateLimit {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
 /// What the filter decided for a request.
 #[derive(Debug)]
 pub enum Decision {
