@@ -63,8 +63,9 @@ struct RunArgs {
     /// without a selector is the mesh-wide default.
     #[arg(long, env = "POD_NAMESPACE", default_value = "ambit-system")]
     root_namespace: String,
-    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication
-    /// objects (migrating from Istio ambient), for `--source kubernetes`.
+    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy, PeerAuthentication
+    /// and RequestAuthentication objects (migrating from Istio ambient), for
+    /// `--source kubernetes`.
     #[arg(long, env = "AMBIT_WATCH_ISTIO_POLICIES")]
     watch_istio_policies: bool,
     /// xDS (ADS) and the CA, over TLS with a server certificate from the mesh root.

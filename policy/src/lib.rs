@@ -55,6 +55,47 @@ pub struct ConnectionRate {
     pub burst: u32,
 }
 
+/// Why a written connection rate is not one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateError {
+    /// The unit is not `Second`, `Minute` or `Hour`.
+    Unit(String),
+    /// `connections` or `burst` is 0.
+    Zero,
+}
+
+impl fmt::Display for RateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateError::Unit(u) => write!(f, "{u:?} is not Second, Minute or Hour"),
+            RateError::Zero => f.write_str("connections and burst must be at least 1"),
+        }
+    }
+}
+
+impl ConnectionRate {
+    /// `connections` per `unit` (`Second`, `Minute` or `Hour`, as Gateway API writes
+    /// rate units), in a bucket of `burst` (default: `connections`): the one reading of
+    /// a written rate that the mesh file and the Kubernetes source share.
+    pub fn new(connections: u32, unit: &str, burst: Option<u32>) -> Result<Self, RateError> {
+        let per_seconds = match unit {
+            "Second" => 1,
+            "Minute" => 60,
+            "Hour" => 3600,
+            u => return Err(RateError::Unit(u.to_owned())),
+        };
+        let burst = burst.unwrap_or(connections);
+        if connections == 0 || burst == 0 {
+            return Err(RateError::Zero);
+        }
+        Ok(Self {
+            connections,
+            per_seconds,
+            burst,
+        })
+    }
+}
+
 /// An authorization policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Authorization {

@@ -146,6 +146,20 @@ pub static TYPES: &[ApiType] = &[
         namespaced: true,
     },
     ApiType {
+        group: "ambit.dev",
+        version: "v1alpha1",
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
+        namespaced: true,
+    },
+    ApiType {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
+        namespaced: true,
+    },
+    ApiType {
         group: "security.istio.io",
         version: "v1",
         kind: "AuthorizationPolicy",

@@ -620,7 +620,13 @@ async fn kube_policies_give_the_model_the_mesh_file_gives_and_bad_ones_are_refus
     for (name, status, reason, says) in [
         ("web-from-frontend", "True", "Accepted", ""),
         ("no-admin-port", "True", "L7NeedsWaypoint", "paths"),
-        ("at-the-waypoint", "True", "AppliedByWaypoint", "waypoint"),
+        // Its target has no waypoint here: nothing would enforce it.
+        (
+            "at-the-waypoint",
+            "False",
+            "NoWaypoint",
+            "shop/web has no waypoint",
+        ),
         ("audit", "False", "UnsupportedAction", "AUDIT"),
         ("bad-port", "False", "Invalid", "\"http\""),
         ("bad-cidr", "False", "Invalid", "10.0.0.0/33"),
@@ -828,12 +834,10 @@ async fn until_route(
     }
 }
 
-#[tokio::test]
-async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_status() {
-    const MESH: &str = "ambit.dev/mesh-controller";
-    let api = cluster();
-    // The waypoint as deploy/waypoint/ makes it: a Gateway of class ambit-waypoint, its
-    // pods (labelled with its name, one service account) and a Service of its name.
+/// The waypoint `shop/wp` as deploy/waypoint/ makes it (a Gateway of class
+/// ambit-waypoint, its pod, labelled with its name, and a Service of its name), and the
+/// service `shop/web` through it.
+fn with_waypoint(api: &ApiServer) {
     api.apply(gateway_api(
         "Gateway",
         "shop",
@@ -858,6 +862,13 @@ async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_s
     let mut web = service("shop", "web", "10.96.0.10", json!({"app": "web"}));
     web["metadata"]["labels"] = json!({"ambit.dev/waypoint": "wp"});
     api.apply(web);
+}
+
+#[tokio::test]
+async fn kube_gateways_and_http_routes_give_the_model_the_mesh_file_gives_with_status() {
+    const MESH: &str = "ambit.dev/mesh-controller";
+    let api = cluster();
+    with_waypoint(&api);
     api.apply(web_route(None));
     // Not Ambit's: another class's Gateway, and an ingress route (Gateway parents only).
     api.apply(gateway_api(
@@ -1108,4 +1119,337 @@ async fn kube_services_without_a_selector_take_their_pods_from_endpoint_slices()
             .is_some_and(|s| s.endpoints.is_empty())
     })
     .await;
+}
+
+/// A JWKS document with one P-256 key (the example's).
+const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"example-1","x":"7hXI_gHhhIp2QovkwvPKngFACWq4OkAynkcHeIRV4us","y":"5wTVORmN3RoeRMl4jEz6YqK7XbsW2NGa-zuJRU2xsII"}]}"#;
+
+/// What `with_waypoint()` plus the service `db` and the accepted objects of the test
+/// below describe, as a mesh file.
+fn waypoint_policies_as_a_mesh_file() -> String {
+    let base = WAYPOINT_AS_A_MESH_FILE.split("httpRoutes:").next().unwrap();
+    format!(
+        r#"{base}  - {{name: db, namespace: shop, vips: [10.96.0.11], ports: [{{name: tcp, port: 5432}}], selector: {{app: db}}}}
+policies:
+  - name: conn-limit
+    namespace: shop
+    selector: {{app: web}}
+    action: RATE_LIMIT
+    connectionRateLimit: {{connections: 5, unit: Second, burst: 10}}
+  - name: web-deny-admin
+    namespace: shop
+    targetRefs: [{{kind: Service, name: web}}]
+    action: DENY
+    rules:
+      - from: [{{notPrincipals: [cluster.local/ns/shop/sa/ops]}}]
+        to: [{{paths: [/admin, "/admin/*"]}}]
+  - name: web-l7
+    namespace: shop
+    targetRefs: [{{kind: Service, name: web}}]
+    action: ALLOW
+    rules:
+      - from: [{{requestPrincipals: ["https://idp.example.com/*"]}}]
+        to: [{{methods: [GET], paths: ["/api/*"]}}]
+        when: [{{key: "request.auth.claims[groups]", values: [shoppers]}}]
+requestAuthentications:
+  - name: istio-jwt
+    namespace: shop
+    targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]
+    jwtRules:
+      - issuer: https://other.example.com
+        jwksUri: http://web.shop.svc.cluster.local/jwks.json
+        timeout: 2s
+  - name: web-jwt
+    namespace: shop
+    targetRefs: [{{kind: Service, name: web}}]
+    jwtRules:
+      - issuer: https://idp.example.com
+        audiences: [web]
+        jwks: '{JWKS}'
+        fromHeaders: [{{name: x-token, prefix: "Bearer "}}]
+        outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+"#
+    )
+}
+
+#[tokio::test]
+async fn kube_waypoint_policies_and_request_authentications_give_the_model_the_mesh_file_gives_with_status()
+ {
+    let api = cluster();
+    with_waypoint(&api);
+    api.apply(service("shop", "db", "10.96.0.11", json!({"app": "db"})));
+    let mut db = api.get("Service", "shop", "db").unwrap();
+    db["spec"]["ports"] = json!([{"name": "tcp", "port": 5432, "targetPort": 5432}]);
+    api.apply(db);
+    // Accepted: L7 policies at the waypoint (Ambit's and Istio's), a connection rate
+    // limit at L4, request authentications for the service and for the waypoint.
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "web-l7",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+               "rules": [{"from": [{"source": {"requestPrincipals": ["https://idp.example.com/*"]}}],
+                          "to": [{"operation": {"methods": ["GET"], "paths": ["/api/*"]}}],
+                          "when": [{"key": "request.auth.claims[groups]", "values": ["shoppers"]}]}]}),
+    ));
+    api.apply(istio(
+        "AuthorizationPolicy",
+        "shop",
+        "web-deny-admin",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}], "action": "DENY",
+               "rules": [{"from": [{"source": {"notPrincipals": ["cluster.local/ns/shop/sa/ops"]}}],
+                          "to": [{"operation": {"paths": ["/admin", "/admin/*"]}}]}]}),
+    ));
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "conn-limit",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "RATE_LIMIT",
+               "connectionRateLimit": {"connections": 5, "unit": "Second", "burst": 10}}),
+    ));
+    api.apply(ambit(
+        "RequestAuthentication",
+        "shop",
+        "web-jwt",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+               "jwtRules": [{"issuer": "https://idp.example.com", "audiences": ["web"], "jwks": JWKS,
+                             "fromHeaders": [{"name": "x-token", "prefix": "Bearer "}],
+                             "outputClaimToHeaders": [{"header": "x-user", "claim": "sub"}]}]}),
+    ));
+    api.apply(istio(
+        "RequestAuthentication",
+        "shop",
+        "istio-jwt",
+        json!({"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "wp"}],
+               "jwtRules": [{"issuer": "https://other.example.com",
+                             "jwksUri": "http://web.shop.svc.cluster.local/jwks.json", "timeout": "2s"}]}),
+    ));
+    // Refused when converted (no other object needed to tell) ...
+    let refused = [
+        (
+            "AuthorizationPolicy",
+            "bad-key",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+                   "rules": [{"when": [{"key": "request.nope", "values": ["x"]}]}]}),
+        ),
+        (
+            "AuthorizationPolicy",
+            "bad-rate",
+            json!({"action": "RATE_LIMIT", "connectionRateLimit": {"connections": 5, "unit": "Day"}}),
+        ),
+        (
+            "AuthorizationPolicy",
+            "rate-without-limit",
+            json!({"action": "RATE_LIMIT"}),
+        ),
+        (
+            "AuthorizationPolicy",
+            "l7-rate-limit",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}], "action": "RATE_LIMIT",
+                   "connectionRateLimit": {"connections": 5, "unit": "Second"}}),
+        ),
+        (
+            "RequestAuthentication",
+            "by-selector",
+            json!({"selector": {"matchLabels": {"app": "web"}},
+                   "jwtRules": [{"issuer": "https://idp.example.com", "jwks": JWKS}]}),
+        ),
+        (
+            "RequestAuthentication",
+            "bad-keys",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+                   "jwtRules": [{"issuer": "https://idp.example.com", "jwks": "{\"keys\": 1}"}]}),
+        ),
+        // ... and by the model's build: targets that are not there or have no waypoint,
+        // keys at a service that does not exist.
+        (
+            "AuthorizationPolicy",
+            "no-such-service",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "nowhere"}],
+                   "rules": [{}]}),
+        ),
+        (
+            "AuthorizationPolicy",
+            "db-l7",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "db"}],
+                   "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+        ),
+        (
+            "RequestAuthentication",
+            "keys-nowhere",
+            json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+                   "jwtRules": [{"issuer": "https://third.example.com",
+                                 "jwksUri": "http://nowhere.shop.svc.cluster.local/keys"}]}),
+        ),
+    ];
+    for (kind, name, spec) in &refused {
+        api.apply(ambit(kind, "shop", name, spec.clone()));
+    }
+
+    api.apply(ambit_tests::cluster::service_account("shop", "wp"));
+    let s = source(&api, Duration::ZERO).await;
+    let m = s.models.borrow().clone();
+    let file = with_accounts(
+        ambit_control_plane::source::file::parse(
+            "mesh.yaml".as_ref(),
+            &waypoint_policies_as_a_mesh_file(),
+        )
+        .expect("the mesh file is valid"),
+        &m,
+        &[("shop", "wp")],
+    );
+    assert_eq!(m.policies, file.policies, "the L4 policies");
+    assert_eq!(
+        m.waypoint_policies, file.waypoint_policies,
+        "the L7 policies"
+    );
+    assert_eq!(
+        m.request_authentications, file.request_authentications,
+        "the request authentications"
+    );
+    assert_eq!(*m, file, "the same model, so the same xDS");
+
+    for (kind, name, status, reason, says) in [
+        (
+            "AuthorizationPolicy",
+            "web-l7",
+            "True",
+            "AppliedByWaypoint",
+            "waypoint",
+        ),
+        ("AuthorizationPolicy", "conn-limit", "True", "Accepted", ""),
+        (
+            "RequestAuthentication",
+            "web-jwt",
+            "True",
+            "AppliedByWaypoint",
+            "waypoint",
+        ),
+        (
+            "AuthorizationPolicy",
+            "bad-key",
+            "False",
+            "Invalid",
+            "request.nope",
+        ),
+        (
+            "AuthorizationPolicy",
+            "bad-rate",
+            "False",
+            "Invalid",
+            "\"Day\"",
+        ),
+        (
+            "AuthorizationPolicy",
+            "rate-without-limit",
+            "False",
+            "Invalid",
+            "connectionRateLimit",
+        ),
+        (
+            "AuthorizationPolicy",
+            "l7-rate-limit",
+            "False",
+            "UnsupportedAction",
+            "HTTPRoute",
+        ),
+        (
+            "RequestAuthentication",
+            "by-selector",
+            "False",
+            "TargetRefsRequired",
+            "targetRefs",
+        ),
+        (
+            "RequestAuthentication",
+            "bad-keys",
+            "False",
+            "Invalid",
+            "jwtRules[0].jwks",
+        ),
+        (
+            "AuthorizationPolicy",
+            "no-such-service",
+            "False",
+            "TargetNotFound",
+            "shop/nowhere is not defined",
+        ),
+        (
+            "AuthorizationPolicy",
+            "db-l7",
+            "False",
+            "NoWaypoint",
+            "no waypoint",
+        ),
+        (
+            "RequestAuthentication",
+            "keys-nowhere",
+            "False",
+            "Invalid",
+            "jwtRules[0].jwksUri",
+        ),
+    ] {
+        let (st, r, msg) = until_accepted(&api, kind, "shop", name, |_| true).await;
+        assert_eq!((st.as_str(), r.as_str()), (status, reason), "{name}: {msg}");
+        assert!(msg.contains(says), "{name}: {msg:?} should say {says:?}");
+    }
+    let writes = api.status_writes();
+    assert_eq!(
+        writes, 13,
+        "each Ambit object once, and the waypoint's Gateway"
+    );
+
+    // Breaking a working L7 policy or request authentication keeps its last valid
+    // version applied (dropping either would open what it closes).
+    let mut models = s.models.clone();
+    api.apply(ambit(
+        "AuthorizationPolicy",
+        "shop",
+        "web-l7",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+               "rules": [{"to": [{"operation": {"paths": ["/a/*/b"]}}]}]}),
+    ));
+    api.apply(ambit(
+        "RequestAuthentication",
+        "shop",
+        "web-jwt",
+        json!({"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+               "jwtRules": [{"issuer": "https://idp.example.com"}]}),
+    ));
+    for (kind, name, says) in [
+        ("AuthorizationPolicy", "web-l7", "rules[0].to[0]"),
+        ("RequestAuthentication", "web-jwt", "needs jwks"),
+    ] {
+        let (_, reason, msg) = until_accepted(&api, kind, "shop", name, |c| c.0 == "False").await;
+        assert_eq!(reason, "Invalid", "{msg}");
+        assert!(msg.contains(says), "{name}: {msg}");
+        assert!(msg.contains("generation 1 stays applied"), "{name}: {msg}");
+    }
+    assert_eq!(**models.borrow_and_update(), *m);
+
+    // A target that comes into being applies the policy that waited for it; one that
+    // goes withdraws it, and the status follows.
+    let mut db = api.get("Service", "shop", "db").unwrap();
+    db["metadata"]["labels"] = json!({"ambit.dev/waypoint": "wp"});
+    api.apply(db);
+    until(&mut models, "db-l7 applied", |m| {
+        m.waypoint_policies.keys().any(|k| k.name == "db-l7")
+    })
+    .await;
+    until_accepted(&api, "AuthorizationPolicy", "shop", "db-l7", |c| {
+        c.1 == "AppliedByWaypoint"
+    })
+    .await;
+    api.delete("Gateway", "shop", "wp");
+    until(&mut models, "no waypoint", |m| {
+        m.waypoints.is_empty()
+            && m.waypoint_policies.is_empty()
+            && m.request_authentications.is_empty()
+    })
+    .await;
+    let (st, _, msg) = until_accepted(&api, "AuthorizationPolicy", "shop", "db-l7", |c| {
+        c.0 == "False"
+    })
+    .await;
+    assert!(msg.starts_with("not applied: targetRefs[0]"), "{st}: {msg}");
 }

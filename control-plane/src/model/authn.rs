@@ -189,7 +189,7 @@ pub(super) fn validate(
             if !issuers.insert(r.issuer.clone()) {
                 p.add(&at, format!("issuer {:?} has two rules", r.issuer));
             }
-            if let Some(rule) = validate_rule(p, &at, r, services) {
+            if let Some(rule) = validate_rule(p, &at, r, Some(services)) {
                 rules.push(rule);
             }
         }
@@ -209,6 +209,26 @@ pub(super) fn validate(
     out
 }
 
+/// What is wrong with `rules`' values alone (everything but the services their
+/// `jwksUri`s name), as `jwtRules[i]…: problem; …`: the Kubernetes source refuses an
+/// object for it at once and keeps its last valid version applied (dropping a request
+/// authentication would let unverified tokens and their claim headers through).
+pub fn check_rules(rules: &[JwtRuleSpec]) -> Result<(), String> {
+    let mut p = Problems::default();
+    if rules.is_empty() {
+        p.add("jwtRules", "is empty");
+    }
+    let mut issuers = std::collections::BTreeSet::new();
+    for (i, r) in rules.iter().enumerate() {
+        let at = format!("jwtRules[{i}]");
+        if !issuers.insert(r.issuer.as_str()) {
+            p.add(&at, format!("issuer {:?} has two rules", r.issuer));
+        }
+        validate_rule(&mut p, &at, r.clone(), None);
+    }
+    super::joined(p)
+}
+
 fn header_name(p: &mut Problems, at: &str, h: &str) {
     if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
         p.add(at, format!("{h:?} is not a header name"));
@@ -219,7 +239,7 @@ fn validate_rule(
     p: &mut Problems,
     at: &str,
     r: JwtRuleSpec,
-    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
+    services: Option<&imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>>,
 ) -> Option<JwtRule> {
     let before = p.0.len();
     if r.issuer.is_empty() {
@@ -309,10 +329,11 @@ fn validate_rule(
     })
 }
 
-/// The mesh service (and port) a `jwksUri` names.
+/// The mesh service (and port) a `jwksUri` names (without `services`, whatever it
+/// names).
 fn jwks_service(
     uri: &str,
-    services: &imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>,
+    services: Option<&imbl::OrdMap<NamespacedName, std::sync::Arc<Service>>>,
 ) -> Result<(NamespacedName, u16), String> {
     let u: http::Uri = uri.parse().map_err(|e| format!("{uri:?}: {e}"))?;
     if u.scheme_str() != Some("http") {
@@ -335,6 +356,9 @@ fn jwks_service(
         name: name.to_owned(),
     };
     let port = u.port_u16().unwrap_or(80);
+    let Some(services) = services else {
+        return Ok((key, port));
+    };
     match services.get(&key) {
         None => Err(format!("{uri:?}: service {key} is not defined")),
         Some(s) if !s.ports.iter().any(|sp| sp.port == port) => {

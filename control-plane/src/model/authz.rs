@@ -336,6 +336,18 @@ impl WaypointPolicy {
     }
 }
 
+/// What is wrong with `rules`' values alone, which needs no other object to tell, as
+/// `rules[i]…: problem; …`: the Kubernetes source refuses an object for it at once and
+/// keeps the object's last valid version applied (the model's build would drop the
+/// whole policy, which for an ALLOW policy would open what it closes).
+pub fn check_rules(rules: &[L7RuleSpec]) -> Result<(), String> {
+    let mut p = Problems::default();
+    for (r, rule) in rules.iter().enumerate() {
+        validate_rule(&mut p, &format!("rules[{r}]"), rule);
+    }
+    super::joined(p)
+}
+
 /// Checks `policies` against the services and waypoints; `taken` holds the names of
 /// the namespace's other authorization policies (L4), which share their name space.
 pub(super) fn validate(
@@ -423,6 +435,17 @@ pub(super) fn targets(
                 format!(
                 "service {svc} has no waypoint, so nothing would enforce this policy's L7 rules: give it one ({} label) or write an L4 policy with a selector",
                 super::WAYPOINT_LABEL
+                ),
+            ),
+            Some(s) if !s.waypoint.as_ref().is_some_and(|w| waypoints.contains_key(&NamespacedName {
+                namespace: namespace.to_owned(),
+                name: w.clone(),
+            })) => p.add(
+                &at,
+                format!(
+                "service {svc} has no waypoint (its {} label names {}, which is not defined), so nothing would enforce this policy's L7 rules",
+                super::WAYPOINT_LABEL,
+                s.waypoint.as_deref().unwrap_or_default()
                 ),
             ),
             Some(_) => targets.push(PolicyTarget::Service(t.name.clone())),

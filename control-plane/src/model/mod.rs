@@ -949,6 +949,19 @@ impl Problems {
     }
 }
 
+/// `Ok` without problems, else them as `place: problem; …`.
+fn joined(p: Problems) -> Result<(), String> {
+    if p.0.is_empty() {
+        return Ok(());
+    }
+    Err(p
+        .0
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
 fn check_ips(
     p: &mut Problems,
     place: &str,

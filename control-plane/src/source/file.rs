@@ -715,31 +715,20 @@ fn split_policies(
             ActionFile::Deny => Action::Deny,
             ActionFile::RateLimit => {
                 let r = p.connection_rate_limit.as_ref().expect("checked above");
-                let per_seconds = match r.unit.as_str() {
-                    "Second" => 1,
-                    "Minute" => 60,
-                    "Hour" => 3600,
-                    u => {
+                match ambit_policy::ConnectionRate::new(r.connections, &r.unit, r.burst) {
+                    Ok(rate) => Action::RateLimit(rate),
+                    Err(e) => {
+                        let at = match e {
+                            ambit_policy::RateError::Unit(_) => ".unit",
+                            ambit_policy::RateError::Zero => "",
+                        };
                         problems.push(Problem {
-                            place: format!("{place}.connectionRateLimit.unit"),
-                            problem: format!("{u:?} is not Second, Minute or Hour"),
+                            place: format!("{place}.connectionRateLimit{at}"),
+                            problem: e.to_string(),
                         });
                         continue;
                     }
-                };
-                let burst = r.burst.unwrap_or(r.connections);
-                if r.connections == 0 || burst == 0 {
-                    problems.push(Problem {
-                        place: format!("{place}.connectionRateLimit"),
-                        problem: "connections and burst must be at least 1".into(),
-                    });
-                    continue;
                 }
-                Action::RateLimit(ambit_policy::ConnectionRate {
-                    connections: r.connections,
-                    per_seconds,
-                    burst,
-                })
             }
             ActionFile::Audit => {
                 problems.push(Problem {

@@ -18,8 +18,10 @@
 //! pods claiming one IP) are left out with a warning naming them, and the rest of the
 //! mesh is served.
 //!
-//! Policies: Ambit's CRDs ([`policy`]) and, with `--watch-istio-policies`, Istio's; each
-//! Ambit object's `Accepted` condition is written to its status ([`status`]).
+//! Policies: Ambit's CRDs ([`policy`]: AuthorizationPolicy, PeerAuthentication,
+//! RequestAuthentication) and, with `--watch-istio-policies`, Istio's; each Ambit
+//! object's `Accepted` condition is written to its status ([`status`]), including what
+//! the model's build found wrong with it (a target without a waypoint).
 //!
 //! Gateway API ([`gateway`], when its CRDs are installed): Gateways of the `ambit-waypoint`
 //! class are waypoints, HTTPRoutes with Service parents their routes; both get status.
@@ -50,9 +52,10 @@ use tracing::{debug, info, warn};
 use self::convert::{PodView, ServiceView, SliceView};
 use self::gateway::{GatewayView, RouteView};
 use self::policy::Verdict;
-use self::policy::{AuthorizationPolicy, PeerAuthentication};
+use self::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use self::status::{PeerView, PolicyView, StatusWriter, istio_spec, peer_view};
 use super::guard::Publisher;
+use crate::model::authn::RequestAuthenticationSpec;
 use crate::model::incremental::IpOwners;
 use crate::model::{MTLS_LABEL, MeshSpec, Model, NamespaceSpec, NodeSpec, WaypointSpec};
 
@@ -66,7 +69,8 @@ pub struct Options {
     /// The control plane's namespace: a PeerAuthentication there without a selector is
     /// the mesh-wide default.
     pub root_namespace: String,
-    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy and PeerAuthentication.
+    /// Also read Istio's `security.istio.io/v1` AuthorizationPolicy, PeerAuthentication
+    /// and RequestAuthentication.
     pub istio_policies: bool,
     /// Read Gateway API `Gateway`s (waypoints) and `HTTPRoute`s: their CRDs are
     /// installed ([`gateway_api_installed`]).
@@ -123,10 +127,14 @@ pub enum Kind {
     AuthorizationPolicies,
     /// `ambit.dev/v1alpha1` PeerAuthentication.
     PeerAuthentications,
+    /// `ambit.dev/v1alpha1` RequestAuthentication.
+    RequestAuthentications,
     /// `security.istio.io/v1` AuthorizationPolicy.
     IstioAuthorizationPolicies,
     /// `security.istio.io/v1` PeerAuthentication.
     IstioPeerAuthentications,
+    /// `security.istio.io/v1` RequestAuthentication.
+    IstioRequestAuthentications,
     /// `gateway.networking.k8s.io/v1` Gateway.
     Gateways,
     /// `gateway.networking.k8s.io/v1` HTTPRoute.
@@ -134,7 +142,26 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn plural(self) -> &'static str {
+    /// Every kind the source can watch.
+    pub const ALL: [Kind; 14] = [
+        Kind::Namespaces,
+        Kind::Nodes,
+        Kind::Pods,
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::ServiceAccounts,
+        Kind::AuthorizationPolicies,
+        Kind::PeerAuthentications,
+        Kind::RequestAuthentications,
+        Kind::IstioAuthorizationPolicies,
+        Kind::IstioPeerAuthentications,
+        Kind::IstioRequestAuthentications,
+        Kind::Gateways,
+        Kind::HttpRoutes,
+    ];
+
+    /// Its resource as RBAC and `kubectl` name it: `plural` or `plural.group`.
+    pub fn plural(self) -> &'static str {
         match self {
             Kind::Namespaces => "namespaces",
             Kind::Nodes => "nodes",
@@ -144,11 +171,26 @@ impl Kind {
             Kind::ServiceAccounts => "serviceaccounts",
             Kind::AuthorizationPolicies => "authorizationpolicies.ambit.dev",
             Kind::PeerAuthentications => "peerauthentications.ambit.dev",
+            Kind::RequestAuthentications => "requestauthentications.ambit.dev",
             Kind::IstioAuthorizationPolicies => "authorizationpolicies.security.istio.io",
             Kind::IstioPeerAuthentications => "peerauthentications.security.istio.io",
+            Kind::IstioRequestAuthentications => "requestauthentications.security.istio.io",
             Kind::Gateways => "gateways.gateway.networking.k8s.io",
             Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
+    }
+
+    /// Whether the source writes the status of this kind's objects (Ambit's own, and
+    /// Gateway API's waypoints and mesh routes; never Istio's).
+    pub fn writes_status(self) -> bool {
+        matches!(
+            self,
+            Kind::AuthorizationPolicies
+                | Kind::PeerAuthentications
+                | Kind::RequestAuthentications
+                | Kind::Gateways
+                | Kind::HttpRoutes
+        )
     }
 
     /// The kinds watched with these options.
@@ -162,11 +204,13 @@ impl Kind {
             Kind::ServiceAccounts,
             Kind::AuthorizationPolicies,
             Kind::PeerAuthentications,
+            Kind::RequestAuthentications,
         ];
         if options.istio_policies {
             kinds.extend([
                 Kind::IstioAuthorizationPolicies,
                 Kind::IstioPeerAuthentications,
+                Kind::IstioRequestAuthentications,
             ]);
         }
         if options.gateway_api {
@@ -188,8 +232,10 @@ enum Change {
     ServiceAccount(Event<ServiceAccount>),
     Authorization(Event<AuthorizationPolicy>),
     PeerAuthentication(Event<PeerAuthentication>),
+    RequestAuthentication(Event<RequestAuthentication>),
     IstioAuthorization(Event<DynamicObject>),
     IstioPeerAuthentication(Event<DynamicObject>),
+    IstioRequestAuthentication(Event<DynamicObject>),
     Gateway(Event<DynamicObject>),
     HttpRoute(Event<DynamicObject>),
 }
@@ -232,6 +278,11 @@ fn changes(client: &Client, options: &Options) -> Changes {
         Kind::PeerAuthentications,
         Change::PeerAuthentication,
     ));
+    all.push(watch_kind(
+        Api::<RequestAuthentication>::all(client.clone()),
+        Kind::RequestAuthentications,
+        Change::RequestAuthentication,
+    ));
     if options.istio_policies {
         let ap = istio("AuthorizationPolicy", "authorizationpolicies");
         all.push(watch_kind(
@@ -244,6 +295,12 @@ fn changes(client: &Client, options: &Options) -> Changes {
             Api::<DynamicObject>::all_with(client.clone(), &pa),
             Kind::IstioPeerAuthentications,
             Change::IstioPeerAuthentication,
+        ));
+        let ra = istio("RequestAuthentication", "requestauthentications");
+        all.push(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &ra),
+            Kind::IstioRequestAuthentications,
+            Change::IstioRequestAuthentication,
         ));
     }
     if options.gateway_api {
@@ -491,10 +548,15 @@ struct View {
     peer_authentications: Table<PolicyView<PeerView>>,
     istio_authorizations: Table<PolicyView<policy::Authorization>>,
     istio_peer_authentications: Table<PolicyView<PeerView>>,
+    request_authentications: Table<PolicyView<RequestAuthenticationSpec>>,
+    istio_request_authentications: Table<PolicyView<RequestAuthenticationSpec>>,
     gateways: Table<GatewayView>,
     routes: Table<Option<RouteView>>,
     /// Per HTTPRoute (`namespace/name`): why the last build left it out.
     route_problems: HashMap<String, Vec<String>>,
+    /// Per policy object (its model name's kind, `namespace/name`): why the last build
+    /// left it out.
+    policy_problems: HashMap<(PolicyKind, String), Vec<String>>,
     /// Per waypoint Gateway (`namespace/name`): its VIPs and ready pods in the last build.
     waypoint_state: HashMap<String, (Vec<std::net::IpAddr>, usize)>,
     /// The latest error of each kind's watch, until it makes progress again.
@@ -540,6 +602,8 @@ impl View {
             Kind::PeerAuthentications => self.peer_authentications.synced,
             Kind::IstioAuthorizationPolicies => self.istio_authorizations.synced,
             Kind::IstioPeerAuthentications => self.istio_peer_authentications.synced,
+            Kind::RequestAuthentications => self.request_authentications.synced,
+            Kind::IstioRequestAuthentications => self.istio_request_authentications.synced,
             Kind::Gateways => self.gateways.synced,
             Kind::HttpRoutes => self.routes.synced,
         }
@@ -615,6 +679,23 @@ impl View {
                 self.istio_peer_authentications.event(ev, |o, old| {
                     PolicyView::of(o, |_, _| match istio_spec(o) {
                         Ok(spec) => peer_view(&spec),
+                        Err(v) => (None, v),
+                    })
+                    .keeping_last_valid(old)
+                })
+            }
+            Change::RequestAuthentication(ev) => {
+                self.request_authentications.event(ev, |p, old| {
+                    PolicyView::of(p, |ns, name| {
+                        policy::request_authentication(ns, name, &p.spec)
+                    })
+                    .keeping_last_valid(old)
+                })
+            }
+            Change::IstioRequestAuthentication(ev) => {
+                self.istio_request_authentications.event(ev, |o, old| {
+                    PolicyView::of(o, |ns, name| match istio_spec(o) {
+                        Ok(spec) => policy::request_authentication(ns, name, &spec),
                         Err(v) => (None, v),
                     })
                     .keeping_last_valid(old)
@@ -809,9 +890,18 @@ impl View {
                 None => {}
             }
         }
+        spec.request_authentications = self
+            .request_authentications
+            .live
+            .values()
+            .chain(self.istio_request_authentications.live.values())
+            .filter_map(|p| p.converted.clone())
+            .collect();
         spec.policies
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         spec.waypoint_policies
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        spec.request_authentications
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         // Waypoints: the Gateways of Ambit's class. The Service of a Gateway's name is
         // the waypoint's own (its VIPs), not a service of the mesh.
@@ -911,6 +1001,7 @@ impl View {
             "model built"
         );
         self.route_problems.clear();
+        self.policy_problems.clear();
         for p in &model_problems {
             // The file source's places carry list indexes; here the name says it.
             let place = match (p.place.find('['), p.place.find("] ")) {
@@ -932,6 +1023,31 @@ impl View {
                     .or_default()
                     .push(msg);
             }
+            // `policies (ns/name[, targetRefs])…`, `requestAuthentications (ns/name)…`:
+            // the object's status says it too.
+            for (prefix, kind) in [
+                ("policies (", PolicyKind::Authorization),
+                (
+                    "requestAuthentications (",
+                    PolicyKind::RequestAuthentication,
+                ),
+            ] {
+                if let Some(rest) = place.strip_prefix(prefix)
+                    && let Some((key, at)) = rest.split_once(')')
+                {
+                    let key = key.trim_end_matches(", targetRefs");
+                    let at = at.trim_start_matches('.');
+                    let msg = if at.is_empty() {
+                        p.problem.clone()
+                    } else {
+                        format!("{at}: {}", p.problem)
+                    };
+                    self.policy_problems
+                        .entry((kind, key.to_owned()))
+                        .or_default()
+                        .push(msg);
+                }
+            }
             problems.push(format!("{place}: {}", p.problem));
         }
         self.waypoint_state = model
@@ -948,6 +1064,15 @@ impl View {
             .collect();
         (model, problems)
     }
+}
+
+/// The model's two kinds of policy object, by which its problems are placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PolicyKind {
+    /// `policies` (AuthorizationPolicies, L4 and L7).
+    Authorization,
+    /// `requestAuthentications`.
+    RequestAuthentication,
 }
 
 /// A watch error as an operator needs to read it.

@@ -1,5 +1,5 @@
-//! Ambit's policy CRDs (`ambit.dev/v1alpha1` AuthorizationPolicy and
-//! PeerAuthentication), whose fields are Istio's (`security.istio.io/v1`), so the same
+//! Ambit's policy CRDs (`ambit.dev/v1alpha1` AuthorizationPolicy, PeerAuthentication and
+//! RequestAuthentication), whose fields are Istio's (`security.istio.io/v1`), so the same
 //! types also read Istio's objects (`--watch-istio-policies`).
 //!
 //! The node agent enforces at L4. What an L4 enforcer cannot see (request principals,
@@ -56,6 +56,23 @@ pub enum PolicyAction {
     Audit,
     /// Istio's external authorizer: not supported (refused in status).
     Custom,
+    /// Ambit's extension (not in Istio's API): admit the selected workloads' new
+    /// connections at most at `connectionRateLimit` per caller.
+    #[serde(rename = "RATE_LIMIT")]
+    RateLimit,
+}
+
+/// `connectionRateLimit`: new connections per caller (per source identity; per source IP
+/// for plaintext).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ConnectionRateLimit {
+    /// Connections per unit.
+    pub connections: u32,
+    /// `Second`, `Minute` or `Hour`.
+    pub unit: String,
+    /// The bucket's size (default: `connections`): how many may come at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 /// Ambit's AuthorizationPolicy (Istio's fields).
@@ -82,12 +99,17 @@ pub struct AuthorizationPolicySpec {
     /// waypoint's, with all of its L7 attributes, and is not applied to workloads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_refs: Vec<TargetRef>,
-    /// ALLOW (the default) or DENY.
+    /// ALLOW (the default), DENY, AUDIT (with targetRefs) or, Ambit's extension,
+    /// RATE_LIMIT (with a selector or nothing, and `connectionRateLimit`).
     #[serde(default)]
     pub action: PolicyAction,
-    /// A connection matches if any rule matches; with no rules the policy matches nothing.
+    /// A connection matches if any rule matches; with no rules the policy matches
+    /// nothing (except RATE_LIMIT: without rules it limits every connection).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<AuthorizationRule>,
+    /// With action RATE_LIMIT, and only there: the rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_rate_limit: Option<ConnectionRateLimit>,
 }
 
 /// One rule: every present part must match.
@@ -284,6 +306,92 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<String, MtlsField>,
 }
 
+/// Ambit's RequestAuthentication (Istio's fields).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ambit.dev",
+    version = "v1alpha1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "ra",
+    category = "ambit",
+    doc = "The JWTs a waypoint accepts for requests to the services (or the waypoint) it targets: a valid token gives the request a request principal and claims that AuthorizationPolicies match, an invalid one is refused (401), a request without one passes unauthenticated. Fields as in Istio's security.istio.io/v1 RequestAuthentication, with targetRefs.",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// Istio's workload selector: node agents do not see requests, so an object with a
+    /// selector (or with neither field) is refused; give targetRefs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The services (through their waypoint) or the waypoint (`Gateway`) it applies to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<TargetRef>,
+    /// The issuers whose tokens are accepted, one rule each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// Istio's `JWTRule`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    /// The `iss` a token must have.
+    pub issuer: String,
+    /// One of these must be in the token's `aud` (none: any audience).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Where the keys are: an `http://<service>.<namespace>.svc.cluster.local[:port]/…`
+    /// URL of a mesh service (the waypoint fetches it over the mesh and caches it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The keys, inline (a JWKS document).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Headers the token may come in (default: `Authorization: Bearer <token>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters the token may come in (default: `access_token`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    /// Cookies the token may come in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_cookies: Vec<String>,
+    /// The header the verified payload is sent to the backend in (base64url).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    /// Keep the token in the request (else it is removed once verified).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+    /// Claims copied into request headers (spoofed copies are removed first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// How long fetching the keys may take (a duration: `5s`, `500ms`; default 5 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// `fromHeaders[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JwtHeader {
+    /// The header.
+    pub name: String,
+    /// What precedes the token in it (`Bearer `).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// `outputClaimToHeaders[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ClaimToHeader {
+    /// The request header set.
+    pub header: String,
+    /// The claim (a string, number or boolean; nested with `.`).
+    pub claim: String,
+}
+
 /// What became of a policy object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -330,12 +438,33 @@ pub fn authorization(
     name: &str,
     spec: &AuthorizationPolicySpec,
 ) -> (Option<Authorization>, Verdict) {
+    if spec.connection_rate_limit.is_some() != (spec.action == PolicyAction::RateLimit) {
+        return (
+            None,
+            Verdict::Refused(
+                "Invalid",
+                "connectionRateLimit goes with action RATE_LIMIT, and only there".into(),
+            ),
+        );
+    }
     if !spec.target_refs.is_empty() {
         return waypoint_authorization(namespace, name, spec);
     }
     let action = match spec.action {
         PolicyAction::Allow => Action::Allow,
         PolicyAction::Deny => Action::Deny,
+        PolicyAction::RateLimit => {
+            let r = spec.connection_rate_limit.as_ref().expect("checked above");
+            match ambit_policy::ConnectionRate::new(r.connections, &r.unit, r.burst) {
+                Ok(rate) => Action::RateLimit(rate),
+                Err(e) => {
+                    return (
+                        None,
+                        Verdict::Refused("Invalid", format!("connectionRateLimit: {e}")),
+                    );
+                }
+            }
+        }
         PolicyAction::Audit => {
             return (
                 None,
@@ -354,8 +483,22 @@ pub fn authorization(
         let needs_l7 = l7_fields(r);
         if !needs_l7.is_empty() {
             l7.push(format!("rules[{i}] ({})", needs_l7.join(", ")));
-            if action == Action::Allow {
-                continue; // matches nothing: fail closed
+            match action {
+                Action::Allow => continue, // matches nothing: fail closed
+                // A limit with fewer rules would limit more; with none, everything.
+                Action::RateLimit(_) => {
+                    return (
+                        None,
+                        Verdict::Refused(
+                            "L7NeedsWaypoint",
+                            format!(
+                                "rules[{i}] ({}) use L7 attributes, which the node agents cannot see: a connection rate limit matches on L4 fields only (an HTTPRoute rule's rateLimit limits requests at the waypoint)",
+                                needs_l7.join(", ")
+                            ),
+                        ),
+                    );
+                }
+                Action::Deny => {}
             }
         }
         match l4_rule(r) {
@@ -445,6 +588,15 @@ fn waypoint_authorization(
         PolicyAction::Deny => L7Action::Deny,
         PolicyAction::Audit => L7Action::Audit,
         PolicyAction::Custom => return (None, custom_refused()),
+        PolicyAction::RateLimit => {
+            return (
+                None,
+                Verdict::Refused(
+                    "UnsupportedAction",
+                    "RATE_LIMIT is enforced by node agents, by selector: for requests, give an HTTPRoute rule a rateLimit".into(),
+                ),
+            );
+        }
     };
     let rules = spec
         .rules
@@ -496,7 +648,10 @@ fn waypoint_authorization(
                 })
                 .collect(),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    if let Err(e) = crate::model::authz::check_rules(&rules) {
+        return (None, Verdict::Refused("Invalid", e));
+    }
     (
         Some(Authorization::Waypoint(WaypointPolicySpec {
             name: name.to_owned(),
@@ -594,6 +749,110 @@ fn l4_rule(r: &AuthorizationRule) -> Result<Rule, String> {
         });
     }
     Ok(Rule { from, to })
+}
+
+/// A RequestAuthentication as the model's, and what became of it. What only the model
+/// can check (that its targets exist and have a waypoint, that a `jwksUri` names a
+/// service's port) is reported by the model's build, into its status.
+pub fn request_authentication(
+    namespace: &str,
+    name: &str,
+    spec: &RequestAuthenticationSpec,
+) -> (
+    Option<crate::model::authn::RequestAuthenticationSpec>,
+    Verdict,
+) {
+    use crate::model::authn::{ClaimToHeaderSpec, JwtHeaderSpec, JwtRuleSpec};
+    use crate::model::authz::TargetRefSpec;
+    if spec.target_refs.is_empty() {
+        return (
+            None,
+            Verdict::Refused(
+                "TargetRefsRequired",
+                "node agents do not see requests, so only a waypoint authenticates them: give targetRefs naming the services or their waypoint (a selector or a namespace-wide object is not applied)"
+                    .into(),
+            ),
+        );
+    }
+    if spec.selector.is_some() {
+        return (
+            None,
+            Verdict::Refused(
+                "Invalid",
+                "selector and targetRefs exclude each other".into(),
+            ),
+        );
+    }
+    if let Some(t) = spec
+        .target_refs
+        .iter()
+        .find(|t| t.namespace.as_deref().is_some_and(|n| n != namespace))
+    {
+        return (
+            None,
+            Verdict::Refused(
+                "Invalid",
+                format!(
+                    "targetRefs {}/{}: an object targets objects of its own namespace",
+                    t.kind, t.name
+                ),
+            ),
+        );
+    }
+    let jwt_rules: Vec<JwtRuleSpec> = spec
+        .jwt_rules
+        .iter()
+        .map(|r| JwtRuleSpec {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks_uri: r.jwks_uri.clone(),
+            jwks: r.jwks.clone(),
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| JwtHeaderSpec {
+                    name: h.name.clone(),
+                    prefix: h.prefix.clone(),
+                })
+                .collect(),
+            from_params: r.from_params.clone(),
+            from_cookies: r.from_cookies.clone(),
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .iter()
+                .map(|c| ClaimToHeaderSpec {
+                    header: c.header.clone(),
+                    claim: c.claim.clone(),
+                })
+                .collect(),
+            output_payload_to_header: r.output_payload_to_header.clone(),
+            forward_original_token: r.forward_original_token,
+            timeout: r.timeout.clone(),
+        })
+        .collect();
+    if let Err(e) = crate::model::authn::check_rules(&jwt_rules) {
+        return (None, Verdict::Refused("Invalid", e));
+    }
+    (
+        Some(crate::model::authn::RequestAuthenticationSpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            target_refs: spec
+                .target_refs
+                .iter()
+                .map(|t| TargetRefSpec {
+                    group: t.group.clone(),
+                    kind: t.kind.clone(),
+                    name: t.name.clone(),
+                })
+                .collect(),
+            jwt_rules,
+        }),
+        Verdict::Partly(
+            "AppliedByWaypoint",
+            "enforced by the waypoint of its targets".into(),
+        ),
+    )
 }
 
 /// A PeerAuthentication's mode as the value of the model's `ambit.dev/mtls` label (None:
@@ -781,6 +1040,10 @@ rules:
             (
                 PeerAuthentication::crd(),
                 "peerauthentications.ambit.dev.yaml",
+            ),
+            (
+                RequestAuthentication::crd(),
+                "requestauthentications.ambit.dev.yaml",
             ),
         ] {
             let text = format!(

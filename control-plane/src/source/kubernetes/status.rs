@@ -10,12 +10,12 @@ use kube::{Api, Client, Resource};
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::View;
 use super::gateway::{self, GatewayView};
 use super::policy::{
-    AuthorizationPolicy, PeerAuthentication, PeerAuthenticationSpec, PolicyStatus, StatusCondition,
-    Verdict, peer_authentication,
+    AuthorizationPolicy, PeerAuthentication, PeerAuthenticationSpec, PolicyStatus,
+    RequestAuthentication, StatusCondition, Verdict, peer_authentication,
 };
+use super::{PolicyKind, View};
 use crate::model::{Labels, selects};
 
 /// A policy object, converted, with what became of it and its current status.
@@ -221,11 +221,28 @@ impl StatusWriter {
     /// Brings every Ambit policy object's status in line with its verdict, and every
     /// waypoint Gateway's and mesh HTTPRoute's with what became of it.
     pub(super) fn write(&self, view: &mut View) {
+        let problems = |kind, namespace: &str, name: &str| {
+            view.policy_problems
+                .get(&(kind, format!("{namespace}/{name}")))
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        };
         for p in view.authorizations.live.values() {
-            self.write_one::<AuthorizationPolicy, _>("AuthorizationPolicy", p);
+            let verdict = with_model_problems(
+                p,
+                problems(PolicyKind::Authorization, &p.namespace, &p.name),
+            );
+            self.write_one::<AuthorizationPolicy, _>("AuthorizationPolicy", p, &verdict);
         }
         for p in view.peer_authentications.live.values() {
-            self.write_one::<PeerAuthentication, _>("PeerAuthentication", p);
+            self.write_one::<PeerAuthentication, _>("PeerAuthentication", p, &p.verdict);
+        }
+        for p in view.request_authentications.live.values() {
+            let verdict = with_model_problems(
+                p,
+                problems(PolicyKind::RequestAuthentication, &p.namespace, &p.name),
+            );
+            self.write_one::<RequestAuthentication, _>("RequestAuthentication", p, &verdict);
         }
         let gateways = gateway::api_resource("Gateway", "gateways");
         for g in view.gateways.live.values() {
@@ -282,7 +299,7 @@ impl StatusWriter {
         patch_status(api, kind, namespace, name, json!({ "status": want }));
     }
 
-    fn write_one<K, T>(&self, kind: &'static str, p: &PolicyView<T>)
+    fn write_one<K, T>(&self, kind: &'static str, p: &PolicyView<T>, verdict: &Verdict)
     where
         K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
             + Clone
@@ -290,7 +307,7 @@ impl StatusWriter {
             + std::fmt::Debug
             + 'static,
     {
-        let mut want = p.verdict.condition(p.generation);
+        let mut want = verdict.condition(p.generation);
         let same = |a: &StatusCondition, b: &StatusCondition| {
             (&a.status, &a.reason, &a.message, a.observed_generation)
                 == (&b.status, &b.reason, &b.message, b.observed_generation)
@@ -316,6 +333,25 @@ impl StatusWriter {
         let patch = json!({"status": {"conditions": [want]}});
         patch_status(api, kind, &p.namespace, &p.name, patch);
     }
+}
+
+/// What became of a converted object once the model was built from it: refused if the
+/// build left it out (`problems`), with a reason for what is wrong (Gateway API's policy
+/// reasons where they fit): `TargetNotFound`, `NoWaypoint` (nothing would enforce it),
+/// else `Invalid`.
+fn with_model_problems<T>(p: &PolicyView<T>, problems: &[String]) -> Verdict {
+    if problems.is_empty() || p.converted.is_none() || matches!(p.verdict, Verdict::Refused(..)) {
+        return p.verdict.clone();
+    }
+    let at_targets = problems.iter().all(|m| m.starts_with("targetRefs["));
+    let reason = if !at_targets {
+        "Invalid"
+    } else if problems.iter().any(|m| m.contains("has no waypoint")) {
+        "NoWaypoint"
+    } else {
+        "TargetNotFound"
+    };
+    Verdict::Refused(reason, format!("not applied: {}", problems.join("; ")))
 }
 
 /// Sends a merge patch of an object's status in the background (a failed write is
