@@ -19,6 +19,8 @@
 //! its negated fields does. Principals and namespaces come from the verified peer
 //! identity: a plaintext connection cannot match them, nor satisfy their negations.
 
+pub mod limiter;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -356,9 +358,17 @@ pub fn rate_limits<'a>(
     target: Target<'_>,
     conn: &Connection<'_>,
 ) -> Vec<(&'a Authorization, ConnectionRate)> {
+    limits(policies.into_iter().filter(|p| p.applies_to(target)), conn)
+}
+
+/// The rate limits among `policies`, all of which apply to `conn`'s destination (as in
+/// [`decide`]), that limit `conn`.
+pub fn limits<'a>(
+    policies: impl IntoIterator<Item = &'a Authorization>,
+    conn: &Connection<'_>,
+) -> Vec<(&'a Authorization, ConnectionRate)> {
     policies
         .into_iter()
-        .filter(|p| p.applies_to(target))
         .filter_map(|p| match p.action {
             Action::RateLimit(r) if p.rules.is_empty() || p.matches(conn) => Some((p, r)),
             _ => None,

@@ -685,4 +685,29 @@ fn one_request_through_the_waypoint_is_one_trace_from_the_client_agent_to_the_de
         d.attributes["ambit.destination.workload"],
         format!("default/{}", c.pod(2, 1).name)
     );
+
+    // A refused connection is traced too: plaintext from outside the mesh to a STRICT
+    // workload ends in a failed span saying why (a root: plaintext carries no context).
+    let target = format!("{}:8080", c.pod(2, 0).ip4);
+    let (_, r) = get_from(&c, c.pod(1, 2), &target, &[], 1);
+    assert!(r.iter().all(|x| x["status"] != 200), "{r:?}");
+    let refused = |s: &[ReceivedSpan]| -> Vec<ReceivedSpan> {
+        find(s, "ambit-agent", SERVER)
+            .into_iter()
+            .filter(|x| x.attributes.contains_key("ambit.refused"))
+            .collect()
+    };
+    let spans = otlp.wait_for(Duration::from_secs(20), |s| !refused(s).is_empty());
+    let all = format!("{spans:#?}");
+    let refused = refused(&spans);
+    assert_eq!(refused.len(), 1, "{all}");
+    let r = &refused[0];
+    assert_eq!(r.attributes["ambit.refused"], "strict_mtls", "{all}");
+    assert_eq!(r.status, 2, "failed: {all}");
+    assert_eq!(
+        r.attributes["ambit.destination.workload"],
+        format!("default/{}", c.pod(2, 0).name)
+    );
+    assert_eq!(r.attributes["client.address"], c.pod(1, 2).ip4.to_string());
+    assert!(r.parent_span_id.is_empty(), "{all}");
 }

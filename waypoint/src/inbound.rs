@@ -40,6 +40,8 @@ pub struct Inbound {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Where request spans go, if anywhere.
     pub tracing: Option<ambit_otel::Tracing>,
+    /// The buckets of the connection rate limits that select the waypoint's pods.
+    pub limiter: Arc<ambit_policy::limiter::ConnLimiter>,
 }
 
 impl Inbound {
@@ -114,6 +116,22 @@ impl Inbound {
                 "tunnel denied: {reason}"
             );
             return Err(Refusal::Denied);
+        }
+        // Connection rate limits on the waypoint's own pods, per caller (its identity,
+        // or its IP for plaintext), after authorization as in the node agents.
+        for (policy, rate) in config.rate_limits(&conn) {
+            let source = peer
+                .as_ref()
+                .map_or_else(|| from.ip().to_string(), ToString::to_string);
+            if !self.limiter.admit(&policy, "", &source, rate) {
+                warn!(
+                    peer = peer.as_ref().map_or("-", |p| p.as_str()),
+                    src = %from,
+                    authority = %req.authority,
+                    "tunnel refused: rate limited by {policy}"
+                );
+                return Err(Refusal::RateLimited);
+            }
         }
         // A TCP port's authorization policies (network RBAC), decided now: nothing of
         // the connection's data is needed, and a refused CONNECT fails the caller's

@@ -251,6 +251,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let inbound = Inbound {
         tracing: tracing.clone(),
+        limiter: Default::default(),
         config,
         upstreams: Upstreams::new(
             certs.clone(),

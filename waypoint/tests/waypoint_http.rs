@@ -1496,6 +1496,21 @@ async fn waypoint_enforces_the_l4_policies_that_select_its_pods() {
     w.wp.apply(&model(&policy("DENY", "cluster.local/ns/shop/sa/client")))
         .unwrap();
     assert!(w.wp.tunnel("10.96.0.10:80").await.is_err());
+    // A connection rate limit on the waypoint's pods: the burst, then 429, per caller.
+    w.wp.apply(&model(&format!(
+        "{}\npolicies:\n  - name: wp-rate\n    namespace: shop\n    selector: {{gateway.networking.k8s.io/gateway-name: wp}}\n    action: RATE_LIMIT\n    connectionRateLimit: {{connections: 1, unit: Hour, burst: 2}}\n",
+        mesh()
+    )))
+    .unwrap();
+    for _ in 0..2 {
+        let mut c = w.wp.http1("10.96.0.10:80").await;
+        assert_eq!(
+            send1(&mut c, req("GET", "web", "/api", &[])).await.status,
+            200
+        );
+    }
+    let e = w.wp.tunnel("10.96.0.10:80").await.unwrap_err();
+    assert!(e.to_string().contains("429"), "{e}");
     // No policy: open again.
     w.wp.apply(&model(&mesh())).unwrap();
     assert!(w.wp.tunnel("10.96.0.10:80").await.is_ok());

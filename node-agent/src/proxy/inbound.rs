@@ -135,6 +135,36 @@ fn claimed_service<'a>(
 }
 
 /// Records an inbound failure for `pod`, naming what the state knows of both ends.
+/// The span of an inbound connection: a child of the caller's (its CONNECT's
+/// `traceparent`), named for the workload it is for.
+fn inbound_span(
+    t: &ambit_otel::Tracing,
+    a: &Arrival,
+    me: &Workload,
+    src: Option<&Workload>,
+) -> ambit_otel::Span {
+    use ambit_otel::{KeyValue, SpanKind};
+    let mut attributes = vec![
+        KeyValue::new("ambit.destination.workload", me.display_name()),
+        KeyValue::new("ambit.destination.principal", me.identity.to_string()),
+        KeyValue::new("client.address", a.src.ip().to_string()),
+        KeyValue::new("server.port", i64::from(a.dst.port())),
+    ];
+    if let Some(id) = &a.identity {
+        attributes.push(KeyValue::new("ambit.source.principal", id.to_string()));
+    }
+    if let Some(w) = src {
+        attributes.push(KeyValue::new("ambit.source.workload", w.display_name()));
+    }
+    t.start(
+        format!("inbound {}", me.display_name()),
+        SpanKind::Server,
+        a.trace.as_ref(),
+        vec![],
+        attributes,
+    )
+}
+
 fn record(inputs: &Inputs, pod: &Pod, a: &Arrival, e: &Error, started: Started) {
     let (me, src) = inputs.state.read(|s| {
         (
@@ -142,6 +172,13 @@ fn record(inputs: &Inputs, pod: &Pod, a: &Arrival, e: &Error, started: Started) 
             s.workload_by_ip(a.src.ip()).cloned(),
         )
     });
+    // A refused connection is traced too (when the caller's trace is sampled): its span
+    // fails with the refusal's reason, so a denied request shows where it stopped.
+    if let (Some(t), Some(me)) = (&inputs.tracing, &me) {
+        let mut span = inbound_span(t, a, me, src.as_deref());
+        span.set("ambit.refused", e.reason());
+        span.error(e.to_string());
+    }
     Failure {
         direction: Direction::Inbound,
         pod,
@@ -420,29 +457,10 @@ impl Delivery {
                 _ => None,
             },
         };
-        let span = inputs.tracing.as_ref().map(|t| {
-            use ambit_otel::{KeyValue, SpanKind};
-            let me = &self.admitted.me;
-            let mut attributes = vec![
-                KeyValue::new("ambit.destination.workload", me.display_name()),
-                KeyValue::new("ambit.destination.principal", me.identity.to_string()),
-                KeyValue::new("client.address", a.src.ip().to_string()),
-                KeyValue::new("server.port", i64::from(a.dst.port())),
-            ];
-            if let Some(id) = &a.identity {
-                attributes.push(KeyValue::new("ambit.source.principal", id.to_string()));
-            }
-            if let Some(w) = &self.admitted.src {
-                attributes.push(KeyValue::new("ambit.source.workload", w.display_name()));
-            }
-            t.start(
-                format!("inbound {}", me.display_name()),
-                SpanKind::Server,
-                a.trace.as_ref(),
-                vec![],
-                attributes,
-            )
-        });
+        let span = inputs
+            .tracing
+            .as_ref()
+            .map(|t| inbound_span(t, a, &self.admitted.me, self.admitted.src.as_deref()));
         let mut result =
             ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, self.started);
         result.traced(span);

@@ -19,7 +19,6 @@ pub mod error;
 pub mod hbone_dialer;
 pub mod inbound;
 pub mod lb;
-pub mod limiter;
 pub mod outbound;
 pub mod relay;
 pub mod tracker;
@@ -74,7 +73,7 @@ pub struct Inputs {
     /// Where connection spans go, if anywhere.
     pub tracing: Option<ambit_otel::Tracing>,
     /// Connection rate limits' buckets.
-    pub limiter: limiter::ConnLimiter,
+    pub limiter: ambit_policy::limiter::ConnLimiter,
 }
 
 impl std::fmt::Debug for Inputs {

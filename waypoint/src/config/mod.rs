@@ -698,6 +698,18 @@ impl Config {
         }
     }
 
+    /// The connection rate limits among the L4 policies that select the waypoint's pods
+    /// that limit `conn`, as (`namespace/name`, rate).
+    pub fn rate_limits(
+        &self,
+        conn: &ambit_policy::Connection<'_>,
+    ) -> Vec<(String, ambit_policy::ConnectionRate)> {
+        ambit_policy::limits(self.resources.policies.values().map(|p| &**p), conn)
+            .into_iter()
+            .map(|(p, r)| (format!("{}/{}", p.namespace, p.name), r))
+            .collect()
+    }
+
     /// The HBONE identity of an endpoint address, if it is reached over HBONE.
     pub fn hbone_identity(&self, addr: SocketAddr) -> Option<&Identity> {
         self.hbone.get(&addr)

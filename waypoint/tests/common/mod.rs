@@ -244,6 +244,7 @@ impl TestWaypoint {
         let metrics = Arc::new(ambit_waypoint::telemetry::Metrics::default());
         let inbound = Inbound {
             tracing: None,
+            limiter: Default::default(),
             config: config.clone(),
             upstreams: Upstreams::new(
                 certs_rx.clone(),

@@ -1,13 +1,14 @@
 //! Connection rate limits (`RATE_LIMIT` policies, Ambit's extension): a token bucket per
 //! (policy, destination workload, source) — the source is the caller's identity, or its
 //! IP for plaintext — refilled continuously and starting full. A connection finding its
-//! bucket empty is refused (HBONE: 429) before the application is dialed.
+//! bucket empty is refused (HBONE: 429) before the application is dialed. Node agents
+//! keep one for their workloads, a waypoint one for its own pods.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ambit_policy::ConnectionRate;
+use crate::ConnectionRate;
 
 /// How many buckets are kept; beyond, the full ones (indistinguishable from new) go, and
 /// if that is not enough, all.
@@ -29,7 +30,7 @@ impl Bucket {
     }
 }
 
-/// Every bucket of the agent.
+/// Every bucket of an agent (or a waypoint).
 #[derive(Debug, Default)]
 pub struct ConnLimiter {
     buckets: Mutex<HashMap<(String, String, String), Bucket>>,
