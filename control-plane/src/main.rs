@@ -398,7 +398,7 @@ fn main() -> ExitCode {
             Ok(m) => {
                 let enrolled = m.workloads.values().filter(|w| w.enrolled).count();
                 println!(
-                    "{}: ok: {} namespaces, {} nodes, {} workloads ({enrolled} enrolled), {} services, {} waypoints, {} HTTP routes, {} policies",
+                    "{}: ok: {} namespaces, {} nodes, {} workloads ({enrolled} enrolled), {} services, {} waypoints, {} HTTP routes, {} policies (L4), {} waypoint policies, {} request authentications",
                     file.display(),
                     m.namespaces.len(),
                     m.nodes.len(),
@@ -406,7 +406,9 @@ fn main() -> ExitCode {
                     m.services.len(),
                     m.waypoints.len(),
                     m.http_routes.len(),
-                    m.policies.len()
+                    m.policies.len(),
+                    m.waypoint_policies.len(),
+                    m.request_authentications.len()
                 );
                 ExitCode::SUCCESS
             }
