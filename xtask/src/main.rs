@@ -78,13 +78,13 @@ fn main() -> ExitCode {
         }),
         Cmd::Bench { only } => match only.as_deref() {
             None => run_harness_bin("ambit-bench")
-                .and_then(|()| run_harness_bin("ambit-bench-hbone"))
+                .and_then(|()| bench_hbone())
                 .and_then(|()| run_harness_bin("ambit-bench-xds"))
                 .and_then(|()| run_harness_bin("ambit-bench-k8s"))
                 .and_then(|()| bench_waypoint()),
             Some("datapath") => run_harness_bin("ambit-bench"),
             Some("waypoint") => bench_waypoint(),
-            Some("hbone") => run_harness_bin("ambit-bench-hbone"),
+            Some("hbone") => bench_hbone(),
             Some("xds") => run_harness_bin("ambit-bench-xds"),
             Some("k8s") => run_harness_bin("ambit-bench-k8s"),
             Some(other) => Err(anyhow::anyhow!(
@@ -287,6 +287,13 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
         Command::new("python3").args(["-m", "pip", "install", "-q", "kubernetes-validate==1.37.*"]),
         "python3 -m pip install kubernetes-validate==1.37.*",
     )
+}
+
+/// The HBONE bench needs its peer, Envoy as both ends of a tunnel.
+fn bench_hbone() -> anyhow::Result<()> {
+    require_root("the HBONE bench")?;
+    ensure_envoy()?;
+    run_harness_bin("ambit-bench-hbone")
 }
 
 /// The waypoint's bench needs its peer (Envoy) and real load generators: wrk (HTTP/1.1)

@@ -4,11 +4,16 @@
 //! Layout (2 nodes, namespace enrolled, 2 pods opted out):
 //! - direct: pod-1-11 → pod-2-11, both outside the mesh (plain TCP);
 //! - passthrough: pod-1-10 (in the mesh) → pod-2-11 (outside): captured, dialed directly;
-//! - HBONE: pod-1-10 → pod-2-10 (both in the mesh): captured, tunnelled in mutual TLS.
+//! - HBONE: pod-1-10 → pod-2-10 (both in the mesh): captured, tunnelled in mutual TLS;
+//! - Envoy: pod-1-11 → pod-2-11 through a pair of Envoy 1.40 ([`EnvoyPair`]), the same
+//!   HBONE on the wire (HTTP/2 CONNECT in TLS 1.3, mesh certificates): the peer every
+//!   HBONE figure is a ratio to.
 //!
-//! Each measurement alternates the three and reports the median of `ROUNDS`.
+//! Each measurement alternates the four and reports the median of `ROUNDS`, with the
+//! range.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +21,16 @@ use ambit_tests::{Cluster, ClusterSpec, Pod, cpu_seconds, median, pki, rss_kib};
 use anyhow::Context;
 use serde_json::Value;
 
-const ROUNDS: usize = 3;
+/// Rounds of each measurement (`AMBIT_BENCH_ROUNDS` overrides).
+fn rounds() -> usize {
+    std::env::var("AMBIT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(5)
+}
+/// direct, passthrough, HBONE (Ambit), Envoy's HBONE.
+const WAYS: usize = 4;
 const IDLE_TUNNELS: usize = 1_000;
 
 fn main() -> anyhow::Result<()> {
@@ -24,7 +38,10 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: building a 2-node cluster with a control plane...");
     let c = Cluster::new(ClusterSpec {
         control_plane: true,
-        agent_args: vec!["--access-log=off".into()],
+        agent_args: vec![
+            "--access-log=off".into(),
+            format!("--worker-threads={WORKERS}"),
+        ],
         ..Default::default()
     })?;
     let (meshed, plain, srv_mesh, srv_plain) = (c.pod(1, 0), c.pod(1, 1), c.pod(2, 0), c.pod(2, 1));
@@ -51,44 +68,81 @@ fn main() -> anyhow::Result<()> {
     let _s2 = c.start_server(srv_plain, &[format!("{}:8080", srv_plain.ip4)])?;
     let to_mesh = format!("{}:8080", srv_mesh.ip4);
     let to_plain = format!("{}:8080", srv_plain.ip4);
-    let paths: [(&Pod, &str); 3] = [(plain, &to_plain), (meshed, &to_plain), (meshed, &to_mesh)];
+    let envoy = EnvoyPair::start(&c, plain, srv_plain, 8080)?;
+    let to_envoy = format!("127.0.0.1:{ENVOY_PORT}");
+    wait_for_envoy(&c, plain, &to_envoy)?;
+    let paths: [(&Pod, &str); WAYS] = [
+        (plain, &to_plain),
+        (meshed, &to_plain),
+        (meshed, &to_mesh),
+        (plain, &to_envoy),
+    ];
     let agents = [
         c.node(1).agent_pid().context("agent 1")?,
         c.node(2).agent_pid().context("agent 2")?,
     ];
+    // Whose CPU each way's runs are charged: the agents', or the Envoys'.
+    let charged: [&[u32]; WAYS] = [&agents, &agents, &agents, &envoy.pids];
 
     eprintln!("bench-hbone: bulk throughput...");
-    let runs = three_ways(
+    let runs = all_ways(
         &c,
         &paths,
         |to| vec!["bulk", "--connect", to, "--seconds", "3"],
-        &agents,
+        &charged,
     )?;
     let bulk = medians(&runs, |r| r.field("gbit_per_s"));
-    let cpu_per_gb = medians(&runs, |r| r.cpu / (r.field("bytes") / 1e9))[2];
+    let cpu_per_gb = medians(&runs, |r| r.cpu / (r.field("bytes") / 1e9));
+    let mut spreads = vec![
+        ("bulk Gbit/s", ranges(&runs, |r| r.field("gbit_per_s"))),
+        (
+            "CPU s per GB",
+            ranges(&runs, |r| r.cpu / (r.field("bytes") / 1e9)),
+        ),
+    ];
     eprintln!("bench-hbone: request/response latency...");
     let rr_count = 20_000.0;
-    let runs = three_ways(
+    let runs = all_ways(
         &c,
         &paths,
         |to| vec!["rr", "--connect", to, "--count", "20000"],
-        &agents,
+        &charged,
     )?;
     let rr50 = medians(&runs, |r| r.field("p50_us"));
     let rr99 = medians(&runs, |r| r.field("p99_us"));
     // The tool makes a tenth more round trips to warm up.
-    let cpu_per_k = medians(&runs, |r| r.cpu / (rr_count * 1.1 / 1000.0))[2];
+    let cpu_per_k = medians(&runs, |r| r.cpu / (rr_count * 1.1 / 1000.0));
+    spreads.push(("round trip p50 us", ranges(&runs, |r| r.field("p50_us"))));
+    spreads.push((
+        "CPU ms per 1,000 round trips",
+        ranges(&runs, |r| r.cpu / (rr_count * 1.1 / 1000.0) * 1e3),
+    ));
     eprintln!("bench-hbone: streams per second on a pooled connection...");
-    let runs = three_ways(
+    let runs = all_ways(
         &c,
         &paths,
         |to| vec!["cps", "--connect", to, "--count", "20000", "--seconds", "3"],
-        &agents,
+        &charged,
     )?;
     let cps = medians(&runs, |r| r.field("conns_per_s"));
+    spreads.push(("connections/s", ranges(&runs, |r| r.field("conns_per_s"))));
 
     eprintln!("bench-hbone: new mutual-TLS connections per second...");
-    let handshakes = handshake_rate(&c, meshed, srv_mesh, srv_plain, Duration::from_secs(3))?;
+    // Alternating: the agent's HBONE server, Envoy's.
+    let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds() {
+        let (a, p) = handshake_rate(&c, meshed, srv_mesh, srv_plain, Duration::from_secs(2))?;
+        let (e, _) = handshake_rate(&c, plain, srv_plain, srv_plain, Duration::from_secs(2))?;
+        ambit_hs.push(a);
+        envoy_hs.push(e);
+        plain_hs.push(p);
+    }
+    let handshakes = [
+        median(ambit_hs.clone()),
+        median(envoy_hs.clone()),
+        median(plain_hs),
+    ];
+    drop(envoy);
 
     eprintln!("bench-hbone: agent memory with {IDLE_TUNNELS} idle tunnels...");
     let before = (rss_kib(agents[0])?, rss_kib(agents[1])?);
@@ -101,8 +155,10 @@ fn main() -> anyhow::Result<()> {
             "--conns",
             &IDLE_TUNNELS.to_string(),
             "--hold",
+            // Each connection's own limit, well inside the wait below: a tunnel that
+            // stalls is reported (which one, and how) instead of hanging the bench.
             "--timeout",
-            "60",
+            "30",
         ]
         .map(String::from),
     )?;
@@ -110,7 +166,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let during = (rss_kib(agents[0])?, rss_kib(agents[1])?);
     held.write_line("go")?;
-    let (status, lines) = held.finish(Duration::from_secs(60))?;
+    let (status, lines) = held.finish(Duration::from_secs(90))?;
     let failed: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("\"ok\":false"))
@@ -124,39 +180,48 @@ fn main() -> anyhow::Result<()> {
     let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
 
     println!(
-        "\n## Ambit HBONE bench (simulated cluster, 2 nodes, this machine: {} cores)\n",
-        cores()
+        "\n## Ambit HBONE bench (simulated cluster, 2 nodes, this machine: {} cores; agents {WORKERS} workers, Envoy --concurrency {WORKERS}; medians of {} alternating rounds [min–max])\n",
+        cores(),
+        rounds()
     );
-    println!("| measurement | direct | passthrough | HBONE | HBONE/direct | goal |");
-    println!("|---|---:|---:|---:|---:|---|");
-    let row = |name: &str, v: [f64; 3], goal: &str, delta: bool| {
-        let extra = |x: f64| {
-            if delta {
-                format!(" (+{:.1})", x - v[0])
+    println!(
+        "| measurement | direct | passthrough | HBONE (Ambit) | HBONE (Envoy) | Ambit/Envoy | Ambit/direct | goal |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    let row = |name: &str, v: [f64; WAYS], goal: &str, added: bool| {
+        let show = |x: f64| {
+            if x.is_nan() {
+                "failed (see the spread)".to_owned()
+            } else if added {
+                format!("{x:.1} (+{:.1})", x - v[0])
             } else {
-                String::new()
+                format!("{x:.2}")
             }
         };
+        let ratio = if added {
+            (v[2] - v[0]) / (v[3] - v[0])
+        } else {
+            v[2] / v[3]
+        };
         println!(
-            "| {name} | {:.2} | {:.2}{} | {:.2}{} | {:.2}x | {goal} |",
+            "| {name} | {:.2} | {} | {} | {} | {ratio:.2}x | {:.2}x | {goal} |",
             v[0],
-            v[1],
-            extra(v[1]),
-            v[2],
-            extra(v[2]),
+            show(v[1]),
+            show(v[2]),
+            show(v[3]),
             v[2] / v[0]
         );
     };
     row(
         "bulk throughput, 1 stream (Gbit/s)",
         bulk,
-        "HBONE >= 0.5x direct",
+        ">= 1.5x Envoy, >= 0.5x direct",
         false,
     );
     row(
-        "1-byte round trip p50 (us)",
+        "1-byte round trip p50 (us; Ambit/Envoy of the added)",
         rr50,
-        "HBONE adds < 40 us",
+        "added <= 0.5x Envoy's, <= 60 us",
         true,
     );
     row("1-byte round trip p99 (us)", rr99, "", true);
@@ -166,26 +231,50 @@ fn main() -> anyhow::Result<()> {
         "",
         false,
     );
-    println!("\n| HBONE | value | goal |");
-    println!("|---|---:|---|");
+    println!("\n| HBONE | Ambit | Envoy | Ambit/Envoy | goal |");
+    println!("|---|---:|---:|---:|---|");
     println!(
-        "| new mutual-TLS connections/s (TLS 1.3 handshake + HTTP/2 + CONNECT, one client) | {:.0} (plain TCP connect + hello: {:.0}) | |",
-        handshakes.0, handshakes.1
-    );
-    println!("| agent CPU (both agents) per GB of bulk | {cpu_per_gb:.2} s | |");
-    println!(
-        "| agent CPU (both agents) per 1,000 round trips | {:.1} ms | |",
-        cpu_per_k * 1e3
+        "| agent CPU (both ends) per GB of bulk (s) | {:.2} | {:.2} | {:.2}x | <= 0.5x, <= 1.2 s |",
+        cpu_per_gb[2],
+        cpu_per_gb[3],
+        cpu_per_gb[2] / cpu_per_gb[3]
     );
     println!(
-        "| agent RSS per idle tunnel, client side | {:.1} KiB | < 30 KiB |",
+        "| agent CPU (both ends) per 1,000 round trips (ms) | {:.1} | {:.1} | {:.2}x | <= 0.5x |",
+        cpu_per_k[2] * 1e3,
+        cpu_per_k[3] * 1e3,
+        cpu_per_k[2] / cpu_per_k[3]
+    );
+    println!(
+        "| new mutual-TLS connections/s (TLS 1.3 + HTTP/2 + CONNECT, one client) | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.2}x | >= 3,000 |",
+        handshakes[0],
+        ambit_hs.iter().cloned().fold(f64::MAX, f64::min),
+        ambit_hs.iter().cloned().fold(f64::MIN, f64::max),
+        handshakes[1],
+        envoy_hs.iter().cloned().fold(f64::MAX, f64::min),
+        envoy_hs.iter().cloned().fold(f64::MIN, f64::max),
+        handshakes[0] / handshakes[1]
+    );
+    println!(
+        "| (plain TCP connect + hello, for scale) | {:.0} | | | |",
+        handshakes[2]
+    );
+    println!(
+        "| agent RSS per idle tunnel, client side | {:.1} KiB | | | < 30 KiB |",
         (during.0 as f64 - before.0 as f64) / IDLE_TUNNELS as f64
     );
     println!(
-        "| agent RSS per idle tunnel, server side | {:.1} KiB | < 30 KiB |",
+        "| agent RSS per idle tunnel, server side | {:.1} KiB | | | < 30 KiB |",
         (during.1 as f64 - before.1 as f64) / IDLE_TUNNELS as f64
     );
-    println!("| HBONE connections the pool opened in all | {dials} | |");
+    println!("| HBONE connections the pool opened in all | {dials} | | | |");
+    println!(
+        "\n| spread of the rounds [min–max] | direct | passthrough | HBONE (Ambit) | HBONE (Envoy) |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (name, v) in spreads {
+        println!("| {name} | {} | {} | {} | {} |", v[0], v[1], v[2], v[3]);
+    }
     Ok(())
 }
 
@@ -217,24 +306,43 @@ impl Run {
     }
 }
 
-/// Runs the tool for each path (direct, passthrough, HBONE), `ROUNDS` times alternating.
-fn three_ways<'a>(
+/// Runs the tool for each way, `ROUNDS` times alternating, charging each run the CPU of
+/// `charged[way]`'s processes.
+fn all_ways<'a>(
     c: &Cluster,
-    paths: &[(&Pod, &'a str); 3],
+    paths: &[(&Pod, &'a str); WAYS],
     args: impl Fn(&'a str) -> Vec<&'a str>,
-    agents: &[u32; 2],
-) -> anyhow::Result<[Vec<Run>; 3]> {
-    let mut runs: [Vec<Run>; 3] = Default::default();
-    for _ in 0..ROUNDS {
+    charged: &[&[u32]; WAYS],
+) -> anyhow::Result<[Vec<Run>; WAYS]> {
+    let mut runs: [Vec<Run>; WAYS] = Default::default();
+    for _ in 0..rounds() {
         for (i, (pod, to)) in paths.iter().enumerate() {
-            let cpu0 = cpu_seconds(agents)?;
+            let cpu0 = cpu_seconds(charged[i])?;
             let p = c.spawn_in_pod(
                 pod,
                 &args(to).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
             )?;
             let (status, lines) = p.finish(Duration::from_secs(120))?;
-            anyhow::ensure!(status.success(), "pod-tool failed: {lines:?}");
-            let cpu = cpu_seconds(agents)? - cpu0;
+            if !status.success() {
+                let stats: Vec<String> = c
+                    .nodes
+                    .iter()
+                    .flat_map(|n| &n.pods)
+                    .map(|p| format!("{}: {}", p.name, envoy_stats(p)))
+                    .collect();
+                let what =
+                    format!("pod-tool failed on way {i}: {lines:?}; Envoy's counters: {stats:?}");
+                // The peer failing is reported with the figures, not fatal (see
+                // README: Envoy closes CONNECT tunnels under the connections/s load).
+                anyhow::ensure!(i == WAYS - 1, "{what}");
+                eprintln!("bench-hbone: Envoy's round failed: {what}");
+                runs[i].push(Run {
+                    out: Value::Null,
+                    cpu: f64::NAN,
+                });
+                continue;
+            }
+            let cpu = cpu_seconds(charged[i])? - cpu0;
             let out: Value = serde_json::from_str(lines.last().context("no output")?)?;
             runs[i].push(Run { out, cpu });
         }
@@ -242,14 +350,87 @@ fn three_ways<'a>(
     Ok(runs)
 }
 
-/// The median of `f` over each path's runs.
-fn medians(runs: &[Vec<Run>; 3], f: impl Fn(&Run) -> f64) -> [f64; 3] {
-    [0, 1, 2].map(|i| median(runs[i].iter().map(&f).collect()))
+/// The median of `f` over each way's runs.
+fn medians(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [f64; WAYS] {
+    std::array::from_fn(|i| {
+        let v: Vec<f64> = runs[i].iter().map(&f).filter(|x| x.is_finite()).collect();
+        if v.is_empty() { f64::NAN } else { median(v) }
+    })
+}
+
+/// `[min–max]` of `f` over each way's runs.
+fn ranges(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [String; WAYS] {
+    std::array::from_fn(|i| {
+        let v: Vec<f64> = runs[i].iter().map(&f).filter(|x| x.is_finite()).collect();
+        let failed = runs[i].len() - v.len();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if v.is_empty() {
+            format!("all {failed} rounds failed")
+        } else if failed > 0 {
+            format!(
+                "[{lo:.2}–{hi:.2}], {failed} of {} rounds failed",
+                runs[i].len()
+            )
+        } else {
+            format!("[{lo:.2}–{hi:.2}]")
+        }
+    })
+}
+
+/// The non-zero failure counters of an Envoy in `pod` (its admin port), if one runs there.
+fn envoy_stats(pod: &Pod) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns,
+            "curl",
+            "-s",
+            "127.0.0.1:15000/stats",
+        ])
+        .output();
+    let Ok(out) = out else { return String::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            (l.contains("overflow")
+                || l.contains("fail")
+                || l.contains("reset")
+                || l.contains("timeout")
+                || l.contains("destroy_with")
+                || l.contains("cx_total")
+                || l.contains("rq_total"))
+                && !l.ends_with(": 0")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Waits until a connection through Envoy's pair gets the application's hello.
+fn wait_for_envoy(c: &Cluster, client: &Pod, to: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = c.spawn_in_pod(
+            client,
+            &["rr", "--connect", to, "--count", "10"].map(String::from),
+        )?;
+        let (status, lines) = p.finish(Duration::from_secs(20))?;
+        if status.success() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Envoy's HBONE pair does not carry a connection: {lines:?} (logs in {})",
+            c.node(client.node).state_dir.join("envoy-hbone").display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// New HBONE connections per second against the server agent (TCP, TLS 1.3 handshake as a
 /// mesh identity, HTTP/2, one CONNECT answered by the app's hello, close), from node 1's
-/// namespace; and, for scale, plain TCP connects to the same app with its hello.
+/// namespace; and, for scale, plain TCP connects to `plain_server`'s app with its hello.
 fn handshake_rate(
     c: &Cluster,
     client: &Pod,
@@ -316,4 +497,200 @@ fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+/// Envoy 1.40 as both ends of an HBONE tunnel, the peer every HBONE figure is a ratio
+/// to: in `client`'s namespace a `tcp_proxy` listener on 127.0.0.1:[`ENVOY_PORT`] that
+/// tunnels each connection as an HTTP/2 CONNECT over TLS 1.3 (`tunneling_config`, ALPN
+/// h2, the client's mesh certificate, the server's SPIFFE identity checked); in
+/// `server`'s namespace an HTTP connection manager on its pod IP, port 15008, that
+/// terminates CONNECT (mutual TLS, the mesh root) and dials the application. Both run
+/// `--concurrency` [`WORKERS`], the agents' worker threads; their circuit breakers are
+/// unlimited, as Istio writes them. Killed when dropped.
+struct EnvoyPair {
+    pids: [u32; 2],
+    _processes: [ambit_tests::process::PodProcess; 2],
+}
+
+/// The client Envoy's plain listener, in the client pod.
+const ENVOY_PORT: u16 = 15001;
+/// The agents' data-plane worker threads (their default), and Envoy's `--concurrency`.
+const WORKERS: usize = 2;
+
+fn tls_files(
+    dir: &Path,
+    name: &str,
+    chain: &[String],
+    key: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (c, k) = (
+        dir.join(format!("{name}-chain.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, chain.concat())?;
+    std::fs::write(&k, key)?;
+    Ok((c, k))
+}
+
+impl EnvoyPair {
+    fn start(c: &Cluster, client: &Pod, server: &Pod, app_port: u16) -> anyhow::Result<Self> {
+        let bin = ambit_tests::envoy_binary()?;
+        let dir = c.node(client.node).state_dir.join("envoy-hbone");
+        std::fs::create_dir_all(&dir)?;
+        let ca = pki::mesh_root(&c.ca_dir());
+        let root = dir.join("root.pem");
+        std::fs::write(&root, &ca.pem)?;
+        let id = |p: &Pod| format!("spiffe://cluster.local/ns/default/sa/{}", p.name);
+        let (cc, ck) = {
+            let (chain, key) = pki::leaf(&ca, &id(client));
+            tls_files(&dir, "client", &chain, &key)?
+        };
+        let (sc, sk) = {
+            let (chain, key) = pki::leaf(&ca, &id(server));
+            tls_files(&dir, "server", &chain, &key)?
+        };
+        let tls_common = |chain: &Path, key: &Path, peer: Option<String>| {
+            let san = peer.map_or(String::new(), |p| {
+                format!(", match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{p}\"}}}}]")
+            });
+            format!(
+                "{{tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}, alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}], validation_context: {{trusted_ca: {{filename: {}}}{san}}}}}",
+                chain.display(),
+                key.display(),
+                root.display()
+            )
+        };
+        let client_yaml = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
+static_resources:
+  listeners:
+    - name: outbound
+      address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_PORT}}}}}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.tcp_proxy
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+                stat_prefix: outbound
+                cluster: hbone
+                tunneling_config: {{hostname: "{sip}:{app_port}"}}
+  clusters:
+    - name: hbone
+      type: STATIC
+      connect_timeout: 5s
+      circuit_breakers: {{thresholds: [{{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}}]}}
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: hbone
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {sip}, port_value: 15008}}}}}}}}]}}]
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context: {client_tls}
+"#,
+            sip = server.ip4,
+            client_tls = tls_common(&cc, &ck, Some(id(server))),
+        );
+        let server_yaml = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
+# Envoy's rapid-reset guard closes an HTTP/2 connection once half of its last 500 streams
+# were reset young: the connections/s tool closes each connection with RST, so the guard
+# would close tunnels in flight (and did: "bad hello"). Ambit has no such guard; off here.
+layered_runtime:
+  layers:
+    - name: static
+      static_layer: {{overload.premature_reset_total_stream_count: 4294967295}}
+static_resources:
+  listeners:
+    - name: hbone
+      address: {{socket_address: {{address: {sip}, port_value: 15008}}}}
+      filter_chains:
+        - transport_socket:
+            name: envoy.transport_sockets.tls
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+              require_client_certificate: true
+              common_tls_context: {server_tls}
+          filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: hbone
+                codec_type: HTTP2
+                http2_protocol_options: {{allow_connect: true}}
+                upgrade_configs: [{{upgrade_type: CONNECT}}]
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: {{connect_matcher: {{}}}}
+                          route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+    - name: app
+      type: STATIC
+      connect_timeout: 5s
+      circuit_breakers: {{thresholds: [{{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}}]}}
+      load_assignment:
+        cluster_name: app
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {sip}, port_value: {app_port}}}}}}}}}]}}]
+"#,
+            sip = server.ip4,
+            server_tls = tls_common(&sc, &sk, None),
+        );
+        // The server Envoy dials the application for every stream and closes first, so
+        // its side keeps the TIME_WAIT sockets: thousands per connections/s round would
+        // run out of ephemeral ports towards the one application address (the agent
+        // dials it as the caller's IP instead). Let new connections reuse them.
+        let sysctl = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &server.netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+            ])
+            .status()?;
+        anyhow::ensure!(sysctl.success(), "sysctl tcp_tw_reuse in {}", server.netns);
+        let mut processes = Vec::new();
+        for (pod, name, yaml) in [
+            (client, "client", client_yaml),
+            (server, "server", server_yaml),
+        ] {
+            let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+            processes.push(ambit_tests::process::PodProcess::start_with_stderr(
+                &pod.netns_path(),
+                &pod.cgroup,
+                &bin,
+                &[
+                    "--config-yaml".into(),
+                    yaml,
+                    "--concurrency".into(),
+                    WORKERS.to_string(),
+                    "--log-level".into(),
+                    "warn".into(),
+                    "--disable-hot-restart".into(),
+                    "--base-id".into(),
+                    (if name == "client" { "11" } else { "12" }).into(),
+                ],
+                log.into(),
+            )?);
+        }
+        let [a, b]: [ambit_tests::process::PodProcess; 2] = processes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two processes"))?;
+        Ok(Self {
+            pids: [a.pid(), b.pid()],
+            _processes: [a, b],
+        })
+    }
 }

