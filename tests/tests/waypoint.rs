@@ -462,7 +462,14 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
         },
     );
     // What the kubelet would mount: the pod's projected token (audience ambit-ca), and
-    // the root the control plane published in the waypoint's namespace.
+    // the root the control plane published in the waypoint's namespace (written in the
+    // background once the model has the waypoint: waited for, as the kubelet waits for
+    // a ConfigMap volume).
+    wait_until(
+        "the root published in the waypoint's namespace",
+        Duration::from_secs(15),
+        || api.get("ConfigMap", "default", "ambit-root-cert").is_some(),
+    );
     let cm = api
         .get("ConfigMap", "default", "ambit-root-cert")
         .expect("the root published in the waypoint's namespace");
