@@ -131,11 +131,17 @@ fn main() -> anyhow::Result<()> {
     // Alternating: the agent's HBONE server, Envoy's.
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds() {
-        let (a, p) = handshake_rate(&c, meshed, srv_mesh, srv_plain, Duration::from_secs(2))?;
-        let (e, _) = handshake_rate(&c, plain, srv_plain, srv_plain, Duration::from_secs(2))?;
+        let (a, p) = handshake_rate(
+            &c,
+            meshed,
+            srv_mesh,
+            Some(srv_plain),
+            Duration::from_secs(2),
+        )?;
+        let (e, _) = handshake_rate(&c, plain, srv_plain, None, Duration::from_secs(2))?;
         ambit_hs.push(a);
         envoy_hs.push(e);
-        plain_hs.push(p);
+        plain_hs.extend(p);
     }
     let handshakes = [
         median(ambit_hs.clone()),
@@ -430,14 +436,15 @@ fn wait_for_envoy(c: &Cluster, client: &Pod, to: &str) -> anyhow::Result<()> {
 
 /// New HBONE connections per second against the server agent (TCP, TLS 1.3 handshake as a
 /// mesh identity, HTTP/2, one CONNECT answered by the app's hello, close), from node 1's
-/// namespace; and, for scale, plain TCP connects to `plain_server`'s app with its hello.
+/// namespace; and, for scale, plain TCP connects to `plain_server`'s app with its hello
+/// (if given).
 fn handshake_rate(
     c: &Cluster,
     client: &Pod,
     server: &Pod,
-    plain_server: &Pod,
+    plain_server: Option<&Pod>,
     dur: Duration,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, Option<f64>)> {
     use ambit_hbone::tls::{MeshRoots, WorkloadKey};
     let ca = pki::mesh_root(&c.ca_dir());
     let (chain, key) = pki::leaf(
@@ -455,9 +462,9 @@ fn handshake_rate(
     )?;
     let hbone = SocketAddr::new(server.ip4.into(), 15008);
     let app = SocketAddr::new(server.ip4.into(), 8080);
-    let plain_app = SocketAddr::new(plain_server.ip4.into(), 8080);
+    let plain_app = plain_server.map(|p| SocketAddr::new(p.ip4.into(), 8080));
     let netns = c.node(1).netns_path();
-    std::thread::spawn(move || -> anyhow::Result<(f64, f64)> {
+    std::thread::spawn(move || -> anyhow::Result<(f64, Option<f64>)> {
         ambit_mesh::netns::Netns::open(&netns)?.enter()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -478,6 +485,9 @@ fn handshake_rate(
                 n += 1;
             }
             let tls_rate = n as f64 / start.elapsed().as_secs_f64();
+            let Some(plain_app) = plain_app else {
+                return Ok((tls_rate, None));
+            };
             let start = Instant::now();
             let mut m = 0u64;
             while start.elapsed() < dur {
@@ -486,7 +496,7 @@ fn handshake_rate(
                 tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut hello).await?;
                 m += 1;
             }
-            Ok((tls_rate, m as f64 / start.elapsed().as_secs_f64()))
+            Ok((tls_rate, Some(m as f64 / start.elapsed().as_secs_f64())))
         })
     })
     .join()

@@ -195,28 +195,16 @@ impl Kind {
 
     /// The kinds watched with these options.
     fn watched(options: &Options) -> Vec<Kind> {
-        let mut kinds = vec![
-            Kind::Namespaces,
-            Kind::Nodes,
-            Kind::Pods,
-            Kind::Services,
-            Kind::EndpointSlices,
-            Kind::ServiceAccounts,
-            Kind::AuthorizationPolicies,
-            Kind::PeerAuthentications,
-            Kind::RequestAuthentications,
-        ];
-        if options.istio_policies {
-            kinds.extend([
-                Kind::IstioAuthorizationPolicies,
-                Kind::IstioPeerAuthentications,
-                Kind::IstioRequestAuthentications,
-            ]);
-        }
-        if options.gateway_api {
-            kinds.extend([Kind::Gateways, Kind::HttpRoutes]);
-        }
-        kinds
+        Kind::ALL
+            .into_iter()
+            .filter(|k| match k {
+                Kind::IstioAuthorizationPolicies
+                | Kind::IstioPeerAuthentications
+                | Kind::IstioRequestAuthentications => options.istio_policies,
+                Kind::Gateways | Kind::HttpRoutes => options.gateway_api,
+                _ => true,
+            })
+            .collect()
     }
 }
 
@@ -1008,23 +996,11 @@ impl View {
                 (Some(a), Some(b)) if a < b => format!("{}{}", &p.place[..a], &p.place[b + 1..]),
                 _ => p.place.clone(),
             };
-            // `httpRoutes (ns/name).rules[0]…`: the route's own status says it too.
-            if let Some(rest) = place.strip_prefix("httpRoutes (")
-                && let Some((key, at)) = rest.split_once(')')
-            {
-                let at = at.trim_start_matches('.');
-                let msg = if at.is_empty() {
-                    p.problem.clone()
-                } else {
-                    format!("{at}: {}", p.problem)
-                };
-                self.route_problems
-                    .entry(key.to_owned())
-                    .or_default()
-                    .push(msg);
+            // `httpRoutes (ns/name).rules[0]…`, `policies (ns/name[, targetRefs])…`,
+            // `requestAuthentications (ns/name)…`: the object's own status says it too.
+            if let Some((key, msg)) = placed(&place, "httpRoutes (", &p.problem) {
+                self.route_problems.entry(key).or_default().push(msg);
             }
-            // `policies (ns/name[, targetRefs])…`, `requestAuthentications (ns/name)…`:
-            // the object's status says it too.
             for (prefix, kind) in [
                 ("policies (", PolicyKind::Authorization),
                 (
@@ -1032,18 +1008,10 @@ impl View {
                     PolicyKind::RequestAuthentication,
                 ),
             ] {
-                if let Some(rest) = place.strip_prefix(prefix)
-                    && let Some((key, at)) = rest.split_once(')')
-                {
-                    let key = key.trim_end_matches(", targetRefs");
-                    let at = at.trim_start_matches('.');
-                    let msg = if at.is_empty() {
-                        p.problem.clone()
-                    } else {
-                        format!("{at}: {}", p.problem)
-                    };
+                if let Some((key, msg)) = placed(&place, prefix, &p.problem) {
+                    let key = key.trim_end_matches(", targetRefs").to_owned();
                     self.policy_problems
-                        .entry((kind, key.to_owned()))
+                        .entry((kind, key))
                         .or_default()
                         .push(msg);
                 }
@@ -1064,6 +1032,19 @@ impl View {
             .collect();
         (model, problems)
     }
+}
+
+/// A model problem at `place` (`<prefix>ns/name).rest`) as the object's key and the
+/// message its status gives (`rest: problem`, or the problem alone).
+fn placed(place: &str, prefix: &str, problem: &str) -> Option<(String, String)> {
+    let (key, at) = place.strip_prefix(prefix)?.split_once(')')?;
+    let at = at.trim_start_matches('.');
+    let msg = if at.is_empty() {
+        problem.to_owned()
+    } else {
+        format!("{at}: {problem}")
+    };
+    Some((key.to_owned(), msg))
 }
 
 /// The model's two kinds of policy object, by which its problems are placed.

@@ -555,34 +555,11 @@ fn waypoint_authorization(
     name: &str,
     spec: &AuthorizationPolicySpec,
 ) -> (Option<Authorization>, Verdict) {
-    use crate::model::authz::{
-        ConditionSpec, L7Action, L7RuleSpec, OperationSpec, SourceSpec, TargetRefSpec,
+    use crate::model::authz::{ConditionSpec, L7Action, L7RuleSpec, OperationSpec, SourceSpec};
+    let target_refs = match waypoint_targets(namespace, spec.selector.as_ref(), &spec.target_refs) {
+        Ok(t) => t,
+        Err(v) => return (None, v),
     };
-    if spec.selector.is_some() {
-        return (
-            None,
-            Verdict::Refused(
-                "Invalid",
-                "selector and targetRefs exclude each other".into(),
-            ),
-        );
-    }
-    if let Some(t) = spec
-        .target_refs
-        .iter()
-        .find(|t| t.namespace.as_deref().is_some_and(|n| n != namespace))
-    {
-        return (
-            None,
-            Verdict::Refused(
-                "Invalid",
-                format!(
-                    "targetRefs {}/{}: a policy targets objects of its own namespace",
-                    t.kind, t.name
-                ),
-            ),
-        );
-    }
     let action = match spec.action {
         PolicyAction::Allow => L7Action::Allow,
         PolicyAction::Deny => L7Action::Deny,
@@ -656,15 +633,7 @@ fn waypoint_authorization(
         Some(Authorization::Waypoint(WaypointPolicySpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
-            target_refs: spec
-                .target_refs
-                .iter()
-                .map(|t| TargetRefSpec {
-                    group: t.group.clone(),
-                    kind: t.kind.clone(),
-                    name: t.name.clone(),
-                })
-                .collect(),
+            target_refs,
             action: Some(action),
             rules,
         })),
@@ -673,6 +642,42 @@ fn waypoint_authorization(
             "targetRefs: enforced by the waypoint of its targets, at L7".into(),
         ),
     )
+}
+
+/// The model's targets of a waypoint's object (an L7 AuthorizationPolicy, a
+/// RequestAuthentication): refused if it also has a selector, or names another
+/// namespace's objects.
+fn waypoint_targets(
+    namespace: &str,
+    selector: Option<&WorkloadSelector>,
+    refs: &[TargetRef],
+) -> Result<Vec<crate::model::authz::TargetRefSpec>, Verdict> {
+    if selector.is_some() {
+        return Err(Verdict::Refused(
+            "Invalid",
+            "selector and targetRefs exclude each other".into(),
+        ));
+    }
+    if let Some(t) = refs
+        .iter()
+        .find(|t| t.namespace.as_deref().is_some_and(|n| n != namespace))
+    {
+        return Err(Verdict::Refused(
+            "Invalid",
+            format!(
+                "targetRefs {}/{}: a policy targets objects of its own namespace",
+                t.kind, t.name
+            ),
+        ));
+    }
+    Ok(refs
+        .iter()
+        .map(|t| crate::model::authz::TargetRefSpec {
+            group: t.group.clone(),
+            kind: t.kind.clone(),
+            name: t.name.clone(),
+        })
+        .collect())
 }
 
 fn l7_fields(r: &AuthorizationRule) -> Vec<&'static str> {
@@ -763,7 +768,6 @@ pub fn request_authentication(
     Verdict,
 ) {
     use crate::model::authn::{ClaimToHeaderSpec, JwtHeaderSpec, JwtRuleSpec};
-    use crate::model::authz::TargetRefSpec;
     if spec.target_refs.is_empty() {
         return (
             None,
@@ -774,31 +778,10 @@ pub fn request_authentication(
             ),
         );
     }
-    if spec.selector.is_some() {
-        return (
-            None,
-            Verdict::Refused(
-                "Invalid",
-                "selector and targetRefs exclude each other".into(),
-            ),
-        );
-    }
-    if let Some(t) = spec
-        .target_refs
-        .iter()
-        .find(|t| t.namespace.as_deref().is_some_and(|n| n != namespace))
-    {
-        return (
-            None,
-            Verdict::Refused(
-                "Invalid",
-                format!(
-                    "targetRefs {}/{}: an object targets objects of its own namespace",
-                    t.kind, t.name
-                ),
-            ),
-        );
-    }
+    let target_refs = match waypoint_targets(namespace, spec.selector.as_ref(), &spec.target_refs) {
+        Ok(t) => t,
+        Err(v) => return (None, v),
+    };
     let jwt_rules: Vec<JwtRuleSpec> = spec
         .jwt_rules
         .iter()
@@ -837,15 +820,7 @@ pub fn request_authentication(
         Some(crate::model::authn::RequestAuthenticationSpec {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
-            target_refs: spec
-                .target_refs
-                .iter()
-                .map(|t| TargetRefSpec {
-                    group: t.group.clone(),
-                    kind: t.kind.clone(),
-                    name: t.name.clone(),
-                })
-                .collect(),
+            target_refs,
             jwt_rules,
         }),
         Verdict::Partly(
