@@ -376,6 +376,7 @@ async fn shutdown() {
 }
 
 fn main() -> ExitCode {
+    ambit_hbone::tls::install_default();
     match Cli::parse().command {
         Command::Run(args) => {
             let filter =

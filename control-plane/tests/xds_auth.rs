@@ -64,6 +64,7 @@ async fn start(name: &str) -> Server {
     let ads = AdsServer::new(rx).authenticated_by(tokens);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    ambit_hbone::tls::install_default();
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert, key));
     tokio::spawn(

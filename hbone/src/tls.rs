@@ -299,16 +299,79 @@ impl fmt::Display for WebpkiError {
 
 impl std::error::Error for WebpkiError {}
 
-/// The provider: ring, TLS 1.3 AES-GCM suites only (shared by every TLS config Ambit
-/// makes).
+/// The library behind a provider's ciphers, signatures and key loading. Key exchange is
+/// always aws-lc-rs's (see [`KX_GROUPS`]): ring has no ML-KEM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crypto {
+    /// ring: Ambit's choice. On this machine class (AMD EPYC, AVX2 + VAES, no AVX-512)
+    /// `cargo xtask bench tls` measured it 1.2x aws-lc-rs's AES-128-GCM bulk rate and
+    /// 1.09x its mutual-TLS handshakes (ECDSA P-256).
+    Ring,
+    /// AWS-LC (aws-lc-rs): kept to compare against in the benchmark.
+    AwsLcRs,
+}
+
+impl Crypto {
+    /// What Ambit uses.
+    pub const DEFAULT: Crypto = Crypto::Ring;
+}
+
+/// Key exchange, best first: the hybrid post-quantum X25519MLKEM768 (what Istio's
+/// ztunnel offers first and, under `COMPLIANCE_POLICY=pqc`, requires), then X25519 and
+/// P-256 for peers without it. A client's first flight carries an X25519MLKEM768 share
+/// and (rustls reuses its X25519 half) an X25519 one, so either kind of server answers
+/// without a HelloRetryRequest.
+pub static KX_GROUPS: &[&dyn rustls::crypto::SupportedKxGroup] = &[
+    rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+    rustls::crypto::aws_lc_rs::kx_group::X25519,
+    rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+];
+
+/// The provider every TLS config Ambit makes shares: [`Crypto::DEFAULT`], TLS 1.3 AES-GCM
+/// suites only, key exchange [`KX_GROUPS`].
 pub fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::{cipher_suite, default_provider};
+    provider_using(Crypto::DEFAULT)
+}
+
+/// Makes [`provider`] the process's default, for the libraries that build their TLS
+/// configs on rustls's default (tonic, kube, hyper-rustls): with two libraries compiled in
+/// (ring, and aws-lc-rs for ML-KEM), rustls cannot pick one and would panic. Every Ambit
+/// binary calls it first; calling it again does nothing.
+pub fn install_default() {
+    if CryptoProvider::get_default().is_none() {
+        // Err: another thread installed one in between, which is as good.
+        let _ = CryptoProvider::clone(&provider()).install_default();
+    }
+}
+
+/// The provider built on `crypto` (the benchmark compares them; everything else uses
+/// [`provider`]).
+pub fn provider_using(crypto: Crypto) -> Arc<CryptoProvider> {
+    let base = match crypto {
+        Crypto::AwsLcRs => {
+            use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+            CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                ],
+                ..default_provider()
+            }
+        }
+        Crypto::Ring => {
+            use rustls::crypto::ring::{cipher_suite, default_provider};
+            CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                ],
+                ..default_provider()
+            }
+        }
+    };
     Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            cipher_suite::TLS13_AES_128_GCM_SHA256,
-            cipher_suite::TLS13_AES_256_GCM_SHA384,
-        ],
-        ..default_provider()
+        kx_groups: KX_GROUPS.to_vec(),
+        ..base
     })
 }
 
@@ -318,7 +381,16 @@ pub fn server_config(
     roots: &MeshRoots,
     trust_domain: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = provider();
+    server_config_with(provider(), key, roots, trust_domain)
+}
+
+/// [`server_config`] on another provider (the benchmark's and tests' way to try one).
+pub fn server_config_with(
+    provider: Arc<CryptoProvider>,
+    key: &WorkloadKey,
+    roots: &MeshRoots,
+    trust_domain: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let verifier = Arc::new(SpiffeVerifier {
         roots: roots.clone(),
         accept: Accept::TrustDomain(trust_domain.to_owned()),
@@ -338,7 +410,16 @@ pub fn client_config(
     roots: &MeshRoots,
     allowed: impl IntoIterator<Item = Identity>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
+    client_config_with(provider(), key, roots, allowed)
+}
+
+/// [`client_config`] on another provider (the benchmark's and tests' way to try one).
+pub fn client_config_with(
+    provider: Arc<CryptoProvider>,
+    key: &WorkloadKey,
+    roots: &MeshRoots,
+    allowed: impl IntoIterator<Item = Identity>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let verifier = Arc::new(SpiffeVerifier {
         roots: roots.clone(),
         accept: Accept::Identities(allowed.into_iter().collect()),

@@ -2,10 +2,15 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use ambit_hbone::tls::{
-    ALPN_H2, MeshRoots, WorkloadKey, client_config, peer_identity, server_config,
+    ALPN_H2, MeshRoots, WorkloadKey, client_config, client_config_with, peer_identity, provider,
+    server_config, server_config_with,
 };
 use common::*;
+use rustls::NamedGroup;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs, ring};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,19 +23,30 @@ async fn handshake(
     client_roots: &MeshRoots,
     allowed: &[&str],
 ) -> (Result<String, String>, Result<String, String>) {
-    let server = tokio_rustls::TlsAcceptor::from(
-        server_config(&server_key, server_roots, "cluster.local").unwrap(),
-    );
-    let client = tokio_rustls::TlsConnector::from(
-        client_config(
-            &client_key,
-            client_roots,
-            allowed
-                .iter()
-                .map(|s| ambit_identity::Identity::parse(s).unwrap()),
-        )
-        .unwrap(),
-    );
+    let server = server_config(&server_key, server_roots, "cluster.local").unwrap();
+    let client = client_config(
+        &client_key,
+        client_roots,
+        allowed
+            .iter()
+            .map(|s| ambit_identity::Identity::parse(s).unwrap()),
+    )
+    .unwrap();
+    let (srv, cli) = handshake_with(server, client).await;
+    (srv.map(|(id, _)| id), cli.map(|(id, _)| id))
+}
+
+/// Runs one handshake between these configs; each side's peer identity and negotiated
+/// key exchange, or its error.
+async fn handshake_with(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> (
+    Result<(String, Option<NamedGroup>), String>,
+    Result<(String, Option<NamedGroup>), String>,
+) {
+    let server = tokio_rustls::TlsAcceptor::from(server);
+    let client = tokio_rustls::TlsConnector::from(client);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let srv = tokio::spawn(async move {
@@ -43,13 +59,14 @@ async fn handshake(
                     conn.protocol_version(),
                     Some(rustls::ProtocolVersion::TLSv1_3)
                 );
+                let group = conn.negotiated_key_exchange_group().map(|g| g.name());
                 let id = peer_identity(conn)
                     .map(|i| i.to_string())
                     .ok_or("no peer identity".to_string());
                 let mut b = [0u8; 4];
                 tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
                 tls.write_all(&b).await.map_err(|e| e.to_string())?;
-                id
+                Ok((id?, group))
             }
             Err(e) => Err(e.to_string()),
         }
@@ -58,13 +75,15 @@ async fn handshake(
     let name = ServerName::IpAddress(addr.ip().into());
     let cli = async {
         let mut tls = client.connect(name, tcp).await.map_err(|e| e.to_string())?;
-        let id = peer_identity(tls.get_ref().1)
+        let conn = tls.get_ref().1;
+        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+        let id = peer_identity(conn)
             .map(|i| i.to_string())
             .ok_or("no peer identity".to_string())?;
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut b = [0u8; 4];
         tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(id)
+        Ok::<_, String>((id, group))
     }
     .await;
     (srv.await.unwrap(), cli)
@@ -151,6 +170,92 @@ async fn a_client_from_another_root_or_trust_domain_is_refused_by_the_server() {
     let (srv, _) = handshake(leaf(&ca, WEB), &roots, leaf(&ca, foreign), &roots, &[WEB]).await;
     let e = srv.unwrap_err();
     assert!(e.contains("UnexpectedIdentity"), "{e}");
+}
+
+/// Ambit's provider with only these key exchanges offered: a peer of another kind.
+fn offering(groups: &[&'static dyn SupportedKxGroup]) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: groups.to_vec(),
+        ..CryptoProvider::clone(&provider())
+    })
+}
+
+/// Key exchange against the peers Ambit meets: another Ambit (hybrid post-quantum), a
+/// peer that requires it (Istio's ztunnel under `COMPLIANCE_POLICY=pqc`, which offers and
+/// accepts only X25519MLKEM768), and a peer without it (X25519 only, as ring-based
+/// implementations are) — each in both directions.
+#[tokio::test]
+async fn post_quantum_key_exchange_is_preferred_required_peers_connect_and_classic_peers_still_do()
+{
+    let ca = ca();
+    let roots = MeshRoots::from_pem(&ca.pem).unwrap();
+    let (server_key, client_key) = (leaf(&ca, WEB), leaf(&ca, FRONTEND));
+    let allowed = || [ambit_identity::Identity::parse(WEB).unwrap()];
+    let ambit_server = || server_config(&server_key, &roots, "cluster.local").unwrap();
+    let ambit_client = || client_config(&client_key, &roots, allowed()).unwrap();
+    let peer_server = |groups: &[&'static dyn SupportedKxGroup]| {
+        server_config_with(offering(groups), &server_key, &roots, "cluster.local").unwrap()
+    };
+    let peer_client = |groups: &[&'static dyn SupportedKxGroup]| {
+        client_config_with(offering(groups), &client_key, &roots, allowed()).unwrap()
+    };
+    let pqc_only = [aws_lc_rs::kx_group::X25519MLKEM768];
+    let classic = [ring::kx_group::X25519, ring::kx_group::SECP256R1];
+    let cases = [
+        (
+            "Ambit to Ambit",
+            ambit_server(),
+            ambit_client(),
+            NamedGroup::X25519MLKEM768,
+        ),
+        (
+            "Ambit to a pqc-only server",
+            peer_server(&pqc_only),
+            ambit_client(),
+            NamedGroup::X25519MLKEM768,
+        ),
+        (
+            "a pqc-only client to Ambit",
+            ambit_server(),
+            peer_client(&pqc_only),
+            NamedGroup::X25519MLKEM768,
+        ),
+        (
+            "Ambit to a classic server",
+            peer_server(&classic),
+            ambit_client(),
+            NamedGroup::X25519,
+        ),
+        (
+            "a classic client to Ambit",
+            ambit_server(),
+            peer_client(&classic),
+            NamedGroup::X25519,
+        ),
+    ];
+    for (case, server, client, group) in cases {
+        let (srv, cli) = handshake_with(server, client).await;
+        assert_eq!(
+            srv,
+            Ok((FRONTEND.to_owned(), Some(group))),
+            "{case}: the server side"
+        );
+        assert_eq!(
+            cli,
+            Ok((WEB.to_owned(), Some(group))),
+            "{case}: the client side"
+        );
+    }
+
+    // A peer with no group in common is refused with rustls's reason, not a hang.
+    let (srv, cli) = handshake_with(
+        peer_server(&pqc_only),
+        peer_client(&[ring::kx_group::SECP256R1]),
+    )
+    .await;
+    let (srv, cli) = (srv.unwrap_err(), cli.unwrap_err());
+    assert!(srv.contains("NoKxGroupsInCommon"), "{srv}");
+    assert!(cli.contains("HandshakeFailure"), "{cli}");
 }
 
 #[test]

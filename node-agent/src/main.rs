@@ -72,6 +72,7 @@ enum EnrollOp {
 }
 
 fn main() -> anyhow::Result<()> {
+    ambit_hbone::tls::install_default();
     match Cli::parse().command {
         Command::Run(config) => {
             init_tracing(&config);

@@ -126,6 +126,22 @@ pub fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// Rounds of each benchmark measurement: 5, or `AMBIT_BENCH_ROUNDS`.
+pub fn bench_rounds() -> usize {
+    std::env::var("AMBIT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(5)
+}
+
+/// `[min–max]` of `v`, to print beside a median.
+pub fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("[{lo:.2}–{hi:.2}]")
+}
+
 /// The median (upper one of an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -24,7 +24,7 @@ pub fn mesh_root(dir: &std::path::Path) -> Ca {
     }
 }
 
-/// Another root with the same name as the mesh's.
+/// Another root with the same name as the mesh's (or, without a mesh, a fresh root).
 pub fn impostor_root() -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();

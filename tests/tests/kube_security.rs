@@ -92,6 +92,7 @@ async fn client(api: &ApiServer) -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
+    ambit_hbone::tls::install_default();
     kube::Client::try_from(config).unwrap()
 }
 
@@ -217,6 +218,7 @@ async fn control_plane(api: &ApiServer) -> (String, String) {
     let ca = CaService::new(Arc::new(ca), auth, source.models.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    ambit_hbone::tls::install_default();
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(scert, skey));
     tokio::spawn(async move {

@@ -96,6 +96,7 @@ async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
+    ambit_hbone::tls::install_default();
     let client = kube::Client::try_from(config).unwrap();
     let options = Options {
         trust_domain: "cluster.local".into(),
@@ -282,6 +283,7 @@ async fn kube_source_reports_rbac_errors_and_serves_nothing_before_every_kind_is
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
+    ambit_hbone::tls::install_default();
     let client = kube::Client::try_from(config).unwrap();
     let start = KubeSource::start(
         client,

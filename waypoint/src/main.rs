@@ -103,6 +103,7 @@ fn parse_plaintext(v: &str) -> Result<(SocketAddr, SocketAddr), String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    ambit_hbone::tls::install_default();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
         eprintln!("bad --log filter {:?} ({e}); using info", args.log);

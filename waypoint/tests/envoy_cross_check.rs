@@ -637,9 +637,10 @@ async fn envoy_acks_every_waypoint_resource_and_behaves_like_ambit_waypoint() {
         let t = Instant::now();
         let x = send1(conn, req("GET", host, "/delay", &[])).await;
         assert_eq!(x.status, 200, "{proxy}");
-        // (Envoy's timer may fire a fraction of a millisecond early.)
+        // Envoy's timer fires early at times: seen 193.7 ms for a 200 ms delay.
+        let at_least = if proxy == "envoy" { 180 } else { 195 };
         assert!(
-            t.elapsed() >= Duration::from_millis(195),
+            t.elapsed() >= Duration::from_millis(at_least),
             "{proxy}: {:?}",
             t.elapsed()
         );

@@ -53,7 +53,8 @@ enum Cmd {
     },
     /// Run the benchmarks in the simulated cluster and print tables; needs root.
     Bench {
-        /// Only the capture data path (`datapath`), the mutual-TLS data path (`hbone`),
+        /// Only the capture data path (`datapath`), the TLS crypto providers (`tls`), the
+        /// mutual-TLS data path (`hbone`),
         /// the control plane (`xds`), the Kubernetes source (`k8s`) or the L7 proxy
         /// against Envoy (`waypoint`).
         only: Option<String>,
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Bench { only } => match only.as_deref() {
             None => run_harness_bin("ambit-bench")
+                .and_then(|()| run_harness_bin("ambit-bench-tls"))
                 .and_then(|()| bench_hbone())
                 .and_then(|()| run_harness_bin("ambit-bench-xds"))
                 .and_then(|()| run_harness_bin("ambit-bench-k8s"))
@@ -85,10 +87,11 @@ fn main() -> ExitCode {
             Some("datapath") => run_harness_bin("ambit-bench"),
             Some("waypoint") => bench_waypoint(),
             Some("hbone") => bench_hbone(),
+            Some("tls") => run_harness_bin("ambit-bench-tls"),
             Some("xds") => run_harness_bin("ambit-bench-xds"),
             Some("k8s") => run_harness_bin("ambit-bench-k8s"),
             Some(other) => Err(anyhow::anyhow!(
-                "unknown benchmark {other:?}: use datapath, hbone, xds, k8s or waypoint"
+                "unknown benchmark {other:?}: use datapath, tls, hbone, xds, k8s or waypoint"
             )),
         },
     };

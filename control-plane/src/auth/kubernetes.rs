@@ -183,6 +183,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_agents_service_account_is_namespace_slash_name() {
+        ambit_hbone::tls::install_default();
         let client =
             Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
         let t = TokenReviews::new(client.clone(), "ambit-system/ambit-agent").unwrap();

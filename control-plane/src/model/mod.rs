@@ -78,7 +78,7 @@ impl fmt::Display for NamespacedName {
 }
 
 /// What a source read, before validation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshSpec {
     /// The SPIFFE trust domain (a DNS name).
     pub trust_domain: String,

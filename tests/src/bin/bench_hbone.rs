@@ -17,20 +17,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_tests::{Cluster, ClusterSpec, Pod, cpu_seconds, median, pki, rss_kib};
+use ambit_tests::{
+    Cluster, ClusterSpec, Pod, bench_rounds as rounds, cpu_seconds, median, pki, rss_kib,
+};
 use anyhow::Context;
 use serde_json::Value;
 
-/// Rounds of each measurement (`AMBIT_BENCH_ROUNDS` overrides).
-fn rounds() -> usize {
-    std::env::var("AMBIT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(5)
-}
 /// direct, passthrough, HBONE (Ambit), Envoy's HBONE.
 const WAYS: usize = 4;
+/// The index of Ambit's HBONE way.
+const AMBIT: usize = 2;
 const IDLE_TUNNELS: usize = 1_000;
 
 fn main() -> anyhow::Result<()> {
@@ -40,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         control_plane: true,
         agent_args: vec![
             "--access-log=off".into(),
-            format!("--worker-threads={WORKERS}"),
+            format!("--worker-threads={}", workers()),
         ],
         ..Default::default()
     })?;
@@ -87,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: bulk throughput...");
     let runs = all_ways(
         &c,
+        "bulk",
         &paths,
         |to| vec!["bulk", "--connect", to, "--seconds", "3"],
         &charged,
@@ -104,6 +101,7 @@ fn main() -> anyhow::Result<()> {
     let rr_count = 20_000.0;
     let runs = all_ways(
         &c,
+        "round-trips",
         &paths,
         |to| vec!["rr", "--connect", to, "--count", "20000"],
         &charged,
@@ -120,6 +118,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: streams per second on a pooled connection...");
     let runs = all_ways(
         &c,
+        "streams",
         &paths,
         |to| vec!["cps", "--connect", to, "--count", "20000", "--seconds", "3"],
         &charged,
@@ -130,7 +129,11 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: new mutual-TLS connections per second...");
     // Alternating: the agent's HBONE server, Envoy's.
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds() {
+    for round in 0..rounds() {
+        let profile = (round == 0)
+            .then(|| Profile::start("new-tunnels", &agents[1..]))
+            .transpose()?
+            .flatten();
         let (a, p) = handshake_rate(
             &c,
             meshed,
@@ -138,6 +141,9 @@ fn main() -> anyhow::Result<()> {
             Some(srv_plain),
             Duration::from_secs(2),
         )?;
+        if let Some(p) = profile {
+            p.finish()?;
+        }
         let (e, _) = handshake_rate(&c, plain, srv_plain, None, Duration::from_secs(2))?;
         ambit_hs.push(a);
         envoy_hs.push(e);
@@ -186,8 +192,10 @@ fn main() -> anyhow::Result<()> {
     let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
 
     println!(
-        "\n## Ambit HBONE bench (simulated cluster, 2 nodes, this machine: {} cores; agents {WORKERS} workers, Envoy --concurrency {WORKERS}; medians of {} alternating rounds [min–max])\n",
+        "\n## Ambit HBONE bench (simulated cluster, 2 nodes, this machine: {} cores; agents {} workers, Envoy --concurrency {}; medians of {} alternating rounds [min–max])\n",
         cores(),
+        workers(),
+        workers(),
         rounds()
     );
     println!(
@@ -316,13 +324,19 @@ impl Run {
 /// `charged[way]`'s processes.
 fn all_ways<'a>(
     c: &Cluster,
+    workload: &str,
     paths: &[(&Pod, &'a str); WAYS],
     args: impl Fn(&'a str) -> Vec<&'a str>,
     charged: &[&[u32]; WAYS],
 ) -> anyhow::Result<[Vec<Run>; WAYS]> {
     let mut runs: [Vec<Run>; WAYS] = Default::default();
-    for _ in 0..rounds() {
+    for round in 0..rounds() {
         for (i, (pod, to)) in paths.iter().enumerate() {
+            // The agents' HBONE way, profiled once (costs it that round's figures).
+            let profile = (round == 0 && i == AMBIT)
+                .then(|| Profile::start(workload, charged[i]))
+                .transpose()?
+                .flatten();
             let cpu0 = cpu_seconds(charged[i])?;
             let p = c.spawn_in_pod(
                 pod,
@@ -350,7 +364,11 @@ fn all_ways<'a>(
             }
             let cpu = cpu_seconds(charged[i])? - cpu0;
             let out: Value = serde_json::from_str(lines.last().context("no output")?)?;
-            runs[i].push(Run { out, cpu });
+            match profile {
+                // perf's own sampling cost would count against the agents.
+                Some(p) => p.finish()?,
+                None => runs[i].push(Run { out, cpu }),
+            }
         }
     }
     Ok(runs)
@@ -474,17 +492,36 @@ fn handshake_rate(
             let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
             let start = Instant::now();
             let mut n = 0u64;
+            // Where a tunnel's time goes: TCP connect, TLS handshake, CONNECT answered
+            // (the server dials the app), the app's first bytes through the tunnel.
+            let mut phases = [Duration::ZERO; 4];
             while start.elapsed() < dur {
+                let t0 = Instant::now();
                 let tcp = tokio::net::TcpStream::connect(hbone).await?;
                 tcp.set_nodelay(true)?;
+                let t1 = Instant::now();
                 let tls = connector.connect(name.clone(), tcp).await?;
+                let t2 = Instant::now();
                 let h2 = ambit_hbone::connect::HboneClient::handshake(tls).await?;
                 let mut s = h2.connect(app, "172.18.0.1".parse()?, "00-0-0-00").await?;
+                let t3 = Instant::now();
                 let mut hello = [0u8; 5];
                 tokio::io::AsyncReadExt::read_exact(&mut s, &mut hello).await?;
+                let t4 = Instant::now();
+                for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+                    *p += d;
+                }
                 n += 1;
             }
             let tls_rate = n as f64 / start.elapsed().as_secs_f64();
+            let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
+            eprintln!(
+                "bench-hbone: a new tunnel to {hbone}: TCP {:.0} µs, TLS {:.0} µs, CONNECT answered {:.0} µs, first bytes {:.0} µs (means of {n})",
+                us(phases[0]),
+                us(phases[1]),
+                us(phases[2]),
+                us(phases[3])
+            );
             let Some(plain_app) = plain_app else {
                 return Ok((tls_rate, None));
             };
@@ -503,6 +540,56 @@ fn handshake_rate(
     .map_err(|_| anyhow::anyhow!("handshake thread panicked"))?
 }
 
+/// `AMBIT_BENCH_PROFILE=<dir>`: a workload's first Ambit HBONE round runs under
+/// `perf record` (CPU-clock sampling of the agents; this machine class has no hardware
+/// counters) and leaves `<dir>/<workload>.txt`, the flat profile by library and
+/// symbol, and `<dir>/<workload>.data` for `perf report -i`. The profiled round is not
+/// counted in the figures.
+struct Profile {
+    perf: std::process::Child,
+    data: PathBuf,
+    report: PathBuf,
+}
+
+impl Profile {
+    fn start(workload: &str, pids: &[u32]) -> anyhow::Result<Option<Profile>> {
+        let Some(dir) = std::env::var_os("AMBIT_BENCH_PROFILE") else {
+            return Ok(None);
+        };
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join(format!("{workload}.data"));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let perf = std::process::Command::new("perf")
+            .args(["record", "-q", "-F", "1999", "-p", &pids.join(","), "-o"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf (Debian linux-perf)")?;
+        // perf attaches to every thread before sampling starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Some(Profile {
+            perf,
+            data,
+            report: dir.join(format!("{workload}.txt")),
+        }))
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        // SAFETY: signals the perf process this bench started, by its PID.
+        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
+        self.perf.wait()?;
+        let out = std::process::Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+            .args(["--percent-limit", "0.5", "-i"])
+            .arg(&self.data)
+            .output()?;
+        std::fs::write(&self.report, &out.stdout)?;
+        eprintln!("bench-hbone: profile in {}", self.report.display());
+        Ok(())
+    }
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -514,7 +601,7 @@ fn cores() -> usize {
 /// h2, the client's mesh certificate, the server's SPIFFE identity checked); in
 /// `server`'s namespace an HTTP connection manager on its pod IP, port 15008, that
 /// terminates CONNECT (mutual TLS, the mesh root) and dials the application. Both run
-/// `--concurrency` [`WORKERS`], the agents' worker threads; their circuit breakers are
+/// `--concurrency` [`workers`], the agents' worker threads; their circuit breakers are
 /// unlimited, as Istio writes them. Killed when dropped.
 struct EnvoyPair {
     pids: [u32; 2],
@@ -523,8 +610,15 @@ struct EnvoyPair {
 
 /// The client Envoy's plain listener, in the client pod.
 const ENVOY_PORT: u16 = 15001;
-/// The agents' data-plane worker threads (their default), and Envoy's `--concurrency`.
-const WORKERS: usize = 2;
+/// The agents' data-plane worker threads, and Envoy's `--concurrency`: 2 (the agents'
+/// default), or `AMBIT_BENCH_WORKERS`.
+fn workers() -> usize {
+    std::env::var("AMBIT_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
+}
 
 fn tls_files(
     dir: &Path,
@@ -685,7 +779,7 @@ static_resources:
                     "--config-yaml".into(),
                     yaml,
                     "--concurrency".into(),
-                    WORKERS.to_string(),
+                    workers().to_string(),
                     "--log-level".into(),
                     "warn".into(),
                     "--disable-hot-restart".into(),
