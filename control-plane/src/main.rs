@@ -124,8 +124,9 @@ struct RunArgs {
     /// Longest lifetime granted, in seconds.
     #[arg(long, env = "AMBIT_MAX_CERT_TTL_S", default_value_t = 172_800)]
     max_cert_ttl_s: u64,
-    /// How often the mesh file is checked for changes, in milliseconds. A change is read
-    /// once the file has not changed for this long.
+    /// How often the mesh file is checked for changes, in milliseconds. A change inotify
+    /// reports as finished is read at once; any other once the file has not changed for
+    /// this long.
     #[arg(long, env = "AMBIT_FILE_POLL_MS", default_value_t = 100)]
     file_poll_ms: u64,
     /// How long a change that removes more than half of the mesh's workloads or namespaces

@@ -131,7 +131,8 @@ fn main() -> anyhow::Result<()> {
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds() {
         let profile = (round == 0)
-            .then(|| Profile::start("new-tunnels", &agents[1..]))
+            // The server's agent, and this process: the client.
+            .then(|| Profile::start("new-tunnels", &[agents[1], std::process::id()]))
             .transpose()?
             .flatten();
         let (a, p) = handshake_rate(
@@ -389,7 +390,9 @@ fn ranges(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [String; WAYS] {
         let failed = runs[i].len() - v.len();
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if v.is_empty() {
+        if runs[i].is_empty() {
+            "no round (the one run was profiled)".to_owned()
+        } else if v.is_empty() {
             format!("all {failed} rounds failed")
         } else if failed > 0 {
             format!(
@@ -492,9 +495,10 @@ fn handshake_rate(
             let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
             let start = Instant::now();
             let mut n = 0u64;
-            // Where a tunnel's time goes: TCP connect, TLS handshake, CONNECT answered
-            // (the server dials the app), the app's first bytes through the tunnel.
-            let mut phases = [Duration::ZERO; 4];
+            // Where a tunnel's time goes: TCP connect, TLS handshake (as the client sees
+            // it), HTTP/2 handshake, CONNECT answered (the server dials the app), the
+            // app's first bytes through the tunnel.
+            let mut phases = [Duration::ZERO; 5];
             while start.elapsed() < dur {
                 let t0 = Instant::now();
                 let tcp = tokio::net::TcpStream::connect(hbone).await?;
@@ -503,12 +507,14 @@ fn handshake_rate(
                 let tls = connector.connect(name.clone(), tcp).await?;
                 let t2 = Instant::now();
                 let h2 = ambit_hbone::connect::HboneClient::handshake(tls).await?;
+                let t2b = Instant::now();
                 let mut s = h2.connect(app, "172.18.0.1".parse()?, "00-0-0-00").await?;
                 let t3 = Instant::now();
                 let mut hello = [0u8; 5];
                 tokio::io::AsyncReadExt::read_exact(&mut s, &mut hello).await?;
                 let t4 = Instant::now();
-                for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+                let phase = [t1 - t0, t2 - t1, t2b - t2, t3 - t2b, t4 - t3];
+                for (p, d) in phases.iter_mut().zip(phase) {
                     *p += d;
                 }
                 n += 1;
@@ -516,11 +522,12 @@ fn handshake_rate(
             let tls_rate = n as f64 / start.elapsed().as_secs_f64();
             let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
             eprintln!(
-                "bench-hbone: a new tunnel to {hbone}: TCP {:.0} µs, TLS {:.0} µs, CONNECT answered {:.0} µs, first bytes {:.0} µs (means of {n})",
+                "bench-hbone: a new tunnel to {hbone}: TCP {:.0} µs, TLS {:.0} µs, HTTP/2 handshake {:.0} µs, CONNECT answered {:.0} µs, first bytes {:.0} µs (means of {n})",
                 us(phases[0]),
                 us(phases[1]),
                 us(phases[2]),
-                us(phases[3])
+                us(phases[3]),
+                us(phases[4])
             );
             let Some(plain_app) = plain_app else {
                 return Ok((tls_rate, None));
@@ -543,8 +550,9 @@ fn handshake_rate(
 /// `AMBIT_BENCH_PROFILE=<dir>`: a workload's first Ambit HBONE round runs under
 /// `perf record` (CPU-clock sampling of the agents; this machine class has no hardware
 /// counters) and leaves `<dir>/<workload>.txt`, the flat profile by library and
-/// symbol, and `<dir>/<workload>.data` for `perf report -i`. The profiled round is not
-/// counted in the figures.
+/// symbol, and `<dir>/<workload>.data` for `perf report -i`; with
+/// `AMBIT_BENCH_PROFILE_STACKS` set, call stacks too. The profiled round is not counted
+/// in the figures.
 struct Profile {
     perf: std::process::Child,
     data: PathBuf,
@@ -560,8 +568,14 @@ impl Profile {
         std::fs::create_dir_all(&dir)?;
         let data = dir.join(format!("{workload}.data"));
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
-        let perf = std::process::Command::new("perf")
-            .args(["record", "-q", "-F", "1999", "-p", &pids.join(","), "-o"])
+        let mut perf = std::process::Command::new("perf");
+        perf.args(["record", "-q", "-F", "1999", "-p", &pids.join(",")]);
+        if std::env::var_os("AMBIT_BENCH_PROFILE_STACKS").is_some() {
+            // Who calls what (DWARF unwinding: release builds keep no frame pointers).
+            perf.args(["--call-graph", "dwarf,16384"]);
+        }
+        let perf = perf
+            .arg("-o")
             .arg(&data)
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -580,7 +594,13 @@ impl Profile {
         unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
         self.perf.wait()?;
         let out = std::process::Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol"])
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "comm,dso,symbol",
+            ])
             .args(["--percent-limit", "0.5", "-i"])
             .arg(&self.data)
             .output()?;

@@ -39,7 +39,7 @@ impl Derived {
         Ok(Self {
             rest,
             // Unique, or the build would have refused the file.
-            workloads: keyed(workloads).unwrap_or_default(),
+            workloads: keyed(workloads),
             model,
             owners,
             counts: (0, 1),
@@ -61,18 +61,18 @@ impl Derived {
     pub fn next(&mut self, spec: MeshSpec) -> Result<Model, Vec<Problem>> {
         let (rest, workloads) = split(spec);
         if rest == self.rest
-            && let Some(next) = keyed(workloads.clone())
+            && let Some(index) = uids(&workloads)
         {
             let gone: Vec<String> = self
                 .workloads
                 .keys()
-                .filter(|uid| !next.contains_key(*uid))
+                .filter(|uid| !index.contains_key(uid.as_str()))
                 .cloned()
                 .collect();
-            let changed: Vec<WorkloadSpec> = next
+            let changed: Vec<WorkloadSpec> = index
                 .iter()
-                .filter(|(uid, w)| self.workloads.get(*uid) != Some(w))
-                .map(|(_, w)| w.clone())
+                .filter(|(uid, i)| self.workloads.get(uid.as_str()) != Some(&workloads[**i]))
+                .map(|(_, i)| workloads[*i].clone())
                 .collect();
             // A model shares its entries with its clones; only the changes are copied.
             let (mut model, mut owners) = (self.model.clone(), self.owners.clone());
@@ -80,7 +80,7 @@ impl Derived {
                 Ok(()) => {
                     self.model = model.clone();
                     self.owners = owners;
-                    self.workloads = next;
+                    self.workloads = keyed(workloads);
                     self.counts.0 += 1;
                     return Ok(model);
                 }
@@ -100,21 +100,26 @@ fn split(mut spec: MeshSpec) -> (MeshSpec, Vec<WorkloadSpec>) {
     (spec, workloads)
 }
 
-/// Workloads by uid, as the model keys them; `None` if two share one (the full build
-/// says which).
-fn keyed(workloads: Vec<WorkloadSpec>) -> Option<HashMap<String, WorkloadSpec>> {
-    let n = workloads.len();
-    let map: HashMap<String, WorkloadSpec> = workloads
-        .into_iter()
-        .map(|w| {
-            let uid = w
-                .uid
-                .clone()
-                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
-            (uid, w)
-        })
+/// The uid the model keys a workload by.
+fn uid(w: &WorkloadSpec) -> String {
+    w.uid
+        .clone()
+        .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name))
+}
+
+/// Each workload's index by uid; `None` if two share one (the full build says which).
+fn uids(workloads: &[WorkloadSpec]) -> Option<HashMap<String, usize>> {
+    let index: HashMap<String, usize> = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (uid(w), i))
         .collect();
-    (map.len() == n).then_some(map)
+    (index.len() == workloads.len()).then_some(index)
+}
+
+/// Workloads by uid (unique ones: the file was valid).
+fn keyed(workloads: Vec<WorkloadSpec>) -> HashMap<String, WorkloadSpec> {
+    workloads.into_iter().map(|w| (uid(&w), w)).collect()
 }
 
 #[cfg(test)]
