@@ -230,8 +230,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let mut ping = conn.ping_pong();
-    let mut tick = tokio::time::interval(KEEPALIVE_INTERVAL);
-    tick.tick().await;
+    let mut tick = keepalive_ticks();
     loop {
         tokio::select! {
             r = &mut conn => {
@@ -252,6 +251,17 @@ where
         }
     }
     closed.store(true, Ordering::Release);
+}
+
+/// When a client connection sends its PINGs: every [`KEEPALIVE_INTERVAL`], the first one
+/// interval after connecting. (Not `interval()`, whose first tick is immediate: awaiting
+/// it before driving the connection held every new connection's first request until
+/// the timer wheel's next slot, ~1 ms, the most of a new tunnel's time.)
+fn keepalive_ticks() -> tokio::time::Interval {
+    tokio::time::interval_at(
+        tokio::time::Instant::now() + KEEPALIVE_INTERVAL,
+        KEEPALIVE_INTERVAL,
+    )
 }
 
 /// RFC 7239 quotes IPv6 addresses: `for="[::1]"`.
@@ -436,6 +446,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new connection is driven at once: its keepalive timer has nothing due before
+    /// the first interval has passed (virtual time, so exact).
+    #[tokio::test(start_paused = true)]
+    async fn the_first_keepalive_is_one_interval_after_connecting() {
+        let start = tokio::time::Instant::now();
+        let mut ticks = keepalive_ticks();
+        ticks.tick().await;
+        assert_eq!(start.elapsed(), KEEPALIVE_INTERVAL);
+        ticks.tick().await;
+        assert_eq!(start.elapsed(), 2 * KEEPALIVE_INTERVAL);
+    }
 
     #[test]
     fn forwarded_round_trips() {

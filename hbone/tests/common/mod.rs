@@ -97,6 +97,7 @@ pub async fn hbone_server(
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
             let (acceptor, log) = (acceptor.clone(), log.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
