@@ -18,6 +18,7 @@
 //! test fails or panics; a later run also sweeps what a killed run (dead PID) left behind.
 
 pub mod cluster;
+pub mod envoy;
 pub mod kube_api;
 pub mod otlp;
 pub mod pki;

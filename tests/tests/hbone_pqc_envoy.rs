@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ambit_hbone::connect::{HboneClient, Pipe, serve};
 use ambit_hbone::tls::{MeshRoots, WorkloadKey, client_config_with, provider, server_config_with};
 use ambit_identity::Identity;
+use ambit_tests::envoy::{HboneTls, hbone_client, hbone_server};
 use ambit_tests::pki;
 use rustls::crypto::{CryptoProvider, ring};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -137,15 +138,24 @@ impl Pki {
         }
     }
 
-    /// Envoy's `common_tls_context`: TLS 1.3, h2, X25519MLKEM768 only, as `name`.
-    fn envoy_tls(&self, name: &str, peer: &str) -> String {
-        let f = |n: &str| self.files.join(n).display().to_string();
-        format!(
-            "{{tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3, ecdh_curves: [X25519MLKEM768]}}, alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}], validation_context: {{trusted_ca: {{filename: {}}}, match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{peer}\"}}}}]}}}}",
-            f(&format!("{name}-chain.pem")),
-            f(&format!("{name}-key.pem")),
-            f("root.pem"),
-        )
+    /// `name`'s certificate chain and key files, and the root's, for Envoy.
+    fn files(&self, name: &str) -> [PathBuf; 3] {
+        [
+            self.files.join(format!("{name}-chain.pem")),
+            self.files.join(format!("{name}-key.pem")),
+            self.files.join("root.pem"),
+        ]
+    }
+}
+
+/// Envoy's TLS with these files: X25519MLKEM768 only, checking `peer`.
+fn pqc_only<'a>(files: &'a [PathBuf; 3], peer: &'a str) -> HboneTls<'a> {
+    HboneTls {
+        chain: &files[0],
+        key: &files[1],
+        root: &files[2],
+        peer: Some(peer),
+        only_curve: Some("X25519MLKEM768"),
     }
 }
 
@@ -203,47 +213,8 @@ async fn a_pqc_only_envoy_server_takes_ambits_tunnels_and_refuses_a_classic_clie
     let pki = Pki::new("server");
     let app = echo().await;
     let hbone = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let server_tls = pki.envoy_tls("server", CLIENT);
-    let resources = format!(
-        r#"  listeners:
-    - name: hbone
-      address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-      filter_chains:
-        - transport_socket:
-            name: envoy.transport_sockets.tls
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-              require_client_certificate: true
-              common_tls_context: {server_tls}
-          filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: hbone
-                codec_type: HTTP2
-                http2_protocol_options: {{allow_connect: true}}
-                upgrade_configs: [{{upgrade_type: CONNECT}}]
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {{connect_matcher: {{}}}}
-                          route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
-                http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-    - name: app
-      type: STATIC
-      connect_timeout: 5s
-      load_assignment:
-        cluster_name: app
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {app_port}}}}}}}}}]}}]
-"#,
-        port = hbone.port(),
-        app_port = app.port(),
-    );
+    let files = pki.files("server");
+    let resources = hbone_server(hbone, &pqc_only(&files, CLIENT), app);
     let envoy = envoy("server", &resources);
     listening(hbone, &envoy).await;
 
@@ -296,37 +267,12 @@ async fn ambit_server(pki: &Pki, classic: bool) -> SocketAddr {
 /// Envoy's `tcp_proxy` tunnelling a plain connection on `listen` to `app` through the
 /// HBONE server `hbone`.
 fn envoy_client(pki: &Pki, listen: u16, hbone: SocketAddr, app: SocketAddr, name: &str) -> Envoy {
-    let client_tls = pki.envoy_tls("client", SERVER);
-    let resources = format!(
-        r#"  listeners:
-    - name: outbound
-      address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.tcp_proxy
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-                stat_prefix: outbound
-                cluster: hbone
-                tunneling_config: {{hostname: "{app}"}}
-  clusters:
-    - name: hbone
-      type: STATIC
-      connect_timeout: 5s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: hbone
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {hport}}}}}}}}}]}}]
-      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-          common_tls_context: {client_tls}
-"#,
-        hport = hbone.port(),
+    let files = pki.files("client");
+    let resources = hbone_client(
+        SocketAddr::from(([127, 0, 0, 1], listen)),
+        &app.to_string(),
+        hbone,
+        &pqc_only(&files, SERVER),
     );
     envoy(name, &resources)
 }

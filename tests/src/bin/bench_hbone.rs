@@ -672,52 +672,22 @@ impl EnvoyPair {
             let (chain, key) = pki::leaf(&ca, &id(server));
             tls_files(&dir, "server", &chain, &key)?
         };
-        let tls_common = |chain: &Path, key: &Path, peer: Option<String>| {
-            let san = peer.map_or(String::new(), |p| {
-                format!(", match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{p}\"}}}}]")
-            });
-            format!(
-                "{{tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}, alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}], validation_context: {{trusted_ca: {{filename: {}}}{san}}}}}",
-                chain.display(),
-                key.display(),
-                root.display()
-            )
-        };
+        let hbone = SocketAddr::new(server.ip4.into(), 15008);
+        let server_id = id(server);
         let client_yaml = format!(
-            r#"
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
-static_resources:
-  listeners:
-    - name: outbound
-      address: {{socket_address: {{address: 127.0.0.1, port_value: {ENVOY_PORT}}}}}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.tcp_proxy
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-                stat_prefix: outbound
-                cluster: hbone
-                tunneling_config: {{hostname: "{sip}:{app_port}"}}
-  clusters:
-    - name: hbone
-      type: STATIC
-      connect_timeout: 5s
-      circuit_breakers: {{thresholds: [{{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}}]}}
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: hbone
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {sip}, port_value: 15008}}}}}}}}]}}]
-      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-          common_tls_context: {client_tls}
-"#,
-            sip = server.ip4,
-            client_tls = tls_common(&cc, &ck, Some(id(server))),
+            "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\nstatic_resources:\n{}",
+            ambit_tests::envoy::hbone_client(
+                SocketAddr::from(([127, 0, 0, 1], ENVOY_PORT)),
+                &format!("{}:{app_port}", server.ip4),
+                hbone,
+                &ambit_tests::envoy::HboneTls {
+                    chain: &cc,
+                    key: &ck,
+                    root: &root,
+                    peer: Some(&server_id),
+                    only_curve: None,
+                },
+            )
         );
         let server_yaml = format!(
             r#"
@@ -730,45 +700,18 @@ layered_runtime:
     - name: static
       static_layer: {{overload.premature_reset_total_stream_count: 4294967295}}
 static_resources:
-  listeners:
-    - name: hbone
-      address: {{socket_address: {{address: {sip}, port_value: 15008}}}}
-      filter_chains:
-        - transport_socket:
-            name: envoy.transport_sockets.tls
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-              require_client_certificate: true
-              common_tls_context: {server_tls}
-          filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: hbone
-                codec_type: HTTP2
-                http2_protocol_options: {{allow_connect: true}}
-                upgrade_configs: [{{upgrade_type: CONNECT}}]
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {{connect_matcher: {{}}}}
-                          route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
-                http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-    - name: app
-      type: STATIC
-      connect_timeout: 5s
-      circuit_breakers: {{thresholds: [{{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}}]}}
-      load_assignment:
-        cluster_name: app
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {sip}, port_value: {app_port}}}}}}}}}]}}]
-"#,
-            sip = server.ip4,
-            server_tls = tls_common(&sc, &sk, None),
+{}"#,
+            ambit_tests::envoy::hbone_server(
+                hbone,
+                &ambit_tests::envoy::HboneTls {
+                    chain: &sc,
+                    key: &sk,
+                    root: &root,
+                    peer: None,
+                    only_curve: None,
+                },
+                SocketAddr::new(server.ip4.into(), app_port),
+            )
         );
         // The server Envoy dials the application for every stream and closes first, so
         // its side keeps the TIME_WAIT sockets: thousands per connections/s round would
