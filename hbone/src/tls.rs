@@ -330,7 +330,7 @@ pub static KX_GROUPS: &[&dyn rustls::crypto::SupportedKxGroup] = &[
 /// The provider every TLS config Ambit makes shares: [`Crypto::DEFAULT`], TLS 1.3 AES-GCM
 /// suites only, key exchange [`KX_GROUPS`].
 pub fn provider() -> Arc<CryptoProvider> {
-    provider_using(Crypto::DEFAULT)
+    provider_with(Crypto::DEFAULT, KX_GROUPS)
 }
 
 /// Makes [`provider`] the process's default, for the libraries that build their TLS
@@ -344,33 +344,31 @@ pub fn install_default() {
     }
 }
 
-/// The provider built on `crypto` (the benchmark compares them; everything else uses
+/// A provider on `crypto` offering `kx_groups`, with [`provider`]'s suites (the
+/// benchmark compares libraries, tests play peers of other kinds; everything else uses
 /// [`provider`]).
-pub fn provider_using(crypto: Crypto) -> Arc<CryptoProvider> {
+pub fn provider_with(
+    crypto: Crypto,
+    kx_groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Arc<CryptoProvider> {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
     let base = match crypto {
-        Crypto::AwsLcRs => {
-            use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
-            CryptoProvider {
-                cipher_suites: vec![
-                    cipher_suite::TLS13_AES_128_GCM_SHA256,
-                    cipher_suite::TLS13_AES_256_GCM_SHA384,
-                ],
-                ..default_provider()
-            }
-        }
-        Crypto::Ring => {
-            use rustls::crypto::ring::{cipher_suite, default_provider};
-            CryptoProvider {
-                cipher_suites: vec![
-                    cipher_suite::TLS13_AES_128_GCM_SHA256,
-                    cipher_suite::TLS13_AES_256_GCM_SHA384,
-                ],
-                ..default_provider()
-            }
-        }
+        Crypto::Ring => rustls::crypto::ring::default_provider(),
+        Crypto::AwsLcRs => rustls::crypto::aws_lc_rs::default_provider(),
     };
+    // TLS 1.3 AES-GCM only, AES-128 first.
+    let cipher_suites = [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384]
+        .iter()
+        .filter_map(|id| {
+            base.cipher_suites
+                .iter()
+                .find(|s| s.suite() == *id)
+                .copied()
+        })
+        .collect();
     Arc::new(CryptoProvider {
-        kx_groups: KX_GROUPS.to_vec(),
+        cipher_suites,
+        kx_groups: kx_groups.to_vec(),
         ..base
     })
 }

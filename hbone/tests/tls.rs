@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use ambit_hbone::tls::{
-    ALPN_H2, MeshRoots, WorkloadKey, client_config, client_config_with, peer_identity, provider,
-    server_config, server_config_with,
+    ALPN_H2, Crypto, MeshRoots, WorkloadKey, client_config, client_config_with, peer_identity,
+    provider_with, server_config, server_config_with,
 };
 use common::*;
 use rustls::NamedGroup;
@@ -174,10 +174,7 @@ async fn a_client_from_another_root_or_trust_domain_is_refused_by_the_server() {
 
 /// Ambit's provider with only these key exchanges offered: a peer of another kind.
 fn offering(groups: &[&'static dyn SupportedKxGroup]) -> Arc<CryptoProvider> {
-    Arc::new(CryptoProvider {
-        kx_groups: groups.to_vec(),
-        ..CryptoProvider::clone(&provider())
-    })
+    provider_with(Crypto::DEFAULT, groups)
 }
 
 /// Key exchange against the peers Ambit meets: another Ambit (hybrid post-quantum), a

@@ -4,7 +4,23 @@
 //! to) and the interop tests (Envoy as an independent TLS implementation).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Writes `name`'s certificate chain and key into `dir` as Envoy reads them; their paths.
+pub fn tls_files(
+    dir: &Path,
+    name: &str,
+    chain: &[String],
+    key: &str,
+) -> std::io::Result<(PathBuf, PathBuf)> {
+    let (c, k) = (
+        dir.join(format!("{name}-chain.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, chain.concat())?;
+    std::fs::write(&k, key)?;
+    Ok((c, k))
+}
 
 /// Circuit breakers that never trip, as Istio writes them.
 const UNLIMITED: &str = "{thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}]}";

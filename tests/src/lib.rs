@@ -129,11 +129,16 @@ pub fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
 
 /// Rounds of each benchmark measurement: 5, or `AMBIT_BENCH_ROUNDS`.
 pub fn bench_rounds() -> usize {
-    std::env::var("AMBIT_BENCH_ROUNDS")
+    env_count("AMBIT_BENCH_ROUNDS", 5)
+}
+
+/// The positive number in the environment variable `name`, or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| *n > 0)
-        .unwrap_or(5)
+        .unwrap_or(default)
 }
 
 /// `[min–max]` of `v`, to print beside a median.

@@ -24,8 +24,13 @@ pub fn mesh_root(dir: &std::path::Path) -> Ca {
     }
 }
 
-/// Another root with the same name as the mesh's (or, without a mesh, a fresh root).
+/// Another root with the same name as the mesh's.
 pub fn impostor_root() -> Ca {
+    root()
+}
+
+/// A fresh root CA, named like the mesh's (beside a running mesh: an impostor).
+pub fn root() -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();

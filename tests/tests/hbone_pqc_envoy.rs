@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_hbone::connect::{HboneClient, Pipe, serve};
-use ambit_hbone::tls::{MeshRoots, WorkloadKey, client_config_with, provider, server_config_with};
+use ambit_hbone::tls::{
+    Crypto, MeshRoots, WorkloadKey, client_config_with, provider, provider_with, server_config_with,
+};
 use ambit_identity::Identity;
-use ambit_tests::envoy::{HboneTls, hbone_client, hbone_server};
+use ambit_tests::envoy::{HboneTls, hbone_client, hbone_server, tls_files};
 use ambit_tests::pki;
 use rustls::crypto::{CryptoProvider, ring};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,13 +27,11 @@ const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 /// Ambit's provider, or one that offers only X25519 (a classic peer).
 fn ambit(classic: bool) -> Arc<CryptoProvider> {
-    if !classic {
-        return provider();
+    if classic {
+        provider_with(Crypto::DEFAULT, &[ring::kx_group::X25519])
+    } else {
+        provider()
     }
-    Arc::new(CryptoProvider {
-        kx_groups: vec![ring::kx_group::X25519],
-        ..CryptoProvider::clone(&provider())
-    })
 }
 
 struct Envoy {
@@ -112,39 +112,35 @@ struct Pki {
     roots: MeshRoots,
     server: WorkloadKey,
     client: WorkloadKey,
-    files: PathBuf,
+    dir: PathBuf,
+    /// Chain and key files of the server and of the client, and the root's file.
+    files: [[PathBuf; 3]; 2],
 }
 
 impl Pki {
     /// Fresh material in a directory of this `test`'s own (tests run side by side).
     fn new(test: &str) -> Self {
-        let ca = pki::impostor_root();
-        let files =
-            std::env::temp_dir().join(format!("ambit-pqc-pki-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&files).unwrap();
-        std::fs::write(files.join("root.pem"), &ca.pem).unwrap();
+        let ca = pki::root();
+        let dir = std::env::temp_dir().join(format!("ambit-pqc-pki-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root.pem");
+        std::fs::write(&root, &ca.pem).unwrap();
         let key = |id: &str, name: &str| {
             let (chain, key) = pki::leaf(&ca, id);
-            std::fs::write(files.join(format!("{name}-chain.pem")), chain.concat()).unwrap();
-            std::fs::write(files.join(format!("{name}-key.pem")), &key).unwrap();
-            WorkloadKey::from_pem(&chain, &key).unwrap()
+            let (c, k) = tls_files(&dir, name, &chain, &key).unwrap();
+            (
+                WorkloadKey::from_pem(&chain, &key).unwrap(),
+                [c, k, root.clone()],
+            )
         };
-        let (server, client) = (key(SERVER, "server"), key(CLIENT, "client"));
+        let ((server, s), (client, c)) = (key(SERVER, "server"), key(CLIENT, "client"));
         Self {
             roots: MeshRoots::from_pem(&ca.pem).unwrap(),
             server,
             client,
-            files,
+            dir,
+            files: [s, c],
         }
-    }
-
-    /// `name`'s certificate chain and key files, and the root's, for Envoy.
-    fn files(&self, name: &str) -> [PathBuf; 3] {
-        [
-            self.files.join(format!("{name}-chain.pem")),
-            self.files.join(format!("{name}-key.pem")),
-            self.files.join("root.pem"),
-        ]
     }
 }
 
@@ -161,7 +157,7 @@ fn pqc_only<'a>(files: &'a [PathBuf; 3], peer: &'a str) -> HboneTls<'a> {
 
 impl Drop for Pki {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.files);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -213,8 +209,7 @@ async fn a_pqc_only_envoy_server_takes_ambits_tunnels_and_refuses_a_classic_clie
     let pki = Pki::new("server");
     let app = echo().await;
     let hbone = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let files = pki.files("server");
-    let resources = hbone_server(hbone, &pqc_only(&files, CLIENT), app);
+    let resources = hbone_server(hbone, &pqc_only(&pki.files[0], CLIENT), app);
     let envoy = envoy("server", &resources);
     listening(hbone, &envoy).await;
 
@@ -267,12 +262,11 @@ async fn ambit_server(pki: &Pki, classic: bool) -> SocketAddr {
 /// Envoy's `tcp_proxy` tunnelling a plain connection on `listen` to `app` through the
 /// HBONE server `hbone`.
 fn envoy_client(pki: &Pki, listen: u16, hbone: SocketAddr, app: SocketAddr, name: &str) -> Envoy {
-    let files = pki.files("client");
     let resources = hbone_client(
         SocketAddr::from(([127, 0, 0, 1], listen)),
         &app.to_string(),
         hbone,
-        &pqc_only(&files, SERVER),
+        &pqc_only(&pki.files[1], SERVER),
     );
     envoy(name, &resources)
 }

@@ -58,15 +58,10 @@ impl Model {
         changed: Vec<WorkloadSpec>,
     ) -> Result<(), NeedsFullBuild> {
         let mut touched: BTreeSet<String> = BTreeSet::new();
-        let uid_of = |w: &WorkloadSpec| {
-            w.uid
-                .clone()
-                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name))
-        };
         let leaving: Vec<String> = gone
             .iter()
             .cloned()
-            .chain(changed.iter().map(uid_of))
+            .chain(changed.iter().map(WorkloadSpec::key))
             .collect();
         for uid in &leaving {
             let Some(old) = self.workloads.remove(uid) else {

@@ -159,6 +159,15 @@ pub struct WorkloadSpec {
     pub terminating: bool,
 }
 
+impl WorkloadSpec {
+    /// What the model keys the workload by: its uid, else `namespace/name`.
+    pub fn key(&self) -> String {
+        self.uid
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", self.namespace, self.name))
+    }
+}
+
 /// A service as a source reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -325,10 +334,7 @@ fn derive_workload(
         &format!("workload {}/{}", w.namespace, w.name),
         ip_owner,
     );
-    let uid = w
-        .uid
-        .clone()
-        .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name));
+    let uid = w.key();
     if known(&uid) {
         p.add(place, format!("uid {uid:?} is used twice"));
     }

@@ -13,7 +13,7 @@
 //! range.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -388,19 +388,18 @@ fn ranges(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [String; WAYS] {
     std::array::from_fn(|i| {
         let v: Vec<f64> = runs[i].iter().map(&f).filter(|x| x.is_finite()).collect();
         let failed = runs[i].len() - v.len();
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if runs[i].is_empty() {
             "no round (the one run was profiled)".to_owned()
         } else if v.is_empty() {
             format!("all {failed} rounds failed")
         } else if failed > 0 {
             format!(
-                "[{lo:.2}–{hi:.2}], {failed} of {} rounds failed",
+                "{}, {failed} of {} rounds failed",
+                ambit_tests::spread(&v),
                 runs[i].len()
             )
         } else {
-            format!("[{lo:.2}–{hi:.2}]")
+            ambit_tests::spread(&v)
         }
     })
 }
@@ -633,26 +632,7 @@ const ENVOY_PORT: u16 = 15001;
 /// The agents' data-plane worker threads, and Envoy's `--concurrency`: 2 (the agents'
 /// default), or `AMBIT_BENCH_WORKERS`.
 fn workers() -> usize {
-    std::env::var("AMBIT_BENCH_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(2)
-}
-
-fn tls_files(
-    dir: &Path,
-    name: &str,
-    chain: &[String],
-    key: &str,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let (c, k) = (
-        dir.join(format!("{name}-chain.pem")),
-        dir.join(format!("{name}-key.pem")),
-    );
-    std::fs::write(&c, chain.concat())?;
-    std::fs::write(&k, key)?;
-    Ok((c, k))
+    ambit_tests::env_count("AMBIT_BENCH_WORKERS", 2)
 }
 
 impl EnvoyPair {
@@ -666,11 +646,11 @@ impl EnvoyPair {
         let id = |p: &Pod| format!("spiffe://cluster.local/ns/default/sa/{}", p.name);
         let (cc, ck) = {
             let (chain, key) = pki::leaf(&ca, &id(client));
-            tls_files(&dir, "client", &chain, &key)?
+            ambit_tests::envoy::tls_files(&dir, "client", &chain, &key)?
         };
         let (sc, sk) = {
             let (chain, key) = pki::leaf(&ca, &id(server));
-            tls_files(&dir, "server", &chain, &key)?
+            ambit_tests::envoy::tls_files(&dir, "server", &chain, &key)?
         };
         let hbone = SocketAddr::new(server.ip4.into(), 15008);
         let server_id = id(server);

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_hbone::tls::{
-    Crypto, MeshRoots, WorkloadKey, client_config_with, provider_using, server_config_with,
+    Crypto, KX_GROUPS, MeshRoots, WorkloadKey, client_config_with, provider_with,
+    server_config_with,
 };
 use ambit_identity::Identity;
 use ambit_tests::{bench_rounds, median, pki, spread};
@@ -60,7 +61,7 @@ struct Configs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let ca = pki::impostor_root();
+    let ca = pki::root();
     let roots = MeshRoots::from_pem(&ca.pem)?;
     let key = |id: &str| {
         let (chain, key) = pki::leaf(&ca, id);
@@ -71,15 +72,13 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|v| {
             let server = server_config_with(
-                provider_using(v.crypto),
+                provider_with(v.crypto, KX_GROUPS),
                 &server_key,
                 &roots,
                 "cluster.local",
             )?;
-            let mut client = rustls::crypto::CryptoProvider::clone(&provider_using(v.crypto));
-            client.kx_groups = vec![v.client_kx];
             let client = client_config_with(
-                Arc::new(client),
+                provider_with(v.crypto, &[v.client_kx]),
                 &client_key,
                 &roots,
                 [Identity::parse(SERVER)?],

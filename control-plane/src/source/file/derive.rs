@@ -100,26 +100,19 @@ fn split(mut spec: MeshSpec) -> (MeshSpec, Vec<WorkloadSpec>) {
     (spec, workloads)
 }
 
-/// The uid the model keys a workload by.
-fn uid(w: &WorkloadSpec) -> String {
-    w.uid
-        .clone()
-        .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name))
-}
-
 /// Each workload's index by uid; `None` if two share one (the full build says which).
 fn uids(workloads: &[WorkloadSpec]) -> Option<HashMap<String, usize>> {
     let index: HashMap<String, usize> = workloads
         .iter()
         .enumerate()
-        .map(|(i, w)| (uid(w), i))
+        .map(|(i, w)| (w.key(), i))
         .collect();
     (index.len() == workloads.len()).then_some(index)
 }
 
 /// Workloads by uid (unique ones: the file was valid).
 fn keyed(workloads: Vec<WorkloadSpec>) -> HashMap<String, WorkloadSpec> {
-    workloads.into_iter().map(|w| (uid(&w), w)).collect()
+    workloads.into_iter().map(|w| (w.key(), w)).collect()
 }
 
 #[cfg(test)]

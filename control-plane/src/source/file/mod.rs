@@ -103,19 +103,28 @@ impl std::error::Error for FileError {}
 
 /// Reads and validates a mesh file.
 pub fn load(path: &Path) -> Result<Model, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|error| FileError::Read {
+    parse(path, &read(path)?)
+}
+
+/// The text of a mesh file.
+fn read(path: &Path) -> Result<String, FileError> {
+    std::fs::read_to_string(path).map_err(|error| FileError::Read {
         file: path.to_owned(),
         error,
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Parses and validates mesh YAML (`path` only names it in errors).
 pub fn parse(path: &Path, text: &str) -> Result<Model, FileError> {
-    Model::build(parse_spec(path, text)?).map_err(|problems| FileError::Invalid {
+    Model::build(parse_spec(path, text)?).map_err(invalid(path))
+}
+
+/// `path` refused for these problems.
+fn invalid(path: &Path) -> impl FnOnce(Vec<Problem>) -> FileError + '_ {
+    move |problems| FileError::Invalid {
         file: path.to_owned(),
         problems,
-    })
+    }
 }
 
 /// Parses mesh YAML into the mesh it declares, checked field by field but not yet as a
@@ -136,10 +145,7 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<MeshSpec, FileError> {
             error: strip_location(&e.to_string()),
         }
     })?;
-    file.into_spec().map_err(|problems| FileError::Invalid {
-        file: path.to_owned(),
-        problems,
-    })
+    file.into_spec().map_err(invalid(path))
 }
 
 fn strip_location(msg: &str) -> String {

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Derived, FileError, parse_spec};
-use crate::model::{MeshSpec, Model};
+use super::{Derived, FileError, invalid, parse_spec, read};
+use crate::model::Model;
 use crate::source::guard::Publisher;
 
 /// Serves the model of `path`: the current one now, each new valid version when the file
@@ -49,15 +49,7 @@ impl FileSource {
         // Stamp before loading: a change that lands in between is then seen and re-read,
         // never missed.
         let first = stamp(&path);
-        let text = std::fs::read_to_string(&path).map_err(|error| FileError::Read {
-            file: path.clone(),
-            error,
-        })?;
-        let derived =
-            Derived::build(parse_spec(&path, &text)?).map_err(|problems| FileError::Invalid {
-                file: path.clone(),
-                problems,
-            })?;
+        let derived = Derived::build(parse_spec(&path, &read(&path)?)?).map_err(invalid(&path))?;
         let model = Arc::new(derived.model().clone());
         info!(file = %path.display(), workloads = model.workloads.len(), services = model.services.len(), "mesh loaded");
         let (err_tx, errors) = watch::channel(None);
@@ -181,13 +173,8 @@ impl Watcher {
 
     /// The model of the file's new `text`, derived from the last one.
     fn model_of(&mut self, text: &str) -> Result<Model, FileError> {
-        let spec: MeshSpec = parse_spec(&self.path, text)?;
-        self.derived
-            .next(spec)
-            .map_err(|problems| FileError::Invalid {
-                file: self.path.clone(),
-                problems,
-            })
+        let spec = parse_spec(&self.path, text)?;
+        self.derived.next(spec).map_err(invalid(&self.path))
     }
 
     fn reject(&self, e: &FileError) {

@@ -735,18 +735,13 @@ impl View {
         if changed.is_empty() {
             return None;
         }
-        let uid = |w: &crate::model::WorkloadSpec| {
-            w.uid
-                .clone()
-                .unwrap_or_else(|| format!("{}/{}", w.namespace, w.name))
-        };
         let modes = self.peer_modes();
         let mut gone = Vec::new();
         let mut specs = Vec::new();
         let mut namespaces = BTreeSet::new();
         for (key, before) in &changed {
             if let Some(PodView::Workload { spec, .. }) = before {
-                gone.push(uid(spec));
+                gone.push(spec.key());
                 namespaces.insert(spec.namespace.clone());
             }
             if let Some(PodView::Workload { spec, .. }) = self.pods.live.get(key) {
