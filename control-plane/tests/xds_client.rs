@@ -39,11 +39,11 @@ impl Handler for Store {
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(String, Any)>,
+        updated: Vec<(Arc<str>, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
         if let Some(bad) = self.refuse.lock().unwrap().as_ref()
-            && updated.iter().any(|(n, _)| n == bad)
+            && updated.iter().any(|(n, _)| **n == **bad)
         {
             return Err(ApplyError::Resource {
                 name: bad.clone(),
@@ -62,7 +62,7 @@ impl Handler for Store {
         for n in removed {
             t.remove(&n);
         }
-        t.extend(updated);
+        t.extend(updated.into_iter().map(|(n, a)| (n.to_string(), a)));
         Ok(())
     }
 }

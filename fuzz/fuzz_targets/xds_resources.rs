@@ -206,9 +206,7 @@ fn encode(name: &str, body: &Body<'_>) -> Vec<u8> {
 
 fuzz_target!(|updates: Vec<Update<'_>>| {
     let store = Arc::new(Store::new(NODE));
-    let mut handler = StoreHandler {
-        store: store.clone(),
-    };
+    let mut handler = StoreHandler::new(store.clone());
     for u in updates.iter().take(16) {
         let type_url = match u.kind {
             0 => type_url::WORKLOAD,
@@ -226,7 +224,7 @@ fuzz_target!(|updates: Vec<Update<'_>>| {
                     type_url: type_url.to_owned(),
                     value,
                 };
-                (name, any)
+                (name.into(), any)
             })
             .collect();
         let removed = u.removed.iter().map(|n| n.get()).collect();

@@ -350,9 +350,7 @@ fn start_xds(
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(15),
     };
-    let handler = state::xds::StoreHandler {
-        store: inputs.state.clone(),
-    };
+    let handler = state::xds::StoreHandler::new(inputs.state.clone());
     let client =
         ambit_xds::client::XdsClient::spawn_with_status(config, handler, admin.xds.clone());
     let mut changes = inputs.state.changes();

@@ -34,13 +34,52 @@ use crate::envoy::{
 pub trait Handler: Send + 'static {
     /// Validates the whole update for `type_url` and, only if all of it is valid, applies
     /// it. An `Err` NACKs the response with its message and must leave state unchanged.
+    ///
+    /// A resource's name is the client's own shared copy: a handler that keys what it
+    /// keeps by name can hold the same allocation instead of a second one.
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(String, Any)>,
+        updated: Vec<(Arc<str>, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError>;
 }
+
+/// A resource's version as the client remembers it for a reconnect
+/// (`initial_resource_versions`). Versions are opaque strings; Ambit's control plane
+/// sends 16 hex digits (a hash), kept here as the number itself so that an agent holding
+/// 10k workloads does not hold 10k more strings. Anything else is kept as it came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Version {
+    /// Exactly 16 lowercase hex digits.
+    Hex(u64),
+    /// Any other string.
+    Text(Box<str>),
+}
+
+impl Version {
+    fn new(v: &str) -> Self {
+        if v.len() == 16
+            && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && let Ok(n) = u64::from_str_radix(v, 16)
+        {
+            return Self::Hex(n);
+        }
+        Self::Text(v.into())
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hex(n) => write!(f, "{n:016x}"),
+            Self::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// Name → version of what the handler holds, for one type.
+type Known = HashMap<Arc<str>, Version>;
 
 /// Why a response was refused (its text is the NACK's `error_detail`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,7 +200,7 @@ impl XdsClient {
 
 async fn run(config: XdsClientConfig, mut handler: impl Handler, status: Arc<XdsStatus>) {
     // name → version of what the handler holds, per type: survives reconnects.
-    let mut known: HashMap<&'static str, BTreeMap<String, String>> = HashMap::new();
+    let mut known: HashMap<&'static str, Known> = HashMap::new();
     let mut backoff = config.backoff_min;
     let jitter = RandomState::new();
     for attempt in 0u64.. {
@@ -192,20 +231,24 @@ async fn session(
     config: &XdsClientConfig,
     handler: &mut impl Handler,
     status: &XdsStatus,
-    known: &mut HashMap<&'static str, BTreeMap<String, String>>,
+    known: &mut HashMap<&'static str, Known>,
 ) -> Result<bool, (String, bool)> {
     let mut client = AggregatedDiscoveryServiceClient::new(config.control_plane.channel())
         .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(64);
     for (i, type_url) in config.types.iter().enumerate() {
-        let initial = known.get(type_url).cloned().unwrap_or_default();
+        let initial = known
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .map(|(name, v)| (name.to_string(), v.to_string()));
         let req = DeltaDiscoveryRequest {
             node: (i == 0).then(|| Node {
                 id: config.node_id.clone(),
                 ..Default::default()
             }),
             type_url: (*type_url).into(),
-            initial_resource_versions: initial.into_iter().collect(),
+            initial_resource_versions: initial.collect(),
             ..Default::default()
         };
         tx.send(req).await.expect("receiver alive");
@@ -251,7 +294,7 @@ fn on_response(
     r: DeltaDiscoveryResponse,
     handler: &mut impl Handler,
     status: &XdsStatus,
-    known: &mut BTreeMap<String, String>,
+    known: &mut Known,
 ) -> DeltaDiscoveryRequest {
     let mut versions = Vec::with_capacity(r.resources.len());
     let mut updated = Vec::with_capacity(r.resources.len());
@@ -259,8 +302,11 @@ fn on_response(
     for res in r.resources {
         match res.resource {
             Some(any) if any.type_url == type_url => {
-                versions.push((res.name.clone(), res.version));
-                updated.push((res.name, any));
+                // A fresh allocation, not the decoder's (which sits among the response's
+                // buffers, soon freed, and would pin their pages).
+                let name: Arc<str> = res.name.as_str().into();
+                versions.push((name.clone(), Version::new(&res.version)));
+                updated.push((name, any));
             }
             Some(any) => {
                 malformed = Some(ApplyError::WrongType {
@@ -282,7 +328,7 @@ fn on_response(
     match result {
         Ok(()) => {
             for n in &removed {
-                known.remove(n);
+                known.remove(n.as_str());
             }
             known.extend(versions);
             ts.last_version = r.system_version_info;
@@ -313,5 +359,30 @@ fn on_response(
                 ..Default::default()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Version;
+
+    #[test]
+    fn a_version_is_sent_back_exactly_as_it_came() {
+        for v in [
+            "00a1b2c3d4e5f607",
+            "ffffffffffffffff",
+            "0000000000000000",
+            // Not ours: upper case, other lengths, other characters, empty.
+            "00A1B2C3D4E5F607",
+            "a1b2c3d4e5f607",
+            "00a1b2c3d4e5f6070",
+            "2026-12-07T05:00:00Z",
+            "",
+            "+0a1b2c3d4e5f607",
+        ] {
+            assert_eq!(Version::new(v).to_string(), v);
+        }
+        assert!(matches!(Version::new("00a1b2c3d4e5f607"), Version::Hex(_)));
+        assert!(matches!(Version::new("00A1B2C3D4E5F607"), Version::Text(_)));
     }
 }

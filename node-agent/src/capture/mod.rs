@@ -291,10 +291,10 @@ impl Capture {
             };
             let spec = PodSpec {
                 uid: w.uid.to_string(),
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
+                namespace: w.namespace().to_owned(),
+                name: w.name.to_string(),
                 netns,
-                ips: w.ips.clone(),
+                ips: w.ips.iter().collect(),
             };
             if validate_request(&spec).is_err() {
                 continue;
@@ -308,7 +308,7 @@ impl Capture {
                 warn!(uid = %w.uid, other = %other.uid, "found a running pod whose network namespace is another pod's; leaving it");
                 continue;
             }
-            info!(uid = %w.uid, pod = %format!("{}/{}", w.namespace, w.name), netns = %spec.netns, "found a running pod through its cgroup; enrolling it");
+            info!(uid = %w.uid, pod = %w.display_name(), netns = %spec.netns, "found a running pod through its cgroup; enrolling it");
             self.pods.add_known(spec);
             found = true;
         }

@@ -94,11 +94,11 @@ impl Sds {
             })?;
         if !w.native_tunnel {
             return Err(Status::permission_denied(format!(
-                "pod {}/{} is not a waypoint's; only waypoints get certificates over SDS",
-                w.namespace, w.name
+                "pod {} is not a waypoint's; only waypoints get certificates over SDS",
+                w.display_name()
             )));
         }
-        Ok(w.identity.clone())
+        Ok((*w.identity).clone())
     }
 }
 

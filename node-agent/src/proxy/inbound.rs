@@ -95,8 +95,8 @@ pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Erro
             .is_some_and(|id| state.is_from_waypoint(me, id));
         if !from_waypoint {
             return Err(Error::NotFromWaypoint {
-                workload: format!("{}/{}", me.namespace, me.name),
-                waypoint: format!("{}/{wp}", me.namespace),
+                workload: me.display_name(),
+                waypoint: format!("{}/{wp}", me.namespace()),
                 caller: a
                     .identity
                     .as_ref()

@@ -136,7 +136,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         .filter(|_| meshed)
     {
         let targets: Vec<Target> = state
-            .waypoint_pods(&w.namespace, wp)
+            .waypoint_pods(w.namespace(), wp)
             .into_iter()
             .filter_map(|p| {
                 let ip = p.ip_like(dst.ip())?;
@@ -151,7 +151,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         if targets.is_empty() {
             return Err(Error::NoWaypoint {
                 service: w.display_name(),
-                waypoint: format!("{}/{wp}", w.namespace),
+                waypoint: format!("{}/{wp}", w.namespace()),
             });
         }
         // Spread over the waypoint's replicas like its services' traffic, not all onto
@@ -159,7 +159,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         return Ok(Plan {
             targets,
             service: None,
-            balance: Some(format!("waypoint {}/{wp}", w.namespace)),
+            balance: Some(format!("waypoint {}/{wp}", w.namespace())),
         });
     }
     let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled);
@@ -223,7 +223,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             dst,
             src_workload: source.as_deref(),
             dst_workload: target.and_then(|t| t.workload.as_deref()),
-            src_identity: source.as_deref().map(|w| &w.identity),
+            src_identity: source.as_deref().map(|w| &*w.identity),
             service,
             security: match target {
                 Some(t) if t.hbone => SecurityPolicy::MutualTls,
@@ -341,12 +341,12 @@ async fn open_hbone(
         .await
         .is_none()
     {
-        return Err(Error::NoCertificate(source.identity.clone()));
+        return Err(Error::NoCertificate((*source.identity).clone()));
     }
     let key = PoolKey {
-        src_identity: source.identity.clone(),
+        src_identity: (*source.identity).clone(),
         src: src_ip,
-        dst_identity: dst.identity.clone(),
+        dst_identity: (*dst.identity).clone(),
         dst: SocketAddr::new(
             target.waypoint.unwrap_or(target.addr.ip()),
             INBOUND_HBONE_PORT,

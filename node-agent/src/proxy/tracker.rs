@@ -113,23 +113,21 @@ impl ConnTracker {
 mod tests {
     use super::*;
     use crate::state::fixtures::allow_from;
-    use crate::state::{Canonical, MtlsMode, Workload};
+    use crate::state::{Canonical, Ips, MtlsMode, Workload};
 
     fn web() -> Workload {
         Workload {
             uid: "shop/web-0".into(),
             name: "web-0".into(),
-            namespace: "shop".into(),
             node: "n1".into(),
-            service_account: "web".into(),
-            ips: vec!["10.244.2.10".parse().unwrap()],
+            ips: Ips::new(["10.244.2.10".parse().unwrap()]).unwrap(),
             enrolled: true,
             native_tunnel: false,
             waypoint: None,
-            identity: Identity::new("cluster.local", "shop", "web").unwrap(),
+            identity: Arc::new(Identity::new("cluster.local", "shop", "web").unwrap()),
             labels: Default::default(),
             mtls: MtlsMode::Strict,
-            canonical: Canonical::derive("web-0", &Default::default()),
+            canonical: Arc::new(Canonical::derive("web-0", &Default::default())),
         }
     }
 

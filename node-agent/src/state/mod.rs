@@ -8,6 +8,7 @@
 //! copies what it does not change.
 
 mod index;
+pub mod intern;
 pub mod xds;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,38 +20,131 @@ use ambit_policy::{Authorization, Labels};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use index::IpIndex;
+use index::{ByKey, IpIndex, Keyed};
 
 /// A workload (pod).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+///
+/// An agent holds every workload of the mesh, so this is kept small: what many workloads
+/// share (node, waypoint, identity, canonical names) is one allocation held by all of
+/// them ([`MeshState`] interns it), the namespace and service account are read from the
+/// identity (the decoder checks they agree), and the IPs are inline. At 10k workloads
+/// each costs about its uid, its name and this struct.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// The pod's uid (the resource name).
     pub uid: Arc<str>,
     /// The pod's name.
-    pub name: String,
-    /// Its namespace.
-    pub namespace: String,
+    pub name: Box<str>,
     /// The node it runs on.
-    pub node: String,
-    /// Its service account.
-    pub service_account: String,
+    pub node: Arc<str>,
     /// Its IPs, at most one per family.
-    pub ips: Vec<IpAddr>,
+    pub ips: Ips,
     /// Its traffic is captured and tunnelled.
     pub enrolled: bool,
     /// A waypoint's pod: it speaks HBONE on 15008 itself (never captured), and gets its
     /// certificate from this agent's SDS if it runs here.
     pub native_tunnel: bool,
     /// The waypoint (of its namespace) its inbound traffic must come through, if any.
-    pub waypoint: Option<String>,
-    /// Its SPIFFE identity.
-    pub identity: Identity,
+    pub waypoint: Option<Arc<str>>,
+    /// Its SPIFFE identity: also its namespace and service account.
+    pub identity: Arc<Identity>,
     /// Its labels; kept for this node's workloads only (policy selectors need them).
     pub labels: Labels,
     /// How plaintext inbound connections to it are treated.
     pub mtls: MtlsMode,
     /// How telemetry names it (Istio's canonical service rules, from its labels).
-    pub canonical: Canonical,
+    pub canonical: Arc<Canonical>,
+}
+
+/// As the config dump shows it (namespace and service account included).
+impl Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Workload", 13)?;
+        st.serialize_field("uid", &self.uid)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("namespace", self.namespace())?;
+        st.serialize_field("node", &self.node)?;
+        st.serialize_field("service_account", self.service_account())?;
+        st.serialize_field("ips", &self.ips)?;
+        st.serialize_field("enrolled", &self.enrolled)?;
+        st.serialize_field("native_tunnel", &self.native_tunnel)?;
+        st.serialize_field("waypoint", &self.waypoint)?;
+        st.serialize_field("identity", &self.identity)?;
+        st.serialize_field("labels", &self.labels)?;
+        st.serialize_field("mtls", &self.mtls)?;
+        st.serialize_field("canonical", &self.canonical)?;
+        st.end()
+    }
+}
+
+/// A workload's addresses: at most one IPv4 and one IPv6 address, inline (a `Vec` would
+/// be an allocation per workload for what is almost always one address).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Ips {
+    v4: Option<std::net::Ipv4Addr>,
+    v6: Option<std::net::Ipv6Addr>,
+}
+
+impl Ips {
+    /// The addresses given, refusing two of one family.
+    pub fn new(ips: impl IntoIterator<Item = IpAddr>) -> Result<Self, &'static str> {
+        let mut out = Self::default();
+        for ip in ips {
+            let taken = match ip {
+                IpAddr::V4(a) => out.v4.replace(a).is_some(),
+                IpAddr::V6(a) => out.v6.replace(a).is_some(),
+            };
+            if taken {
+                return Err("more than one address of a family");
+            }
+        }
+        Ok(out)
+    }
+
+    /// The addresses, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
+
+    /// The first address (IPv4 if there is one).
+    pub fn first(&self) -> Option<IpAddr> {
+        self.iter().next()
+    }
+
+    /// Is `ip` one of them?
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4 == Some(*a),
+            IpAddr::V6(a) => self.v6 == Some(*a),
+        }
+    }
+
+    /// How many (0, 1 or 2).
+    pub fn len(&self) -> usize {
+        usize::from(self.v4.is_some()) + usize::from(self.v6.is_some())
+    }
+
+    /// None at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for Ips {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// A list, as the `Vec` it replaced serialized.
+impl Serialize for Ips {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
 }
 
 /// How Istio's telemetry names a workload, derived once from its labels. Each distinct
@@ -73,47 +167,90 @@ pub struct Canonical {
 impl Canonical {
     /// Istio's rules, applied to a workload's name and labels.
     pub fn derive(name: &str, labels: &Labels) -> Self {
-        static LATEST: LazyLock<Arc<str>> = LazyLock::new(|| "latest".into());
-        static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+        Self::from_names(Self::names_of(name, labels))
+    }
+
+    /// The four values Istio's rules give a workload's name and labels: service,
+    /// revision, app, version.
+    pub fn names_of<'a>(name: &'a str, labels: &'a Labels) -> [&'a str; 4] {
         use ambit_xds::istio;
         let label = |keys: &[&str]| istio::first(keys, |k| labels.get(k).map(String::as_str));
+        [
+            label(&istio::CANONICAL_SERVICE_LABELS).unwrap_or(name),
+            label(&istio::CANONICAL_REVISION_LABELS).unwrap_or(LATEST),
+            label(&istio::APP_LABELS).unwrap_or(UNKNOWN),
+            label(&istio::VERSION_LABELS).unwrap_or(UNKNOWN),
+        ]
+    }
+
+    /// The values as [`names_of`](Self::names_of) lists them.
+    pub fn names(&self) -> [&str; 4] {
+        [&self.service, &self.revision, &self.app, &self.version]
+    }
+
+    /// One allocation per distinct value; the defaults are shared by every workload.
+    pub fn from_names(names: [&str; 4]) -> Self {
+        static LATEST_ARC: LazyLock<Arc<str>> = LazyLock::new(|| LATEST.into());
+        static UNKNOWN_ARC: LazyLock<Arc<str>> = LazyLock::new(|| UNKNOWN.into());
         let mut made: Vec<Arc<str>> = Vec::with_capacity(4);
         let mut intern = |v: &str| -> Arc<str> {
             if let Some(a) = made.iter().find(|a| ***a == *v) {
                 return a.clone();
             }
-            let a: Arc<str> = v.into();
+            let a: Arc<str> = match v {
+                LATEST => LATEST_ARC.clone(),
+                UNKNOWN => UNKNOWN_ARC.clone(),
+                v => v.into(),
+            };
             made.push(a.clone());
             a
         };
+        let [service, revision, app, version] = names.map(&mut intern);
         Self {
-            service: intern(label(&istio::CANONICAL_SERVICE_LABELS).unwrap_or(name)),
-            revision: label(&istio::CANONICAL_REVISION_LABELS)
-                .map_or_else(|| LATEST.clone(), &mut intern),
-            app: label(&istio::APP_LABELS).map_or_else(|| UNKNOWN.clone(), &mut intern),
-            version: label(&istio::VERSION_LABELS).map_or_else(|| UNKNOWN.clone(), &mut intern),
+            service,
+            revision,
+            app,
+            version,
         }
     }
 }
 
+/// The default revision.
+const LATEST: &str = "latest";
+/// The default app and version.
+const UNKNOWN: &str = "unknown";
+
+impl Keyed for Workload {
+    fn key(&self) -> &str {
+        &self.uid
+    }
+}
+
 impl Workload {
+    /// Its namespace.
+    pub fn namespace(&self) -> &str {
+        self.identity.namespace()
+    }
+
+    /// Its service account.
+    pub fn service_account(&self) -> &str {
+        self.identity.service_account()
+    }
+
     /// Its IP of the same family as `like`.
     pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        self.ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4())
     }
 
     /// `namespace/name`.
     pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        format!("{}/{}", self.namespace(), self.name)
     }
 
     /// Policy targeting: its namespace and labels.
     pub fn target(&self) -> ambit_policy::Target<'_> {
         ambit_policy::Target {
-            namespace: &self.namespace,
+            namespace: self.namespace(),
             labels: &self.labels,
         }
     }
@@ -160,7 +297,7 @@ impl Service {
 pub struct MeshState {
     /// This agent's node: its workloads keep their labels and need certificates.
     node: String,
-    workloads: HashMap<Arc<str>, Arc<Workload>>,
+    workloads: ByKey<Workload>,
     by_ip: IpIndex<Workload>,
     /// Uids of this node's workloads.
     local: HashSet<Arc<str>>,
@@ -215,7 +352,7 @@ impl MeshState {
         conn: &ambit_policy::Connection<'_>,
     ) -> ambit_policy::Decision<'_> {
         ambit_policy::authorize(
-            self.policies_for(&dst.namespace).iter().map(|p| &**p),
+            self.policies_for(dst.namespace()).iter().map(|p| &**p),
             dst.target(),
             conn,
         )
@@ -228,7 +365,7 @@ impl MeshState {
         conn: &ambit_policy::Connection<'_>,
     ) -> Vec<(String, ambit_policy::ConnectionRate)> {
         ambit_policy::rate_limits(
-            self.policies_for(&dst.namespace).iter().map(|p| &**p),
+            self.policies_for(dst.namespace()).iter().map(|p| &**p),
             dst.target(),
             conn,
         )
@@ -242,13 +379,13 @@ impl MeshState {
     /// holding that IP, local uids are this node's, and each policy is listed once.
     pub fn check_indexes(&self) -> Result<(), String> {
         for w in self.workloads.values() {
-            for ip in &w.ips {
-                match self.by_ip.get(ip) {
-                    Some(h) if h.ips.contains(ip) && self.workloads.contains_key(&h.uid) => {}
+            for ip in w.ips.iter() {
+                match self.by_ip.get(&ip) {
+                    Some(h) if h.ips.contains(&ip) && self.workloads.contains_key(&h.uid) => {}
                     other => return Err(format!("{ip} of {} finds {other:?}", w.uid)),
                 }
             }
-            if (w.node == self.node) != self.local.contains(&w.uid) {
+            if (*w.node == *self.node) != self.local.contains(&w.uid) {
                 return Err(format!("{} is misfiled as local or remote", w.uid));
             }
         }
@@ -268,7 +405,7 @@ impl MeshState {
         }
         let mut enrolled: HashMap<&str, usize> = HashMap::new();
         for w in self.workloads.values().filter(|w| w.enrolled) {
-            *enrolled.entry(&w.namespace).or_default() += 1;
+            *enrolled.entry(w.namespace()).or_default() += 1;
         }
         let counted: HashMap<&str, usize> = self
             .enrolled_by_namespace
@@ -333,7 +470,7 @@ impl MeshState {
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
             .filter(|w| w.enrolled || w.native_tunnel)
-            .map(|w| w.identity.clone())
+            .map(|w| (*w.identity).clone())
             .collect()
     }
 
@@ -348,12 +485,12 @@ impl MeshState {
             return false;
         };
         self.services
-            .get(&format!("{}/{wp}", me.namespace))
+            .get(&format!("{}/{wp}", me.namespace()))
             .is_some_and(|s| {
                 s.endpoints.iter().any(|uid| {
                     self.workloads
                         .get(uid)
-                        .is_some_and(|w| w.native_tunnel && &w.identity == id)
+                        .is_some_and(|w| w.native_tunnel && *w.identity == *id)
                 })
             })
     }
@@ -373,24 +510,25 @@ impl MeshState {
     /// Adds or replaces a workload. Remote workloads lose their labels (only the
     /// destination's agent evaluates selectors).
     pub fn put_workload(&mut self, mut w: Workload) {
-        if w.node != self.node {
+        let local = *w.node == *self.node;
+        if !local {
             w.labels = Labels::new();
         }
         self.remove_workload(&w.uid);
         let w = Arc::new(w);
-        for ip in &w.ips {
-            self.by_ip.insert(*ip, w.clone());
+        for ip in w.ips.iter() {
+            self.by_ip.insert(ip, w.clone());
         }
-        if w.node == self.node {
+        if local {
             self.local.insert(w.uid.clone());
         }
         if w.enrolled {
             *self
                 .enrolled_by_namespace
-                .entry(w.namespace.clone())
+                .entry(w.namespace().to_owned())
                 .or_default() += 1;
         }
-        self.workloads.insert(w.uid.clone(), w);
+        self.workloads.insert(w);
     }
 
     /// Removes a workload (and its index entries).
@@ -398,16 +536,16 @@ impl MeshState {
         let Some(old) = self.workloads.remove(uid) else {
             return;
         };
-        for ip in &old.ips {
-            self.by_ip.remove(ip, &old);
+        for ip in old.ips.iter() {
+            self.by_ip.remove(&ip, &old);
         }
         self.local.remove(uid);
         if old.enrolled
-            && let Some(n) = self.enrolled_by_namespace.get_mut(&old.namespace)
+            && let Some(n) = self.enrolled_by_namespace.get_mut(old.namespace())
         {
             *n -= 1;
             if *n == 0 {
-                self.enrolled_by_namespace.remove(&old.namespace);
+                self.enrolled_by_namespace.remove(old.namespace());
             }
         }
     }
@@ -462,7 +600,7 @@ impl Serialize for MeshState {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let workloads: BTreeMap<&str, &Workload> =
-            self.workloads.iter().map(|(k, v)| (&**k, &**v)).collect();
+            self.workloads.values().map(|v| (&*v.uid, &**v)).collect();
         let services: BTreeMap<&str, &Service> = self
             .services
             .iter()
@@ -539,17 +677,15 @@ pub(crate) mod fixtures {
         Workload {
             uid: uid.into(),
             name: uid.into(),
-            namespace: "shop".into(),
             node: node.into(),
-            service_account: uid.into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: Ips::new([ip.parse().unwrap()]).unwrap(),
             enrolled,
             native_tunnel: false,
             waypoint: None,
-            identity: Identity::new("cluster.local", "shop", uid).unwrap(),
+            identity: Arc::new(Identity::new("cluster.local", "shop", uid).unwrap()),
             labels: Labels::new(),
             mtls: MtlsMode::Strict,
-            canonical: Canonical::derive(uid, &Labels::new()),
+            canonical: Arc::new(Canonical::derive(uid, &Labels::new())),
         }
     }
 

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use ambit_identity::Identity;
 use ambit_policy::Authorization;
 use ambit_xds::ambit;
 use ambit_xds::client::{ApplyError, Handler};
@@ -13,13 +12,32 @@ use ambit_xds::envoy::Any;
 use ambit_xds::type_url;
 use prost::Message;
 
-use super::{Canonical, MtlsMode, Service, Store, Workload};
+use super::intern::Interners;
+use super::{Ips, MtlsMode, Service, Store, Workload};
 
 /// Feeds a [`Store`] from xDS.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StoreHandler {
     /// Where decoded resources go.
     pub store: Arc<Store>,
+    /// What the workloads it decodes share.
+    shared: Interners,
+}
+
+impl StoreHandler {
+    /// A handler feeding `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            shared: Interners::default(),
+        }
+    }
+
+    /// How many node and waypoint names it holds.
+    #[cfg(test)]
+    pub(crate) fn shared_strings(&self) -> usize {
+        self.shared.strings.len()
+    }
 }
 
 /// Above this many resources in one update, freed heap is handed back to the system
@@ -30,35 +48,49 @@ impl Handler for StoreHandler {
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(String, Any)>,
+        updated: Vec<(Arc<str>, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
         let large = updated.len() > TRIM_AFTER;
         // Decode and validate everything before touching the store.
         match type_url {
             type_url::WORKLOAD => {
-                let d = decode_all(updated, decode_workload)?;
+                let shared = &mut self.shared;
+                let d = decode_all(updated, |n, b| decode_workload_with(n, b, shared))?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_workload(n));
-                    d.into_iter().for_each(|(_, w)| m.put_workload(w));
+                    // The uid is the client's copy of the name: one allocation for both.
+                    d.into_iter()
+                        .for_each(|(uid, w)| m.put_workload(Workload { uid, ..w }));
                 });
             }
             type_url::SERVICE => {
-                let d = decode_all(updated, decode_service)?;
+                // Endpoints name workloads: hold the workloads' own uids.
+                let d = self.store.read(|m| {
+                    decode_all(updated, |n, b| {
+                        decode_service_with(n, b, |uid| {
+                            m.workload(uid)
+                                .map_or_else(|| uid.into(), |w| w.uid.clone())
+                        })
+                    })
+                })?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_service(n));
-                    d.into_iter().for_each(|(n, s)| m.put_service(n, s));
+                    d.into_iter()
+                        .for_each(|(n, s)| m.put_service(n.to_string(), s));
                 });
             }
             type_url::AUTHORIZATION => {
                 let d = decode_all(updated, decode_authorization)?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_policy(n));
-                    d.into_iter().for_each(|(n, p)| m.put_policy(n, p));
+                    d.into_iter()
+                        .for_each(|(n, p)| m.put_policy(n.to_string(), p));
                 });
             }
             other => return Err(ApplyError::UnexpectedType(other.to_owned())),
         }
+        self.shared.sweep();
         if large {
             trim_heap();
         }
@@ -76,14 +108,17 @@ fn trim_heap() {
 }
 
 fn decode_all<T>(
-    updated: Vec<(String, Any)>,
-    decode: impl Fn(&str, &[u8]) -> Result<T, DecodeError>,
-) -> Result<Vec<(String, T)>, ApplyError> {
+    updated: Vec<(Arc<str>, Any)>,
+    mut decode: impl FnMut(&str, &[u8]) -> Result<T, DecodeError>,
+) -> Result<Vec<(Arc<str>, T)>, ApplyError> {
     updated
         .into_iter()
         .map(|(name, any)| match decode(&name, &any.value) {
             Ok(v) => Ok((name, v)),
-            Err(source) => Err(ApplyError::Resource { name, source }),
+            Err(source) => Err(ApplyError::Resource {
+                name: name.to_string(),
+                source,
+            }),
         })
         .collect()
 }
@@ -97,6 +132,15 @@ pub fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, 
 
 /// Decodes and validates one `ambit.v1.Workload` named `name`.
 pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError> {
+    decode_workload_with(name, bytes, &mut Interners::default())
+}
+
+/// [`decode_workload`], sharing what workloads have in common through `shared`.
+pub fn decode_workload_with(
+    name: &str,
+    bytes: &[u8],
+    shared: &mut Interners,
+) -> Result<Workload, DecodeError> {
     let w = ambit::Workload::decode(bytes).map_err(|e| DecodeError::protobuf("Workload", e))?;
     let field = |field, problem: &str| DecodeError::Field {
         field,
@@ -113,12 +157,8 @@ pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError
         .iter()
         .map(|b| ip_from_bytes(b))
         .collect::<Result<Vec<_>, _>>()?;
-    if ips.iter().filter(|ip| ip.is_ipv4()).count() > 1
-        || ips.iter().filter(|ip| ip.is_ipv6()).count() > 1
-    {
-        return Err(field("ips", "more than one address of a family"));
-    }
-    let identity = Identity::parse(&w.identity)?;
+    let ips = Ips::new(ips).map_err(|e| field("ips", e))?;
+    let identity = shared.identity(&w.identity)?;
     if identity.namespace() != w.namespace || identity.service_account() != w.service_account {
         return Err(field(
             "identity",
@@ -136,17 +176,19 @@ pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError
         }
     };
     let labels = w.labels.into_iter().collect();
+    // What is kept is allocated here, fresh (the decoder's strings are freed at once and
+    // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
-        canonical: Canonical::derive(&w.name, &labels),
-        uid: w.uid.into(),
-        name: w.name,
-        namespace: w.namespace,
-        node: w.node,
-        service_account: w.service_account,
+        canonical: shared.canonical(&w.name, &labels),
+        uid: name.into(),
+        name: w.name.as_str().into(),
+        node: shared.strings.str(&w.node),
         ips,
         enrolled: w.enrolled,
         native_tunnel: w.native_tunnel,
-        waypoint: Some(w.waypoint).filter(|s| !s.is_empty()),
+        waypoint: Some(w.waypoint.as_str())
+            .filter(|s| !s.is_empty())
+            .map(|s| shared.strings.str(s)),
         identity,
         labels,
         mtls,
@@ -154,7 +196,16 @@ pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError
 }
 
 /// Decodes and validates one `ambit.v1.Service`.
-pub fn decode_service(_name: &str, bytes: &[u8]) -> Result<Service, DecodeError> {
+pub fn decode_service(name: &str, bytes: &[u8]) -> Result<Service, DecodeError> {
+    decode_service_with(name, bytes, |uid| uid.into())
+}
+
+/// [`decode_service`], taking each endpoint's uid from `uid` (the workload's own).
+pub fn decode_service_with(
+    _name: &str,
+    bytes: &[u8],
+    uid: impl Fn(&str) -> Arc<str>,
+) -> Result<Service, DecodeError> {
     let s = ambit::Service::decode(bytes).map_err(|e| DecodeError::protobuf("Service", e))?;
     Ok(Service {
         vips: s
@@ -170,7 +221,7 @@ pub fn decode_service(_name: &str, bytes: &[u8]) -> Result<Service, DecodeError>
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
-        endpoints: s.endpoints.into_iter().map(Into::into).collect(),
+        endpoints: s.endpoints.iter().map(|e| uid(e)).collect(),
         waypoint: Some(s.waypoint).filter(|w| !w.is_empty()),
     })
 }

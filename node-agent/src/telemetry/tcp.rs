@@ -31,9 +31,9 @@ const CLUSTER: &str = ambit_xds::istio::CLUSTER;
 pub fn baggage(w: &Workload) -> String {
     ambit_hbone::baggage::PeerMetadata {
         cluster: Some(CLUSTER.to_owned()),
-        namespace: Some(w.namespace.clone()),
+        namespace: Some(w.namespace().to_owned()),
         workload_kind: Some("pod".to_owned()),
-        workload: Some(w.name.clone()),
+        workload: Some(w.name.to_string()),
         service: Some(w.canonical.service.to_string()),
         revision: Some(w.canonical.revision.to_string()),
     }
@@ -67,10 +67,10 @@ impl TcpKey {
     fn labels(&self) -> [(&'static str, &str); LABELS] {
         let (s, d) = (self.source.as_deref(), self.destination.as_deref());
         fn name(w: Option<&Workload>) -> &str {
-            w.map_or(UNKNOWN, |w| w.name.as_str())
+            w.map_or(UNKNOWN, |w| &w.name)
         }
         fn ns(w: Option<&Workload>) -> &str {
-            w.map_or(UNKNOWN, |w| w.namespace.as_str())
+            w.map_or(UNKNOWN, |w| w.namespace())
         }
         fn canon(w: Option<&Workload>, f: fn(&crate::state::Canonical) -> &str) -> &str {
             w.map_or(UNKNOWN, |w| f(&w.canonical))
@@ -79,7 +79,7 @@ impl TcpKey {
             w.map_or("latest", |w| &w.canonical.revision)
         }
         fn principal<'a>(id: Option<&'a Identity>, w: Option<&'a Workload>) -> &'a str {
-            id.or(w.map(|w| &w.identity))
+            id.or(w.map(|w| &*w.identity))
                 .map_or(UNKNOWN, Identity::as_str)
         }
         // The source's agent knows its own workload's identity; the destination's agent
@@ -118,7 +118,7 @@ impl TcpKey {
                         Some(id) => id.namespace(),
                         None => said(|m| &m.namespace, UNKNOWN),
                     },
-                    |w| &w.namespace,
+                    |w| w.namespace(),
                 ),
             ),
             (

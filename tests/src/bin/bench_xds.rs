@@ -195,12 +195,7 @@ async fn push_latency(snapshot: Snapshot) -> anyhow::Result<f64> {
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_secs(1),
     };
-    let client = XdsClient::spawn(
-        config,
-        StoreHandler {
-            store: store.clone(),
-        },
-    );
+    let client = XdsClient::spawn(config, StoreHandler::new(store.clone()));
     let t = Instant::now();
     while !client.status.synced(&NODE_AGENT) {
         anyhow::ensure!(

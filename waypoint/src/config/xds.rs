@@ -46,14 +46,14 @@ impl Handler for ConfigHandler {
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(String, Any)>,
+        updated: Vec<(Arc<str>, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
         let mut next = self.resources.clone();
         for (name, any) in &updated {
             if any.type_url != type_url {
                 return Err(ApplyError::WrongType {
-                    name: name.clone(),
+                    name: name.to_string(),
                     found: any.type_url.clone(),
                     expected: type_url.to_owned(),
                 });
@@ -63,7 +63,7 @@ impl Handler for ConfigHandler {
             type_url::LISTENER => {
                 for (name, any) in updated {
                     let l = decode::listener(&any).map_err(|e| refuse(&name, e))?;
-                    next.listeners.insert(name, Arc::new(l));
+                    next.listeners.insert(name.to_string(), Arc::new(l));
                 }
                 for n in removed {
                     next.listeners.remove(&n);
@@ -72,7 +72,7 @@ impl Handler for ConfigHandler {
             type_url::ROUTE => {
                 for (name, any) in updated {
                     let r = decode::route_config(&any).map_err(|e| refuse(&name, e))?;
-                    next.routes.insert(name, Arc::new(r));
+                    next.routes.insert(name.to_string(), Arc::new(r));
                 }
                 for n in removed {
                     next.routes.remove(&n);
@@ -81,7 +81,7 @@ impl Handler for ConfigHandler {
             type_url::CLUSTER => {
                 for (name, any) in updated {
                     let c = decode::cluster(&any).map_err(|e| refuse(&name, e))?;
-                    next.clusters.insert(name, Arc::new(c));
+                    next.clusters.insert(name.to_string(), Arc::new(c));
                 }
                 for n in removed {
                     next.clusters.remove(&n);
@@ -90,7 +90,7 @@ impl Handler for ConfigHandler {
             type_url::ENDPOINT => {
                 for (name, any) in updated {
                     let (_, eps) = decode::endpoints(&any).map_err(|e| refuse(&name, e))?;
-                    next.endpoints.insert(name, Arc::new(eps));
+                    next.endpoints.insert(name.to_string(), Arc::new(eps));
                 }
                 for n in removed {
                     next.endpoints.remove(&n);
@@ -103,10 +103,10 @@ impl Handler for ConfigHandler {
                         .map_err(|e| DecodeError::protobuf("Authorization", e))
                         .and_then(ambit_xds::convert::authorization_from_proto)
                         .map_err(|source| ApplyError::Resource {
-                            name: name.clone(),
+                            name: name.to_string(),
                             source,
                         })?;
-                    next.policies.insert(name, Arc::new(p));
+                    next.policies.insert(name.to_string(), Arc::new(p));
                 }
                 for n in removed {
                     next.policies.remove(&n);
@@ -115,7 +115,7 @@ impl Handler for ConfigHandler {
             type_url::WORKLOAD => {
                 for (name, any) in updated {
                     let w = decode::fronted_workload(&any).map_err(|e| refuse(&name, e))?;
-                    next.workloads.insert(name, Arc::new(w));
+                    next.workloads.insert(name.to_string(), Arc::new(w));
                 }
                 for n in removed {
                     next.workloads.remove(&n);

@@ -341,6 +341,7 @@ impl TestWaypoint {
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
+        let updated = updated.into_iter().map(|(n, a)| (n.into(), a)).collect();
         self.handler.lock().unwrap().apply(t, updated, removed)
     }
 
