@@ -146,9 +146,13 @@ impl Interners {
         )
     }
 
-    /// The shared canonical names of a workload `name` with `labels`.
-    pub fn canonical(&mut self, name: &str, labels: &ambit_policy::Labels) -> Arc<Canonical> {
-        let names = Canonical::names_of(name, labels);
+    /// The shared canonical names of a workload `name` whose labels `label` looks up.
+    pub fn canonical<'a>(
+        &mut self,
+        name: &'a str,
+        label: impl Fn(&str) -> Option<&'a str>,
+    ) -> Arc<Canonical> {
+        let names = Canonical::names_of(name, label);
         let made: Result<_, std::convert::Infallible> = self.canonicals.get_or_try(
             &names,
             |e| e.names() == names,
@@ -208,12 +212,13 @@ mod tests {
     fn canonical_names_are_shared_by_workloads_with_the_same_labels() {
         let mut i = Interners::default();
         let labels: ambit_policy::Labels = [("app".to_string(), "web".to_string())].into();
-        let (a, b) = (i.canonical("a-1", &labels), i.canonical("a-2", &labels));
+        let label = |k: &str| labels.get(k).map(String::as_str);
+        let (a, b) = (i.canonical("a-1", label), i.canonical("a-2", label));
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(*a, Canonical::derive("a-1", &labels));
         let (c, d) = (
-            i.canonical("pod-1", &Default::default()),
-            i.canonical("pod-2", &Default::default()),
+            i.canonical("pod-1", |_| None),
+            i.canonical("pod-2", |_| None),
         );
         assert!(
             !Arc::ptr_eq(&c, &d),

@@ -167,14 +167,14 @@ pub struct Canonical {
 impl Canonical {
     /// Istio's rules, applied to a workload's name and labels.
     pub fn derive(name: &str, labels: &Labels) -> Self {
-        Self::from_names(Self::names_of(name, labels))
+        Self::from_names(Self::names_of(name, |k| labels.get(k).map(String::as_str)))
     }
 
-    /// The four values Istio's rules give a workload's name and labels: service,
-    /// revision, app, version.
-    pub fn names_of<'a>(name: &'a str, labels: &'a Labels) -> [&'a str; 4] {
+    /// The four values Istio's rules give a workload's name and labels (looked up by
+    /// `label`): service, revision, app, version.
+    pub fn names_of<'a>(name: &'a str, label: impl Fn(&str) -> Option<&'a str>) -> [&'a str; 4] {
         use ambit_xds::istio;
-        let label = |keys: &[&str]| istio::first(keys, |k| labels.get(k).map(String::as_str));
+        let label = |keys: &[&str]| istio::first(keys, &label);
         [
             label(&istio::CANONICAL_SERVICE_LABELS).unwrap_or(name),
             label(&istio::CANONICAL_REVISION_LABELS).unwrap_or(LATEST),

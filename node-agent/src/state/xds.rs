@@ -22,12 +22,15 @@ pub struct StoreHandler {
     pub store: Arc<Store>,
     /// What the workloads it decodes share.
     shared: Interners,
+    /// The store's node (its workloads keep their labels).
+    node: Arc<str>,
 }
 
 impl StoreHandler {
     /// A handler feeding `store`.
     pub fn new(store: Arc<Store>) -> Self {
         Self {
+            node: store.read(|s| s.node().into()),
             store,
             shared: Interners::default(),
         }
@@ -55,8 +58,10 @@ impl Handler for StoreHandler {
         // Decode and validate everything before touching the store.
         match type_url {
             type_url::WORKLOAD => {
-                let shared = &mut self.shared;
-                let d = decode_all(updated, |n, b| decode_workload_with(n, b, shared))?;
+                let (shared, node) = (&mut self.shared, &self.node);
+                let d = decode_all(updated, |n, b| {
+                    decode_workload_with(n, b, shared, |at| at == &**node)
+                })?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_workload(n));
                     // The uid is the client's copy of the name: one allocation for both.
@@ -132,14 +137,16 @@ pub fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, 
 
 /// Decodes and validates one `ambit.v1.Workload` named `name`.
 pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError> {
-    decode_workload_with(name, bytes, &mut Interners::default())
+    decode_workload_with(name, bytes, &mut Interners::default(), |_| true)
 }
 
-/// [`decode_workload`], sharing what workloads have in common through `shared`.
+/// [`decode_workload`], sharing what workloads have in common through `shared`, and
+/// keeping labels only of workloads on a node for which `keep_labels` holds.
 pub fn decode_workload_with(
     name: &str,
     bytes: &[u8],
     shared: &mut Interners,
+    keep_labels: impl Fn(&str) -> bool,
 ) -> Result<Workload, DecodeError> {
     let w = ambit::Workload::decode(bytes).map_err(|e| DecodeError::protobuf("Workload", e))?;
     let field = |field, problem: &str| DecodeError::Field {
@@ -175,11 +182,17 @@ pub fn decode_workload_with(
             });
         }
     };
-    let labels = w.labels.into_iter().collect();
+    let canonical = shared.canonical(&w.name, |k| w.labels.get(k).map(String::as_str));
+    // Only the destination's agent evaluates selectors: others drop labels unread
+    // (a map per workload, of which only this node's few are kept).
+    let labels = match keep_labels(&w.node) {
+        true => w.labels.into_iter().collect(),
+        false => Default::default(),
+    };
     // What is kept is allocated here, fresh (the decoder's strings are freed at once and
     // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
-        canonical: shared.canonical(&w.name, &labels),
+        canonical,
         uid: name.into(),
         name: w.name.as_str().into(),
         node: shared.strings.str(&w.node),
