@@ -296,7 +296,20 @@ fn ensure_kubernetes_validate() -> anyhow::Result<()> {
 fn bench_hbone() -> anyhow::Result<()> {
     require_root("the HBONE bench")?;
     ensure_envoy()?;
+    ensure_perf_if_profiling()?;
     run_harness_bin("ambit-bench-hbone")
+}
+
+/// A bench asked to profile (`AMBIT_BENCH_PROFILE=<dir>`) needs perf: Debian `linux-perf`.
+fn ensure_perf_if_profiling() -> anyhow::Result<()> {
+    let have = Command::new("perf")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if std::env::var_os("AMBIT_BENCH_PROFILE").is_some() && !have {
+        apt_install(&["linux-perf"])?;
+    }
+    Ok(())
 }
 
 /// The waypoint's bench needs its peer (Envoy) and real load generators: wrk (HTTP/1.1)
@@ -313,6 +326,7 @@ fn bench_waypoint() -> anyhow::Result<()> {
     if !(have("wrk") && have("h2load")) {
         apt_install(&["wrk", "nghttp2-client"])?;
     }
+    ensure_perf_if_profiling()?;
     run_harness_bin("ambit-bench-waypoint")
 }
 
