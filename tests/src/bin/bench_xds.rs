@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_control_plane::ads::AdsServer;
-use ambit_control_plane::source::file::{Derived, parse, parse_spec};
+use ambit_control_plane::source::file::{Derived, Reparser, parse, parse_spec};
 use ambit_control_plane::translate::Snapshot;
 use ambit_node_agent::state::Store;
 use ambit_node_agent::state::xds::StoreHandler;
@@ -53,6 +53,22 @@ fn main() -> anyhow::Result<()> {
         format!(
             "parse the 10k-workload YAML ({:.1} MB)",
             yaml.len() as f64 / 1e6
+        ),
+        ms(t),
+    ));
+    let mut reparser = Reparser::new();
+    reparser
+        .parse_spec(Path::new("bench.yaml"), &yaml)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let changed = mesh(1);
+    let t = Instant::now();
+    reparser
+        .parse_spec(Path::new("bench.yaml"), &changed)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    rows.push((
+        format!(
+            "re-parse it with one workload changed (incremental: {} of {WORKLOADS} workloads parsed)",
+            reparser.items_parsed
         ),
         ms(t),
     ));

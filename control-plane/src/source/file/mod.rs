@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod derive;
+mod reparse;
 mod watch;
 
 use crate::model::authz::{
@@ -30,6 +31,7 @@ use crate::model::{
     WorkloadSpec,
 };
 pub use derive::Derived;
+pub use reparse::Reparser;
 pub use watch::{FileSource, Watch};
 
 /// Why a mesh file was rejected.
@@ -130,12 +132,17 @@ fn invalid(path: &Path) -> impl FnOnce(Vec<Problem>) -> FileError + '_ {
 /// Parses mesh YAML into the mesh it declares, checked field by field but not yet as a
 /// whole (that is [`Model::build`]).
 pub fn parse_spec(path: &Path, text: &str) -> Result<MeshSpec, FileError> {
+    parse_file(path, text)?.into_spec().map_err(invalid(path))
+}
+
+/// `text` read into the file format (not yet checked as a mesh).
+fn parse_file(path: &Path, text: &str) -> Result<MeshFile, FileError> {
     if text.trim().is_empty() {
         return Err(FileError::Empty {
             file: path.to_owned(),
         });
     }
-    let file: MeshFile = serde_yaml_ng::from_str(text).map_err(|e| {
+    serde_yaml_ng::from_str(text).map_err(|e| {
         let loc = e.location();
         FileError::Parse {
             file: path.to_owned(),
@@ -144,8 +151,7 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<MeshSpec, FileError> {
             // The location is already in front; serde_yaml_ng repeats it at the end.
             error: strip_location(&e.to_string()),
         }
-    })?;
-    file.into_spec().map_err(invalid(path))
+    })
 }
 
 fn strip_location(msg: &str) -> String {
@@ -157,7 +163,7 @@ fn strip_location(msg: &str) -> String {
 
 // ---- The file format. Field names are the YAML's (camelCase); unknown fields are errors.
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct MeshFile {
     #[serde(default = "default_trust_domain")]
@@ -182,7 +188,7 @@ struct MeshFile {
     request_authentications: Vec<crate::model::authn::RequestAuthenticationSpec>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WaypointFile {
     name: String,
@@ -195,7 +201,7 @@ fn default_trust_domain() -> String {
     "cluster.local".into()
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NamespaceFile {
     name: String,
@@ -203,13 +209,13 @@ struct NamespaceFile {
     labels: Labels,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NodeFile {
     name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct WorkloadFile {
     #[serde(default)]
@@ -224,7 +230,7 @@ struct WorkloadFile {
     labels: Labels,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ServiceFile {
     name: String,
@@ -237,7 +243,7 @@ struct ServiceFile {
     labels: Labels,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PortFile {
     #[serde(default)]
@@ -251,7 +257,7 @@ struct PortFile {
 
 /// An authorization policy: enforced by node agents (L4) when it has a `selector` or
 /// nothing, by waypoints (L7) when it has `targetRefs`.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PolicyFile {
     name: String,
@@ -269,7 +275,7 @@ struct PolicyFile {
 }
 
 /// `connectionRateLimit`: new connections per source identity.
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConnectionRateFile {
     connections: u32,
@@ -278,7 +284,7 @@ struct ConnectionRateFile {
     burst: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TargetRefFile {
     #[serde(default)]
@@ -297,7 +303,7 @@ enum ActionFile {
     RateLimit,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
     #[serde(default)]
@@ -308,7 +314,7 @@ struct RuleFile {
     when: Vec<ConditionFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ConditionFile {
     key: String,
@@ -318,7 +324,7 @@ struct ConditionFile {
     not_values: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct SourceFile {
     #[serde(default)]
@@ -343,7 +349,7 @@ struct SourceFile {
     not_remote_ip_blocks: Vec<CidrFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct DestinationFile {
     #[serde(default)]
@@ -393,6 +399,7 @@ impl RuleFile {
 }
 
 /// A principal pattern, checked while parsing so a bad one gets a line and column.
+#[derive(Clone)]
 struct PrincipalFile(PrincipalPattern);
 
 impl<'de> Deserialize<'de> for PrincipalFile {
@@ -405,6 +412,7 @@ impl<'de> Deserialize<'de> for PrincipalFile {
 }
 
 /// A CIDR, checked while parsing so a bad one gets a line and column.
+#[derive(Clone)]
 struct CidrFile(Cidr);
 
 impl<'de> Deserialize<'de> for CidrFile {

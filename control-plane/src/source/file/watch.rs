@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Derived, FileError, invalid, parse_spec, read};
+use super::{Derived, FileError, Reparser, invalid, read};
 use crate::model::Model;
 use crate::source::guard::Publisher;
 
@@ -49,7 +49,9 @@ impl FileSource {
         // Stamp before loading: a change that lands in between is then seen and re-read,
         // never missed.
         let first = stamp(&path);
-        let derived = Derived::build(parse_spec(&path, &read(&path)?)?).map_err(invalid(&path))?;
+        let mut reparser = Reparser::new();
+        let derived =
+            Derived::build(reparser.parse_spec(&path, &read(&path)?)?).map_err(invalid(&path))?;
         let model = Arc::new(derived.model().clone());
         info!(file = %path.display(), workloads = model.workloads.len(), services = model.services.len(), "mesh loaded");
         let (err_tx, errors) = watch::channel(None);
@@ -67,6 +69,7 @@ impl FileSource {
             seen: first,
             read: first,
             derived,
+            reparser,
             publisher,
             err_tx,
         };
@@ -131,6 +134,8 @@ struct Watcher {
     read: Option<Stamp>,
     /// The last valid content's model, which the next is derived from.
     derived: Derived,
+    /// The last content's parsed items, which the next is parsed with.
+    reparser: Reparser,
     publisher: Publisher,
     err_tx: watch::Sender<Option<String>>,
 }
@@ -173,7 +178,7 @@ impl Watcher {
 
     /// The model of the file's new `text`, derived from the last one.
     fn model_of(&mut self, text: &str) -> Result<Model, FileError> {
-        let spec = parse_spec(&self.path, text)?;
+        let spec = self.reparser.parse_spec(&self.path, text)?;
         self.derived.next(spec).map_err(invalid(&self.path))
     }
 
