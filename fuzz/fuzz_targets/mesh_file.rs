@@ -1,6 +1,7 @@
 //! The mesh file (YAML written by a user): parsed and validated, and, when valid,
 //! translated into xDS resources that every node agent must accept. A mesh the control
-//! plane takes but an agent NACKs would stall the whole mesh on that version.
+//! plane takes but an agent NACKs would stall the whole mesh on that version. And a
+//! version re-parsed incrementally (after another) must read as the full parse reads it.
 #![no_main]
 
 use std::path::Path;
@@ -11,8 +12,19 @@ use ambit_node_agent::state::xds::{decode_authorization, decode_service, decode_
 use ambit_xds::type_url;
 use libfuzzer_sys::fuzz_target;
 
+const EXAMPLE: &str = include_str!("../../examples/mesh.yaml");
+
 fuzz_target!(|text: &str| {
-    let Ok(model) = file::parse(Path::new("fuzz.yaml"), text) else {
+    let path = Path::new("fuzz.yaml");
+    let full = format!("{:?}", file::parse_spec(path, text));
+    // After the example, and after this text without its last line.
+    let shorter = text.trim_end_matches('\n').rsplit_once('\n').map_or("", |(a, _)| a);
+    for before in [EXAMPLE, shorter] {
+        let mut r = file::Reparser::new();
+        let _ = r.parse_spec(path, before);
+        assert_eq!(full, format!("{:?}", r.parse_spec(path, text)), "after {before:?}");
+    }
+    let Ok(model) = file::parse(path, text) else {
         return;
     };
     let snapshot = Snapshot::from_model(&model);

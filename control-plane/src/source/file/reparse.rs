@@ -276,8 +276,9 @@ fn split_items<'a>(text: &'a str, lines: &[&'a str]) -> Option<Vec<&'a str>> {
     let first = lines.iter().position(|l| !is_blank_or_comment(l))?;
     let indent = lines[first].len() - lines[first].trim_start_matches(' ').len();
     let is_item = |l: &str| {
-        let body = &l[indent.min(l.len())..];
-        l.len() - l.trim_start_matches(' ').len() == indent
+        // Exactly `indent` spaces (so slicing there is at a character boundary), a dash.
+        let body = l.trim_start_matches(' ');
+        l.len() - body.len() == indent
             && (body.starts_with("- ") || body.trim_end_matches('\n') == "-")
     };
     if !is_item(lines[first]) {
@@ -473,6 +474,9 @@ mod tests {
         ] {
             assert!(split(text).is_none(), "{text:?}");
         }
+        // Found by the fuzzer: a line of fewer spaces than the items, then a multi-byte
+        // character where the items' dash would be.
+        assert!(split("workloads:\n  - name0 frode: node-0\n \u{c30}").is_none());
         let s =
             split("nodes:\n- name: a\n# c\n- name: b\nworkloads: []\ntrustDomain: x\n").unwrap();
         assert_eq!(s.items["nodes"], ["- name: a\n# c\n", "- name: b\n"]);
