@@ -10,7 +10,7 @@
 //! endpoints), is built in full. Either way the model is the one `Model::build` gives,
 //! which the tests below check on random sequences of edits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tracing::debug;
 
@@ -23,7 +23,7 @@ pub struct Derived {
     /// The spec the model was built from, without its workloads.
     rest: MeshSpec,
     /// Its workloads by uid (the model's key for them).
-    workloads: HashMap<String, WorkloadSpec>,
+    workloads: Keyed,
     model: Model,
     owners: IpOwners,
     /// How many versions were derived in place, and how many built in full.
@@ -60,31 +60,37 @@ impl Derived {
     /// `Err` (the file is invalid) nothing changes.
     pub fn next(&mut self, spec: MeshSpec) -> Result<Model, Vec<Problem>> {
         let (rest, workloads) = split(spec);
+        // Each workload's key, computed once.
+        let keys: Vec<String> = workloads.iter().map(WorkloadSpec::key).collect();
         if rest == self.rest
-            && let Some(index) = uids(&workloads)
+            && let Some(index) = unique(&keys)
         {
             let gone: Vec<String> = self
                 .workloads
                 .keys()
-                .filter(|uid| !index.contains_key(uid.as_str()))
+                .filter(|uid| !index.contains(uid.as_str()))
                 .cloned()
                 .collect();
-            let changed: Vec<WorkloadSpec> = index
+            let changed: Vec<WorkloadSpec> = keys
                 .iter()
-                .filter(|(uid, i)| self.workloads.get(uid.as_str()) != Some(&workloads[**i]))
-                .map(|(_, i)| workloads[*i].clone())
+                .zip(&workloads)
+                .filter(|(uid, w)| self.workloads.get(uid.as_str()) != Some(w))
+                .map(|(_, w)| w.clone())
                 .collect();
             // A model shares its entries with its clones; only the changes are copied.
-            let (mut model, mut owners) = (self.model.clone(), self.owners.clone());
-            match model.apply_pod_changes(&mut owners, &gone, changed) {
+            // The IP owners change in place: on a refusal they are derived again.
+            let mut model = self.model.clone();
+            match model.apply_pod_changes(&mut self.owners, &gone, changed) {
                 Ok(()) => {
                     self.model = model.clone();
-                    self.owners = owners;
-                    self.workloads = keyed(workloads);
+                    self.workloads = keys.into_iter().zip(workloads).collect();
                     self.counts.0 += 1;
                     return Ok(model);
                 }
-                Err(why) => debug!(reason = why.0, "the file's change needs a full build"),
+                Err(why) => {
+                    debug!(reason = why.0, "the file's change needs a full build");
+                    self.owners = IpOwners::of(&self.model);
+                }
             }
         }
         let counts = self.counts;
@@ -100,18 +106,17 @@ fn split(mut spec: MeshSpec) -> (MeshSpec, Vec<WorkloadSpec>) {
     (spec, workloads)
 }
 
-/// Each workload's index by uid; `None` if two share one (the full build says which).
-fn uids(workloads: &[WorkloadSpec]) -> Option<HashMap<String, usize>> {
-    let index: HashMap<String, usize> = workloads
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.key(), i))
-        .collect();
-    (index.len() == workloads.len()).then_some(index)
+/// Workloads by uid. (foldhash: each version hashes every uid a few times.)
+type Keyed = HashMap<String, WorkloadSpec, foldhash::fast::RandomState>;
+
+/// The keys' set; `None` if two are equal (the full build says which).
+fn unique(keys: &[String]) -> Option<HashSet<&str, foldhash::fast::RandomState>> {
+    let set: HashSet<&str, _> = keys.iter().map(String::as_str).collect();
+    (set.len() == keys.len()).then_some(set)
 }
 
 /// Workloads by uid (unique ones: the file was valid).
-fn keyed(workloads: Vec<WorkloadSpec>) -> HashMap<String, WorkloadSpec> {
+fn keyed(workloads: Vec<WorkloadSpec>) -> Keyed {
     workloads.into_iter().map(|w| (w.key(), w)).collect()
 }
 
