@@ -481,6 +481,9 @@ struct DeltaType {
     names: BTreeSet<String>,
     /// What we believe the client has: name → version.
     client: BTreeMap<String, String>,
+    /// The snapshot `client` is the whole view of (wildcard, since its last push), so
+    /// the next push can diff snapshots instead of scanning every resource.
+    synced_to: Option<Arc<Snapshot>>,
     nonce: String,
 }
 
@@ -530,6 +533,7 @@ impl Protocol for DeltaStream {
             wildcard: r.resource_names_subscribe.is_empty(),
             names: BTreeSet::new(),
             client: r.initial_resource_versions.clone().into_iter().collect(),
+            synced_to: None,
             nonce: String::new(),
         });
         if !first && !r.response_nonce.is_empty() {
@@ -564,6 +568,8 @@ impl Protocol for DeltaStream {
             }
         }
         if first || !newly.is_empty() || !r.resource_names_unsubscribe.is_empty() {
+            // What the client is meant to have changed: scan for the next push.
+            t.synced_to = None;
             return self
                 .push(type_url, first, newly)
                 .await
@@ -589,18 +595,25 @@ impl DeltaStream {
         let snapshot = self.core.snapshots.borrow_and_update().clone();
         let t = self.types.get_mut(type_url).expect("subscribed");
         let covers = |n: &str| t.wildcard || t.names.contains(n);
-        // Compare versions in place: no copy of the node's view.
-        let changed: Vec<Arc<VersionedResource>> = snapshot
-            .resources(&node, type_url)
-            .filter(|r| covers(&r.name) && t.client.get(&r.name) != Some(&r.version))
-            .cloned()
-            .collect();
-        let mut removed: Vec<String> = t
-            .client
-            .keys()
-            .filter(|n| !covers(n) || snapshot.get(&node, type_url, n).is_none())
-            .cloned()
-            .collect();
+        // The client holds all of the last snapshot pushed: what changed since is a
+        // diff of the two (O(changes)); otherwise compare versions in place, without a
+        // copy of the node's view (O(resources)).
+        let diffed = t
+            .synced_to
+            .as_ref()
+            .filter(|_| t.wildcard)
+            .and_then(|prev| snapshot.changes_since(prev, &node, type_url));
+        let (changed, mut removed) = match diffed {
+            Some(d) => {
+                debug_assert_eq!(
+                    names_of(&d),
+                    names_of(&scan(&snapshot, &node, type_url, &t.client, covers)),
+                    "the snapshot diff disagrees with the scan"
+                );
+                d
+            }
+            None => scan(&snapshot, &node, type_url, &t.client, covers),
+        };
         removed.extend(
             newly.into_iter().filter(|n| {
                 snapshot.get(&node, type_url, n).is_none() && !t.client.contains_key(n)
@@ -615,6 +628,7 @@ impl DeltaStream {
         for n in &removed {
             t.client.remove(n);
         }
+        t.synced_to = t.wildcard.then(|| snapshot.clone());
         t.nonce = self.core.nonces.next();
         let response = DeltaDiscoveryResponse {
             system_version_info: snapshot.version().to_owned(),
@@ -638,4 +652,39 @@ impl DeltaStream {
             .fetch_add(1, Ordering::Relaxed);
         self.core.tx.send(Ok(response)).await.map_err(drop)
     }
+}
+
+/// What differs between the client's versions and `snapshot`'s view for `node`:
+/// (resources it lacks or holds in another version, names it holds that are gone or no
+/// longer covered).
+fn scan(
+    snapshot: &Snapshot,
+    node: &str,
+    type_url: &str,
+    client: &BTreeMap<String, String>,
+    covers: impl Fn(&str) -> bool,
+) -> (Vec<Arc<VersionedResource>>, Vec<String>) {
+    let changed = snapshot
+        .resources(node, type_url)
+        .filter(|r| covers(&r.name) && client.get(&r.name) != Some(&r.version))
+        .cloned()
+        .collect();
+    let removed = client
+        .keys()
+        .filter(|n| !covers(n) || snapshot.get(node, type_url, n).is_none())
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+/// The names a push would send, sorted (to compare two ways of finding them).
+fn names_of(d: &(Vec<Arc<VersionedResource>>, Vec<String>)) -> (Vec<String>, Vec<String>) {
+    let mut changed: Vec<String> =
+        d.0.iter()
+            .map(|r| format!("{}@{}", r.name, r.version))
+            .collect();
+    let mut removed = d.1.clone();
+    changed.sort();
+    removed.sort();
+    (changed, removed)
 }

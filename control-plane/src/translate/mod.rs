@@ -325,6 +325,40 @@ impl Snapshot {
         }
     }
 
+    /// What changed for `node` in `type_url` since `prev`: (resources added or changed,
+    /// names removed), found by diffing the persistent maps, so O(changes) where
+    /// [`resources`](Self::resources) is O(all). `None` for a type or node it cannot
+    /// diff that way (policies, a waypoint's view): scan those.
+    pub fn changes_since(
+        &self,
+        prev: &Snapshot,
+        node: &str,
+        type_url: &str,
+    ) -> Option<(Vec<Arc<VersionedResource>>, Vec<String>)> {
+        let (old, new) = match type_url {
+            _ if self.is_waypoint(node) || prev.is_waypoint(node) => return None,
+            type_url::WORKLOAD => (&prev.workloads, &self.workloads),
+            type_url::SERVICE => (&prev.services, &self.services),
+            _ => return None,
+        };
+        let (mut changed, mut removed) = (Vec::new(), Vec::new());
+        for d in old.diff(new) {
+            match d {
+                DiffItem::Add(_, r) => changed.push(r.clone()),
+                DiffItem::Update {
+                    old: (_, o),
+                    new: (_, r),
+                } => {
+                    if o.version != r.version {
+                        changed.push(r.clone());
+                    }
+                }
+                DiffItem::Remove(name, _) => removed.push(name.clone()),
+            }
+        }
+        Some((changed, removed))
+    }
+
     /// The identity of the waypoint whose node id is `node` (its pods').
     pub fn waypoint_identity(&self, node: &str) -> Option<&ambit_identity::Identity> {
         self.waypoint_identities.get(node)
