@@ -125,7 +125,7 @@ mod tests {
             native_tunnel: false,
             waypoint: None,
             identity: Arc::new(Identity::new("cluster.local", "shop", "web").unwrap()),
-            labels: Default::default(),
+            labels: None,
             mtls: MtlsMode::Strict,
             canonical: Arc::new(Canonical::derive("web-0", &Default::default())),
         }

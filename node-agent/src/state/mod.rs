@@ -48,8 +48,11 @@ pub struct Workload {
     pub waypoint: Option<Arc<str>>,
     /// Its SPIFFE identity: also its namespace and service account.
     pub identity: Arc<Identity>,
-    /// Its labels; kept for this node's workloads only (policy selectors need them).
-    pub labels: Labels,
+    /// Its labels, if any are kept: this node's workloads only (policy selectors need
+    /// them), so every other workload holds one null pointer. Read with [`labels`].
+    ///
+    /// [`labels`]: Workload::labels
+    pub labels: Option<Box<Labels>>,
     /// How plaintext inbound connections to it are treated.
     pub mtls: MtlsMode,
     /// How telemetry names it (Istio's canonical service rules, from its labels).
@@ -71,7 +74,7 @@ impl Serialize for Workload {
         st.serialize_field("native_tunnel", &self.native_tunnel)?;
         st.serialize_field("waypoint", &self.waypoint)?;
         st.serialize_field("identity", &self.identity)?;
-        st.serialize_field("labels", &self.labels)?;
+        st.serialize_field("labels", self.labels())?;
         st.serialize_field("mtls", &self.mtls)?;
         st.serialize_field("canonical", &self.canonical)?;
         st.end()
@@ -227,6 +230,12 @@ impl Keyed for Workload {
 }
 
 impl Workload {
+    /// Its labels (none kept for another node's workload).
+    pub fn labels(&self) -> &Labels {
+        static NONE: Labels = Labels::new();
+        self.labels.as_deref().unwrap_or(&NONE)
+    }
+
     /// Its namespace.
     pub fn namespace(&self) -> &str {
         self.identity.namespace()
@@ -251,7 +260,7 @@ impl Workload {
     pub fn target(&self) -> ambit_policy::Target<'_> {
         ambit_policy::Target {
             namespace: self.namespace(),
-            labels: &self.labels,
+            labels: self.labels(),
         }
     }
 }
@@ -512,7 +521,7 @@ impl MeshState {
     pub fn put_workload(&mut self, mut w: Workload) {
         let local = *w.node == *self.node;
         if !local {
-            w.labels = Labels::new();
+            w.labels = None;
         }
         self.remove_workload(&w.uid);
         let w = Arc::new(w);
@@ -683,7 +692,7 @@ pub(crate) mod fixtures {
             native_tunnel: false,
             waypoint: None,
             identity: Arc::new(Identity::new("cluster.local", "shop", uid).unwrap()),
-            labels: Labels::new(),
+            labels: None,
             mtls: MtlsMode::Strict,
             canonical: Arc::new(Canonical::derive(uid, &Labels::new())),
         }

@@ -67,8 +67,8 @@ fn indexes_follow_updates_and_only_local_workloads_keep_labels() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     store.read(|s| {
         assert_eq!(&*s.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "a");
-        assert!(!s.workload("a").unwrap().labels.is_empty());
-        assert!(s.workload("b").unwrap().labels.is_empty());
+        assert!(!s.workload("a").unwrap().labels().is_empty());
+        assert!(s.workload("b").unwrap().labels.is_none());
         assert_eq!(s.workload("b").unwrap().canonical.service, "web".into());
         assert_eq!(s.local_identities().len(), 1);
     });

@@ -185,10 +185,8 @@ pub fn decode_workload_with(
     let canonical = shared.canonical(&w.name, |k| w.labels.get(k).map(String::as_str));
     // Only the destination's agent evaluates selectors: others drop labels unread
     // (a map per workload, of which only this node's few are kept).
-    let labels = match keep_labels(&w.node) {
-        true => w.labels.into_iter().collect(),
-        false => Default::default(),
-    };
+    let labels = (keep_labels(&w.node) && !w.labels.is_empty())
+        .then(|| Box::new(w.labels.into_iter().collect()));
     // What is kept is allocated here, fresh (the decoder's strings are freed at once and
     // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
