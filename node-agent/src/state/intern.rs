@@ -94,6 +94,18 @@ impl<E: Shared> Interner<E> {
         Ok(v)
     }
 
+    /// [`get_or_try`](Self::get_or_try) for a `make` that cannot fail.
+    pub fn get_or<K: Hash + ?Sized>(
+        &mut self,
+        key: &K,
+        is: impl Fn(&E) -> bool,
+        make: impl FnOnce() -> E,
+    ) -> E {
+        match self.get_or_try(key, is, || Ok::<_, std::convert::Infallible>(make())) {
+            Ok(v) => v,
+        }
+    }
+
     /// Drops the values nobody else holds, when it pays.
     pub fn sweep(&mut self) {
         if self.since_sweep > self.kept.max(16) {
@@ -117,11 +129,7 @@ impl<E: Shared> Interner<E> {
 impl Interner<Arc<str>> {
     /// The shared copy of `s`.
     pub fn str(&mut self, s: &str) -> Arc<str> {
-        let made: Result<_, std::convert::Infallible> =
-            self.get_or_try(s, |e| **e == *s, || Ok(s.into()));
-        match made {
-            Ok(v) => v,
-        }
+        self.get_or(s, |e| **e == *s, || s.into())
     }
 }
 
@@ -153,14 +161,11 @@ impl Interners {
         label: impl Fn(&str) -> Option<&'a str>,
     ) -> Arc<Canonical> {
         let names = Canonical::names_of(name, label);
-        let made: Result<_, std::convert::Infallible> = self.canonicals.get_or_try(
+        self.canonicals.get_or(
             &names,
             |e| e.names() == names,
-            || Ok(Arc::new(Canonical::from_names(names))),
-        );
-        match made {
-            Ok(v) => v,
-        }
+            || Arc::new(Canonical::from_names(names)),
+        )
     }
 
     /// Lets go of what no workload holds any more (when it pays).

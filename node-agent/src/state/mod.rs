@@ -26,7 +26,7 @@ use index::{ByKey, IpIndex, Keyed};
 ///
 /// An agent holds every workload of the mesh, so this is kept small: what many workloads
 /// share (node, waypoint, identity, canonical names) is one allocation held by all of
-/// them ([`MeshState`] interns it), the namespace and service account are read from the
+/// them (the xDS decoder interns it: [`intern`]), the namespace and service account are read from the
 /// identity (the decoder checks they agree), and the IPs are inline. At 10k workloads
 /// each costs about its uid, its name and this struct.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -59,14 +59,12 @@ impl Handler for StoreHandler {
         match type_url {
             type_url::WORKLOAD => {
                 let (shared, node) = (&mut self.shared, &self.node);
-                let d = decode_all(updated, |n, b| {
-                    decode_workload_with(n, b, shared, |at| at == &**node)
+                let d = decode_all(updated, |uid, b| {
+                    decode_workload_with(uid, b, shared, |at| at == &**node)
                 })?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_workload(n));
-                    // The uid is the client's copy of the name: one allocation for both.
-                    d.into_iter()
-                        .for_each(|(uid, w)| m.put_workload(Workload { uid, ..w }));
+                    d.into_iter().for_each(|(_, w)| m.put_workload(w));
                 });
             }
             type_url::SERVICE => {
@@ -86,7 +84,7 @@ impl Handler for StoreHandler {
                 });
             }
             type_url::AUTHORIZATION => {
-                let d = decode_all(updated, decode_authorization)?;
+                let d = decode_all(updated, |n, b| decode_authorization(n, b))?;
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_policy(n));
                     d.into_iter()
@@ -114,7 +112,7 @@ fn trim_heap() {
 
 fn decode_all<T>(
     updated: Vec<(Arc<str>, Any)>,
-    mut decode: impl FnMut(&str, &[u8]) -> Result<T, DecodeError>,
+    mut decode: impl FnMut(&Arc<str>, &[u8]) -> Result<T, DecodeError>,
 ) -> Result<Vec<(Arc<str>, T)>, ApplyError> {
     updated
         .into_iter()
@@ -137,13 +135,14 @@ pub fn decode_authorization(_name: &str, bytes: &[u8]) -> Result<Authorization, 
 
 /// Decodes and validates one `ambit.v1.Workload` named `name`.
 pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError> {
-    decode_workload_with(name, bytes, &mut Interners::default(), |_| true)
+    decode_workload_with(&name.into(), bytes, &mut Interners::default(), |_| true)
 }
 
 /// [`decode_workload`], sharing what workloads have in common through `shared`, and
-/// keeping labels only of workloads on a node for which `keep_labels` holds.
+/// keeping labels only of workloads on a node for which `keep_labels` holds. The uid is
+/// `name` itself (the xDS client's copy of the resource name: one allocation for both).
 pub fn decode_workload_with(
-    name: &str,
+    name: &Arc<str>,
     bytes: &[u8],
     shared: &mut Interners,
     keep_labels: impl Fn(&str) -> bool,
@@ -153,7 +152,7 @@ pub fn decode_workload_with(
         field,
         problem: problem.to_owned(),
     };
-    if w.uid != name {
+    if *w.uid != **name {
         return Err(field("uid", "differs from the resource name"));
     }
     if w.ips.is_empty() {
@@ -191,7 +190,7 @@ pub fn decode_workload_with(
     // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
         canonical,
-        uid: name.into(),
+        uid: name.clone(),
         name: w.name.as_str().into(),
         node: shared.strings.str(&w.node),
         ips,
