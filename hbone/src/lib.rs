@@ -10,4 +10,5 @@ pub mod baggage;
 pub mod connect;
 pub mod pool;
 pub mod stream;
+mod task;
 pub mod tls;

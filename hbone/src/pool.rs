@@ -304,6 +304,14 @@ pub struct PooledStream {
     _lease: Lease,
 }
 
+impl PooledStream {
+    /// Where to run this stream's copy loop: its connection's task
+    /// ([`crate::stream::Runner`]).
+    pub fn runner(&self) -> Option<crate::stream::Runner> {
+        self.stream.runner().cloned()
+    }
+}
+
 impl std::fmt::Debug for PooledStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledStream").finish_non_exhaustive()

@@ -7,6 +7,7 @@
 //! `shutdown(SHUT_WR)` on TCP. Dropping the pipe before both directions ended resets the
 //! stream (RST_STREAM CANCEL), like closing a socket with data in flight.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -14,6 +15,24 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+
+/// Work handed to an HBONE connection's task.
+pub type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Runs work in the task that drives one HBONE client connection: a tunnel's copy loop
+/// run there moves its bytes between its socket and the TLS connection without a hop
+/// between tasks (or threads) per write.
+#[derive(Clone, Debug)]
+pub struct Runner(pub(crate) mpsc::UnboundedSender<Job>);
+
+impl Runner {
+    /// Hands `job` to the connection's task; once that task has ended (the connection
+    /// closed) the job comes back, for the caller to run itself.
+    pub fn run(&self, job: Job) -> Result<(), Job> {
+        self.0.send(job).map_err(|e| e.0)
+    }
+}
 
 /// Largest chunk handed to h2 per write (h2 splits it into frames).
 const MAX_WRITE: usize = 256 * 1024;
@@ -27,6 +46,8 @@ pub struct H2Stream {
     pending: Bytes,
     write_closed: bool,
     read_done: bool,
+    /// The task of the connection this stream is on, for a client's stream.
+    runner: Option<Runner>,
 }
 
 impl H2Stream {
@@ -38,7 +59,21 @@ impl H2Stream {
             pending: Bytes::new(),
             write_closed: false,
             read_done: false,
+            runner: None,
         }
+    }
+
+    /// The pipe, with the task of the connection it is on ([`H2Stream::runner`]).
+    pub fn with_runner(mut self, runner: Runner) -> Self {
+        self.runner = Some(runner);
+        self
+    }
+
+    /// Where to run work that should share its connection's task: a client stream's
+    /// copy loop (see [`Runner`]). `None` for a server's stream, which already runs
+    /// there.
+    pub fn runner(&self) -> Option<&Runner> {
+        self.runner.as_ref()
     }
 
     /// Ends our side of the stream (END_STREAM), once: what was written is then whole.

@@ -127,6 +127,29 @@ pub fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     Ok(total)
 }
 
+/// Context switches (voluntary and not) of every thread of `pids` so far: how often a
+/// process slept and was woken, the cost a proxy's hops between tasks and threads add.
+pub fn context_switches(pids: &[u32]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            // A thread that ended between the listing and the read counts nothing.
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v.trim().parse::<u64>()?;
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Rounds of each benchmark measurement: 5, or `AMBIT_BENCH_ROUNDS`.
 pub fn bench_rounds() -> usize {
     env_count("AMBIT_BENCH_ROUNDS", 5)

@@ -284,24 +284,37 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
         };
         let mut result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
         let mut client = client;
-        let (end, sent, received) = match upstream {
+        match upstream {
             Upstream::Tcp(mut s) => {
-                let r = relay(&mut client, &mut s, None).await;
-                if matches!(r.0, End::Error(_)) {
+                let (end, sent, received) = relay(&mut client, &mut s, None).await;
+                if matches!(end, End::Error(_)) {
                     reset(&s);
+                    reset(&client);
                 }
-                r
+                result.finish(sent, received, end.outcome());
             }
-            // Dropping a failed tunnel resets its stream.
             Upstream::Hbone(mut s, span) => {
                 result.traced(*span);
-                relay(&mut client, &mut s, None).await
+                let runner = s.runner();
+                let copy: ambit_hbone::stream::Job = Box::pin(async move {
+                    // Dropping a failed tunnel resets its stream.
+                    let (end, sent, received) = relay(&mut client, &mut s, None).await;
+                    if matches!(end, End::Error(_)) {
+                        reset(&client);
+                    }
+                    result.finish(sent, received, end.outcome());
+                });
+                // In the tunnel's connection task: no hop between tasks per write. A
+                // connection that has just closed hands the copy back.
+                let handed = match runner {
+                    Some(r) => r.run(copy),
+                    None => Err(copy),
+                };
+                if let Err(copy) = handed {
+                    copy.await
+                }
             }
-        };
-        if matches!(end, End::Error(_)) {
-            reset(&client);
         }
-        result.finish(sent, received, end.outcome());
         return;
     }
     if let Some((e, i)) = last {

@@ -10,7 +10,8 @@
 //!   HBONE figure is a ratio to.
 //!
 //! Each measurement alternates the four and reports the median of `ROUNDS`, with the
-//! range.
+//! range. `AMBIT_BENCH_ONLY=round-trips,bulk` runs only those workloads (of `bulk`,
+//! `round-trips`, `streams`, `new-tunnels`, `idle`), for iterating on one of them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ambit_tests::{
-    Cluster, ClusterSpec, Pod, bench_rounds as rounds, cpu_seconds, median, pki, rss_kib,
+    Cluster, ClusterSpec, Pod, bench_rounds as rounds, context_switches, cpu_seconds, median, pki,
+    rss_kib,
 };
 use anyhow::Context;
 use serde_json::Value;
@@ -90,6 +92,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let bulk = medians(&runs, |r| r.field("gbit_per_s"));
     let cpu_per_gb = medians(&runs, |r| r.cpu / (r.field("bytes") / 1e9));
+    let switches_per_mb = medians(&runs, |r| r.switches / (r.field("bytes") / 1e6));
     let mut spreads = vec![
         ("bulk Gbit/s", ranges(&runs, |r| r.field("gbit_per_s"))),
         (
@@ -110,6 +113,8 @@ fn main() -> anyhow::Result<()> {
     let rr99 = medians(&runs, |r| r.field("p99_us"));
     // The tool makes a tenth more round trips to warm up.
     let cpu_per_k = medians(&runs, |r| r.cpu / (rr_count * 1.1 / 1000.0));
+    // Sleeps and wake-ups per round trip, both ends together: the hops a design adds.
+    let switches_per_rt = medians(&runs, |r| r.switches / (rr_count * 1.1));
     spreads.push(("round trip p50 us", ranges(&runs, |r| r.field("p50_us"))));
     spreads.push((
         "CPU ms per 1,000 round trips",
@@ -129,7 +134,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: new mutual-TLS connections per second...");
     // Alternating: the agent's HBONE server, Envoy's.
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds() {
+    for round in 0..rounds() * usize::from(wanted("new-tunnels")) {
         let profile = (round == 0)
             // The server's agent, and this process: the client.
             .then(|| Profile::start("new-tunnels", &[agents[1], std::process::id()]))
@@ -150,47 +155,19 @@ fn main() -> anyhow::Result<()> {
         envoy_hs.push(e);
         plain_hs.extend(p);
     }
+    let median_or_nan = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
     let handshakes = [
-        median(ambit_hs.clone()),
-        median(envoy_hs.clone()),
-        median(plain_hs),
+        median_or_nan(ambit_hs.clone()),
+        median_or_nan(envoy_hs.clone()),
+        median_or_nan(plain_hs),
     ];
     drop(envoy);
 
-    eprintln!("bench-hbone: agent memory with {IDLE_TUNNELS} idle tunnels...");
-    let before = (rss_kib(agents[0])?, rss_kib(agents[1])?);
-    let mut held = c.spawn_in_pod(
-        meshed,
-        &[
-            "client",
-            "--connect",
-            &to_mesh,
-            "--conns",
-            &IDLE_TUNNELS.to_string(),
-            "--hold",
-            // Each connection's own limit, well inside the wait below: a tunnel that
-            // stalls is reported (which one, and how) instead of hanging the bench.
-            "--timeout",
-            "30",
-        ]
-        .map(String::from),
-    )?;
-    held.wait_for_line("connected")?;
-    std::thread::sleep(Duration::from_millis(500));
-    let during = (rss_kib(agents[0])?, rss_kib(agents[1])?);
-    held.write_line("go")?;
-    let (status, lines) = held.finish(Duration::from_secs(90))?;
-    let failed: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("\"ok\":false"))
-        .collect();
-    anyhow::ensure!(
-        status.success(),
-        "{} of the idle tunnels failed, e.g. {:?}",
-        failed.len(),
-        failed.first()
-    );
-    let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
+    let (before, during, dials) = if wanted("idle") {
+        idle_tunnels(&c, meshed, &to_mesh, agents)?
+    } else {
+        ((0, 0), (0, 0), f64::NAN)
+    };
 
     println!(
         "\n## Ambit HBONE bench (simulated cluster, 2 nodes, this machine: {} cores; agents {} workers, Envoy --concurrency {}; medians of {} alternating rounds [min–max])\n",
@@ -206,7 +183,7 @@ fn main() -> anyhow::Result<()> {
     let row = |name: &str, v: [f64; WAYS], goal: &str, added: bool| {
         let show = |x: f64| {
             if x.is_nan() {
-                "failed (see the spread)".to_owned()
+                "failed or not run (see the spread)".to_owned()
             } else if added {
                 format!("{x:.1} (+{:.1})", x - v[0])
             } else {
@@ -261,6 +238,18 @@ fn main() -> anyhow::Result<()> {
         cpu_per_k[2] / cpu_per_k[3]
     );
     println!(
+        "| context switches (both ends) per round trip | {:.2} | {:.2} | {:.2}x | |",
+        switches_per_rt[2],
+        switches_per_rt[3],
+        switches_per_rt[2] / switches_per_rt[3]
+    );
+    println!(
+        "| context switches (both ends) per MB of bulk | {:.2} | {:.2} | {:.2}x | |",
+        switches_per_mb[2],
+        switches_per_mb[3],
+        switches_per_mb[2] / switches_per_mb[3]
+    );
+    println!(
         "| new mutual-TLS connections/s (TLS 1.3 + HTTP/2 + CONNECT, one client) | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.2}x | >= 3,000 |",
         handshakes[0],
         ambit_hs.iter().cloned().fold(f64::MAX, f64::min),
@@ -293,6 +282,54 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `IDLE_TUNNELS` tunnels held open at once from `client`: the agents' RSS before and
+/// while they are held, and the HBONE connections node 1's pool opened in all. Then all
+/// close at once (where a bench once hung: each tunnel has its own time limit, so one
+/// that stalls is reported instead).
+#[allow(clippy::type_complexity)]
+fn idle_tunnels(
+    c: &Cluster,
+    meshed: &Pod,
+    to_mesh: &str,
+    agents: [u32; 2],
+) -> anyhow::Result<((u64, u64), (u64, u64), f64)> {
+    eprintln!("bench-hbone: agent memory with {IDLE_TUNNELS} idle tunnels...");
+    let before = (rss_kib(agents[0])?, rss_kib(agents[1])?);
+    let mut held = c.spawn_in_pod(
+        meshed,
+        &[
+            "client",
+            "--connect",
+            to_mesh,
+            "--conns",
+            &IDLE_TUNNELS.to_string(),
+            "--hold",
+            // Each connection's own limit, well inside the wait below: a tunnel that
+            // stalls is reported (which one, and how) instead of hanging the bench.
+            "--timeout",
+            "30",
+        ]
+        .map(String::from),
+    )?;
+    held.wait_for_line("connected")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let during = (rss_kib(agents[0])?, rss_kib(agents[1])?);
+    held.write_line("go")?;
+    let (status, lines) = held.finish(Duration::from_secs(90))?;
+    let failed: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("\"ok\":false"))
+        .collect();
+    anyhow::ensure!(
+        status.success(),
+        "{} of the idle tunnels failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
+    Ok((before, during, dials))
+}
+
 fn ready(c: &Cluster) -> anyhow::Result<bool> {
     for n in &c.nodes {
         let dump = c.config_dump(n.index)?;
@@ -309,10 +346,20 @@ fn ready(c: &Cluster) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// One run of the pod tool: its JSON result and the agents' CPU seconds meanwhile.
+/// One run of the pod tool: its JSON result, and the CPU seconds and context switches
+/// of the processes it is charged to meanwhile.
 struct Run {
     out: Value,
     cpu: f64,
+    switches: f64,
+}
+
+/// Whether `workload` runs: all do, unless `AMBIT_BENCH_ONLY` lists some.
+fn wanted(workload: &str) -> bool {
+    match std::env::var("AMBIT_BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|w| w.trim() == workload),
+        Err(_) => true,
+    }
 }
 
 impl Run {
@@ -331,6 +378,9 @@ fn all_ways<'a>(
     charged: &[&[u32]; WAYS],
 ) -> anyhow::Result<[Vec<Run>; WAYS]> {
     let mut runs: [Vec<Run>; WAYS] = Default::default();
+    if !wanted(workload) {
+        return Ok(runs);
+    }
     for round in 0..rounds() {
         for (i, (pod, to)) in paths.iter().enumerate() {
             // The agents' HBONE way, profiled once (costs it that round's figures).
@@ -339,6 +389,7 @@ fn all_ways<'a>(
                 .transpose()?
                 .flatten();
             let cpu0 = cpu_seconds(charged[i])?;
+            let switches0 = context_switches(charged[i])?;
             let p = c.spawn_in_pod(
                 pod,
                 &args(to).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
@@ -360,15 +411,17 @@ fn all_ways<'a>(
                 runs[i].push(Run {
                     out: Value::Null,
                     cpu: f64::NAN,
+                    switches: f64::NAN,
                 });
                 continue;
             }
             let cpu = cpu_seconds(charged[i])? - cpu0;
+            let switches = (context_switches(charged[i])? - switches0) as f64;
             let out: Value = serde_json::from_str(lines.last().context("no output")?)?;
             match profile {
                 // perf's own sampling cost would count against the agents.
                 Some(p) => p.finish()?,
-                None => runs[i].push(Run { out, cpu }),
+                None => runs[i].push(Run { out, cpu, switches }),
             }
         }
     }
@@ -389,7 +442,7 @@ fn ranges(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [String; WAYS] {
         let v: Vec<f64> = runs[i].iter().map(&f).filter(|x| x.is_finite()).collect();
         let failed = runs[i].len() - v.len();
         if runs[i].is_empty() {
-            "no round (the one run was profiled)".to_owned()
+            "no round (not run, or the one run was profiled)".to_owned()
         } else if v.is_empty() {
             format!("all {failed} rounds failed")
         } else if failed > 0 {
