@@ -283,27 +283,13 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             src_meta: None,
         };
         let mut result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
-        let mut client = client;
         match upstream {
-            Upstream::Tcp(mut s) => {
-                let (end, sent, received) = relay(&mut client, &mut s, None).await;
-                if matches!(end, End::Error(_)) {
-                    reset(&s);
-                    reset(&client);
-                }
-                result.finish(sent, received, end.outcome());
-            }
-            Upstream::Hbone(mut s, span) => {
+            Upstream::Tcp(s) => copy(client, s, result, reset).await,
+            Upstream::Hbone(s, span) => {
                 result.traced(*span);
                 let runner = s.runner();
-                let copy: ambit_hbone::stream::Job = Box::pin(async move {
-                    // Dropping a failed tunnel resets its stream.
-                    let (end, sent, received) = relay(&mut client, &mut s, None).await;
-                    if matches!(end, End::Error(_)) {
-                        reset(&client);
-                    }
-                    result.finish(sent, received, end.outcome());
-                });
+                // Dropping a failed tunnel resets its stream.
+                let copy: ambit_hbone::stream::Job = Box::pin(copy(client, s, result, |_| {}));
                 // In the tunnel's connection task: no hop between tasks per write. A
                 // connection that has just closed hands the copy back.
                 let handed = match runner {
@@ -423,6 +409,24 @@ async fn open_hbone(
             Err(e)
         }
     }
+}
+
+/// Copies between the application and its upstream until both have ended (an error
+/// resets the application's side, and `reset_upstream` the other), then reports it.
+async fn copy<S>(
+    mut client: TcpStream,
+    mut upstream: S,
+    result: ConnectionResult,
+    reset_upstream: impl FnOnce(&S),
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (end, sent, received) = relay(&mut client, &mut upstream, None).await;
+    if matches!(end, End::Error(_)) {
+        reset_upstream(&upstream);
+        reset(&client);
+    }
+    result.finish(sent, received, end.outcome());
 }
 
 /// A random W3C `traceparent` (sampled flag off): a fresh trace for each connection.

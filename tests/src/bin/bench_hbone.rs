@@ -155,7 +155,6 @@ fn main() -> anyhow::Result<()> {
         envoy_hs.push(e);
         plain_hs.extend(p);
     }
-    let median_or_nan = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
     let handshakes = [
         median_or_nan(ambit_hs.clone()),
         median_or_nan(envoy_hs.clone()),
@@ -163,10 +162,10 @@ fn main() -> anyhow::Result<()> {
     ];
     drop(envoy);
 
-    let (before, during, dials) = if wanted("idle") {
-        idle_tunnels(&c, meshed, &to_mesh, agents)?
+    let idle = if wanted("idle") {
+        Some(idle_tunnels(&c, meshed, &to_mesh, agents)?)
     } else {
-        ((0, 0), (0, 0), f64::NAN)
+        None
     };
 
     println!(
@@ -269,14 +268,22 @@ fn main() -> anyhow::Result<()> {
         "| (plain TCP connect + hello, for scale) | {:.0} | | | |",
         handshakes[2]
     );
-    println!(
-        "| agent RSS per idle tunnel, client side | {:.1} KiB | | | < 30 KiB |",
-        (during.0 as f64 - before.0 as f64) / IDLE_TUNNELS as f64
-    );
-    println!(
-        "| agent RSS per idle tunnel, server side | {:.1} KiB | | | < 30 KiB |",
-        (during.1 as f64 - before.1 as f64) / IDLE_TUNNELS as f64
-    );
+    let per_tunnel = |during: u64, before: u64| {
+        format!(
+            "{:.1} KiB",
+            (during as f64 - before as f64) / IDLE_TUNNELS as f64
+        )
+    };
+    let (client_side, server_side, dials) = match &idle {
+        Some(i) => (
+            per_tunnel(i.during.0, i.before.0),
+            per_tunnel(i.during.1, i.before.1),
+            i.dials.to_string(),
+        ),
+        None => ("not run".into(), "not run".into(), "not run".into()),
+    };
+    println!("| agent RSS per idle tunnel, client side | {client_side} | | | < 30 KiB |");
+    println!("| agent RSS per idle tunnel, server side | {server_side} | | | < 30 KiB |");
     println!("| HBONE connections the pool opened in all | {dials} | | | |");
     println!(
         "\n| spread of the rounds [min–max] | direct | passthrough | HBONE (Ambit) | HBONE (Envoy) |"
@@ -288,17 +295,24 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `IDLE_TUNNELS` tunnels held open at once from `client`: the agents' RSS before and
-/// while they are held, and the HBONE connections node 1's pool opened in all. Then all
-/// close at once (where a bench once hung: each tunnel has its own time limit, so one
+/// What holding [`IDLE_TUNNELS`] tunnels did to the agents.
+struct Idle {
+    /// Each agent's RSS (KiB) before the tunnels, and while they were held.
+    before: (u64, u64),
+    during: (u64, u64),
+    /// The HBONE connections node 1's pool opened in all.
+    dials: f64,
+}
+
+/// [`IDLE_TUNNELS`] tunnels held open at once from `meshed` to `to_mesh`, then all
+/// closed at once (where a bench once hung: each tunnel has its own time limit, so one
 /// that stalls is reported instead).
-#[allow(clippy::type_complexity)]
 fn idle_tunnels(
     c: &Cluster,
     meshed: &Pod,
     to_mesh: &str,
     agents: [u32; 2],
-) -> anyhow::Result<((u64, u64), (u64, u64), f64)> {
+) -> anyhow::Result<Idle> {
     eprintln!("bench-hbone: agent memory with {IDLE_TUNNELS} idle tunnels...");
     let before = (rss_kib(agents[0])?, rss_kib(agents[1])?);
     let mut held = c.spawn_in_pod(
@@ -333,7 +347,11 @@ fn idle_tunnels(
         failed.first()
     );
     let dials = ambit_tests::cluster::metric_sum(&c.metrics(1)?, "ambit_hbone_dials_total", &[]);
-    Ok((before, during, dials))
+    Ok(Idle {
+        before,
+        during,
+        dials,
+    })
 }
 
 fn ready(c: &Cluster) -> anyhow::Result<bool> {
@@ -437,9 +455,13 @@ fn all_ways<'a>(
 /// The median of `f` over each way's runs.
 fn medians(runs: &[Vec<Run>; WAYS], f: impl Fn(&Run) -> f64) -> [f64; WAYS] {
     std::array::from_fn(|i| {
-        let v: Vec<f64> = runs[i].iter().map(&f).filter(|x| x.is_finite()).collect();
-        if v.is_empty() { f64::NAN } else { median(v) }
+        median_or_nan(runs[i].iter().map(&f).filter(|x| x.is_finite()).collect())
     })
+}
+
+/// The median, or NaN for no values (a workload not run, or every round failed).
+fn median_or_nan(v: Vec<f64>) -> f64 {
+    if v.is_empty() { f64::NAN } else { median(v) }
 }
 
 /// `[min–max]` of `f` over each way's runs.
