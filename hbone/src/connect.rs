@@ -410,18 +410,14 @@ impl<S> Tunnel for Pipe<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async fn run(mut self, mut stream: H2Stream) {
-        if let Err(e) =
-            tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut self.0, COPY_BUF, COPY_BUF)
-                .await
-        {
+    async fn run(self, mut stream: H2Stream) {
+        let mut app = crate::copy::Socket::new(self.0);
+        let mut moved = crate::copy::Moved::default();
+        if let Err(e) = crate::copy::copy_bidirectional(&mut stream, &mut app, &mut moved).await {
             debug!("HBONE tunnel ended: {e}");
         }
     }
 }
-
-/// Copy buffer per direction for [`Pipe`].
-pub const COPY_BUF: usize = 64 * 1024;
 
 /// Serves HBONE on `io` until the connection and all its tunnels have ended.
 ///

@@ -312,6 +312,21 @@ impl PooledStream {
     }
 }
 
+impl crate::copy::Side for PooledStream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<bytes::Bytes>>> {
+        self.stream.poll_chunk(cx)
+    }
+    fn delivered(&mut self, n: usize) {
+        self.stream.delivered(n)
+    }
+    fn poll_put(&mut self, cx: &mut Context<'_>, data: &mut bytes::Bytes) -> Poll<io::Result<()>> {
+        self.stream.poll_put(cx, data)
+    }
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_finish(cx)
+    }
+}
+
 impl std::fmt::Debug for PooledStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledStream").finish_non_exhaustive()

@@ -99,6 +99,72 @@ fn h2_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+impl H2Stream {
+    /// Waits until `pending` holds received bytes; false at the end of the stream.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        // An empty DATA frame (legal, and how END_STREAM often arrives) is not EOF: a
+        // 0-byte read would tell the caller the stream ended. Skip it.
+        while self.pending.is_empty() {
+            if self.read_done {
+                return Poll::Ready(Ok(false));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => self.read_done = true,
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Waits for send capacity; how many bytes of `want` may be sent.
+    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want.min(MAX_WRITE));
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HTTP/2 stream closed",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// The stream's DATA frames are handed on as h2 parsed them, and chunks to send become
+/// DATA frames as they are: no copy on either way ([`crate::copy`]).
+impl crate::copy::Side for H2Stream {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !ready!(self.poll_pending(cx))? {
+            return Poll::Ready(Ok(None));
+        }
+        // The window is handed back as the relay delivers (`delivered`).
+        Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))))
+    }
+
+    fn delivered(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    fn poll_put(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_room(cx, data.len()))?;
+        self.send.send_data(data.split_to(n), false).map_err(h2_io)?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.finish().map_err(h2_io))
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -106,17 +172,8 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        // An empty DATA frame (legal, and how END_STREAM often arrives) is not EOF: a
-        // 0-byte read would tell the caller the stream ended. Skip it.
-        while this.pending.is_empty() {
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => this.read_done = true,
-            }
+        if !ready!(this.poll_pending(cx))? {
+            return Poll::Ready(Ok(()));
         }
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
@@ -137,21 +194,7 @@ impl AsyncWrite for H2Stream {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(data.len().min(MAX_WRITE));
-        let granted = loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => break n,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HTTP/2 stream closed",
-                    )));
-                }
-            }
-        };
-        let n = granted.min(data.len());
+        let n = ready!(this.poll_room(cx, data.len()))?;
         this.send
             .send_data(Bytes::copy_from_slice(&data[..n]), false)
             .map_err(h2_io)?;

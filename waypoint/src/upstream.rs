@@ -119,7 +119,7 @@ impl Dialer for HboneDialer {
             let _ = tcp.set_nodelay(true);
             let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());
             let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+                .connect(name, ambit_hbone::read_ahead::ReadAhead::new(tcp))
                 .await?;
             Ok::<_, DialError>(HboneClient::handshake(tls).await?)
         };

@@ -41,7 +41,7 @@ impl Dialer for HboneDialer {
                 .map_err(|e| Error::connect(key.dst, e))?;
             let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());
             let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+                .connect(name, ambit_hbone::read_ahead::ReadAhead::new(tcp))
                 .await
                 .map_err(|e| Error::handshake(key.dst, &key.dst_identity, e))?;
             self.dials.inc();

@@ -19,14 +19,15 @@ use std::time::Duration;
 
 use ambit_hbone::connect::{ConnectRequest, Refusal, Tunnel};
 use ambit_hbone::stream::H2Stream;
+use ambit_hbone::read_ahead::ReadAhead;
 use ambit_identity::Identity;
 use ambit_policy::{Connection, Decision};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::error::Error;
-use super::relay::{End, relay};
+use super::relay::{End, Socket, relay};
+use ambit_hbone::copy::Side;
 use super::{Failure, Inputs, reset};
 use crate::capture::listeners::is_agent_port;
 use crate::capture::pods::Pod;
@@ -232,7 +233,7 @@ pub async fn hbone_connection(
         Err(e) => return fail(e.into()),
     };
     let _ = tcp.set_nodelay(true);
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(ReadAhead::new(tcp));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return fail(Error::TlsHandshake { peer, source: e }),
@@ -332,7 +333,7 @@ pub async fn plaintext_connection(
     }
     match Delivery::start(inputs, pod, arrival, started).await {
         Ok(delivery) => {
-            if delivery.run_with(&mut tcp).await {
+            if delivery.run_with(&mut Socket::new(&mut tcp)).await {
                 reset(&tcp);
             }
         }
@@ -428,10 +429,7 @@ impl Delivery {
     /// Relays between the caller (`client`: the tunnel or the plaintext connection) and
     /// the application, tracked so a policy change can close it. True if it did not end
     /// cleanly (the application side has been reset; the caller resets its side).
-    async fn run_with<C>(mut self, client: &mut C) -> bool
-    where
-        C: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn run_with<C: Side>(mut self, client: &mut C) -> bool {
         let (inputs, pod, a) = (&self.inputs, &self.pod, &self.arrival);
         let desc = ConnectionDesc {
             direction: Direction::Inbound,
@@ -470,7 +468,12 @@ impl Delivery {
             a.src.ip(),
             a.dst.port(),
         );
-        let (end, sent, received) = relay(client, &mut self.app, Some(&tracked.kill)).await;
+        let (end, sent, received) = relay(
+            client,
+            &mut Socket::new(&mut self.app),
+            Some(&tracked.kill),
+        )
+        .await;
         drop(tracked);
         if matches!(end, End::Killed) {
             info!(uid = %pod.spec.uid, src = %a.src, dst = %a.dst, "closed a connection the new policy denies");

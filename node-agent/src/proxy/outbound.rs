@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::error::Error;
-use super::relay::{End, relay};
+use super::relay::{End, Socket, relay};
+use ambit_hbone::copy::Side;
 use super::{CapturedConnection, Failure, Inputs, reset};
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, Service, Workload};
@@ -284,7 +285,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
         };
         let mut result = ConnectionResult::open(&inputs.telemetry, &pod.counters, desc, started);
         match upstream {
-            Upstream::Tcp(s) => copy(client, s, result, reset).await,
+            Upstream::Tcp(s) => copy(client, Socket::new(s), result, |s| reset(s.get_ref())).await,
             Upstream::Hbone(s, span) => {
                 result.traced(*span);
                 let runner = s.runner();
@@ -413,18 +414,17 @@ async fn open_hbone(
 
 /// Copies between the application and its upstream until both have ended (an error
 /// resets the application's side, and `reset_upstream` the other), then reports it.
-async fn copy<S>(
-    mut client: TcpStream,
+async fn copy<S: Side>(
+    client: TcpStream,
     mut upstream: S,
     result: ConnectionResult,
     reset_upstream: impl FnOnce(&S),
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+) {
+    let mut client = Socket::new(client);
     let (end, sent, received) = relay(&mut client, &mut upstream, None).await;
     if matches!(end, End::Error(_)) {
         reset_upstream(&upstream);
-        reset(&client);
+        reset(client.get_ref());
     }
     result.finish(sent, received, end.outcome());
 }
