@@ -200,7 +200,9 @@ mod tests {
         let relay = tokio::spawn(async move {
             let mut moved = Moved::default();
             let (mut a, mut b) = (Socket::new(near_a), Socket::new(near_b));
-            copy_bidirectional(&mut a, &mut b, &mut moved).await.unwrap();
+            copy_bidirectional(&mut a, &mut b, &mut moved)
+                .await
+                .unwrap();
             moved
         });
         let (up2, down2) = (up.clone(), down.clone());

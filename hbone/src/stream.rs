@@ -156,7 +156,9 @@ impl crate::copy::Side for H2Stream {
             return Poll::Ready(Ok(()));
         }
         let n = ready!(self.poll_room(cx, data.len()))?;
-        self.send.send_data(data.split_to(n), false).map_err(h2_io)?;
+        self.send
+            .send_data(data.split_to(n), false)
+            .map_err(h2_io)?;
         Poll::Ready(Ok(()))
     }
 

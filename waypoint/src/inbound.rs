@@ -60,7 +60,8 @@ impl Inbound {
             debug!(%peer, "no certificate yet; closing");
             return;
         };
-        let accept = tokio_rustls::TlsAcceptor::from(certs.server()).accept(ambit_hbone::read_ahead::ReadAhead::new(tcp));
+        let accept = tokio_rustls::TlsAcceptor::from(certs.server())
+            .accept(ambit_hbone::read_ahead::ReadAhead::new(tcp));
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {

