@@ -138,11 +138,6 @@ fn main() -> anyhow::Result<()> {
     let (mut ambit_hs, mut envoy_hs, mut plain_hs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ambit_par, mut envoy_par) = (Vec::new(), Vec::new());
     for round in 0..rounds() * usize::from(wanted("new-tunnels")) {
-        let profile = (round == 0)
-            // The server's agent, and this process: the client.
-            .then(|| Profile::start("new-tunnels", &[agents[1], std::process::id()]))
-            .transpose()?
-            .flatten();
         let (a, p) = handshake_rate(
             &c,
             meshed,
@@ -151,14 +146,17 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(2),
             1,
         )?;
-        if let Some(p) = profile {
-            p.finish()?;
-        }
         let (e, _) = handshake_rate(&c, plain, srv_plain, None, Duration::from_secs(2), 1)?;
         ambit_hs.push(a);
         envoy_hs.push(e);
         plain_hs.extend(p);
-        // The server's capacity: the client keeps several handshakes in flight.
+        // The server's capacity: the client keeps several handshakes in flight. The
+        // first round's is profiled (the server's agent, and this process: the client)
+        // and not counted.
+        let profile = (round == 0)
+            .then(|| Profile::start("new-tunnels", &[agents[1], std::process::id()]))
+            .transpose()?
+            .flatten();
         let (a, _) = handshake_rate(
             &c,
             meshed,
@@ -167,6 +165,10 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(2),
             PARALLEL_HANDSHAKES,
         )?;
+        let profiled = profile.is_some();
+        if let Some(p) = profile {
+            p.finish()?;
+        }
         let (e, _) = handshake_rate(
             &c,
             plain,
@@ -175,7 +177,9 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(2),
             PARALLEL_HANDSHAKES,
         )?;
-        ambit_par.push(a);
+        if !profiled {
+            ambit_par.push(a);
+        }
         envoy_par.push(e);
     }
     let handshakes = [
