@@ -446,6 +446,7 @@ impl Capture {
             netns_cookie,
             netns: Arc::new(netns),
             counters: Arc::default(),
+            sockets: Default::default(),
         });
         let tasks =
             self.server

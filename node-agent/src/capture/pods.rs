@@ -26,6 +26,8 @@ pub struct Pod {
     pub netns: Arc<Netns>,
     /// Its own connection counters (exposed while it is captured).
     pub counters: Arc<PodCounters>,
+    /// Sockets made ahead in its namespace, for dials from it.
+    pub sockets: crate::proxy::dialer::SocketStock,
 }
 
 impl Pod {

@@ -36,7 +36,7 @@ impl Dialer for HboneDialer {
         let work = async {
             let tcp = self
                 .sockets
-                .connect(&pod.netns, pod.netns_cookie, key.dst)
+                .connect(pod, key.dst)
                 .await
                 .map_err(|e| Error::connect(key.dst, e))?;
             let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());

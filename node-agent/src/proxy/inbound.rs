@@ -400,12 +400,9 @@ impl Delivery {
                 }
             }
         }
-        let connect = inputs.sockets.connect_as(
-            &pod.netns,
-            pod.netns_cookie,
-            arrival.dst,
-            Some(arrival.src.ip()),
-        );
+        let connect = inputs
+            .sockets
+            .connect_as(&pod, arrival.dst, Some(arrival.src.ip()));
         let app = match tokio::time::timeout(inputs.connect_timeout, connect).await {
             Ok(Ok(app)) => app,
             Ok(Err(source)) => {

@@ -310,8 +310,12 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
     reset(&client);
 }
 
-async fn open_direct(inputs: &Inputs, pod: &Pod, addr: SocketAddr) -> Result<TcpStream, Error> {
-    let connect = inputs.sockets.connect(&pod.netns, pod.netns_cookie, addr);
+async fn open_direct(
+    inputs: &Inputs,
+    pod: &Arc<Pod>,
+    addr: SocketAddr,
+) -> Result<TcpStream, Error> {
+    let connect = inputs.sockets.connect(pod, addr);
     match tokio::time::timeout(inputs.connect_timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(Error::connect(addr, e)),
