@@ -55,12 +55,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         capture::cgroups::enter_cgroupns(ns)?;
     }
     raise_fd_limit();
-    let data_plane = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads.max(1))
-        .thread_name("dataplane")
-        .enable_all()
-        .build()
-        .context("starting the data-plane runtime")?;
+    // Worker 0 is this thread, driven by the `block_on`s below; the rest run on their own.
+    let (data_plane, workers) = proxy::workers::Workers::start(config.worker_threads)
+        .context("starting the data-plane workers")?;
 
     let node_credential = match &config.node_credential_file {
         Some(path) => Some(
@@ -153,7 +150,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing,
         limiter: Default::default(),
     });
-    let proxy = Arc::new(Proxy::new(inputs.clone(), data_plane.handle().clone()));
+    let proxy = Arc::new(Proxy::new(inputs.clone(), workers.clone()));
     let capture = Arc::new(
         Capture::new(
             datapath.clone(),
@@ -199,6 +196,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "shutting down; capture stays in place until the next agent takes over"
     );
     drop(control);
+    drop(workers);
     data_plane.shutdown_background();
     Ok(())
 }

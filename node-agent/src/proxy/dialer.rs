@@ -231,12 +231,9 @@ mod tests {
     use ambit_mesh::enroll::PodSpec;
     use ambit_mesh::netns::Netns;
 
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
-    }
-
-    /// A dial takes a socket from the pod's stock, which the thread keeps topped up; the
-    /// stock's sockets close when the pod is dropped. (Needs root: the thread `setns`es,
+    /// A dial takes a socket from the pod's stock, which the thread keeps topped up;
+    /// nothing but the pod holds the stock (a queued refill holds a weak reference), so
+    /// its sockets close when the pod goes. (Needs root: the thread `setns`es,
     /// here into this test's own namespace.)
     #[tokio::test]
     async fn dials_come_from_a_stock_that_refills_and_is_released_with_its_pod() {
@@ -255,7 +252,6 @@ mod tests {
             (listener, held)
         });
         let dialer = NetnsDialer::start().unwrap();
-        let before = open_fds();
         let pod = Arc::new(Pod {
             spec: PodSpec {
                 uid: "u1".into(),
@@ -290,7 +286,10 @@ mod tests {
         drop(conns);
         let (_listener, held) = accepted.await.unwrap();
         drop(held);
+        // No refill in flight (the loop above waited): the thread holds nothing.
+        assert!(!pod.sockets.refilling[0].load(Ordering::Acquire));
+        let weak = Arc::downgrade(&pod);
         drop(pod);
-        assert_eq!(open_fds(), before, "the stock closed with its pod");
+        assert!(weak.upgrade().is_none(), "nothing else holds the pod or its stock");
     }
 }

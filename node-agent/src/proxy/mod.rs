@@ -12,7 +12,8 @@
 //! - [`hbone_dialer`]: how the pool dials a new HBONE connection;
 //! - [`lb`]: endpoint order for a service;
 //! - [`relay`]: copying bytes both ways;
-//! - [`tracker`]: open inbound connections, re-authorized when policy changes.
+//! - [`tracker`]: open inbound connections, re-authorized when policy changes;
+//! - [`workers`]: the data plane's threads, a single-threaded runtime each.
 
 pub mod dialer;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod lb;
 pub mod outbound;
 pub mod relay;
 pub mod tracker;
+pub mod workers;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -35,6 +37,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use self::error::Error;
+use self::workers::Workers;
 use crate::capture::OriginalDestinations;
 use crate::capture::listeners::PodListeners;
 use crate::capture::pods::Pod;
@@ -84,17 +87,17 @@ impl std::fmt::Debug for Inputs {
     }
 }
 
-/// Serves pods' listeners on the data-plane runtime.
+/// Serves pods' listeners on the data plane's workers.
 #[derive(Debug)]
 pub struct Proxy {
     inputs: Arc<Inputs>,
-    runtime: tokio::runtime::Handle,
+    workers: Arc<Workers>,
 }
 
 impl Proxy {
-    /// A proxy running its connections on `runtime`.
-    pub fn new(inputs: Arc<Inputs>, runtime: tokio::runtime::Handle) -> Self {
-        Self { inputs, runtime }
+    /// A proxy running its connections on `workers`.
+    pub fn new(inputs: Arc<Inputs>, workers: Arc<Workers>) -> Self {
+        Self { inputs, workers }
     }
 }
 
@@ -104,7 +107,6 @@ impl crate::capture::PodServer for Proxy {
         pod: &Arc<Pod>,
         listeners: PodListeners,
     ) -> std::io::Result<Vec<JoinHandle<()>>> {
-        let _rt = self.runtime.enter();
         let mut tasks = Vec::new();
         let result = (|| {
             for l in listeners.outbound {
@@ -127,6 +129,7 @@ impl crate::capture::PodServer for Proxy {
 }
 
 impl Proxy {
+    /// Accepts on `listener` in the next worker; the connections go round robin.
     fn spawn<F>(
         &self,
         pod: &Arc<Pod>,
@@ -137,13 +140,18 @@ impl Proxy {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let l = TcpListener::from_std(listener)?;
-        Ok(self.runtime.spawn(accept_loop(
+        let (_, worker) = self.workers.pick();
+        let l = {
+            let _rt = worker.enter();
+            TcpListener::from_std(listener)?
+        };
+        Ok(worker.spawn(accept_loop(
             self.inputs.clone(),
             pod.clone(),
             l,
             what,
             handler,
+            self.workers.clone(),
         )))
     }
 }
@@ -152,21 +160,43 @@ impl Proxy {
 type Handler<F> = fn(Arc<Inputs>, Arc<Pod>, TcpStream, SocketAddr) -> F;
 
 /// Accepts connections on one of a pod's listeners until the task is aborted, running
-/// `handle` for each on its own task. An accept error (typically EMFILE) backs off
-/// instead of spinning.
+/// `handle` for each on its own task, in the next worker (the socket moves to that
+/// worker's runtime). An accept error (typically EMFILE) backs off instead of spinning.
 async fn accept_loop<F>(
     inputs: Arc<Inputs>,
     pod: Arc<Pod>,
     listener: TcpListener,
     what: &'static str,
     handle: Handler<F>,
+    workers: Arc<Workers>,
 ) where
     F: Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                tokio::spawn(handle(inputs.clone(), pod.clone(), tcp, peer));
+                let (i, worker) = workers.pick();
+                if Workers::current() == Some(i) {
+                    tokio::spawn(handle(inputs.clone(), pod.clone(), tcp, peer));
+                    continue;
+                }
+                // Registered with this worker's epoll; the other one's from now on.
+                let std = match tcp.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(uid = %pod.spec.uid, listener = what, "handing a connection over failed: {e}");
+                        continue;
+                    }
+                };
+                let (inputs, pod) = (inputs.clone(), pod.clone());
+                worker.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => handle(inputs, pod, tcp, peer).await,
+                        Err(e) => {
+                            warn!(uid = %pod.spec.uid, listener = what, "handing a connection over failed: {e}")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 warn!(uid = %pod.spec.uid, listener = what, "accept failed: {e}");

@@ -20,7 +20,7 @@ use super::relay::{End, Socket, relay};
 use super::{CapturedConnection, Failure, Inputs, reset};
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, Service, Workload};
-use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
+use crate::telemetry::connection::{ConnectionDesc, ConnectionResult, Outcome};
 use crate::telemetry::{Direction, SecurityPolicy, Started};
 use ambit_hbone::copy::Side;
 
@@ -288,16 +288,27 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             Upstream::Tcp(s) => copy(client, Socket::new(s), result, |s| reset(s.get_ref())).await,
             Upstream::Hbone(s, span) => {
                 result.traced(*span);
-                let runner = s.runner();
-                // Dropping a failed tunnel resets its stream.
-                let copy: ambit_hbone::stream::Job = Box::pin(copy(client, s, result, |_| {}));
-                // In the tunnel's connection task: no hop between tasks per write. A
-                // connection that has just closed hands the copy back.
-                let handed = match runner {
-                    Some(r) => r.run(copy),
-                    None => Err(copy),
+                let Some(runner) = s.runner() else {
+                    // Dropping a failed tunnel resets its stream.
+                    return copy(client, s, result, |_| {}).await;
                 };
-                if let Err(copy) = handed {
+                // In the tunnel's connection task (perhaps another worker's): no hop
+                // between tasks per write. The application's socket moves along, so its
+                // events wake that worker. A connection that has just closed hands the
+                // copy back, to run here.
+                let client = match client.into_std() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return result.finish(0, 0, Outcome::Error(e.to_string()));
+                    }
+                };
+                let copy: ambit_hbone::stream::Job = Box::pin(async move {
+                    match TcpStream::from_std(client) {
+                        Ok(client) => copy(client, s, result, |_| {}).await,
+                        Err(e) => result.finish(0, 0, Outcome::Error(e.to_string())),
+                    }
+                });
+                if let Err(copy) = runner.run(copy) {
                     copy.await
                 }
             }
