@@ -1,9 +1,9 @@
 //! A socket read in large chunks, for TLS to read from.
 //!
 //! rustls asks its transport for at most 4 KiB per read (its deframer grows by 4 KiB at
-//! a time), so a TLS stream over a bare socket makes four or five `recvmsg` calls per
-//! 16 KiB record: bulk HBONE at 5 Gbit/s is ~200,000 syscalls per second per agent,
-//! each taking the socket lock and perhaps sending an ACK. [`ReadAhead`] reads what the
+//! a time), so a TLS stream over a bare socket makes four or five `recvfrom` calls per
+//! 16 KiB record: at 5 Gbit/s that would be ~150,000 reads per second on the receiving
+//! agent, each taking the socket lock and perhaps sending an ACK. [`ReadAhead`] reads what the
 //! socket has (up to [`CHUNK`]) in one call and serves rustls's small reads from it,
 //! one cheap in-cache copy instead of a syscall each. The buffer is allocated when a
 //! read needs it and freed when the socket runs dry, so an idle connection holds none.

@@ -341,34 +341,44 @@ async fn client(
                 error_kind: None,
                 elapsed_ms: 0.0,
             };
-            let res = tokio::time::timeout(timeout, async {
-                let hello = connect_hello(target).await;
-                let _ = up_tx.send(()).await;
-                let (r, local, peer, srv_local) = match hello {
-                    Ok(h) => h,
-                    Err(e) => {
-                        barrier.wait().await;
-                        return Err(e);
-                    }
-                };
-                rep.local = Some(local);
-                rep.server_peer = Some(peer);
-                rep.server_local = Some(srv_local);
-                barrier.wait().await;
-                if expect_reset {
-                    reset_exchange(r).await
-                } else {
-                    echo_exchange(r, index, bytes).await
+            // Every task reaches the barrier exactly once, whatever happened before it
+            // (a hello that never came times out): one missing would hold the others,
+            // and the process, for ever.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+            let hello = tokio::time::timeout_at(deadline, connect_hello(target))
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
+            let _ = up_tx.send(()).await;
+            barrier.wait().await;
+            let res = match hello {
+                Ok((r, local, peer, srv_local)) => {
+                    rep.local = Some(local);
+                    rep.server_peer = Some(peer);
+                    rep.server_local = Some(srv_local);
+                    let exchange = async {
+                        if expect_reset {
+                            reset_exchange(r).await
+                        } else {
+                            echo_exchange(r, index, bytes).await
+                        }
+                    };
+                    tokio::time::timeout_at(deadline, exchange)
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out()))
                 }
-            })
-            .await;
+                Err(e) => Err(e),
+            };
             match res {
-                Ok(Ok(())) => rep.ok = true,
-                Ok(Err(e)) => {
+                Ok(()) => rep.ok = true,
+                Err(e) => {
                     rep.error_kind = Some(format!("{:?}", e.kind()));
-                    rep.error = Some(e.to_string());
+                    rep.error = Some(if rep.local.is_none() {
+                        format!("before the hello: {e}")
+                    } else {
+                        e.to_string()
+                    });
                 }
-                Err(_) => rep.error = Some("timed out".into()),
             }
             rep.elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
             rep
