@@ -224,13 +224,28 @@ fn expand(spec: &str) -> anyhow::Result<Vec<SocketAddr>> {
     Ok((lo..=hi).map(|p| SocketAddr::new(ip, p)).collect())
 }
 
+/// Listens on `addr` with a backlog of 4,096 (the kernel's default `somaxconn`), as
+/// servers built for load do. Rust's and tokio's `bind` ask for 128: when the agent
+/// delivers a thousand tunnels at once, the rest overflow the accept queue, the kernel
+/// drops their handshakes and each retries its SYN after 1, 3, 7, 15 s
+/// (`TcpExtListenOverflows` in the pod: 522 of 1,000), which the idle-tunnels bench
+/// took for a stall.
+fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
 async fn serve(listen: Vec<String>) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for spec in &listen {
         for addr in expand(spec)? {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("bind {addr}: {e}"))?;
+            let l = listener(addr).map_err(|e| anyhow::anyhow!("bind {addr}: {e}"))?;
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((s, peer)) = l.accept().await else {
@@ -586,7 +601,7 @@ async fn http_serve(
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for addr in listen {
-        let l = TcpListener::bind(addr).await?;
+        let l = listener(addr)?;
         let name = name.clone();
         let served = served.clone();
         tasks.push(tokio::spawn(async move {
