@@ -290,6 +290,9 @@ mod tests {
         assert!(!pod.sockets.refilling[0].load(Ordering::Acquire));
         let weak = Arc::downgrade(&pod);
         drop(pod);
-        assert!(weak.upgrade().is_none(), "nothing else holds the pod or its stock");
+        assert!(
+            weak.upgrade().is_none(),
+            "nothing else holds the pod or its stock"
+        );
     }
 }

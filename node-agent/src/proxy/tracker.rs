@@ -21,11 +21,17 @@ struct Tracked {
     kill: Arc<Notify>,
 }
 
+/// Shards of the tracker: consecutive connections land in different ones, so workers
+/// opening and closing connections at once rarely wait for each other's lock.
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<u64, Tracked>>;
+
 /// The inbound connections open now.
 #[derive(Debug, Default)]
 pub struct ConnTracker {
     next: AtomicU64,
-    conns: Mutex<HashMap<u64, Tracked>>,
+    shards: [Shard; SHARDS],
 }
 
 /// Removes its connection from the tracker when dropped.
@@ -39,15 +45,17 @@ pub struct TrackGuard<'a> {
 
 impl Drop for TrackGuard<'_> {
     fn drop(&mut self) {
-        self.tracker
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        self.tracker.shard(self.id).remove(&self.id);
     }
 }
 
 impl ConnTracker {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
+        self.shards[(id % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Tracks a connection to workload `dst_uid` until the guard is dropped.
     pub fn track(
         &self,
@@ -58,7 +66,7 @@ impl ConnTracker {
     ) -> TrackGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let kill = Arc::new(Notify::new());
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        self.shard(id).insert(
             id,
             Tracked {
                 dst_uid,
@@ -77,7 +85,7 @@ impl ConnTracker {
 
     /// How many are open.
     pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+        (0..SHARDS as u64).map(|i| self.shard(i).len()).sum()
     }
 
     /// True if none is open.
@@ -88,21 +96,22 @@ impl ConnTracker {
     /// Authorizes every open connection again under `mesh`, closing those it denies (and
     /// those whose workload is gone). Returns how many were closed.
     pub fn revalidate(&self, mesh: &MeshState) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
-        for t in conns.values() {
-            let allowed = mesh.workload(&t.dst_uid).is_some_and(|dst| {
-                let conn = ambit_policy::Connection {
-                    src_identity: t.src_identity.as_ref(),
-                    src_ip: t.src_ip,
-                    dst_port: t.dst_port,
-                };
-                mesh.authorize(dst, &conn).allowed()
-            });
-            if !allowed {
-                // A stored permit: the relay sees it even if it is not waiting right now.
-                t.kill.notify_one();
-                closed += 1;
+        for shard in 0..SHARDS as u64 {
+            for t in self.shard(shard).values() {
+                let allowed = mesh.workload(&t.dst_uid).is_some_and(|dst| {
+                    let conn = ambit_policy::Connection {
+                        src_identity: t.src_identity.as_ref(),
+                        src_ip: t.src_ip,
+                        dst_port: t.dst_port,
+                    };
+                    mesh.authorize(dst, &conn).allowed()
+                });
+                if !allowed {
+                    // A stored permit: the relay sees it even if it is not waiting now.
+                    t.kill.notify_one();
+                    closed += 1;
+                }
             }
         }
         closed
@@ -179,6 +188,62 @@ mod tests {
         mesh.remove_workload("shop/web-0");
         assert_eq!(t.revalidate(&mesh), 1);
         drop(ok);
+        assert!(t.is_empty());
+    }
+
+    /// Connections opened and closed on several threads while policy changes: every
+    /// connection open across a revalidation that denies it is told, and the tracker
+    /// ends empty (no shard loses or keeps an entry).
+    #[tokio::test]
+    async fn concurrent_tracking_across_shards_and_revalidation() {
+        let mut mesh = MeshState::new("n1");
+        mesh.put_workload(web());
+        mesh.put_policy(
+            "shop/only-shop".into(),
+            allow_from("shop", "only-shop", "cluster.local/ns/shop/*"),
+        );
+        let t = Arc::new(ConnTracker::default());
+        let legacy = Identity::new("cluster.local", "legacy", "batch").unwrap();
+        // Long-lived denied connections, one per shard and more.
+        let held: Vec<_> = (0..3 * SHARDS)
+            .map(|i| {
+                t.track(
+                    "shop/web-0".into(),
+                    Some(legacy.clone()),
+                    format!("10.0.1.{i}").parse().unwrap(),
+                    80,
+                )
+            })
+            .collect();
+        let churn: Vec<_> = (0..4)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000u32 {
+                        let g = t.track(
+                            "shop/web-0".into(),
+                            None,
+                            format!("10.1.{n}.{}", i % 250).parse().unwrap(),
+                            80,
+                        );
+                        drop(g);
+                    }
+                })
+            })
+            .collect();
+        let mut closed = 0;
+        for _ in 0..50 {
+            closed = closed.max(t.revalidate(&mesh));
+        }
+        churn.into_iter().for_each(|h| h.join().unwrap());
+        assert!(closed >= held.len(), "{closed}");
+        for g in &held {
+            tokio::time::timeout(std::time::Duration::from_secs(1), g.kill.notified())
+                .await
+                .expect("every denied connection was told");
+        }
+        assert_eq!(t.len(), held.len());
+        drop(held);
         assert!(t.is_empty());
     }
 }
