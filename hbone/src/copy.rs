@@ -65,11 +65,6 @@ impl<T> Socket<T> {
     pub fn get_ref(&self) -> &T {
         &self.io
     }
-
-    /// The stream, back.
-    pub fn into_inner(self) -> T {
-        self.io
-    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Side for Socket<T> {

@@ -41,12 +41,14 @@ impl<T> ReadAhead<T> {
     }
 
     /// How many bytes were read from the transport and not yet handed on.
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.buf.len()
     }
 
     /// Bytes of buffer held (0 when the last read found the socket empty).
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 }

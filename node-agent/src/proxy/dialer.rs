@@ -40,12 +40,14 @@ pub struct SocketStock {
 
 impl SocketStock {
     /// How many sockets it holds now, IPv4 and IPv6.
-    pub fn len(&self) -> [usize; 2] {
+    #[cfg(test)]
+    fn len(&self) -> [usize; 2] {
         [0, 1].map(|i| self.sockets[i].lock().unwrap().len())
     }
 
     /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == [0, 0]
     }
 }

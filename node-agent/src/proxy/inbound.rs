@@ -26,14 +26,13 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::error::Error;
-use super::relay::{End, Socket, relay};
+use super::relay::{End, Side, Socket, relay};
 use super::{Failure, Inputs, reset};
 use crate::capture::listeners::is_agent_port;
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, MtlsMode, Service, Workload};
 use crate::telemetry::connection::{ConnectionDesc, ConnectionResult};
 use crate::telemetry::{Direction, ReasonLabels, SecurityPolicy, Started};
-use ambit_hbone::copy::Side;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,13 +16,12 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::error::Error;
-use super::relay::{End, Socket, relay};
+use super::relay::{End, Side, Socket, relay};
 use super::{CapturedConnection, Failure, Inputs, reset};
 use crate::capture::pods::Pod;
 use crate::state::{MeshState, Service, Workload};
 use crate::telemetry::connection::{ConnectionDesc, ConnectionResult, Outcome};
 use crate::telemetry::{Direction, SecurityPolicy, Started};
-use ambit_hbone::copy::Side;
 
 /// At most this many endpoints are tried for one connection to a service.
 pub const MAX_ATTEMPTS: usize = 2;

@@ -5,8 +5,8 @@
 
 use std::io;
 
-pub use ambit_hbone::copy::Socket;
-use ambit_hbone::copy::{Moved, Side, copy_bidirectional};
+use ambit_hbone::copy::{Moved, copy_bidirectional};
+pub use ambit_hbone::copy::{Side, Socket};
 use tokio::sync::Notify;
 
 /// How a relay ended.

@@ -69,16 +69,6 @@ impl Workers {
         ))
     }
 
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Always false: there is at least one.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// The next worker, round robin: its index and runtime.
     pub fn pick(&self) -> (usize, &Handle) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
@@ -103,7 +93,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(workers.len(), 3);
+        assert_eq!(workers.handles.len(), 3);
         // Worker 0 runs when its runtime is driven.
         let mut seen = Vec::new();
         for _ in 0..6 {
