@@ -441,12 +441,15 @@ fn kube_waypoint_from_a_gateway_routes_an_httproute_with_a_certificate_from_its_
                                                       "statusCode": 301}}]},
                     {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
                      "backendRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80, "weight": 1}]}]}}));
-    api.apply(c.kube_namespace(true));
+    // The CNI's part first: the agents know every pod's netns before the namespace is
+    // labelled. (Labelled first, an agent may find the backend through its cgroup — its
+    // server runs — and enroll it itself, and this explicit add would be a duplicate.)
     for n in &c.nodes {
         for p in &n.pods {
             c.enroll(p).unwrap();
         }
     }
+    api.apply(c.kube_namespace(true));
     wait_until(
         "client and backend captured",
         Duration::from_secs(15),
