@@ -424,7 +424,7 @@ fn malformed_enrollment_requests_are_rejected_and_the_agent_keeps_working() {
 
     // Duplicate uid: the second add is refused and the first stays.
     c.enroll(client).unwrap();
-    let err = c.enroll(client).unwrap_err();
+    let err = c.enroll_client(1).unwrap().add(client.spec()).unwrap_err();
     assert!(err.to_string().contains("already enrolled"), "{err}");
     let mut other = c.pod(1, 1).spec();
     other.netns = client.spec().netns;

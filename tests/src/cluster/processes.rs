@@ -359,9 +359,21 @@ impl Cluster {
         Ok(EnrollClient::connect(self.node(n).enroll_socket())?)
     }
 
-    /// Enrolls `pod` with its node's agent.
+    /// Enrolls `pod` with its node's agent, as the CNI plugin's ADD does: when the agent
+    /// found the pod itself first (its namespace enrolled and a process in its cgroup, see
+    /// `capture::discover`), the add is refused as a duplicate and the pod it knows is
+    /// the answer.
     pub fn enroll(&self, pod: &Pod) -> anyhow::Result<EnrolledPod> {
-        Ok(self.enroll_client(pod.node)?.add(pod.spec())?)
+        let mut client = self.enroll_client(pod.node)?;
+        match client.add(pod.spec()) {
+            Ok(p) => Ok(p),
+            Err(e) if e.to_string().contains("is already enrolled") => client
+                .list()?
+                .into_iter()
+                .find(|p| p.spec.uid == pod.uid)
+                .with_context(|| format!("{e}, yet not listed")),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Removes `pod` (by uid) from its node's agent.
