@@ -71,10 +71,30 @@ enum EnrollOp {
     List,
 }
 
+/// Blocks of this size or more get their own mapping from glibc, returned whole when
+/// freed. (The data path never allocates this much at once.)
+const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+
+/// Fixes glibc's mmap threshold. Left alone, glibc raises it to the largest block freed
+/// so far (up to 32 MiB), after which large short-lived blocks — an xDS response being
+/// decoded, a table being rebuilt — come from the heap, and the long-lived allocations
+/// made meanwhile pin its pages: at 10,000 workloads an agent's RSS after the first sync
+/// varied by 3.8 MB from run to run with where they fell (the live heap did not), and
+/// `malloc_trim` could not give it back. With the threshold fixed it varies by 0.8 MB.
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes a tunable of the allocator; called before any thread
+    // is started.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     ambit_hbone::tls::install_default();
     match Cli::parse().command {
         Command::Run(config) => {
+            fix_mmap_threshold();
             init_tracing(&config);
             ambit_node_agent::run(*config)
         }

@@ -20,15 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use crate::channel::ControlPlane;
 use crate::convert::DecodeError;
-use crate::envoy::{
-    AggregatedDiscoveryServiceClient, Any, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node,
-    Status,
-};
+use crate::envoy::{Any, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use crate::grpc;
 
 /// Applies configuration. Called on the client's task, one response at a time.
 pub trait Handler: Send + 'static {
@@ -226,6 +223,13 @@ async fn run(config: XdsClientConfig, mut handler: impl Handler, status: Arc<Xds
     }
 }
 
+/// The ADS method the client calls.
+const DELTA_ADS: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// The largest response accepted (a 10k-workload mesh's first sync is about 1.9 MB).
+const MAX_MESSAGE: usize = 64 << 20;
+
 /// One connection. Returns whether any response was applied (and why it ended).
 async fn session(
     config: &XdsClientConfig,
@@ -233,8 +237,6 @@ async fn session(
     status: &XdsStatus,
     known: &mut HashMap<&'static str, Known>,
 ) -> Result<bool, (String, bool)> {
-    let mut client = AggregatedDiscoveryServiceClient::new(config.control_plane.channel())
-        .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(64);
     for (i, type_url) in config.types.iter().enumerate() {
         let initial = known
@@ -253,13 +255,17 @@ async fn session(
         };
         tx.send(req).await.expect("receiver alive");
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    config.control_plane.authorize(&mut request);
-    let mut responses = client
-        .delta_aggregated_resources(request)
-        .await
-        .map_err(|e| (format!("opening the stream: {e}"), false))?
-        .into_inner();
+    let mut credential = tonic::Request::new(());
+    config.control_plane.authorize(&mut credential);
+    let mut responses: grpc::Call<DeltaDiscoveryResponse> = grpc::bidi(
+        &config.control_plane.channel(),
+        DELTA_ADS,
+        credential.into_parts().0,
+        rx,
+        MAX_MESSAGE,
+    )
+    .await
+    .map_err(|e| (format!("opening the stream: {e}"), false))?;
     status.connected.store(true, Ordering::Release);
     status.connects.fetch_add(1, Ordering::Relaxed);
     info!(address = %config.control_plane.address(), node = %config.node_id, "xDS connected");

@@ -6,6 +6,8 @@
 //! - [`type_url`]: the type URLs resources are served under;
 //! - [`client`]: the delta ADS client every Ambit process shares;
 //! - [`channel`]: the connection to the control plane that the xDS and CA clients share;
+//! - [`grpc`]: one bidirectional gRPC call whose receive buffer does not outlive a large
+//!   message (the ADS stream's);
 //! - [`ca`]: the CA client (CSR → certificate);
 //! - [`convert`]: the wire form of shared types (policies, addresses, ports);
 //! - [`istio`]: Istio's telemetry conventions (canonical names, endpoint workload metadata).
@@ -14,6 +16,7 @@ pub mod ca;
 pub mod channel;
 pub mod client;
 pub mod convert;
+pub mod grpc;
 pub mod istio;
 
 /// Generated from `proto/ambit/v1`.
