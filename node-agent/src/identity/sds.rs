@@ -92,7 +92,7 @@ impl Sds {
                     pod.namespace, pod.name
                 ))
             })?;
-        if !w.native_tunnel {
+        if !w.native_tunnel() {
             return Err(Status::permission_denied(format!(
                 "pod {} is not a waypoint's; only waypoints get certificates over SDS",
                 w.display_name()

@@ -83,12 +83,12 @@ pub fn delivery_source(peer: SocketAddr, forwarded: Option<IpAddr>, dst: SocketA
 /// Decides whether `uid` accepts the connection under `state`.
 pub fn admit(state: &MeshState, uid: &str, a: &Arrival) -> Result<Admitted, Error> {
     let me = state.workload(uid).ok_or(Error::UnknownWorkload)?;
-    if a.identity.is_none() && me.mtls == MtlsMode::Strict {
+    if a.identity.is_none() && me.mtls() == MtlsMode::Strict {
         return Err(Error::StrictMtls);
     }
     // A workload behind a waypoint takes traffic only from it: L7 policy cannot be
     // bypassed by dialing the pod's IP.
-    if let Some(wp) = &me.waypoint {
+    if let Some(wp) = &me.waypoint() {
         let from_waypoint = a
             .identity
             .as_ref()
@@ -503,7 +503,7 @@ mod tests {
     fn mesh(mode: MtlsMode) -> MeshState {
         let mut m = MeshState::new("n1");
         let mut web = workload("web", "n1", "10.244.1.10", true);
-        web.mtls = mode;
+        Arc::make_mut(&mut web.placement).mtls = mode;
         m.put_workload(web);
         m.put_workload(workload("frontend", "n2", "10.244.2.10", true));
         m.put_policy(

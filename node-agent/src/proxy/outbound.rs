@@ -112,7 +112,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
                 Some(Target {
                     workload: Some(w.clone()),
                     addr: SocketAddr::new(ip, target_port),
-                    hbone: meshed && w.enrolled,
+                    hbone: meshed && w.enrolled(),
                     waypoint: None,
                 })
             })
@@ -132,7 +132,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
     // ztunnel sends them; none ready fails closed.
     if let Some((w, wp)) = workload
         .as_ref()
-        .and_then(|w| Some((w, w.waypoint.as_deref()?)))
+        .and_then(|w| Some((w, w.waypoint()?)))
         .filter(|_| meshed)
     {
         let targets: Vec<Target> = state
@@ -162,7 +162,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
             balance: Some(format!("waypoint {}/{wp}", w.namespace())),
         });
     }
-    let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled);
+    let hbone = meshed && workload.as_ref().is_some_and(|w| w.enrolled());
     Ok(Plan {
         targets: vec![Target {
             workload,
@@ -511,7 +511,7 @@ mod tests {
         let mut m = mesh();
         for (uid, ip) in [("wp-0", "10.244.1.20"), ("wp-1", "10.244.2.20")] {
             let mut w = workload(uid, "n1", ip, false);
-            w.native_tunnel = true;
+            Arc::make_mut(&mut w.placement).native_tunnel = true;
             m.put_workload(w);
         }
         m.put_service(
@@ -522,7 +522,7 @@ mod tests {
         svc.waypoint = Some("wp".into());
         m.put_service("shop/svc".into(), svc);
         let mut b = workload("b", "n2", "10.244.2.10", true);
-        b.waypoint = Some("wp".into());
+        Arc::make_mut(&mut b.placement).waypoint = Some("wp".into());
         m.put_workload(b);
         let lb = crate::proxy::lb::LoadBalancer::default();
         // Both the service's VIP and the pod's own IP go to the waypoint, alternately to

@@ -122,20 +122,22 @@ impl ConnTracker {
 mod tests {
     use super::*;
     use crate::state::fixtures::allow_from;
-    use crate::state::{Canonical, Ips, MtlsMode, Workload};
+    use crate::state::{Canonical, Ips, MtlsMode, Placement, Workload};
 
     fn web() -> Workload {
         Workload {
             uid: "shop/web-0".into(),
             name: "web-0".into(),
-            node: "n1".into(),
+            placement: Arc::new(Placement {
+                node: "n1".into(),
+                waypoint: None,
+                enrolled: true,
+                native_tunnel: false,
+                mtls: MtlsMode::Strict,
+            }),
             ips: Ips::new(["10.244.2.10".parse().unwrap()]).unwrap(),
-            enrolled: true,
-            native_tunnel: false,
-            waypoint: None,
             identity: Arc::new(Identity::new("cluster.local", "shop", "web").unwrap()),
             labels: None,
-            mtls: MtlsMode::Strict,
             canonical: Arc::new(Canonical::derive("web-0", &Default::default())),
         }
     }

@@ -1,5 +1,5 @@
-//! One shared copy of what many workloads hold alike: node and waypoint names,
-//! identities, canonical names. The xDS decoder looks a value up by the borrowed text it
+//! One shared copy of what many workloads hold alike: placements (node, waypoint and
+//! flags), node and waypoint names, identities, canonical names. The xDS decoder looks a value up by the borrowed text it
 //! just decoded and allocates only a value it has not seen, so 10k workloads of 50 nodes
 //! hold 50 node names, and decoding a known value allocates nothing that is then freed
 //! among what is kept (which would fragment the heap).
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ambit_identity::Identity;
 use hashbrown::HashTable;
 
-use super::Canonical;
+use super::{Canonical, MtlsMode, Placement, PlacementKey};
 
 /// A value that can be shared: it says how many hold it and hashes as its lookup key.
 pub trait Shared: Clone {
@@ -44,6 +44,15 @@ impl Shared for Arc<Canonical> {
     }
     fn hash_with(&self, s: &RandomState) -> u64 {
         s.hash_one(self.names())
+    }
+}
+
+impl Shared for Arc<Placement> {
+    fn holders(&self) -> usize {
+        Arc::strong_count(self)
+    }
+    fn hash_with(&self, s: &RandomState) -> u64 {
+        s.hash_one(self.key())
     }
 }
 
@@ -142,6 +151,8 @@ pub struct Interners {
     pub identities: Interner<Arc<Identity>>,
     /// Canonical names, by their four values.
     pub canonicals: Interner<Arc<Canonical>>,
+    /// Placements, by their fields.
+    pub placements: Interner<Arc<Placement>>,
 }
 
 impl Interners {
@@ -168,8 +179,36 @@ impl Interners {
         )
     }
 
+    /// The shared placement on `node` behind `waypoint` (names shared too).
+    pub fn placement(
+        &mut self,
+        node: &str,
+        waypoint: Option<&str>,
+        enrolled: bool,
+        native_tunnel: bool,
+        mtls: MtlsMode,
+    ) -> Arc<Placement> {
+        let key: PlacementKey<'_> = (node, waypoint, enrolled, native_tunnel, mtls);
+        let strings = &mut self.strings;
+        self.placements.get_or(
+            &key,
+            |e| e.key() == key,
+            || {
+                Arc::new(Placement {
+                    node: strings.str(node),
+                    waypoint: waypoint.map(|w| strings.str(w)),
+                    enrolled,
+                    native_tunnel,
+                    mtls,
+                })
+            },
+        )
+    }
+
     /// Lets go of what no workload holds any more (when it pays).
     pub fn sweep(&mut self) {
+        // Placements first: they hold node and waypoint names.
+        self.placements.sweep();
         self.strings.sweep();
         self.identities.sweep();
         self.canonicals.sweep();
@@ -230,5 +269,43 @@ mod tests {
             "unlabeled pods are named by themselves"
         );
         assert_eq!(&*c.service, "pod-1");
+    }
+
+    #[test]
+    fn placements_are_shared_by_their_fields_and_share_their_names() {
+        let mut i = Interners::default();
+        let strict = MtlsMode::Strict;
+        let a = i.placement("n1", Some("wp"), true, false, strict);
+        let b = i.placement("n1", Some("wp"), true, false, strict);
+        assert!(Arc::ptr_eq(&a, &b));
+        // Any field apart is another placement, holding the same names.
+        for other in [
+            i.placement("n1", None, true, false, strict),
+            i.placement("n1", Some("wp"), false, false, strict),
+            i.placement("n1", Some("wp"), true, true, strict),
+            i.placement("n1", Some("wp"), true, false, MtlsMode::Permissive),
+        ] {
+            assert!(!Arc::ptr_eq(&a, &other) && *a != *other);
+            assert!(Arc::ptr_eq(&a.node, &other.node));
+        }
+        assert!(Arc::ptr_eq(
+            a.waypoint.as_ref().unwrap(),
+            i.placement("n2", Some("wp"), true, false, strict)
+                .waypoint
+                .as_ref()
+                .unwrap()
+        ));
+        // Unheld placements go at a sweep, and then their names.
+        drop(b);
+        for _ in 0..32 {
+            i.placement("n3", None, true, false, strict);
+        }
+        i.sweep();
+        i.sweep();
+        assert_eq!(i.placements.len(), 1, "only `a` is held");
+        assert!(Arc::ptr_eq(
+            &a,
+            &i.placement("n1", Some("wp"), true, false, strict)
+        ));
     }
 }

@@ -35,17 +35,10 @@ pub struct Workload {
     pub uid: Arc<str>,
     /// The pod's name.
     pub name: Box<str>,
-    /// The node it runs on.
-    pub node: Arc<str>,
+    /// Where it runs and how the mesh treats it (shared by every workload alike).
+    pub placement: Arc<Placement>,
     /// Its IPs, at most one per family.
     pub ips: Ips,
-    /// Its traffic is captured and tunnelled.
-    pub enrolled: bool,
-    /// A waypoint's pod: it speaks HBONE on 15008 itself (never captured), and gets its
-    /// certificate from this agent's SDS if it runs here.
-    pub native_tunnel: bool,
-    /// The waypoint (of its namespace) its inbound traffic must come through, if any.
-    pub waypoint: Option<Arc<str>>,
     /// Its SPIFFE identity: also its namespace and service account.
     pub identity: Arc<Identity>,
     /// Its labels, if any are kept: this node's workloads only (policy selectors need
@@ -53,10 +46,69 @@ pub struct Workload {
     ///
     /// [`labels`]: Workload::labels
     pub labels: Option<Box<Labels>>,
-    /// How plaintext inbound connections to it are treated.
-    pub mtls: MtlsMode,
     /// How telemetry names it (Istio's canonical service rules, from its labels).
     pub canonical: Arc<Canonical>,
+}
+
+/// Where a workload runs and how the mesh treats it: what many workloads hold alike (a
+/// mesh has few nodes and waypoints), so the decoder interns it and a workload holds one
+/// pointer instead of two names and three flags (32 bytes less per workload).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Placement {
+    /// The node it runs on.
+    pub node: Arc<str>,
+    /// The waypoint (of its namespace) its inbound traffic must come through, if any.
+    pub waypoint: Option<Arc<str>>,
+    /// Its traffic is captured and tunnelled.
+    pub enrolled: bool,
+    /// A waypoint's pod: it speaks HBONE on 15008 itself (never captured), and gets its
+    /// certificate from this agent's SDS if it runs here.
+    pub native_tunnel: bool,
+    /// How plaintext inbound connections to it are treated.
+    pub mtls: MtlsMode,
+}
+
+impl Placement {
+    /// What the interner hashes it by (and looks it up by, borrowed).
+    pub fn key(&self) -> PlacementKey<'_> {
+        (
+            &self.node,
+            self.waypoint.as_deref(),
+            self.enrolled,
+            self.native_tunnel,
+            self.mtls,
+        )
+    }
+}
+
+/// A [`Placement`]'s fields, borrowed.
+pub type PlacementKey<'a> = (&'a str, Option<&'a str>, bool, bool, MtlsMode);
+
+impl Workload {
+    /// The node it runs on.
+    pub fn node(&self) -> &str {
+        &self.placement.node
+    }
+
+    /// The waypoint its inbound traffic must come through, if any.
+    pub fn waypoint(&self) -> Option<&str> {
+        self.placement.waypoint.as_deref()
+    }
+
+    /// Is its traffic captured and tunnelled?
+    pub fn enrolled(&self) -> bool {
+        self.placement.enrolled
+    }
+
+    /// Is it a waypoint's pod, speaking HBONE itself?
+    pub fn native_tunnel(&self) -> bool {
+        self.placement.native_tunnel
+    }
+
+    /// How plaintext inbound connections to it are treated.
+    pub fn mtls(&self) -> MtlsMode {
+        self.placement.mtls
+    }
 }
 
 /// As the config dump shows it (namespace and service account included).
@@ -67,15 +119,15 @@ impl Serialize for Workload {
         st.serialize_field("uid", &self.uid)?;
         st.serialize_field("name", &self.name)?;
         st.serialize_field("namespace", self.namespace())?;
-        st.serialize_field("node", &self.node)?;
+        st.serialize_field("node", self.node())?;
         st.serialize_field("service_account", self.service_account())?;
         st.serialize_field("ips", &self.ips)?;
-        st.serialize_field("enrolled", &self.enrolled)?;
-        st.serialize_field("native_tunnel", &self.native_tunnel)?;
-        st.serialize_field("waypoint", &self.waypoint)?;
+        st.serialize_field("enrolled", &self.enrolled())?;
+        st.serialize_field("native_tunnel", &self.native_tunnel())?;
+        st.serialize_field("waypoint", &self.waypoint())?;
         st.serialize_field("identity", &self.identity)?;
         st.serialize_field("labels", self.labels())?;
-        st.serialize_field("mtls", &self.mtls)?;
+        st.serialize_field("mtls", &self.mtls())?;
         st.serialize_field("canonical", &self.canonical)?;
         st.end()
     }
@@ -266,7 +318,7 @@ impl Workload {
 }
 
 /// How plaintext (non-HBONE) inbound connections to an enrolled workload are treated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub enum MtlsMode {
     /// Refused.
     #[default]
@@ -394,7 +446,7 @@ impl MeshState {
                     other => return Err(format!("{ip} of {} finds {other:?}", w.uid)),
                 }
             }
-            if (*w.node == *self.node) != self.local.contains(&w.uid) {
+            if (*w.node() == *self.node) != self.local.contains(&w.uid) {
                 return Err(format!("{} is misfiled as local or remote", w.uid));
             }
         }
@@ -413,7 +465,7 @@ impl MeshState {
             }
         }
         let mut enrolled: HashMap<&str, usize> = HashMap::new();
-        for w in self.workloads.values().filter(|w| w.enrolled) {
+        for w in self.workloads.values().filter(|w| w.enrolled()) {
             *enrolled.entry(w.namespace()).or_default() += 1;
         }
         let counted: HashMap<&str, usize> = self
@@ -458,7 +510,7 @@ impl MeshState {
     /// first connect.
     pub fn captures(&self, uid: &str, namespace: &str) -> bool {
         match self.workloads.get(uid) {
-            Some(w) => w.enrolled,
+            Some(w) => w.enrolled(),
             None => self.enrolled_by_namespace.contains_key(namespace),
         }
     }
@@ -468,7 +520,7 @@ impl MeshState {
         self.local
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
-            .filter(|w| w.enrolled)
+            .filter(|w| w.enrolled())
             .cloned()
             .collect()
     }
@@ -478,7 +530,7 @@ impl MeshState {
         self.local
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
-            .filter(|w| w.enrolled || w.native_tunnel)
+            .filter(|w| w.enrolled() || w.native_tunnel())
             .map(|w| (*w.identity).clone())
             .collect()
     }
@@ -490,7 +542,7 @@ impl MeshState {
 
     /// Does `id` belong to a pod of `me`'s waypoint? (False without a waypoint.)
     pub fn is_from_waypoint(&self, me: &Workload, id: &Identity) -> bool {
-        let Some(wp) = &me.waypoint else {
+        let Some(wp) = &me.waypoint() else {
             return false;
         };
         self.services
@@ -499,7 +551,7 @@ impl MeshState {
                 s.endpoints.iter().any(|uid| {
                     self.workloads
                         .get(uid)
-                        .is_some_and(|w| w.native_tunnel && *w.identity == *id)
+                        .is_some_and(|w| w.native_tunnel() && *w.identity == *id)
                 })
             })
     }
@@ -511,7 +563,7 @@ impl MeshState {
             .into_iter()
             .flat_map(|s| s.endpoints.iter())
             .filter_map(|uid| self.workloads.get(uid))
-            .filter(|w| w.native_tunnel)
+            .filter(|w| w.native_tunnel())
             .cloned()
             .collect()
     }
@@ -519,7 +571,7 @@ impl MeshState {
     /// Adds or replaces a workload. Remote workloads lose their labels (only the
     /// destination's agent evaluates selectors).
     pub fn put_workload(&mut self, mut w: Workload) {
-        let local = *w.node == *self.node;
+        let local = *w.node() == *self.node;
         if !local {
             w.labels = None;
         }
@@ -531,7 +583,7 @@ impl MeshState {
         if local {
             self.local.insert(w.uid.clone());
         }
-        if w.enrolled {
+        if w.enrolled() {
             *self
                 .enrolled_by_namespace
                 .entry(w.namespace().to_owned())
@@ -549,7 +601,7 @@ impl MeshState {
             self.by_ip.remove(&ip, &old);
         }
         self.local.remove(uid);
-        if old.enrolled
+        if old.enrolled()
             && let Some(n) = self.enrolled_by_namespace.get_mut(old.namespace())
         {
             *n -= 1;
@@ -686,14 +738,16 @@ pub(crate) mod fixtures {
         Workload {
             uid: uid.into(),
             name: uid.into(),
-            node: node.into(),
+            placement: Arc::new(Placement {
+                node: node.into(),
+                waypoint: None,
+                enrolled,
+                native_tunnel: false,
+                mtls: MtlsMode::Strict,
+            }),
             ips: Ips::new([ip.parse().unwrap()]).unwrap(),
-            enrolled,
-            native_tunnel: false,
-            waypoint: None,
             identity: Arc::new(Identity::new("cluster.local", "shop", uid).unwrap()),
             labels: None,
-            mtls: MtlsMode::Strict,
             canonical: Arc::new(Canonical::derive(uid, &Labels::new())),
         }
     }

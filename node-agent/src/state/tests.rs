@@ -50,12 +50,12 @@ fn applies_valid_updates_and_removals() {
     let (store, mut h) = handler();
     let mut changes = store.changes();
     put(&mut h, workload("a", "n", vec![vec![10, 0, 0, 1]]));
-    assert!(store.workload("a").is_some_and(|w| w.enrolled));
+    assert!(store.workload("a").is_some_and(|w| w.enrolled()));
     assert!(changes.has_changed().unwrap());
     changes.mark_unchanged();
     h.apply(type_url::WORKLOAD, vec![], vec!["a".into()])
         .unwrap();
-    assert!(store.workload("a").is_none_or(|w| !w.enrolled));
+    assert!(store.workload("a").is_none_or(|w| !w.enrolled()));
     assert!(changes.has_changed().unwrap());
 }
 
@@ -143,11 +143,9 @@ fn workloads_share_what_they_have_in_common_and_the_dump_still_shows_it_all() {
     w2.waypoint = "wp".into();
     put(&mut h, w2);
     let (a, b) = (store.workload("w1").unwrap(), store.workload("w2").unwrap());
-    assert!(Arc::ptr_eq(&a.node, &b.node));
-    assert!(Arc::ptr_eq(
-        a.waypoint.as_ref().unwrap(),
-        b.waypoint.as_ref().unwrap()
-    ));
+    // One placement (node-x behind wp), and its names shared with every other.
+    assert!(Arc::ptr_eq(&a.placement, &b.placement));
+    assert_eq!((a.node(), a.waypoint()), ("node-x", Some("wp")));
     assert!(Arc::ptr_eq(&a.identity, &b.identity));
     assert!(Arc::ptr_eq(&a.canonical.revision, &b.canonical.revision));
     assert_eq!((a.namespace(), a.service_account()), ("a", "b"));

@@ -192,16 +192,16 @@ pub fn decode_workload_with(
         canonical,
         uid: name.clone(),
         name: w.name.as_str().into(),
-        node: shared.strings.str(&w.node),
+        placement: shared.placement(
+            &w.node,
+            Some(w.waypoint.as_str()).filter(|s| !s.is_empty()),
+            w.enrolled,
+            w.native_tunnel,
+            mtls,
+        ),
         ips,
-        enrolled: w.enrolled,
-        native_tunnel: w.native_tunnel,
-        waypoint: Some(w.waypoint.as_str())
-            .filter(|s| !s.is_empty())
-            .map(|s| shared.strings.str(s)),
         identity,
         labels,
-        mtls,
     })
 }
 
