@@ -303,6 +303,9 @@ struct SotwType {
 struct SotwStream {
     core: Core<DiscoveryResponse>,
     types: HashMap<&'static str, SotwType>,
+    /// The types in the order the client first asked for them: a new snapshot is pushed
+    /// in that order ([`DeltaStream::order`]).
+    order: Vec<&'static str>,
 }
 
 impl Protocol for SotwStream {
@@ -314,6 +317,7 @@ impl Protocol for SotwStream {
         Self {
             core,
             types: HashMap::new(),
+            order: Vec::new(),
         }
     }
 
@@ -322,8 +326,7 @@ impl Protocol for SotwStream {
     }
 
     async fn on_snapshot(&mut self) -> Result<(), ()> {
-        let types: Vec<_> = self.types.keys().copied().collect();
-        for t in types {
+        for t in self.order.clone() {
             self.push(t, None).await?;
         }
         Ok(())
@@ -344,6 +347,7 @@ impl Protocol for SotwStream {
         let Some(t) = self.types.get_mut(type_url) else {
             // First request for this type: answer unless the client already has it.
             self.types.insert(type_url, SotwType { names, sent: None });
+            self.order.push(type_url);
             let has = (!r.version_info.is_empty()).then_some(r.version_info);
             return self
                 .push(type_url, has)
@@ -490,6 +494,12 @@ struct DeltaType {
 struct DeltaStream {
     core: Core<DeltaDiscoveryResponse>,
     types: HashMap<&'static str, DeltaType>,
+    /// The types in the order the client first asked for them. A new snapshot is pushed
+    /// in that order, so what a client lists first (what the others refer to: workloads
+    /// before the services whose endpoints name them, clusters before listeners) arrives
+    /// first on every stream. (In a hash map's order, an agent got services before the
+    /// workloads of their endpoints in some runs, and then held each endpoint's uid twice.)
+    order: Vec<&'static str>,
 }
 
 impl Protocol for DeltaStream {
@@ -501,6 +511,7 @@ impl Protocol for DeltaStream {
         Self {
             core,
             types: HashMap::new(),
+            order: Vec::new(),
         }
     }
 
@@ -509,8 +520,7 @@ impl Protocol for DeltaStream {
     }
 
     async fn on_snapshot(&mut self) -> Result<(), ()> {
-        let types: Vec<_> = self.types.keys().copied().collect();
-        for t in types {
+        for t in self.order.clone() {
             self.push(t, false, BTreeSet::new()).await?;
         }
         Ok(())
@@ -528,6 +538,9 @@ impl Protocol for DeltaStream {
             return Ok(());
         };
         let first = !self.types.contains_key(type_url);
+        if first {
+            self.order.push(type_url);
+        }
         let t = self.types.entry(type_url).or_insert_with(|| DeltaType {
             // Legacy wildcard: a first request that names nothing.
             wildcard: r.resource_names_subscribe.is_empty(),

@@ -442,3 +442,51 @@ async fn delta_named_subscribe_unsubscribe_and_nack() {
     d.quiet().await;
     assert_eq!(h.stats.nacks()[0].message, "no");
 }
+
+/// A new snapshot reaches every delta stream type by type in the order the client first
+/// subscribed to them (what it lists first is what the others refer to: an agent asks
+/// for workloads before the services whose endpoints name them). Several streams, each
+/// order twice, so a hash map's order would fail it.
+#[tokio::test]
+async fn delta_pushes_a_snapshot_in_the_order_types_were_subscribed() {
+    let mut h = start().await;
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let order = if i % 2 == 0 {
+            [WORKLOAD, SERVICE]
+        } else {
+            [SERVICE, WORKLOAD]
+        };
+        let mut d = Delta::open(&mut h).await;
+        for t in order {
+            d.send(DeltaDiscoveryRequest {
+                node: node("node-1"),
+                type_url: t.into(),
+                ..Default::default()
+            })
+            .await;
+            let r = d.recv().await;
+            assert_eq!(r.type_url, t);
+            d.ack(&r).await;
+        }
+        streams.push((order, d));
+    }
+    // A web pod: a new workload and a new endpoint of the web service, in one snapshot.
+    let yaml = BASE.replace(
+        "services:",
+        "  - {name: c, namespace: shop, node: node-1, ips: [10.244.1.11], labels: {app: web}}\nservices:",
+    );
+    h.snapshots.send(snapshot(&yaml)).unwrap();
+    for (order, d) in &mut streams {
+        for t in *order {
+            let r = d.recv().await;
+            assert_eq!(
+                r.type_url, t,
+                "pushed out of the subscription order {order:?}"
+            );
+            assert_eq!(r.resources.len(), 1);
+            d.ack(&r).await;
+        }
+        d.quiet().await;
+    }
+}
