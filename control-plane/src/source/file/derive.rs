@@ -28,6 +28,10 @@ pub struct Derived {
     owners: IpOwners,
     /// How many versions were derived in place, and how many built in full.
     counts: (u64, u64),
+    /// The last version's workloads, replaced but not yet dropped ([`drop_retired`]).
+    ///
+    /// [`drop_retired`]: Derived::drop_retired
+    retired: Option<Keyed>,
 }
 
 impl Derived {
@@ -43,12 +47,21 @@ impl Derived {
             model,
             owners,
             counts: (0, 1),
+            retired: None,
         })
     }
 
     /// How many versions were derived in place, and how many built in full.
     pub fn counts(&self) -> (u64, u64) {
         self.counts
+    }
+
+    /// Drops the last version's workloads. Dropping 10,000 specs was a sixth of a
+    /// change's time in the control plane: a caller that publishes the model first and
+    /// then calls this keeps it out of the time the change takes to reach the agents.
+    /// (Left alone, they go at the next change.)
+    pub fn drop_retired(&mut self) {
+        self.retired = None;
     }
 
     /// The current model.
@@ -83,7 +96,11 @@ impl Derived {
             match model.apply_pod_changes(&mut self.owners, &gone, changed) {
                 Ok(()) => {
                     self.model = model.clone();
-                    self.workloads = keys.into_iter().zip(workloads).collect();
+                    let last = std::mem::replace(
+                        &mut self.workloads,
+                        keys.into_iter().zip(workloads).collect(),
+                    );
+                    self.retired = Some(last);
                     self.counts.0 += 1;
                     return Ok(model);
                 }

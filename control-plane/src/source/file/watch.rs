@@ -165,7 +165,10 @@ impl Watcher {
             match self.model_of(&text) {
                 Ok(m) => {
                     let _ = self.err_tx.send(None);
-                    return self.publisher.offer(Arc::new(m));
+                    let more = self.publisher.offer(Arc::new(m));
+                    // Published: what the last version held can go now.
+                    self.derived.drop_retired();
+                    return more;
                 }
                 Err(e) => {
                     self.reject(&e);
