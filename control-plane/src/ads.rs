@@ -14,7 +14,7 @@
 //!   its ACK/NACK is ignored (its delta subscription changes still apply).
 //! - NACKs are logged with the client's `error_detail` and recorded in [`AdsStats`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use ambit_xds::envoy::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer, DeltaDiscoveryRequest,
     DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
+use indexmap::IndexMap;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -302,10 +303,9 @@ struct SotwType {
 
 struct SotwStream {
     core: Core<DiscoveryResponse>,
-    types: HashMap<&'static str, SotwType>,
-    /// The types in the order the client first asked for them: a new snapshot is pushed
-    /// in that order ([`DeltaStream::order`]).
-    order: Vec<&'static str>,
+    /// In the order the client first asked for them: a new snapshot is pushed in that
+    /// order ([`DeltaStream::types`]).
+    types: IndexMap<&'static str, SotwType>,
 }
 
 impl Protocol for SotwStream {
@@ -316,8 +316,7 @@ impl Protocol for SotwStream {
     fn new(core: Core<DiscoveryResponse>) -> Self {
         Self {
             core,
-            types: HashMap::new(),
-            order: Vec::new(),
+            types: IndexMap::new(),
         }
     }
 
@@ -326,7 +325,8 @@ impl Protocol for SotwStream {
     }
 
     async fn on_snapshot(&mut self) -> Result<(), ()> {
-        for t in self.order.clone() {
+        let types: Vec<_> = self.types.keys().copied().collect();
+        for t in types {
             self.push(t, None).await?;
         }
         Ok(())
@@ -347,7 +347,6 @@ impl Protocol for SotwStream {
         let Some(t) = self.types.get_mut(type_url) else {
             // First request for this type: answer unless the client already has it.
             self.types.insert(type_url, SotwType { names, sent: None });
-            self.order.push(type_url);
             let has = (!r.version_info.is_empty()).then_some(r.version_info);
             return self
                 .push(type_url, has)
@@ -493,13 +492,12 @@ struct DeltaType {
 
 struct DeltaStream {
     core: Core<DeltaDiscoveryResponse>,
-    types: HashMap<&'static str, DeltaType>,
-    /// The types in the order the client first asked for them. A new snapshot is pushed
-    /// in that order, so what a client lists first (what the others refer to: workloads
-    /// before the services whose endpoints name them, clusters before listeners) arrives
-    /// first on every stream. (In a hash map's order, an agent got services before the
+    /// In the order the client first asked for them. A new snapshot is pushed in that
+    /// order, so what a client lists first (what the others refer to: workloads before
+    /// the services whose endpoints name them, clusters before listeners) arrives first
+    /// on every stream. (In a hash map's order, an agent got services before the
     /// workloads of their endpoints in some runs, and then held each endpoint's uid twice.)
-    order: Vec<&'static str>,
+    types: IndexMap<&'static str, DeltaType>,
 }
 
 impl Protocol for DeltaStream {
@@ -510,8 +508,7 @@ impl Protocol for DeltaStream {
     fn new(core: Core<DeltaDiscoveryResponse>) -> Self {
         Self {
             core,
-            types: HashMap::new(),
-            order: Vec::new(),
+            types: IndexMap::new(),
         }
     }
 
@@ -520,7 +517,8 @@ impl Protocol for DeltaStream {
     }
 
     async fn on_snapshot(&mut self) -> Result<(), ()> {
-        for t in self.order.clone() {
+        let types: Vec<_> = self.types.keys().copied().collect();
+        for t in types {
             self.push(t, false, BTreeSet::new()).await?;
         }
         Ok(())
@@ -538,9 +536,6 @@ impl Protocol for DeltaStream {
             return Ok(());
         };
         let first = !self.types.contains_key(type_url);
-        if first {
-            self.order.push(type_url);
-        }
         let t = self.types.entry(type_url).or_insert_with(|| DeltaType {
             // Legacy wildcard: a first request that names nothing.
             wildcard: r.resource_names_subscribe.is_empty(),
