@@ -8,7 +8,7 @@ use std::time::Duration;
 use ambit_control_plane::ads::AdsServer;
 use ambit_control_plane::source::file::parse;
 use ambit_control_plane::translate::Snapshot;
-use ambit_xds::client::{ApplyError, Handler, XdsClient, XdsClientConfig};
+use ambit_xds::client::{ApplyError, Handler, Update, Version, XdsClient, XdsClientConfig};
 use ambit_xds::envoy::Any;
 use ambit_xds::type_url::{NODE_AGENT, WORKLOAD};
 use tokio::sync::watch;
@@ -27,10 +27,13 @@ fn snapshot(yaml: &str) -> Arc<Snapshot> {
     ))
 }
 
+/// One type's resources by name, with their versions.
+type Held = BTreeMap<String, (Version, Any)>;
+
 /// Keeps resources by type and name; refuses any update containing `refuse`.
 #[derive(Clone, Default)]
 struct Store {
-    state: Arc<Mutex<BTreeMap<String, BTreeMap<String, Any>>>>,
+    state: Arc<Mutex<BTreeMap<String, Held>>>,
     applies: Arc<Mutex<Vec<(String, usize, usize)>>>,
     refuse: Arc<Mutex<Option<String>>>,
 }
@@ -39,11 +42,11 @@ impl Handler for Store {
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(Arc<str>, Any)>,
+        updated: Vec<Update>,
         removed: Vec<String>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<usize, ApplyError> {
         if let Some(bad) = self.refuse.lock().unwrap().as_ref()
-            && updated.iter().any(|(n, _)| **n == **bad)
+            && updated.iter().any(|u| *u.name == **bad)
         {
             return Err(ApplyError::Resource {
                 name: bad.clone(),
@@ -62,8 +65,25 @@ impl Handler for Store {
         for n in removed {
             t.remove(&n);
         }
-        t.extend(updated.into_iter().map(|(n, a)| (n.to_string(), a)));
-        Ok(())
+        t.extend(
+            updated
+                .into_iter()
+                .map(|u| (u.name.to_string(), (u.version, u.body))),
+        );
+        Ok(t.len())
+    }
+
+    fn held(&self, type_url: &str, each: &mut dyn FnMut(&str, &Version)) {
+        for (name, (v, _)) in self
+            .state
+            .lock()
+            .unwrap()
+            .get(type_url)
+            .into_iter()
+            .flatten()
+        {
+            each(name, v);
+        }
     }
 }
 

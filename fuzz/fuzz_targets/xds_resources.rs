@@ -1,14 +1,17 @@
 //! xDS as the node agent receives it: a sequence of delta updates, each resource either
 //! raw bytes or a protobuf built from arbitrary field values (so validation is reached,
 //! not only the protobuf decoder). A rejected update must leave the state exactly as it
-//! was, and after every update the state's indexes must agree with its entries.
+//! was, and after every update the state's indexes must agree with its entries, and what
+//! the handler says it holds (for a reconnect) must be what the store holds, at the
+//! versions last applied.
 #![no_main]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ambit_node_agent::state::Store;
 use ambit_node_agent::state::xds::StoreHandler;
-use ambit_xds::client::Handler;
+use ambit_xds::client::{Handler, Version};
 use ambit_xds::envoy::Any;
 use ambit_xds::{ambit, type_url};
 use arbitrary::Arbitrary;
@@ -106,8 +109,24 @@ enum Body<'a> {
 struct Update<'a> {
     /// 0–2: the agent's three types; anything else a type it does not know.
     kind: u8,
-    updated: Vec<(Name, Body<'a>)>,
+    updated: Vec<(Name, Body<'a>, Ver<'a>)>,
     removed: Vec<Name>,
+}
+
+/// A resource version: mostly Ambit's 16 hex digits, sometimes any text.
+#[derive(Arbitrary, Debug)]
+enum Ver<'a> {
+    Hex(u64),
+    Text(&'a str),
+}
+
+impl Ver<'_> {
+    fn get(&self) -> String {
+        match self {
+            Ver::Hex(n) => format!("{n:016x}"),
+            Ver::Text(t) => t.to_string(),
+        }
+    }
 }
 
 fn s(v: &str) -> String {
@@ -217,25 +236,58 @@ fuzz_target!(|updates: Vec<Update<'_>>| {
         let updated = u
             .updated
             .iter()
-            .map(|(n, body)| {
+            .map(|(n, body, v)| {
                 let name = n.get();
                 let value = encode(&name, body);
                 let any = Any {
                     type_url: type_url.to_owned(),
                     value,
                 };
-                (name.into(), any)
+                ambit_xds::client::Update {
+                    name: name.into(),
+                    version: Version::new(&v.get()),
+                    body: any,
+                }
             })
-            .collect();
-        let removed = u.removed.iter().map(|n| n.get()).collect();
+            .collect::<Vec<_>>();
+        let mut versions = held(&handler, type_url);
+        let removed: Vec<String> = u.removed.iter().map(|n| n.get()).collect();
         let before = store.read(|m| serde_json::to_string(m).unwrap());
         let version = *store.changes().borrow();
-        if handler.apply(type_url, updated, removed).is_err() {
-            assert_eq!(store.read(|m| serde_json::to_string(m).unwrap()), before);
-            assert_eq!(*store.changes().borrow(), version);
+        let given: Vec<(String, String)> = updated
+            .iter()
+            .map(|u| (u.name.to_string(), u.version.to_string()))
+            .collect();
+        let removed_names: Vec<String> = removed.clone();
+        match handler.apply(type_url, updated, removed) {
+            Err(_) => {
+                assert_eq!(store.read(|m| serde_json::to_string(m).unwrap()), before);
+                assert_eq!(*store.changes().borrow(), version);
+                assert_eq!(held(&handler, type_url), versions, "a refused update changed versions");
+            }
+            Ok(count) => {
+                for n in &removed_names {
+                    versions.remove(n);
+                }
+                versions.extend(given);
+                assert_eq!(held(&handler, type_url), versions, "after {u:?}");
+                assert_eq!(count, versions.len());
+                let (w, s, p) = store.read(|m| m.counts());
+                let in_store = [w, s, p][usize::from(u.kind.min(2))];
+                assert_eq!(count, in_store);
+            }
         }
         if let Err(e) = store.read(|m| m.check_indexes()) {
             panic!("indexes disagree after {u:?}: {e}");
         }
     }
 });
+
+/// What the handler says it holds of `type_url`, name → version.
+fn held(h: &StoreHandler, type_url: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    h.held(type_url, &mut |n, v| {
+        assert!(out.insert(n.to_owned(), v.to_string()).is_none(), "{n} held twice");
+    });
+    out
+}

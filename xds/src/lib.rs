@@ -10,7 +10,8 @@
 //!   message (the ADS stream's);
 //! - [`ca`]: the CA client (CSR → certificate);
 //! - [`convert`]: the wire form of shared types (policies, addresses, ports);
-//! - [`istio`]: Istio's telemetry conventions (canonical names, endpoint workload metadata).
+//! - [`istio`]: Istio's telemetry conventions (canonical names, endpoint workload metadata);
+//! - [`versions`]: resource versions, as handlers keep them for the client's reconnects.
 
 pub mod ca;
 pub mod channel;
@@ -18,6 +19,7 @@ pub mod client;
 pub mod convert;
 pub mod grpc;
 pub mod istio;
+pub mod versions;
 
 /// Generated from `proto/ambit/v1`.
 pub mod ambit {

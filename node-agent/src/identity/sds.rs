@@ -98,7 +98,7 @@ impl Sds {
                 w.display_name()
             )));
         }
-        Ok((*w.identity).clone())
+        Ok((**w.identity()).clone())
     }
 }
 

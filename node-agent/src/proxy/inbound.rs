@@ -146,7 +146,7 @@ fn inbound_span(
     use ambit_otel::{KeyValue, SpanKind};
     let mut attributes = vec![
         KeyValue::new("ambit.destination.workload", me.display_name()),
-        KeyValue::new("ambit.destination.principal", me.identity.to_string()),
+        KeyValue::new("ambit.destination.principal", me.identity().to_string()),
         KeyValue::new("client.address", a.src.ip().to_string()),
         KeyValue::new("server.port", i64::from(a.dst.port())),
     ];
@@ -219,7 +219,7 @@ pub async fn hbone_connection(
     // Only the identity is needed: one `Arc` clone per connection.
     let Some(identity) = inputs
         .state
-        .read(|s| s.workload(&pod.spec.uid).map(|w| w.identity.clone()))
+        .read(|s| s.workload(&pod.spec.uid).map(|w| w.identity().clone()))
     else {
         return fail(Error::UnknownWorkload);
     };

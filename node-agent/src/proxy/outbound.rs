@@ -223,7 +223,7 @@ pub async fn connection(inputs: Arc<Inputs>, pod: Arc<Pod>, client: TcpStream, p
             dst,
             src_workload: source.as_deref(),
             dst_workload: target.and_then(|t| t.workload.as_deref()),
-            src_identity: source.as_deref().map(|w| &*w.identity),
+            src_identity: source.as_deref().map(|w| &**w.identity()),
             service,
             security: match target {
                 Some(t) if t.hbone => SecurityPolicy::MutualTls,
@@ -351,16 +351,16 @@ async fn open_hbone(
     // The pod's first connection may race its first certificate.
     if inputs
         .certs
-        .wait_for(&source.identity, inputs.connect_timeout)
+        .wait_for(source.identity(), inputs.connect_timeout)
         .await
         .is_none()
     {
-        return Err(Error::NoCertificate((*source.identity).clone()));
+        return Err(Error::NoCertificate((**source.identity()).clone()));
     }
     let key = PoolKey {
-        src_identity: (*source.identity).clone(),
+        src_identity: (**source.identity()).clone(),
         src: src_ip,
-        dst_identity: (*dst.identity).clone(),
+        dst_identity: (**dst.identity()).clone(),
         dst: SocketAddr::new(
             target.waypoint.unwrap_or(target.addr.ip()),
             INBOUND_HBONE_PORT,
@@ -372,9 +372,9 @@ async fn open_hbone(
         use ambit_otel::{KeyValue, SpanKind};
         let mut attributes = vec![
             KeyValue::new("ambit.source.workload", source.display_name()),
-            KeyValue::new("ambit.source.principal", source.identity.to_string()),
+            KeyValue::new("ambit.source.principal", source.identity().to_string()),
             KeyValue::new("ambit.destination.workload", dst.display_name()),
-            KeyValue::new("ambit.destination.principal", dst.identity.to_string()),
+            KeyValue::new("ambit.destination.principal", dst.identity().to_string()),
             KeyValue::new("server.address", target.addr.ip().to_string()),
             KeyValue::new("server.port", i64::from(target.addr.port())),
         ];

@@ -122,7 +122,7 @@ impl ConnTracker {
 mod tests {
     use super::*;
     use crate::state::fixtures::allow_from;
-    use crate::state::{Canonical, Ips, MtlsMode, Placement, Workload};
+    use crate::state::{Canonical, Ips, MtlsMode, Placement, Profile, Workload};
 
     fn web() -> Workload {
         Workload {
@@ -135,10 +135,13 @@ mod tests {
                 native_tunnel: false,
                 mtls: MtlsMode::Strict,
             }),
+            profile: Arc::new(Profile {
+                identity: Arc::new(Identity::new("cluster.local", "shop", "web").unwrap()),
+                canonical: Canonical::derive("web-0", &Default::default()),
+            }),
             ips: Ips::new(["10.244.2.10".parse().unwrap()]).unwrap(),
-            identity: Arc::new(Identity::new("cluster.local", "shop", "web").unwrap()),
             labels: None,
-            canonical: Arc::new(Canonical::derive("web-0", &Default::default())),
+            version: 0,
         }
     }
 

@@ -1,5 +1,5 @@
 //! One shared copy of what many workloads hold alike: placements (node, waypoint and
-//! flags), node and waypoint names, identities, canonical names. The xDS decoder looks a value up by the borrowed text it
+//! flags), node and waypoint names, profiles (identity and canonical names), identities. The xDS decoder looks a value up by the borrowed text it
 //! just decoded and allocates only a value it has not seen, so 10k workloads of 50 nodes
 //! hold 50 node names, and decoding a known value allocates nothing that is then freed
 //! among what is kept (which would fragment the heap).
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ambit_identity::Identity;
 use hashbrown::HashTable;
 
-use super::{Canonical, MtlsMode, Placement, PlacementKey};
+use super::{Canonical, MtlsMode, Placement, PlacementKey, Profile, ProfileKey};
 
 /// A value that can be shared: it says how many hold it and hashes as its lookup key.
 pub trait Shared: Clone {
@@ -38,12 +38,12 @@ impl Shared for Arc<Identity> {
     }
 }
 
-impl Shared for Arc<Canonical> {
+impl Shared for Arc<Profile> {
     fn holders(&self) -> usize {
         Arc::strong_count(self)
     }
     fn hash_with(&self, s: &RandomState) -> u64 {
-        s.hash_one(self.names())
+        s.hash_one(self.key())
     }
 }
 
@@ -149,8 +149,8 @@ pub struct Interners {
     pub strings: Interner<Arc<str>>,
     /// Identities, by their URI.
     pub identities: Interner<Arc<Identity>>,
-    /// Canonical names, by their four values.
-    pub canonicals: Interner<Arc<Canonical>>,
+    /// Profiles, by their identity and four canonical names.
+    pub profiles: Interner<Arc<Profile>>,
     /// Placements, by their fields.
     pub placements: Interner<Arc<Placement>>,
 }
@@ -165,17 +165,24 @@ impl Interners {
         )
     }
 
-    /// The shared canonical names of a workload `name` whose labels `label` looks up.
-    pub fn canonical<'a>(
+    /// The shared profile of a workload `name` of `identity` whose labels `label` looks
+    /// up (its canonical names by Istio's rules).
+    pub fn profile<'a>(
         &mut self,
+        identity: &Arc<Identity>,
         name: &'a str,
         label: impl Fn(&str) -> Option<&'a str>,
-    ) -> Arc<Canonical> {
-        let names = Canonical::names_of(name, label);
-        self.canonicals.get_or(
-            &names,
-            |e| e.names() == names,
-            || Arc::new(Canonical::from_names(names)),
+    ) -> Arc<Profile> {
+        let key: ProfileKey<'_> = (identity.as_str(), Canonical::names_of(name, label));
+        self.profiles.get_or(
+            &key,
+            |e| e.key() == key,
+            || {
+                Arc::new(Profile {
+                    identity: identity.clone(),
+                    canonical: Canonical::from_names(key.1),
+                })
+            },
         )
     }
 
@@ -207,11 +214,11 @@ impl Interners {
 
     /// Lets go of what no workload holds any more (when it pays).
     pub fn sweep(&mut self) {
-        // Placements first: they hold node and waypoint names.
+        // Placements and profiles first: they hold names and identities.
         self.placements.sweep();
+        self.profiles.sweep();
         self.strings.sweep();
         self.identities.sweep();
-        self.canonicals.sweep();
     }
 }
 
@@ -253,22 +260,37 @@ mod tests {
     }
 
     #[test]
-    fn canonical_names_are_shared_by_workloads_with_the_same_labels() {
+    fn profiles_are_shared_by_workloads_of_one_identity_and_labels() {
         let mut i = Interners::default();
         let labels: ambit_policy::Labels = [("app".to_string(), "web".to_string())].into();
         let label = |k: &str| labels.get(k).map(String::as_str);
-        let (a, b) = (i.canonical("a-1", label), i.canonical("a-2", label));
+        let id = i.identity("spiffe://td/ns/a/sa/web").unwrap();
+        let (a, b) = (i.profile(&id, "a-1", label), i.profile(&id, "a-2", label));
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(*a, Canonical::derive("a-1", &labels));
-        let (c, d) = (
-            i.canonical("pod-1", |_| None),
-            i.canonical("pod-2", |_| None),
+        assert_eq!(a.canonical, Canonical::derive("a-1", &labels));
+        assert!(Arc::ptr_eq(&a.identity, &id));
+        // Another identity with the same labels is another profile.
+        let other = i.identity("spiffe://td/ns/a/sa/other").unwrap();
+        let c = i.profile(&other, "a-1", label);
+        assert!(!Arc::ptr_eq(&a, &c) && *c.identity == *other);
+        let (d, e) = (
+            i.profile(&id, "pod-1", |_| None),
+            i.profile(&id, "pod-2", |_| None),
         );
         assert!(
-            !Arc::ptr_eq(&c, &d),
+            !Arc::ptr_eq(&d, &e),
             "unlabeled pods are named by themselves"
         );
-        assert_eq!(&*c.service, "pod-1");
+        assert_eq!(&*d.canonical.service, "pod-1");
+        // Unheld profiles go at a sweep, and then identities only they held.
+        drop((b, c, d, e, other));
+        for _ in 0..32 {
+            i.profile(&id, "a-3", label);
+            i.identity("spiffe://td/ns/a/sa/web").unwrap();
+        }
+        i.sweep();
+        assert_eq!(i.profiles.len(), 1, "only `a` is held");
+        assert_eq!(i.identities.len(), 1);
     }
 
     #[test]

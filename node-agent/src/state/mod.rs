@@ -24,11 +24,12 @@ use index::{ByKey, IpIndex, Keyed};
 
 /// A workload (pod).
 ///
-/// An agent holds every workload of the mesh, so this is kept small: what many workloads
-/// share (node, waypoint, identity, canonical names) is one allocation held by all of
-/// them (the xDS decoder interns it: [`intern`]), the namespace and service account are read from the
-/// identity (the decoder checks they agree), and the IPs are inline. At 10k workloads
-/// each costs about its uid, its name and this struct.
+/// An agent holds every workload of the mesh, so this is kept small (88 bytes; with its
+/// `Arc`'s counts, one 112-byte heap chunk): what many workloads share (node, waypoint,
+/// flags; identity and canonical names) is one allocation held by all of them (the xDS
+/// decoder interns it: [`intern`]), the namespace and service account are read from
+/// the identity (the decoder checks they agree), and the IPs are inline. At 10k
+/// workloads each costs about this struct, its uid and its name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     /// The pod's uid (the resource name).
@@ -37,18 +38,40 @@ pub struct Workload {
     pub name: Box<str>,
     /// Where it runs and how the mesh treats it (shared by every workload alike).
     pub placement: Arc<Placement>,
+    /// Who it is and how telemetry names it (shared by every workload alike).
+    pub profile: Arc<Profile>,
     /// Its IPs, at most one per family.
     pub ips: Ips,
-    /// Its SPIFFE identity: also its namespace and service account.
-    pub identity: Arc<Identity>,
     /// Its labels, if any are kept: this node's workloads only (policy selectors need
     /// them), so every other workload holds one null pointer. Read with [`labels`].
     ///
     /// [`labels`]: Workload::labels
     pub labels: Option<Box<Labels>>,
-    /// How telemetry names it (Istio's canonical service rules, from its labels).
-    pub canonical: Arc<Canonical>,
+    /// The xDS version it came with, when that is Ambit's 16 hex digits, as the number
+    /// (any other version is kept beside the store by the [`xds::StoreHandler`]); 0 for
+    /// a workload that did not come from xDS. A reconnect tells the control plane.
+    pub version: u64,
 }
+
+/// Who a workload is and how telemetry names it: what the workloads of one app share
+/// (one service account and one set of canonical labels), interned by the decoder.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Profile {
+    /// Its SPIFFE identity: also its namespace and service account.
+    pub identity: Arc<Identity>,
+    /// How telemetry names it (Istio's canonical service rules, from its labels).
+    pub canonical: Canonical,
+}
+
+impl Profile {
+    /// What the interner hashes it by (and looks it up by, borrowed).
+    pub fn key(&self) -> ProfileKey<'_> {
+        (self.identity.as_str(), self.canonical.names())
+    }
+}
+
+/// A [`Profile`]'s fields, borrowed: the identity's URI and the canonical names.
+pub type ProfileKey<'a> = (&'a str, [&'a str; 4]);
 
 /// Where a workload runs and how the mesh treats it: what many workloads hold alike (a
 /// mesh has few nodes and waypoints), so the decoder interns it and a workload holds one
@@ -109,6 +132,16 @@ impl Workload {
     pub fn mtls(&self) -> MtlsMode {
         self.placement.mtls
     }
+
+    /// Its SPIFFE identity.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.profile.identity
+    }
+
+    /// How telemetry names it.
+    pub fn canonical(&self) -> &Canonical {
+        &self.profile.canonical
+    }
 }
 
 /// As the config dump shows it (namespace and service account included).
@@ -125,10 +158,10 @@ impl Serialize for Workload {
         st.serialize_field("enrolled", &self.enrolled())?;
         st.serialize_field("native_tunnel", &self.native_tunnel())?;
         st.serialize_field("waypoint", &self.waypoint())?;
-        st.serialize_field("identity", &self.identity)?;
+        st.serialize_field("identity", self.identity())?;
         st.serialize_field("labels", self.labels())?;
         st.serialize_field("mtls", &self.mtls())?;
-        st.serialize_field("canonical", &self.canonical)?;
+        st.serialize_field("canonical", self.canonical())?;
         st.end()
     }
 }
@@ -290,12 +323,12 @@ impl Workload {
 
     /// Its namespace.
     pub fn namespace(&self) -> &str {
-        self.identity.namespace()
+        self.identity().namespace()
     }
 
     /// Its service account.
     pub fn service_account(&self) -> &str {
-        self.identity.service_account()
+        self.identity().service_account()
     }
 
     /// Its IP of the same family as `like`.
@@ -387,6 +420,11 @@ impl MeshState {
     /// The workload with this uid.
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
+    }
+
+    /// Every workload, in no order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
     }
 
     /// The workload with this IP.
@@ -531,7 +569,7 @@ impl MeshState {
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
             .filter(|w| w.enrolled() || w.native_tunnel())
-            .map(|w| (*w.identity).clone())
+            .map(|w| (**w.identity()).clone())
             .collect()
     }
 
@@ -551,7 +589,7 @@ impl MeshState {
                 s.endpoints.iter().any(|uid| {
                     self.workloads
                         .get(uid)
-                        .is_some_and(|w| w.native_tunnel() && *w.identity == *id)
+                        .is_some_and(|w| w.native_tunnel() && **w.identity() == *id)
                 })
             })
     }
@@ -719,9 +757,10 @@ impl Store {
     }
 
     /// Changes the state in place and announces the change.
-    pub fn update(&self, f: impl FnOnce(&mut MeshState)) {
-        f(&mut self.state.write().unwrap_or_else(|e| e.into_inner()));
+    pub fn update<R>(&self, f: impl FnOnce(&mut MeshState) -> R) -> R {
+        let r = f(&mut self.state.write().unwrap_or_else(|e| e.into_inner()));
         self.changes.send_modify(|v| *v += 1);
+        r
     }
 }
 
@@ -745,10 +784,13 @@ pub(crate) mod fixtures {
                 native_tunnel: false,
                 mtls: MtlsMode::Strict,
             }),
+            profile: Arc::new(Profile {
+                identity: Arc::new(Identity::new("cluster.local", "shop", uid).unwrap()),
+                canonical: Canonical::derive(uid, &Labels::new()),
+            }),
             ips: Ips::new([ip.parse().unwrap()]).unwrap(),
-            identity: Arc::new(Identity::new("cluster.local", "shop", uid).unwrap()),
             labels: None,
-            canonical: Arc::new(Canonical::derive(uid, &Labels::new())),
+            version: 0,
         }
     }
 

@@ -1,11 +1,20 @@
 use ambit_xds::ambit;
-use ambit_xds::client::Handler;
+use ambit_xds::client::{Handler, Update, Version};
 use ambit_xds::envoy::Any;
 use ambit_xds::type_url;
 use prost::Message;
 
 use super::xds::StoreHandler;
 use super::*;
+
+/// An update of `name` at version 1.
+fn update(name: &str, body: Any) -> Update {
+    Update {
+        name: name.into(),
+        version: Version::new("0000000000000001"),
+        body,
+    }
+}
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
@@ -39,7 +48,7 @@ fn put(h: &mut StoreHandler, w: ambit::Workload) {
     let name = w.uid.clone();
     h.apply(
         type_url::WORKLOAD,
-        vec![(name.into(), any(type_url::WORKLOAD, &w))],
+        vec![update(&name, any(type_url::WORKLOAD, &w))],
         vec![],
     )
     .unwrap();
@@ -69,7 +78,7 @@ fn indexes_follow_updates_and_only_local_workloads_keep_labels() {
         assert_eq!(&*s.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "a");
         assert!(!s.workload("a").unwrap().labels().is_empty());
         assert!(s.workload("b").unwrap().labels.is_none());
-        assert_eq!(s.workload("b").unwrap().canonical.service, "web".into());
+        assert_eq!(s.workload("b").unwrap().canonical().service, "web".into());
         assert_eq!(s.local_identities().len(), 1);
     });
     // An IP change moves the index entry.
@@ -146,8 +155,11 @@ fn workloads_share_what_they_have_in_common_and_the_dump_still_shows_it_all() {
     // One placement (node-x behind wp), and its names shared with every other.
     assert!(Arc::ptr_eq(&a.placement, &b.placement));
     assert_eq!((a.node(), a.waypoint()), ("node-x", Some("wp")));
-    assert!(Arc::ptr_eq(&a.identity, &b.identity));
-    assert!(Arc::ptr_eq(&a.canonical.revision, &b.canonical.revision));
+    assert!(Arc::ptr_eq(a.identity(), b.identity()));
+    assert!(Arc::ptr_eq(
+        &a.canonical().revision,
+        &b.canonical().revision
+    ));
     assert_eq!((a.namespace(), a.service_account()), ("a", "b"));
     assert_eq!(b.ips.len(), 2);
     assert_eq!(
@@ -210,15 +222,15 @@ fn a_pod_not_yet_described_is_captured_when_its_namespace_is_enrolled() {
 #[test]
 fn a_bad_resource_rejects_the_whole_update() {
     let (store, mut h) = handler();
-    let good = (
-        Arc::<str>::from("a"),
+    let good = update(
+        "a",
         any(
             type_url::WORKLOAD,
             &workload("a", "n", vec![vec![10, 0, 0, 1]]),
         ),
     );
-    let bad = (
-        Arc::<str>::from("b"),
+    let bad = update(
+        "b",
         any(type_url::WORKLOAD, &workload("b", "n", vec![vec![1, 2, 3]])),
     );
     let err = h
@@ -230,8 +242,8 @@ fn a_bad_resource_rejects_the_whole_update() {
         (0, 0, 0),
         "part of a rejected update was applied"
     );
-    let garbage = (
-        Arc::<str>::from("c"),
+    let garbage = update(
+        "c",
         Any {
             type_url: type_url::WORKLOAD.into(),
             value: vec![0xff, 0xff, 0xff],
@@ -243,8 +255,8 @@ fn a_bad_resource_rejects_the_whole_update() {
             .to_string()
             .starts_with("resource c: not a Workload")
     );
-    let renamed = (
-        Arc::<str>::from("x"),
+    let renamed = update(
+        "x",
         any(
             type_url::WORKLOAD,
             &workload("a", "n", vec![vec![10, 0, 0, 1]]),
@@ -261,7 +273,7 @@ fn a_bad_resource_rejects_the_whole_update() {
     let e = h
         .apply(
             type_url::WORKLOAD,
-            vec![("d".into(), any(type_url::WORKLOAD, &liar))],
+            vec![update("d", any(type_url::WORKLOAD, &liar))],
             vec![],
         )
         .unwrap_err();
@@ -298,7 +310,7 @@ fn policies_are_indexed_by_namespace_and_bad_cidrs_are_refused() {
     };
     h.apply(
         type_url::AUTHORIZATION,
-        vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(8)))],
+        vec![update("shop/p", any(type_url::AUTHORIZATION, &policy(8)))],
         vec![],
     )
     .unwrap();
@@ -315,7 +327,7 @@ fn policies_are_indexed_by_namespace_and_bad_cidrs_are_refused() {
     let err = h
         .apply(
             type_url::AUTHORIZATION,
-            vec![("shop/p".into(), any(type_url::AUTHORIZATION, &policy(33)))],
+            vec![update("shop/p", any(type_url::AUTHORIZATION, &policy(33)))],
             vec![],
         )
         .unwrap_err();
@@ -323,4 +335,110 @@ fn policies_are_indexed_by_namespace_and_bad_cidrs_are_refused() {
     h.apply(type_url::AUTHORIZATION, vec![], vec!["shop/p".into()])
         .unwrap();
     assert!(store.read(|s| s.policies_for("shop").is_empty()));
+}
+
+/// What the handler says it holds, by name: what a reconnect tells the control plane.
+fn held(h: &StoreHandler, type_url: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    h.held(type_url, &mut |name, v| {
+        assert!(
+            out.insert(name.to_owned(), v.to_string()).is_none(),
+            "{name} twice"
+        );
+    });
+    out
+}
+
+#[test]
+fn the_versions_held_are_those_last_applied_exactly_as_they_came() {
+    let (_store, mut h) = handler();
+    let at = |name: &str, version: &str, ip: u8| Update {
+        name: name.into(),
+        version: Version::new(version),
+        body: any(
+            type_url::WORKLOAD,
+            &workload(name, "n", vec![vec![10, 0, 0, ip]]),
+        ),
+    };
+    let hex = "00a1b2c3d4e5f607";
+    let count = h
+        .apply(
+            type_url::WORKLOAD,
+            vec![at("a", hex, 1), at("b", "v-7", 2), at("c", "", 3)],
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(count, 3);
+    let want = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        held(&h, type_url::WORKLOAD),
+        want(&[("a", hex), ("b", "v-7"), ("c", "")])
+    );
+    // A text version replaced by a hex one, and a hex one by text.
+    h.apply(
+        type_url::WORKLOAD,
+        vec![at("b", "ffffffffffffffff", 2), at("a", "A", 1)],
+        vec![],
+    )
+    .unwrap();
+    assert_eq!(
+        held(&h, type_url::WORKLOAD),
+        want(&[("a", "A"), ("b", "ffffffffffffffff"), ("c", "")])
+    );
+    // A refused update changes no version; a removal forgets one.
+    let bad = Update {
+        body: any(type_url::WORKLOAD, &workload("x", "n", vec![vec![1]])),
+        ..at("x", hex, 9)
+    };
+    assert!(
+        h.apply(type_url::WORKLOAD, vec![at("a", hex, 1), bad], vec![])
+            .is_err()
+    );
+    let count = h
+        .apply(type_url::WORKLOAD, vec![], vec!["a".into(), "c".into()])
+        .unwrap();
+    assert_eq!(count, 1);
+    assert_eq!(
+        held(&h, type_url::WORKLOAD),
+        want(&[("b", "ffffffffffffffff")])
+    );
+    // Services and policies keep theirs beside them.
+    let svc = ambit::Service {
+        name: "web".into(),
+        namespace: "a".into(),
+        hostname: "web.a.svc.cluster.local".into(),
+        vips: vec![vec![10, 96, 0, 1]],
+        endpoints: vec!["b".into()],
+        ..Default::default()
+    };
+    let s = |version: &str| Update {
+        name: "a/web".into(),
+        version: Version::new(version),
+        body: any(type_url::SERVICE, &svc),
+    };
+    assert_eq!(
+        h.apply(type_url::SERVICE, vec![s("s1")], vec![]).unwrap(),
+        1
+    );
+    h.apply(type_url::SERVICE, vec![s("s2")], vec![]).unwrap();
+    assert_eq!(held(&h, type_url::SERVICE), want(&[("a/web", "s2")]));
+    assert_eq!(
+        h.apply(type_url::SERVICE, vec![], vec!["a/web".into()])
+            .unwrap(),
+        0
+    );
+    assert!(held(&h, type_url::SERVICE).is_empty());
+    assert!(held(&h, type_url::AUTHORIZATION).is_empty());
+}
+
+#[test]
+fn a_workload_fits_one_112_byte_heap_chunk_with_its_arc_counts() {
+    // 10k of them per agent: the struct (88) and the `Arc`'s two counts (16) are 104
+    // bytes, which glibc serves from a 112-byte chunk; 8 more would take a 128-byte one.
+    assert_eq!(std::mem::size_of::<Workload>(), 88);
 }

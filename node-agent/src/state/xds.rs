@@ -2,13 +2,13 @@
 //! before applying any of it, so a bad resource NACKs the response and the store keeps
 //! its previous state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ambit_policy::Authorization;
 use ambit_xds::ambit;
-use ambit_xds::client::{ApplyError, Handler};
+use ambit_xds::client::{ApplyError, Handler, Update, Version, Versions};
 use ambit_xds::convert::{DecodeError, authorization_from_proto, ip_from_bytes, port_from_u32};
-use ambit_xds::envoy::Any;
 use ambit_xds::type_url;
 use prost::Message;
 
@@ -24,6 +24,12 @@ pub struct StoreHandler {
     shared: Interners,
     /// The store's node (its workloads keep their labels).
     node: Arc<str>,
+    /// The versions of workloads that did not come as Ambit's 16 hex digits (each
+    /// workload keeps that number itself): empty but for another control plane's.
+    odd_versions: HashMap<Arc<str>, Version>,
+    /// The versions of the services and policies held (a thousand, not ten thousand:
+    /// kept beside them).
+    versions: HashMap<&'static str, Versions>,
 }
 
 impl StoreHandler {
@@ -33,6 +39,8 @@ impl StoreHandler {
             node: store.read(|s| s.node().into()),
             store,
             shared: Interners::default(),
+            odd_versions: HashMap::new(),
+            versions: HashMap::new(),
         }
     }
 
@@ -51,53 +59,104 @@ impl Handler for StoreHandler {
     fn apply(
         &mut self,
         type_url: &str,
-        updated: Vec<(Arc<str>, Any)>,
+        updated: Vec<Update>,
         removed: Vec<String>,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<usize, ApplyError> {
         let large = updated.len() > TRIM_AFTER;
         // Decode and validate everything before touching the store.
-        match type_url {
+        let held = match type_url {
             type_url::WORKLOAD => {
                 let (shared, node) = (&mut self.shared, &self.node);
                 let d = decode_all(updated, |uid, b| {
                     decode_workload_with(uid, b, shared, |at| at == &**node)
                 })?;
+                let odd = &mut self.odd_versions;
+                for n in &removed {
+                    odd.remove(n.as_str());
+                }
+                let d: Vec<Workload> = d
+                    .into_iter()
+                    .map(|(mut w, version)| {
+                        w.version = match version.hex() {
+                            Some(n) => {
+                                if !odd.is_empty() {
+                                    odd.remove(&w.uid);
+                                }
+                                n
+                            }
+                            None => {
+                                odd.insert(w.uid.clone(), version);
+                                0
+                            }
+                        };
+                        w
+                    })
+                    .collect();
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_workload(n));
-                    d.into_iter().for_each(|(_, w)| m.put_workload(w));
-                });
+                    d.into_iter().for_each(|w| m.put_workload(w));
+                    m.counts().0
+                })
             }
             type_url::SERVICE => {
                 // Endpoints name workloads: hold the workloads' own uids.
                 let d = self.store.read(|m| {
                     decode_all(updated, |n, b| {
-                        decode_service_with(n, b, |uid| {
+                        let s = decode_service_with(n, b, |uid| {
                             m.workload(uid)
                                 .map_or_else(|| uid.into(), |w| w.uid.clone())
-                        })
+                        })?;
+                        Ok((n.clone(), s))
                     })
                 })?;
+                let versions = self.versions.entry(type_url::SERVICE).or_default();
+                versions.remove(&removed);
+                versions.upsert(d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_service(n));
                     d.into_iter()
-                        .for_each(|(n, s)| m.put_service(n.to_string(), s));
-                });
+                        .for_each(|((n, s), _)| m.put_service(n.to_string(), s));
+                    m.counts().1
+                })
             }
             type_url::AUTHORIZATION => {
-                let d = decode_all(updated, |n, b| decode_authorization(n, b))?;
+                let d = decode_all(updated, |n, b| {
+                    decode_authorization(n, b).map(|p| (n.clone(), p))
+                })?;
+                let versions = self.versions.entry(type_url::AUTHORIZATION).or_default();
+                versions.remove(&removed);
+                versions.upsert(d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_policy(n));
                     d.into_iter()
-                        .for_each(|(n, p)| m.put_policy(n.to_string(), p));
-                });
+                        .for_each(|((n, p), _)| m.put_policy(n.to_string(), p));
+                    m.counts().2
+                })
             }
             other => return Err(ApplyError::UnexpectedType(other.to_owned())),
-        }
+        };
         self.shared.sweep();
         if large {
             trim_heap();
         }
-        Ok(())
+        Ok(held)
+    }
+
+    fn held(&self, type_url: &str, each: &mut dyn FnMut(&str, &Version)) {
+        if type_url == type_url::WORKLOAD {
+            self.store.read(|m| {
+                for w in m.workloads() {
+                    match self.odd_versions.get(&w.uid) {
+                        Some(v) => each(&w.uid, v),
+                        None => each(&w.uid, &Version::Hex(w.version)),
+                    }
+                }
+            });
+        } else if let Some(versions) = self.versions.get(type_url) {
+            for (name, v) in versions.iter() {
+                each(name, v);
+            }
+        }
     }
 }
 
@@ -110,16 +169,18 @@ fn trim_heap() {
     }
 }
 
+/// Decodes every resource of an update, each with its version; the first that does not
+/// decode refuses the whole update.
 fn decode_all<T>(
-    updated: Vec<(Arc<str>, Any)>,
+    updated: Vec<Update>,
     mut decode: impl FnMut(&Arc<str>, &[u8]) -> Result<T, DecodeError>,
-) -> Result<Vec<(Arc<str>, T)>, ApplyError> {
+) -> Result<Vec<(T, Version)>, ApplyError> {
     updated
         .into_iter()
-        .map(|(name, any)| match decode(&name, &any.value) {
-            Ok(v) => Ok((name, v)),
+        .map(|u| match decode(&u.name, &u.body.value) {
+            Ok(v) => Ok((v, u.version)),
             Err(source) => Err(ApplyError::Resource {
-                name: name.to_string(),
+                name: u.name.to_string(),
                 source,
             }),
         })
@@ -181,7 +242,7 @@ pub fn decode_workload_with(
             });
         }
     };
-    let canonical = shared.canonical(&w.name, |k| w.labels.get(k).map(String::as_str));
+    let profile = shared.profile(&identity, &w.name, |k| w.labels.get(k).map(String::as_str));
     // Only the destination's agent evaluates selectors: others drop labels unread
     // (a map per workload, of which only this node's few are kept).
     let labels = (keep_labels(&w.node) && !w.labels.is_empty())
@@ -189,7 +250,6 @@ pub fn decode_workload_with(
     // What is kept is allocated here, fresh (the decoder's strings are freed at once and
     // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
-        canonical,
         uid: name.clone(),
         name: w.name.as_str().into(),
         placement: shared.placement(
@@ -199,9 +259,10 @@ pub fn decode_workload_with(
             w.native_tunnel,
             mtls,
         ),
+        profile,
         ips,
-        identity,
         labels,
+        version: 0,
     })
 }
 

@@ -157,7 +157,7 @@ impl ConnectionResult {
         // Outbound, the source is this node's workload; inbound, only mutual TLS proves
         // who the caller is.
         let src_identity = d.src_identity.as_ref().or(match d.direction {
-            Direction::Outbound => d.src_workload.as_deref().map(|w| &*w.identity),
+            Direction::Outbound => d.src_workload.as_deref().map(|w| &**w.identity()),
             Direction::Inbound => None,
         });
         t.write_access_log(&AccessRecord {
@@ -180,7 +180,7 @@ impl ConnectionResult {
                 }),
             dst_workload: d.dst_workload.as_deref().map(Workload::display_name),
             src_identity,
-            dst_identity: d.dst_workload.as_deref().map(|w| &*w.identity),
+            dst_identity: d.dst_workload.as_deref().map(|w| &**w.identity()),
             service: d.service.as_deref().map(|s| s.hostname.as_str()),
             security: d.security.as_str(),
             bytes_sent: sent,

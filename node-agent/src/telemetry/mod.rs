@@ -232,7 +232,7 @@ impl Telemetry {
             src_workload: r.src_workload.map(|w| w.display_name()),
             dst_workload: r.dst_workload.map(|w| w.display_name()),
             src_identity: r.src_identity,
-            dst_identity: r.dst_workload.map(|w| &*w.identity),
+            dst_identity: r.dst_workload.map(|w| &**w.identity()),
             service: r.service.map(|s| s.hostname.as_str()),
             security: r.security.as_str(),
             bytes_sent: 0,

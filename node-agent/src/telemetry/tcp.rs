@@ -34,8 +34,8 @@ pub fn baggage(w: &Workload) -> String {
         namespace: Some(w.namespace().to_owned()),
         workload_kind: Some("pod".to_owned()),
         workload: Some(w.name.to_string()),
-        service: Some(w.canonical.service.to_string()),
-        revision: Some(w.canonical.revision.to_string()),
+        service: Some(w.canonical().service.to_string()),
+        revision: Some(w.canonical().revision.to_string()),
     }
     .to_header()
 }
@@ -73,13 +73,13 @@ impl TcpKey {
             w.map_or(UNKNOWN, |w| w.namespace())
         }
         fn canon(w: Option<&Workload>, f: fn(&crate::state::Canonical) -> &str) -> &str {
-            w.map_or(UNKNOWN, |w| f(&w.canonical))
+            w.map_or(UNKNOWN, |w| f(w.canonical()))
         }
         fn revision(w: Option<&Workload>) -> &str {
-            w.map_or("latest", |w| &w.canonical.revision)
+            w.map_or("latest", |w| &w.canonical().revision)
         }
         fn principal<'a>(id: Option<&'a Identity>, w: Option<&'a Workload>) -> &'a str {
-            id.or(w.map(|w| &*w.identity))
+            id.or(w.map(|w| &**w.identity()))
                 .map_or(UNKNOWN, Identity::as_str)
         }
         // The source's agent knows its own workload's identity; the destination's agent
@@ -105,11 +105,11 @@ impl TcpKey {
             ),
             (
                 "source_canonical_service",
-                s.map_or_else(src_service, |w| &w.canonical.service),
+                s.map_or_else(src_service, |w| &w.canonical().service),
             ),
             (
                 "source_canonical_revision",
-                s.map_or_else(src_revision, |w| &w.canonical.revision),
+                s.map_or_else(src_revision, |w| &w.canonical().revision),
             ),
             (
                 "source_workload_namespace",
@@ -127,11 +127,11 @@ impl TcpKey {
             ),
             (
                 "source_app",
-                s.map_or_else(src_service, |w| &w.canonical.app),
+                s.map_or_else(src_service, |w| &w.canonical().app),
             ),
             (
                 "source_version",
-                s.map_or_else(src_revision, |w| &w.canonical.version),
+                s.map_or_else(src_revision, |w| &w.canonical().version),
             ),
             (
                 "source_cluster",

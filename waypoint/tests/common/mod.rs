@@ -25,7 +25,7 @@ use ambit_waypoint::config::xds::ConfigHandler;
 use ambit_waypoint::identity::Certs;
 use ambit_waypoint::inbound::Inbound;
 use ambit_waypoint::upstream::Upstreams;
-use ambit_xds::client::{ApplyError, Handler};
+use ambit_xds::client::{ApplyError, Handler, Update, Version};
 use ambit_xds::envoy::Any;
 use ambit_xds::type_url;
 use bytes::Bytes;
@@ -341,8 +341,16 @@ impl TestWaypoint {
         updated: Vec<(String, Any)>,
         removed: Vec<String>,
     ) -> Result<(), ApplyError> {
-        let updated = updated.into_iter().map(|(n, a)| (n.into(), a)).collect();
-        self.handler.lock().unwrap().apply(t, updated, removed)
+        let updated = updated
+            .into_iter()
+            .map(|(n, body)| Update {
+                name: n.into(),
+                version: Version::new("1"),
+                body,
+            })
+            .collect();
+        self.handler.lock().unwrap().apply(t, updated, removed)?;
+        Ok(())
     }
 
     fn remap_workload(&self, bytes: &[u8]) -> Vec<u8> {
