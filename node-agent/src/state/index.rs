@@ -12,29 +12,56 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
 /// IP → entry. The entry put last wins; removing it hands the IP back to the previous
-/// holder still present, so a lookup never misses an entry the state still has. One map
-/// per family, so an IPv4 slot is 16 bytes rather than an `IpAddr`'s 32.
+/// holder still present, so a lookup never misses an entry the state still has. The
+/// current holders sit in `S`: a map per family ([`ByAddress`], an IPv4 slot 16 bytes
+/// rather than an `IpAddr`'s 32), or, for entries with at most one IP per family, tables
+/// of the entries themselves ([`ByEntry`], a slot one pointer).
 #[derive(Debug)]
-pub(super) struct IpIndex<T> {
-    v4: HashMap<Ipv4Addr, Arc<T>>,
-    v6: HashMap<Ipv6Addr, Arc<T>>,
+pub(super) struct IpIndex<T, S = ByAddress<T>> {
+    current: S,
     /// Earlier holders of an IP that is now taken, oldest first. Empty but for conflicts.
     shadowed: HashMap<IpAddr, Vec<Arc<T>>>,
 }
 
-impl<T> Default for IpIndex<T> {
+impl<T, S: Default> Default for IpIndex<T, S> {
     fn default() -> Self {
         Self {
-            v4: HashMap::new(),
-            v6: HashMap::new(),
+            current: S::default(),
             shadowed: HashMap::new(),
         }
     }
 }
 
-impl<T> IpIndex<T> {
+/// Where an [`IpIndex`] keeps each IP's current holder.
+pub(super) trait Holders<T> {
     /// The entry holding `ip`.
-    pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
+    fn get(&self, ip: &IpAddr) -> Option<&Arc<T>>;
+    /// `entry` (which holds `ip`) takes `ip`; the entry it displaces is returned.
+    fn put(&mut self, ip: IpAddr, entry: Arc<T>) -> Option<Arc<T>>;
+    /// Nobody holds `ip` any more; its holder is returned.
+    fn take(&mut self, ip: &IpAddr) -> Option<Arc<T>>;
+    /// How many IPs are held.
+    fn len(&self) -> usize;
+}
+
+/// IP → holder, a map per family.
+#[derive(Debug)]
+pub(super) struct ByAddress<T> {
+    v4: HashMap<Ipv4Addr, Arc<T>>,
+    v6: HashMap<Ipv6Addr, Arc<T>>,
+}
+
+impl<T> Default for ByAddress<T> {
+    fn default() -> Self {
+        Self {
+            v4: HashMap::new(),
+            v6: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Holders<T> for ByAddress<T> {
+    fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
         match ip {
             IpAddr::V4(a) => self.v4.get(a),
             IpAddr::V6(a) => self.v6.get(a),
@@ -55,9 +82,109 @@ impl<T> IpIndex<T> {
         }
     }
 
-    /// `entry` takes `ip`.
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+/// An entry with at most one IP of each family, which can so be found by it.
+pub(super) trait OneIpPerFamily {
+    /// Its IPv4 address.
+    fn v4(&self) -> Option<Ipv4Addr>;
+    /// Its IPv6 address.
+    fn v6(&self) -> Option<Ipv6Addr>;
+}
+
+/// The holders themselves, a table per family hashed by the holder's own address of
+/// that family: a slot is one pointer (9 bytes with its control byte, where an IPv4
+/// map's is 17), and a lookup compares the address inside the entry.
+#[derive(Debug)]
+pub(super) struct ByEntry<T> {
+    v4: HashTable<Arc<T>>,
+    v6: HashTable<Arc<T>>,
+    hasher: RandomState,
+}
+
+impl<T> Default for ByEntry<T> {
+    fn default() -> Self {
+        Self {
+            v4: HashTable::new(),
+            v6: HashTable::new(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl<T: OneIpPerFamily> ByEntry<T> {
+    /// The entry's address of `ip`'s family is `ip`.
+    fn holds(e: &T, ip: &IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => e.v4() == Some(*a),
+            IpAddr::V6(a) => e.v6() == Some(*a),
+        }
+    }
+
+    /// The table of `ip`'s family, and how to hash one of its entries (by that family's
+    /// address, which every entry of the table has).
+    #[allow(clippy::type_complexity)]
+    fn table(&mut self, ip: &IpAddr) -> (&mut HashTable<Arc<T>>, &RandomState, fn(&T) -> IpAddr) {
+        match ip {
+            IpAddr::V4(_) => (&mut self.v4, &self.hasher, |e| {
+                IpAddr::V4(e.v4().expect("in the IPv4 table"))
+            }),
+            IpAddr::V6(_) => (&mut self.v6, &self.hasher, |e| {
+                IpAddr::V6(e.v6().expect("in the IPv6 table"))
+            }),
+        }
+    }
+}
+
+impl<T: OneIpPerFamily> Holders<T> for ByEntry<T> {
+    fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
+        let table = if ip.is_ipv4() { &self.v4 } else { &self.v6 };
+        table.find(self.hasher.hash_one(ip), |e| Self::holds(e, ip))
+    }
+
+    fn put(&mut self, ip: IpAddr, entry: Arc<T>) -> Option<Arc<T>> {
+        assert!(
+            Self::holds(&entry, &ip),
+            "an entry is indexed by its own IP"
+        );
+        let (table, hasher, key) = self.table(&ip);
+        match table.entry(
+            hasher.hash_one(ip),
+            |e| Self::holds(e, &ip),
+            |e| hasher.hash_one(key(e)),
+        ) {
+            Entry::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), entry)),
+            Entry::Vacant(v) => {
+                v.insert(entry);
+                None
+            }
+        }
+    }
+
+    fn take(&mut self, ip: &IpAddr) -> Option<Arc<T>> {
+        let hash = self.hasher.hash_one(ip);
+        let (table, _, _) = self.table(ip);
+        let found = table.find_entry(hash, |e| Self::holds(e, ip));
+        found.ok().map(|o| o.remove().0)
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+impl<T, S: Holders<T>> IpIndex<T, S> {
+    /// The entry holding `ip`.
+    pub(super) fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
+        self.current.get(ip)
+    }
+
+    /// `entry` takes `ip` (one of its own).
     pub(super) fn insert(&mut self, ip: IpAddr, entry: Arc<T>) {
-        if let Some(previous) = self.put(ip, entry) {
+        if let Some(previous) = self.current.put(ip, entry) {
             self.shadowed.entry(ip).or_default().push(previous);
         }
     }
@@ -67,10 +194,10 @@ impl<T> IpIndex<T> {
         if self.get(ip).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             match self.shadowed.get_mut(ip).and_then(Vec::pop) {
                 Some(previous) => {
-                    self.put(*ip, previous);
+                    self.current.put(*ip, previous);
                 }
                 None => {
-                    self.take(ip);
+                    self.current.take(ip);
                 }
             }
         } else if let Some(list) = self.shadowed.get_mut(ip) {
@@ -84,7 +211,7 @@ impl<T> IpIndex<T> {
     /// How many IPs are indexed, and how many entries wait behind another.
     pub(super) fn len(&self) -> (usize, usize) {
         (
-            self.v4.len() + self.v6.len(),
+            self.current.len(),
             self.shadowed.values().map(Vec::len).sum(),
         )
     }
@@ -169,7 +296,7 @@ mod tests {
     fn the_last_holder_wins_and_removing_it_restores_the_previous_one() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let (a, b, c) = (Arc::new("a"), Arc::new("b"), Arc::new("c"));
-        let mut index = IpIndex::default();
+        let mut index: IpIndex<_> = IpIndex::default();
         index.insert(ip, a.clone());
         index.insert(ip, b.clone());
         index.insert(ip, c.clone());
@@ -188,7 +315,7 @@ mod tests {
     fn removing_an_entry_that_never_held_the_ip_changes_nothing() {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let (a, stranger) = (Arc::new(1), Arc::new(1));
-        let mut index = IpIndex::default();
+        let mut index: IpIndex<_> = IpIndex::default();
         index.insert(ip, a.clone());
         index.remove(&ip, &stranger);
         assert!(Arc::ptr_eq(index.get(&ip).unwrap(), &a));
@@ -219,7 +346,7 @@ mod tests {
     #[test]
     fn ips_of_each_family_sit_in_their_own_map() {
         let (v4, v6): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap());
-        let mut index = IpIndex::default();
+        let mut index: IpIndex<_> = IpIndex::default();
         let a = Arc::new("a");
         index.insert(v4, a.clone());
         index.insert(v6, a.clone());
@@ -227,5 +354,90 @@ mod tests {
         assert!(index.get(&"10.0.0.2".parse().unwrap()).is_none());
         index.remove(&v6, &a);
         assert!(index.get(&v6).is_none() && index.get(&v4).is_some());
+    }
+
+    /// An entry of a test, with at most one address per family.
+    #[derive(Debug)]
+    struct Pod(Option<Ipv4Addr>, Option<Ipv6Addr>);
+    impl OneIpPerFamily for Pod {
+        fn v4(&self) -> Option<Ipv4Addr> {
+            self.0
+        }
+        fn v6(&self) -> Option<Ipv6Addr> {
+            self.1
+        }
+    }
+
+    #[test]
+    fn entries_found_by_their_own_ips_behave_as_a_map_by_address() {
+        // The same random puts and removals on both kinds of index: every IP of the pool
+        // finds the very same entry (or none) in both, conflicts included.
+        let pool4: Vec<Ipv4Addr> = (0..6).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+        let pool6: Vec<Ipv6Addr> = (0..6)
+            .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))
+            .collect();
+        let mut by_entry: IpIndex<Pod, ByEntry<Pod>> = IpIndex::default();
+        let mut by_address: IpIndex<Pod> = IpIndex::default();
+        let mut live: Vec<Arc<Pod>> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..3000u32 {
+            if live.is_empty() || next(3) != 0 {
+                let v4 = (next(4) != 0).then(|| pool4[next(6) as usize]);
+                let v6 = (v4.is_none() || next(3) == 0).then(|| pool6[next(6) as usize]);
+                let pod = Arc::new(Pod(v4, v6));
+                for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {
+                    by_entry.insert(ip, pod.clone());
+                    by_address.insert(ip, pod.clone());
+                }
+                live.push(pod);
+            } else {
+                let pod = live.swap_remove(next(live.len() as u64) as usize);
+                for ip in pod
+                    .0
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(pod.1.map(IpAddr::V6))
+                {
+                    by_entry.remove(&ip, &pod);
+                    by_address.remove(&ip, &pod);
+                }
+            }
+            for ip in pool4
+                .iter()
+                .map(|a| IpAddr::V4(*a))
+                .chain(pool6.iter().map(|a| IpAddr::V6(*a)))
+            {
+                let (a, b) = (by_entry.get(&ip), by_address.get(&ip));
+                assert!(
+                    match (a, b) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    },
+                    "round {round}: {ip} finds {a:?} by entry, {b:?} by address"
+                );
+                if let Some(a) = a {
+                    assert!(
+                        live.iter().any(|p| Arc::ptr_eq(p, a)),
+                        "a removed entry is found"
+                    );
+                }
+            }
+            assert_eq!(by_entry.len(), by_address.len());
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "indexed by its own IP")]
+    fn an_entry_cannot_be_indexed_by_an_ip_it_does_not_hold() {
+        let mut index: IpIndex<Pod, ByEntry<Pod>> = IpIndex::default();
+        let pod = Arc::new(Pod(Some(Ipv4Addr::new(10, 0, 0, 1)), None));
+        index.insert("10.0.0.2".parse().unwrap(), pod);
     }
 }

@@ -20,7 +20,7 @@ use ambit_policy::{Authorization, Labels};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use index::{ByKey, IpIndex, Keyed};
+use index::{ByEntry, ByKey, IpIndex, Keyed, OneIpPerFamily};
 
 /// A workload (pod).
 ///
@@ -314,6 +314,15 @@ impl Keyed for Workload {
     }
 }
 
+impl OneIpPerFamily for Workload {
+    fn v4(&self) -> Option<std::net::Ipv4Addr> {
+        self.ips.v4
+    }
+    fn v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.ips.v6
+    }
+}
+
 impl Workload {
     /// Its labels (none kept for another node's workload).
     pub fn labels(&self) -> &Labels {
@@ -392,7 +401,8 @@ pub struct MeshState {
     /// This agent's node: its workloads keep their labels and need certificates.
     node: String,
     workloads: ByKey<Workload>,
-    by_ip: IpIndex<Workload>,
+    /// IP → workload: a table of the workloads themselves (one pointer a slot).
+    by_ip: IpIndex<Workload, ByEntry<Workload>>,
     /// Uids of this node's workloads.
     local: HashSet<Arc<str>>,
     services: HashMap<String, Arc<Service>>,
