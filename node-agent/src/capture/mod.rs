@@ -292,7 +292,7 @@ impl Capture {
             let spec = PodSpec {
                 uid: w.uid.to_string(),
                 namespace: w.namespace().to_owned(),
-                name: w.name.to_string(),
+                name: w.name().to_string(),
                 netns,
                 ips: w.ips.iter().collect(),
             };

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use ambit_identity::Identity;
 use tokio::sync::Notify;
 
-use crate::state::MeshState;
+use crate::state::{MeshState, Uid};
 
 /// An authorized inbound connection, as policy sees it.
 #[derive(Debug)]
 struct Tracked {
-    dst_uid: Arc<str>,
+    dst_uid: Uid,
     src_identity: Option<Identity>,
     src_ip: IpAddr,
     dst_port: u16,
@@ -59,7 +59,7 @@ impl ConnTracker {
     /// Tracks a connection to workload `dst_uid` until the guard is dropped.
     pub fn track(
         &self,
-        dst_uid: Arc<str>,
+        dst_uid: Uid,
         src_identity: Option<Identity>,
         src_ip: IpAddr,
         dst_port: u16,
@@ -126,8 +126,7 @@ mod tests {
 
     fn web() -> Workload {
         Workload {
-            uid: "shop/web-0".into(),
-            name: "web-0".into(),
+            uid: Uid::with_name("shop/web-0", "web-0").unwrap(),
             placement: Arc::new(Placement {
                 node: "n1".into(),
                 waypoint: None,

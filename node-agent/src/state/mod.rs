@@ -9,7 +9,10 @@
 
 mod index;
 pub mod intern;
+mod uid;
 pub mod xds;
+
+pub use uid::Uid;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -24,18 +27,17 @@ use index::{ByEntry, ByKey, IpIndex, Keyed, OneIpPerFamily};
 
 /// A workload (pod).
 ///
-/// An agent holds every workload of the mesh, so this is kept small (88 bytes; with its
-/// `Arc`'s counts, one 112-byte heap chunk): what many workloads share (node, waypoint,
+/// An agent holds every workload of the mesh, so this is kept small (72 bytes; with its
+/// `Arc`'s counts, one 96-byte heap chunk): what many workloads share (node, waypoint,
 /// flags; identity and canonical names) is one allocation held by all of them (the xDS
 /// decoder interns it: [`intern`]), the namespace and service account are read from
 /// the identity (the decoder checks they agree), and the IPs are inline. At 10k
-/// workloads each costs about this struct, its uid and its name.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// workloads each costs about this struct and its uid (which carries its name).
+#[derive(Clone, Debug)]
 pub struct Workload {
-    /// The pod's uid (the resource name).
-    pub uid: Arc<str>,
-    /// The pod's name.
-    pub name: Box<str>,
+    /// The pod's uid (the resource name), which carries the pod's name: read with
+    /// [`name`](Workload::name).
+    pub uid: Uid,
     /// Where it runs and how the mesh treats it (shared by every workload alike).
     pub placement: Arc<Placement>,
     /// Who it is and how telemetry names it (shared by every workload alike).
@@ -107,7 +109,27 @@ impl Placement {
 /// A [`Placement`]'s fields, borrowed.
 pub type PlacementKey<'a> = (&'a str, Option<&'a str>, bool, bool, MtlsMode);
 
+/// Field by field, the name included (which [`Uid`]'s own equality leaves out).
+impl PartialEq for Workload {
+    fn eq(&self, o: &Self) -> bool {
+        self.uid == o.uid
+            && self.name() == o.name()
+            && self.placement == o.placement
+            && self.profile == o.profile
+            && self.ips == o.ips
+            && self.labels == o.labels
+            && self.version == o.version
+    }
+}
+
+impl Eq for Workload {}
+
 impl Workload {
+    /// The pod's name.
+    pub fn name(&self) -> &str {
+        self.uid.name()
+    }
+
     /// The node it runs on.
     pub fn node(&self) -> &str {
         &self.placement.node
@@ -150,7 +172,7 @@ impl Serialize for Workload {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("Workload", 13)?;
         st.serialize_field("uid", &self.uid)?;
-        st.serialize_field("name", &self.name)?;
+        st.serialize_field("name", self.name())?;
         st.serialize_field("namespace", self.namespace())?;
         st.serialize_field("node", self.node())?;
         st.serialize_field("service_account", self.service_account())?;
@@ -347,7 +369,7 @@ impl Workload {
 
     /// `namespace/name`.
     pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace(), self.name)
+        format!("{}/{}", self.namespace(), self.name())
     }
 
     /// Policy targeting: its namespace and labels.
@@ -382,8 +404,8 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     /// (port, target port).
     pub ports: Vec<(u16, u16)>,
-    /// Uids of the workloads behind it.
-    pub endpoints: Vec<Arc<str>>,
+    /// Uids of the workloads behind it (their own, when they were known first).
+    pub endpoints: Vec<Uid>,
     /// The waypoint it names, if any.
     pub waypoint: Option<String>,
 }
@@ -404,7 +426,7 @@ pub struct MeshState {
     /// IP → workload: a table of the workloads themselves (one pointer a slot).
     by_ip: IpIndex<Workload, ByEntry<Workload>>,
     /// Uids of this node's workloads.
-    local: HashSet<Arc<str>>,
+    local: HashSet<Uid>,
     services: HashMap<String, Arc<Service>>,
     by_vip: IpIndex<Service>,
     policies: HashMap<String, Arc<Authorization>>,
@@ -785,8 +807,7 @@ pub(crate) mod fixtures {
     /// A workload `uid` in namespace `shop` on `node`, with one IP.
     pub fn workload(uid: &str, node: &str, ip: &str, enrolled: bool) -> Workload {
         Workload {
-            uid: uid.into(),
-            name: uid.into(),
+            uid: Uid::with_name(uid, uid).unwrap(),
             placement: Arc::new(Placement {
                 node: node.into(),
                 waypoint: None,
@@ -830,7 +851,7 @@ pub(crate) mod fixtures {
             hostname: format!("{name}.shop.svc.cluster.local"),
             vips: vec![vip.parse().unwrap()],
             ports: ports.to_vec(),
-            endpoints: endpoints.iter().map(|e| Arc::from(*e)).collect(),
+            endpoints: endpoints.iter().map(|e| Uid::new(e)).collect(),
             waypoint: None,
         }
     }

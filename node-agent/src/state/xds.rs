@@ -13,7 +13,7 @@ use ambit_xds::type_url;
 use prost::Message;
 
 use super::intern::Interners;
-use super::{Ips, MtlsMode, Service, Store, Workload};
+use super::{Ips, MtlsMode, Service, Store, Uid, Workload};
 
 /// Feeds a [`Store`] from xDS.
 #[derive(Debug)]
@@ -26,7 +26,7 @@ pub struct StoreHandler {
     node: Arc<str>,
     /// The versions of workloads that did not come as Ambit's 16 hex digits (each
     /// workload keeps that number itself): empty but for another control plane's.
-    odd_versions: HashMap<Arc<str>, Version>,
+    odd_versions: HashMap<Uid, Version>,
     /// The versions of the services and policies held (a thousand, not ten thousand:
     /// kept beside them).
     versions: HashMap<&'static str, Versions>,
@@ -104,7 +104,7 @@ impl Handler for StoreHandler {
                     decode_all(updated, |n, b| {
                         let s = decode_service_with(n, b, |uid| {
                             m.workload(uid)
-                                .map_or_else(|| uid.into(), |w| w.uid.clone())
+                                .map_or_else(|| Uid::new(uid), |w| w.uid.clone())
                         })?;
                         Ok((n.clone(), s))
                     })
@@ -201,7 +201,7 @@ pub fn decode_workload(name: &str, bytes: &[u8]) -> Result<Workload, DecodeError
 
 /// [`decode_workload`], sharing what workloads have in common through `shared`, and
 /// keeping labels only of workloads on a node for which `keep_labels` holds. The uid is
-/// `name` itself (the xDS client's copy of the resource name: one allocation for both).
+/// the resource `name`, and carries the pod's name ([`Uid`]).
 pub fn decode_workload_with(
     name: &Arc<str>,
     bytes: &[u8],
@@ -216,6 +216,9 @@ pub fn decode_workload_with(
     if *w.uid != **name {
         return Err(field("uid", "differs from the resource name"));
     }
+    // Allocated now, before the decoder's strings are freed: it takes none of their
+    // slots, and the next workload's decoding reuses them.
+    let uid = Uid::with_name(name, &w.name).ok_or_else(|| field("uid", "holds a NUL"))?;
     if w.ips.is_empty() {
         return Err(field("ips", "no IPs"));
     }
@@ -250,8 +253,7 @@ pub fn decode_workload_with(
     // What is kept is allocated here, fresh (the decoder's strings are freed at once and
     // reused by the next workload's decoding, instead of pinning pages among the kept).
     Ok(Workload {
-        uid: name.clone(),
-        name: w.name.as_str().into(),
+        uid,
         placement: shared.placement(
             &w.node,
             Some(w.waypoint.as_str()).filter(|s| !s.is_empty()),
@@ -268,14 +270,14 @@ pub fn decode_workload_with(
 
 /// Decodes and validates one `ambit.v1.Service`.
 pub fn decode_service(name: &str, bytes: &[u8]) -> Result<Service, DecodeError> {
-    decode_service_with(name, bytes, |uid| uid.into())
+    decode_service_with(name, bytes, Uid::new)
 }
 
 /// [`decode_service`], taking each endpoint's uid from `uid` (the workload's own).
 pub fn decode_service_with(
     _name: &str,
     bytes: &[u8],
-    uid: impl Fn(&str) -> Arc<str>,
+    uid: impl Fn(&str) -> Uid,
 ) -> Result<Service, DecodeError> {
     let s = ambit::Service::decode(bytes).map_err(|e| DecodeError::protobuf("Service", e))?;
     Ok(Service {
@@ -292,7 +294,17 @@ pub fn decode_service_with(
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
-        endpoints: s.endpoints.iter().map(|e| uid(e)).collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| match e.contains('\0') {
+                false => Ok(uid(e)),
+                true => Err(DecodeError::Field {
+                    field: "endpoints",
+                    problem: format!("uid {e:?} holds a NUL"),
+                }),
+            })
+            .collect::<Result<_, _>>()?,
         waypoint: Some(s.waypoint).filter(|w| !w.is_empty()),
     })
 }

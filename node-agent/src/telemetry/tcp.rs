@@ -33,7 +33,7 @@ pub fn baggage(w: &Workload) -> String {
         cluster: Some(CLUSTER.to_owned()),
         namespace: Some(w.namespace().to_owned()),
         workload_kind: Some("pod".to_owned()),
-        workload: Some(w.name.to_string()),
+        workload: Some(w.name().to_string()),
         service: Some(w.canonical().service.to_string()),
         revision: Some(w.canonical().revision.to_string()),
     }
@@ -67,7 +67,7 @@ impl TcpKey {
     fn labels(&self) -> [(&'static str, &str); LABELS] {
         let (s, d) = (self.source.as_deref(), self.destination.as_deref());
         fn name(w: Option<&Workload>) -> &str {
-            w.map_or(UNKNOWN, |w| &w.name)
+            w.map_or(UNKNOWN, |w| w.name())
         }
         fn ns(w: Option<&Workload>) -> &str {
             w.map_or(UNKNOWN, |w| w.namespace())
@@ -101,7 +101,7 @@ impl TcpKey {
             ("reporter", self.reporter.as_str()),
             (
                 "source_workload",
-                s.map_or_else(|| said(|m| &m.workload, UNKNOWN), |w| &w.name),
+                s.map_or_else(|| said(|m| &m.workload, UNKNOWN), |w| w.name()),
             ),
             (
                 "source_canonical_service",
