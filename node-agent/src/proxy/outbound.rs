@@ -68,7 +68,7 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
         if let Some(wp) = svc.waypoint.as_deref().filter(|_| meshed) {
             if svc.target_port(dst.port()).is_none() {
                 return Err(Error::ServicePortNotFound {
-                    service: svc.hostname.clone(),
+                    service: svc.hostname.to_string(),
                     port: dst.port(),
                 });
             }
@@ -87,20 +87,20 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
                 .collect();
             if targets.is_empty() {
                 return Err(Error::NoWaypoint {
-                    service: svc.hostname.clone(),
+                    service: svc.hostname.to_string(),
                     waypoint: format!("{}/{wp}", svc.namespace),
                 });
             }
             return Ok(Plan {
                 targets,
-                balance: Some(svc.hostname.clone()),
+                balance: Some(svc.hostname.to_string()),
                 service: Some(svc.clone()),
             });
         }
         let target_port =
             svc.target_port(dst.port())
                 .ok_or_else(|| Error::ServicePortNotFound {
-                    service: svc.hostname.clone(),
+                    service: svc.hostname.to_string(),
                     port: dst.port(),
                 })?;
         let targets: Vec<Target> = svc
@@ -118,11 +118,11 @@ pub fn plan(state: &MeshState, meshed: bool, dst: SocketAddr) -> Result<Plan, Er
             })
             .collect();
         if targets.is_empty() {
-            return Err(Error::NoHealthyUpstream(svc.hostname.clone()));
+            return Err(Error::NoHealthyUpstream(svc.hostname.to_string()));
         }
         return Ok(Plan {
             targets,
-            balance: Some(svc.hostname.clone()),
+            balance: Some(svc.hostname.to_string()),
             service: Some(svc.clone()),
         });
     }
@@ -379,12 +379,12 @@ async fn open_hbone(
             KeyValue::new("server.port", i64::from(target.addr.port())),
         ];
         if let Some(s) = service {
-            attributes.push(KeyValue::new("ambit.service", s.hostname.clone()));
+            attributes.push(KeyValue::new("ambit.service", s.hostname.to_string()));
         }
         t.start(
             format!(
                 "outbound {}",
-                service.map_or_else(|| target.addr.to_string(), |s| s.hostname.clone())
+                service.map_or_else(|| target.addr.to_string(), |s| s.hostname.to_string())
             ),
             SpanKind::Client,
             None,
@@ -401,7 +401,7 @@ async fn open_hbone(
         traceparent: &tp,
         baggage: Some(&baggage),
         // The service dialed, for the far side's telemetry (as ztunnel sends it).
-        host: service.map(|s| s.hostname.as_str()),
+        host: service.map(|s| &*s.hostname),
     };
     let connect = inputs.pool.connect_with(&key, pod, target.addr, &headers);
     let opened = match tokio::time::timeout(inputs.connect_timeout, connect).await {
@@ -474,7 +474,7 @@ mod tests {
     fn a_vip_resolves_to_its_endpoints_and_only_enrolled_ones_are_tunnelled() {
         let m = mesh();
         let p = plan(&m, true, "10.96.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!(p.service.as_ref().unwrap().name, "svc");
+        assert_eq!(&*p.service.as_ref().unwrap().name, "svc");
         let t: Vec<_> = p
             .targets
             .iter()

@@ -442,4 +442,6 @@ fn a_workload_fits_one_96_byte_heap_chunk_with_its_arc_counts() {
     // bytes, which glibc serves from a 96-byte chunk (8 bytes of it its header); one
     // byte more would take a 112-byte one.
     assert_eq!(std::mem::size_of::<Workload>(), 72);
+    // A service: 112 and 16, one 144-byte chunk.
+    assert_eq!(std::mem::size_of::<Service>(), 112);
 }

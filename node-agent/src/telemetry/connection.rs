@@ -181,7 +181,7 @@ impl ConnectionResult {
             dst_workload: d.dst_workload.as_deref().map(Workload::display_name),
             src_identity,
             dst_identity: d.dst_workload.as_deref().map(|w| &**w.identity()),
-            service: d.service.as_deref().map(|s| s.hostname.as_str()),
+            service: d.service.as_deref().map(|s| &*s.hostname),
             security: d.security.as_str(),
             bytes_sent: sent,
             bytes_received: received,

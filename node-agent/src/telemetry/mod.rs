@@ -233,7 +233,7 @@ impl Telemetry {
             dst_workload: r.dst_workload.map(|w| w.display_name()),
             src_identity: r.src_identity,
             dst_identity: r.dst_workload.map(|w| &**w.identity()),
-            service: r.service.map(|s| s.hostname.as_str()),
+            service: r.service.map(|s| &*s.hostname),
             security: r.security.as_str(),
             bytes_sent: 0,
             bytes_received: 0,
