@@ -109,6 +109,16 @@ impl Versions {
         });
     }
 
+    /// Applies one update: forgets `removed`, then records `updated`.
+    pub fn update(
+        &mut self,
+        removed: &[String],
+        updated: impl IntoIterator<Item = (Arc<str>, Version)>,
+    ) {
+        self.remove(removed);
+        self.upsert(updated);
+    }
+
     /// Forgets `names` (those it has).
     pub fn remove(&mut self, names: &[String]) {
         if names.len() <= FEW {

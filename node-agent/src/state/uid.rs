@@ -64,12 +64,6 @@ impl Borrow<str> for Uid {
     }
 }
 
-impl AsRef<str> for Uid {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl From<&str> for Uid {
     fn from(uid: &str) -> Self {
         Self::new(uid)
@@ -85,12 +79,6 @@ impl PartialEq for Uid {
 }
 
 impl Eq for Uid {}
-
-impl PartialEq<str> for Uid {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
 
 impl Hash for Uid {
     fn hash<H: Hasher>(&self, state: &mut H) {

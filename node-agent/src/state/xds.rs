@@ -113,9 +113,10 @@ impl Handler for StoreHandler {
                         Ok((n.clone(), s))
                     })
                 })?;
-                let versions = self.versions.entry(type_url::SERVICE).or_default();
-                versions.remove(&removed);
-                versions.upsert(d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
+                self.versions
+                    .entry(type_url::SERVICE)
+                    .or_default()
+                    .update(&removed, d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_service(n));
                     d.into_iter()
@@ -127,9 +128,10 @@ impl Handler for StoreHandler {
                 let d = decode_all(updated, |n, b| {
                     decode_authorization(n, b).map(|p| (n.clone(), p))
                 })?;
-                let versions = self.versions.entry(type_url::AUTHORIZATION).or_default();
-                versions.remove(&removed);
-                versions.upsert(d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
+                self.versions
+                    .entry(type_url::AUTHORIZATION)
+                    .or_default()
+                    .update(&removed, d.iter().map(|((n, _), v)| (n.clone(), v.clone())));
                 self.store.update(|m| {
                     removed.iter().for_each(|n| m.remove_policy(n));
                     d.into_iter()

@@ -141,9 +141,10 @@ impl Handler for ConfigHandler {
             other => return Err(ApplyError::UnexpectedType(other.to_owned())),
         };
         self.resources = next;
-        let v = self.versions.entry(type_url.to_owned()).or_default();
-        v.remove(&removed);
-        v.upsert(versions);
+        self.versions
+            .entry(type_url.to_owned())
+            .or_default()
+            .update(&removed, versions);
         self.tx
             .send_replace(Arc::new(Config::join(self.resources.clone())));
         Ok(held)
