@@ -416,6 +416,13 @@ impl SotwStream {
             .stats
             .responses_sent
             .fetch_add(1, Ordering::Relaxed);
+        debug!(
+            %node,
+            type_url,
+            resources = response.resources.len(),
+            version = %response.version_info,
+            "xDS response sent"
+        );
         self.core.tx.send(Ok(response)).await.map_err(drop)
     }
 }
@@ -658,6 +665,14 @@ impl DeltaStream {
             .stats
             .responses_sent
             .fetch_add(1, Ordering::Relaxed);
+        debug!(
+            %node,
+            type_url,
+            changed = response.resources.len(),
+            removed = response.removed_resources.len(),
+            version = %response.system_version_info,
+            "xDS response sent"
+        );
         self.core.tx.send(Ok(response)).await.map_err(drop)
     }
 }

@@ -332,10 +332,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .tls_config(tls)?
         .add_service(ads.clone().into_service())
         .add_service(ca.clone().into_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            stopped(),
-        );
+        .serve_with_incoming_shutdown(ambit_control_plane::incoming(listener), stopped());
     let plain = match args.insecure_plaintext_addr {
         None => None,
         Some(addr) => {
@@ -346,7 +343,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .add_service(ads.into_service())
                     .add_service(ca.into_service())
                     .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        ambit_control_plane::incoming(listener),
                         stopped(),
                     ),
             )

@@ -19,12 +19,22 @@ fuzz_target!(|text: &str| {
     let full = format!("{:?}", file::parse_spec(path, text));
     // After the example, and after this text without its last line.
     let shorter = text.trim_end_matches('\n').rsplit_once('\n').map_or("", |(a, _)| a);
+    let model = file::parse(path, text);
     for before in [EXAMPLE, shorter] {
         let mut r = file::Reparser::new();
         let _ = r.parse_spec(path, before);
         assert_eq!(full, format!("{:?}", r.parse_spec(path, text)), "after {before:?}");
+        // Derived from the version before: the model (or the refusal) of a full parse.
+        if let Ok(mut derived) = file::Derived::load(path, before) {
+            let got = derived.next(path, text);
+            assert_eq!(
+                format!("{:?}", model.as_ref().map_err(ToString::to_string)),
+                format!("{:?}", got.as_ref().map_err(ToString::to_string)),
+                "derived after {before:?}"
+            );
+        }
     }
-    let Ok(model) = file::parse(path, text) else {
+    let Ok(model) = model else {
         return;
     };
     let snapshot = Snapshot::from_model(&model);

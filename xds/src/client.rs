@@ -301,10 +301,21 @@ fn on_response(
         }
     }
     let removed = r.removed_resources;
+    let (n_updated, n_removed) = (updated.len(), removed.len());
+    let started = std::time::Instant::now();
     let result = match malformed {
         Some(e) => Err(e),
         None => handler.apply(type_url, updated, removed),
     };
+    debug!(
+        type_url,
+        updated = n_updated,
+        removed = n_removed,
+        version = %r.system_version_info,
+        apply_ms = started.elapsed().as_secs_f64() * 1e3,
+        ok = result.is_ok(),
+        "xDS response applied"
+    );
     let mut types = status.types.lock().unwrap();
     let ts = types.entry(type_url.to_owned()).or_default();
     match result {

@@ -3,138 +3,168 @@
 //! Most edits of a big mesh file change workloads only: pods scheduled, moved,
 //! relabelled, removed. A full [`Model::build`] re-derives every workload and service of
 //! the mesh (most of a 10,000-workload file's time after parsing). [`Derived::next`]
-//! compares the new spec with the last one: when nothing but workloads differ, it
-//! applies the differences with [`Model::apply_pod_changes`] — the path the Kubernetes
-//! source takes, checked there against full builds — and anything else, or a change that
-//! path refuses (one that would raise a problem, a waypoint's pods, services with listed
-//! endpoints), is built in full. Either way the model is the one `Model::build` gives,
-//! which the tests below check on random sequences of edits.
+//! reads the new text with its [`Reparser`], which hands on only what changed: when the
+//! rest of the file means what it meant and only some workloads' items are new or gone,
+//! it applies those with [`Model::apply_pod_changes`] — the path the Kubernetes source
+//! takes, checked there against full builds — so a change costs what it touches, not
+//! the mesh's size. Anything else, or a change that path refuses (one that would raise a
+//! problem, two workloads of one key, a waypoint's pods, services with listed
+//! endpoints), is built in full from the whole file in its order, so problems are
+//! reported as a full build reports them. Either way the model is the one
+//! `Model::build` gives, which the tests below check on random sequences of edits.
+//!
+//! The reparser and the model move together: a version is committed to the reparser
+//! only once its model is taken, so a refused version leaves both at the last good one,
+//! and the next is compared with that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::path::Path;
 
 use tracing::debug;
 
-use crate::model::incremental::IpOwners;
+use super::{FileError, Reading, Reparser, Workloads, invalid};
+use crate::model::incremental::{IpOwners, NeedsFullBuild};
 use crate::model::{MeshSpec, Model, Problem, WorkloadSpec};
 
 /// The file's current model, and what the next version is compared with.
-#[derive(Debug)]
 pub struct Derived {
+    /// Reads each version against the current one.
+    reparser: Reparser,
+    current: Current,
+}
+
+/// The current version, as far as deriving the next needs it.
+#[derive(Debug)]
+struct Current {
     /// The spec the model was built from, without its workloads.
     rest: MeshSpec,
-    /// Its workloads by uid (the model's key for them).
-    workloads: Keyed,
     model: Model,
     owners: IpOwners,
     /// How many versions were derived in place, and how many built in full.
     counts: (u64, u64),
-    /// The last version's workloads, replaced but not yet dropped ([`drop_retired`]).
-    ///
-    /// [`drop_retired`]: Derived::drop_retired
-    retired: Option<Keyed>,
 }
 
+/// foldhash: a change hashes the keys of what it touches.
+type Fast = foldhash::fast::RandomState;
+
 impl Derived {
-    /// Builds `spec` in full.
-    pub fn build(spec: MeshSpec) -> Result<Self, Vec<Problem>> {
-        let model = Model::build(spec.clone())?;
-        let owners = IpOwners::of(&model);
-        let (rest, workloads) = split(spec);
-        Ok(Self {
-            rest,
-            // Unique, or the build would have refused the file.
-            workloads: keyed(workloads),
-            model,
-            owners,
-            counts: (0, 1),
-            retired: None,
-        })
+    /// The model of the file's first version, `text` (`path` names it in errors).
+    pub fn load(path: &Path, text: &str) -> Result<Self, FileError> {
+        let mut reparser = Reparser::new();
+        let mut reading = reparser.read(path, text)?;
+        let workloads = reparser.workloads(&mut reading);
+        let rest = reading.rest.take().expect("a first reading is whole");
+        let current = Current::build(rest, workloads).map_err(invalid(path))?;
+        reparser.commit(reading);
+        Ok(Self { reparser, current })
     }
 
     /// How many versions were derived in place, and how many built in full.
     pub fn counts(&self) -> (u64, u64) {
-        self.counts
+        self.current.counts
     }
 
-    /// Drops the last version's workloads. Dropping 10,000 specs was a sixth of a
-    /// change's time in the control plane: a caller that publishes the model first and
-    /// then calls this keeps it out of the time the change takes to reach the agents.
-    /// (Left alone, they go at the next change.)
-    pub fn drop_retired(&mut self) {
-        self.retired = None;
+    /// The reader of the file's versions (its counters say how much each re-parsed).
+    pub fn reparser(&self) -> &Reparser {
+        &self.reparser
     }
 
     /// The current model.
     pub fn model(&self) -> &Model {
-        &self.model
+        &self.current.model
     }
 
-    /// The model of `spec`, the file's next version; it becomes the current one. On
+    /// The model of `text`, the file's next version; it becomes the current one. On
     /// `Err` (the file is invalid) nothing changes.
-    pub fn next(&mut self, spec: MeshSpec) -> Result<Model, Vec<Problem>> {
-        let (rest, workloads) = split(spec);
-        // Each workload's key, computed once.
-        let keys: Vec<String> = workloads.iter().map(WorkloadSpec::key).collect();
-        if rest == self.rest
-            && let Some(index) = unique(&keys)
-        {
-            let gone: Vec<String> = self
-                .workloads
-                .keys()
-                .filter(|uid| !index.contains(uid.as_str()))
-                .cloned()
-                .collect();
-            let changed: Vec<WorkloadSpec> = keys
-                .iter()
-                .zip(&workloads)
-                .filter(|(uid, w)| self.workloads.get(uid.as_str()) != Some(w))
-                .map(|(_, w)| w.clone())
-                .collect();
-            // A model shares its entries with its clones; only the changes are copied.
-            // The IP owners change in place: on a refusal they are derived again.
-            let mut model = self.model.clone();
-            match model.apply_pod_changes(&mut self.owners, &gone, changed) {
-                Ok(()) => {
-                    self.model = model.clone();
-                    let last = std::mem::replace(
-                        &mut self.workloads,
-                        keys.into_iter().zip(workloads).collect(),
-                    );
-                    self.retired = Some(last);
+    pub fn next(&mut self, path: &Path, text: &str) -> Result<Model, FileError> {
+        let mut reading = self.reparser.read(path, text)?;
+        let model = self
+            .current
+            .next(&self.reparser, &mut reading)
+            .map_err(invalid(path))?;
+        self.reparser.commit(reading);
+        Ok(model)
+    }
+}
+
+impl Current {
+    /// Builds the spec `rest` with `workloads` in full.
+    fn build(rest: MeshSpec, workloads: Vec<WorkloadSpec>) -> Result<Self, Vec<Problem>> {
+        let model = Model::build(MeshSpec {
+            workloads,
+            ..rest.clone()
+        })?;
+        let owners = IpOwners::of(&model);
+        Ok(Self {
+            rest,
+            model,
+            owners,
+            counts: (0, 1),
+        })
+    }
+
+    /// The model of `reading`, which becomes the current one; on `Err` nothing changes.
+    fn next(
+        &mut self,
+        reparser: &Reparser,
+        reading: &mut Reading<'_>,
+    ) -> Result<Model, Vec<Problem>> {
+        let same_rest = reading.rest.as_ref().is_none_or(|r| *r == self.rest);
+        if same_rest && let Workloads::Changes { gone, new } = &mut reading.workloads {
+            match self.apply(gone, std::mem::take(new)) {
+                Ok(model) => {
                     self.counts.0 += 1;
                     return Ok(model);
                 }
-                Err(why) => {
-                    debug!(reason = why.0, "the file's change needs a full build");
-                    self.owners = IpOwners::of(&self.model);
-                }
+                Err(why) => debug!(reason = why.0, "the file's change needs a full build"),
             }
         }
+        let workloads = reparser.workloads(reading);
+        let rest = reading.rest.take().unwrap_or_else(|| self.rest.clone());
         let counts = self.counts;
-        *self = Self::build(MeshSpec { workloads, ..rest })?;
+        *self = Self::build(rest, workloads)?;
         self.counts = (counts.0, counts.1 + 1);
         Ok(self.model.clone())
     }
-}
 
-/// The spec without its workloads, and the workloads.
-fn split(mut spec: MeshSpec) -> (MeshSpec, Vec<WorkloadSpec>) {
-    let workloads = std::mem::take(&mut spec.workloads);
-    (spec, workloads)
-}
-
-/// Workloads by uid. (foldhash: each version hashes every uid a few times.)
-type Keyed = HashMap<String, WorkloadSpec, foldhash::fast::RandomState>;
-
-/// The keys' set; `None` if two are equal (the full build says which).
-fn unique(keys: &[String]) -> Option<HashSet<&str, foldhash::fast::RandomState>> {
-    let set: HashSet<&str, _> = keys.iter().map(String::as_str).collect();
-    (set.len() == keys.len()).then_some(set)
-}
-
-/// Workloads by uid (unique ones: the file was valid).
-fn keyed(workloads: Vec<WorkloadSpec>) -> Keyed {
-    workloads.into_iter().map(|w| (w.key(), w)).collect()
+    /// The model with the workloads of keys `gone` removed and `new` added or replacing
+    /// theirs, in place; `Err` where only a full build can say what the file means.
+    fn apply(&mut self, gone: &[String], new: Vec<WorkloadSpec>) -> Result<Model, NeedsFullBuild> {
+        let keys: Vec<String> = new.iter().map(WorkloadSpec::key).collect();
+        let new_keys: HashSet<&str, Fast> = keys.iter().map(String::as_str).collect();
+        let gone_keys: HashSet<&str, Fast> = gone.iter().map(String::as_str).collect();
+        let held = |k: &str| self.model.workloads.contains_key(k);
+        if new_keys.len() != keys.len()
+            || keys
+                .iter()
+                .any(|k| held(k) && !gone_keys.contains(k.as_str()))
+        {
+            return Err(NeedsFullBuild("two workloads of one key"));
+        }
+        if gone_keys.len() != gone.len() || !gone.iter().all(|k| held(k)) {
+            // The reparser's last version is always this one's; never expected.
+            return Err(NeedsFullBuild("the changes do not fit the current version"));
+        }
+        // An edited workload is replaced, not removed.
+        let leaving: Vec<String> = gone
+            .iter()
+            .filter(|k| !new_keys.contains(k.as_str()))
+            .cloned()
+            .collect();
+        // A model shares its entries with its clones; only the changes are copied. The
+        // IP owners change in place: on a refusal they are derived again.
+        let mut model = self.model.clone();
+        match model.apply_pod_changes(&mut self.owners, &leaving, new) {
+            Ok(()) => {
+                self.model = model.clone();
+                Ok(model)
+            }
+            Err(why) => {
+                self.owners = IpOwners::of(&self.model);
+                Err(why)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +173,8 @@ mod tests {
 
     use super::*;
     use crate::source::file::parse_spec;
+
+    const PATH: &str = "mesh.yaml";
 
     /// A mesh file: two namespaces, services selecting by label (one through a
     /// waypoint), a policy, the waypoint's pod and `workloads`.
@@ -188,7 +220,7 @@ mod tests {
     }
 
     fn spec(workloads: &[String]) -> MeshSpec {
-        parse_spec(Path::new("mesh.yaml"), &file(workloads)).unwrap_or_else(|e| panic!("{e}"))
+        parse_spec(Path::new(PATH), &file(workloads)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
@@ -203,7 +235,7 @@ mod tests {
                 lines.pop();
             }
         }
-        let mut derived = Derived::build(spec(&lines)).unwrap();
+        let mut derived = Derived::load(Path::new(PATH), &file(&lines)).unwrap();
         let (mut valid, mut invalid) = (0, 0);
         for step in 0..400 {
             let mut next = lines.clone();
@@ -222,7 +254,7 @@ mod tests {
             }
             let before = derived.model().clone();
             let full = Model::build(spec(&next));
-            let got = derived.next(spec(&next));
+            let got = derived.next(Path::new(PATH), &file(&next));
             match (&full, &got) {
                 (Ok(f), Ok(g)) => {
                     assert_eq!(f, g, "step {step}");
@@ -230,8 +262,8 @@ mod tests {
                     lines = next;
                     valid += 1;
                 }
-                (Err(f), Err(g)) => {
-                    assert_eq!(f, g, "step {step}");
+                (Err(f), Err(FileError::Invalid { problems, .. })) => {
+                    assert_eq!(f, problems, "step {step}");
                     assert_eq!(
                         derived.model(),
                         &before,
@@ -261,11 +293,12 @@ mod tests {
                 "  - {{name: w{i}, namespace: a, node: n1, ips: [10.244.1.{i}], labels: {{app: {app}}}}}\n"
             )
         };
-        let mut derived = Derived::build(spec(&[w(1, "web"), w(2, "db")])).unwrap();
+        let mut derived =
+            Derived::load(Path::new(PATH), &file(&[w(1, "web"), w(2, "db")])).unwrap();
         let text = file(&[w(1, "web"), w(2, "web")])
             .replace("selector: {app: web}, ports", "selector: {app: db}, ports");
-        let next = parse_spec(Path::new("mesh.yaml"), &text).unwrap();
-        let got = derived.next(next.clone()).unwrap();
+        let next = parse_spec(Path::new(PATH), &text).unwrap();
+        let got = derived.next(Path::new(PATH), &text).unwrap();
         assert_eq!(got, Model::build(next).unwrap());
         assert_eq!(derived.counts(), (0, 2));
         let web = &got.services[&crate::model::NamespacedName {

@@ -31,7 +31,7 @@ use crate::model::{
     WorkloadSpec,
 };
 pub use derive::Derived;
-pub use reparse::Reparser;
+pub use reparse::{Reading, Reparser, Workloads};
 pub use watch::{FileSource, Watch};
 
 /// Why a mesh file was rejected.
@@ -422,6 +422,21 @@ impl<'de> Deserialize<'de> for CidrFile {
     }
 }
 
+impl From<WorkloadFile> for WorkloadSpec {
+    fn from(w: WorkloadFile) -> Self {
+        WorkloadSpec {
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            node: w.node,
+            service_account: w.service_account,
+            ips: w.ips,
+            labels: w.labels,
+            terminating: false,
+        }
+    }
+}
+
 impl MeshFile {
     fn into_spec(self) -> Result<MeshSpec, Vec<Problem>> {
         let (policies, waypoint_policies) = split_policies(self.policies)?;
@@ -440,20 +455,7 @@ impl MeshFile {
                 .into_iter()
                 .map(|n| NodeSpec { name: n.name })
                 .collect(),
-            workloads: self
-                .workloads
-                .into_iter()
-                .map(|w| WorkloadSpec {
-                    uid: w.uid,
-                    name: w.name,
-                    namespace: w.namespace,
-                    node: w.node,
-                    service_account: w.service_account,
-                    ips: w.ips,
-                    labels: w.labels,
-                    terminating: false,
-                })
-                .collect(),
+            workloads: self.workloads.into_iter().map(WorkloadSpec::from).collect(),
             services: self
                 .services
                 .into_iter()

@@ -15,6 +15,13 @@
 //! quoted or complex top-level keys; a line that belongs to no item), for a first text,
 //! and whenever a piece fails to parse on its own, so every error comes from the full
 //! parse with its line and column.
+//!
+//! A version is read against the last *committed* one ([`Reparser::read`], then
+//! [`Reparser::commit`] once its model is taken): a version that is refused leaves the
+//! reparser where it was, so the next is compared with the last good one. What a
+//! reading hands on is proportional to the change: the workloads whose item text is new
+//! and the keys of those whose text is gone ([`Workloads::Changes`]), and everything
+//! else only if its text changed at all.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,17 +30,29 @@ use serde::de::DeserializeOwned;
 
 use super::{
     FileError, MeshFile, NamespaceFile, NodeFile, PolicyFile, ServiceFile, WaypointFile,
-    WorkloadFile, parse_file,
+    WorkloadFile, invalid, parse_file,
 };
 use crate::model::authn::RequestAuthenticationSpec;
 use crate::model::traffic::DestinationRuleSpec;
-use crate::model::{HttpRouteSpec, MeshSpec};
+use crate::model::{HttpRouteSpec, MeshSpec, WorkloadSpec};
 
-/// Item text → its parsed value, for one list section. (foldhash: the whole file's
-/// text is hashed on every change, and SipHash was a tenth of a re-parse.)
+/// foldhash: the whole file's text is hashed on every change, and SipHash was a tenth
+/// of a re-parse.
+type Fast = foldhash::fast::RandomState;
+
+/// Item text → its parsed value, for one list section of the committed version.
 struct Items<T> {
-    by_text: HashMap<Box<str>, T, foldhash::fast::RandomState>,
+    by_text: HashMap<Box<str>, Entry<T>, Fast>,
 }
+
+struct Entry<T> {
+    value: T,
+    /// The last reading whose text has this item.
+    seen: u64,
+}
+
+/// One section's items that the committed version does not have, parsed alone.
+type Added<'t, T> = HashMap<&'t str, T, Fast>;
 
 impl<T> Default for Items<T> {
     fn default() -> Self {
@@ -44,81 +63,148 @@ impl<T> Default for Items<T> {
 }
 
 impl<T: DeserializeOwned + Clone> Items<T> {
-    /// The items of `texts`, each taken from the last version's cache if its text is
-    /// unchanged, else parsed alone; this version's cache (`next`) gets exactly these
-    /// texts. `None` if one does not parse alone as exactly one item.
-    fn take(&mut self, texts: &[&str], next: &mut Self, parsed: &mut u64) -> Option<Vec<T>> {
-        let mut out = Vec::with_capacity(texts.len());
+    /// Marks the committed items that `texts` has as seen by reading `epoch` and parses
+    /// the others alone into `added`. `None` if one does not parse alone as exactly one
+    /// item; else whether a text occurs twice.
+    fn read<'t>(
+        &mut self,
+        texts: &[&'t str],
+        epoch: u64,
+        added: &mut Added<'t, T>,
+        parsed: &mut u64,
+    ) -> Option<bool> {
+        let mut twice = false;
         for &text in texts {
-            if let Some(v) = next.by_text.get(text) {
-                // The same text twice in one version.
-                out.push(v.clone());
-                continue;
-            }
-            let (key, item) = match self.by_text.remove_entry(text) {
-                Some(kv) => kv,
-                None => {
-                    *parsed += 1;
-                    // An item's lines are a one-item block sequence themselves.
-                    let mut one: Vec<T> = serde_yaml_ng::from_str(text).ok()?;
-                    if one.len() != 1 {
-                        return None;
-                    }
-                    (text.into(), one.pop()?)
+            if let Some(e) = self.by_text.get_mut(text) {
+                twice |= e.seen == epoch;
+                e.seen = epoch;
+            } else if added.contains_key(text) {
+                twice = true;
+            } else {
+                *parsed += 1;
+                // An item's lines are a one-item block sequence themselves.
+                let mut one: Vec<T> = serde_yaml_ng::from_str(text).ok()?;
+                if one.len() != 1 {
+                    return None;
                 }
-            };
-            out.push(item.clone());
-            next.by_text.insert(key, item);
+                added.insert(text, one.pop()?);
+            }
         }
-        Some(out)
+        Some(twice)
     }
 
-    /// Remembers `values` as the items of `texts` (from a full parse, in order); nothing
-    /// if the counts differ (the section was not split as the parser read it).
-    fn remember(&mut self, texts: &[&str], values: &[T]) {
-        self.by_text.clear();
+    /// The values of `texts`, in order (each committed or in `added`: [`read`] saw it).
+    ///
+    /// [`read`]: Items::read
+    fn values(&self, texts: &[&str], added: &Added<'_, T>) -> Vec<T> {
+        texts
+            .iter()
+            .map(|&t| match self.by_text.get(t) {
+                Some(e) => e.value.clone(),
+                None => added[t].clone(),
+            })
+            .collect()
+    }
+
+    /// The committed items that reading `epoch` did not see.
+    fn unseen(&self, epoch: u64) -> impl Iterator<Item = &T> {
+        self.by_text
+            .values()
+            .filter(move |e| e.seen != epoch)
+            .map(|e| &e.value)
+    }
+
+    /// Makes reading `epoch` the committed version: forgets what it did not see, and
+    /// remembers what it `added`.
+    fn commit(&mut self, epoch: u64, added: Added<'_, T>) {
+        if self.by_text.values().any(|e| e.seen != epoch) {
+            self.by_text.retain(|_, e| e.seen == epoch);
+        }
+        for (text, value) in added {
+            self.by_text
+                .insert(text.into(), Entry { value, seen: epoch });
+        }
+    }
+
+    /// The items of a fully parsed section: `values` as the items of `texts`, in order;
+    /// none if the counts differ (the section was not split as the parser read it).
+    fn of(texts: &[&str], values: &[T]) -> Self {
+        let mut items = Self::default();
         if texts.len() == values.len() {
             for (t, v) in texts.iter().zip(values) {
-                self.by_text.insert((*t).into(), v.clone());
+                let value = v.clone();
+                items.by_text.insert((*t).into(), Entry { value, seen: 0 });
             }
         }
+        items
     }
 }
 
-/// Declares the list sections once: their YAML keys, `MeshFile` fields and item types.
+/// Declares the list sections other than `workloads` once: their YAML keys, `MeshFile`
+/// fields and item types. (Workloads are read as changes; the others whole.)
 macro_rules! sections {
     ($($key:literal => $field:ident: $item:ty),* $(,)?) => {
-        /// The item caches of every list section.
+        /// The item caches of every list section, for the committed version.
         #[derive(Default)]
         struct Caches {
+            workloads: Items<WorkloadFile>,
             $($field: Items<$item>,)*
         }
 
+        /// The items a reading parsed alone, by section.
+        #[derive(Default)]
+        struct AddedItems<'t> {
+            workloads: Added<'t, WorkloadFile>,
+            $($field: Added<'t, $item>,)*
+        }
+
         /// The YAML keys of the list sections.
-        const LIST_KEYS: &[&str] = &[$($key),*];
+        const LIST_KEYS: &[&str] = &["workloads", $($key),*];
 
         impl Caches {
-            /// The file from its skeleton's parse and each section's items (by key),
-            /// moving what is reused into `next`, the caches of this version.
-            fn assemble(
+            /// Reads every block section's items (see [`Items::read`]): `None` if one
+            /// does not parse alone, else whether a workload's text occurs twice.
+            fn read<'t>(
                 &mut self,
-                mut file: MeshFile,
-                items: &HashMap<&str, Vec<&str>>,
-                next: &mut Caches,
+                items: &HashMap<&str, Vec<&'t str>>,
+                epoch: u64,
+                added: &mut AddedItems<'t>,
                 parsed: &mut u64,
-            ) -> Option<MeshFile> {
-                $(if let Some(texts) = items.get($key) {
-                    file.$field = self.$field.take(texts, &mut next.$field, parsed)?;
-                })*
-                Some(file)
+            ) -> Option<bool> {
+                let none = &[][..];
+                let texts = |key: &str| items.get(key).map_or(none, Vec::as_slice);
+                let twice = self.workloads.read(texts("workloads"), epoch, &mut added.workloads, parsed)?;
+                $(self.$field.read(texts($key), epoch, &mut added.$field, parsed)?;)*
+                Some(twice)
             }
 
-            /// Remembers a fully parsed `file`'s items.
-            fn remember(&mut self, file: &MeshFile, items: &HashMap<&str, Vec<&str>>) {
-                $(self.$field.remember(
-                    items.get($key).map_or(&[][..], Vec::as_slice),
-                    &file.$field,
-                );)*
+            /// The file from its skeleton's parse and the block sections' items, all
+            /// but the workloads (those stay as the skeleton has them).
+            fn assemble_rest(
+                &self,
+                mut file: MeshFile,
+                items: &HashMap<&str, Vec<&str>>,
+                added: &AddedItems<'_>,
+            ) -> MeshFile {
+                $(if let Some(texts) = items.get($key) {
+                    file.$field = self.$field.values(texts, &added.$field);
+                })*
+                file
+            }
+
+            fn commit(&mut self, epoch: u64, added: AddedItems<'_>) {
+                self.workloads.commit(epoch, added.workloads);
+                $(self.$field.commit(epoch, added.$field);)*
+            }
+
+            /// The caches of a fully parsed `file`.
+            fn of(file: &MeshFile, items: &HashMap<&str, Vec<&str>>) -> Self {
+                let none = &[][..];
+                let texts = |key: &str| items.get(key).map_or(none, Vec::as_slice);
+                Self {
+                    workloads: Items::of(texts("workloads"), &file.workloads),
+                    $($field: Items::of(texts($key), &file.$field),)*
+                }
             }
         }
     };
@@ -127,7 +213,6 @@ macro_rules! sections {
 sections! {
     "namespaces" => namespaces: NamespaceFile,
     "nodes" => nodes: NodeFile,
-    "workloads" => workloads: WorkloadFile,
     "services" => services: ServiceFile,
     "policies" => policies: PolicyFile,
     "waypoints" => waypoints: WaypointFile,
@@ -139,13 +224,61 @@ sections! {
 /// Parses successive versions of one mesh file, re-parsing only what changed.
 #[derive(Default)]
 pub struct Reparser {
+    /// The committed version's items (a full parse filled them at first).
     caches: Caches,
-    /// The caches hold the last version's items (a full parse filled them).
-    primed: bool,
-    /// How many versions were parsed incrementally.
+    /// The committed version's text without its workload items (see [`Split`]); `None`
+    /// when it could not be split (then the caches are empty and the next read is full).
+    rest_text: Option<String>,
+    /// Counts readings (each marks the items it sees with its number).
+    epoch: u64,
+    /// How many versions were read incrementally.
     pub incremental_parses: u64,
-    /// How many items those parses parsed (the others came from the last version).
+    /// How many items those readings parsed (the others came from the last version).
     pub items_parsed: u64,
+}
+
+/// A version as [`Reparser::read`] found it, relative to the committed one. Nothing of
+/// it is remembered until it is [committed](Reparser::commit).
+pub struct Reading<'t> {
+    /// Everything but the workloads (its `workloads` empty); `None` when that part's
+    /// text is the committed version's (so is its meaning).
+    pub rest: Option<MeshSpec>,
+    /// The workloads.
+    pub workloads: Workloads,
+    pending: Pending<'t>,
+}
+
+/// A reading's workloads.
+#[derive(Debug)]
+pub enum Workloads {
+    /// Every workload, in file order.
+    All(Vec<WorkloadSpec>),
+    /// The committed version's workloads, changed: the keys of those whose item text is
+    /// gone, and the items whose text is new (in file order). The same key can be in
+    /// both (an edited workload); a key can occur twice in `new`, or be in `new` and in
+    /// the committed version but not in `gone` — a file with two workloads of one key,
+    /// which is invalid (the full build says where).
+    Changes {
+        /// Keys ([`WorkloadSpec::key`]) of the workloads whose text is gone.
+        gone: Vec<String>,
+        /// The workloads whose text is new.
+        new: Vec<WorkloadSpec>,
+    },
+}
+
+/// What committing a reading remembers.
+enum Pending<'t> {
+    /// A full parse: the caches of its items and its text without the workloads, or
+    /// `None` (it could not be split; nothing is remembered).
+    Replace(Option<(Caches, String)>),
+    /// An incremental reading: its number, the items it parsed, its workload item
+    /// texts (in order) and its text without the workloads.
+    Update {
+        epoch: u64,
+        added: AddedItems<'t>,
+        workloads: Vec<&'t str>,
+        rest_text: String,
+    },
 }
 
 impl Reparser {
@@ -154,44 +287,156 @@ impl Reparser {
         Self::default()
     }
 
-    /// `text` as [`parse_spec`](super::parse_spec) reads it, parsing only the items not
-    /// seen in the last version.
+    /// `text` as [`parse_spec`](super::parse_spec) reads it, committed if it reads.
     pub fn parse_spec(&mut self, path: &Path, text: &str) -> Result<MeshSpec, FileError> {
-        self.parse(path, text)?
-            .into_spec()
-            .map_err(super::invalid(path))
+        let mut reading = self.read_with(path, text, true)?;
+        let rest = reading.rest.take().expect("read whole");
+        let workloads = self.workloads(&mut reading);
+        self.commit(reading);
+        Ok(MeshSpec { workloads, ..rest })
     }
 
-    /// `text` as [`parse_file`] reads it, parsing only the items not seen last time.
-    fn parse(&mut self, path: &Path, text: &str) -> Result<MeshFile, FileError> {
+    /// Reads `text` against the committed version, parsing only the items it does not
+    /// have (a full parse the first time, for texts it cannot split, and for errors).
+    pub fn read<'t>(&mut self, path: &Path, text: &'t str) -> Result<Reading<'t>, FileError> {
+        self.read_with(path, text, false)
+    }
+
+    /// [`read`](Reparser::read), with the rest even if unchanged if `whole`.
+    fn read_with<'t>(
+        &mut self,
+        path: &Path,
+        text: &'t str,
+        whole: bool,
+    ) -> Result<Reading<'t>, FileError> {
         let split = split(text);
-        if self.primed
-            && let Some(s) = &split
-            && let Some(file) = self.incremental(s)
-        {
-            return Ok(file);
+        if let (Some(committed), Some(s)) = (&self.rest_text, &split) {
+            let rest_changed = whole || *committed != s.rest_text;
+            if let Some(reading) = self.incremental(path, rest_changed, s) {
+                return reading;
+            }
         }
-        // The full parse: the first time, for texts it cannot split, and for errors.
-        let file = parse_file(path, text)?;
-        match &split {
-            Some(s) => self.caches.remember(&file, &s.items),
-            None => self.caches = Caches::default(),
-        }
-        self.primed = split.is_some();
-        Ok(file)
+        let mut file = parse_file(path, text)?;
+        let pending = Pending::Replace(split.map(|s| (Caches::of(&file, &s.items), s.rest_text)));
+        let workloads = std::mem::take(&mut file.workloads);
+        Ok(Reading {
+            rest: Some(file.into_spec().map_err(invalid(path))?),
+            workloads: Workloads::All(workloads.into_iter().map(WorkloadSpec::from).collect()),
+            pending,
+        })
     }
 
-    fn incremental(&mut self, s: &Split<'_>) -> Option<MeshFile> {
-        let skeleton: MeshFile = serde_yaml_ng::from_str(&s.skeleton).ok()?;
-        let mut next = Caches::default();
+    /// An incremental reading of split text `s`, or `None` if a piece does not parse
+    /// alone (the full parse then says where and why).
+    fn incremental<'t>(
+        &mut self,
+        path: &Path,
+        rest_changed: bool,
+        s: &Split<'t>,
+    ) -> Option<Result<Reading<'t>, FileError>> {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let mut added = AddedItems::default();
         let mut parsed = 0;
-        let file = self
-            .caches
-            .assemble(skeleton, &s.items, &mut next, &mut parsed)?;
-        self.caches = next;
+        let twice = self.caches.read(&s.items, epoch, &mut added, &mut parsed)?;
+        let mut rest = None;
+        if rest_changed {
+            let skeleton: MeshFile = serde_yaml_ng::from_str(&s.skeleton).ok()?;
+            rest = Some(self.caches.assemble_rest(skeleton, &s.items, &added));
+        }
+        let texts = s.items.get("workloads").cloned().unwrap_or_default();
+        let workloads = match &mut rest {
+            // Not a block list: the skeleton's (whole, and the cache has none).
+            Some(file) if !s.items.contains_key("workloads") => Workloads::All(
+                std::mem::take(&mut file.workloads)
+                    .into_iter()
+                    .map(WorkloadSpec::from)
+                    .collect(),
+            ),
+            _ if twice => Workloads::All(
+                self.caches
+                    .workloads
+                    .values(&texts, &added.workloads)
+                    .into_iter()
+                    .map(WorkloadSpec::from)
+                    .collect(),
+            ),
+            _ => Workloads::Changes {
+                gone: self
+                    .caches
+                    .workloads
+                    .unseen(epoch)
+                    .map(|w| WorkloadSpec::from(w.clone()).key())
+                    .collect(),
+                new: texts
+                    .iter()
+                    .filter_map(|t| added.workloads.get(t))
+                    .map(|w| WorkloadSpec::from(w.clone()))
+                    .collect(),
+            },
+        };
         self.incremental_parses += 1;
         self.items_parsed += parsed;
-        Some(file)
+        let rest = match rest.map(MeshFile::into_spec) {
+            Some(Err(problems)) => return Some(Err(invalid(path)(problems))),
+            Some(Ok(spec)) => Some(spec),
+            None => None,
+        };
+        Some(Ok(Reading {
+            rest,
+            workloads,
+            pending: Pending::Update {
+                epoch,
+                added,
+                workloads: texts,
+                rest_text: s.rest_text.clone(),
+            },
+        }))
+    }
+
+    /// Every workload of `reading`, in file order (what a full build takes).
+    pub fn workloads(&self, reading: &mut Reading<'_>) -> Vec<WorkloadSpec> {
+        match (&mut reading.workloads, &reading.pending) {
+            (Workloads::All(all), _) => std::mem::take(all),
+            (
+                Workloads::Changes { .. },
+                Pending::Update {
+                    added, workloads, ..
+                },
+            ) => self
+                .caches
+                .workloads
+                .values(workloads, &added.workloads)
+                .into_iter()
+                .map(WorkloadSpec::from)
+                .collect(),
+            (Workloads::Changes { .. }, Pending::Replace(_)) => {
+                unreachable!("a full parse reads all workloads")
+            }
+        }
+    }
+
+    /// Makes `reading` the committed version, which the next is read against.
+    pub fn commit(&mut self, reading: Reading<'_>) {
+        match reading.pending {
+            Pending::Replace(Some((caches, rest_text))) => {
+                self.caches = caches;
+                self.rest_text = Some(rest_text);
+            }
+            Pending::Replace(None) => {
+                self.caches = Caches::default();
+                self.rest_text = None;
+            }
+            Pending::Update {
+                epoch,
+                added,
+                rest_text,
+                ..
+            } => {
+                self.caches.commit(epoch, added);
+                self.rest_text = Some(rest_text);
+            }
+        }
     }
 }
 
@@ -202,6 +447,10 @@ struct Split<'a> {
     skeleton: String,
     /// Each block list section's items, by key, in order.
     items: HashMap<&'a str, Vec<&'a str>>,
+    /// The text without the workloads' items: the skeleton, then each other block
+    /// section's key, length and items. Two texts with the same mean the same but for
+    /// their workload items.
+    rest_text: String,
 }
 
 /// Splits `text`, or `None` where a split could differ from how YAML reads it.
@@ -267,7 +516,19 @@ fn split(text: &str) -> Option<Split<'_>> {
         skeleton.push_str(key);
         skeleton.push_str(": []\n");
     }
-    Some(Split { skeleton, items })
+    let mut rest_text = skeleton.clone();
+    for &key in &LIST_KEYS[1..] {
+        if let Some(texts) = items.get(key) {
+            let len: usize = texts.iter().map(|t| t.len()).sum();
+            rest_text.push_str(&format!("\0{key} {len}\n"));
+            texts.iter().for_each(|t| rest_text.push_str(t));
+        }
+    }
+    Some(Split {
+        skeleton,
+        items,
+        rest_text,
+    })
 }
 
 /// The items of a block sequence given as its lines (all slices of `text`): each item
@@ -325,17 +586,71 @@ mod tests {
 
     /// Both parses of `text`, each turned into the model's spec (or its error text).
     fn both(r: &mut Reparser, text: &str) -> (String, String) {
-        let show = |f: Result<MeshFile, FileError>| match f {
-            Ok(f) => match f.into_spec() {
-                Ok(spec) => format!("{spec:?}"),
-                Err(problems) => format!("invalid: {problems:?}"),
-            },
+        let show = |f: Result<MeshSpec, FileError>| match f {
+            Ok(spec) => format!("{spec:?}"),
+            Err(FileError::Invalid { problems, .. }) => format!("invalid: {problems:?}"),
             Err(e) => format!("error: {e}"),
         };
         (
-            show(r.parse(Path::new(PATH), text)),
-            show(parse_file(Path::new(PATH), text)),
+            show(r.parse_spec(Path::new(PATH), text)),
+            show(super::super::parse_spec(Path::new(PATH), text)),
         )
+    }
+
+    /// Workloads by key, where keys are unique.
+    type ByKey = std::collections::BTreeMap<String, WorkloadSpec>;
+
+    fn by_key(ws: Vec<WorkloadSpec>) -> Option<ByKey> {
+        let n = ws.len();
+        let m: ByKey = ws.into_iter().map(|w| (w.key(), w)).collect();
+        (m.len() == n).then_some(m)
+    }
+
+    /// Reads `text` as [`Derived`](super::super::Derived) does, applying its changes to
+    /// `held` (the committed version's workloads) and committing it if its workloads
+    /// have unique keys; checks them against the full parse, and what it says of the
+    /// rest against whether the rest changed.
+    fn read_as_changes(r: &mut Reparser, held: &mut ByKey, rest: &mut String, text: &str) {
+        let path = Path::new(PATH);
+        let Ok(full) = super::super::parse_spec(path, text) else {
+            assert!(r.read(path, text).is_err());
+            return;
+        };
+        let mut reading = r.read(path, text).unwrap();
+        let full_rest = format!(
+            "{:?}",
+            MeshSpec {
+                workloads: Vec::new(),
+                ..full.clone()
+            }
+        );
+        match &reading.rest {
+            Some(spec) => assert_eq!(format!("{spec:?}"), full_rest),
+            None => assert_eq!(*rest, full_rest, "the rest changed, unannounced"),
+        }
+        let Some(want) = by_key(full.workloads) else {
+            // Two workloads of one key: never committed, as the model is refused.
+            return;
+        };
+        let got = match &reading.workloads {
+            Workloads::All(all) => by_key(all.clone()).unwrap(),
+            Workloads::Changes { gone, new } => {
+                let mut got = held.clone();
+                for k in gone {
+                    assert!(got.remove(k).is_some(), "{k} was not there");
+                }
+                for w in new {
+                    got.insert(w.key(), w.clone());
+                }
+                got
+            }
+        };
+        assert_eq!(got, want);
+        let all = r.workloads(&mut reading);
+        assert_eq!(by_key(all).unwrap(), want, "in file order");
+        r.commit(reading);
+        *held = want;
+        *rest = full_rest;
     }
 
     fn workload(i: usize, rng: &mut fastrand::Rng) -> String {
@@ -385,6 +700,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(11);
         let mut ws: Vec<String> = (0..40).map(|i| workload(i, &mut rng)).collect();
         let mut r = Reparser::new();
+        let (mut changes, mut held, mut rest) = (Reparser::new(), ByKey::new(), String::new());
         let (mut incremental, mut valid) = (0, 0);
         for round in 0..400 {
             let mut extra = String::new();
@@ -422,6 +738,7 @@ mod tests {
                 }
             }
             let text = mesh(&ws, &extra);
+            read_as_changes(&mut changes, &mut held, &mut rest, &text);
             let before = r.incremental_parses;
             let (fast, full) = both(&mut r, &text);
             assert_eq!(fast, full, "round {round}, text:\n{text}");
@@ -440,6 +757,11 @@ mod tests {
             incremental * 10 > valid * 7,
             "only {incremental} of {valid} valid versions were parsed incrementally"
         );
+        assert!(
+            changes.incremental_parses * 10 > valid * 7,
+            "only {} of {valid} valid versions were read as changes",
+            changes.incremental_parses
+        );
     }
 
     #[test]
@@ -447,17 +769,33 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(3);
         let mut ws: Vec<String> = (0..50).map(|i| workload(i, &mut rng)).collect();
         let mut r = Reparser::new();
-        r.parse(Path::new(PATH), &mesh(&ws, "")).unwrap();
+        let first = mesh(&ws, "");
+        let reading = r.read(Path::new(PATH), &first).unwrap();
+        r.commit(reading);
         assert_eq!(
             (r.incremental_parses, r.items_parsed),
             (0, 0),
             "the first is full"
         );
         ws[7] = workload(1234, &mut rng);
-        let file = r.parse(Path::new(PATH), &mesh(&ws, "")).unwrap();
+        let text = mesh(&ws, "");
+        let reading = r.read(Path::new(PATH), &text).unwrap();
         assert_eq!((r.incremental_parses, r.items_parsed), (1, 1));
-        assert!(file.workloads.iter().any(|w| w.name == "w-1234"));
-        assert_eq!(file.workloads.len(), 50);
+        assert!(reading.rest.is_none(), "only a workload changed");
+        let Workloads::Changes { gone, new } = &reading.workloads else {
+            panic!("{:?}", reading.workloads);
+        };
+        assert_eq!(gone, &["ns-1/w-7"]);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].name, "w-1234");
+        // Not committed: the same change again is read against the first version.
+        let again = r.read(Path::new(PATH), &text).unwrap();
+        assert!(matches!(&again.workloads, Workloads::Changes { new, .. } if new.len() == 1));
+        r.commit(again);
+        let same = r.read(Path::new(PATH), &text).unwrap();
+        assert!(
+            matches!(&same.workloads, Workloads::Changes { gone, new } if gone.is_empty() && new.is_empty())
+        );
     }
 
     #[test]

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Derived, FileError, Reparser, invalid, read};
+use super::{Derived, FileError, read};
 use crate::model::Model;
 use crate::source::guard::Publisher;
 
@@ -49,9 +49,7 @@ impl FileSource {
         // Stamp before loading: a change that lands in between is then seen and re-read,
         // never missed.
         let first = stamp(&path);
-        let mut reparser = Reparser::new();
-        let derived =
-            Derived::build(reparser.parse_spec(&path, &read(&path)?)?).map_err(invalid(&path))?;
+        let derived = Derived::load(&path, &read(&path)?)?;
         let model = Arc::new(derived.model().clone());
         info!(file = %path.display(), workloads = model.workloads.len(), services = model.services.len(), "mesh loaded");
         let (err_tx, errors) = watch::channel(None);
@@ -69,7 +67,6 @@ impl FileSource {
             seen: first,
             read: first,
             derived,
-            reparser,
             publisher,
             err_tx,
         };
@@ -132,10 +129,8 @@ struct Watcher {
     seen: Option<Stamp>,
     /// The stamp of the content last read.
     read: Option<Stamp>,
-    /// The last valid content's model, which the next is derived from.
+    /// The last valid content's model and items, which the next is derived from.
     derived: Derived,
-    /// The last content's parsed items, which the next is parsed with.
-    reparser: Reparser,
     publisher: Publisher,
     err_tx: watch::Sender<Option<String>>,
 }
@@ -165,10 +160,7 @@ impl Watcher {
             match self.model_of(&text) {
                 Ok(m) => {
                     let _ = self.err_tx.send(None);
-                    let more = self.publisher.offer(Arc::new(m));
-                    // Published: what the last version held can go now.
-                    self.derived.drop_retired();
-                    return more;
+                    return self.publisher.offer(Arc::new(m));
                 }
                 Err(e) => {
                     self.reject(&e);
@@ -181,8 +173,14 @@ impl Watcher {
 
     /// The model of the file's new `text`, derived from the last one.
     fn model_of(&mut self, text: &str) -> Result<Model, FileError> {
-        let spec = self.reparser.parse_spec(&self.path, text)?;
-        self.derived.next(spec).map_err(invalid(&self.path))
+        let started = std::time::Instant::now();
+        let model = self.derived.next(&self.path, text);
+        debug!(
+            derive_ms = started.elapsed().as_secs_f64() * 1e3,
+            ok = model.is_ok(),
+            "mesh file read"
+        );
+        model
     }
 
     fn reject(&self, e: &FileError) {
