@@ -637,6 +637,9 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
+        // As the API server's: Go sets TCP_NODELAY on every connection. Without it a
+        // watch event written after another waits for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let (shared, mut stop) = (shared.clone(), stop.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
