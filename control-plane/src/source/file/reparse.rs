@@ -229,6 +229,11 @@ pub struct Reparser {
     /// The committed version's text without its workload items (see [`Split`]); `None`
     /// when it could not be split (then the caches are empty and the next read is full).
     rest_text: Option<String>,
+    /// The workload cache holds exactly the committed version's workloads (not so if
+    /// they were a flow list in the skeleton, or the full parse read a different number
+    /// of items than the split found, or two items had one text): only then can a
+    /// reading say what changed rather than list them all.
+    exact: bool,
     /// Counts readings (each marks the items it sees with its number).
     epoch: u64,
     /// How many versions were read incrementally.
@@ -245,6 +250,8 @@ pub struct Reading<'t> {
     pub rest: Option<MeshSpec>,
     /// The workloads.
     pub workloads: Workloads,
+    /// Which reading this is: only the latest can be committed.
+    epoch: u64,
     pending: Pending<'t>,
 }
 
@@ -263,21 +270,25 @@ pub enum Workloads {
         gone: Vec<String>,
         /// The workloads whose text is new.
         new: Vec<WorkloadSpec>,
+        /// How many workload items the version has.
+        total: usize,
     },
 }
 
 /// What committing a reading remembers.
 enum Pending<'t> {
-    /// A full parse: the caches of its items and its text without the workloads, or
-    /// `None` (it could not be split; nothing is remembered).
-    Replace(Option<(Caches, String)>),
-    /// An incremental reading: its number, the items it parsed, its workload item
-    /// texts (in order) and its text without the workloads.
+    /// A full parse: the caches of its items, its text without the workloads and
+    /// whether the workload cache is exact, or `None` (it could not be split; nothing
+    /// is remembered).
+    Replace(Option<(Caches, String, bool)>),
+    /// An incremental reading: the items it parsed, its workload item texts (in
+    /// order), its text without the workloads, and whether the workload cache will be
+    /// exact.
     Update {
-        epoch: u64,
         added: AddedItems<'t>,
         workloads: Vec<&'t str>,
         rest_text: String,
+        exact: bool,
     },
 }
 
@@ -287,7 +298,9 @@ impl Reparser {
         Self::default()
     }
 
-    /// `text` as [`parse_spec`](super::parse_spec) reads it, committed if it reads.
+    /// `text` as [`parse_spec`](super::parse_spec) reads it, committed if it reads
+    /// (whether or not its model would be valid: not to be mixed with a
+    /// [`Derived`](super::Derived)'s readings, which commit only valid versions).
     pub fn parse_spec(&mut self, path: &Path, text: &str) -> Result<MeshSpec, FileError> {
         let mut reading = self.read_with(path, text, true)?;
         let rest = reading.rest.take().expect("read whole");
@@ -309,6 +322,7 @@ impl Reparser {
         text: &'t str,
         whole: bool,
     ) -> Result<Reading<'t>, FileError> {
+        self.epoch += 1;
         let split = split(text);
         if let (Some(committed), Some(s)) = (&self.rest_text, &split) {
             let rest_changed = whole || *committed != s.rest_text;
@@ -317,11 +331,16 @@ impl Reparser {
             }
         }
         let mut file = parse_file(path, text)?;
-        let pending = Pending::Replace(split.map(|s| (Caches::of(&file, &s.items), s.rest_text)));
+        let pending = Pending::Replace(split.map(|s| {
+            let caches = Caches::of(&file, &s.items);
+            let exact = caches.workloads.by_text.len() == file.workloads.len();
+            (caches, s.rest_text, exact)
+        }));
         let workloads = std::mem::take(&mut file.workloads);
         Ok(Reading {
             rest: Some(file.into_spec().map_err(invalid(path))?),
             workloads: Workloads::All(workloads.into_iter().map(WorkloadSpec::from).collect()),
+            epoch: self.epoch,
             pending,
         })
     }
@@ -334,7 +353,6 @@ impl Reparser {
         rest_changed: bool,
         s: &Split<'t>,
     ) -> Option<Result<Reading<'t>, FileError>> {
-        self.epoch += 1;
         let epoch = self.epoch;
         let mut added = AddedItems::default();
         let mut parsed = 0;
@@ -345,15 +363,29 @@ impl Reparser {
             rest = Some(self.caches.assemble_rest(skeleton, &s.items, &added));
         }
         let texts = s.items.get("workloads").cloned().unwrap_or_default();
+        let block = s.items.contains_key("workloads");
+        let exact = match &rest {
+            _ if block => !twice,
+            // Not a block list: the cache will be empty.
+            Some(file) => file.workloads.is_empty(),
+            None => self.exact,
+        };
         let workloads = match &mut rest {
             // Not a block list: the skeleton's (whole, and the cache has none).
-            Some(file) if !s.items.contains_key("workloads") => Workloads::All(
+            Some(file) if !block => Workloads::All(
                 std::mem::take(&mut file.workloads)
                     .into_iter()
                     .map(WorkloadSpec::from)
                     .collect(),
             ),
-            _ if twice => Workloads::All(
+            // The same skeleton as the committed version's: the same workloads.
+            None if !block => Workloads::Changes {
+                gone: Vec::new(),
+                new: Vec::new(),
+                total: 0,
+            },
+            // The cache cannot say what changed.
+            _ if twice || !self.exact => Workloads::All(
                 self.caches
                     .workloads
                     .values(&texts, &added.workloads)
@@ -373,6 +405,7 @@ impl Reparser {
                     .filter_map(|t| added.workloads.get(t))
                     .map(|w| WorkloadSpec::from(w.clone()))
                     .collect(),
+                total: texts.len(),
             },
         };
         self.incremental_parses += 1;
@@ -385,17 +418,19 @@ impl Reparser {
         Some(Ok(Reading {
             rest,
             workloads,
+            epoch,
             pending: Pending::Update {
-                epoch,
                 added,
                 workloads: texts,
                 rest_text: s.rest_text.clone(),
+                exact,
             },
         }))
     }
 
     /// Every workload of `reading`, in file order (what a full build takes).
     pub fn workloads(&self, reading: &mut Reading<'_>) -> Vec<WorkloadSpec> {
+        assert_eq!(reading.epoch, self.epoch, "a reading other than the latest");
         match (&mut reading.workloads, &reading.pending) {
             (Workloads::All(all), _) => std::mem::take(all),
             (
@@ -417,24 +452,32 @@ impl Reparser {
     }
 
     /// Makes `reading` the committed version, which the next is read against.
+    ///
+    /// # Panics
+    ///
+    /// If `reading` is not the latest (its item marks are no longer the caches').
     pub fn commit(&mut self, reading: Reading<'_>) {
+        assert_eq!(reading.epoch, self.epoch, "a reading other than the latest");
         match reading.pending {
-            Pending::Replace(Some((caches, rest_text))) => {
+            Pending::Replace(Some((caches, rest_text, exact))) => {
                 self.caches = caches;
                 self.rest_text = Some(rest_text);
+                self.exact = exact;
             }
             Pending::Replace(None) => {
                 self.caches = Caches::default();
                 self.rest_text = None;
+                self.exact = false;
             }
             Pending::Update {
-                epoch,
                 added,
                 rest_text,
+                exact,
                 ..
             } => {
-                self.caches.commit(epoch, added);
+                self.caches.commit(reading.epoch, added);
                 self.rest_text = Some(rest_text);
+                self.exact = exact;
             }
         }
     }
@@ -455,7 +498,10 @@ struct Split<'a> {
 
 /// Splits `text`, or `None` where a split could differ from how YAML reads it.
 fn split(text: &str) -> Option<Split<'_>> {
-    if text.starts_with('\u{feff}') || text.contains(['\t', '\r']) || has_anchor_or_alias(text) {
+    if text.starts_with('\u{feff}')
+        || text.contains(['\t', '\r', '\0'])
+        || has_anchor_or_alias(text)
+    {
         return None;
     }
     let mut skeleton = String::new();
@@ -465,6 +511,11 @@ fn split(text: &str) -> Option<Split<'_>> {
     // (A text without one is empty or not a mapping: the full parse says what it is.)
     for line in text.split_inclusive('\n') {
         let bare = line.trim_end_matches('\n');
+        if !closes_what_it_opens(bare) {
+            // A quoted scalar or flow collection goes on to the next line, which may
+            // then look like an item or a key without being one.
+            return None;
+        }
         if bare.starts_with("---") || bare.starts_with("...") || bare.starts_with('%') {
             return None;
         }
@@ -516,7 +567,8 @@ fn split(text: &str) -> Option<Split<'_>> {
         skeleton.push_str(key);
         skeleton.push_str(": []\n");
     }
-    let mut rest_text = skeleton.clone();
+    // Each part with its length, so no two different rests read the same.
+    let mut rest_text = format!("{}\n{skeleton}", skeleton.len());
     for &key in &LIST_KEYS[1..] {
         if let Some(texts) = items.get(key) {
             let len: usize = texts.iter().map(|t| t.len()).sum();
@@ -559,6 +611,60 @@ fn split_items<'a>(text: &'a str, lines: &[&'a str]) -> Option<Vec<&'a str>> {
     }
     starts.push(end);
     Some(starts.windows(2).map(|w| &text[w[0]..w[1]]).collect())
+}
+
+/// Does every quoted scalar and flow collection that `line` opens close on it? Errs
+/// towards "no" (then the full parse runs): a quote opens a scalar only where one can
+/// start (after a space, `[`, `{`, `,` or at the line's start) and a plain scalar's
+/// stray `'` or bracket counts as an opening too.
+fn closes_what_it_opens(line: &str) -> bool {
+    let b = line.as_bytes();
+    // The open flow collections, innermost in the low bit (1: `{`, 0: `[`); a line
+    // nesting deeper than 64 is not split.
+    let (mut open, mut depth) = (0u64, 0u32);
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match quote {
+            Some(b'"') => match c {
+                b'\\' => i += 1,
+                b'"' => quote = None,
+                _ => {}
+            },
+            Some(_) => {
+                if c == b'\'' {
+                    if b.get(i + 1) == Some(&b'\'') {
+                        i += 1;
+                    } else {
+                        quote = None;
+                    }
+                }
+            }
+            None => {
+                let starts = i == 0 || matches!(b[i - 1], b' ' | b'[' | b'{' | b',');
+                match c {
+                    b'"' | b'\'' if starts => quote = Some(c),
+                    b'#' if i == 0 || b[i - 1] == b' ' => break,
+                    b'[' | b'{' if depth < 64 => {
+                        open = open << 1 | u64::from(c == b'{');
+                        depth += 1;
+                    }
+                    b'[' | b'{' => return false,
+                    b']' | b'}' => {
+                        if depth == 0 || (open & 1 == 1) != (c == b'}') {
+                            return false;
+                        }
+                        open >>= 1;
+                        depth -= 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        i += 1;
+    }
+    quote.is_none() && depth == 0
 }
 
 fn is_blank_or_comment(line: &str) -> bool {
@@ -634,7 +740,7 @@ mod tests {
         };
         let got = match &reading.workloads {
             Workloads::All(all) => by_key(all.clone()).unwrap(),
-            Workloads::Changes { gone, new } => {
+            Workloads::Changes { gone, new, .. } => {
                 let mut got = held.clone();
                 for k in gone {
                     assert!(got.remove(k).is_some(), "{k} was not there");
@@ -782,7 +888,7 @@ mod tests {
         let reading = r.read(Path::new(PATH), &text).unwrap();
         assert_eq!((r.incremental_parses, r.items_parsed), (1, 1));
         assert!(reading.rest.is_none(), "only a workload changed");
-        let Workloads::Changes { gone, new } = &reading.workloads else {
+        let Workloads::Changes { gone, new, .. } = &reading.workloads else {
             panic!("{:?}", reading.workloads);
         };
         assert_eq!(gone, &["ns-1/w-7"]);
@@ -794,7 +900,7 @@ mod tests {
         r.commit(again);
         let same = r.read(Path::new(PATH), &text).unwrap();
         assert!(
-            matches!(&same.workloads, Workloads::Changes { gone, new } if gone.is_empty() && new.is_empty())
+            matches!(&same.workloads, Workloads::Changes { gone, new, .. } if gone.is_empty() && new.is_empty())
         );
     }
 
@@ -813,6 +919,24 @@ mod tests {
         ] {
             assert!(split(text).is_none(), "{text:?}");
         }
+        // Quoted scalars and flow collections left open at a line's end; a NUL.
+        for text in [
+            "workloads:\n  - {name: w, uid: \"u1\n  - x\"}\n",
+            "trustDomain: \"cluster.local\nworkloads:\n  - {name: w}\nx: \"\n",
+            "workloads:\n  - {name: w, labels: {a: 'it''s\n  - b'}}\n",
+            "workloads:\n  - {name: w,\n  - x: y}\n",
+            "workloads:\n  - {name: w]\n",
+            "nodes: []\ntrustDomain: x\0nodes 11\n- name: n1\n",
+        ] {
+            assert!(split(text).is_none(), "{text:?}");
+        }
+        // What closes on its line, comments and apostrophes inside words are fine.
+        assert!(
+            split(
+                "workloads:\n  - {name: w, uid: \"a # b\", l: 'it''s'} # it's\n  - {name: it's}\n"
+            )
+            .is_some()
+        );
         // Found by the fuzzer: a line of fewer spaces than the items, then a multi-byte
         // character where the items' dash would be.
         assert!(split("workloads:\n  - name0 frode: node-0\n \u{c30}").is_none());
