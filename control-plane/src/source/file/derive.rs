@@ -64,11 +64,6 @@ impl Derived {
         self.current.counts
     }
 
-    /// The reader of the file's versions (its counters say how much each re-parsed).
-    pub fn reparser(&self) -> &Reparser {
-        &self.reparser
-    }
-
     /// The current model.
     pub fn model(&self) -> &Model {
         &self.current.model
@@ -135,6 +130,10 @@ impl Current {
         new: Vec<WorkloadSpec>,
         total: usize,
     ) -> Result<Model, NeedsFullBuild> {
+        if gone.is_empty() && new.is_empty() {
+            // The rest means what it meant and no workload's text changed.
+            return Ok(self.model.clone());
+        }
         let keys: Vec<String> = new.iter().map(WorkloadSpec::key).collect();
         let new_keys: HashSet<&str, Fast> = keys.iter().map(String::as_str).collect();
         let gone_keys: HashSet<&str, Fast> = gone.iter().map(String::as_str).collect();

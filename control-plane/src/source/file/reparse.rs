@@ -385,14 +385,7 @@ impl Reparser {
                 total: 0,
             },
             // The cache cannot say what changed.
-            _ if twice || !self.exact => Workloads::All(
-                self.caches
-                    .workloads
-                    .values(&texts, &added.workloads)
-                    .into_iter()
-                    .map(WorkloadSpec::from)
-                    .collect(),
-            ),
+            _ if twice || !self.exact => Workloads::All(self.all_workloads(&texts, &added)),
             _ => Workloads::Changes {
                 gone: self
                     .caches
@@ -438,17 +431,17 @@ impl Reparser {
                 Pending::Update {
                     added, workloads, ..
                 },
-            ) => self
-                .caches
-                .workloads
-                .values(workloads, &added.workloads)
-                .into_iter()
-                .map(WorkloadSpec::from)
-                .collect(),
+            ) => self.all_workloads(workloads, added),
             (Workloads::Changes { .. }, Pending::Replace(_)) => {
                 unreachable!("a full parse reads all workloads")
             }
         }
+    }
+
+    /// The workloads of item `texts`, each committed or parsed by this reading.
+    fn all_workloads(&self, texts: &[&str], added: &AddedItems<'_>) -> Vec<WorkloadSpec> {
+        let files = self.caches.workloads.values(texts, &added.workloads);
+        files.into_iter().map(WorkloadSpec::from).collect()
     }
 
     /// Makes `reading` the committed version, which the next is read against.
