@@ -330,6 +330,12 @@ mod tests {
                     w("d", "10.0.0.4")
                 ),
             ],
+            // A block list emptied in place: the skeleton reads the same.
+            vec![
+                format!("{head}workloads:\n  - {}\n", w("e", "10.0.0.5")),
+                format!("{head}workloads: []\n"),
+                format!("{head}workloads:\n  - {}\n", w("e", "10.0.0.5")),
+            ],
             vec![
                 "nodes:\n- name: n1\ntrustDomain: cluster.local".to_owned(),
                 "nodes: []\ntrustDomain: cluster.local\0nodes 11\n- name: n1\n".to_owned(),

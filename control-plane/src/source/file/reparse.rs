@@ -560,8 +560,12 @@ fn split(text: &str) -> Option<Split<'_>> {
         skeleton.push_str(key);
         skeleton.push_str(": []\n");
     }
-    // Each part with its length, so no two different rests read the same.
+    // Each part with its length, so no two different rests read the same; and whether
+    // the skeleton's `workloads: []` stands for a block list (or is the file's own).
     let mut rest_text = format!("{}\n{skeleton}", skeleton.len());
+    if items.contains_key("workloads") {
+        rest_text.push_str("\0workloads\n");
+    }
     for &key in &LIST_KEYS[1..] {
         if let Some(texts) = items.get(key) {
             let len: usize = texts.iter().map(|t| t.len()).sum();
