@@ -9,9 +9,13 @@
 //! - The bookkeeping is bounded by what is open: a key's dial gate is dropped as soon as
 //!   nobody dials it, and a key without connections is forgotten by the next reap, so
 //!   pods coming and going leave nothing behind.
+//! - No lock is shared by all tunnels: the maps are [`SHARDS`] shards by key, so workers
+//!   opening tunnels to different destinations never wait for each other; tunnels of one
+//!   key share its shard, as they share its connections.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -91,13 +95,26 @@ impl Default for PoolConfig {
     }
 }
 
+/// Shards of the pool's maps; a key always lands in the same one.
+pub const SHARDS: usize = 16;
+
+type Gates = Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>;
+
+/// One shard: the connections of its keys, and the keys being dialed.
+#[derive(Default)]
+struct Shard {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    /// One dial at a time per key.
+    dialing: Gates,
+}
+
 /// The pool.
 pub struct Pool<D> {
     dialer: D,
     config: PoolConfig,
-    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
-    /// One dial at a time per key.
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    shards: [Shard; SHARDS],
+    /// Picks a key's shard.
+    hasher: std::hash::RandomState,
     /// Connections opened so far (for metrics and tests).
     pub dials: AtomicU64,
 }
@@ -116,8 +133,8 @@ impl<D: Dialer> Pool<D> {
         Arc::new(Self {
             dialer,
             config,
-            conns: Mutex::default(),
-            dialing: Mutex::default(),
+            shards: Default::default(),
+            hasher: std::hash::RandomState::new(),
             dials: AtomicU64::new(0),
         })
     }
@@ -161,15 +178,20 @@ impl<D: Dialer> Pool<D> {
         }
     }
 
+    fn shard(&self, key: &PoolKey) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) % SHARDS as u64) as usize]
+    }
+
     /// A connection with a free stream slot, reserved (its `active` count taken).
     async fn checkout(&self, key: &PoolKey, target: &D::Target) -> Result<Arc<Conn>, D::Error> {
-        if let Some(c) = self.reserve(key) {
+        let shard = self.shard(key);
+        if let Some(c) = self.reserve(shard, key) {
             return Ok(c);
         }
-        let gate = DialGate::enter(&self.dialing, key);
+        let gate = DialGate::enter(&shard.dialing, key);
         let _single_flight = gate.gate.lock().await;
         // Whoever dialed while we waited may have made room.
-        if let Some(c) = self.reserve(key) {
+        if let Some(c) = self.reserve(shard, key) {
             return Ok(c);
         }
         let client = self.dialer.dial(key, target).await?;
@@ -179,7 +201,8 @@ impl<D: Dialer> Pool<D> {
             active: Arc::new(AtomicUsize::new(1)),
             last_used: Mutex::new(Instant::now()),
         });
-        self.conns
+        shard
+            .conns
             .lock()
             .unwrap()
             .entry(key.clone())
@@ -188,8 +211,8 @@ impl<D: Dialer> Pool<D> {
         Ok(conn)
     }
 
-    fn reserve(&self, key: &PoolKey) -> Option<Arc<Conn>> {
-        let mut conns = self.conns.lock().unwrap();
+    fn reserve(&self, shard: &Shard, key: &PoolKey) -> Option<Arc<Conn>> {
+        let mut conns = shard.conns.lock().unwrap();
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.client.is_closed());
         for c in list.iter() {
@@ -210,31 +233,46 @@ impl<D: Dialer> Pool<D> {
     pub fn reap(&self) -> usize {
         let now = Instant::now();
         let mut closed = 0;
-        let mut conns = self.conns.lock().unwrap();
-        for list in conns.values_mut() {
-            let before = list.len();
-            list.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
-                    && now.duration_since(*c.last_used.lock().unwrap()) >= self.config.idle_timeout;
-                !(idle || c.client.is_closed())
-            });
-            closed += before - list.len();
+        for shard in &self.shards {
+            let mut conns = shard.conns.lock().unwrap();
+            for list in conns.values_mut() {
+                let before = list.len();
+                list.retain(|c| {
+                    let idle = c.active.load(Ordering::Acquire) == 0
+                        && now.duration_since(*c.last_used.lock().unwrap())
+                            >= self.config.idle_timeout;
+                    !(idle || c.client.is_closed())
+                });
+                closed += before - list.len();
+            }
+            conns.retain(|_, l| !l.is_empty());
         }
-        conns.retain(|_, l| !l.is_empty());
         closed
     }
 
     /// Open connections, all keys.
     pub fn connections(&self) -> usize {
-        self.conns.lock().unwrap().values().map(Vec::len).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                s.conns
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// What the pool keeps track of: (keys with connections, keys being dialed).
     pub fn bookkeeping(&self) -> (usize, usize) {
-        (
-            self.conns.lock().unwrap().len(),
-            self.dialing.lock().unwrap().len(),
-        )
+        self.shards.iter().fold((0, 0), |(c, d), s| {
+            (
+                c + s.conns.lock().unwrap().len(),
+                d + s.dialing.lock().unwrap().len(),
+            )
+        })
     }
 
     /// Runs [`Pool::reap`] every `idle_timeout / 2` until the pool is dropped.
@@ -258,16 +296,13 @@ impl<D: Dialer> Pool<D> {
 /// One caller's place at a key's dial gate. The gate is shared by the callers dialing
 /// the key at the same time, and removed by the last one to leave.
 struct DialGate<'a> {
-    map: &'a Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    map: &'a Gates,
     key: &'a PoolKey,
     gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<'a> DialGate<'a> {
-    fn enter(
-        map: &'a Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
-        key: &'a PoolKey,
-    ) -> Self {
+    fn enter(map: &'a Gates, key: &'a PoolKey) -> Self {
         let gate = map.lock().unwrap().entry(key.clone()).or_default().clone();
         Self { map, key, gate }
     }

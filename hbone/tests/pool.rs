@@ -121,6 +121,52 @@ async fn a_burst_to_a_new_destination_dials_once() {
     assert_eq!(pool.dials.load(Ordering::Relaxed), 1);
 }
 
+/// The pool's maps are sharded by key: bursts to many destinations from several worker
+/// threads at once, with reaps running beside them, still dial exactly once per key
+/// and deliver every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bursts_to_many_destinations_on_many_threads_dial_once_each() {
+    let (pool, key, app) = setup(PoolConfig::default()).await;
+    const KEYS: usize = 40;
+    let keys: Vec<PoolKey> = (0..KEYS)
+        .map(|k| PoolKey {
+            src: format!("127.0.{}.{}", k / 200, k % 200 + 1)
+                .parse()
+                .unwrap(),
+            ..key.clone()
+        })
+        .collect();
+    let reaping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reaper = {
+        let (pool, reaping) = (pool.clone(), reaping.clone());
+        tokio::spawn(async move {
+            while reaping.load(Ordering::Relaxed) {
+                pool.reap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..KEYS * 25 {
+        let (pool, key) = (pool.clone(), keys[i % KEYS].clone());
+        tasks.push(tokio::spawn(async move {
+            echo_through(&pool, &key, app, i).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap(), "a tunnel's bytes differ");
+    }
+    reaping.store(false, Ordering::Relaxed);
+    reaper.await.unwrap();
+    assert_eq!(pool.dials.load(Ordering::Relaxed), KEYS as u64);
+    assert_eq!(
+        pool.bookkeeping(),
+        (KEYS, 0),
+        "(keys with connections, dialing)"
+    );
+    assert_eq!(pool.connections(), KEYS);
+}
+
 #[tokio::test]
 async fn idle_connections_close_and_are_dialed_again_when_needed() {
     let (pool, key, app) = setup(PoolConfig {

@@ -100,7 +100,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
 pub struct Datapath {
     pin_dir: PathBuf,
     enrolled: Mutex<HashMap<MapData, u64, Enrolled>>,
-    conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    /// Read and deleted with raw `bpf(2)` calls ([`take_elem`]): no lock on the accept path.
+    conn_orig: HashMap<MapData, ConnKey, OrigDst>,
     counters: Mutex<PerCpuHashMap<MapData, CounterKey, Counters>>,
     inbound_pods: Mutex<HashMap<MapData, PodIp, u32>>,
     inbound_listeners: Mutex<SockHash<MapData, PodIp>>,
@@ -181,7 +182,7 @@ impl Datapath {
         let dp = Self {
             pin_dir: pin_dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
-            conn_orig: Mutex::new(take_map(&mut ebpf, maps::CONN_ORIG)?),
+            conn_orig: take_map(&mut ebpf, maps::CONN_ORIG)?,
             counters: Mutex::new(take_per_cpu(&mut ebpf, maps::WORKLOAD_COUNTERS)?),
             inbound_pods: Mutex::new(take_map(&mut ebpf, maps::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take_typed(&mut ebpf, maps::INBOUND_LISTENERS)?),
@@ -280,12 +281,19 @@ impl Datapath {
             .collect()
     }
 
-    /// Reads and forgets the original destination of a captured connection.
+    /// Reads and forgets the original destination of a captured connection. Every worker
+    /// accepting at once calls this, so it takes no lock: the kernel's map is safe for
+    /// concurrent use, and aya's `remove` would want `&mut` (a mutex around two syscalls
+    /// per connection, shared by all workers, is what this replaced).
     fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
-        let mut map = self.conn_orig.lock().unwrap();
-        let orig = map.get(key, 0).ok()?;
-        let _ = map.remove(key);
-        Some(orig)
+        use aya::maps::IterableMap;
+        match take_elem(self.conn_orig.map().fd().as_fd(), key) {
+            Ok(orig) => orig,
+            Err(e) => {
+                warn!(error = %e, "reading a captured connection's original destination");
+                None
+            }
+        }
     }
 
     /// Kernel counters summed over CPUs, per (netns cookie, direction).
@@ -314,6 +322,93 @@ impl super::OriginalDestinations for Datapath {
         };
         self.take_orig_dst(&key).map(orig_to_addr)
     }
+}
+
+/// `bpf(2)` commands on map elements (`include/uapi/linux/bpf.h`).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// The kernel's own `ENOTSUPP` (not a libc errno), what `bpf(2)` answers for a command a
+/// map type lacks.
+const KERNEL_ENOTSUPP: i32 = 524;
+
+/// Whether the kernel refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (before
+/// Linux 5.14): then a lookup and a delete.
+static NO_LOOKUP_AND_DELETE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The map element `bpf_attr` of `BPF_MAP_*_ELEM`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One `bpf(2)` element command: `Ok(false)` if the key is not there.
+fn elem_cmd<K, V>(
+    cmd: libc::c_long,
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+    value: *mut V,
+) -> io::Result<bool> {
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid element attribute for the command's length; the kernel
+    // reads the key from `key` and writes at most one `V` to `value` (or reads none).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Reads and deletes `key`'s value: one atomic `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, or on
+/// kernels without it for hash maps, a lookup then a delete.
+fn take_elem<K, V: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    if !NO_LOOKUP_AND_DELETE.load(Relaxed) {
+        match elem_cmd(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value.as_mut_ptr()) {
+            // SAFETY: the kernel wrote the whole value; `V` is plain old data.
+            Ok(true) => return Ok(Some(unsafe { value.assume_init() })),
+            Ok(false) => return Ok(None),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+                ) =>
+            {
+                NO_LOOKUP_AND_DELETE.store(true, Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, key, value.as_mut_ptr())? {
+        return Ok(None);
+    }
+    let _ = elem_cmd::<K, V>(BPF_MAP_DELETE_ELEM, fd, key, std::ptr::null_mut());
+    // SAFETY: as above.
+    Ok(Some(unsafe { value.assume_init() }))
 }
 
 /// An [`OrigDst`] (network byte order) as a socket address.
@@ -700,6 +795,89 @@ mod tests {
         // What pod_ip_key writes is what orig_to_addr reads.
         let k = pod_ip_key(IpAddr::V6(ip));
         assert_eq!(k.addr, words);
+    }
+
+    /// A captured connection's original destination is read and deleted at once: the
+    /// second take finds nothing, and so does a take racing it. Both ways the kernel may
+    /// offer (one atomic command, or lookup then delete) are exercised on a real map.
+    #[test]
+    fn original_destinations_are_taken_once() {
+        assert!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+            "creating a BPF map needs root: run `sudo -E cargo test -p ambit-node-agent`"
+        );
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // BPF_MAP_CREATE (0) of an LRU hash (9), as CONN_ORIG is.
+        let mut attr = [0u32; 32];
+        attr[..4].copy_from_slice(&[
+            9,
+            std::mem::size_of::<ConnKey>() as u32,
+            std::mem::size_of::<OrigDst>() as u32,
+            1024,
+        ]);
+        // SAFETY: a zero-padded map creation attribute.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+        // SAFETY: the kernel just gave us this descriptor.
+        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let key = |port: u16| ConnKey {
+            netns_cookie: 7,
+            src_port: port,
+            family: AF_INET,
+            _pad: 0,
+        };
+        let orig = OrigDst {
+            addr: [u32::from_ne_bytes([10, 0, 0, 9]), 0, 0, 0],
+            port: 80u16.to_be(),
+            family: AF_INET,
+        };
+        let put = |k: &ConnKey| {
+            let mut v = orig;
+            // BPF_MAP_UPDATE_ELEM (2).
+            assert!(elem_cmd(2, map.as_fd(), k, &mut v).unwrap());
+        };
+        for fallback in [false, true] {
+            NO_LOOKUP_AND_DELETE.store(fallback, std::sync::atomic::Ordering::Relaxed);
+            put(&key(1000));
+            let got: Option<OrigDst> = take_elem(map.as_fd(), &key(1000)).unwrap();
+            assert_eq!(got.map(orig_to_addr), Some("10.0.0.9:80".parse().unwrap()));
+            let again: Option<OrigDst> = take_elem(map.as_fd(), &key(1000)).unwrap();
+            assert!(again.is_none(), "taken twice (fallback: {fallback})");
+            // Many keys, taken from several threads at once: each exactly once.
+            (0..200).for_each(|p| put(&key(2000 + p)));
+            let taken = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for p in 0..200 {
+                            let t: Option<OrigDst> =
+                                take_elem(map.as_fd(), &key(2000 + p)).unwrap();
+                            if t.is_some() {
+                                taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let n = taken.load(std::sync::atomic::Ordering::Relaxed);
+            if fallback {
+                // Lookup then delete can hand one key to two racing takers; the agent never
+                // races on a key (one accepted connection per client port), so at least
+                // each once.
+                assert!(n >= 200, "{n}");
+            } else {
+                assert_eq!(n, 200, "the atomic command hands each key out once");
+            }
+        }
+        NO_LOOKUP_AND_DELETE.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! never breaks a connection.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use ambit_hbone::tls::{self, MeshRoots, TlsError, WorkloadKey};
 use ambit_identity::Identity;
@@ -34,11 +34,16 @@ pub enum TlsConfigError {
 type Cached<C> = (String, Arc<C>);
 
 /// Cached TLS configurations, keyed by identity (and destination identity for clients).
+///
+/// Read-mostly: a connection finds its configuration under a shared read lock; a missing
+/// or outdated one (a new identity, a renewed certificate) is built with no lock held
+/// (parsing the key and roots takes milliseconds) and then stored, so one rebuild never
+/// stalls the handshakes of other workloads.
 #[derive(Debug)]
 pub struct TlsConfigs {
     certs: Arc<Certificates>,
-    servers: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
-    clients: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
+    servers: RwLock<HashMap<Identity, Cached<rustls::ServerConfig>>>,
+    clients: RwLock<HashMap<Identity, HashMap<Identity, Cached<rustls::ClientConfig>>>>,
 }
 
 impl TlsConfigs {
@@ -46,8 +51,8 @@ impl TlsConfigs {
     pub fn new(certs: Arc<Certificates>) -> Self {
         Self {
             certs,
-            servers: Mutex::default(),
-            clients: Mutex::default(),
+            servers: RwLock::default(),
+            clients: RwLock::default(),
         }
     }
 
@@ -55,8 +60,7 @@ impl TlsConfigs {
     /// domain chaining to the mesh root.
     pub fn server(&self, identity: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
         let cert = self.cert(identity)?;
-        let mut cache = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((serial, c)) = cache.get(identity)
+        if let Some((serial, c)) = read(&self.servers).get(identity)
             && *serial == cert.serial
         {
             return Ok(c.clone());
@@ -67,6 +71,8 @@ impl TlsConfigs {
         };
         let (key, roots) = keys(&cert).map_err(material)?;
         let config = tls::server_config(&key, &roots, identity.trust_domain()).map_err(material)?;
+        let mut cache = write(&self.servers);
+        // Bounded: entries for identities no longer held are dropped on the way.
         cache.retain(|id, _| self.certs.get(id).is_some());
         cache.insert(identity.clone(), (cert.serial.clone(), config.clone()));
         Ok(config)
@@ -80,9 +86,7 @@ impl TlsConfigs {
         peer: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
         let cert = self.cert(identity)?;
-        let k = (identity.clone(), peer.clone());
-        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((serial, c)) = cache.get(&k)
+        if let Some((serial, c)) = read(&self.clients).get(identity).and_then(|m| m.get(peer))
             && *serial == cert.serial
         {
             return Ok(c.clone());
@@ -93,17 +97,20 @@ impl TlsConfigs {
         };
         let (key, roots) = keys(&cert).map_err(material)?;
         let config = tls::client_config(&key, &roots, [peer.clone()]).map_err(material)?;
-        // Bounded: entries for identities no longer held are dropped on the way.
-        cache.retain(|(id, _), _| self.certs.get(id).is_some());
-        cache.insert(k, (cert.serial.clone(), config.clone()));
+        let mut cache = write(&self.clients);
+        cache.retain(|id, _| self.certs.get(id).is_some());
+        let mine = cache.entry(identity.clone()).or_default();
+        // A renewed certificate outdates every peer's configuration of this identity.
+        mine.retain(|_, (serial, _)| *serial == cert.serial);
+        mine.insert(peer.clone(), (cert.serial.clone(), config.clone()));
         Ok(config)
     }
 
     /// How many configurations are cached (servers, clients).
     pub fn cached(&self) -> (usize, usize) {
         (
-            self.servers.lock().unwrap_or_else(|e| e.into_inner()).len(),
-            self.clients.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            read(&self.servers).len(),
+            read(&self.clients).values().map(HashMap::len).sum(),
         )
     }
 
@@ -112,6 +119,14 @@ impl TlsConfigs {
             .get(identity)
             .ok_or_else(|| TlsConfigError::NoCertificate(identity.clone()))
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The workload key and the mesh root (the last certificate of the CA's chain).
@@ -186,5 +201,48 @@ mod tests {
         certs.insert(bad);
         let e = tls.server(&me).unwrap_err().to_string();
         assert!(e.contains("spiffe://td/ns/a/sa/me"), "{e}");
+    }
+
+    /// Handshakes on several workers while the certificate is renewed: every call gets a
+    /// configuration, and once renewals stop, all of them agree on the latest one.
+    #[test]
+    fn concurrent_lookups_during_renewals_converge_on_the_latest_certificate() {
+        let ca = root();
+        let me = Identity::parse("spiffe://td/ns/a/sa/me").unwrap();
+        let peers: Vec<Identity> = (0..4)
+            .map(|i| Identity::parse(&format!("spiffe://td/ns/b/sa/p{i}")).unwrap())
+            .collect();
+        let certs = Arc::new(Certificates::default());
+        let tls = TlsConfigs::new(certs.clone());
+        let renewed: Vec<WorkloadCert> = (1..=5)
+            .map(|n| issue(&ca, &me, &format!("{n:02}")))
+            .collect();
+        certs.insert(renewed[0].clone());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                let (tls, peers, done, me) = (&tls, &peers, &done, &me);
+                s.spawn(move || {
+                    let mut i = 0;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) || i < 20 {
+                        tls.server(me).unwrap();
+                        tls.client(me, &peers[(t + i) % peers.len()]).unwrap();
+                        i += 1;
+                    }
+                });
+            }
+            for c in &renewed[1..] {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                certs.insert(c.clone());
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let latest = tls.server(&me).unwrap();
+        assert!(Arc::ptr_eq(&latest, &tls.server(&me).unwrap()));
+        for p in &peers {
+            let c = tls.client(&me, p).unwrap();
+            assert!(Arc::ptr_eq(&c, &tls.client(&me, p).unwrap()));
+        }
+        assert_eq!(tls.cached(), (1, peers.len()));
     }
 }

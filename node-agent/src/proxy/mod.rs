@@ -28,6 +28,7 @@ pub mod workers;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -264,9 +265,14 @@ pub struct CapturedConnection {
     pub original_destination: SocketAddr,
     /// Seconds since the Unix epoch.
     pub at: f64,
+    /// Order of capture (the list's order).
+    #[serde(skip)]
+    seq: u64,
 }
 
 impl CapturedConnection {
+    // Copies, not the pod's `Arc`: the list must not keep a deleted pod (its namespace
+    // and sockets) alive.
     fn new(pod: &Pod, client: SocketAddr, dst: SocketAddr) -> Self {
         Self {
             uid: pod.spec.uid.clone(),
@@ -278,30 +284,94 @@ impl CapturedConnection {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
+            seq: 0,
         }
     }
 }
 
+/// Shards of [`RecentConnections`]: connections are dealt to them in turn.
+const RECENT_SHARDS: usize = 8;
+
 /// The last [`RECENT`] captured connections.
+///
+/// Connections are dealt round robin to [`RECENT_SHARDS`] rings of `RECENT /
+/// RECENT_SHARDS`, so workers recording at once rarely share a lock, and the rings
+/// together hold exactly the last `RECENT` (each holds the latest of its turns).
 #[derive(Debug, Default)]
-pub struct RecentConnections(Mutex<VecDeque<CapturedConnection>>);
+pub struct RecentConnections {
+    next: AtomicU64,
+    shards: [Mutex<VecDeque<CapturedConnection>>; RECENT_SHARDS],
+}
 
 impl RecentConnections {
-    fn push(&self, c: CapturedConnection) {
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() == RECENT {
+    fn push(&self, mut c: CapturedConnection) {
+        c.seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.shards[(c.seq % RECENT_SHARDS as u64) as usize];
+        let mut q = shard.lock().unwrap_or_else(|e| e.into_inner());
+        // Two pushes to one shard can race between taking their turn and the lock: each
+        // ring keeps the latest turns it was dealt, in order.
+        if q.len() == RECENT / RECENT_SHARDS {
+            if q.front().is_some_and(|o| o.seq > c.seq) {
+                return;
+            }
             q.pop_front();
         }
-        q.push_back(c);
+        let at = q.iter().rposition(|o| o.seq < c.seq).map_or(0, |i| i + 1);
+        q.insert(at, c);
     }
 
     /// A copy of the list, oldest first.
     pub fn snapshot(&self) -> Vec<CapturedConnection> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut all: Vec<CapturedConnection> = self
+            .shards
             .iter()
-            .cloned()
-            .collect()
+            .flat_map(|q| {
+                q.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort_unstable_by_key(|c| c.seq);
+        all
+    }
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    fn conn(port: u16) -> CapturedConnection {
+        CapturedConnection {
+            uid: "u".into(),
+            workload: "w".into(),
+            namespace: "n".into(),
+            client: SocketAddr::from(([127, 0, 0, 1], port)),
+            original_destination: SocketAddr::from(([10, 0, 0, 1], 80)),
+            at: 0.0,
+            seq: 0,
+        }
+    }
+
+    /// Workers recording at once: the list is still exactly the last `RECENT`, in order.
+    #[test]
+    fn concurrent_pushes_keep_exactly_the_last_ones_in_order() {
+        let recent = RecentConnections::default();
+        assert!(recent.snapshot().is_empty());
+        let (threads, each) = (4u16, 1_000u16);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let recent = &recent;
+                s.spawn(move || (0..each).for_each(|i| recent.push(conn(t * each + i))));
+            }
+        });
+        let list = recent.snapshot();
+        assert_eq!(list.len(), RECENT);
+        let total = u64::from(threads * each);
+        let seqs: Vec<u64> = list.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (total - RECENT as u64..total).collect::<Vec<_>>());
+        let json = serde_json::to_value(&list[0]).unwrap();
+        assert!(json.get("seq").is_none() && json["uid"] == "u", "{json}");
     }
 }
