@@ -16,3 +16,4 @@ pub mod read_ahead;
 pub mod stream;
 mod task;
 pub mod tls;
+pub mod tls_stream;

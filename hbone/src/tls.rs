@@ -399,6 +399,9 @@ pub fn server_config_with(
         .with_client_cert_verifier(verifier)
         .with_single_cert(key.chain.clone(), key.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // The agents frame records themselves once the handshake is done
+    // (`crate::tls_stream`), which takes the traffic secrets.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -430,6 +433,7 @@ pub fn client_config_with(
         .with_client_auth_cert(key.chain.clone(), key.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -36,54 +36,129 @@ async fn handshake(
     (srv.map(|(id, _)| id), cli.map(|(id, _)| id))
 }
 
-/// Runs one handshake between these configs; each side's peer identity and negotiated
-/// key exchange, or its error.
+type Seen = Result<(String, Option<NamedGroup>), String>;
+
+/// Runs one handshake between these configs on every pairing of the two TLS stream
+/// implementations (tokio-rustls, which the waypoint uses, and `tls_stream`, which the
+/// agents use), checks that all four agree, and returns what each side of the
+/// `tls_stream` pair saw: its peer's identity and the key exchange, or its error.
 async fn handshake_with(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
-) -> (
-    Result<(String, Option<NamedGroup>), String>,
-    Result<(String, Option<NamedGroup>), String>,
-) {
-    let server = tokio_rustls::TlsAcceptor::from(server);
-    let client = tokio_rustls::TlsConnector::from(client);
+) -> (Seen, Seen) {
+    let mut results = Vec::new();
+    for ours_server in [false, true] {
+        for ours_client in [false, true] {
+            let r = handshake_once(server.clone(), client.clone(), ours_server, ours_client).await;
+            results.push(((ours_server, ours_client), r));
+        }
+    }
+    let ((_, last), rest) = results.split_last().unwrap();
+    for (pairing, r) in rest {
+        // Errors may be worded by either end's implementation; success must be identical.
+        assert_eq!(
+            (
+                r.0.as_ref().ok(),
+                r.1.as_ref().ok(),
+                r.0.is_ok(),
+                r.1.is_ok()
+            ),
+            (
+                last.0.as_ref().ok(),
+                last.1.as_ref().ok(),
+                last.0.is_ok(),
+                last.1.is_ok()
+            ),
+            "pairing (ours server, ours client) = {pairing:?} differs: {r:?} / {last:?}"
+        );
+    }
+    last.clone()
+}
+
+/// After the handshake, each side echoes four bytes.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut tls: S,
+    first: bool,
+) -> Result<(), String> {
+    let mut b = [0u8; 4];
+    if first {
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    } else {
+        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        tls.write_all(&b).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn handshake_once(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    ours_server: bool,
+    ours_client: bool,
+) -> (Seen, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        match server.accept(tcp).await {
-            Ok(mut tls) => {
-                let (_, conn) = tls.get_ref();
-                assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
-                assert_eq!(
-                    conn.protocol_version(),
-                    Some(rustls::ProtocolVersion::TLSv1_3)
-                );
-                let group = conn.negotiated_key_exchange_group().map(|g| g.name());
-                let id = peer_identity(conn)
-                    .map(|i| i.to_string())
-                    .ok_or("no peer identity".to_string());
-                let mut b = [0u8; 4];
-                tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-                tls.write_all(&b).await.map_err(|e| e.to_string())?;
-                Ok((id?, group))
-            }
-            Err(e) => Err(e.to_string()),
+        if ours_server {
+            let tls = ambit_hbone::tls_stream::accept(server, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(tls.alpn_protocol(), Some(ALPN_H2));
+            let group = tls.key_exchange_group();
+            let id = tls
+                .peer_identity()
+                .map(|i| i.to_string())
+                .ok_or("no peer identity")?;
+            ping(tls, false).await?;
+            Ok((id, group))
+        } else {
+            let tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (_, conn) = tls.get_ref();
+            assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+            assert_eq!(
+                conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+            let id = peer_identity(conn)
+                .map(|i| i.to_string())
+                .ok_or("no peer identity".to_string())?;
+            ping(tls, false).await?;
+            Ok((id, group))
         }
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::IpAddress(addr.ip().into());
     let cli = async {
-        let mut tls = client.connect(name, tcp).await.map_err(|e| e.to_string())?;
-        let conn = tls.get_ref().1;
-        let group = conn.negotiated_key_exchange_group().map(|g| g.name());
-        let id = peer_identity(conn)
-            .map(|i| i.to_string())
-            .ok_or("no peer identity".to_string())?;
-        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
-        let mut b = [0u8; 4];
-        tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((id, group))
+        if ours_client {
+            let tls = ambit_hbone::tls_stream::connect(client, name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let group = tls.key_exchange_group();
+            let id = tls
+                .peer_identity()
+                .map(|i| i.to_string())
+                .ok_or("no peer identity")?;
+            ping(tls, true).await?;
+            Ok::<_, String>((id, group))
+        } else {
+            let tls = tokio_rustls::TlsConnector::from(client)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let conn = tls.get_ref().1;
+            let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+            let id = peer_identity(conn)
+                .map(|i| i.to_string())
+                .ok_or("no peer identity".to_string())?;
+            ping(tls, true).await?;
+            Ok::<_, String>((id, group))
+        }
     }
     .await;
     (srv.await.unwrap(), cli)

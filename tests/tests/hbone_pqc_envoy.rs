@@ -178,15 +178,11 @@ async fn ambit_client_round_trip(
     .unwrap();
     let tcp = TcpStream::connect(hbone).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
+    // The agents' own TLS stream (it frames records itself): against BoringSSL.
+    let tls = ambit_hbone::tls_stream::connect(config, name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let group = tls
-        .get_ref()
-        .1
-        .negotiated_key_exchange_group()
-        .map(|g| g.name());
+    let group = tls.key_exchange_group();
     assert_eq!(group, Some(rustls::NamedGroup::X25519MLKEM768));
     let h2 = HboneClient::handshake(tls)
         .await
@@ -201,6 +197,15 @@ async fn ambit_client_round_trip(
     let mut b = [0u8; 12];
     s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
     assert_eq!(&b, b"post-quantum");
+    // Many full records each way, through BoringSSL's record layer and ours.
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(s);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move { w.write_all(&sent).await.map(|()| w) });
+    let mut back = vec![0u8; data.len()];
+    r.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+    writer.await.unwrap().map_err(|e| e.to_string())?;
+    assert!(back == data, "2 MB echoed byte for byte");
     Ok(())
 }
 
@@ -226,22 +231,17 @@ async fn a_pqc_only_envoy_server_takes_ambits_tunnels_and_refuses_a_classic_clie
 async fn ambit_server(pki: &Pki, classic: bool) -> SocketAddr {
     let config =
         server_config_with(ambit(classic), &pki.server, &pki.roots, "cluster.local").unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
+                let tls = match ambit_hbone::tls_stream::accept(config, tcp).await {
                     Ok(tls) => tls,
                     Err(e) => return eprintln!("Ambit's server refused a handshake: {e}"),
                 };
-                let group = tls
-                    .get_ref()
-                    .1
-                    .negotiated_key_exchange_group()
-                    .map(|g| g.name());
+                let group = tls.key_exchange_group();
                 assert_eq!(group, Some(rustls::NamedGroup::X25519MLKEM768));
                 let _ = serve(
                     tls,
@@ -303,6 +303,19 @@ async fn a_pqc_only_envoy_client_tunnels_to_ambit_and_is_refused_by_a_classic_se
         )
     });
     assert_eq!(got, b"post-quantum");
+    // Many full records each way through Envoy's HBONE client and Ambit's server.
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    let s = TcpStream::connect(listen).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move { w.write_all(&sent).await.map(|()| w) });
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(20), r.read_exact(&mut back))
+        .await
+        .expect("2 MB back in 20 s")
+        .unwrap();
+    let _w = writer.await.unwrap().unwrap();
+    assert!(back == data, "2 MB echoed byte for byte");
     drop(e);
 
     let classic = ambit_server(&pki, true).await;

@@ -93,6 +93,8 @@ async fn source(api: &ApiServer, hold: Duration) -> KubeSource {
     let path = dir.join("kubeconfig");
     api.write_kubeconfig(&path).unwrap();
     let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+    // Read: the directory is not needed any more (and would pile up in /tmp).
+    std::fs::remove_dir_all(&dir).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
@@ -280,6 +282,7 @@ async fn kube_source_reports_rbac_errors_and_serves_nothing_before_every_kind_is
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
@@ -365,6 +368,14 @@ fn kube_api_stand_in_answers_kubectl_get_and_watch() {
     let api = cluster();
     let dir = std::env::temp_dir().join(format!("ambit-kubectl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    /// Removes kubectl's home (its cache) when the test ends, passed or not.
+    struct Remove<'a>(&'a std::path::Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _remove = Remove(&dir);
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let kubectl = |args: &[&str]| {

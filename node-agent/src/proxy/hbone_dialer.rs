@@ -40,8 +40,7 @@ impl Dialer for HboneDialer {
                 .await
                 .map_err(|e| Error::connect(key.dst, e))?;
             let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, ambit_hbone::read_ahead::ReadAhead::new(tcp))
+            let tls = ambit_hbone::tls_stream::connect(config, name, tcp)
                 .await
                 .map_err(|e| Error::handshake(key.dst, &key.dst_identity, e))?;
             self.dials.inc();

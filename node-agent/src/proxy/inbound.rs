@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_hbone::connect::{ConnectRequest, Refusal, Tunnel};
-use ambit_hbone::read_ahead::ReadAhead;
 use ambit_hbone::stream::H2Stream;
 use ambit_identity::Identity;
 use ambit_policy::{Connection, Decision};
@@ -232,13 +231,13 @@ pub async fn hbone_connection(
         Err(e) => return fail(e.into()),
     };
     let _ = tcp.set_nodelay(true);
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(ReadAhead::new(tcp));
+    let accept = ambit_hbone::tls_stream::accept(config, tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return fail(Error::TlsHandshake { peer, source: e }),
         Err(_) => return fail(Error::TlsHandshakeTimeout(peer)),
     };
-    let Some(client_id) = ambit_hbone::tls::peer_identity(tls.get_ref().1) else {
+    let Some(client_id) = tls.peer_identity() else {
         return fail(Error::NoClientIdentity);
     };
     let handler = {
