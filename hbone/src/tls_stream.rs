@@ -62,6 +62,10 @@ const MAX_POST_HANDSHAKE: usize = 64 * 1024;
 const RENEW_AFTER: u64 = 1 << 24;
 /// Key updates accepted in a row without application data between them (as rustls).
 const MAX_KEY_UPDATES: u32 = 32;
+/// Empty application-data records accepted in a row.
+const MAX_EMPTY_RECORDS: u32 = 32;
+/// `user_canceled` warnings accepted (rustls allows 4 warning alerts).
+const MAX_WARNINGS: u32 = 4;
 
 /// Completes a server handshake on `io` with `config`, then frames records itself.
 pub async fn accept<IO>(config: Arc<rustls::ServerConfig>, io: IO) -> io::Result<TlsStream<IO>>
@@ -190,6 +194,7 @@ where
             }
             ConnectionState::TransmitTlsData(t) => {
                 io.write_all(&outgoing[..encoded]).await?;
+                io.flush().await?;
                 encoded = 0;
                 t.done();
                 None
@@ -292,6 +297,8 @@ where
             handshake: Vec::new(),
             closed: false,
             key_updates: 0,
+            empty_records: 0,
+            warnings: 0,
         },
         tx: Tx {
             enc: encrypter(suite, tx_secrets),
@@ -304,6 +311,7 @@ where
             close_sent: false,
             answer_key_update: false,
         },
+        failed: None,
     })
 }
 
@@ -337,6 +345,7 @@ where
             },
             Ok(ConnectionState::TransmitTlsData(t)) => {
                 let _ = io.write_all(&out[..encoded]).await;
+                let _ = io.flush().await;
                 encoded = 0;
                 t.done();
             }
@@ -345,6 +354,7 @@ where
     }
     if encoded > 0 {
         let _ = io.write_all(&out[..encoded]).await;
+        let _ = io.flush().await;
     }
 }
 
@@ -417,6 +427,29 @@ fn protocol(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {what}"))
 }
 
+/// A fatal error of the record layer, and the alert that tells the peer (none for the
+/// peer's own fatal alert).
+struct Fatal {
+    alert: Option<AlertDescription>,
+    error: io::Error,
+}
+
+impl Fatal {
+    fn rustls(alert: AlertDescription, e: rustls::Error) -> Self {
+        Self {
+            alert: Some(alert),
+            error: invalid(e),
+        }
+    }
+}
+
+fn fatal(alert: AlertDescription, what: &str) -> Fatal {
+    Fatal {
+        alert: Some(alert),
+        error: protocol(what),
+    }
+}
+
 /// The receiving half.
 struct Rx {
     dec: Box<dyn MessageDecrypter>,
@@ -433,6 +466,10 @@ struct Rx {
     closed: bool,
     /// Key updates received since the last application data.
     key_updates: u32,
+    /// Empty application-data records in a row.
+    empty_records: u32,
+    /// `user_canceled` warnings received.
+    warnings: u32,
 }
 
 /// The sending half.
@@ -463,6 +500,8 @@ pub struct TlsStream<IO> {
     resumed: bool,
     rx: Rx,
     tx: Tx,
+    /// The fatal error that ended the stream.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<IO> std::fmt::Debug for TlsStream<IO> {
@@ -523,7 +562,8 @@ impl<IO> TlsStream<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     /// Decodes the next whole record in the read buffer: `Ok(false)` if there is none yet.
-    fn next_record(&mut self) -> io::Result<bool> {
+    fn next_record(&mut self) -> Result<bool, Fatal> {
+        use AlertDescription as A;
         let rx = &mut self.rx;
         let avail = &rx.buf[rx.start..rx.filled];
         if avail.len() < HEADER {
@@ -531,16 +571,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
         let len = usize::from(u16::from_be_bytes([avail[3], avail[4]]));
         if avail[0] != u8::from(ContentType::ApplicationData) {
-            return Err(protocol(&format!(
-                "unexpected record type {} after the handshake",
-                avail[0]
-            )));
+            return Err(fatal(
+                A::UnexpectedMessage,
+                &format!("unexpected record type {} after the handshake", avail[0]),
+            ));
         }
         if avail[1] != 3 {
-            return Err(protocol("a record with a bad version"));
+            return Err(fatal(A::DecodeError, "a record with a bad version"));
         }
         if len > MAX_CIPHERTEXT {
-            return Err(invalid(rustls::Error::PeerSentOversizedRecord));
+            return Err(Fatal::rustls(
+                A::RecordOverflow,
+                rustls::Error::PeerSentOversizedRecord,
+            ));
         }
         if avail.len() < HEADER + len {
             return Ok(false);
@@ -557,75 +600,138 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 ),
                 rx.seq,
             )
-            .map_err(invalid)?;
+            .map_err(|e| {
+                let alert = match e {
+                    rustls::Error::DecryptError => A::BadRecordMac,
+                    rustls::Error::PeerSentOversizedRecord => A::RecordOverflow,
+                    _ => A::UnexpectedMessage,
+                };
+                Fatal::rustls(alert, e)
+            })?;
         let (typ, n) = (msg.typ, msg.payload.len());
         debug_assert_eq!(msg.payload.as_ptr(), rx.buf[body..].as_ptr(), "in place");
         rx.seq += 1;
         rx.start += HEADER + len;
+        if typ != ContentType::Handshake && !rx.handshake.is_empty() {
+            // RFC 8446 §5.1: nothing may come between the pieces of a handshake message.
+            return Err(fatal(
+                A::UnexpectedMessage,
+                "a record interleaved with a fragmented handshake message",
+            ));
+        }
         match typ {
+            ContentType::ApplicationData if n == 0 => {
+                // Allowed, but not without end (a cheap way to keep a peer busy).
+                rx.empty_records += 1;
+                if rx.empty_records > MAX_EMPTY_RECORDS {
+                    return Err(fatal(A::UnexpectedMessage, "too many empty records"));
+                }
+            }
             ContentType::ApplicationData => {
                 rx.plain = (body, body + n);
                 rx.key_updates = 0;
+                rx.empty_records = 0;
             }
             ContentType::Alert => match rx.buf[body..body + n] {
-                [_, d] if d == u8::from(AlertDescription::CloseNotify) => rx.closed = true,
-                [_, d] if d == u8::from(AlertDescription::UserCanceled) => {}
-                [_, d] => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!(
-                            "TLS: the peer sent a fatal alert: {:?}",
-                            AlertDescription::from(d)
-                        ),
-                    ));
+                [level, _] if level != 1 && level != 2 => {
+                    return Err(fatal(A::IllegalParameter, "an alert of an unknown level"));
                 }
-                _ => return Err(protocol("a malformed alert")),
+                [_, d] if d == u8::from(A::CloseNotify) => rx.closed = true,
+                [_, d] if d == u8::from(A::UserCanceled) => {
+                    rx.warnings += 1;
+                    if rx.warnings > MAX_WARNINGS {
+                        return Err(fatal(A::UnexpectedMessage, "too many warning alerts"));
+                    }
+                }
+                [_, d] => {
+                    // Never answered: the peer has given up.
+                    return Err(Fatal {
+                        alert: None,
+                        error: io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!("TLS: the peer sent a fatal alert: {:?}", A::from(d)),
+                        ),
+                    });
+                }
+                _ => return Err(fatal(A::DecodeError, "a malformed alert")),
             },
             ContentType::Handshake => {
+                if n == 0 {
+                    return Err(fatal(A::UnexpectedMessage, "an empty handshake record"));
+                }
                 if rx.handshake.len() + n > MAX_POST_HANDSHAKE {
-                    return Err(protocol("a post-handshake message too large"));
+                    return Err(fatal(
+                        A::UnexpectedMessage,
+                        "a post-handshake message too large",
+                    ));
                 }
                 rx.handshake.extend_from_slice(&rx.buf[body..body + n]);
                 self.post_handshake()?;
             }
-            _ => return Err(protocol("an unexpected inner content type")),
+            _ => {
+                return Err(fatal(
+                    A::UnexpectedMessage,
+                    "an unexpected inner content type",
+                ));
+            }
         }
         Ok(true)
     }
 
     /// Handles the whole post-handshake messages received so far.
-    fn post_handshake(&mut self) -> io::Result<()> {
+    fn post_handshake(&mut self) -> Result<(), Fatal> {
+        use AlertDescription as A;
         let mut done = 0;
-        loop {
+        let result = loop {
             let hs = &self.rx.handshake[done..];
             if hs.len() < 4 {
-                break;
+                break Ok(());
             }
             let len = u32::from_be_bytes([0, hs[1], hs[2], hs[3]]) as usize;
+            if 4 + len > MAX_POST_HANDSHAKE {
+                break Err(fatal(
+                    A::UnexpectedMessage,
+                    "a post-handshake message too large",
+                ));
+            }
             if hs.len() < 4 + len {
-                break;
+                break Ok(());
             }
             let typ = HandshakeType::from(hs[0]);
             let body = hs[4..4 + len].to_vec();
             done += 4 + len;
             match typ {
-                HandshakeType::NewSessionTicket => self.kernel.session_ticket(&body)?,
+                HandshakeType::NewSessionTicket => {
+                    if let Err(e) = self.kernel.session_ticket(&body) {
+                        break Err(Fatal {
+                            alert: Some(A::UnexpectedMessage),
+                            error: e,
+                        });
+                    }
+                }
                 HandshakeType::KeyUpdate => {
                     let requested = match body[..] {
                         [0] => false,
                         [1] => true,
-                        _ => return Err(protocol("a malformed KeyUpdate")),
+                        _ => break Err(fatal(A::DecodeError, "a malformed KeyUpdate")),
                     };
                     if done != self.rx.handshake.len() {
-                        return Err(protocol("a handshake message spanning a key change"));
+                        break Err(fatal(
+                            A::UnexpectedMessage,
+                            "a handshake message spanning a key change",
+                        ));
                     }
                     self.rx.key_updates += 1;
                     if self.rx.key_updates > MAX_KEY_UPDATES {
-                        return Err(invalid(
+                        break Err(Fatal::rustls(
+                            A::UnexpectedMessage,
                             rustls::PeerMisbehaved::TooManyKeyUpdateRequests.into(),
                         ));
                     }
-                    let (seq, secrets) = self.kernel.update_rx().map_err(invalid)?;
+                    let (seq, secrets) = match self.kernel.update_rx() {
+                        Ok(s) => s,
+                        Err(e) => break Err(Fatal::rustls(A::InternalError, e)),
+                    };
                     self.rx.dec = decrypter(self.suite, secrets);
                     self.rx.seq = seq;
                     // Answered before our next application data: requests that arrive
@@ -633,14 +739,44 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                     self.tx.answer_key_update |= requested;
                 }
                 other => {
-                    return Err(protocol(&format!(
-                        "an unexpected {other:?} after the handshake"
-                    )));
+                    break Err(fatal(
+                        A::UnexpectedMessage,
+                        &format!("an unexpected {other:?} after the handshake"),
+                    ));
                 }
             }
-        }
+        };
         self.rx.handshake.drain(..done);
-        Ok(())
+        result
+    }
+
+    /// Ends the stream for good on a fatal error: says why to the peer with an alert
+    /// (best effort) and gives the same error to every later read and write.
+    fn fail(&mut self, f: Fatal, cx: &mut Context<'_>) -> io::Error {
+        self.failed = Some((f.error.kind(), f.error.to_string()));
+        if let Some(alert) = f.alert
+            && !self.tx.close_sent
+        {
+            self.tx.renew_at = u64::MAX;
+            if self
+                .seal(
+                    ContentType::Alert,
+                    OutboundChunks::Single(&[2, u8::from(alert)]),
+                )
+                .is_ok()
+            {
+                let _ = self.poll_send(cx);
+            }
+            self.tx.close_sent = true;
+        }
+        f.error
+    }
+
+    /// The error that ended the stream, again.
+    fn failed(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(kind, what)| io::Error::new(*kind, what.clone()))
     }
 
     /// Reads more ciphertext from the socket: `Ok(0)` at its end.
@@ -732,6 +868,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
 
     /// Waits while the queue is full; `Ready` when a write may queue more.
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.failed() {
+            return Poll::Ready(Err(e));
+        }
         if self.tx.close_sent {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -772,11 +911,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                 this.rx.plain.0 += n;
                 return Poll::Ready(Ok(()));
             }
+            if let Some(e) = this.failed() {
+                return Poll::Ready(Err(e));
+            }
             if this.rx.closed || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            if this.next_record()? {
-                continue;
+            match this.next_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(f) => return Poll::Ready(Err(this.fail(f, cx))),
             }
             if ready!(this.poll_fill(cx))? == 0 {
                 let what = if this.rx.start == this.rx.filled {
@@ -856,6 +1000,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.tx.close_sent {
+            // Nothing after the closure alert, not even a key update.
+            this.tx.renew_at = u64::MAX;
             let alert = [1, u8::from(AlertDescription::CloseNotify)];
             this.seal(ContentType::Alert, OutboundChunks::Single(&alert))?;
             this.tx.close_sent = true;

@@ -281,12 +281,16 @@ async fn session_tickets_are_kept_and_the_next_handshake_resumes() {
 }
 
 /// A server that completes the handshake with rustls, then writes `raw` bytes of its own
-/// to the socket (after `before`, sent properly) and maybe closes.
-async fn raw_peer(before: &'static [u8], raw: Vec<u8>) -> TlsStream<TcpStream> {
+/// to the socket (after `before`, sent properly) and closes its sending side; it then
+/// reports what it reads back (the client's alert, if any).
+async fn raw_peer(
+    before: &'static [u8],
+    raw: Vec<u8>,
+) -> (TlsStream<TcpStream>, tokio::task::JoinHandle<String>) {
     let (server, client) = configs();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    let peer = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = tokio_rustls::TlsAcceptor::from(server)
             .accept(tcp)
@@ -296,16 +300,22 @@ async fn raw_peer(before: &'static [u8], raw: Vec<u8>) -> TlsStream<TcpStream> {
         s.flush().await.unwrap();
         s.get_mut().0.write_all(&raw).await.unwrap();
         let _ = s.get_mut().0.shutdown().await;
-        // Hold the socket until the client has read what it will.
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let mut back = Vec::new();
+        match tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+        {
+            Ok(Ok(_)) => format!("read {} bytes and the end", back.len()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "nothing in 5 s".into(),
+        }
     });
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::IpAddress(addr.ip().into());
-    tls_stream::connect(client, name, tcp).await.unwrap()
+    (tls_stream::connect(client, name, tcp).await.unwrap(), peer)
 }
 
 /// What reading the stream to its end gives: the bytes, then the error, if any.
-async fn read_all(mut s: TlsStream<TcpStream>) -> (Vec<u8>, Option<std::io::Error>) {
+async fn read_all(s: &mut TlsStream<TcpStream>) -> (Vec<u8>, Option<std::io::Error>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -317,39 +327,59 @@ async fn read_all(mut s: TlsStream<TcpStream>) -> (Vec<u8>, Option<std::io::Erro
     }
 }
 
+/// Each case: what the peer sends raw, what our error says, and the alert the peer then
+/// receives from us (none when the connection just ended).
 #[tokio::test]
 async fn malformed_records_and_unannounced_ends_are_errors_after_the_good_bytes() {
-    let cases: [(&str, Vec<u8>, &str); 5] = [
+    let cases: [(&str, Vec<u8>, &str, &str); 5] = [
         (
             "a record that does not decrypt",
             [&[0x17, 3, 3, 0, 40][..], &[0xab; 40]].concat(),
             "cannot decrypt",
+            "BadRecordMac",
         ),
         (
             "a record longer than TLS allows",
             vec![0x17, 3, 3, 0x41, 0x01],
             "excess record size",
+            "RecordOverflow",
         ),
         (
             "a plaintext handshake record after the handshake",
             vec![0x16, 3, 3, 0, 4, 1, 0, 0, 0],
             "unexpected record type 22",
+            "UnexpectedMessage",
         ),
         (
             "the connection closed without close_notify",
             vec![],
             "close_notify",
+            "read 0 bytes",
         ),
         (
             "the connection closed in the middle of a record",
             vec![0x17, 3, 3, 0, 40, 1, 2, 3],
             "middle of a TLS record",
+            "read 0 bytes",
         ),
     ];
-    for (case, raw, want) in cases {
-        let (got, err) = read_all(raw_peer(b"good bytes", raw).await).await;
+    for (case, raw, want, peer_sees) in cases {
+        let (mut s, peer) = raw_peer(b"good bytes", raw).await;
+        let (got, err) = read_all(&mut s).await;
         assert_eq!(got, b"good bytes", "{case}: what came before is delivered");
         let err = err.unwrap_or_else(|| panic!("{case}: not an error"));
         assert!(err.to_string().contains(want), "{case}: {err}");
+        // The stream stays failed: the same error again, for reads and writes.
+        let again = s.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(again.to_string(), err.to_string(), "{case}: a second read");
+        if peer_sees.starts_with("read") {
+            s.shutdown().await.unwrap_or_default();
+        } else {
+            let w = s.write_all(b"more").await.unwrap_err();
+            assert_eq!(w.to_string(), err.to_string(), "{case}: a write after");
+        }
+        drop(s);
+        let seen = peer.await.unwrap();
+        assert!(seen.contains(peer_sees), "{case}: the peer saw {seen}");
     }
 }

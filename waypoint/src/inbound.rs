@@ -60,8 +60,7 @@ impl Inbound {
             debug!(%peer, "no certificate yet; closing");
             return;
         };
-        let accept = tokio_rustls::TlsAcceptor::from(certs.server())
-            .accept(ambit_hbone::read_ahead::ReadAhead::new(tcp));
+        let accept = ambit_hbone::tls_stream::accept(certs.server(), tcp);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -70,7 +69,7 @@ impl Inbound {
             }
             Err(_) => return,
         };
-        let identity = ambit_hbone::tls::peer_identity(tls.get_ref().1);
+        let identity = tls.peer_identity();
         let me = self.clone();
         let handler = move |req: ConnectRequest| {
             let me = me.clone();

@@ -118,9 +118,7 @@ impl Dialer for HboneDialer {
             let tcp = TcpStream::connect(key.dst).await?;
             let _ = tcp.set_nodelay(true);
             let name = rustls::pki_types::ServerName::IpAddress(key.dst.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, ambit_hbone::read_ahead::ReadAhead::new(tcp))
-                .await?;
+            let tls = ambit_hbone::tls_stream::connect(config, name, tcp).await?;
             Ok::<_, DialError>(HboneClient::handshake(tls).await?)
         };
         tokio::time::timeout(self.timeout, work)
