@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BytesMut};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::cipher::{
     InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
@@ -149,7 +150,8 @@ where
     C: Unbuffered,
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut incoming = vec![0u8; READ_SIZE];
+    // Grown when a flight needs more (a certificate chain is a few KiB).
+    let mut incoming = vec![0u8; HEADER + MAX_CIPHERTEXT];
     let mut filled = 0;
     let mut outgoing = vec![0u8; 4 * 1024];
     let mut encoded = 0;
@@ -273,12 +275,11 @@ where
     let (tx_seq, tx_secrets) = secrets.tx;
     // The bytes after the handshake: first what rustls decrypted, then records not yet
     // read, in one buffer of at least the read size.
-    let mut buf = early;
+    let mut buf = BytesMut::with_capacity(early.len() + filled - fed);
+    buf.extend_from_slice(&early);
     let plain = (0, buf.len());
     buf.extend_from_slice(&incoming[fed..filled]);
     let start = plain.1;
-    let filled = buf.len();
-    buf.resize(buf.len().max(READ_SIZE), 0);
     Ok(TlsStream {
         io,
         kernel,
@@ -292,7 +293,6 @@ where
             seq: rx_seq,
             buf,
             start,
-            filled,
             plain,
             handshake: Vec::new(),
             closed: false,
@@ -454,10 +454,10 @@ fn fatal(alert: AlertDescription, what: &str) -> Fatal {
 struct Rx {
     dec: Box<dyn MessageDecrypter>,
     seq: u64,
-    /// `[start, filled)` is ciphertext not yet decoded.
-    buf: Vec<u8>,
+    /// `buf[start..]` is ciphertext not yet decoded. Empty, with no allocation, while
+    /// the connection is idle: a read allocates it, and finding the socket dry frees it.
+    buf: BytesMut,
     start: usize,
-    filled: usize,
     /// Decrypted application data in `buf` not yet read.
     plain: (usize, usize),
     /// A post-handshake message arriving in pieces.
@@ -551,6 +551,12 @@ impl<IO> TlsStream<IO> {
         self.suite.common.suite
     }
 
+    /// Bytes of read buffer held (none once a read found the socket dry).
+    #[doc(hidden)]
+    pub fn read_buffer_capacity(&self) -> usize {
+        self.rx.buf.capacity()
+    }
+
     /// Renews the sending key after `records` more records (tests: key updates without
     /// sending 2^24 records).
     #[doc(hidden)]
@@ -565,7 +571,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn next_record(&mut self) -> Result<bool, Fatal> {
         use AlertDescription as A;
         let rx = &mut self.rx;
-        let avail = &rx.buf[rx.start..rx.filled];
+        let avail = &rx.buf[rx.start..];
         if avail.len() < HEADER {
             return Ok(false);
         }
@@ -779,23 +785,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             .map(|(kind, what)| io::Error::new(*kind, what.clone()))
     }
 
-    /// Reads more ciphertext from the socket: `Ok(0)` at its end.
+    /// Reads more ciphertext from the socket: `Ok(0)` at its end. Called only once the
+    /// plaintext in the buffer has been read.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let rx = &mut self.rx;
-        // Keep the partial record at the front; make room for a whole read.
-        if rx.start > 0 {
-            rx.buf.copy_within(rx.start..rx.filled, 0);
-            rx.filled -= rx.start;
-            rx.start = 0;
+        // What was decoded goes (the partial record left is moved at most once, by the
+        // reserve below); room for a whole read.
+        rx.buf.advance(rx.start);
+        rx.start = 0;
+        rx.plain = (0, 0);
+        if rx.buf.capacity() - rx.buf.len() < READ_SIZE / 2 {
+            rx.buf.reserve(READ_SIZE);
         }
-        if rx.buf.len() - rx.filled < READ_SIZE / 2 {
-            rx.buf.resize(rx.filled + READ_SIZE, 0);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut rx.buf) {
+            Poll::Pending => {
+                if rx.buf.is_empty() {
+                    // Dry and nothing partial: hold no memory while the connection waits.
+                    rx.buf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+            ready => ready,
         }
-        let mut rb = ReadBuf::new(&mut rx.buf[rx.filled..]);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
-        let n = rb.filled().len();
-        rx.filled += n;
-        Poll::Ready(Ok(n))
     }
 
     /// Encrypts `chunks` as one record of type `typ` onto the send queue.
@@ -923,7 +934,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                 Err(f) => return Poll::Ready(Err(this.fail(f, cx))),
             }
             if ready!(this.poll_fill(cx))? == 0 {
-                let what = if this.rx.start == this.rx.filled {
+                let what = if this.rx.start == this.rx.buf.len() {
                     "peer closed connection without sending TLS close_notify"
                 } else {
                     "peer closed connection in the middle of a TLS record"

@@ -138,6 +138,44 @@ async fn a_half_closed_stream_still_carries_the_answer() {
     }
 }
 
+/// An idle connection holds no read buffer: it is allocated for a read and freed when the
+/// socket is found dry (thousands of idle HBONE connections must not hold 64 KiB each).
+#[tokio::test]
+async fn an_idle_connection_holds_no_read_buffer() {
+    let (server, client) = configs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = tls_stream::accept(server, tcp).await.unwrap();
+        s.write_all(&pattern(300_000, 9)).await.unwrap();
+        s.flush().await.unwrap();
+        // Stay open, idle, until the client is done.
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut c = tls_stream::connect(client, name, tcp).await.unwrap();
+    let mut got = vec![0u8; 300_000];
+    c.read_exact(&mut got).await.unwrap();
+    assert!(got == pattern(300_000, 9));
+    // The next read finds nothing: the buffer goes.
+    let idle = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        c.read(&mut [0u8; 16]),
+    )
+    .await;
+    assert!(idle.is_err(), "nothing more was sent");
+    assert_eq!(
+        c.read_buffer_capacity(),
+        0,
+        "an idle connection's read buffer"
+    );
+    c.shutdown().await.unwrap();
+    srv.await.unwrap();
+}
+
 /// `tls_stream` renews its sending key every few records; a rustls peer asks for key
 /// updates (`update_requested`) in the middle of a transfer and gets them answered.
 #[tokio::test]
