@@ -108,33 +108,27 @@ trait Unbuffered:
     fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>;
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
-        let (s, k) = self.dangerous_into_kernel_connection()?;
-        Ok((s, Kernel::Server(k)))
-    }
+/// The same two methods on each side's connection type.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $kernel:ident) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+                let (s, k) = self.dangerous_into_kernel_connection()?;
+                Ok((s, Kernel::$kernel(k)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
-        let (s, k) = self.dangerous_into_kernel_connection()?;
-        Ok((s, Kernel::Client(k)))
-    }
-}
+unbuffered!(UnbufferedServerConnection, ServerConnectionData, Server);
+unbuffered!(UnbufferedClientConnection, ClientConnectionData, Client);
 
 /// What the handshake loop does next, once rustls's state (which borrows the buffers)
 /// is released.

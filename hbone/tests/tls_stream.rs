@@ -29,15 +29,44 @@ fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     (server, client)
 }
 
+/// A listener on a free loopback port.
+async fn listen() -> (TcpListener, std::net::SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// `tls_stream`'s client connected to `addr`.
+async fn ours_client(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    tls_stream::connect(config, name, tcp).await.unwrap()
+}
+
+/// rustls's own (buffered, tokio-rustls) client connected to `addr`.
+async fn rustls_client(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// A connected pair: (server, client), each `tls_stream` or tokio-rustls.
 async fn pair(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
     ours_server: bool,
-    ours_client: bool,
+    ours_at_client: bool,
 ) -> (Box<dyn Io>, Box<dyn Io>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let s: Box<dyn Io> = if ours_server {
@@ -52,17 +81,10 @@ async fn pair(
         };
         s
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let c: Box<dyn Io> = if ours_client {
-        Box::new(tls_stream::connect(client, name, tcp).await.unwrap())
+    let c: Box<dyn Io> = if ours_at_client {
+        Box::new(ours_client(addr, client).await)
     } else {
-        Box::new(
-            tokio_rustls::TlsConnector::from(client)
-                .connect(name, tcp)
-                .await
-                .unwrap(),
-        )
+        Box::new(rustls_client(addr, client).await)
     };
     (srv.await.unwrap(), c)
 }
@@ -143,8 +165,7 @@ async fn a_half_closed_stream_still_carries_the_answer() {
 #[tokio::test]
 async fn an_idle_connection_holds_no_read_buffer() {
     let (server, client) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = tls_stream::accept(server, tcp).await.unwrap();
@@ -154,9 +175,7 @@ async fn an_idle_connection_holds_no_read_buffer() {
         let mut b = [0u8; 1];
         let _ = s.read(&mut b).await;
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut c = tls_stream::connect(client, name, tcp).await.unwrap();
+    let mut c = ours_client(addr, client).await;
     let mut got = vec![0u8; 300_000];
     c.read_exact(&mut got).await.unwrap();
     assert!(got == pattern(300_000, 9));
@@ -183,8 +202,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
     let (server, client) = configs();
     // Ours renews every 3 records, against rustls and against itself.
     for ours_server in [false, true] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, addr) = listen().await;
         let server = server.clone();
         let srv = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
@@ -202,11 +220,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
             };
             exchange(s, pattern(1_000_000, 3)).await
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::IpAddress(addr.ip().into());
-        let mut c = tls_stream::connect(client.clone(), name, tcp)
-            .await
-            .unwrap();
+        let mut c = ours_client(addr, client.clone()).await;
         c.renew_sending_key_after(3);
         let got = exchange(Box::new(c), pattern(1_500_000, 4)).await;
         assert!(got == pattern(1_000_000, 3), "server → client");
@@ -218,8 +232,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
 
     // A rustls client requests key updates while it talks; ours answers each (before its
     // next record, as RFC 8446 §4.6.3 requires).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = tls_stream::accept(server, tcp).await.unwrap();
@@ -232,12 +245,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
         }
         s.shutdown().await.unwrap();
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut c = tokio_rustls::TlsConnector::from(client)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut c = rustls_client(addr, client).await;
     let data = pattern(400_000, 5);
     for piece in data.chunks(40_000) {
         c.get_mut().1.refresh_traffic_keys().unwrap();
@@ -254,8 +262,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
 
     // Requests that arrive while ours is silent get one update, before its answer.
     let (server, client) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let srv = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = tls_stream::accept(server, tcp).await.unwrap();
@@ -265,12 +272,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
         s.shutdown().await.unwrap();
         got
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    let mut c = tokio_rustls::TlsConnector::from(client)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut c = rustls_client(addr, client).await;
     for piece in data.chunks(40_000) {
         c.get_mut().1.refresh_traffic_keys().unwrap();
         c.write_all(piece).await.unwrap();
@@ -287,8 +289,7 @@ async fn key_updates_both_ways_keep_the_bytes_exact() {
 #[tokio::test]
 async fn session_tickets_are_kept_and_the_next_handshake_resumes() {
     let (server, client) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let srv = tokio::spawn(async move {
         let mut resumed = Vec::new();
         for _ in 0..2 {
@@ -303,11 +304,7 @@ async fn session_tickets_are_kept_and_the_next_handshake_resumes() {
         resumed
     });
     for _ in 0..2 {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::IpAddress(addr.ip().into());
-        let mut c = tls_stream::connect(client.clone(), name, tcp)
-            .await
-            .unwrap();
+        let mut c = ours_client(addr, client.clone()).await;
         c.write_all(b"hi").await.unwrap();
         let mut b = Vec::new();
         // Reading to the end takes the tickets the server sent with its answer.
@@ -326,8 +323,7 @@ async fn raw_peer(
     raw: Vec<u8>,
 ) -> (TlsStream<TcpStream>, tokio::task::JoinHandle<String>) {
     let (server, client) = configs();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let peer = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = tokio_rustls::TlsAcceptor::from(server)
@@ -347,9 +343,7 @@ async fn raw_peer(
             Err(_) => "nothing in 5 s".into(),
         }
     });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = ServerName::IpAddress(addr.ip().into());
-    (tls_stream::connect(client, name, tcp).await.unwrap(), peer)
+    (ours_client(addr, client).await, peer)
 }
 
 /// What reading the stream to its end gives: the bytes, then the error, if any.
