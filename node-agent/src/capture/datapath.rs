@@ -102,6 +102,8 @@ pub struct Datapath {
     enrolled: Mutex<HashMap<MapData, u64, Enrolled>>,
     /// Read and deleted with raw `bpf(2)` calls ([`take_elem`]): no lock on the accept path.
     conn_orig: HashMap<MapData, ConnKey, OrigDst>,
+    /// Whether this kernel reads and deletes in one call ([`lookup_and_delete_works`]).
+    lookup_and_delete: bool,
     counters: Mutex<PerCpuHashMap<MapData, CounterKey, Counters>>,
     inbound_pods: Mutex<HashMap<MapData, PodIp, u32>>,
     inbound_listeners: Mutex<SockHash<MapData, PodIp>>,
@@ -179,10 +181,16 @@ impl Datapath {
         }
 
         apply_exclusions(&mut ebpf, exclude_cidrs, exclude_ports)?;
+        let conn_orig = take_map(&mut ebpf, maps::CONN_ORIG)?;
+        let lookup_and_delete = lookup_and_delete_works(&conn_orig);
+        if !lookup_and_delete {
+            info!("this kernel reads and deletes BPF hash entries in two calls (before 5.14)");
+        }
         let dp = Self {
             pin_dir: pin_dir.to_owned(),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
-            conn_orig: take_map(&mut ebpf, maps::CONN_ORIG)?,
+            conn_orig,
+            lookup_and_delete,
             counters: Mutex::new(take_per_cpu(&mut ebpf, maps::WORKLOAD_COUNTERS)?),
             inbound_pods: Mutex::new(take_map(&mut ebpf, maps::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take_typed(&mut ebpf, maps::INBOUND_LISTENERS)?),
@@ -286,11 +294,15 @@ impl Datapath {
     /// concurrent use, and aya's `remove` would want `&mut` (a mutex around two syscalls
     /// per connection, shared by all workers, is what this replaced).
     fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
-        use aya::maps::IterableMap;
-        match take_elem(self.conn_orig.map().fd().as_fd(), key) {
+        match take_elem(&self.conn_orig, key, self.lookup_and_delete) {
             Ok(orig) => orig,
             Err(e) => {
-                warn!(error = %e, "reading a captured connection's original destination");
+                // Once loudly; a persistent error would otherwise log per connection.
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(
+                    || warn!(error = %e, "reading a captured connection's original destination"),
+                );
+                tracing::debug!(error = %e, "reading a captured connection's original destination");
                 None
             }
         }
@@ -332,11 +344,6 @@ const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 /// map type lacks.
 const KERNEL_ENOTSUPP: i32 = 524;
 
-/// Whether the kernel refused `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map (before
-/// Linux 5.14): then a lookup and a delete.
-static NO_LOOKUP_AND_DELETE: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
 /// The map element `bpf_attr` of `BPF_MAP_*_ELEM`.
 #[repr(C)]
 struct ElemAttr {
@@ -347,22 +354,25 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// One `bpf(2)` element command: `Ok(false)` if the key is not there.
-fn elem_cmd<K, V>(
+/// One `bpf(2)` element command on `map`: `Ok(false)` if the key is not there. The map's
+/// key and value sizes are `K`'s and `V`'s (aya checked them when it took the map), so
+/// the kernel reads one `K` and writes at most one `V`.
+fn elem_cmd<K: aya::Pod, V: aya::Pod>(
     cmd: libc::c_long,
-    fd: std::os::fd::BorrowedFd<'_>,
+    map: &HashMap<MapData, K, V>,
     key: &K,
-    value: *mut V,
+    value: Option<&mut std::mem::MaybeUninit<V>>,
 ) -> io::Result<bool> {
+    use aya::maps::IterableMap;
     let attr = ElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         _pad: 0,
         key: std::ptr::from_ref(key) as u64,
-        value: value as u64,
+        value: value.map_or(0, |v| v.as_mut_ptr() as u64),
         flags: 0,
     };
-    // SAFETY: `attr` is a valid element attribute for the command's length; the kernel
-    // reads the key from `key` and writes at most one `V` to `value` (or reads none).
+    // SAFETY: `attr` is a valid element attribute for the command's length; `key` and
+    // `value` point at a `K` and a `V`, the map's sizes, and live through the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -382,31 +392,48 @@ fn elem_cmd<K, V>(
     }
 }
 
-/// Reads and deletes `key`'s value: one atomic `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, or on
-/// kernels without it for hash maps, a lookup then a delete.
-fn take_elem<K, V: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut value = std::mem::MaybeUninit::<V>::uninit();
-    if !NO_LOOKUP_AND_DELETE.load(Relaxed) {
-        match elem_cmd(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value.as_mut_ptr()) {
-            // SAFETY: the kernel wrote the whole value; `V` is plain old data.
-            Ok(true) => return Ok(Some(unsafe { value.assume_init() })),
-            Ok(false) => return Ok(None),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
-                ) =>
-            {
-                NO_LOOKUP_AND_DELETE.store(true, Relaxed);
-            }
-            Err(e) => return Err(e),
-        }
+/// Whether the kernel does `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on this hash map (Linux 5.14
+/// and later): asked once, with a key that is not there.
+fn lookup_and_delete_works<K: aya::Pod + Default, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+) -> bool {
+    let mut value = std::mem::MaybeUninit::uninit();
+    match elem_cmd(
+        BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+        map,
+        &K::default(),
+        Some(&mut value),
+    ) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP)
+        ),
     }
-    if !elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, key, value.as_mut_ptr())? {
+}
+
+/// Reads and deletes `key`'s value: one atomic `BPF_MAP_LOOKUP_AND_DELETE_ELEM` if
+/// `atomic` (see [`lookup_and_delete_works`]), else a lookup then a delete.
+fn take_elem<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+    atomic: bool,
+) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    if atomic {
+        return Ok(
+            if elem_cmd(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key, Some(&mut value))? {
+                // SAFETY: the kernel wrote the whole value; `V` is plain old data.
+                Some(unsafe { value.assume_init() })
+            } else {
+                None
+            },
+        );
+    }
+    if !elem_cmd(BPF_MAP_LOOKUP_ELEM, map, key, Some(&mut value))? {
         return Ok(None);
     }
-    let _ = elem_cmd::<K, V>(BPF_MAP_DELETE_ELEM, fd, key, std::ptr::null_mut());
+    let _ = elem_cmd(BPF_MAP_DELETE_ELEM, map, key, None);
     // SAFETY: as above.
     Ok(Some(unsafe { value.assume_init() }))
 }
@@ -798,8 +825,8 @@ mod tests {
     }
 
     /// A captured connection's original destination is read and deleted at once: the
-    /// second take finds nothing, and so does a take racing it. Both ways the kernel may
-    /// offer (one atomic command, or lookup then delete) are exercised on a real map.
+    /// second take finds nothing, and so does a take racing it. Both ways (one atomic
+    /// command where the kernel has it, lookup then delete) run on a real map.
     #[test]
     fn original_destinations_are_taken_once() {
         assert!(
@@ -808,13 +835,13 @@ mod tests {
             "creating a BPF map needs root: run `sudo -E cargo test -p ambit-node-agent`"
         );
         use std::os::fd::{FromRawFd, OwnedFd};
-        // BPF_MAP_CREATE (0) of an LRU hash (9), as CONN_ORIG is.
+        // BPF_MAP_CREATE (0) of a hash map (1), room for every key below.
         let mut attr = [0u32; 32];
         attr[..4].copy_from_slice(&[
-            9,
+            1,
             std::mem::size_of::<ConnKey>() as u32,
             std::mem::size_of::<OrigDst>() as u32,
-            1024,
+            4096,
         ]);
         // SAFETY: a zero-padded map creation attribute.
         let fd = unsafe {
@@ -827,7 +854,13 @@ mod tests {
         };
         assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
         // SAFETY: the kernel just gave us this descriptor.
-        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // Typed as the agent's map is: aya checks the key and value sizes.
+        let data = MapData::from_fd(fd).unwrap();
+        let mut map: HashMap<MapData, ConnKey, OrigDst> =
+            HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        let atomic = lookup_and_delete_works(&map);
+        eprintln!("BPF_MAP_LOOKUP_AND_DELETE_ELEM on hash maps: {atomic}");
         let key = |port: u16| ConnKey {
             netns_cookie: 7,
             src_port: port,
@@ -839,28 +872,24 @@ mod tests {
             port: 80u16.to_be(),
             family: AF_INET,
         };
-        let put = |k: &ConnKey| {
-            let mut v = orig;
-            // BPF_MAP_UPDATE_ELEM (2).
-            assert!(elem_cmd(2, map.as_fd(), k, &mut v).unwrap());
-        };
-        for fallback in [false, true] {
-            NO_LOOKUP_AND_DELETE.store(fallback, std::sync::atomic::Ordering::Relaxed);
-            put(&key(1000));
-            let got: Option<OrigDst> = take_elem(map.as_fd(), &key(1000)).unwrap();
+        // The atomic way only where the kernel has it; the two-call way everywhere.
+        let ways: &[bool] = if atomic { &[true, false] } else { &[false] };
+        for &way in ways {
+            map.insert(key(1000), orig, 0).unwrap();
+            let got = take_elem(&map, &key(1000), way).unwrap();
             assert_eq!(got.map(orig_to_addr), Some("10.0.0.9:80".parse().unwrap()));
-            let again: Option<OrigDst> = take_elem(map.as_fd(), &key(1000)).unwrap();
-            assert!(again.is_none(), "taken twice (fallback: {fallback})");
-            // Many keys, taken from several threads at once: each exactly once.
-            (0..200).for_each(|p| put(&key(2000 + p)));
+            assert!(
+                take_elem(&map, &key(1000), way).unwrap().is_none(),
+                "taken twice (atomic: {way})"
+            );
+            // Many keys, taken from several threads at once.
+            (0..200).for_each(|p| map.insert(key(2000 + p), orig, 0).unwrap());
             let taken = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|s| {
                 for _ in 0..4 {
                     s.spawn(|| {
                         for p in 0..200 {
-                            let t: Option<OrigDst> =
-                                take_elem(map.as_fd(), &key(2000 + p)).unwrap();
-                            if t.is_some() {
+                            if take_elem(&map, &key(2000 + p), way).unwrap().is_some() {
                                 taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
@@ -868,16 +897,18 @@ mod tests {
                 }
             });
             let n = taken.load(std::sync::atomic::Ordering::Relaxed);
-            if fallback {
-                // Lookup then delete can hand one key to two racing takers; the agent never
-                // races on a key (one accepted connection per client port), so at least
-                // each once.
-                assert!(n >= 200, "{n}");
-            } else {
+            if way {
                 assert_eq!(n, 200, "the atomic command hands each key out once");
+            } else {
+                // Lookup then delete can hand one key to two racing takers; the agent
+                // never races on a key (one accepted connection per client port).
+                assert!(n >= 200, "{n}");
             }
+            assert!(
+                map.keys().next().is_none(),
+                "every key taken (atomic: {way})"
+            );
         }
-        NO_LOOKUP_AND_DELETE.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]

@@ -72,6 +72,11 @@ impl TlsConfigs {
         let (key, roots) = keys(&cert).map_err(material)?;
         let config = tls::server_config(&key, &roots, identity.trust_domain()).map_err(material)?;
         let mut cache = write(&self.servers);
+        // Renewed again while this one was built: keep the newer entry (this connection
+        // still uses the configuration of the certificate it looked up).
+        if !self.is_current(identity, &cert.serial) {
+            return Ok(config);
+        }
         // Bounded: entries for identities no longer held are dropped on the way.
         cache.retain(|id, _| self.certs.get(id).is_some());
         cache.insert(identity.clone(), (cert.serial.clone(), config.clone()));
@@ -98,6 +103,9 @@ impl TlsConfigs {
         let (key, roots) = keys(&cert).map_err(material)?;
         let config = tls::client_config(&key, &roots, [peer.clone()]).map_err(material)?;
         let mut cache = write(&self.clients);
+        if !self.is_current(identity, &cert.serial) {
+            return Ok(config);
+        }
         cache.retain(|id, _| self.certs.get(id).is_some());
         let mine = cache.entry(identity.clone()).or_default();
         // A renewed certificate outdates every peer's configuration of this identity.
@@ -112,6 +120,11 @@ impl TlsConfigs {
             read(&self.servers).len(),
             read(&self.clients).values().map(HashMap::len).sum(),
         )
+    }
+
+    /// Whether `serial` is still the certificate held for `identity`.
+    fn is_current(&self, identity: &Identity, serial: &str) -> bool {
+        self.certs.get(identity).is_some_and(|c| c.serial == serial)
     }
 
     fn cert(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, TlsConfigError> {
@@ -244,5 +257,11 @@ mod tests {
             assert!(Arc::ptr_eq(&c, &tls.client(&me, p).unwrap()));
         }
         assert_eq!(tls.cached(), (1, peers.len()));
+        // And every cached configuration is the latest certificate's.
+        let latest_serial = &renewed.last().unwrap().serial;
+        assert_eq!(&read(&tls.servers)[&me].0, latest_serial);
+        for p in &peers {
+            assert_eq!(&read(&tls.clients)[&me][p].0, latest_serial);
+        }
     }
 }

@@ -34,14 +34,21 @@ impl LoadBalancer {
         let turn = self.turn(service);
         targets.rotate_left(turn % targets.len());
         let failed = self.failed.read().unwrap_or_else(|e| e.into_inner());
-        if !failed.is_empty() {
-            let now = Instant::now();
-            // Stable: the round-robin order holds within each group.
-            targets.sort_by_key(|t| {
-                failed
-                    .get(uid(t))
-                    .is_some_and(|at| now.duration_since(*at) < FAILURE_MEMORY)
-            });
+        if failed.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let recent = |at: &Instant| now.duration_since(*at) < FAILURE_MEMORY;
+        // Stable: the round-robin order holds within each group.
+        targets.sort_by_key(|t| failed.get(uid(t)).is_some_and(recent));
+        let stale = failed.values().any(|at| !recent(at));
+        drop(failed);
+        if stale {
+            // Forgotten failures go, so that the common case (none) is free again; by
+            // whoever gets the lock first, never waiting for it.
+            if let Ok(mut failed) = self.failed.try_write() {
+                failed.retain(|_, at| recent(at));
+            }
         }
     }
 
@@ -93,6 +100,21 @@ mod tests {
             lb.order("svc", &mut t, |s| s);
             assert_eq!(t[2], "a", "{t:?}");
         }
+    }
+
+    /// A failure older than [`FAILURE_MEMORY`] no longer demotes its endpoint, and the
+    /// next connection forgets it.
+    #[test]
+    fn old_failures_are_ignored_then_forgotten() {
+        let lb = LoadBalancer::default();
+        let long_ago = Instant::now()
+            .checked_sub(FAILURE_MEMORY + Duration::from_secs(1))
+            .unwrap();
+        lb.failed.write().unwrap().insert("a".into(), long_ago);
+        let mut t = ["a", "b", "c"];
+        lb.order("svc", &mut t, |s| s);
+        assert_eq!(t, ["a", "b", "c"], "an expired failure does not demote");
+        assert!(lb.failed.read().unwrap().is_empty(), "and is forgotten");
     }
 
     /// Turns taken from several threads at once are still a fair round robin: every

@@ -291,6 +291,7 @@ impl CapturedConnection {
 
 /// Shards of [`RecentConnections`]: connections are dealt to them in turn.
 const RECENT_SHARDS: usize = 8;
+const _: () = assert!(RECENT % RECENT_SHARDS == 0, "rings of equal size");
 
 /// The last [`RECENT`] captured connections.
 ///
@@ -320,19 +321,17 @@ impl RecentConnections {
         q.insert(at, c);
     }
 
-    /// A copy of the list, oldest first.
+    /// A copy of the list, oldest first: every ring at one moment (all locked, in order;
+    /// a push holds one at a time).
     pub fn snapshot(&self) -> Vec<CapturedConnection> {
-        let mut all: Vec<CapturedConnection> = self
+        let rings: Vec<_> = self
             .shards
             .iter()
-            .flat_map(|q| {
-                q.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
+            .map(|q| q.lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
+        let mut all: Vec<CapturedConnection> =
+            rings.iter().flat_map(|q| q.iter().cloned()).collect();
+        drop(rings);
         all.sort_unstable_by_key(|c| c.seq);
         all
     }
