@@ -291,7 +291,7 @@ impl CapturedConnection {
 
 /// Shards of [`RecentConnections`]: connections are dealt to them in turn.
 const RECENT_SHARDS: usize = 8;
-const _: () = assert!(RECENT % RECENT_SHARDS == 0, "rings of equal size");
+const _: () = assert!(RECENT.is_multiple_of(RECENT_SHARDS), "rings of equal size");
 
 /// The last [`RECENT`] captured connections.
 ///
