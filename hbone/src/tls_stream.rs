@@ -32,7 +32,7 @@ use rustls::crypto::cipher::{
     InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{
@@ -133,6 +133,8 @@ unbuffered!(UnbufferedClientConnection, ClientConnectionData, Client);
 /// What the handshake loop does next, once rustls's state (which borrows the buffers)
 /// is released.
 enum Step {
+    /// Ask rustls again.
+    Again,
     Receive,
     /// rustls may send application data: done, unless it still waits for the client's
     /// Finished (a server may send data before it, never is done before it).
@@ -186,24 +188,24 @@ where
                         }
                     }
                 }
-                None
+                Step::Again
             }
             ConnectionState::TransmitTlsData(t) => {
                 io.write_all(&outgoing[..encoded]).await?;
                 io.flush().await?;
                 encoded = 0;
                 t.done();
-                None
+                Step::Again
             }
-            ConnectionState::BlockedHandshake => Some(Step::Receive),
-            ConnectionState::WriteTraffic(_) => Some(Step::MaySend),
+            ConnectionState::BlockedHandshake => Step::Receive,
+            ConnectionState::WriteTraffic(_) => Step::MaySend,
             ConnectionState::ReadTraffic(mut r) => {
                 while let Some(record) = r.next_record() {
                     let record = record.map_err(invalid)?;
                     discard += record.discard;
                     early.extend_from_slice(record.payload);
                 }
-                None
+                Step::Again
             }
             ConnectionState::PeerClosed | ConnectionState::Closed => {
                 return Err(io::Error::new(
@@ -223,9 +225,10 @@ where
             fed -= discard;
         }
         let receive = match step {
-            None => false,
-            Some(Step::Receive) => true,
-            Some(Step::MaySend) => conn.is_handshaking(),
+            Step::Again => false,
+            Step::Receive => true,
+            Step::MaySend if conn.is_handshaking() => true,
+            Step::MaySend => break,
         };
         if receive {
             if let Some(n) = record_len(&incoming[fed..filled]) {
@@ -243,8 +246,6 @@ where
                 }
                 filled += n;
             }
-        } else if matches!(step, Some(Step::MaySend)) {
-            break;
         }
     }
     debug_assert_eq!(
@@ -252,9 +253,7 @@ where
         "nothing left to send when the handshake is done"
     );
     debug_assert_eq!(fed, 0, "rustls consumed every record it was given");
-    let peer_certificates = conn
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+    let peer_identity = crate::tls::peer_identity(&conn);
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let key_exchange = conn.negotiated_key_exchange_group().map(|g| g.name());
     let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -278,7 +277,7 @@ where
         io,
         kernel,
         suite,
-        peer_certificates,
+        peer_identity,
         alpn,
         key_exchange,
         resumed,
@@ -488,7 +487,8 @@ pub struct TlsStream<IO> {
     io: IO,
     kernel: Kernel,
     suite: &'static Tls13CipherSuite,
-    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    /// The verified peer's SPIFFE identity (its chain itself is not kept).
+    peer_identity: Option<ambit_identity::Identity>,
     alpn: Option<Vec<u8>>,
     key_exchange: Option<rustls::NamedGroup>,
     resumed: bool,
@@ -514,15 +514,9 @@ impl<IO> TlsStream<IO> {
         &self.io
     }
 
-    /// The peer's certificate chain, end entity first (as `CommonState::peer_certificates`).
-    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
-        self.peer_certificates.as_deref()
-    }
-
     /// The SPIFFE identity of the (verified) peer.
     pub fn peer_identity(&self) -> Option<ambit_identity::Identity> {
-        let leaf = self.peer_certificates()?.first()?;
-        crate::tls::single_spiffe_id(leaf).ok()
+        self.peer_identity.clone()
     }
 
     /// The protocol agreed by ALPN.
@@ -538,11 +532,6 @@ impl<IO> TlsStream<IO> {
     /// Whether the handshake resumed an earlier session.
     pub fn resumed(&self) -> bool {
         self.resumed
-    }
-
-    /// The cipher suite agreed.
-    pub fn cipher_suite(&self) -> rustls::CipherSuite {
-        self.suite.common.suite
     }
 
     /// Bytes of read buffer held (none once a read found the socket dry).
